@@ -1,0 +1,253 @@
+"""Chat completions: request -> prompt ids and SamplingParams -> engine events -> OpenAI objects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from mygpt.api.errors import APIError, invalid, model_not_found
+from mygpt.api.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    ErrorInfo,
+    TextPart,
+    TokenLogprobOut,
+    TopLogprob,
+    Usage,
+)
+from mygpt.engine.async_engine import AsyncEngine
+from mygpt.engine.types import (
+    EngineNotRunning,
+    EngineOverloaded,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatLimits:
+    context_len: int
+    max_n: int
+    max_stop_sequences: int
+
+
+class ChatService:
+    """Turns ChatCompletionRequests into engine requests and engine events into OpenAI objects."""
+
+    def __init__(self, engine: AsyncEngine, tokenizer: Any, model_name: str, limits: ChatLimits):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.limits = limits
+        self.vocab_size = len(tokenizer)
+
+    # ------------------------------------------------------------------ request -> engine
+    async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
+        """Validates the request and builds the engine request; every refusal is an APIError (4xx)."""
+        if req.model != self.model_name:
+            raise model_not_found(req.model)
+        self._refuse_unsupported(req)
+        messages = [self._message(i, m) for i, m in enumerate(req.messages)]
+        prompt_ids = await asyncio.to_thread(self._render, messages)
+        params = self._sampling_params(req, len(prompt_ids))
+        return GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params)
+
+    def _refuse_unsupported(self, req: ChatCompletionRequest) -> None:
+        # B2: honoured or refused with the parameter named, never silently ignored
+        if req.tools:
+            raise invalid("Tool calling is not supported by this server.", param="tools")
+        if req.tool_choice not in (None, "none", "auto"):
+            raise invalid("Tool calling is not supported by this server.", param="tool_choice")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise invalid(
+                f"response_format type '{req.response_format.type}' is not supported; only 'text'.",
+                param="response_format",
+            )
+        if (req.n or 1) > self.limits.max_n:
+            raise invalid(f"n must be at most {self.limits.max_n}, got {req.n}.", param="n")
+        if req.top_logprobs and not req.logprobs:
+            raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stops) > self.limits.max_stop_sequences:
+            raise invalid(f"stop accepts at most {self.limits.max_stop_sequences} sequences.", param="stop")
+        for key in req.logit_bias or {}:
+            if not 0 <= int(key) < self.vocab_size:
+                raise invalid(f"logit_bias token id {key} is out of the vocabulary.", param="logit_bias")
+
+    @staticmethod
+    def _message(i: int, m: Any) -> dict[str, str]:
+        if m.role in ("tool", "function"):
+            raise invalid(f"role '{m.role}' is not supported (no tool calling).", param=f"messages.[{i}].role")
+        if m.tool_calls:
+            raise invalid("tool_calls are not supported (no tool calling).", param=f"messages.[{i}].tool_calls")
+        content = m.content
+        if isinstance(content, list):
+            other = [p.type for p in content if not isinstance(p, TextPart)]
+            if other:
+                raise invalid(
+                    f"content part type '{other[0]}' is not supported; only 'text'.",
+                    param=f"messages.[{i}].content",
+                )
+            content = "".join(p.text for p in content)
+        role = "system" if m.role == "developer" else m.role
+        return {"role": role, "content": content or ""}
+
+    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # the template itself refuses (e.g. roles out of order)
+            raise invalid(f"The messages could not be formatted: {exc}", param="messages") from exc
+        return list(ids)
+
+    def _sampling_params(self, req: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
+        ctx = self.limits.context_len
+        requested = req.max_completion_tokens or req.max_tokens  # A5: max_completion_tokens wins
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        if prompt_len >= ctx or (requested and prompt_len + requested > ctx):
+            asked = f"{prompt_len + (requested or 0)} tokens ({prompt_len} in the messages, {requested or 0} in the completion)"
+            raise invalid(
+                f"This model's maximum context length is {ctx} tokens. However, you requested {asked}. "
+                "Please reduce the length of the messages or completion.",
+                param="messages" if prompt_len >= ctx or not requested else param,
+                code="context_length_exceeded",
+            )
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        return SamplingParams(
+            max_tokens=requested or ctx - prompt_len,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop=tuple(stops),
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+            logprobs=bool(req.logprobs),
+            top_logprobs=req.top_logprobs or 0,
+            n=req.n or 1,
+        )
+
+    def submit(self, gen: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        try:
+            return self.engine.submit(gen)
+        except EngineOverloaded as exc:
+            raise APIError(
+                429, "The server is at capacity; retry shortly.", code="rate_limit_exceeded",
+                headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
+            ) from exc  # fmt: skip
+        except EngineNotRunning as exc:
+            raise APIError(503, "The server is not ready.", code="not_ready", headers={"Retry-After": "5"}) from exc
+
+    # ------------------------------------------------------------------ engine -> response
+    async def complete(self, req: ChatCompletionRequest, gen: GenerationRequest) -> ChatCompletion:
+        """Runs a request to the end and returns the whole completion."""
+        n = gen.params.n
+        texts, reasons = [[] for _ in range(n)], [None] * n
+        logprobs: list[list[TokenLogprobOut]] = [[] for _ in range(n)]
+        completion = [0] * n
+        events = self.submit(gen)
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                    raise APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
+                texts[ev.index].append(ev.text)
+                logprobs[ev.index] += self._logprobs(ev.logprobs)
+                completion[ev.index] = ev.completion_tokens
+                if ev.finish_reason is not None:
+                    reasons[ev.index] = ev.finish_reason.value
+        choices = [
+            Choice(
+                index=i,
+                message=AssistantMessage(content="".join(texts[i])),
+                logprobs=ChoiceLogprobs(content=logprobs[i]) if gen.params.logprobs else None,
+                finish_reason=reasons[i],
+            )
+            for i in range(n)
+        ]
+        return ChatCompletion(id=gen.request_id, model=req.model, choices=choices, usage=_usage(gen, sum(completion)))
+
+    async def stream(self, req: ChatCompletionRequest, gen: GenerationRequest) -> AsyncIterator[str]:
+        """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10)."""
+        events = self.submit(gen)  # before the first byte: overload is still a real 429
+        return self._stream(req, gen, events)
+
+    async def _stream(self, req, gen, events) -> AsyncIterator[str]:
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+            c = ChatCompletionChunk(id=gen.request_id, created=created, model=req.model, choices=choices, usage=usage)
+            return c.model_dump_json(exclude_none=False)
+
+        completion = [0] * gen.params.n
+        async with contextlib.aclosing(events):
+            try:
+                for i in range(gen.params.n):  # A2: the first chunk of each choice carries the role
+                    yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+                async for ev in events:
+                    if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                        yield _error_payload(ev.error or "the request was cancelled")
+                        return
+                    completion[ev.index] = ev.completion_tokens
+                    if not ev.text and ev.finish_reason is None:
+                        continue
+                    finish = ev.finish_reason.value if ev.finish_reason is not None else None
+                    lps = ChoiceLogprobs(content=self._logprobs(ev.logprobs)) if gen.params.logprobs else None
+                    delta = Delta(content=ev.text) if ev.text or finish is None else Delta()
+                    yield chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)])
+                if include_usage:
+                    yield chunk([], _usage(gen, sum(completion)))
+                yield "[DONE]"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # A10: after the first byte, an error event instead of a hang
+                log.exception("stream %s failed", gen.request_id)
+                yield _error_payload(f"{type(exc).__name__}: {exc}")
+
+    def _logprobs(self, lps: list[TokenLogprob] | None) -> list[TokenLogprobOut]:
+        out = []
+        for lp in lps or []:
+            top = [TopLogprob(token=self._token_text(t), logprob=v, bytes=self._bytes(t)) for t, v in lp.top]
+            out.append(
+                TokenLogprobOut(
+                    token=self._token_text(lp.token_id), logprob=lp.logprob, bytes=self._bytes(lp.token_id),
+                    top_logprobs=top,
+                )  # fmt: skip
+            )
+        return out
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one service per process, bounded
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _bytes(self, token_id: int) -> list[int]:
+        return list(self._token_text(token_id).encode("utf-8"))
+
+
+def _usage(gen: GenerationRequest, completion_tokens: int) -> Usage:
+    prompt = len(gen.prompt_ids)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+
+
+def _error_payload(message: str) -> str:
+    return json.dumps({"error": ErrorInfo(message=message, type="server_error", code="internal_error").model_dump()})

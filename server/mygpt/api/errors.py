@@ -1,0 +1,98 @@
+"""OpenAI's error shape for every non-2xx answer, and the handlers that produce it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mygpt.api.protocol import ErrorInfo, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error answered to the client as {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type=type or _TYPES.get(status, "server_error"), param=param, code=code)
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), self.status, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404, f"The model '{model}' does not exist or you do not have access to it.", param="model",
+        code="model_not_found",
+    )  # fmt: skip
+
+
+def _param_of(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    # drop pydantic's union-branch names ("str", "list[...]") from the location
+    parts = [p for p in parts if not (p.startswith(("list[", "dict[")) or p in ("str", "int", "float"))]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """C1: every error, ours, validation, routing or unexpected, leaves in OpenAI's shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        if err.get("type") == "json_invalid":
+            return invalid("We could not parse the JSON body of your request: " + err["msg"]).response()
+        if tuple(err.get("loc", ())) == ("body",):
+            return invalid("The request body must be a JSON object (Content-Type: application/json).").response()
+        param = _param_of(tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid value")
+        message = f"Invalid value for '{param}': {msg}" if param else f"Invalid request: {msg}"
+        return invalid(message, param=param, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return APIError(exc.status_code, detail, code=code, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, "The server had an error while processing your request.", type="server_error").response()

@@ -1,0 +1,97 @@
+"""Thin routes: resolve the service, await it, return."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from mygpt.api.chat import ChatService
+from mygpt.api.errors import APIError, model_not_found
+from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
+from mygpt.state import ServerState
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.mygpt
+
+
+def _chat(request: Request) -> ChatService:
+    state = _state(request)
+    reason = state.not_ready_reason()
+    if reason is not None or state.chat is None:
+        raise APIError(503, f"The server is not ready: {reason}.", code="not_ready", headers={"Retry-After": "5"})
+    return state.chat
+
+
+@router.get("/live")
+async def live() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    reason = _state(request).not_ready_reason()
+    if reason is None:
+        return JSONResponse({"status": "ready"})
+    return APIError(503, f"not ready: {reason}", code="not_ready", headers={"Retry-After": "5"}).response()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    chat = _chat(request)
+    return ModelList(data=[_card(request, chat)])
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request) -> ModelCard:
+    chat = _chat(request)
+    if model != chat.model_name:
+        raise model_not_found(model)
+    return _card(request, chat)
+
+
+def _card(request: Request, chat: ChatService) -> ModelCard:
+    state = _state(request)
+    return ModelCard(id=chat.model_name, created=state.created, root=chat.model_name, max_model_len=chat.limits.context_len)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
+    chat = _chat(request)
+    gen = await chat.prepare(body)
+    if body.stream:
+        payloads = await chat.stream(body, gen)
+        keepalive = _state(request).settings.keepalive_s
+        return EventSourceResponse(
+            _as_events(payloads), sep="\n", ping=keepalive,
+            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
+        )  # fmt: skip
+    return await _until_disconnected(request, chat.complete(body, gen))
+
+
+async def _as_events(payloads):
+    async with contextlib.aclosing(payloads):
+        async for p in payloads:
+            yield {"data": p}
+
+
+async def _until_disconnected(request: Request, work):
+    """Runs `work`; if the client goes away first, cancels it (which aborts the generation)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()

@@ -1,0 +1,33 @@
+"""build_app(settings) -> FastAPI: routes, error handlers, and a lifespan that starts/stops the engine."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from mygpt import __version__
+from mygpt.api.errors import install_error_handlers
+from mygpt.api.routes import router
+from mygpt.config import Settings
+from mygpt.state import ServerState
+
+
+def build_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
+    """The ASGI app. `state` lets tests supply a pre-built (e.g. fake) engine; by default the model
+    loads in the background after start-up so that /live answers while /ready is still 503."""
+    state = state or ServerState(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if state.chat is None:
+            state.start()
+        yield
+        state.stop()
+
+    app = FastAPI(title="mygpt", version=__version__, lifespan=lifespan)
+    app.state.mygpt = state
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

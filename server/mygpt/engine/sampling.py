@@ -1,0 +1,90 @@
+"""Batched sampling: logit bias, presence/frequency penalties, temperature, top-p, per-row seeds."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from mygpt.engine.types import SamplingParams, TokenLogprob
+
+
+@dataclass
+class RowSampler:
+    """Per-row sampling state."""
+
+    params: SamplingParams
+    seed: int | None  # this choice's seed (params.seed + index), None = random
+    output_ids: list[int] = field(default_factory=list)  # tokens generated so far (for penalties)
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        self.generator.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
+
+
+def sample(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [B, V] float32 on any device. Returns one token id (and optional logprobs) per row."""
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs for r in rows) else None
+    logits = _adjust(logits, rows)
+    greedy = [r.params.greedy for r in rows]
+    tokens = torch.argmax(logits, dim=-1)
+    if not all(greedy):
+        sampled = _sample_random(logits, rows)
+        keep = torch.tensor(greedy, device=logits.device)
+        tokens = torch.where(keep, tokens, sampled)
+    token_list = tokens.tolist()
+    if raw_logprobs is None:
+        return token_list, [None] * len(rows)
+    return token_list, _logprobs(raw_logprobs, token_list, rows)
+
+
+def _adjust(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    if not any(r.params.logit_bias or r.params.presence_penalty or r.params.frequency_penalty for r in rows):
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        if (p.presence_penalty or p.frequency_penalty) and r.output_ids:
+            counts = torch.bincount(torch.tensor(r.output_ids), minlength=vocab).to(logits.device)
+            logits[i] -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
+    return logits
+
+
+def _sample_random(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=logits.device)
+    probs = torch.softmax(logits / temps[:, None], dim=-1)  # [B, V]
+    top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
+    # one uniform draw per row from that row's own generator: the result does not depend on the batch
+    u = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(logits.device)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the first token)
+        sorted_probs = sorted_probs.masked_fill(cum - sorted_probs >= top_p[:, None], 0.0)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        idx = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp_(max=probs.shape[-1] - 1)
+        return order.gather(1, idx)[:, 0]
+    cum = torch.cumsum(probs, dim=-1)
+    idx = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp_(max=probs.shape[-1] - 1)
+    return idx[:, 0]
+
+
+def _logprobs(raw: torch.Tensor, tokens: list[int], rows: list[RowSampler]) -> list[TokenLogprob | None]:
+    k = max(r.params.top_logprobs for r in rows)
+    top_v, top_i = torch.topk(raw, k, dim=-1) if k else (None, None)
+    out: list[TokenLogprob | None] = []
+    for i, (r, t) in enumerate(zip(rows, tokens, strict=True)):
+        if not r.params.logprobs:
+            out.append(None)
+            continue
+        n = r.params.top_logprobs
+        top = list(zip(top_i[i, :n].tolist(), top_v[i, :n].tolist(), strict=True)) if n else []
+        out.append(TokenLogprob(token_id=t, logprob=float(raw[i, t]), top=top))
+    return out

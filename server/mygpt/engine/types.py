@@ -1,0 +1,72 @@
+"""Plain dataclasses that cross the engine boundary: no torch, no pydantic."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max tokens or the context was reached
+    ABORT = "abort"  # cancelled by the caller (client disconnect)
+    ERROR = "error"  # the engine failed this request
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int  # completion tokens at most (already clipped to the context)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None  # choice i uses seed + i
+    stop: tuple[str, ...] = ()  # stop strings, excluded from the output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20, needs logprobs
+    n: int = 1  # choices sharing one prompt (prefilled once)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # None = the base model
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    index: int  # choice index, 0..n-1
+    token_ids: list[int]  # tokens produced since the last event
+    text: str  # text produced since the last event (stop strings held back and removed)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # for this choice so far
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # with finish_reason ERROR
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full; the caller should retry later."""
+
+    def __init__(self, retry_after_s: float = 1.0):
+        super().__init__("the server is at capacity")
+        self.retry_after_s = retry_after_s
+
+
+class EngineNotRunning(Exception):
+    """The engine is not accepting requests (stopped, draining or dead)."""

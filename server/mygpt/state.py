@@ -1,0 +1,97 @@
+"""ServerState: what the routes need, filled in by the background start-up."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from mygpt.api.chat import ChatLimits, ChatService
+from mygpt.config import Settings
+from mygpt.engine.async_engine import AsyncEngine
+from mygpt.engine.engine import Engine
+from mygpt.engine.loader import LoadedModel, load_model
+from mygpt.engine.runner import ModelRunner
+from mygpt.engine.types import GenerationRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    created: int = field(default_factory=lambda: int(time.time()))
+    loaded: LoadedModel | None = None
+    engine: Engine | None = None
+    chat: ChatService | None = None
+    ready: bool = False  # model loaded and warm-up generation succeeded
+    draining: bool = False  # shutting down: no new requests
+    failure: str | None = None  # start-up failed: why
+
+    def not_ready_reason(self) -> str | None:
+        """None when ready to serve; otherwise why not (G1)."""
+        if self.failure:
+            return f"start-up failed: {self.failure}"
+        if self.draining:
+            return "shutting down"
+        if not self.ready or self.engine is None:
+            return "loading the model"
+        if not self.engine.alive:
+            return "the engine thread has stopped"
+        if self.engine.stalled(self.settings.stall_timeout_s):
+            return "the engine has made no progress for too long"
+        return None
+
+    def start(self) -> None:
+        """Loads the model and starts the engine in a background thread (/live answers meanwhile)."""
+        threading.Thread(target=self._start, name="mygpt-startup", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            s = self.settings
+            if s.num_threads:
+                import torch
+
+                torch.set_num_threads(s.num_threads)
+            loaded = load_model(s)
+            runner = ModelRunner(loaded.model, s.max_num_seqs, loaded.context_len, loaded.dtype)
+            engine = Engine(
+                runner, loaded.tokenizer, loaded.eos_token_ids,
+                max_num_batched_tokens=s.max_num_batched_tokens, max_waiting=s.max_waiting,
+            )  # fmt: skip
+            engine.start()
+            limits = ChatLimits(loaded.context_len, s.max_n, s.max_stop_sequences)
+            self.loaded, self.engine = loaded, engine
+            self.chat = ChatService(AsyncEngine(engine), loaded.tokenizer, loaded.name, limits)
+            if s.warmup:
+                _warm_up(engine, loaded.tokenizer)
+            self.ready = True
+            log.info("ready: serving %s (context %d) on http://%s:%d/v1", loaded.name, loaded.context_len, s.host, s.port)
+        except Exception as exc:
+            log.exception("start-up failed")
+            self.failure = f"{type(exc).__name__}: {exc}"
+
+    def stop(self) -> None:
+        self.draining = True
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def _warm_up(engine: Engine, tokenizer) -> None:
+    t0 = time.monotonic()
+    done = threading.Event()
+    result: list = []
+
+    def on_event(ev) -> None:
+        if ev.finish_reason is not None:
+            result.append(ev)
+            done.set()
+
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    engine.submit(GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=4, temperature=0.0)), on_event)
+    if not done.wait(300) or result[0].error:
+        raise RuntimeError(f"warm-up generation failed: {result[0].error if result else 'timed out'}")
+    log.info("warm-up generation done in %.2fs", time.monotonic() - t0)
