@@ -316,6 +316,7 @@ class Engine:
                 del self._waiting[i]
                 with self._lock:
                     self._num_waiting -= 1
+                log.info("request %s aborted while waiting", request_id)
                 self._end_request(request, FinishReason.ABORT, None)
                 return
         rows = [r for r in self._running if r.request.request_id == request_id]
@@ -328,6 +329,8 @@ class Engine:
                 self._finish_row(r)
         self._running = [r for r in self._running if not r.finished]
         if rows:
+            generated = sum(len(r.output_ids) for r in rows)
+            log.info("request %s aborted after %d generated tokens", request_id, generated)
             self._end_request(rows[0].request, FinishReason.ABORT, None, rows)
 
     def _fail_all(self, message: str) -> None:

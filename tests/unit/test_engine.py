@@ -1,0 +1,191 @@
+"""The engine with a tiny random model: batching, choices, stops, limits, aborts, failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from mygpt.engine.engine import Engine
+from mygpt.engine.runner import ModelRunner
+from mygpt.engine.types import EngineOverloaded, FinishReason, GenerationRequest, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def make_engine(tiny_model, tokenizer):
+    engines = []
+
+    def make(slots=8, max_len=256, eos=(), **kw) -> Engine:
+        runner = ModelRunner(tiny_model, num_slots=slots, max_len=max_len, dtype=torch.float32)
+        engine = Engine(runner, tokenizer, eos, **kw)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for e in engines:
+        e.stop()
+
+
+class Collector:
+    """Gathers the events of several requests and waits for their final events."""
+
+    def __init__(self):
+        self.events: dict[str, list] = {}
+        self._done: dict[str, int] = {}
+        self._cv = threading.Condition()
+
+    def submit(self, engine, rid, prompt, **params):
+        params.setdefault("max_tokens", 16)
+        req = GenerationRequest(rid, prompt, SamplingParams(**params))
+        self._done[rid] = req.params.n
+        engine.submit(req, self._on_event)
+        return rid
+
+    def _on_event(self, ev):
+        with self._cv:
+            self.events.setdefault(ev.request_id, []).append(ev)
+            if ev.finish_reason is not None:
+                self._done[ev.request_id] -= 1
+            self._cv.notify_all()
+
+    def wait(self, timeout=60):
+        with self._cv:
+            assert self._cv.wait_for(lambda: all(v == 0 for v in self._done.values()), timeout)
+
+    def tokens(self, rid, index=0):
+        return [t for ev in self.events[rid] if ev.index == index for t in ev.token_ids]
+
+    def text(self, rid, index=0):
+        return "".join(ev.text for ev in self.events[rid] if ev.index == index)
+
+    def finish(self, rid, index=0):
+        return [ev.finish_reason for ev in self.events[rid] if ev.index == index][-1]
+
+
+PROMPTS = [[1, 20, 30, 40], [1, 55, 66], list(range(100, 160)), [1, 7], [9] * 30, [1, 300, 301, 302, 303]]
+
+
+def test_greedy_output_is_the_same_alone_and_in_a_busy_batch(make_engine):
+    engine = make_engine(slots=8, max_num_batched_tokens=16)  # small budget: chunked, interleaved prefill
+    alone = Collector()
+    for i, p in enumerate(PROMPTS):
+        alone.submit(engine, f"a{i}", p, temperature=0.0, max_tokens=12)
+        alone.wait()
+    busy = Collector()
+    for rep in range(4):
+        for i, p in enumerate(PROMPTS):
+            busy.submit(engine, f"b{rep}-{i}", p, temperature=0.0, max_tokens=12)
+    busy.wait()
+    for rep in range(4):
+        for i in range(len(PROMPTS)):
+            assert busy.tokens(f"b{rep}-{i}") == alone.tokens(f"a{i}")
+
+
+def test_same_seed_same_sample_alone_or_batched(make_engine):
+    engine = make_engine()
+    alone = Collector()
+    alone.submit(engine, "s", PROMPTS[0], temperature=1.0, seed=42, max_tokens=10)
+    alone.wait()
+    busy = Collector()
+    for i in range(6):
+        busy.submit(engine, f"x{i}", PROMPTS[i], temperature=1.0, max_tokens=10)
+    busy.submit(engine, "s", PROMPTS[0], temperature=1.0, seed=42, max_tokens=10)
+    busy.wait()
+    assert busy.tokens("s") == alone.tokens("s")
+
+
+def test_n_choices_share_the_prompt_and_differ_by_seed(make_engine):
+    engine = make_engine()
+    c = Collector()
+    c.submit(engine, "g", PROMPTS[1], temperature=0.0, n=3, max_tokens=8)
+    c.submit(engine, "r", PROMPTS[1], temperature=1.0, seed=1, n=3, max_tokens=8)
+    c.wait()
+    assert c.tokens("g", 0) == c.tokens("g", 1) == c.tokens("g", 2)
+    assert len({tuple(c.tokens("r", i)) for i in range(3)}) > 1
+    assert all(len(c.tokens("g", i)) == 8 and c.finish("g", i) == FinishReason.LENGTH for i in range(3))
+
+
+def test_eos_and_stop_strings_end_with_stop(make_engine, tokenizer):
+    engine = make_engine()
+    c = Collector()
+    c.submit(engine, "free", PROMPTS[2], temperature=0.0, max_tokens=20)
+    c.wait()
+    tokens, text = c.tokens("free"), c.text("free")
+    # EOS: declare the 5th generated token an end-of-sequence token
+    eos_engine = make_engine(eos=[tokens[4]])
+    c2 = Collector()
+    c2.submit(eos_engine, "eos", PROMPTS[2], temperature=0.0, max_tokens=20)
+    c2.wait()
+    assert c2.tokens("eos") == tokens[: tokens.index(tokens[4]) + 1]
+    assert c2.finish("eos") == FinishReason.STOP
+    # a stop string in the middle of the text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    c.submit(engine, "stop", PROMPTS[2], temperature=0.0, max_tokens=20, stop=(stop,))
+    c.wait()
+    assert c.text("stop") == text[: text.index(stop)]
+    assert c.finish("stop") == FinishReason.STOP
+
+
+def test_abort_frees_the_row_within_a_step(make_engine):
+    engine = make_engine(slots=2)
+    c = Collector()
+    c.submit(engine, "long", PROMPTS[0], temperature=0.0, max_tokens=200)
+    while not c.events.get("long"):
+        time.sleep(0.01)
+    engine.abort("long")
+    c.wait(10)
+    assert c.finish("long") == FinishReason.ABORT
+    assert len(c.tokens("long")) < 200
+    deadline = time.monotonic() + 5
+    while engine.num_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.num_running == 0
+    # both slots are usable again
+    c.submit(engine, "after", PROMPTS[1], temperature=0.0, n=2, max_tokens=4)
+    c.wait()
+    assert c.finish("after", 1) == FinishReason.LENGTH
+
+
+def test_full_queue_refuses_at_once(make_engine):
+    engine = make_engine(slots=1, max_waiting=2)
+    c = Collector()
+    c.submit(engine, "r0", PROMPTS[0], max_tokens=100)
+    c.submit(engine, "r1", PROMPTS[0], max_tokens=100)
+    with pytest.raises(EngineOverloaded):
+        for i in range(2, 10):
+            c.submit(engine, f"r{i}", PROMPTS[0], max_tokens=100)
+    for rid in list(c._done):
+        engine.abort(rid)
+
+
+def test_a_failing_step_fails_its_rows_and_the_engine_carries_on(make_engine, monkeypatch):
+    engine = make_engine()
+    real_decode = engine.runner.decode
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "decode", flaky)
+    c = Collector()
+    c.submit(engine, "victim", PROMPTS[0], temperature=0.0, max_tokens=10)
+    c.wait()
+    last = c.events["victim"][-1]
+    assert last.finish_reason == FinishReason.ERROR and "boom" in last.error
+    c.submit(engine, "next", PROMPTS[0], temperature=0.0, max_tokens=5)
+    c.wait()
+    assert c.finish("next") == FinishReason.LENGTH
+    assert engine.alive

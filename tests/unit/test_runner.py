@@ -1,0 +1,67 @@
+"""The slot-cache forward must equal the HF model's own forward, for every supported family."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mygpt.engine.runner import ModelRunner
+
+
+def tiny(model_type: str, **extra):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, **extra,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_prefill_chunks_and_ragged_decode_match_hf(model_type):
+    model = tiny(model_type)
+    runner = ModelRunner(model, num_slots=4, max_len=64, dtype=torch.float32)
+    a, b = [1, 5, 7, 9, 11, 3, 2], [2, 4, 6]
+    with torch.no_grad():
+        ref_a = model(torch.tensor([a + [13, 14]])).logits[0]
+        ref_b = model(torch.tensor([b + [15, 16]])).logits[0]
+    # a in two chunks into slot 3, b in one chunk into slot 1 (non-contiguous slots)
+    runner.prefill(3, a[:4], 0)
+    la = runner.prefill(3, a[4:], 4)
+    lb = runner.prefill(1, b, 0)
+    torch.testing.assert_close(la, ref_a[len(a) - 1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lb, ref_b[len(b) - 1], atol=1e-4, rtol=1e-4)
+    # one decode step with rows at different positions
+    out = runner.decode([3, 1], [13, 15], [len(a), len(b)])
+    torch.testing.assert_close(out[0], ref_a[len(a)], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], ref_b[len(b)], atol=1e-4, rtol=1e-4)
+    out = runner.decode([1, 3], [16, 14], [len(b) + 1, len(a) + 1])
+    torch.testing.assert_close(out[0], ref_b[len(b) + 1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], ref_a[len(a) + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_copy_slot_continues_identically():
+    model = tiny("llama")
+    runner = ModelRunner(model, num_slots=3, max_len=32, dtype=torch.float32)
+    runner.prefill(0, [3, 4, 5, 6], 0)
+    runner.copy_slot(0, 2, 4)
+    out = runner.decode([0, 2], [7, 7], [4, 4])
+    torch.testing.assert_close(out[0], out[1])
+
+
+def test_stale_cache_of_a_previous_row_does_not_leak():
+    model = tiny("llama")
+    runner = ModelRunner(model, num_slots=2, max_len=32, dtype=torch.float32)
+    fresh = runner.prefill(1, [8, 9], 0).clone()
+    runner.prefill(0, list(range(1, 20)), 0)  # a long row fills slot 0
+    reused = runner.prefill(0, [8, 9], 0)  # a short row reuses it
+    torch.testing.assert_close(reused, fresh)
+    out = runner.decode([0, 1], [10, 10], [2, 2])
+    torch.testing.assert_close(out[0], out[1])
+
+
+def test_unsupported_family_is_refused_clearly():
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt2", vocab_size=50, n_embd=32, n_layer=1, n_head=2)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="not supported"):
+        ModelRunner(model, num_slots=1, max_len=16, dtype=torch.float32)
