@@ -84,9 +84,21 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = ARTIFACTS / f"{name}-{self.port}.log"
         ARTIFACTS.mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "mygpt", "serve", "--port", str(self.port), "--cache-dir", str(CACHE), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mygpt",
+            "serve",
+            "--port",
+            str(self.port),
+            "--cache-dir",
+            str(CACHE),
+            *args,
+        ]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
@@ -134,6 +146,11 @@ def tiny_server(tiny_model_dir):
     ).wait_ready()  # fmt: skip
     yield server
     server.stop()
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
 
 
 def pytest_collection_modifyitems(config, items):

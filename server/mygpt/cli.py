@@ -12,7 +12,9 @@ from mygpt.config import Settings
 
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible API")
-    p.add_argument("--model", help="'default' (embedded SmolLM2-135M-Instruct), a hub id, a directory or a .gguf")
+    p.add_argument(
+        "--model", help="'default' (embedded SmolLM2-135M-Instruct), a hub id, a directory or a .gguf"
+    )
     p.add_argument("--served-model-name", help="model id shown in the API")
     p.add_argument("--quantization", choices=["auto", "nf4", "none"])
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -25,7 +27,9 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens prefilled per step")
     p.add_argument("--max-waiting", type=int, help="queued requests before 429")
     p.add_argument("--num-threads", type=int, help="torch CPU threads")
-    p.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation")
+    p.add_argument(
+        "--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation"
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -41,7 +45,9 @@ def serve(settings: Settings) -> None:
     from mygpt.app import build_app
 
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     app = build_app(settings)
     uvicorn.run(

@@ -61,13 +61,19 @@ class ServerState:
                 max_num_batched_tokens=s.max_num_batched_tokens, max_waiting=s.max_waiting,
             )  # fmt: skip
             engine.start()
-            limits = ChatLimits(loaded.context_len, s.max_n, s.max_stop_sequences)
+            limits = ChatLimits(runner.max_len, s.max_n, s.max_stop_sequences)
             self.loaded, self.engine = loaded, engine
             self.chat = ChatService(AsyncEngine(engine), loaded.tokenizer, loaded.name, limits)
             if s.warmup:
                 _warm_up(engine, loaded.tokenizer)
             self.ready = True
-            log.info("ready: serving %s (context %d) on http://%s:%d/v1", loaded.name, loaded.context_len, s.host, s.port)
+            log.info(
+                "ready: serving %s (context %d) on http://%s:%d/v1",
+                loaded.name,
+                loaded.context_len,
+                s.host,
+                s.port,
+            )
         except Exception as exc:
             log.exception("start-up failed")
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -91,7 +97,9 @@ def _warm_up(engine: Engine, tokenizer) -> None:
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
-    engine.submit(GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=4, temperature=0.0)), on_event)
+    engine.submit(
+        GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=4, temperature=0.0)), on_event
+    )
     if not done.wait(300) or result[0].error:
         raise RuntimeError(f"warm-up generation failed: {result[0].error if result else 'timed out'}")
     log.info("warm-up generation done in %.2fs", time.monotonic() - t0)

@@ -17,7 +17,9 @@ def test_greedy_is_argmax():
 def test_seeded_sampling_does_not_depend_on_the_batch():
     torch.manual_seed(1)
     logits = torch.randn(4, 100)
-    alone = [sample(logits[i : i + 1], [RowSampler(SamplingParams(max_tokens=8), seed=7)])[0][0] for i in range(4)]
+    alone = [
+        sample(logits[i : i + 1], [RowSampler(SamplingParams(max_tokens=8), seed=7)])[0][0] for i in range(4)
+    ]
     batch, _ = sample(logits, [RowSampler(SamplingParams(max_tokens=8), seed=7) for _ in range(4)])
     assert alone == batch
 

@@ -69,7 +69,9 @@ class ChatService:
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
         prompt_ids = await asyncio.to_thread(self._render, messages)
         params = self._sampling_params(req, len(prompt_ids))
-        return GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params)
+        return GenerationRequest(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params
+        )
 
     def _refuse_unsupported(self, req: ChatCompletionRequest) -> None:
         # B2: honoured or refused with the parameter named, never silently ignored
@@ -96,9 +98,13 @@ class ChatService:
     @staticmethod
     def _message(i: int, m: Any) -> dict[str, str]:
         if m.role in ("tool", "function"):
-            raise invalid(f"role '{m.role}' is not supported (no tool calling).", param=f"messages.[{i}].role")
+            raise invalid(
+                f"role '{m.role}' is not supported (no tool calling).", param=f"messages.[{i}].role"
+            )
         if m.tool_calls:
-            raise invalid("tool_calls are not supported (no tool calling).", param=f"messages.[{i}].tool_calls")
+            raise invalid(
+                "tool_calls are not supported (no tool calling).", param=f"messages.[{i}].tool_calls"
+            )
         content = m.content
         if isinstance(content, list):
             other = [p.type for p in content if not isinstance(p, TextPart)]
@@ -156,7 +162,9 @@ class ChatService:
                 headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
             ) from exc  # fmt: skip
         except EngineNotRunning as exc:
-            raise APIError(503, "The server is not ready.", code="not_ready", headers={"Retry-After": "5"}) from exc
+            raise APIError(
+                503, "The server is not ready.", code="not_ready", headers={"Retry-After": "5"}
+            ) from exc
 
     # ------------------------------------------------------------------ engine -> response
     async def complete(self, req: ChatCompletionRequest, gen: GenerationRequest) -> ChatCompletion:
@@ -184,7 +192,9 @@ class ChatService:
             )
             for i in range(n)
         ]
-        return ChatCompletion(id=gen.request_id, model=req.model, choices=choices, usage=_usage(gen, sum(completion)))
+        return ChatCompletion(
+            id=gen.request_id, model=req.model, choices=choices, usage=_usage(gen, sum(completion))
+        )
 
     async def stream(self, req: ChatCompletionRequest, gen: GenerationRequest) -> AsyncIterator[str]:
         """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10)."""
@@ -196,7 +206,9 @@ class ChatService:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-            c = ChatCompletionChunk(id=gen.request_id, created=created, model=req.model, choices=choices, usage=usage)
+            c = ChatCompletionChunk(
+                id=gen.request_id, created=created, model=req.model, choices=choices, usage=usage
+            )
             return c.model_dump_json(exclude_none=False)
 
         completion = [0] * gen.params.n
@@ -214,7 +226,9 @@ class ChatService:
                     finish = ev.finish_reason.value if ev.finish_reason is not None else None
                     lps = ChoiceLogprobs(content=self._logprobs(ev.logprobs)) if gen.params.logprobs else None
                     delta = Delta(content=ev.text) if ev.text or finish is None else Delta()
-                    yield chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)])
+                    yield chunk(
+                        [ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)]
+                    )
                 if include_usage:
                     yield chunk([], _usage(gen, sum(completion)))
                 yield "[DONE]"
@@ -230,7 +244,9 @@ class ChatService:
             top = [TopLogprob(token=self._token_text(t), logprob=v, bytes=self._bytes(t)) for t, v in lp.top]
             out.append(
                 TokenLogprobOut(
-                    token=self._token_text(lp.token_id), logprob=lp.logprob, bytes=self._bytes(lp.token_id),
+                    token=self._token_text(lp.token_id),
+                    logprob=lp.logprob,
+                    bytes=self._bytes(lp.token_id),
                     top_logprobs=top,
                 )  # fmt: skip
             )
@@ -238,7 +254,9 @@ class ChatService:
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one service per process, bounded
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def _bytes(self, token_id: int) -> list[int]:
         return list(self._token_text(token_id).encode("utf-8"))
@@ -246,8 +264,12 @@ class ChatService:
 
 def _usage(gen: GenerationRequest, completion_tokens: int) -> Usage:
     prompt = len(gen.prompt_ids)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
+    )
 
 
 def _error_payload(message: str) -> str:
-    return json.dumps({"error": ErrorInfo(message=message, type="server_error", code="internal_error").model_dump()})
+    return json.dumps(
+        {"error": ErrorInfo(message=message, type="server_error", code="internal_error").model_dump()}
+    )

@@ -42,7 +42,9 @@ class APIError(Exception):
     ):
         super().__init__(message)
         self.status = status
-        self.info = ErrorInfo(message=message, type=type or _TYPES.get(status, "server_error"), param=param, code=code)
+        self.info = ErrorInfo(
+            message=message, type=type or _TYPES.get(status, "server_error"), param=param, code=code
+        )
         self.headers = headers
 
     def response(self) -> JSONResponse:
@@ -80,7 +82,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if err.get("type") == "json_invalid":
             return invalid("We could not parse the JSON body of your request: " + err["msg"]).response()
         if tuple(err.get("loc", ())) == ("body",):
-            return invalid("The request body must be a JSON object (Content-Type: application/json).").response()
+            return invalid(
+                "The request body must be a JSON object (Content-Type: application/json)."
+            ).response()
         param = _param_of(tuple(err.get("loc", ())))
         msg = err.get("msg", "invalid value")
         message = f"Invalid value for '{param}': {msg}" if param else f"Invalid request: {msg}"
@@ -95,4 +99,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return APIError(500, "The server had an error while processing your request.", type="server_error").response()
+        return APIError(
+            500, "The server had an error while processing your request.", type="server_error"
+        ).response()

@@ -25,7 +25,9 @@ def _chat(request: Request) -> ChatService:
     state = _state(request)
     reason = state.not_ready_reason()
     if reason is not None or state.chat is None:
-        raise APIError(503, f"The server is not ready: {reason}.", code="not_ready", headers={"Retry-After": "5"})
+        raise APIError(
+            503, f"The server is not ready: {reason}.", code="not_ready", headers={"Retry-After": "5"}
+        )
     return state.chat
 
 
@@ -58,7 +60,9 @@ async def get_model(model: str, request: Request) -> ModelCard:
 
 def _card(request: Request, chat: ChatService) -> ModelCard:
     state = _state(request)
-    return ModelCard(id=chat.model_name, created=state.created, root=chat.model_name, max_model_len=chat.limits.context_len)
+    return ModelCard(
+        id=chat.model_name, created=state.created, root=chat.model_name, max_model_len=chat.limits.context_len
+    )
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -70,7 +74,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         keepalive = _state(request).settings.keepalive_s
         return EventSourceResponse(
             _as_events(payloads), sep="\n", ping=keepalive,
-            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
+            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
         )  # fmt: skip
     return await _until_disconnected(request, chat.complete(body, gen))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from mygpt.engine.engine import Engine
@@ -24,10 +25,8 @@ class AsyncEngine:
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
         def on_event(event: TokenEvent) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
 
         self.engine.submit(request, on_event)
         return self._stream(request, events)

@@ -60,9 +60,9 @@ class ModelRunner:
             raise ValueError(
                 f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
-            if model.config.sliding_window < max_len and model_type == "mistral":
-                max_len = model.config.sliding_window  # no sliding-window attention here: serve within it
+        window = getattr(model.config, "sliding_window", None)
+        if model_type == "mistral" and window and window < max_len:
+            max_len = window  # no sliding-window attention here: serve within one window
         self.model = model.eval()
         self.shape = model_shape(model.config)
         self.num_slots = num_slots

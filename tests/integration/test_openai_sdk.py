@@ -1,0 +1,186 @@
+"""The official openai SDK against `mygpt serve` running the real default model (A, B, C of the contract)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+MODEL = "SmolLM2-135M-Instruct"
+ASK = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def client(default_server):
+    return openai.OpenAI(base_url=default_server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+async def aclient(default_server):
+    async with openai.AsyncOpenAI(
+        base_url=default_server.base_url + "/v1", api_key="unused", max_retries=0
+    ) as c:
+        yield c
+
+
+def test_models_lists_the_base_model(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_non_streaming_answer_is_real_text(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=40)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert choice.message.role == "assistant" and len(choice.message.content) > 10
+    assert choice.finish_reason in ("stop", "length")
+    u = r.usage
+    assert (
+        u.prompt_tokens > 5
+        and 0 < u.completion_tokens <= 40
+        and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    )
+
+
+def test_streaming_chunks_follow_the_contract(client):
+    """A2-A4 and A6 (with include_usage), through the SDK's own parser."""
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=ASK, temperature=0, max_tokens=12, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    body, last = chunks[:-1], chunks[-1]
+    assert body[0].choices[0].delta.role == "assistant"  # A2
+    assert {c.id for c in chunks} == {chunks[0].id} and {c.created for c in chunks} == {
+        chunks[0].created
+    }  # A3
+    assert all(c.object == "chat.completion.chunk" and c.model == MODEL for c in chunks)
+    reasons = [c.choices[0].finish_reason for c in body]
+    assert reasons[:-1] == [None] * (len(reasons) - 1) and reasons[-1] == "length"  # A4, A5
+    assert last.choices == [] and last.usage.completion_tokens == 12  # A6
+    assert all(c.usage is None for c in body)
+
+
+def test_without_include_usage_no_chunk_has_usage(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, stream=True))
+    assert chunks and all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, temperature=0, max_tokens=20, max_completion_tokens=3
+    )
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_streamed_greedy_equals_non_streamed(client):
+    """A7: same text, same usage."""
+    kw = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=48)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == full.choices[0].message.content
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+
+
+def test_stop_string_spanning_tokens_stops_and_never_leaks(client):
+    """A8: pick a stop string from the greedy answer that crosses a token boundary."""
+    kw = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=48)
+    text = client.chat.completions.create(**kw).choices[0].message.content
+    words = text.split()
+    stop = next(
+        f"{a[-2:]} {b[:2]}" for a, b in zip(words[1:], words[2:], strict=False) if len(a) > 1 and len(b) > 1
+    )
+    cut = text.index(stop)
+    chunks = list(client.chat.completions.create(**kw, stop=[stop, "zzzz"], stream=True))
+    deltas = [c.choices[0].delta.content or "" for c in chunks]
+    assert "".join(deltas) == text[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert not any(stop in d for d in deltas)
+    r = client.chat.completions.create(**kw, stop=stop)
+    assert r.choices[0].message.content == text[:cut] and r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.anyio
+async def test_async_client_streams_concurrently(aclient):
+    async def one(i: int) -> str:
+        stream = await aclient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count to {i + 3}."}],
+            max_tokens=10,
+            stream=True,
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    texts = await asyncio.gather(*(one(i) for i in range(6)))
+    assert all(texts)
+    r = await aclient.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5)
+    assert r.choices[0].message.content
+
+
+@pytest.mark.anyio
+async def test_same_seed_same_output_alone_or_in_a_busy_batch(aclient):
+    """B5, and E1 for the base model: greedy and seeded outputs do not depend on the batch."""
+    seeded = dict(model=MODEL, messages=ASK, temperature=0.9, seed=1234, max_tokens=24)
+    greedy = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=24)
+    alone_seeded = (await aclient.chat.completions.create(**seeded)).choices[0].message.content
+    alone_greedy = (await aclient.chat.completions.create(**greedy)).choices[0].message.content
+    noise = [
+        aclient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Tell me about the number {i}."}],
+            max_tokens=32,
+        )
+        for i in range(10)
+    ]
+    results = await asyncio.gather(
+        *noise, aclient.chat.completions.create(**seeded), aclient.chat.completions.create(**greedy)
+    )
+    assert results[-2].choices[0].message.content == alone_seeded
+    assert results[-1].choices[0].message.content == alone_greedy
+
+
+def test_n_choices(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, n=3, temperature=1.0, seed=5, max_tokens=12)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.completion_tokens <= 3 * 12 and r.usage.completion_tokens >= 3
+    assert len({c.message.content for c in r.choices}) > 1
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, n=2, max_tokens=6, stream=True))
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+
+
+def test_logprobs_are_returned(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for lp in content:
+        assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+        assert lp.top_logprobs[0].logprob >= lp.logprob - 1e-6  # greedy picks the best
+
+
+def test_penalties_and_logit_bias_are_honoured(client, tokenizer):
+    kw = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=30)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    penalised = client.chat.completions.create(**kw, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised.choices[0].message.content != plain
+    (banana,) = tokenizer.encode(" banana", add_special_tokens=False)
+    forced = client.chat.completions.create(**{**kw, "max_tokens": 3}, logit_bias={str(banana): 100})
+    assert forced.choices[0].message.content == " banana" * 3
+
+
+def test_unknown_fields_are_ignored(default_server):
+    """B1: at the top level and inside messages."""
+    body = {
+        "model": MODEL, "max_tokens": 3, "some_future_field": {"x": 1},
+        "messages": [{"role": "user", "content": "Hi", "weird": True}],
+    }  # fmt: skip
+    r = httpx.post(default_server.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text

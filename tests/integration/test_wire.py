@@ -1,0 +1,230 @@
+"""Raw HTTP against a real server on a tiny model: SSE framing, keep-alive, limits, errors, disconnects."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import ServerProcess
+
+MODEL = "tiny"
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def post(server, body, **kw):
+    return httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=120, **kw)
+
+
+def assert_openai_error(r: httpx.Response, status: int, param=None, code=None) -> dict:
+    """C1: {"error": {message, type, param, code}} and nothing else."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+def sse_lines(server, body) -> tuple[httpx.Response, list[str]]:
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
+        raw = r.read().decode()
+    return r, raw.split("\n")
+
+
+def test_sse_framing(tiny_server):
+    """A1: text/event-stream, `data: <json>` events separated by blank lines, exactly one [DONE] last."""
+    r, lines = sse_lines(tiny_server, {"model": MODEL, "messages": HI, "max_tokens": 5, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = "\n".join(lines).split("\n\n")
+    data = [e.removeprefix("data: ") for e in events if e.startswith("data: ")]
+    assert all(e.startswith(("data: ", ":")) or e == "" for e in events)
+    assert data[-1] == "[DONE]" and data.count("[DONE]") == 1
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for d in data[:-1]:
+        assert json.loads(d)["object"] == "chat.completion.chunk"
+
+
+def test_without_limits_the_output_runs_to_the_context(tiny_server):
+    """A5: neither max_tokens nor max_completion_tokens: the limit is what the context leaves."""
+    r = post(
+        tiny_server, {"model": MODEL, "messages": HI, "temperature": 0, "logit_bias": {"0": -100, "2": -100}}
+    )
+    body = r.json()
+    assert r.status_code == 200
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["total_tokens"] == 512  # the tiny model's context
+
+
+def test_context_length_exceeded_names_both_numbers(tiny_server):
+    """B4: 400 context_length_exceeded, never a 500."""
+    long = [{"role": "user", "content": "hello " * 600}]
+    err = assert_openai_error(
+        post(tiny_server, {"model": MODEL, "messages": long}), 400, code="context_length_exceeded"
+    )
+    assert "512" in err["message"]
+    r = post(tiny_server, {"model": MODEL, "messages": HI, "max_tokens": 600})
+    err = assert_openai_error(r, 400, param="max_tokens", code="context_length_exceeded")
+    assert "512" in err["message"] and "600" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"model": MODEL, "messages": HI, "temperature": 2.5}, "temperature"),
+        ({"model": MODEL, "messages": HI, "top_p": -1}, "top_p"),
+        ({"model": MODEL, "messages": HI, "n": 99}, "n"),
+        ({"model": MODEL, "messages": HI, "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        (
+            {"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+        ),
+        ({"model": MODEL, "messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
+        ({"model": MODEL, "messages": HI, "logit_bias": {"999999999": 1}}, "logit_bias"),
+        ({"model": MODEL, "messages": HI, "presence_penalty": 3}, "presence_penalty"),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            },
+            "messages.[0].content",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+            "messages.[0].role",
+        ),
+        ({"messages": HI}, "model"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_param(tiny_server, body, param):
+    for stream in (False, True):  # C2: a stream that fails before its first byte is a real 400
+        assert_openai_error(post(tiny_server, {**body, "stream": stream}), 400, param=param)
+
+
+def test_malformed_json_and_wrong_shapes(tiny_server):
+    r = httpx.post(
+        tiny_server.base_url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
+        headers={"content-type": "application/json"}, timeout=30,
+    )  # fmt: skip
+    assert "parse the JSON" in assert_openai_error(r, 400)["message"]
+    r = httpx.post(tiny_server.base_url + "/v1/chat/completions", content=b"[1, 2]", timeout=30)
+    assert_openai_error(r, 400)
+
+
+def test_routing_errors_keep_the_openai_shape(tiny_server):
+    assert_openai_error(httpx.get(tiny_server.base_url + "/v1/nothing"), 404)
+    assert_openai_error(httpx.get(tiny_server.base_url + "/v1/chat/completions"), 405)
+
+
+def test_unknown_model_is_a_404(tiny_server):
+    """C3/D3: an unknown model never falls back to the base model."""
+    assert_openai_error(
+        post(tiny_server, {"model": "gpt-4", "messages": HI}), 404, param="model", code="model_not_found"
+    )
+    r = httpx.get(tiny_server.base_url + "/v1/models/gpt-4")
+    assert_openai_error(r, 404, code="model_not_found")
+    client = openai.OpenAI(base_url=tiny_server.base_url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=HI)
+
+
+def test_server_keeps_serving_after_bad_input(tiny_server):
+    for _ in range(3):
+        post(tiny_server, {"model": MODEL, "messages": []})
+    r = post(tiny_server, {"model": MODEL, "messages": HI, "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def _wait_for_log(server: ServerProcess, needle: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if needle in server.log():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_client_disconnect_aborts_a_stream(tiny_server):
+    """F1: closing a stream mid-way aborts its generation."""
+    body = {"model": MODEL, "messages": HI, "max_tokens": 450, "stream": True, "temperature": 0}
+    with httpx.stream("POST", tiny_server.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        next(line for line in lines if line.startswith("data: "))
+    request_id = json.loads(first.removeprefix("data: "))["id"]
+    assert _wait_for_log(tiny_server, f"request {request_id} aborted")
+
+
+def test_client_disconnect_aborts_a_non_streaming_request(tiny_server):
+    before = tiny_server.log().count("aborted")
+    with pytest.raises(httpx.ReadTimeout):
+        body = {"model": MODEL, "messages": HI, "max_tokens": 480, "n": 8, "temperature": 1.0}
+        httpx.post(tiny_server.base_url + "/v1/chat/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while tiny_server.log().count("aborted") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tiny_server.log().count("aborted") > before
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(default_checkpoint):
+    """The default model with one batch slot and one waiting place: easy to fill. Keep-alive every 0.2 s."""
+    server = ServerProcess(
+        "--max-num-seqs", "1", "--max-waiting", "1", name="one-slot", env={"MYGPT_KEEPALIVE_S": "0.2"}
+    ).wait_ready()
+    yield server
+    server.stop()
+
+
+DEFAULT = "SmolLM2-135M-Instruct"
+BLOCKER = {
+    "model": DEFAULT,
+    "messages": HI,
+    "max_tokens": 60,
+    "temperature": 0,
+    "logit_bias": {"2": -100},
+}  # no EOS
+
+
+def in_background(server, body) -> tuple[threading.Thread, list[httpx.Response]]:
+    results: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: results.append(post(server, body)))
+    thread.start()
+    time.sleep(0.3)
+    return thread, results
+
+
+def test_keep_alive_comments_while_waiting(one_slot_server):
+    """A9: while a stream waits (here: queued behind a running request), SSE comments keep it alive."""
+    thread, results = in_background(one_slot_server, BLOCKER)
+    body = {"model": DEFAULT, "messages": HI, "max_tokens": 2, "stream": True}
+    _, lines = sse_lines(one_slot_server, body)
+    thread.join()
+    assert ": keep-alive" in lines
+    assert lines.index(": keep-alive") < max(i for i, line in enumerate(lines) if '"content":' in line)
+    assert results[0].status_code == 200
+
+
+def test_full_queue_is_a_429_with_retry_after(one_slot_server):
+    """C3/F2: past the bounded queue, 429 at once, with Retry-After; accepted requests still finish."""
+    running, results_a = in_background(one_slot_server, BLOCKER)
+    waiting, results_b = in_background(one_slot_server, BLOCKER)
+    t0 = time.monotonic()
+    r = post(one_slot_server, {**BLOCKER, "stream": True})
+    assert time.monotonic() - t0 < 2
+    assert_openai_error(r, 429, code="rate_limit_exceeded")
+    assert int(r.headers["retry-after"]) >= 1
+    running.join()
+    waiting.join()
+    assert [x.status_code for x in results_a + results_b] == [200, 200]

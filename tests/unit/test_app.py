@@ -1,0 +1,106 @@
+"""The app in-process (httpx ASGI transport): readiness, and errors after the first byte (A10)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from mygpt.api.chat import ChatLimits, ChatService
+from mygpt.app import build_app
+from mygpt.config import Settings
+from mygpt.engine.async_engine import AsyncEngine
+from mygpt.engine.engine import Engine
+from mygpt.engine.runner import ModelRunner
+from mygpt.state import ServerState
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def client_for(state: ServerState) -> httpx.AsyncClient:
+    app = build_app(state.settings, state)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@pytest.fixture
+def served_state(tiny_model_dir, tokenizer):
+    """A ready ServerState around a real engine on the tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    engine = Engine(ModelRunner(model, 4, 512, torch.float32), tokenizer, [tokenizer.eos_token_id])
+    engine.start()
+    state = ServerState(Settings())
+    state.engine = engine
+    state.chat = ChatService(AsyncEngine(engine), tokenizer, "tiny", ChatLimits(512, 4, 4))
+    state.ready = True
+    yield state
+    engine.stop()
+
+
+@pytest.mark.anyio
+async def test_not_ready_while_loading():
+    state = ServerState(Settings())  # nothing loaded yet
+    async with client_for(state) as c:
+        assert (await c.get("/live")).status_code == 200
+        r = await c.get("/ready")
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        r = await c.post("/v1/chat/completions", json={"model": "tiny", "messages": HI})
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "not_ready"
+    state.failure = "RuntimeError: no GPU"
+    async with client_for(state) as c:
+        r = await c.get("/ready")
+        assert r.status_code == 503 and "no GPU" in r.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_ready_turns_503_when_the_engine_stops(served_state):
+    async with client_for(served_state) as c:
+        assert (await c.get("/ready")).status_code == 200
+        served_state.engine.stop()
+        assert (await c.get("/ready")).status_code == 503
+
+
+@pytest.mark.anyio
+async def test_failure_after_first_byte_sends_an_error_event(served_state, monkeypatch):
+    """A10: the stream carries data: {"error": ...} and ends, so the SDK raises instead of hanging."""
+    runner = served_state.engine.runner
+    real = runner.decode
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "decode", flaky)
+    body = {"model": "tiny", "messages": HI, "max_tokens": 20, "stream": True, "temperature": 0}
+    async with client_for(served_state) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    data = [line.removeprefix("data: ") for line in r.text.split("\n") if line.startswith("data: ")]
+    assert json.loads(data[0])["choices"][0]["delta"]["role"] == "assistant"
+    error = json.loads(data[-1])["error"]
+    assert "device lost" in error["message"] and error["type"] == "server_error"
+    assert "[DONE]" not in data
+    # the SDK turns it into an exception
+    import openai
+
+    transport = httpx.ASGITransport(app=build_app(served_state.settings, served_state))
+    sdk = openai.AsyncOpenAI(
+        base_url="http://test/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=transport),
+    )
+    calls["n"] = 0
+    with pytest.raises(openai.APIError, match="device lost"):
+        async for _ in await sdk.chat.completions.create(**body):
+            pass
+    # the engine carries on
+    async with client_for(served_state) as c:
+        r = await c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+    assert r.status_code == 200
