@@ -33,6 +33,22 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
+def _bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="load-test an OpenAI-compatible server (mygpt or a baseline)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    p.add_argument(
+        "--models", default="SmolLM2-135M-Instruct", help="comma-separated; requests rotate over them"
+    )
+    p.add_argument("--concurrency", default="1", help="comma-separated list, e.g. 1,4,16")
+    p.add_argument("--requests", type=int, help="requests per concurrency level (default: 2x concurrency)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-words", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=1, help="runs per level; the median is reported")
+    p.add_argument("--label", default="mygpt")
+    p.add_argument("--extra-body", help="JSON merged into each request (e.g. a logit_bias)")
+    p.add_argument("--out", help="write the results as JSON here")
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Environment (MYGPT_*) first, then any flag given on the command line."""
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
@@ -60,9 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mygpt", description="a self-hosted private GPT server")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(settings_from_args(args))
+    elif args.command == "bench":
+        from mygpt import bench
+
+        bench.main(args)
 
 
 if __name__ == "__main__":
