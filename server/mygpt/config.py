@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one generation before reporting ready")
     stall_timeout_s: float = Field(120.0, description="engine busy without progress this long: /ready 503")
 
+    # --- adapters ---
+    adapter_dir: Path = Field(Path("adapters"), description="the adapter store: <adapter_dir>/<name>/ (peft)")
+    max_loras: int = Field(8, ge=0, description="adapter slots resident on the device at once (0: no LoRA)")
+    max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank accepted")
+
     # --- API ---
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="port to bind")

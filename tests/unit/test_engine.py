@@ -44,9 +44,9 @@ class Collector:
         self._done: dict[str, int] = {}
         self._cv = threading.Condition()
 
-    def submit(self, engine, rid, prompt, **params):
+    def submit(self, engine, rid, prompt, adapter=None, **params):
         params.setdefault("max_tokens", 16)
-        req = GenerationRequest(rid, prompt, SamplingParams(**params))
+        req = GenerationRequest(rid, prompt, SamplingParams(**params), adapter=adapter)
         self._done[rid] = req.params.n
         engine.submit(req, self._on_event)
         return rid

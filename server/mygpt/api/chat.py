@@ -39,6 +39,7 @@ from mygpt.engine.types import (
     TokenEvent,
     TokenLogprob,
 )
+from mygpt.lora.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,16 @@ class ChatLimits:
 class ChatService:
     """Turns ChatCompletionRequests into engine requests and engine events into OpenAI objects."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer: Any, model_name: str, limits: ChatLimits):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        tokenizer: Any,
+        model_name: str,
+        limits: ChatLimits,
+        adapters: AdapterRegistry | None = None,
+    ):
         self.engine = engine
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.limits = limits

@@ -31,6 +31,7 @@ from mygpt.engine.types import (
     TokenEvent,
     TokenLogprob,
 )
+from mygpt.lora.cache import AdapterCache
 
 log = logging.getLogger(__name__)
 EventCallback = Callable[[TokenEvent], None]
@@ -46,6 +47,7 @@ class Row:
     sampler: RowSampler
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
+    lora_slot: int = -1  # adapter slot, -1 = the base model
     num_cached: int = 0  # positions written to the slot's KV cache
     next_token: int | None = None  # sampled, not yet fed to the model
     finished: bool = False  # slot freed
@@ -87,6 +89,7 @@ class Engine:
         eos_token_ids: Iterable[int],
         max_num_batched_tokens: int = 512,
         max_waiting: int = 256,
+        adapters: AdapterCache | None = None,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -94,6 +97,7 @@ class Engine:
         self.max_len = runner.max_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
+        self.adapters = adapters
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -202,18 +206,42 @@ class Engine:
 
     def _admit(self) -> None:
         while self._waiting and len(self._free_slots) >= self._waiting[0][0].params.n:
-            request, on_event = self._waiting.popleft()
+            request, on_event = self._waiting[0]
+            lora_slot = -1
+            if request.adapter is not None:
+                if self.adapters is None:
+                    self._drop_waiting(request, "this server has no adapter slots (max_loras=0)")
+                    continue
+                if not self.adapters.can_acquire(request.adapter):
+                    return  # every adapter slot is in use: wait for one to be released
+                try:
+                    lora_slot = self.adapters.acquire(request.adapter)
+                except Exception as exc:  # a bad adapter fails its own request only
+                    self._drop_waiting(request, f"adapter '{request.adapter}' failed to load: {exc}")
+                    continue
+                for _ in range(request.params.n - 1):
+                    self.adapters.acquire(request.adapter)  # one pin per row
+            self._waiting.popleft()
             with self._lock:
                 self._num_waiting -= 1
-            rows = [self._new_row(request, i, self._free_slots.pop()) for i in range(request.params.n)]
+            rows = [
+                self._new_row(request, i, self._free_slots.pop(), lora_slot) for i in range(request.params.n)
+            ]
             self._prefilling.append(Group(request, on_event, rows))
 
-    def _new_row(self, request: GenerationRequest, index: int, slot: int) -> Row:
+    def _drop_waiting(self, request: GenerationRequest, error: str) -> None:
+        self._waiting.popleft()
+        with self._lock:
+            self._num_waiting -= 1
+        self._end_request(request, FinishReason.ERROR, error)
+
+    def _new_row(self, request: GenerationRequest, index: int, slot: int, lora_slot: int) -> Row:
         seed = None if request.params.seed is None else request.params.seed + index
         return Row(
             request=request,
             index=index,
             slot=slot,
+            lora_slot=lora_slot,
             sampler=RowSampler(request.params, seed),
             detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
             stops=StopStringMatcher(request.params.stop),
@@ -226,7 +254,7 @@ class Engine:
             prompt = group.request.prompt_ids
             start = group.num_prefilled
             chunk = prompt[start : start + budget]
-            logits = self.runner.prefill(group.rows[0].slot, chunk, start)
+            logits = self.runner.prefill(group.rows[0].slot, chunk, start, group.rows[0].lora_slot)
             budget -= len(chunk)
             group.num_prefilled += len(chunk)
             self.stats.prompt_tokens += len(chunk)
@@ -245,7 +273,10 @@ class Engine:
         if not rows:
             return
         logits = self.runner.decode(
-            [r.slot for r in rows], [r.next_token for r in rows], [r.num_cached for r in rows]
+            [r.slot for r in rows],
+            [r.next_token for r in rows],
+            [r.num_cached for r in rows],
+            [r.lora_slot for r in rows],
         )
         for r in rows:
             r.num_cached += 1
@@ -294,6 +325,8 @@ class Engine:
     def _finish_row(self, row: Row) -> None:
         row.finished = True
         row.next_token = None
+        if row.request.adapter is not None and self.adapters is not None:
+            self.adapters.release(row.request.adapter)
         self._free_slots.append(row.slot)
         self._free_slots.sort(reverse=True)
 

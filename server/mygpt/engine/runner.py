@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mygpt.lora.layers import set_rows, wrap_model
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -54,7 +56,15 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 class ModelRunner:
     """Runs prefill chunks and batched decode steps of a HF Llama-family causal LM."""
 
-    def __init__(self, model: torch.nn.Module, num_slots: int, max_len: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_slots: int,
+        max_len: int,
+        dtype: torch.dtype,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
+    ):
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -75,11 +85,19 @@ class ModelRunner:
         cache_shape = (num_slots, s.num_kv_heads, max_len, s.head_dim)
         self.k_cache = [_zeros(cache_shape, dtype, self.device) for _ in range(s.num_layers)]
         self.v_cache = [_zeros(cache_shape, dtype, self.device) for _ in range(s.num_layers)]
+        # LoRA: every projection wrapped with max_loras stacked adapter slots (none: plain modules)
+        self.max_lora_rank = max_lora_rank
+        self.lora_batch, self.lora_layers = (None, {})
+        if max_loras:
+            self.lora_batch, self.lora_layers = wrap_model(
+                model, max_loras, max_lora_rank, dtype, self.device
+            )
 
     # ---------------------------------------------------------------- public API
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int], start: int) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: list[int], start: int, lora_slot: int = -1) -> torch.Tensor:
         """Feeds token_ids at positions start.. of `slot`; returns the last position's logits [V]."""
+        self._set_lora([lora_slot])
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, c]
         pos = torch.arange(start, start + len(token_ids), device=self.device)  # [c]
         end = start + len(token_ids)
@@ -89,8 +107,15 @@ class ModelRunner:
         return self._logits(hidden[:, -1])[0]
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each row (slot, token, position); returns logits [B, V]."""
+    def decode(
+        self,
+        slots: list[int],
+        token_ids: list[int],
+        positions: list[int],
+        lora_slots: list[int] | None = None,
+    ) -> torch.Tensor:
+        """One token for each row (slot, token, position, adapter slot or -1); returns logits [B, V]."""
+        self._set_lora(lora_slots or [-1] * len(slots))
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [B]
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)  # [B]
@@ -107,6 +132,10 @@ class ModelRunner:
             v[dst, :, :length] = v[src, :, :length]
 
     # ---------------------------------------------------------------- internals
+    def _set_lora(self, lora_slots: list[int]) -> None:
+        if self.lora_batch is not None:
+            set_rows(self.lora_batch, lora_slots, self.max_lora_rank, self.dtype, self.device)
+
     @staticmethod
     def _rows(slots: list[int], slot_t: torch.Tensor) -> slice | torch.Tensor:
         # a contiguous run of slots reads the cache as a view; otherwise gather

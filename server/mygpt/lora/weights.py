@@ -1,0 +1,137 @@
+"""Reading a peft LoRA directory into validated host tensors (never inside the generation loop)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; the message names the problem."""
+
+
+@dataclass
+class ModuleLoRA:
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r], scaling folded in
+
+
+@dataclass
+class LoRAWeights:
+    name: str
+    path: Path
+    rank: int  # largest rank over modules
+    modules: dict[str, ModuleLoRA]  # module path in the base model ("model.layers.0.self_attn.q_proj")
+    base_model: str | None  # base_model_name_or_path from the config
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+
+
+def read_adapter(
+    name: str,
+    path: Path,
+    module_shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+    root: Path | None = None,
+) -> LoRAWeights:
+    """Loads and validates a peft LoRA directory.
+
+    module_shapes: the base model's LoRA-capable modules, path -> (in_features, out_features).
+    root: the adapter store; the directory (symlinks resolved) must stay inside it.
+    """
+    path = Path(path)
+    if root is not None:
+        real, real_root = path.resolve(), Path(root).resolve()
+        if real != real_root and real_root not in real.parents:
+            raise AdapterError(f"adapter '{name}': path is outside the adapter store")
+    if not path.is_dir():
+        raise AdapterError(f"adapter '{name}': directory {path.name!r} not found")
+    if not (path / WEIGHTS).is_file():
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        if pickled:
+            raise AdapterError(
+                f"adapter '{name}': pickle weights ({pickled[0]}) are refused; use safetensors"
+            )
+        raise AdapterError(f"adapter '{name}': {WEIGHTS} is missing")
+    config = _read_config(name, path)
+    tensors = _read_tensors(name, path / WEIGHTS)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if not m:
+            raise AdapterError(
+                f"adapter '{name}': unexpected tensor {key!r} (only LoRA A/B weights are served)"
+            )
+        pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+    if not pairs:
+        raise AdapterError(f"adapter '{name}': no LoRA weights found")
+    alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    modules: dict[str, ModuleLoRA] = {}
+    for module, ab in sorted(pairs.items()):
+        if module not in module_shapes:
+            raise AdapterError(f"adapter '{name}': target module {module!r} does not exist in the base model")
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter '{name}': {module} has lora_{next(iter(ab))} without its pair")
+        a, b = ab["A"], ab["B"]
+        in_f, out_f = module_shapes[module]
+        r = a.shape[0]
+        if a.shape != (r, in_f) or b.shape != (out_f, r):
+            raise AdapterError(
+                f"adapter '{name}': {module} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, "
+                f"the base model needs A(r, {in_f}) B({out_f}, r): trained on another base model?"
+            )
+        if r > max_rank:
+            raise AdapterError(
+                f"adapter '{name}': rank {r} exceeds the server's maximum LoRA rank {max_rank}"
+            )
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[module] = ModuleLoRA(a=a.float().contiguous(), b=(b.float() * scaling).contiguous())
+    return LoRAWeights(
+        name=name,
+        path=path,
+        rank=max(m.a.shape[0] for m in modules.values()),
+        modules=modules,
+        base_model=config.get("base_model_name_or_path"),
+    )
+
+
+def _read_config(name: str, path: Path) -> dict:
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"adapter '{name}': {CONFIG} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"adapter '{name}': {CONFIG} is not valid JSON ({exc})") from None
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"adapter '{name}': peft_type {peft_type} is not supported (LoRA only)")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"adapter '{name}': modules_to_save {config['modules_to_save']} is not supported")
+    if config.get("use_dora"):
+        raise AdapterError(f"adapter '{name}': DoRA is not supported")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"adapter '{name}': LoRA bias {config['bias']!r} is not supported")
+    if config.get("alpha_pattern"):
+        raise AdapterError(f"adapter '{name}': alpha_pattern is not supported")
+    return config
+
+
+def _read_tensors(name: str, file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"adapter '{name}': {WEIGHTS} is corrupt ({exc})") from None

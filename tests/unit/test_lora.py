@@ -1,0 +1,186 @@
+"""Per-row LoRA: matches peft's reference, mixes adapters in one batch, evicts without side effects."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lora_helpers import make_adapter
+from mygpt.engine.runner import ModelRunner
+from mygpt.lora.cache import AdapterCache
+from mygpt.lora.registry import AdapterRegistry
+from mygpt.lora.weights import AdapterError
+
+SPECS = {  # name: (rank, target modules) - mixed ranks and targets
+    "attn8": (8, ["q_proj", "v_proj"]),
+    "all16": (16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "mlp4": (4, ["gate_proj", "up_proj", "down_proj"]),
+}
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, (rank, targets)) in enumerate(SPECS.items()):
+        make_adapter(tiny_model_dir, root / name, rank, targets, seed=100 + i)
+    return root
+
+
+def runner_with_cache(tiny_model_dir, adapter_root, slots=4, quant=False):
+    if quant:
+        from transformers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, quantization_config=q, dtype=torch.float32
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    runner = ModelRunner(
+        model.eval(), num_slots=8, max_len=128, dtype=torch.float32, max_loras=slots, max_lora_rank=16
+    )
+    shapes = {p: (m.in_features, m.out_features) for p, m in runner.lora_layers.items()}
+    registry = AdapterRegistry(adapter_root, shapes, max_rank=16)
+    return runner, AdapterCache(runner.lora_layers, slots, registry.load), registry
+
+
+def peft_reference(tiny_model_dir, adapter_root, name, ids, quant=False):
+    from peft import PeftModel
+
+    if quant:
+        from transformers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        base = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, quantization_config=q, dtype=torch.float32
+        )
+    else:
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_root / name).eval() if name else base.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["fp32-base", "nf4-base"])
+def test_mixed_batch_matches_peft_reference(tiny_model_dir, adapter_root, quant):
+    """E3: one decode step with rows on three adapters (mixed ranks and targets) and the base."""
+    runner, cache, _ = runner_with_cache(tiny_model_dir, adapter_root, quant=quant)
+    prompts = {"attn8": [5, 6, 7, 8], "all16": [9, 10, 11], "mlp4": [12, 13, 14, 15, 16], None: [17, 18]}
+    nxt = 21
+    rows = []
+    for row, (name, ids) in enumerate(prompts.items()):
+        lora = cache.acquire(name) if name else -1
+        logits = runner.prefill(row, ids, 0, lora)
+        ref = peft_reference(tiny_model_dir, adapter_root, name, ids + [nxt], quant)
+        torch.testing.assert_close(logits, ref[len(ids) - 1], atol=2e-4, rtol=1e-3)
+        rows.append((row, len(ids), lora, ref[len(ids)]))
+    out = runner.decode([r[0] for r in rows], [nxt] * len(rows), [r[1] for r in rows], [r[2] for r in rows])
+    for i, (*_, ref) in enumerate(rows):
+        torch.testing.assert_close(out[i], ref, atol=2e-4, rtol=1e-3)
+    # the adapters really change the output (the test would pass vacuously otherwise)
+    base = peft_reference(tiny_model_dir, adapter_root, None, prompts["all16"] + [nxt], quant)
+    assert (rows[1][3] - base[len(prompts["all16"])]).abs().max() > 1e-2
+
+
+def test_lru_eviction_pins_and_base_unchanged(tiny_model_dir, adapter_root, tmp_path):
+    """D6/E2: two slots, LRU unpinned evicted first, pinned never; base output identical after 20 loads."""
+    root = tmp_path / "store"
+    shutil.copytree(adapter_root, root)
+    for i in range(20):
+        shutil.copytree(root / "attn8", root / f"copy{i}")
+    runner, cache, _ = runner_with_cache(tiny_model_dir, root, slots=2)
+    before = runner.prefill(0, [3, 4, 5], 0).clone()
+    a = cache.acquire("attn8")
+    cache.acquire("mlp4")
+    cache.release("mlp4")
+    assert cache.resident == ["attn8", "mlp4"]
+    cache.acquire("all16")  # evicts mlp4 (unpinned), never attn8 (pinned)
+    assert set(cache.resident) == {"attn8", "all16"} and cache.stats.evictions == 1
+    cache.release("all16")
+    for i in range(20):
+        cache.acquire(f"copy{i}")
+        cache.release(f"copy{i}")
+    assert cache.resident[0] == "attn8" and cache._slot["attn8"] == a
+    assert cache.stats.loads == 23 and cache.stats.evictions == 21 and cache.stats.hits == 0
+    cache.release("attn8")
+    after = runner.prefill(0, [3, 4, 5], 0)
+    assert torch.equal(before, after)
+
+
+def test_all_slots_pinned_means_wait(tiny_model_dir, adapter_root):
+    _, cache, _ = runner_with_cache(tiny_model_dir, adapter_root, slots=1)
+    cache.acquire("attn8")
+    assert not cache.can_acquire("mlp4") and cache.can_acquire("attn8")
+    cache.release("attn8")
+    assert cache.can_acquire("mlp4")
+
+
+def _broken(adapter_root, tmp_path, name, mutate):
+    root = tmp_path / "store"
+    if not root.exists():
+        root.mkdir()
+    shutil.copytree(adapter_root / "attn8", root / name)
+    mutate(root / name)
+    return root
+
+
+def _edit_config(**changes):
+    def mutate(d):
+        config = json.loads((d / "adapter_config.json").read_text())
+        config.update(changes)
+        (d / "adapter_config.json").write_text(json.dumps(config))
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_edit_config(modules_to_save=["lm_head"]), "modules_to_save"),
+        (_edit_config(use_dora=True), "DoRA"),
+        (_edit_config(peft_type="IA3"), "IA3"),
+        (lambda d: (d / "adapter_model.safetensors").write_bytes(b"garbage"), "corrupt"),
+        (lambda d: (d / "adapter_config.json").write_text("{"), "not valid JSON"),
+        (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"), "pickle"),
+        (lambda d: (d / "adapter_model.safetensors").unlink(), "missing"),
+    ],
+)
+def test_bad_adapters_are_refused_with_the_reason(tiny_model_dir, adapter_root, tmp_path, mutate, message):
+    root = _broken(adapter_root, tmp_path, "bad", mutate)
+    _, _, registry = runner_with_cache(tiny_model_dir, root)
+    with pytest.raises(AdapterError, match=message):
+        registry.load("bad")
+
+
+def test_rank_over_maximum_and_foreign_base_are_refused(tiny_model_dir, adapter_root, tmp_path, tokenizer):
+    runner, _, _ = runner_with_cache(tiny_model_dir, adapter_root)
+    shapes = {p: (m.in_features, m.out_features) for p, m in runner.lora_layers.items()}
+    with pytest.raises(AdapterError, match="exceeds"):
+        AdapterRegistry(adapter_root, shapes, max_rank=8).load("all16")
+    wrong = {p: (i + 1, o) for p, (i, o) in shapes.items()}
+    with pytest.raises(AdapterError, match="another base model"):
+        AdapterRegistry(adapter_root, wrong, max_rank=16).load("attn8")
+    fewer = {p: s for p, s in shapes.items() if "layers.1." not in p}
+    with pytest.raises(AdapterError, match="does not exist"):
+        AdapterRegistry(adapter_root, fewer, max_rank=16).load("attn8")
+
+
+def test_paths_outside_the_store_are_refused(tiny_model_dir, adapter_root, tmp_path):
+    root = tmp_path / "store"
+    root.mkdir()
+    os.symlink(adapter_root / "attn8", root / "escape")  # a symlink out of the store
+    _, _, registry = runner_with_cache(tiny_model_dir, root)
+    with pytest.raises(AdapterError, match="outside"):
+        registry.load("escape")
+    for name in ("../attn8", "a/b", ".."):
+        with pytest.raises(AdapterError, match="not found"):
+            registry.load(name)
