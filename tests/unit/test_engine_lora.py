@@ -45,7 +45,9 @@ def test_adapters_alone_equal_adapters_in_a_32_row_mixed_batch(lora_engine):
     for rep in range(2):
         for i in range(4):
             for name in names:
-                busy.submit(lora_engine, f"{rep}/{name}-{i}", PROMPTS[i], temperature=0.0, max_tokens=10, adapter=name)
+                busy.submit(
+                    lora_engine, f"{rep}/{name}-{i}", PROMPTS[i], temperature=0.0, max_tokens=10, adapter=name
+                )
     busy.wait()
     for rep in range(2):
         for name in names:

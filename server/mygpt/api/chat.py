@@ -40,6 +40,7 @@ from mygpt.engine.types import (
     TokenLogprob,
 )
 from mygpt.lora.registry import AdapterRegistry
+from mygpt.lora.weights import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,31 @@ class ChatService:
     # ------------------------------------------------------------------ request -> engine
     async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
         """Validates the request and builds the engine request; every refusal is an APIError (4xx)."""
-        if req.model != self.model_name:
-            raise model_not_found(req.model)
+        adapter = await self._resolve_model(req.model)
         self._refuse_unsupported(req)
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
         prompt_ids = await asyncio.to_thread(self._render, messages)
         params = self._sampling_params(req, len(prompt_ids))
         return GenerationRequest(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params
+            request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params, adapter=adapter
         )
+
+    def model_ids(self) -> list[str]:
+        """The base model, then every adapter in the store."""
+        return [self.model_name] + (self.adapters.names() if self.adapters else [])
+
+    async def _resolve_model(self, model: str) -> str | None:
+        """None for the base model, the adapter name for an adapter (its weights read and validated
+        here, off the engine thread); 404 for anything else (D3: never a silent base-model answer)."""
+        if model == self.model_name:
+            return None
+        if self.adapters is None or not self.adapters.exists(model):
+            raise model_not_found(model)
+        try:
+            await asyncio.to_thread(self.adapters.load, model)
+        except AdapterError as exc:
+            raise invalid(str(exc), param="model", code="invalid_adapter") from exc
+        return model
 
     def _refuse_unsupported(self, req: ChatCompletionRequest) -> None:
         # B2: honoured or refused with the parameter named, never silently ignored

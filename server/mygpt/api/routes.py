@@ -47,22 +47,23 @@ async def ready(request: Request) -> Response:
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     chat = _chat(request)
-    return ModelList(data=[_card(request, chat)])
+    return ModelList(data=[_card(request, chat, m) for m in chat.model_ids()])
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> ModelCard:
     chat = _chat(request)
-    if model != chat.model_name:
+    if model not in chat.model_ids():
         raise model_not_found(model)
-    return _card(request, chat)
+    return _card(request, chat, model)
 
 
-def _card(request: Request, chat: ChatService) -> ModelCard:
-    state = _state(request)
+def _card(request: Request, chat: ChatService, model: str) -> ModelCard:
+    base = chat.model_name
     return ModelCard(
-        id=chat.model_name, created=state.created, root=chat.model_name, max_model_len=chat.limits.context_len
-    )
+        id=model, created=_state(request).created, root=base, parent=None if model == base else base,
+        max_model_len=chat.limits.context_len,
+    )  # fmt: skip
 
 
 @router.post("/v1/chat/completions", response_model=None)

@@ -1,0 +1,80 @@
+"""Adapters through the real server and the openai SDK, on the real default model."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import httpx
+import openai
+import pytest
+
+from conftest import ServerProcess
+from lora_helpers import make_adapter
+
+BASE = "SmolLM2-135M-Instruct"
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def adapter_server(default_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    make_adapter(default_checkpoint, root / "style-a", 8, ["q_proj", "v_proj"], seed=11)
+    make_adapter(default_checkpoint, root / "style-b", 16, ALL, seed=12)
+    shutil.copytree(root / "style-a", root / "broken")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"not a tensor file")
+    server = ServerProcess("--adapter-dir", str(root), "--max-loras", "2", name="adapters").wait_ready()
+    server.root = root
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def aclient(adapter_server):
+    async with openai.AsyncOpenAI(base_url=adapter_server.base_url + "/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+@pytest.mark.anyio
+async def test_models_lists_adapters_with_their_parent(aclient, adapter_server):
+    """B3: adapters appear with parent/root = the base; one added at runtime appears at once."""
+    models = {m.id: m for m in (await aclient.models.list()).data}
+    assert {BASE, "style-a", "style-b"} <= set(models)
+    assert models["style-a"].model_extra["parent"] == BASE and models["style-a"].model_extra["root"] == BASE
+    shutil.copytree(adapter_server.root / "style-a", adapter_server.root / "style-c")
+    assert "style-c" in {m.id for m in (await aclient.models.list()).data}
+
+
+@pytest.mark.anyio
+async def test_adapters_alone_and_in_32_interleaved_requests(aclient):
+    """E1 over HTTP: greedy outputs for two adapters and the base, alone vs 32 interleaved requests."""
+
+    async def ask(model: str, i: int) -> str:
+        messages = [{"role": "user", "content": f"Give me fact number {i} about France."}]
+        r = await aclient.chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=16
+        )
+        assert r.model == model
+        return r.choices[0].message.content
+
+    models = ["style-a", "style-b", BASE]
+    alone = {(m, i): await ask(m, i) for m in models for i in range(3)}
+    assert len({alone[(m, 0)] for m in models}) == 3  # the adapters change the answer
+    jobs = [(models[k % 3], k % 3) for k in range(32)]
+    busy = await asyncio.gather(*(ask(m, i) for m, i in jobs))
+    for (m, i), text in zip(jobs, busy, strict=True):
+        assert text == alone[(m, i)], (m, i)
+
+
+def test_unknown_and_broken_adapters(adapter_server):
+    """D3: unknown -> 404; D2: a corrupt adapter -> 400 naming the problem; others carry on."""
+    url = adapter_server.base_url + "/v1/chat/completions"
+    r = httpx.post(url, json={"model": "style-z", "messages": ASK}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(url, json={"model": "../style-a", "messages": ASK}, timeout=60)
+    assert r.status_code == 404
+    r = httpx.post(url, json={"model": "broken", "messages": ASK, "stream": True}, timeout=60)
+    assert r.status_code == 400 and "corrupt" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"model": "style-a", "messages": ASK, "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200
