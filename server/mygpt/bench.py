@@ -174,3 +174,30 @@ def main(args) -> None:
     print(format_table(results))
     if args.out:
         save(results, Path(args.out), {"base_url": args.base_url, "date": time.strftime("%Y-%m-%d %H:%M")})
+
+
+def plot(results: list[BenchResult], path: Path, title: str) -> None:
+    """Throughput and inter-token latency per scenario as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    labels = [f"{r.label}\nx{r.concurrency}" for r in results]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(results) * 1.1), 8), sharex=True)
+    ax1.bar(labels, [r.tokens_per_s for r in results], color="tab:blue")
+    ax1.set_ylabel("output tokens/s (aggregate)")
+    ax1.set_title(title)
+    x = range(len(results))
+    ax2.bar([i - 0.2 for i in x], [r.itl_p50 * 1e3 for r in results], width=0.4, label="ITL p50")
+    ax2.bar([i + 0.2 for i in x], [r.itl_p95 * 1e3 for r in results], width=0.4, label="ITL p95")
+    ax2.set_ylabel("inter-token latency (ms)")
+    ax2.legend()
+    plt.setp(ax2.get_xticklabels(), rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

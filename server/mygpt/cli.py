@@ -27,6 +27,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens prefilled per step")
     p.add_argument("--max-waiting", type=int, help="queued requests before 429")
     p.add_argument("--num-threads", type=int, help="torch CPU threads")
+    p.add_argument("--engine", choices=["batched", "naive"], help="naive: the generate() baseline")
     p.add_argument("--adapter-dir", help="the adapter store: <dir>/<name>/ in peft format")
     p.add_argument("--max-loras", type=int, help="adapter slots resident at once (0: no LoRA)")
     p.add_argument("--max-lora-rank", type=int, help="largest LoRA rank accepted")

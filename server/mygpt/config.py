@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(False, description="allow model code from the hub (off: safer)")
 
     # --- engine ---
+    engine: Literal["batched", "naive"] = Field(
+        "batched", description="'naive' = generate() + peft one request at a time: a benchmark baseline only"
+    )
     max_model_len: int | None = Field(None, description="context length served; default: the model's")
     max_num_seqs: int = Field(16, ge=1, description="rows in the running batch (KV cache slots)")
     max_num_batched_tokens: int = Field(

@@ -12,9 +12,11 @@ from mygpt.config import Settings
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.engine import Engine
 from mygpt.engine.loader import LoadedModel, load_model
+from mygpt.engine.naive import NaiveEngine
 from mygpt.engine.runner import ModelRunner
 from mygpt.engine.types import GenerationRequest, SamplingParams
 from mygpt.lora.cache import AdapterCache
+from mygpt.lora.layers import lora_module_shapes
 from mygpt.lora.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -57,18 +59,27 @@ class ServerState:
 
                 torch.set_num_threads(s.num_threads)
             loaded = load_model(s)
-            runner = ModelRunner(
-                loaded.model, s.max_num_seqs, loaded.context_len, loaded.dtype, s.max_loras, s.max_lora_rank
-            )
-            shapes = {p: (m.in_features, m.out_features) for p, m in runner.lora_layers.items()}
-            registry = AdapterRegistry(s.adapter_dir, shapes, s.max_lora_rank)
-            cache = AdapterCache(runner.lora_layers, s.max_loras, registry.load) if s.max_loras else None
-            engine = Engine(
-                runner, loaded.tokenizer, loaded.eos_token_ids,
-                max_num_batched_tokens=s.max_num_batched_tokens, max_waiting=s.max_waiting, adapters=cache,
-            )  # fmt: skip
+            registry = AdapterRegistry(s.adapter_dir, lora_module_shapes(loaded.model), s.max_lora_rank)
+            if s.engine == "naive":  # the benchmark baseline: generate() + peft, one request at a time
+                context = loaded.context_len
+                engine = NaiveEngine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, context, registry)
+            else:
+                runner = ModelRunner(
+                    loaded.model,
+                    s.max_num_seqs,
+                    loaded.context_len,
+                    loaded.dtype,
+                    s.max_loras,
+                    s.max_lora_rank,
+                )
+                context = runner.max_len
+                cache = AdapterCache(runner.lora_layers, s.max_loras, registry.load) if s.max_loras else None
+                engine = Engine(
+                    runner, loaded.tokenizer, loaded.eos_token_ids,
+                    max_num_batched_tokens=s.max_num_batched_tokens, max_waiting=s.max_waiting, adapters=cache,
+                )  # fmt: skip
             engine.start()
-            limits = ChatLimits(runner.max_len, s.max_n, s.max_stop_sequences)
+            limits = ChatLimits(context, s.max_n, s.max_stop_sequences)
             self.loaded, self.engine = loaded, engine
             self.chat = ChatService(AsyncEngine(engine), loaded.tokenizer, loaded.name, limits, registry)
             if s.warmup:
@@ -77,7 +88,7 @@ class ServerState:
             log.info(
                 "ready: serving %s (context %d) on http://%s:%d/v1",
                 loaded.name,
-                loaded.context_len,
+                context,
                 s.host,
                 s.port,
             )

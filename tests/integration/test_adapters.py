@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from conftest import ServerProcess
-from lora_helpers import make_adapter
+from mygpt.lora.synthetic import make_adapter
 
 BASE = "SmolLM2-135M-Instruct"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]

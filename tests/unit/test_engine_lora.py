@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lora_helpers import make_adapter
 from mygpt.engine.engine import Engine
 from mygpt.engine.runner import ModelRunner
 from mygpt.engine.types import FinishReason
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.registry import AdapterRegistry
+from mygpt.lora.synthetic import make_adapter
 from test_engine import PROMPTS, Collector
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lora_helpers import make_adapter
 from mygpt.engine.runner import ModelRunner
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.registry import AdapterRegistry
+from mygpt.lora.synthetic import make_adapter
 from mygpt.lora.weights import AdapterError
 
 SPECS = {  # name: (rank, target modules) - mixed ranks and targets

@@ -91,3 +91,17 @@ def set_rows(batch: LoRABatch, slots: list[int], max_rank: int, dtype, device) -
     slot_t = torch.tensor(slots, device=device)
     batch.mask = (owner[None, :] == slot_t[:, None]).to(dtype)[:, None, :]  # [B, 1, n]
     batch.width = width
+
+
+def lora_module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """The LoRA-capable projections of a model: path -> (in_features, out_features)."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, LoRALinear)
+            or name.rsplit(".", 1)[-1] in TARGETS
+            and hasattr(module, "in_features")
+            and ".base" not in name
+        ):
+            shapes[name] = (module.in_features, module.out_features)
+    return shapes

@@ -1,4 +1,4 @@
-"""Random peft LoRA adapters for tests, saved in peft's own format."""
+"""Random peft LoRA adapters (tests, benchmarks, the GPU check), saved by peft in its own format."""
 
 from __future__ import annotations
 

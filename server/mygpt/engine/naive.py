@@ -1,0 +1,203 @@
+"""The naive baseline engine: one request at a time through transformers' generate() + peft.
+
+It exists to be measured against (`mygpt serve --engine naive`, `docs/benchmarks.md`): the same API,
+sampling and stop handling, but no batching, the HF dynamic cache and peft's set_adapter per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from mygpt.engine.types import EngineOverloaded, FinishReason, GenerationRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class NaiveEngine:
+    """Same contract as Engine (submit, abort, alive, stalled), generate() underneath."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, eos_token_ids, max_len: int, adapters=None, max_waiting=256
+    ):
+        self.model = model  # a PeftModel when adapters are given
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.max_len = max_len
+        self.adapters = adapters  # AdapterRegistry: name -> directory
+        self.max_waiting = max_waiting
+        self._queue: queue.Queue = queue.Queue()
+        self._aborted: set[str] = set()
+        self._loaded: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._busy_since: float | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mygpt-naive-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._queue.put(None)
+        if self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stalled(self, timeout_s: float) -> bool:
+        busy = self._busy_since
+        return busy is not None and time.monotonic() - busy > timeout_s
+
+    @property
+    def num_waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, request: GenerationRequest, on_event) -> None:
+        if self._queue.qsize() >= self.max_waiting:
+            raise EngineOverloaded()
+        self._queue.put((request, on_event))
+
+    def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            item = self._queue.get()
+            if item is None:
+                continue
+            request, on_event = item
+            self._busy_since = time.monotonic()
+            try:
+                for index in range(request.params.n):
+                    self._generate(request, index, on_event)
+            except Exception as exc:
+                log.exception("naive generation failed")
+                on_event(_final(request, 0, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
+            finally:
+                self._busy_since = None
+                self._aborted.discard(request.request_id)
+
+    def _generate(self, request: GenerationRequest, index: int, on_event) -> None:
+        p = request.params
+        if request.request_id in self._aborted:
+            on_event(_final(request, index, FinishReason.ABORT))
+            return
+        self._select_adapter(request.adapter)
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
+        stops = StopStringMatcher(p.stop)
+        state = {"n": 0, "done": None}
+
+        def on_token(token: int) -> None:
+            state["n"] += 1
+            finish = None
+            if token in self.eos_token_ids:
+                text, finish = stops.flush(), FinishReason.STOP
+            else:
+                text, stopped = stops.push(detok.push(token))
+                if stopped:
+                    finish = FinishReason.STOP
+                elif state["n"] >= p.max_tokens:
+                    tail, stopped = stops.push(detok.flush())
+                    text += tail + ("" if stopped else stops.flush())
+                    finish = FinishReason.STOP if stopped else FinishReason.LENGTH
+            state["done"] = finish
+            on_event(
+                TokenEvent(
+                    request.request_id, index, [token], text, finish, len(request.prompt_ids), state["n"]
+                )
+            )
+
+        class Streamer:
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate() first puts the prompt
+                    self.first = False
+                    return
+                on_token(int(value.reshape(-1)[0]))
+
+            def end(self):
+                pass
+
+        aborted = self._aborted
+        rid = request.request_id
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor([state["done"] is not None or rid in aborted], device=input_ids.device)
+
+        gen = torch.Generator(device=self.model.device)
+        gen.manual_seed(p.seed + index if p.seed is not None else torch.seed())
+        sampling = not p.greedy
+        ids = torch.tensor([request.prompt_ids], device=self.model.device)
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=p.max_tokens,
+                do_sample=sampling,
+                temperature=p.temperature if sampling else None,
+                top_p=p.top_p if sampling else None,
+                top_k=None,
+                eos_token_id=self.eos_token_ids or None,
+                pad_token_id=self.tokenizer.pad_token_id or 0,
+                streamer=Streamer(),
+                stopping_criteria=StoppingCriteriaList([Stop()]),
+                logits_processor=LogitsProcessorList([_Bias(p.logit_bias)]) if p.logit_bias else None,
+            )
+        if state["done"] is None:
+            on_event(_final(request, index, FinishReason.ABORT if rid in aborted else FinishReason.LENGTH))
+
+    def _select_adapter(self, name: str | None) -> None:
+        if self.adapters is None:
+            if name is not None:
+                raise ValueError("no adapters on this server")
+            return
+        from peft import PeftModel
+
+        if name is None:
+            self._base_mode(True)
+            return
+        if not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model, self.adapters.root / name, adapter_name=name)
+            self._loaded.add(name)
+        elif name not in self._loaded:
+            self.model.load_adapter(self.adapters.root / name, adapter_name=name)
+            self._loaded.add(name)
+        self._base_mode(False)
+        self.model.set_adapter(name)
+
+    def _base_mode(self, base: bool) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            if base:
+                self.model.base_model.disable_adapter_layers()
+            else:
+                self.model.base_model.enable_adapter_layers()
+
+
+class _Bias(LogitsProcessor):
+    def __init__(self, bias: dict[int, float]):
+        self.ids = torch.tensor(list(bias))
+        self.values = torch.tensor(list(bias.values()))
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
+        return scores
+
+
+def _final(
+    request: GenerationRequest, index: int, reason: FinishReason, error: str | None = None
+) -> TokenEvent:
+    return TokenEvent(request.request_id, index, [], "", reason, len(request.prompt_ids), 0, error=error)
