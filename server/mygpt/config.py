@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="'default', a hub id, a local HF directory or a .gguf file")
     served_model_name: str | None = Field(None, description="model id shown in the API; default: derived")
     quantization: Literal["auto", "nf4", "none"] = Field(
-        "auto", description="weights: 'nf4' (bitsandbytes 4-bit), 'none'; auto = nf4 on CUDA, none on CPU"
+        "auto",
+        description="weights: 'nf4' (bitsandbytes 4-bit) or 'none'; auto = nf4 (measured fastest on CPU too)",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto = bfloat16 on CUDA, float32 on CPU"

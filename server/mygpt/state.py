@@ -7,6 +7,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from mygpt.api.chat import ChatLimits, ChatService
 from mygpt.config import Settings
 from mygpt.engine.async_engine import AsyncEngine
@@ -55,8 +57,6 @@ class ServerState:
         try:
             s = self.settings
             if s.num_threads:
-                import torch
-
                 torch.set_num_threads(s.num_threads)
             loaded = load_model(s)
             registry = AdapterRegistry(s.adapter_dir, lora_module_shapes(loaded.model), s.max_lora_rank)
@@ -64,14 +64,12 @@ class ServerState:
                 context = loaded.context_len
                 engine = NaiveEngine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, context, registry)
             else:
+                # on CPU the float32 logits GEMV is the largest read of a decode step: a bfloat16 copy
+                lm_head = torch.bfloat16 if loaded.device.type == "cpu" else None
                 runner = ModelRunner(
-                    loaded.model,
-                    s.max_num_seqs,
-                    loaded.context_len,
-                    loaded.dtype,
-                    s.max_loras,
-                    s.max_lora_rank,
-                )
+                    loaded.model, s.max_num_seqs, loaded.context_len, loaded.dtype, s.max_loras, s.max_lora_rank,
+                    lm_head_dtype=lm_head,
+                )  # fmt: skip
                 context = runner.max_len
                 cache = AdapterCache(runner.lora_layers, s.max_loras, registry.load) if s.max_loras else None
                 engine = Engine(

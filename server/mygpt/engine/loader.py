@@ -43,11 +43,9 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_quantization(setting: str, device: torch.device) -> str:
-    # measured on the 2-core CPU (docs/benchmarks.md): bitsandbytes' CPU 4-bit path dequantizes every
-    # matmul and is slower than plain float32 there; on CUDA NF4 saves 4x memory and bandwidth
-    if setting == "auto":
-        return "nf4" if device.type == "cuda" else "none"
-    return setting
+    # NF4 everywhere: on CUDA it saves 4x weight memory and bandwidth; on the 2-core CPU it measured
+    # faster than float32 too (1.7x for one stream of the default model: docs/benchmarks.md)
+    return "nf4" if setting == "auto" else setting
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
