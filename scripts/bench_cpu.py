@@ -128,7 +128,7 @@ def main() -> None:
         gguf = str(default_gguf_path())
         cmd = [
             args.llama_cpp_python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-            "--n_threads", str(os.cpu_count()), "--n_ctx", "8192",
+            "--n_threads", str(os.cpu_count()), "--n_ctx", "8192", "--interrupt_requests", "False",
         ]  # fmt: skip
         proc = start(cmd, f"http://127.0.0.1:{port}/v1/models", ART / "bench-llama-cpp.log")
         try:

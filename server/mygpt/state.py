@@ -68,7 +68,7 @@ class ServerState:
                 lm_head = torch.bfloat16 if loaded.device.type == "cpu" else None
                 runner = ModelRunner(
                     loaded.model, s.max_num_seqs, loaded.context_len, loaded.dtype, s.max_loras, s.max_lora_rank,
-                    lm_head_dtype=lm_head,
+                    lm_head_dtype=lm_head, exact_attention=loaded.device.type == "cpu",
                 )  # fmt: skip
                 context = runner.max_len
                 cache = AdapterCache(runner.lora_layers, s.max_loras, registry.load) if s.max_loras else None

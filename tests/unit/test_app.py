@@ -67,7 +67,7 @@ async def test_ready_turns_503_when_the_engine_stops(served_state):
 async def test_failure_after_first_byte_sends_an_error_event(served_state, monkeypatch):
     """A10: the stream carries data: {"error": ...} and ends, so the SDK raises instead of hanging."""
     runner = served_state.engine.runner
-    real = runner.decode
+    real = runner.step
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -76,7 +76,7 @@ async def test_failure_after_first_byte_sends_an_error_event(served_state, monke
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "decode", flaky)
+    monkeypatch.setattr(runner, "step", flaky)
     body = {"model": "tiny", "messages": HI, "max_tokens": 20, "stream": True, "temperature": 0}
     async with client_for(served_state) as c:
         r = await c.post("/v1/chat/completions", json=body)

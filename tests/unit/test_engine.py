@@ -170,16 +170,16 @@ def test_full_queue_refuses_at_once(make_engine):
 
 def test_a_failing_step_fails_its_rows_and_the_engine_carries_on(make_engine, monkeypatch):
     engine = make_engine()
-    real_decode = engine.runner.decode
+    real_step = engine.runner.step
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("boom")
-        return real_decode(*args, **kwargs)
+        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "decode", flaky)
+    monkeypatch.setattr(engine.runner, "step", flaky)
     c = Collector()
     c.submit(engine, "victim", PROMPTS[0], temperature=0.0, max_tokens=10)
     c.wait()

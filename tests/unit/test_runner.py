@@ -65,3 +65,34 @@ def test_unsupported_family_is_refused_clearly():
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="not supported"):
         ModelRunner(model, num_slots=1, max_len=16, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_one_step_mixing_decode_rows_and_prefill_chunks_matches_hf(model_type):
+    """Continuous batching's mixed step: decode tokens and prompt chunks share one forward."""
+    from mygpt.engine.runner import DecodeRow, PrefillChunk
+
+    model = tiny(model_type)
+    runner = ModelRunner(model, num_slots=4, max_len=64, dtype=torch.float32)
+    a, b, c = [1, 5, 7, 9], [2, 4, 6, 8, 10, 12], [3, 11]
+    with torch.no_grad():
+        ref_a = model(torch.tensor([a + [13]])).logits[0]
+        ref_b = model(torch.tensor([b])).logits[0]
+        ref_c = model(torch.tensor([c])).logits[0]
+    runner.prefill(0, a, 0)
+    runner.prefill(2, b[:3], 0)  # b's first chunk earlier; its second chunk rides with a's decode
+    dec, last = runner.step([DecodeRow(0, 13, len(a))], [PrefillChunk(2, b[3:], 3), PrefillChunk(3, c, 0)])
+    torch.testing.assert_close(dec[0], ref_a[len(a)], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(last[0], ref_b[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(last[1], ref_c[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_exact_attention_makes_a_row_independent_of_the_others_lengths():
+    """B5/E1 on CPU: a decode row's logits are bitwise the same alone or next to a much longer row."""
+    model = tiny("llama")
+    runner = ModelRunner(model, num_slots=2, max_len=128, dtype=torch.float32, exact_attention=True)
+    runner.prefill(0, [3, 4, 5], 0)
+    runner.prefill(1, list(range(1, 90)), 0)
+    alone = runner.decode([0], [6], [3]).clone()
+    together = runner.decode([0, 1], [6, 7], [3, 89])
+    assert torch.equal(alone[0], together[0])

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from mygpt.engine.runner import ModelRunner
+from mygpt.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from mygpt.engine.sampling import RowSampler, sample
 from mygpt.engine.types import (
     EngineNotRunning,
@@ -196,10 +196,24 @@ class Engine:
                 self._abort(payload)
 
     def step(self) -> None:
-        """One engine step: 1. admit, 2. prefill (budgeted), 3. decode every running row."""
+        """One engine step: 1. admit, 2. plan prefill chunks within the token budget, 3. one forward
+        for every running row and every chunk, 4. sample and emit."""
         self._admit()
-        self._prefill(self.max_num_batched_tokens)
-        self._decode()
+        decode = [r for r in self._running if r.next_token is not None]
+        budget = max(self.max_num_batched_tokens - len(decode), 16)
+        chunks = self._plan_prefill(budget)
+        if decode or chunks:
+            decode_logits, chunk_logits = self.runner.step(
+                [DecodeRow(r.slot, r.next_token, r.num_cached, r.lora_slot) for r in decode],
+                [chunk for _, chunk in chunks],
+            )
+            for r in decode:
+                r.num_cached += 1
+                r.next_token = None
+            self._emit_sampled(decode, decode_logits)
+            for (group, chunk), logits in zip(chunks, chunk_logits, strict=True):
+                self._prefilled(group, len(chunk.token_ids), logits)
+            self._running = [r for r in self._running if not r.finished]
         self.stats.steps += 1
         self.stats.running = self.num_running
         self.stats.waiting = self._num_waiting
@@ -247,42 +261,36 @@ class Engine:
             stops=StopStringMatcher(request.params.stop),
         )
 
-    def _prefill(self, budget: int) -> None:
-        for group in list(self._prefilling):
-            if budget <= 0:
-                return
-            prompt = group.request.prompt_ids
-            start = group.num_prefilled
-            chunk = prompt[start : start + budget]
-            logits = self.runner.prefill(group.rows[0].slot, chunk, start, group.rows[0].lora_slot)
-            budget -= len(chunk)
-            group.num_prefilled += len(chunk)
-            self.stats.prompt_tokens += len(chunk)
-            if group.num_prefilled < len(prompt):
-                continue
-            self._prefilling.remove(group)
-            for row in group.rows:
-                if row is not group.rows[0]:
-                    self.runner.copy_slot(group.rows[0].slot, row.slot, len(prompt))
-                row.num_cached = len(prompt)
-            self._emit_sampled(group.rows, logits.expand(len(group.rows), -1))
-            self._running.extend(r for r in group.rows if not r.finished)
+    def _plan_prefill(self, budget: int) -> list[tuple[Group, PrefillChunk]]:
+        """The next prompt chunks, oldest request first, at most `budget` tokens in all.
 
-    def _decode(self) -> None:
-        rows = [r for r in self._running if r.next_token is not None]
-        if not rows:
+        A prompt is cut only at multiples of max_num_batched_tokens from its start, never to fit what
+        other requests left of the budget: its chunks, and so its numerics, do not depend on the batch
+        (B5: same seed, same output alone or in a busy batch). A chunk that does not fit waits a step.
+        """
+        chunks = []
+        for group in self._prefilling:
+            prompt, start = group.request.prompt_ids, group.num_prefilled
+            ids = prompt[start : start + self.max_num_batched_tokens]
+            if len(ids) > budget and chunks:
+                break
+            chunks.append((group, PrefillChunk(group.rows[0].slot, ids, start, group.rows[0].lora_slot)))
+            budget -= len(ids)
+        return chunks
+
+    def _prefilled(self, group: Group, n: int, logits: torch.Tensor) -> None:
+        group.num_prefilled += n
+        self.stats.prompt_tokens += n
+        prompt_len = len(group.request.prompt_ids)
+        if group.num_prefilled < prompt_len:
             return
-        logits = self.runner.decode(
-            [r.slot for r in rows],
-            [r.next_token for r in rows],
-            [r.num_cached for r in rows],
-            [r.lora_slot for r in rows],
-        )
-        for r in rows:
-            r.num_cached += 1
-            r.next_token = None
-        self._emit_sampled(rows, logits)
-        self._running = [r for r in self._running if not r.finished]
+        self._prefilling.remove(group)
+        for row in group.rows:
+            if row is not group.rows[0]:
+                self.runner.copy_slot(group.rows[0].slot, row.slot, prompt_len)
+            row.num_cached = prompt_len
+        self._emit_sampled(group.rows, logits.expand(len(group.rows), -1))
+        self._running.extend(r for r in group.rows if not r.finished)
 
     def _emit_sampled(self, rows: list[Row], logits: torch.Tensor) -> None:
         tokens, logprobs = sample(logits, [r.sampler for r in rows])

@@ -65,6 +65,7 @@ class ModelRunner:
         max_loras: int = 0,
         max_lora_rank: int = 16,
         lm_head_dtype: torch.dtype | None = None,
+        exact_attention: bool = False,
     ):
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -92,6 +93,10 @@ class ModelRunner:
         self._lm_head = head.detach().to(lm_head_dtype) if lm_head_dtype not in (None, head.dtype) else head
         # LoRA: every projection wrapped with max_loras stacked adapter slots (none: plain modules)
         self.max_lora_rank = max_lora_rank
+        # exact_attention: decode rows attend one by one over exactly their own length, so a row's
+        # numerics do not depend on the other rows' lengths (padding changes the attention kernel's
+        # blocking); costs one attention call per row and layer (B5/E1 on CPU)
+        self.exact_attention = exact_attention
         self.lora_batch, self.lora_layers = (None, {})
         if max_loras:
             self.lora_batch, self.lora_layers = wrap_model(
@@ -100,18 +105,34 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- public API
     @torch.inference_mode()
+    def step(self, decode: list[DecodeRow], chunks: list[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward for every decode row and prefill chunk together.
+
+        The projections and MLPs run once over all the step's tokens (the weights are read once);
+        attention runs batched for the decode rows and per chunk for the prefills. Returns the decode
+        rows' logits [Bd, V] and each chunk's last-position logits [Bc, V].
+        """
+        tokens = [r.token for r in decode] + [t for c in chunks for t in c.token_ids]
+        positions = [r.position for r in decode] + [
+            p for c in chunks for p in range(c.start, c.start + len(c.token_ids))
+        ]
+        loras = [r.lora_slot for r in decode] + [c.lora_slot for c in chunks for _ in c.token_ids]
+        self._set_lora(loras)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, N]
+        pos = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, N]
+        plan = _AttentionPlan.build(decode, chunks, self.device)
+        hidden = self._forward(ids, pos, plan)[0]  # [N, hidden]
+        last = [
+            len(decode) + o + len(c.token_ids) - 1 for c, o in zip(chunks, plan.chunk_offsets, strict=True)
+        ]
+        rows = torch.tensor(list(range(len(decode))) + last, device=self.device)
+        logits = self._logits(hidden[rows])
+        return logits[: len(decode)], logits[len(decode) :]
+
     def prefill(self, slot: int, token_ids: list[int], start: int, lora_slot: int = -1) -> torch.Tensor:
         """Feeds token_ids at positions start.. of `slot`; returns the last position's logits [V]."""
-        self._set_lora([lora_slot])
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, c]
-        pos = torch.arange(start, start + len(token_ids), device=self.device)  # [c]
-        end = start + len(token_ids)
-        # causal mask with an offset: query i (at start+i) sees keys 0..start+i: [1, 1, c, end]
-        mask = torch.arange(end, device=self.device)[None, :] <= pos[:, None]
-        hidden = self._forward(ids, pos[None, :], slice(slot, slot + 1), (slot, pos), end, mask[None, None])
-        return self._logits(hidden[:, -1])[0]
+        return self.step([], [PrefillChunk(slot, token_ids, start, lora_slot)])[1][0]
 
-    @torch.inference_mode()
     def decode(
         self,
         slots: list[int],
@@ -120,15 +141,9 @@ class ModelRunner:
         lora_slots: list[int] | None = None,
     ) -> torch.Tensor:
         """One token for each row (slot, token, position, adapter slot or -1); returns logits [B, V]."""
-        self._set_lora(lora_slots or [-1] * len(slots))
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [B]
-        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)  # [B]
-        end = max(positions) + 1
-        rows = self._rows(slots, slot_t)
-        mask = torch.arange(end, device=self.device)[None, :] <= pos[:, None]  # [B, end]
-        hidden = self._forward(ids, pos[:, None], rows, (slot_t, pos), end, mask[:, None, None, :])
-        return self._logits(hidden[:, -1])
+        loras = lora_slots or [-1] * len(slots)
+        rows = [DecodeRow(*r) for r in zip(slots, token_ids, positions, loras, strict=True)]
+        return self.step(rows, [])[0]
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copies the first `length` cached positions of src into dst (n choices share a prefill)."""
@@ -141,61 +156,130 @@ class ModelRunner:
         if self.lora_batch is not None:
             set_rows(self.lora_batch, lora_slots, self.max_lora_rank, self.dtype, self.device)
 
-    @staticmethod
-    def _rows(slots: list[int], slot_t: torch.Tensor) -> slice | torch.Tensor:
-        # a contiguous run of slots reads the cache as a view; otherwise gather
-        first = slots[0]
-        if slots == list(range(first, first + len(slots))):
-            return slice(first, first + len(slots))
-        return slot_t
-
-    def _forward(self, ids, position_ids, rows, write_at, end, mask) -> torch.Tensor:
-        # ids: [B, T]; position_ids: [B, T]; rows: cache rows to attend over; write_at: (slot, pos) index
-        # for the new keys; mask: bool [B, 1, T, end]
+    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
+        # ids, position_ids: [1, N] - every token of the step, decode rows first
         hidden = self._inner.embed_tokens(ids)
-        cos, sin = self._inner.rotary_emb(hidden, position_ids=position_ids)
+        cos, sin = self._inner.rotary_emb(hidden, position_ids=position_ids)  # [1, N, hd]
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, hd]: broadcast over heads
         for i, layer in enumerate(self._layers):
             residual = hidden
-            x = layer.input_layernorm(hidden)
-            x = self._attention(i, layer.self_attn, x, cos, sin, rows, write_at, end, mask)
+            x = self._attention(i, layer.self_attn, layer.input_layernorm(hidden), cos, sin, plan)
             hidden = residual + x
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         return self._inner.norm(hidden)
 
-    def _attention(self, i, attn, x, cos, sin, rows, write_at, end, mask) -> torch.Tensor:
-        b, t, _ = x.shape
-        hd = self.shape.head_dim
-        q = attn.q_proj(x).view(b, t, -1, hd)
-        k = attn.k_proj(x).view(b, t, -1, hd)
-        v = attn.v_proj(x).view(b, t, -1, hd)
+    def _attention(self, i, attn, x, cos, sin, plan: _AttentionPlan) -> torch.Tensor:
+        n, hd = x.shape[1], self.shape.head_dim
+        q = attn.q_proj(x).view(n, -1, hd)  # [N, H, hd]
+        k = attn.k_proj(x).view(n, -1, hd)
+        v = attn.v_proj(x).view(n, -1, hd)
         if hasattr(attn, "q_norm"):  # qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
-        q, k = _apply_rope(q, k, cos, sin)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
         kc, vc = self.k_cache[i], self.v_cache[i]
-        slot, pos = write_at
-        if isinstance(slot, int):  # prefill: one row, T positions
-            kc[slot, :, pos] = k[0].to(kc.dtype)
-            vc[slot, :, pos] = v[0].to(vc.dtype)
-        else:  # decode: B rows, one position each
-            kc[slot, :, pos] = k[:, :, 0].to(kc.dtype)
-            vc[slot, :, pos] = v[:, :, 0].to(vc.dtype)
-        keys, values = kc[rows, :, :end], vc[rows, :, :end]  # [B, Hkv, end, hd]
-        out = F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=attn.scaling,
-            enable_gqa=self.shape.num_kv_heads != self.shape.num_heads,
-        )  # fmt: skip
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        kc[plan.slot_t, :, plan.pos_t] = k.to(kc.dtype)  # write every token's key/value: [N, Hkv, hd]
+        vc[plan.slot_t, :, plan.pos_t] = v.to(vc.dtype)
+        gqa = self.shape.num_kv_heads != self.shape.num_heads
+        outs = []
+        if plan.num_decode and self.exact_attention:  # each row alone over its own length: no padding
+            for r, row in enumerate(plan.decode):
+                end = row.position + 1
+                out = F.scaled_dot_product_attention(
+                    q[r : r + 1, :, None, :], kc[row.slot : row.slot + 1, :, :end].to(q.dtype),
+                    vc[row.slot : row.slot + 1, :, :end].to(q.dtype), scale=attn.scaling, enable_gqa=gqa,
+                )  # fmt: skip
+                outs.append(out.reshape(1, -1))
+        elif plan.num_decode:  # q: [Bd, H, 1, hd] over each row's cache, length-masked
+            bd, end = plan.num_decode, plan.decode_end
+            keys, values = kc[plan.decode_rows, :, :end], vc[plan.decode_rows, :, :end]
+            out = F.scaled_dot_product_attention(
+                q[:bd, :, None, :], keys.to(q.dtype), values.to(q.dtype), attn_mask=plan.decode_mask,
+                scale=attn.scaling, enable_gqa=gqa,
+            )  # fmt: skip
+            outs.append(out.reshape(bd, -1))
+        for c, o, mask in zip(plan.chunks, plan.chunk_offsets, plan.chunk_masks, strict=True):
+            lo, hi, end = (
+                plan.num_decode + o,
+                plan.num_decode + o + len(c.token_ids),
+                c.start + len(c.token_ids),
+            )
+            qc = q[lo:hi].transpose(0, 1)[None]  # [1, H, c, hd]
+            keys, values = kc[c.slot : c.slot + 1, :, :end], vc[c.slot : c.slot + 1, :, :end]
+            out = F.scaled_dot_product_attention(
+                qc, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
+            )
+            outs.append(out[0].transpose(0, 1).reshape(hi - lo, -1))
+        return attn.o_proj(torch.cat(outs)[None] if len(outs) > 1 else outs[0][None])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.to(self._lm_head.dtype), self._lm_head).float()
 
 
-def _apply_rope(q, k, cos, sin):
-    # cos, sin: [B, T, hd] -> broadcast over heads
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+@dataclass(frozen=True)
+class DecodeRow:
+    slot: int  # KV cache slot
+    token: int  # the token to feed
+    position: int  # its position
+    lora_slot: int = -1  # adapter slot, -1 = base
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    slot: int
+    token_ids: list[int]  # prompt tokens fed at positions start..
+    start: int
+    lora_slot: int = -1
+
+
+@dataclass
+class _AttentionPlan:
+    """Index tensors and masks shared by every layer of one step."""
+
+    num_decode: int
+    decode: list[DecodeRow]
+    decode_rows: slice | torch.Tensor  # cache rows of the decode rows (a view when contiguous)
+    decode_end: int  # longest decode row + 1
+    decode_mask: torch.Tensor | None  # bool [Bd, 1, 1, end]
+    chunks: list[PrefillChunk]
+    chunk_offsets: list[int]  # each chunk's first token among the chunk tokens
+    chunk_masks: list[torch.Tensor]  # bool [1, 1, c, end]: causal with the chunk's offset
+    slot_t: torch.Tensor  # [N] cache slot of every token
+    pos_t: torch.Tensor  # [N] position of every token
+
+    @staticmethod
+    def build(decode: list[DecodeRow], chunks: list[PrefillChunk], device) -> _AttentionPlan:
+        slots = [r.slot for r in decode] + [c.slot for c in chunks for _ in c.token_ids]
+        positions = [r.position for r in decode] + [
+            p for c in chunks for p in range(c.start, c.start + len(c.token_ids))
+        ]
+        decode_mask, decode_rows, end = None, slice(0, 0), 0
+        if decode:
+            end = max(r.position for r in decode) + 1
+            dpos = torch.tensor([r.position for r in decode], device=device)
+            decode_mask = (torch.arange(end, device=device)[None, :] <= dpos[:, None])[:, None, None, :]
+            dslots = [r.slot for r in decode]
+            first = dslots[0]
+            contiguous = dslots == list(range(first, first + len(dslots)))
+            decode_rows = (
+                slice(first, first + len(dslots)) if contiguous else torch.tensor(dslots, device=device)
+            )
+        offsets, masks, o = [], [], 0
+        for c in chunks:
+            offsets.append(o)
+            o += len(c.token_ids)
+            cpos = torch.arange(c.start, c.start + len(c.token_ids), device=device)
+            masks.append(
+                (torch.arange(c.start + len(c.token_ids), device=device)[None, :] <= cpos[:, None])[
+                    None, None
+                ]
+            )
+        return _AttentionPlan(
+            num_decode=len(decode), decode=decode, decode_rows=decode_rows, decode_end=end, decode_mask=decode_mask,
+            chunks=chunks, chunk_offsets=offsets, chunk_masks=masks,
+            slot_t=torch.tensor(slots, device=device), pos_t=torch.tensor(positions, device=device),
+        )  # fmt: skip
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,12 @@
 
 All resident adapters of one module are stacked: A_all [S*R, in] and B_all [out, S*R] (slot s owns
 rows/columns s*R..s*R+R, zero-padded past its rank; zeros where the adapter skips the module). For a
-batch whose rows use slots `slot[b]` (or none), with mask[b, s*R+j] = 1 iff slot[b] == s:
+step whose tokens use slots `slot[t]` (or none), with mask[t, s*R+j] = 1 iff slot[t] == s:
 
     y = base(x) + ((x @ A_all[:n].T) * mask) @ B_all[:, :n].T        (n = R * (highest slot used + 1))
 
 That is one GEMM pair for any mix of adapters, ranks and target modules (no loop over adapters, no
-global set_adapter), and the cost grows with the slots in use, not with the number of rows.
+global set_adapter), and the cost grows with the slots in use, not with the number of tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class LoRABatch:
     """What the current forward's rows need; set by the runner before each forward."""
 
-    mask: torch.Tensor | None = None  # [B, 1, n] in the compute dtype; None: no row uses an adapter
+    mask: torch.Tensor | None = None  # [N, n] per token, compute dtype; None: no token uses an adapter
     width: int = 0  # n = R * (highest slot used + 1)
 
 
@@ -51,7 +51,7 @@ class LoRALinear(nn.Module):
         if batch.mask is None:
             return y
         n = batch.width
-        h = F.linear(x.to(self.lora_a.dtype), self.lora_a[:n]) * batch.mask  # [B, T, n]
+        h = F.linear(x.to(self.lora_a.dtype), self.lora_a[:n]) * batch.mask  # [1, N, n]
         return y + F.linear(h, self.lora_b[:, :n]).to(y.dtype)
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
@@ -81,7 +81,7 @@ def wrap_model(
 
 
 def set_rows(batch: LoRABatch, slots: list[int], max_rank: int, dtype, device) -> None:
-    """Prepares the mask for rows using `slots` (-1 = base model)."""
+    """Prepares the mask for the step's tokens, token i using adapter slot slots[i] (-1 = base)."""
     used = [s for s in slots if s >= 0]
     if not used:
         batch.mask, batch.width = None, 0
@@ -89,7 +89,7 @@ def set_rows(batch: LoRABatch, slots: list[int], max_rank: int, dtype, device) -
     width = (max(used) + 1) * max_rank
     owner = torch.arange(width, device=device) // max_rank  # [n]: which slot owns each column
     slot_t = torch.tensor(slots, device=device)
-    batch.mask = (owner[None, :] == slot_t[:, None]).to(dtype)[:, None, :]  # [B, 1, n]
+    batch.mask = (owner[None, :] == slot_t[:, None]).to(dtype)  # [N, n]
     batch.width = width
 
 
