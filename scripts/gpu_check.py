@@ -73,7 +73,7 @@ def add_peft_adapters(model, n: int, rank: int):
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL, init_lora_weights=False)
-    peft_model = get_peft_model(model, cfg, adapter_name="ad0")
+    peft_model = get_peft_model(model, cfg, adapter_name="ad0").eval()
     for i in range(1, n):
         peft_model.add_adapter(f"ad{i}", cfg)
     g = torch.Generator(device="cpu").manual_seed(1)

@@ -85,14 +85,3 @@ def test_one_step_mixing_decode_rows_and_prefill_chunks_matches_hf(model_type):
     torch.testing.assert_close(dec[0], ref_a[len(a)], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(last[0], ref_b[-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(last[1], ref_c[-1], atol=1e-4, rtol=1e-4)
-
-
-def test_exact_attention_makes_a_row_independent_of_the_others_lengths():
-    """B5/E1 on CPU: a decode row's logits are bitwise the same alone or next to a much longer row."""
-    model = tiny("llama")
-    runner = ModelRunner(model, num_slots=2, max_len=128, dtype=torch.float32, exact_attention=True)
-    runner.prefill(0, [3, 4, 5], 0)
-    runner.prefill(1, list(range(1, 90)), 0)
-    alone = runner.decode([0], [6], [3]).clone()
-    together = runner.decode([0, 1], [6, 7], [3, 89])
-    assert torch.equal(alone[0], together[0])
