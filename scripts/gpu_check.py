@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--out", default="gpu-check-out")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="time and profile bare decode steps too")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,10 +186,12 @@ def main() -> None:
     dt, _ = timed_generate(peft_model, ids32, new, adapter_names=names8)
     report["naive_32x8_tok_s"] = 32 * new / dt
     rows.append(("naive peft generate, 32 streams / 8 adapters", f"{32 * new / dt:.1f} tok/s"))
-    refs = {}
-    for k in (1, 2, 3):  # peft's greedy reference per adapter, alone
+    refs, ref_logits = {}, {}
+    for k in (1, 2, 3):  # peft's greedy reference per adapter, alone, and its prompt logits
         peft_model.set_adapter(f"ad{k}")
         refs[k] = timed_generate(peft_model, torch.tensor([prompts[k]], device=device), 16)[1][0].tolist()
+        with torch.inference_mode():
+            ref_logits[k] = peft_model(torch.tensor([prompts[k]], device=device)).logits[0, -1].float()
 
     # (2) mygpt's engine on the same base and the same adapter tensors
     weights = export_adapters(peft_model, n_adapters, 16)
@@ -233,7 +236,45 @@ def main() -> None:
         matches.append(same)
     report["parity_prefix_tokens"] = matches
     rows.append(("greedy parity vs peft (matching prefix of 16)", ", ".join(map(str, matches))))
-    engine.stop()
+    engine.stop()  # the runner is ours alone from here
+    errs = []
+    for j, k in enumerate((1, 2, 3)):  # last-prompt-position logits, mygpt vs peft: relative L2
+        lora = cache.acquire(f"ad{k}")
+        got = runner.prefill(20 + j, prompts[k], 0, lora).float()
+        cache.release(f"ad{k}")
+        errs.append(float((got - ref_logits[k]).norm() / ref_logits[k].norm()))
+    report["logits_rel_err"] = errs
+    rows.append(("prompt logits vs peft, relative L2", ", ".join(f"{e:.1e}" for e in errs)))
+    runner.decode([24], [5], [0])  # a base-only step: clears the LoRA mask the wrapped layers share
+    with torch.inference_mode():  # the base alone: HF's own forward vs the runner, same weights
+        hf = base(torch.tensor([prompts[4]], device=device)).logits[0, -1].float()
+    got = runner.prefill(24, prompts[4], 0).float()
+    report["base_logits_rel_err"] = float((got - hf).norm() / hf.norm())
+    rows.append(("base prompt logits vs HF forward, relative L2", f"{report['base_logits_rel_err']:.1e}"))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for b in (1, 32):
+            slots = list(range(b))
+            loras = [cache.acquire(f"ad{i % 32}") for i in range(b)]
+            for _ in range(3):
+                runner.decode(slots, [5] * b, [args.prompt_len] * b, loras)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                runner.decode(slots, [5] * b, [args.prompt_len] * b, loras)
+            sync()
+            step_ms = (time.perf_counter() - t0) / 10 * 1e3
+            rows.append((f"decode step, batch {b} (runner only)", f"{step_ms:.1f} ms"))
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    runner.decode(slots, [5] * b, [args.prompt_len] * b, loras)
+                sync()
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+            table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            (out_dir / f"profile-b{b}.txt").write_text(table + "\n\n" + table_cpu)
+            for name in [f"ad{i % 32}" for i in range(b)]:
+                cache.release(name)
 
     report["rows"] = rows
     (out_dir / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))
