@@ -31,20 +31,22 @@ def adapter_root(tiny_model_dir, tmp_path_factory):
     return root
 
 
-def runner_with_cache(tiny_model_dir, adapter_root, slots=4, quant=False):
+def load_base(tiny_model_dir, quant: bool):
+    """The tiny model, float32 or with NF4 projections (float32 compute)."""
+    kwargs = {"dtype": torch.float32}
     if quant:
         from transformers import BitsAndBytesConfig
 
-        q = BitsAndBytesConfig(
+        kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            tiny_model_dir, quantization_config=q, dtype=torch.float32
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs).eval()
+
+
+def runner_with_cache(tiny_model_dir, adapter_root, slots=4, quant=False):
+    model = load_base(tiny_model_dir, quant)
     runner = ModelRunner(
-        model.eval(), num_slots=8, max_len=128, dtype=torch.float32, max_loras=slots, max_lora_rank=16
+        model, num_slots=8, max_len=128, dtype=torch.float32, max_loras=slots, max_lora_rank=16
     )
     shapes = {p: (m.in_features, m.out_features) for p, m in runner.lora_layers.items()}
     registry = AdapterRegistry(adapter_root, shapes, max_rank=16)
@@ -54,17 +56,7 @@ def runner_with_cache(tiny_model_dir, adapter_root, slots=4, quant=False):
 def peft_reference(tiny_model_dir, adapter_root, name, ids, quant=False):
     from peft import PeftModel
 
-    if quant:
-        from transformers import BitsAndBytesConfig
-
-        q = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
-        base = AutoModelForCausalLM.from_pretrained(
-            tiny_model_dir, quantization_config=q, dtype=torch.float32
-        )
-    else:
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = load_base(tiny_model_dir, quant)
     model = PeftModel.from_pretrained(base, adapter_root / name).eval() if name else base.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
