@@ -245,7 +245,6 @@ def main() -> None:
         errs.append(float((got - ref_logits[k]).norm() / ref_logits[k].norm()))
     report["logits_rel_err"] = errs
     rows.append(("prompt logits vs peft, relative L2", ", ".join(f"{e:.1e}" for e in errs)))
-    runner.decode([24], [5], [0])  # a base-only step: clears the LoRA mask the wrapped layers share
     with torch.inference_mode():  # the base alone: HF's own forward vs the runner, same weights
         hf = base(torch.tensor([prompts[4]], device=device)).logits[0, -1].float()
     got = runner.prefill(24, prompts[4], 0).float()

@@ -79,7 +79,24 @@ class EngineStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Engine:
+class EngineThread:
+    """Health of an engine's own thread, for /ready: alive, and not stuck in one step."""
+
+    _thread: threading.Thread | None = None
+    _stopping: bool = False
+    _busy_since: float | None = None  # set while a step runs
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stalled(self, timeout_s: float) -> bool:
+        """True when one step has been running for longer than timeout_s."""
+        busy = self._busy_since
+        return busy is not None and time.monotonic() - busy > timeout_s
+
+
+class Engine(EngineThread):
     """Continuous-batching generation engine around a ModelRunner, in its own thread."""
 
     def __init__(
@@ -143,15 +160,6 @@ class Engine:
         """Cancels a request; its rows leave the batch before the next step."""
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    def stalled(self, timeout_s: float) -> bool:
-        """True when one step has been running for longer than timeout_s."""
-        busy = self._busy_since
-        return busy is not None and time.monotonic() - busy > timeout_s
 
     @property
     def num_waiting(self) -> int:

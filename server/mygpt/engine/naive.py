@@ -16,12 +16,13 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from mygpt.engine.engine import EngineThread
 from mygpt.engine.types import EngineOverloaded, FinishReason, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
 
-class NaiveEngine:
+class NaiveEngine(EngineThread):
     """Same contract as Engine (submit, abort, alive, stalled), generate() underneath."""
 
     def __init__(
@@ -49,14 +50,6 @@ class NaiveEngine:
         self._queue.put(None)
         if self._thread:
             self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    def stalled(self, timeout_s: float) -> bool:
-        busy = self._busy_since
-        return busy is not None and time.monotonic() - busy > timeout_s
 
     @property
     def num_waiting(self) -> int:

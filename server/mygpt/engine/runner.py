@@ -121,7 +121,10 @@ class ModelRunner:
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, N]
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, N]
         plan = _AttentionPlan.build(decode, chunks, self.device)
-        hidden = self._forward(ids, pos, plan)[0]  # [N, hidden]
+        try:
+            hidden = self._forward(ids, pos, plan)[0]  # [N, hidden]
+        finally:  # the wrapped layers are the model's own: leave no adapter mask behind
+            self._set_lora([])
         last = [
             len(decode) + o + len(c.token_ids) - 1 for c, o in zip(chunks, plan.chunk_offsets, strict=True)
         ]
