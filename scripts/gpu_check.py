@@ -114,11 +114,11 @@ def timed_generate(model, ids, max_new: int, **kw) -> tuple[float, torch.Tensor]
     return time.perf_counter() - t0, out[:, ids.shape[1] :]
 
 
-def engine_run(engine, prompts, adapters, max_new: int) -> tuple[float, dict]:
+def engine_run(engine, prompts, adapters, max_new: int, weights: dict) -> tuple[float, dict]:
     """Submits every prompt at once; returns (seconds, request id -> tokens)."""
     import threading
 
-    from mygpt.engine.types import GenerationRequest, SamplingParams
+    from mygpt.engine.types import AdapterRef, GenerationRequest, SamplingParams
 
     done, lock, tokens = threading.Event(), threading.Lock(), {}
     left = [len(prompts)]
@@ -136,7 +136,8 @@ def engine_run(engine, prompts, adapters, max_new: int) -> tuple[float, dict]:
     t0 = time.perf_counter()
     for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)):
         params = SamplingParams(max_tokens=max_new, temperature=0.0)
-        engine.submit(GenerationRequest(f"r{i}", p, params, adapter=a), on_event)
+        ref = AdapterRef(a, weights[a]) if a else None
+        engine.submit(GenerationRequest(f"r{i}", p, params, adapter=ref), on_event)
     assert done.wait(600), "engine run timed out"
     return time.perf_counter() - t0, tokens
 
@@ -206,29 +207,29 @@ def main() -> None:
             return " ".join(map(str, ids))
 
     runner = ModelRunner(base, num_slots=32, max_len=args.prompt_len + new + 8, dtype=dtype, max_loras=32)
-    cache = AdapterCache(runner.lora_layers, 32, lambda name: weights[name])
+    cache = AdapterCache(runner.lora_layers, 32)
     sync()
     t0 = time.perf_counter()
-    cache.acquire("ad0")
+    cache.acquire("ad0", weights["ad0"])
     sync()
     report["adapter_load_ms"] = (time.perf_counter() - t0) * 1e3
     cache.release("ad0")
     rows.append(("cold adapter load into a slot (host -> device)", f"{report['adapter_load_ms']:.1f} ms"))
     engine = Engine(runner, Tok(), [], max_num_batched_tokens=2048, adapters=cache)
     engine.start()
-    engine_run(engine, prompts[:2], ["ad0", None], 4)  # warm-up
+    engine_run(engine, prompts[:2], ["ad0", None], 4, weights)  # warm-up
     for label, ps, ads in [
         ("mygpt engine, 1 stream + adapter", prompts[:1], ["ad0"]),
         ("mygpt engine, 32 streams / 1 adapter", prompts, ["ad0"] * 32),
         ("mygpt engine, 32 streams / 32 adapters", prompts, [f"ad{i}" for i in range(32)]),
     ]:
-        dt, _ = engine_run(engine, ps, ads, new)
+        dt, _ = engine_run(engine, ps, ads, new, weights)
         tps = len(ps) * new / dt
         report[label] = tps
         rows.append((label, f"{tps:.1f} tok/s"))
 
     # (3) parity: greedy tokens of the engine vs peft's reference, alone and inside a mixed batch
-    _, alone = engine_run(engine, [prompts[k] for k in (1, 2, 3)], ["ad1", "ad2", "ad3"], 16)
+    _, alone = engine_run(engine, [prompts[k] for k in (1, 2, 3)], ["ad1", "ad2", "ad3"], 16, weights)
     matches = []
     for j, k in enumerate((1, 2, 3)):
         got, ref = alone[f"r{j}"], refs[k]
@@ -239,7 +240,7 @@ def main() -> None:
     engine.stop()  # the runner is ours alone from here
     errs = []
     for j, k in enumerate((1, 2, 3)):  # last-prompt-position logits, mygpt vs peft: relative L2
-        lora = cache.acquire(f"ad{k}")
+        lora = cache.acquire(f"ad{k}", weights[f"ad{k}"])
         got = runner.prefill(20 + j, prompts[k], 0, lora).float()
         cache.release(f"ad{k}")
         errs.append(float((got - ref_logits[k]).norm() / ref_logits[k].norm()))
@@ -255,7 +256,7 @@ def main() -> None:
 
         for b in (1, 32):
             slots = list(range(b))
-            loras = [cache.acquire(f"ad{i % 32}") for i in range(b)]
+            loras = [cache.acquire(f"ad{i % 32}", weights[f"ad{i % 32}"]) for i in range(b)]
             for _ in range(3):
                 runner.decode(slots, [5] * b, [args.prompt_len] * b, loras)
             sync()

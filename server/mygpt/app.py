@@ -8,16 +8,25 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from mygpt import __version__
+from mygpt.api.admin import router as admin_router
 from mygpt.api.errors import install_error_handlers
 from mygpt.api.routes import router
 from mygpt.config import Settings
 from mygpt.state import ServerState
+from mygpt.tenancy.config import Tenancy, load_tenancy_from
+from mygpt.tenancy.tenants import Tenants
 
 
-def build_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
+def build_app(
+    settings: Settings, state: ServerState | None = None, tenancy: Tenancy | None = None
+) -> FastAPI:
     """The ASGI app. `state` lets tests supply a pre-built (e.g. fake) engine; by default the model
-    loads in the background after start-up so that /live answers while /ready is still 503."""
-    state = state or ServerState(settings)
+    loads in the background after start-up so that /live answers while /ready is still 503.
+    `tenancy` comes from cli.py (which reads the config file and the environment); default: the
+    settings alone (a single tenant)."""
+    if state is None:
+        tenancy = tenancy or load_tenancy_from(settings)
+        state = ServerState(settings, Tenants(tenancy))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -30,4 +39,5 @@ def build_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
     app.state.mygpt = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     return app

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
+import time
 from typing import Any
 
+import uvicorn
+
 from mygpt.config import Settings
+
+log = logging.getLogger("mygpt")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -31,6 +38,13 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--adapter-dir", help="the adapter store: <dir>/<name>/ in peft format")
     p.add_argument("--max-loras", type=int, help="adapter slots resident at once (0: no LoRA)")
     p.add_argument("--max-lora-rank", type=int, help="largest LoRA rank accepted")
+    p.add_argument("--config", help="tenancy config (YAML): tenants, keys, adapters, limits; admin keys")
+    p.add_argument("--keys-dir", help="directory of key files '<tenant>' and 'admin' (a mounted Secret)")
+    p.add_argument(
+        "--api-key", help="without --config: the key the one tenant must present (prefer MYGPT_API_KEY)"
+    )
+    p.add_argument("--admin-key", help="without --config: the admin key (prefer MYGPT_ADMIN_KEY)")
+    p.add_argument("--shutdown-timeout-s", type=float, help="SIGTERM: how long in-flight requests may finish")
     p.add_argument(
         "--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation"
     )
@@ -59,21 +73,68 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def serve(settings: Settings) -> None:
-    import uvicorn
+def _keygen_parser(sub: Any) -> None:
+    p = sub.add_parser("keygen", help="make a new API key and print it with the hash to put in the config")
+    p.add_argument("--hash", metavar="KEY", help="print only the hash of this existing key")
 
+
+def serve(settings: Settings) -> None:
     from mygpt.app import build_app
+    from mygpt.tenancy.config import ConfigError, load_tenancy_from
 
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    app = build_app(settings)
-    uvicorn.run(
+    try:
+        tenancy = load_tenancy_from(settings, os.environ)
+    except ConfigError as exc:
+        sys.exit(f"mygpt: {exc}")
+    app = build_app(settings, tenancy=tenancy)
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )  # fmt: skip
+    _DrainingServer(config, app.state.mygpt, settings.shutdown_timeout_s).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's Server with a drain on SIGTERM/SIGINT (G2): /ready turns 503 and new requests get 503
+    with Retry-After while in-flight requests finish (at most `timeout` seconds); then uvicorn shuts
+    down and the process exits 0 (the signal is not re-raised). A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: Any, timeout: float):
+        super().__init__(config)
+        self.state, self.timeout = state, timeout
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.state.draining:  # a second signal: stop now
+            self.should_exit = self.force_exit = True
+            return
+        self.state.draining = True
+        log.info(
+            "draining: %d requests in flight, waiting up to %.0fs", self.state.tenants.in_flight, self.timeout
+        )
+        threading.Thread(target=self._drain, name="mygpt-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self.state.tenants.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
+
+
+def keygen(args: argparse.Namespace) -> None:
+    import secrets
+
+    from mygpt.tenancy.config import hash_key
+
+    if args.hash:
+        print(f"sha256:{hash_key(args.hash)}")
+        return
+    key = "sk-mygpt-" + secrets.token_urlsafe(32)
+    print(f"key:  {key}\nhash: sha256:{hash_key(key)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _bench_parser(sub)
+    _keygen_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(settings_from_args(args))
@@ -88,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         from mygpt import bench
 
         bench.main(args)
+    elif args.command == "keygen":
+        keygen(args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -10,16 +11,18 @@ from dataclasses import dataclass, field
 import torch
 
 from mygpt.api.chat import ChatLimits, ChatService
+from mygpt.api.errors import APIError
 from mygpt.config import Settings
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.engine import Engine
 from mygpt.engine.loader import LoadedModel, load_model
 from mygpt.engine.naive import NaiveEngine
 from mygpt.engine.runner import ModelRunner
-from mygpt.engine.types import GenerationRequest, SamplingParams
+from mygpt.engine.types import AdapterRef, GenerationRequest, SamplingParams
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.layers import lora_module_shapes
 from mygpt.lora.registry import AdapterRegistry
+from mygpt.tenancy.tenants import Tenants
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServerState:
     settings: Settings
+    tenants: Tenants
     created: int = field(default_factory=lambda: int(time.time()))
     loaded: LoadedModel | None = None
-    engine: Engine | None = None
+    engine: Engine | NaiveEngine | None = None
+    registry: AdapterRegistry | None = None
     chat: ChatService | None = None
     ready: bool = False  # model loaded and warm-up generation succeeded
     draining: bool = False  # shutting down: no new requests
@@ -59,10 +64,14 @@ class ServerState:
             if s.num_threads:
                 torch.set_num_threads(s.num_threads)
             loaded = load_model(s)
-            registry = AdapterRegistry(s.adapter_dir, lora_module_shapes(loaded.model), s.max_lora_rank)
+            registry = AdapterRegistry(
+                s.adapter_dir, self.tenants.names, lora_module_shapes(loaded.model), s.max_lora_rank
+            )
             if s.engine == "naive":  # the benchmark baseline: generate() + peft, one request at a time
                 context = loaded.context_len
-                engine = NaiveEngine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, context, registry)
+                engine = NaiveEngine(
+                    loaded.model, loaded.tokenizer, loaded.eos_token_ids, context, adapters=s.max_loras > 0
+                )
             else:
                 # on CPU the float32 logits GEMV is the largest read of a decode step: a bfloat16 copy
                 lm_head = torch.bfloat16 if loaded.device.type == "cpu" else None
@@ -71,15 +80,19 @@ class ServerState:
                     lm_head_dtype=lm_head, exact_attention=loaded.device.type == "cpu",
                 )  # fmt: skip
                 context = runner.max_len
-                cache = AdapterCache(runner.lora_layers, s.max_loras, registry.load) if s.max_loras else None
+                cache = AdapterCache(runner.lora_layers, s.max_loras) if s.max_loras else None
                 engine = Engine(
                     runner, loaded.tokenizer, loaded.eos_token_ids,
                     max_num_batched_tokens=s.max_num_batched_tokens, max_waiting=s.max_waiting, adapters=cache,
                 )  # fmt: skip
+                registry.on_retire = engine.retire_adapter
             engine.start()
             limits = ChatLimits(context, s.max_n, s.max_stop_sequences)
-            self.loaded, self.engine = loaded, engine
-            self.chat = ChatService(AsyncEngine(engine), loaded.tokenizer, loaded.name, limits, registry)
+            self.loaded, self.engine, self.registry = loaded, engine, registry
+            self.chat = ChatService(
+                AsyncEngine(engine), loaded.tokenizer, loaded.name, limits, self.tenants, registry
+            )
+            self._load_configured_adapters()
             if s.warmup:
                 _warm_up(engine, loaded.tokenizer)
             self.ready = True
@@ -94,10 +107,62 @@ class ServerState:
             log.exception("start-up failed")
             self.failure = f"{type(exc).__name__}: {exc}"
 
+    def _load_configured_adapters(self) -> None:
+        """The adapters the config declares: validated now (a bad one fails the start: the operator
+        named it), pinned ones made resident before /ready says yes (G1)."""
+        for tenant in self.tenancy.tenants.values():
+            for name, spec in tenant.adapters.items():
+                entry, _ = self.registry.load(
+                    tenant.name, name, spec.path, pinned=spec.pinned, source="config"
+                )
+                if entry.pinned:
+                    self._pin_now(AdapterRef(entry.key, entry.weights))
+
+    def _pin_now(self, ref: AdapterRef) -> None:
+        done = threading.Event()
+        errors: list[Exception | None] = []
+
+        def settle(error: Exception | None) -> None:
+            errors.append(error)
+            done.set()
+
+        self._pin(ref, settle)
+        if not done.wait(120) or errors[0] is not None:
+            raise RuntimeError(f"pinning adapter {ref.key} failed: {errors[0] if errors else 'timed out'}")
+
+    @property
+    def tenancy(self):
+        return self.tenants.tenancy
+
+    def _pin(self, ref: AdapterRef, done) -> None:
+        if not isinstance(self.engine, Engine):
+            done(None)  # the naive baseline keeps no device slots
+            return
+        self.engine.pin_adapter(ref, done)
+
+    async def pin_adapter(self, ref: AdapterRef) -> None:
+        """Pins an adapter on the device (from the event loop); APIError 400 if it cannot be."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._pin(ref, lambda e: loop.call_soon_threadsafe(_settle, future, e))
+        error = await future
+        if error is not None:
+            raise APIError(400, f"Adapter {ref.key} cannot be pinned: {error}", code="adapter_slots_full")
+
+    def adapter_cache_snapshot(self) -> dict[str, dict]:
+        engine = self.engine
+        cache = getattr(engine, "adapters", None) if isinstance(engine, Engine) else None
+        return cache.snapshot() if cache is not None else {}
+
     def stop(self) -> None:
         self.draining = True
         if self.engine is not None:
             self.engine.stop()
+
+
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    if not future.done():
+        future.set_result(error)
 
 
 def _warm_up(engine: Engine, tokenizer) -> None:

@@ -19,12 +19,13 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 @pytest.fixture(scope="module")
 def adapter_server(default_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
+    store = tmp_path_factory.mktemp("store")
+    root = store / "default"  # the open tenant's adapters
     make_adapter(default_checkpoint, root / "style-a", 8, ["q_proj", "v_proj"], seed=11)
     make_adapter(default_checkpoint, root / "style-b", 16, ALL, seed=12)
     shutil.copytree(root / "style-a", root / "broken")
     (root / "broken" / "adapter_model.safetensors").write_bytes(b"not a tensor file")
-    server = ServerProcess("--adapter-dir", str(root), "--max-loras", "2", name="adapters").wait_ready()
+    server = ServerProcess("--adapter-dir", str(store), "--max-loras", "2", name="adapters").wait_ready()
     server.root = root
     yield server
     server.stop()

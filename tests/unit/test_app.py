@@ -15,6 +15,8 @@ from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.engine import Engine
 from mygpt.engine.runner import ModelRunner
 from mygpt.state import ServerState
+from mygpt.tenancy.config import load_tenancy
+from mygpt.tenancy.tenants import Tenants
 
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -32,9 +34,9 @@ def served_state(tiny_model_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     engine = Engine(ModelRunner(model, 4, 512, torch.float32), tokenizer, [tokenizer.eos_token_id])
     engine.start()
-    state = ServerState(Settings())
+    state = ServerState(Settings(), Tenants(load_tenancy(None)))
     state.engine = engine
-    state.chat = ChatService(AsyncEngine(engine), tokenizer, "tiny", ChatLimits(512, 4, 4))
+    state.chat = ChatService(AsyncEngine(engine), tokenizer, "tiny", ChatLimits(512, 4, 4), state.tenants)
     state.ready = True
     yield state
     engine.stop()
@@ -42,7 +44,7 @@ def served_state(tiny_model_dir, tokenizer):
 
 @pytest.mark.anyio
 async def test_not_ready_while_loading():
-    state = ServerState(Settings())  # nothing loaded yet
+    state = ServerState(Settings(), Tenants(load_tenancy(None)))  # nothing loaded yet
     async with client_for(state) as c:
         assert (await c.get("/live")).status_code == 200
         r = await c.get("/ready")

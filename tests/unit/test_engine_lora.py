@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from mygpt.engine.engine import Engine
 from mygpt.engine.runner import ModelRunner
-from mygpt.engine.types import FinishReason
+from mygpt.engine.types import AdapterRef, FinishReason
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.registry import AdapterRegistry
 from mygpt.lora.synthetic import make_adapter
+from mygpt.lora.weights import ModuleLoRA
 from test_engine import PROMPTS, Collector
 
 
 @pytest.fixture(scope="module")
 def lora_engine(tiny_model_dir, tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine-adapters")
-    make_adapter(tiny_model_dir, root / "a", 8, ["q_proj", "v_proj", "down_proj"], seed=1)
-    make_adapter(tiny_model_dir, root / "b", 16, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], seed=2)
-    make_adapter(tiny_model_dir, root / "c", 4, ["gate_proj"], seed=3)
+    make_adapter(tiny_model_dir, root / "t" / "a", 8, ["q_proj", "v_proj", "down_proj"], seed=1)
+    make_adapter(
+        tiny_model_dir, root / "t" / "b", 16, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], seed=2
+    )
+    make_adapter(tiny_model_dir, root / "t" / "c", 4, ["gate_proj"], seed=3)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     runner = ModelRunner(model, num_slots=32, max_len=256, dtype=torch.float32, max_loras=2, max_lora_rank=16)
     shapes = {p: (m.in_features, m.out_features) for p, m in runner.lora_layers.items()}
-    registry = AdapterRegistry(root, shapes, 16)
-    cache = AdapterCache(runner.lora_layers, 2, registry.load)
+    registry = AdapterRegistry(root, ["t"], shapes, 16)
+    cache = AdapterCache(runner.lora_layers, 2)
     engine = Engine(runner, tokenizer, [], max_num_batched_tokens=32, adapters=cache)
+    engine.refs = {n: AdapterRef(n, registry.weights(registry.get("t", n))[1]) for n in "abc"}
+    engine.refs[None] = None
     engine.start()
     yield engine
     engine.stop()
@@ -37,7 +44,9 @@ def test_adapters_alone_equal_adapters_in_a_32_row_mixed_batch(lora_engine):
     alone = Collector()
     for name in names:
         for i, p in enumerate(PROMPTS[:4]):
-            alone.submit(lora_engine, f"{name}-{i}", p, temperature=0.0, max_tokens=10, adapter=name)
+            alone.submit(
+                lora_engine, f"{name}-{i}", p, temperature=0.0, max_tokens=10, adapter=lora_engine.refs[name]
+            )
             alone.wait()
     outputs = {rid: alone.tokens(rid) for rid in alone.events}
     assert outputs["a-0"] != outputs["b-0"] != outputs["None-0"]  # adapters really differ
@@ -46,7 +55,12 @@ def test_adapters_alone_equal_adapters_in_a_32_row_mixed_batch(lora_engine):
         for i in range(4):
             for name in names:
                 busy.submit(
-                    lora_engine, f"{rep}/{name}-{i}", PROMPTS[i], temperature=0.0, max_tokens=10, adapter=name
+                    lora_engine,
+                    f"{rep}/{name}-{i}",
+                    PROMPTS[i],
+                    temperature=0.0,
+                    max_tokens=10,
+                    adapter=lora_engine.refs[name],
                 )
     busy.wait()
     for rep in range(2):
@@ -60,8 +74,15 @@ def test_adapters_alone_equal_adapters_in_a_32_row_mixed_batch(lora_engine):
 
 def test_unknown_adapter_fails_only_its_request(lora_engine):
     c = Collector()
-    c.submit(lora_engine, "bad", PROMPTS[0], max_tokens=4, adapter="nope")
-    c.submit(lora_engine, "good", PROMPTS[0], max_tokens=4, adapter="a")
+    good = lora_engine.refs["a"].weights
+    too_wide = {
+        k: ModuleLoRA(torch.zeros(17, m.a.shape[1]), torch.zeros(m.b.shape[0], 17))
+        for k, m in good.modules.items()
+    }
+    bad = AdapterRef("nope", dataclasses.replace(good, modules=too_wide))  # rank 17 > the slots' 16
+    c.submit(lora_engine, "bad", PROMPTS[0], max_tokens=4, adapter=bad)
+    c.submit(lora_engine, "good", PROMPTS[0], max_tokens=4, adapter=lora_engine.refs["a"])
     c.wait()
     assert c.finish("bad") == FinishReason.ERROR and "nope" in c.events["bad"][-1].error
     assert c.finish("good") == FinishReason.LENGTH
+    assert "nope" not in lora_engine.adapters.resident and lora_engine.adapters.stats.load_failures == 1

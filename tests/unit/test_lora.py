@@ -23,11 +23,15 @@ SPECS = {  # name: (rank, target modules) - mixed ranks and targets
 }
 
 
+TENANT = "t"
+
+
 @pytest.fixture(scope="session")
 def adapter_root(tiny_model_dir, tmp_path_factory):
+    """A store with one tenant "t" holding the SPECS adapters."""
     root = tmp_path_factory.mktemp("adapters")
     for i, (name, (rank, targets)) in enumerate(SPECS.items()):
-        make_adapter(tiny_model_dir, root / name, rank, targets, seed=100 + i)
+        make_adapter(tiny_model_dir, root / TENANT / name, rank, targets, seed=100 + i)
     return root
 
 
@@ -49,15 +53,26 @@ def runner_with_cache(tiny_model_dir, adapter_root, slots=4, quant=False):
         model, num_slots=8, max_len=128, dtype=torch.float32, max_loras=slots, max_lora_rank=16
     )
     shapes = {p: (m.in_features, m.out_features) for p, m in runner.lora_layers.items()}
-    registry = AdapterRegistry(adapter_root, shapes, max_rank=16)
-    return runner, AdapterCache(runner.lora_layers, slots, registry.load), registry
+    registry = AdapterRegistry(adapter_root, [TENANT], shapes, max_rank=16)
+    return runner, NamedCache(runner.lora_layers, slots, registry), registry
+
+
+class NamedCache(AdapterCache):
+    """The cache with adapters of tenant "t" addressed by name (the engine passes key and weights)."""
+
+    def __init__(self, layers, slots, registry):
+        super().__init__(layers, slots)
+        self.registry = registry
+
+    def acquire(self, name, weights=None):
+        return super().acquire(name, weights or self.registry.weights(self.registry.get(TENANT, name))[1])
 
 
 def peft_reference(tiny_model_dir, adapter_root, name, ids, quant=False):
     from peft import PeftModel
 
     base = load_base(tiny_model_dir, quant)
-    model = PeftModel.from_pretrained(base, adapter_root / name).eval() if name else base.eval()
+    model = PeftModel.from_pretrained(base, adapter_root / TENANT / name).eval() if name else base.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
 
@@ -88,7 +103,7 @@ def test_lru_eviction_pins_and_base_unchanged(tiny_model_dir, adapter_root, tmp_
     root = tmp_path / "store"
     shutil.copytree(adapter_root, root)
     for i in range(20):
-        shutil.copytree(root / "attn8", root / f"copy{i}")
+        shutil.copytree(root / TENANT / "attn8", root / TENANT / f"copy{i}")
     runner, cache, _ = runner_with_cache(tiny_model_dir, root, slots=2)
     before = runner.prefill(0, [3, 4, 5], 0).clone()
     a = cache.acquire("attn8")
@@ -118,10 +133,9 @@ def test_all_slots_pinned_means_wait(tiny_model_dir, adapter_root):
 
 def _broken(adapter_root, tmp_path, name, mutate):
     root = tmp_path / "store"
-    if not root.exists():
-        root.mkdir()
-    shutil.copytree(adapter_root / "attn8", root / name)
-    mutate(root / name)
+    (root / TENANT).mkdir(parents=True, exist_ok=True)
+    shutil.copytree(adapter_root / TENANT / "attn8", root / TENANT / name)
+    mutate(root / TENANT / name)
     return root
 
 
@@ -150,29 +164,48 @@ def test_bad_adapters_are_refused_with_the_reason(tiny_model_dir, adapter_root, 
     root = _broken(adapter_root, tmp_path, "bad", mutate)
     _, _, registry = runner_with_cache(tiny_model_dir, root)
     with pytest.raises(AdapterError, match=message):
-        registry.load("bad")
+        registry.load(TENANT, "bad")
+    assert registry.get(TENANT, "bad") is not None  # found in the store: its requests get the 400
 
 
 def test_rank_over_maximum_and_foreign_base_are_refused(tiny_model_dir, adapter_root, tmp_path, tokenizer):
     runner, _, _ = runner_with_cache(tiny_model_dir, adapter_root)
     shapes = {p: (m.in_features, m.out_features) for p, m in runner.lora_layers.items()}
     with pytest.raises(AdapterError, match="exceeds"):
-        AdapterRegistry(adapter_root, shapes, max_rank=8).load("all16")
+        AdapterRegistry(adapter_root, [TENANT], shapes, max_rank=8).load(TENANT, "all16")
     wrong = {p: (i + 1, o) for p, (i, o) in shapes.items()}
-    with pytest.raises(AdapterError, match="another base model"):
-        AdapterRegistry(adapter_root, wrong, max_rank=16).load("attn8")
+    with pytest.raises(AdapterError, match="base model mismatch"):
+        AdapterRegistry(adapter_root, [TENANT], wrong, max_rank=16).load(TENANT, "attn8")
     fewer = {p: s for p, s in shapes.items() if "layers.1." not in p}
     with pytest.raises(AdapterError, match="does not exist"):
-        AdapterRegistry(adapter_root, fewer, max_rank=16).load("attn8")
+        AdapterRegistry(adapter_root, [TENANT], fewer, max_rank=16).load(TENANT, "attn8")
 
 
 def test_paths_outside_the_store_are_refused(tiny_model_dir, adapter_root, tmp_path):
     root = tmp_path / "store"
-    root.mkdir()
-    os.symlink(adapter_root / "attn8", root / "escape")  # a symlink out of the store
+    (root / TENANT).mkdir(parents=True)
+    (root / "u").mkdir()
+    shutil.copytree(adapter_root / TENANT / "attn8", root / "u" / "theirs")
+    os.symlink(adapter_root / TENANT / "attn8", root / TENANT / "escape")  # a symlink out of the store
+    os.symlink(root / "u" / "theirs", root / TENANT / "borrowed")  # into another tenant's store
+    (root / TENANT / "linked").mkdir()
+    shutil.copy(adapter_root / TENANT / "attn8" / "adapter_config.json", root / TENANT / "linked")
+    os.symlink(
+        adapter_root / TENANT / "attn8" / "adapter_model.safetensors",
+        root / TENANT / "linked" / "adapter_model.safetensors",
+    )
     _, _, registry = runner_with_cache(tiny_model_dir, root)
-    with pytest.raises(AdapterError, match="outside"):
-        registry.load("escape")
+    registry.tenants = [TENANT, "u"]
+    for name in ("escape", "borrowed"):
+        with pytest.raises(AdapterError, match="outside"):
+            registry.load(TENANT, name)
+        assert registry.get(TENANT, name) is None and name not in [e.name for e in registry.list(TENANT)]
+    with pytest.raises(AdapterError, match="links outside"):
+        registry.weights(registry.get(TENANT, "linked"))
+    for path in ("../u/theirs", str(root / "u" / "theirs"), "/etc", "../../x"):
+        with pytest.raises(AdapterError, match="outside"):
+            registry.load(TENANT, "x", path=path)
     for name in ("../attn8", "a/b", ".."):
-        with pytest.raises(AdapterError, match="not found"):
-            registry.load(name)
+        with pytest.raises(AdapterError, match="invalid adapter name"):
+            registry.load(TENANT, name)
+        assert registry.get(TENANT, name) is None

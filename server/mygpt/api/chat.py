@@ -31,6 +31,7 @@ from mygpt.api.protocol import (
 )
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.types import (
+    AdapterRef,
     EngineNotRunning,
     EngineOverloaded,
     FinishReason,
@@ -41,6 +42,9 @@ from mygpt.engine.types import (
 )
 from mygpt.lora.registry import AdapterRegistry
 from mygpt.lora.weights import AdapterError
+from mygpt.tenancy.auth import Principal
+from mygpt.tenancy.limits import RateLimited
+from mygpt.tenancy.tenants import Tenants, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,11 @@ class ChatService:
         tokenizer: Any,
         model_name: str,
         limits: ChatLimits,
+        tenants: Tenants,
         adapters: AdapterRegistry | None = None,
     ):
         self.engine = engine
+        self.tenants = tenants
         self.adapters = adapters
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -71,33 +77,54 @@ class ChatService:
         self.vocab_size = len(tokenizer)
 
     # ------------------------------------------------------------------ request -> engine
-    async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
-        """Validates the request and builds the engine request; every refusal is an APIError (4xx)."""
-        adapter = await self._resolve_model(req.model)
+    async def prepare(
+        self, principal: Principal, req: ChatCompletionRequest
+    ) -> tuple[GenerationRequest, Ticket]:
+        """Validates the request, takes the tenant's limits and builds the engine request; every refusal
+        is an APIError (4xx). The ticket must reach submit() or be finished by the caller."""
+        adapter = await self._resolve_model(principal, req.model)
         self._refuse_unsupported(req)
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
-        prompt_ids = await asyncio.to_thread(self._render, messages)
-        params = self._sampling_params(req, len(prompt_ids))
-        return GenerationRequest(
+        try:
+            ticket = self.tenants.admit(principal, req.model)
+        except RateLimited as exc:
+            raise APIError(
+                429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": exc.retry_after}
+            ) from exc
+        try:
+            prompt_ids = await asyncio.to_thread(self._render, messages)
+            params = self._sampling_params(req, len(prompt_ids))
+        except BaseException:
+            ticket.finish(None)  # bad input: not usage
+            raise
+        ticket.charge(len(prompt_ids))
+        gen = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params, adapter=adapter
         )
+        return gen, ticket
 
-    def model_ids(self) -> list[str]:
-        """The base model, then every adapter in the store."""
-        return [self.model_name] + (self.adapters.names() if self.adapters else [])
+    def model_ids(self, principal: Principal) -> list[str]:
+        """The base model, then the adapters the caller may use (an admin sees "<tenant>/<name>")."""
+        if self.adapters is None:
+            return [self.model_name]
+        entries = self.adapters.list(principal.tenant)
+        return [self.model_name] + [e.name if principal.tenant else f"{e.tenant}/{e.name}" for e in entries]
 
-    async def _resolve_model(self, model: str) -> str | None:
-        """None for the base model, the adapter name for an adapter (its weights read and validated
-        here, off the engine thread); 404 for anything else (D3: never a silent base-model answer)."""
+    async def _resolve_model(self, principal: Principal, model: str) -> AdapterRef | None:
+        """None for the base model; for an adapter of the caller's, its current version with weights
+        read and validated here, off the engine thread; 404 for anything else, another tenant's
+        adapter included (D3: never a silent base-model answer)."""
         if model == self.model_name:
             return None
-        if self.adapters is None or not self.adapters.exists(model):
+        tenant, name = (principal.tenant, model) if principal.tenant else (model.partition("/")[::2])
+        entry = self.adapters.get(tenant, name) if self.adapters is not None and tenant and name else None
+        if entry is None:
             raise model_not_found(model)
         try:
-            await asyncio.to_thread(self.adapters.load, model)
+            entry, weights = await asyncio.to_thread(self.adapters.weights, entry)
         except AdapterError as exc:
             raise invalid(str(exc), param="model", code="invalid_adapter") from exc
-        return model
+        return AdapterRef(entry.key, weights)
 
     def _refuse_unsupported(self, req: ChatCompletionRequest) -> None:
         # B2: honoured or refused with the parameter named, never silently ignored
@@ -179,27 +206,39 @@ class ChatService:
             n=req.n or 1,
         )
 
-    def submit(self, gen: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def _submit(self, gen: GenerationRequest, ticket: Ticket) -> AsyncIterator[TokenEvent]:
+        """Queues the request; its ticket is finished with the usage when the engine ends it."""
+
+        def done(finals: list[TokenEvent]) -> None:
+            ticket.finish(_outcome(finals), len(gen.prompt_ids), sum(e.completion_tokens for e in finals))
+
         try:
-            return self.engine.submit(gen)
+            return self.engine.submit(gen, on_done=done)
         except EngineOverloaded as exc:
+            ticket.finish("rejected")
             raise APIError(
                 429, "The server is at capacity; retry shortly.", code="rate_limit_exceeded",
                 headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
             ) from exc  # fmt: skip
         except EngineNotRunning as exc:
+            ticket.finish("rejected")
             raise APIError(
                 503, "The server is not ready.", code="not_ready", headers={"Retry-After": "5"}
             ) from exc
+        except BaseException:
+            ticket.finish("error")
+            raise
 
     # ------------------------------------------------------------------ engine -> response
-    async def complete(self, req: ChatCompletionRequest, gen: GenerationRequest) -> ChatCompletion:
+    async def complete(
+        self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket
+    ) -> ChatCompletion:
         """Runs a request to the end and returns the whole completion."""
         n = gen.params.n
         texts, reasons = [[] for _ in range(n)], [None] * n
         logprobs: list[list[TokenLogprobOut]] = [[] for _ in range(n)]
         completion = [0] * n
-        events = self.submit(gen)
+        events = self._submit(gen, ticket)
         async with contextlib.aclosing(events):
             async for ev in events:
                 if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
@@ -222,9 +261,11 @@ class ChatService:
             id=gen.request_id, model=req.model, choices=choices, usage=_usage(gen, sum(completion))
         )
 
-    async def stream(self, req: ChatCompletionRequest, gen: GenerationRequest) -> AsyncIterator[str]:
+    async def stream(
+        self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket
+    ) -> AsyncIterator[str]:
         """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10)."""
-        events = self.submit(gen)  # before the first byte: overload is still a real 429
+        events = self._submit(gen, ticket)  # before the first byte: overload is still a real 429
         return self._stream(req, gen, events)
 
     async def _stream(self, req, gen, events) -> AsyncIterator[str]:
@@ -293,6 +334,15 @@ def _usage(gen: GenerationRequest, completion_tokens: int) -> Usage:
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
     )
+
+
+def _outcome(finals: list[TokenEvent]) -> str:
+    reasons = {e.finish_reason for e in finals}
+    if FinishReason.ERROR in reasons:
+        return "error"
+    if FinishReason.ABORT in reasons:
+        return "cancelled"
+    return "length" if FinishReason.LENGTH in reasons else "stop"
 
 
 def _error_payload(message: str) -> str:

@@ -173,3 +173,35 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# ----------------------------------------------------------------------------- admin and usage
+
+
+class LoadAdapterRequest(BaseModel):
+    """POST /v1/admin/adapters: register (and validate) an adapter of a tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str
+    name: str
+    path: str | None = Field(
+        None, description="inside adapters/<tenant>/ (relative or absolute); default: name"
+    )
+    replace: bool = Field(False, description="load a new version under a taken name")
+    pinned: bool = Field(False, description="keep it resident on the device, never evicted")
+
+
+class VLLMLoadLoRARequest(_Lenient):
+    """vLLM's POST /v1/load_lora_adapter body; `lora_name` may be "<tenant>/<name>"."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+    tenant: str | None = None
+
+
+class VLLMUnloadLoRARequest(_Lenient):
+    lora_name: str
+    lora_int_id: int | None = None
+    tenant: str | None = None

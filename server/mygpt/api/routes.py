@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from mygpt.api.auth import caller
 from mygpt.api.chat import ChatService
 from mygpt.api.errors import APIError, model_not_found
 from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 from mygpt.state import ServerState
+from mygpt.tenancy.auth import Principal
 
 router = APIRouter()
 
@@ -45,15 +47,15 @@ async def ready(request: Request) -> Response:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> ModelList:
+async def list_models(request: Request, principal: Principal = Depends(caller)) -> ModelList:
     chat = _chat(request)
-    return ModelList(data=[_card(request, chat, m) for m in chat.model_ids()])
+    return ModelList(data=[_card(request, chat, m) for m in chat.model_ids(principal)])
 
 
 @router.get("/v1/models/{model:path}")
-async def get_model(model: str, request: Request) -> ModelCard:
+async def get_model(model: str, request: Request, principal: Principal = Depends(caller)) -> ModelCard:
     chat = _chat(request)
-    if model not in chat.model_ids():
+    if model not in chat.model_ids(principal):
         raise model_not_found(model)
     return _card(request, chat, model)
 
@@ -67,17 +69,19 @@ def _card(request: Request, chat: ChatService, model: str) -> ModelCard:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, principal: Principal = Depends(caller)
+) -> ChatCompletion | Response:
     chat = _chat(request)
-    gen = await chat.prepare(body)
+    gen, ticket = await chat.prepare(principal, body)
     if body.stream:
-        payloads = await chat.stream(body, gen)
+        payloads = await chat.stream(body, gen, ticket)
         keepalive = _state(request).settings.keepalive_s
         return EventSourceResponse(
             _as_events(payloads), sep="\n", ping=keepalive,
             ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
         )  # fmt: skip
-    return await _until_disconnected(request, chat.complete(body, gen))
+    return await _until_disconnected(request, chat.complete(body, gen, ticket))
 
 
 async def _as_events(payloads):

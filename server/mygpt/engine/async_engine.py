@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from mygpt.engine.engine import Engine
 from mygpt.engine.types import GenerationRequest, TokenEvent
@@ -16,15 +16,24 @@ class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def submit(
+        self, request: GenerationRequest, on_done: Callable[[list[TokenEvent]], None] | None = None
+    ) -> AsyncIterator[TokenEvent]:
         """Queues the request now (raising EngineOverloaded at once) and returns its event stream.
 
-        Leaving the iterator early (client disconnect, cancellation) aborts the request.
+        Leaving the iterator early (client disconnect, cancellation) aborts the request. `on_done` gets
+        the final event of every choice, from the engine thread, however the request ends (finished,
+        aborted, failed), whether or not anybody still reads the stream: accounting hangs on it.
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        finals: list[TokenEvent] = []
 
         def on_event(event: TokenEvent) -> None:
+            if event.finish_reason is not None and on_done is not None:
+                finals.append(event)
+                if len(finals) == request.params.n:
+                    on_done(sorted(finals, key=lambda e: e.index))
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 

@@ -24,6 +24,7 @@ from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from mygpt.engine.sampling import RowSampler, sample
 from mygpt.engine.types import (
+    AdapterRef,
     EngineNotRunning,
     EngineOverloaded,
     FinishReason,
@@ -161,6 +162,16 @@ class Engine(EngineThread):
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
 
+    def pin_adapter(self, ref: AdapterRef, done: Callable[[Exception | None], None]) -> None:
+        """Makes an adapter resident for good (never evicted); `done` is called from the engine thread."""
+        self._inbox.put(("pin", (ref, done)))
+        self._wakeup.set()
+
+    def retire_adapter(self, key: str) -> None:
+        """An adapter version is no longer routable: its slot is freed once its requests have finished."""
+        self._inbox.put(("retire", key))
+        self._wakeup.set()
+
     @property
     def num_waiting(self) -> int:
         return self._num_waiting
@@ -200,8 +211,28 @@ class Engine(EngineThread):
                 self._callbacks[request.request_id] = on_event
                 self._open_choices[request.request_id] = request.params.n
                 self._waiting.append((request, on_event))
-            else:
+            elif kind == "abort":
                 self._abort(payload)
+            elif kind == "pin":
+                self._pin(*payload)
+            elif kind == "retire" and self.adapters is not None:
+                self.adapters.retire(payload)
+
+    def _pin(self, ref: AdapterRef, done: Callable[[Exception | None], None]) -> None:
+        error: Exception | None = None
+        if self.adapters is None:
+            error = RuntimeError("this server has no adapter slots (max_loras=0)")
+        elif not self.adapters.can_acquire(ref.key):
+            error = RuntimeError("every adapter slot is in use or pinned")
+        else:
+            try:
+                self.adapters.pin(ref.key, ref.weights)
+            except Exception as exc:
+                error = exc
+        try:
+            done(error)
+        except Exception:
+            log.debug("pin callback failed", exc_info=True)
 
     def step(self) -> None:
         """One engine step: 1. admit, 2. plan prefill chunks within the token budget, 3. one forward
@@ -230,19 +261,20 @@ class Engine(EngineThread):
         while self._waiting and len(self._free_slots) >= self._waiting[0][0].params.n:
             request, on_event = self._waiting[0]
             lora_slot = -1
-            if request.adapter is not None:
+            ref = request.adapter
+            if ref is not None:
                 if self.adapters is None:
                     self._drop_waiting(request, "this server has no adapter slots (max_loras=0)")
                     continue
-                if not self.adapters.can_acquire(request.adapter):
+                if not self.adapters.can_acquire(ref.key):
                     return  # every adapter slot is in use: wait for one to be released
                 try:
-                    lora_slot = self.adapters.acquire(request.adapter)
+                    lora_slot = self.adapters.acquire(ref.key, ref.weights)
                 except Exception as exc:  # a bad adapter fails its own request only
-                    self._drop_waiting(request, f"adapter '{request.adapter}' failed to load: {exc}")
+                    self._drop_waiting(request, f"adapter '{ref.key}' failed to load: {exc}")
                     continue
                 for _ in range(request.params.n - 1):
-                    self.adapters.acquire(request.adapter)  # one pin per row
+                    self.adapters.acquire(ref.key, ref.weights)  # one pin per row
             self._waiting.popleft()
             with self._lock:
                 self._num_waiting -= 1
@@ -342,7 +374,7 @@ class Engine(EngineThread):
         row.finished = True
         row.next_token = None
         if row.request.adapter is not None and self.adapters is not None:
-            self.adapters.release(row.request.adapter)
+            self.adapters.release(row.request.adapter.key)
         self._free_slots.append(row.slot)
         self._free_slots.sort(reverse=True)
 

@@ -6,6 +6,7 @@ sampling and stop handling, but no batching, the HF dynamic cache and peft's set
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -17,7 +18,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.engine import EngineThread
-from mygpt.engine.types import EngineOverloaded, FinishReason, GenerationRequest, TokenEvent
+from mygpt.engine.types import AdapterRef, EngineOverloaded, FinishReason, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,13 @@ class NaiveEngine(EngineThread):
     """Same contract as Engine (submit, abort, alive, stalled), generate() underneath."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, eos_token_ids, max_len: int, adapters=None, max_waiting=256
+        self, model: Any, tokenizer: Any, eos_token_ids, max_len: int, adapters: bool = False, max_waiting=256
     ):
         self.model = model  # a PeftModel when adapters are given
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.max_len = max_len
-        self.adapters = adapters  # AdapterRegistry: name -> directory
+        self.adapters = adapters  # serve adapters (peft's load_adapter + set_adapter per request)
         self.max_waiting = max_waiting
         self._queue: queue.Queue = queue.Queue()
         self._aborted: set[str] = set()
@@ -151,21 +152,23 @@ class NaiveEngine(EngineThread):
         if state["done"] is None:
             on_event(_final(request, index, FinishReason.ABORT if rid in aborted else FinishReason.LENGTH))
 
-    def _select_adapter(self, name: str | None) -> None:
-        if self.adapters is None:
-            if name is not None:
+    def _select_adapter(self, ref: AdapterRef | None) -> None:
+        if not self.adapters:
+            if ref is not None:
                 raise ValueError("no adapters on this server")
             return
         from peft import PeftModel
 
-        if name is None:
+        if ref is None:
             self._base_mode(True)
             return
+        name = "a" + hashlib.sha1(ref.key.encode()).hexdigest()[:16]  # peft names cannot hold "." or "/"
+        path = ref.weights.path
         if not isinstance(self.model, PeftModel):
-            self.model = PeftModel.from_pretrained(self.model, self.adapters.root / name, adapter_name=name)
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
             self._loaded.add(name)
         elif name not in self._loaded:
-            self.model.load_adapter(self.adapters.root / name, adapter_name=name)
+            self.model.load_adapter(path, adapter_name=name)
             self._loaded.add(name)
         self._base_mode(False)
         self.model.set_adapter(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FinishReason(str, enum.Enum):
@@ -33,11 +34,20 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """One version of an adapter: a unique key and its validated host weights (read off the engine
+    thread). The engine copies the weights into a device slot when the request is admitted."""
+
+    key: str  # "<tenant>/<name>@<version>": a new version is a new key
+    weights: Any = field(repr=False, compare=False)  # mygpt.lora.weights.LoRAWeights
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: str | None = None  # None = the base model
+    adapter: AdapterRef | None = None  # None = the base model
 
 
 @dataclass(frozen=True)

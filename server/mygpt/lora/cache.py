@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass
 
 from mygpt.lora.layers import LoRALinear
@@ -23,89 +23,120 @@ class CacheStats:
 
 
 class AdapterCache:
-    """Which adapter sits in which slot. Policy (LRU, pins) here; the copy into slots is LoRALinear's.
+    """Which adapter version (key) sits in which slot. Policy (LRU, pins) here; the copy into slots is
+    LoRALinear's.
 
-    acquire() pins an adapter (loading it, evicting the least recently used unpinned one if all slots
-    are taken); release() unpins. An adapter in use is never evicted. Only the engine thread calls it.
+    acquire() pins a key (copying its weights into a slot, evicting the least recently used unpinned
+    key if all slots are taken); release() unpins. A key in use is never evicted; a pinned adapter
+    (pin()) never. retire() drops a key as soon as nothing uses it (an unloaded or replaced version).
+    Only the engine thread changes it; snapshot() may be read from any thread.
     """
 
-    def __init__(self, layers: dict[str, LoRALinear], num_slots: int, loader: Callable[[str], LoRAWeights]):
+    def __init__(self, layers: dict[str, LoRALinear], num_slots: int):
         self.layers = layers
         self.num_slots = num_slots
-        self.loader = loader
         self.stats = CacheStats()
-        self._slot: dict[str, int] = {}  # resident adapter -> slot
-        self._version: dict[str, object] = {}  # resident adapter -> the LoRAWeights object it holds
-        self._pins: collections.Counter[str] = collections.Counter()
+        self._slot: dict[str, int] = {}  # resident key -> slot
+        self._weights: dict[str, LoRAWeights] = {}  # resident key -> the weights in its slot
+        self._pins: collections.Counter[str] = collections.Counter()  # rows using the key
+        self._pinned: set[str] = set()  # pinned by configuration: never evicted
+        self._retired: set[str] = set()  # resident keys to drop once unused
         self._lru: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recent first
         self._free = list(range(num_slots - 1, -1, -1))
+        self._lock = threading.Lock()  # for snapshot() from other threads
 
     @property
     def resident(self) -> list[str]:
         return list(self._slot)
 
-    def pinned(self, name: str) -> int:
-        return self._pins[name]
+    def pinned(self, key: str) -> int:
+        return self._pins[key]
 
-    def can_acquire(self, name: str) -> bool:
-        return name in self._slot or bool(self._free) or any(self._pins[n] == 0 for n in self._slot)
+    def _evictable(self, key: str) -> bool:
+        return self._pins[key] == 0 and key not in self._pinned
 
-    def acquire(self, name: str) -> int:
-        """Pins `name` and returns its slot; raises what the loader raises (AdapterError)."""
-        if name in self._slot:
+    def can_acquire(self, key: str) -> bool:
+        return key in self._slot or bool(self._free) or any(self._evictable(k) for k in self._slot)
+
+    def acquire(self, key: str, weights: LoRAWeights) -> int:
+        """Pins `key` and returns its slot, loading `weights` into a slot if it is not resident."""
+        if key in self._slot:
             self.stats.hits += 1
         else:
             self.stats.misses += 1
-            self._load(name)
-        self._pins[name] += 1
-        self._lru.move_to_end(name)
-        return self._slot[name]
+            self._load(key, weights)
+        self._pins[key] += 1
+        self._lru.move_to_end(key)
+        return self._slot[key]
 
-    def release(self, name: str) -> None:
-        self._pins[name] -= 1
-        if self._pins[name] <= 0:
-            del self._pins[name]
+    def release(self, key: str) -> None:
+        self._pins[key] -= 1
+        if self._pins[key] <= 0:
+            del self._pins[key]
+            if key in self._retired:
+                self.evict(key)
 
-    def _load(self, name: str) -> None:
-        try:
-            weights = self.loader(name)
-        except Exception:
-            self.stats.load_failures += 1
-            raise
+    def pin(self, key: str, weights: LoRAWeights) -> int:
+        """Makes `key` resident for good (a pinned adapter)."""
+        slot = self.acquire(key, weights)
+        self.release(key)
+        self._pinned.add(key)
+        return slot
+
+    def retire(self, key: str) -> None:
+        """`key` is no longer routable: evict it now if unused, else when its last row finishes."""
+        self._pinned.discard(key)
+        if key in self._slot and not self.evict(key):
+            self._retired.add(key)
+
+    def _load(self, key: str, weights: LoRAWeights) -> None:
         if not self._free:
             self._evict_lru()
         slot = self._free.pop()
-        for path, layer in self.layers.items():
-            m = weights.modules.get(path)
-            layer.set_slot(slot, m.a if m else None, m.b if m else None)
-        self._slot[name] = slot
-        self._version[name] = weights
-        self._lru[name] = None
+        try:
+            for path, layer in self.layers.items():
+                m = weights.modules.get(path)
+                layer.set_slot(slot, m.a if m else None, m.b if m else None)
+        except Exception:
+            self.stats.load_failures += 1
+            for layer in self.layers.values():
+                layer.set_slot(slot, None, None)
+            self._free.append(slot)
+            raise
+        with self._lock:
+            self._slot[key] = slot
+            self._weights[key] = weights
+        self._lru[key] = None
         self.stats.loads += 1
         log.info(
-            "adapter %s loaded into slot %d (rank %d, %.1f MB)",
-            name,
-            slot,
-            weights.rank,
-            weights.nbytes / 1e6,
+            "adapter %s loaded into slot %d (rank %d, %.1f MB)", key, slot, weights.rank, weights.nbytes / 1e6
         )
 
     def _evict_lru(self) -> None:
-        victim = next((n for n in self._lru if self._pins[n] == 0), None)
+        victim = next((k for k in self._lru if self._evictable(k)), None)
         if victim is None:
             raise RuntimeError("every adapter slot is in use")  # callers check can_acquire first
         self.evict(victim)
 
-    def evict(self, name: str) -> bool:
-        """Frees the slot of an unpinned adapter; False if it is in use or not resident."""
-        if name not in self._slot or self._pins[name] > 0:
+    def evict(self, key: str) -> bool:
+        """Frees the slot of an unused, unpinned key; False if it is in use, pinned or not resident."""
+        if key not in self._slot or not self._evictable(key):
             return False
-        slot = self._slot.pop(name)
-        self._version.pop(name, None)
-        del self._lru[name]
+        with self._lock:
+            slot = self._slot.pop(key)
+            self._weights.pop(key, None)
+        self._retired.discard(key)
+        del self._lru[key]
         for layer in self.layers.values():
             layer.set_slot(slot, None, None)
         self._free.append(slot)
         self.stats.evictions += 1
-        log.info("adapter %s evicted from slot %d", name, slot)
+        log.info("adapter %s evicted from slot %d", key, slot)
         return True
+
+    def snapshot(self) -> dict[str, dict]:
+        """key -> {slot, in_use (rows), pinned}: for the admin API (any thread)."""
+        with self._lock:
+            slots = dict(self._slot)
+        pins, pinned = dict(self._pins), set(self._pinned)
+        return {k: {"slot": s, "in_use": pins.get(k, 0), "pinned": k in pinned} for k, s in slots.items()}

@@ -1,64 +1,257 @@
-"""The adapter store on disk: names -> validated host weights (single-flight, small host cache)."""
+"""The adapter store on disk and what is routable: (tenant, name) -> a validated, versioned adapter.
+
+Store layout: `<root>/<tenant>/<name>/` in peft format (safetensors only). A directory that appears
+in a tenant's store is found on the next lookup; the admin API loads (a path under another name),
+replaces (a new version under a taken name) and unloads. Every version has its own key
+"<tenant>/<name>@<version>": the engine keeps an old version resident while requests still use it, and
+drops it once they have finished (`on_retire`). Reading and validating happen here, off the engine
+thread; concurrent reads of one adapter make one read.
+"""
 
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError, LoRAWeights, read_adapter
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class AdapterConflict(AdapterError):
+    """A different adapter already has this name: replacing it must be asked for."""
+
+
+@dataclass
+class AdapterEntry:
+    tenant: str
+    name: str
+    path: Path  # the directory, resolved, inside <root>/<tenant>/
+    version: int
+    source: str  # "store" (found on disk), "config" or "api"
+    pinned: bool = False  # resident at all times (never evicted)
+    created: int = field(default_factory=lambda: int(time.time()))
+    stamp: int | None = None  # the files' change times when `weights` was read
+    weights: LoRAWeights | None = None  # host copy, validated; dropped when the host cache is full
+
+    @property
+    def key(self) -> str:
+        return f"{self.tenant}/{self.name}@{self.version}"
+
+    def info(self) -> dict:
+        w = self.weights
+        return {
+            "tenant": self.tenant,
+            "name": self.name,
+            "path": str(self.path),
+            "version": self.version,
+            "source": self.source,
+            "pinned": self.pinned,
+            "created": self.created,
+            "rank": w.rank if w else None,
+            "size_bytes": w.nbytes if w else None,
+            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in w.modules}) if w else None,
+        }
 
 
 class AdapterRegistry:
-    """Adapters are directories `<root>/<name>/` in peft format (safetensors only).
-
-    load() validates and reads them into host memory, outside the generation loop; concurrent loads
-    of one adapter make one read; a changed weights file is read again.
-    """
-
     def __init__(
-        self, root: Path, module_shapes: dict[str, tuple[int, int]], max_rank: int, host_cache: int = 64
+        self,
+        root: Path,
+        tenants: Iterable[str],
+        module_shapes: dict[str, tuple[int, int]],
+        max_rank: int,
+        host_cache: int = 64,
     ):
         self.root = Path(root)
+        self.tenants = list(tenants)
         self.module_shapes = module_shapes
         self.max_rank = max_rank
-        self._host: collections.OrderedDict[str, tuple[float, LoRAWeights]] = collections.OrderedDict()
-        self._host_cache = host_cache
-        self._locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
-        self._guard = threading.Lock()
+        self.host_cache = host_cache
+        self.on_retire: Callable[[str], None] = lambda key: None  # set by the server: engine.retire
+        self._entries: dict[tuple[str, str], AdapterEntry] = {}
+        self._hidden: set[tuple[str, str]] = set()  # unloaded store adapters, not to be found again
+        self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()  # keys with weights
+        self._lock = threading.RLock()
+        self._flights: dict[tuple[str, str], threading.RLock] = collections.defaultdict(threading.RLock)
 
-    def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if _NAME.match(p.name) and (p / CONFIG).is_file())
+    # ------------------------------------------------------------------ lookups (any thread)
+    def store_of(self, tenant: str) -> Path:
+        return self.root / tenant
 
-    def exists(self, name: str) -> bool:
-        return bool(_NAME.match(name)) and (self.root / name / CONFIG).is_file()
+    def get(self, tenant: str, name: str) -> AdapterEntry | None:
+        """The routable adapter `name` of `tenant`, finding it in the store if it just appeared."""
+        if tenant not in self.tenants or not ADAPTER_NAME.match(name):
+            return None
+        with self._lock:
+            entry = self._entries.get((tenant, name))
+            if entry is None and (tenant, name) not in self._hidden:
+                entry = self._discover(tenant, name)
+            elif entry is not None and entry.source == "store" and not (entry.path / CONFIG).is_file():
+                self._remove(entry)  # deleted from the store
+                entry = None
+            return entry
 
-    def load(self, name: str) -> LoRAWeights:
-        if not self.exists(name):
-            raise AdapterError(f"adapter '{name}' not found")
-        with self._guard:
-            lock = self._locks[name]
-        with lock:  # single flight per adapter
-            path = self.root / name
-            stamp = _stamp(path)
-            cached = self._host.get(name)
-            if cached is not None and cached[0] == stamp:
-                self._host.move_to_end(name)
-                return cached[1]
-            weights = read_adapter(name, path, self.module_shapes, self.max_rank, root=self.root)
-            self._host[name] = (stamp, weights)
-            while len(self._host) > self._host_cache:
-                self._host.popitem(last=False)
-            return weights
+    def list(self, tenant: str | None = None) -> list[AdapterEntry]:
+        """Routable adapters of `tenant` (of every tenant when None), sorted by tenant and name."""
+        tenants = self.tenants if tenant is None else [tenant]
+        out = []
+        for t in tenants:
+            names = {n for (tt, n) in list(self._entries) if tt == t}
+            store = self.store_of(t)
+            if store.is_dir():
+                names |= {p.name for p in store.iterdir() if ADAPTER_NAME.match(p.name)}
+            out += [e for n in sorted(names) if (e := self.get(t, n)) is not None]
+        return out
+
+    def _discover(self, tenant: str, name: str) -> AdapterEntry | None:
+        path = self.store_of(tenant) / name
+        if not (path / CONFIG).is_file() or not self._inside(tenant, path):
+            return None
+        entry = AdapterEntry(tenant, name, path.resolve(), version=1, source="store")
+        self._entries[(tenant, name)] = entry
+        return entry
+
+    def _inside(self, tenant: str, path: Path) -> bool:
+        real, store = path.resolve(), self.store_of(tenant).resolve()
+        return store in real.parents
+
+    # ------------------------------------------------------------------ weights (off the engine thread)
+    def weights(self, entry: AdapterEntry) -> tuple[AdapterEntry, LoRAWeights]:
+        """Reads and validates the entry's files (once per version; again when they change on disk,
+        which makes a new version). Returns the current entry and its weights; AdapterError if bad."""
+        with self._flights[(entry.tenant, entry.name)]:  # single flight per adapter
+            with self._lock:
+                entry = self._entries.get((entry.tenant, entry.name), entry)
+            stamp = _stamp(entry.path)
+            if entry.weights is not None and entry.stamp == stamp:
+                with self._lock:
+                    if entry.key in self._host_lru:
+                        self._host_lru.move_to_end(entry.key)
+                return entry, entry.weights
+            weights = self._read(entry.tenant, entry.name, entry.path)
+            with self._lock:
+                current = self._entries.get((entry.tenant, entry.name))
+                if current is not entry:  # unloaded or replaced while we read: serve what was asked
+                    return entry, weights
+                if entry.stamp is not None and entry.stamp != stamp:  # changed on disk: a new version
+                    entry = self._new_version(entry, entry.path, entry.source)
+                entry.weights, entry.stamp = weights, stamp
+                self._remember(entry)
+            return entry, weights
+
+    def _read(self, tenant: str, name: str, path: Path) -> LoRAWeights:
+        return read_adapter(name, path, self.module_shapes, self.max_rank, root=self.store_of(tenant))
+
+    def _remember(self, entry: AdapterEntry) -> None:
+        self._host_lru[entry.key] = None
+        self._host_lru.move_to_end(entry.key)
+        while len(self._host_lru) > self.host_cache:
+            key, _ = self._host_lru.popitem(last=False)
+            for e in self._entries.values():
+                if e.key == key and not e.pinned:
+                    e.weights = None  # read again on next use (the device copy is the engine's)
+
+    # ------------------------------------------------------------------ admin (off the engine thread)
+    def load(
+        self, tenant: str, name: str, path: str | None = None, replace: bool = False, pinned: bool = False,
+        source: str = "api",
+    ) -> tuple[AdapterEntry, bool]:  # fmt: skip
+        """Validates and registers an adapter; returns (entry, changed). Same name and path: a no-op.
+        A taken name with another path raises AdapterConflict unless `replace`."""
+        if tenant not in self.tenants:
+            raise AdapterError(f"unknown tenant '{tenant}'")
+        if not ADAPTER_NAME.match(name):
+            raise AdapterError(f"invalid adapter name {name!r}: letters, digits and . _ : - (at most 128)")
+        where = self._resolve_path(tenant, name, path)
+        with self._flights[(tenant, name)]:
+            current = self.get(tenant, name)
+            if current is not None and current.path == where and not replace:
+                current, _ = self.weights(current)  # validated (read now if it never was)
+                if pinned and not current.pinned:
+                    current.pinned = True
+                    return current, True
+                return current, False
+            if current is not None and current.path != where and not replace:
+                raise AdapterConflict(
+                    f"adapter '{name}' of tenant '{tenant}' already exists (from {current.path}); "
+                    "set replace to load a new version under this name"
+                )
+            weights = self._read(tenant, name, where)  # validation: AdapterError names the problem
+            with self._lock:
+                if current is not None:
+                    entry = self._new_version(current, where, source)
+                else:
+                    entry = AdapterEntry(tenant, name, where, version=1, source=source)
+                    self._entries[(tenant, name)] = entry
+                entry.weights, entry.stamp, entry.pinned = (
+                    weights,
+                    _stamp(where),
+                    pinned or (current is not None and current.pinned),
+                )
+                self._hidden.discard((tenant, name))
+                self._remember(entry)
+            log.info("adapter %s loaded from %s (rank %d)", entry.key, where, weights.rank)
+            return entry, True
+
+    def unload(self, tenant: str, name: str) -> AdapterEntry | None:
+        """Makes the adapter unroutable at once; requests using it finish on it."""
+        with self._flights[(tenant, name)], self._lock:
+            entry = self.get(tenant, name)
+            if entry is None:
+                return None
+            self._remove(entry)
+            self._hidden.add((tenant, name))
+        log.info("adapter %s unloaded", entry.key)
+        return entry
+
+    def _resolve_path(self, tenant: str, name: str, path: str | None) -> Path:
+        store = self.store_of(tenant)
+        candidate = Path(path) if path else store / name
+        if not candidate.is_absolute():
+            # relative paths are taken inside the tenant's store ("support-v2" or "acme/support-v2")
+            parts = candidate.parts
+            candidate = (
+                store / Path(*parts[1:])
+                if parts and parts[0] == tenant and len(parts) > 1
+                else store / candidate
+            )
+        if not self._inside(tenant, candidate):
+            raise AdapterError(
+                f"adapter '{name}': path {path or name!r} is outside the adapter store of tenant '{tenant}'"
+            )
+        if not candidate.is_dir():
+            raise AdapterError(
+                f"adapter '{name}': directory {path or name!r} not found in the store of tenant '{tenant}'"
+            )
+        return candidate.resolve()
+
+    def _new_version(self, old: AdapterEntry, path: Path, source: str) -> AdapterEntry:
+        entry = AdapterEntry(old.tenant, old.name, path, old.version + 1, source, pinned=old.pinned)
+        self._entries[(old.tenant, old.name)] = entry
+        self._forget(old)
+        return entry
+
+    def _remove(self, entry: AdapterEntry) -> None:
+        self._entries.pop((entry.tenant, entry.name), None)
+        self._forget(entry)
+
+    def _forget(self, entry: AdapterEntry) -> None:
+        self._host_lru.pop(entry.key, None)
+        entry.weights = None
+        self.on_retire(entry.key)
 
 
-def _stamp(path: Path) -> float:
+def _stamp(path: Path) -> int | None:
     try:
         return (path / WEIGHTS).stat().st_mtime_ns + (path / CONFIG).stat().st_mtime_ns
     except OSError:
-        return -1.0
+        return None

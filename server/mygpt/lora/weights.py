@@ -57,6 +57,11 @@ def read_adapter(
             raise AdapterError(f"adapter '{name}': path is outside the adapter store")
     if not path.is_dir():
         raise AdapterError(f"adapter '{name}': directory {path.name!r} not found")
+    if root is not None:
+        real_root = Path(root).resolve()
+        for file in (path / CONFIG, path / WEIGHTS):
+            if file.exists() and real_root not in file.resolve().parents:
+                raise AdapterError(f"adapter '{name}': {file.name} links outside the adapter store")
     if not (path / WEIGHTS).is_file():
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         if pickled:
@@ -87,9 +92,11 @@ def read_adapter(
         in_f, out_f = module_shapes[module]
         r = a.shape[0]
         if a.shape != (r, in_f) or b.shape != (out_f, r):
+            trained_on = config.get("base_model_name_or_path") or "another base model"
             raise AdapterError(
-                f"adapter '{name}': {module} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, "
-                f"the base model needs A(r, {in_f}) B({out_f}, r): trained on another base model?"
+                f"adapter '{name}': base model mismatch: {module} has shapes A{tuple(a.shape)} "
+                f"B{tuple(b.shape)}, the served base model needs A(r, {in_f}) B({out_f}, r) "
+                f"(the adapter was trained on {trained_on})"
             )
         if r > max_rank:
             raise AdapterError(

@@ -1,0 +1,1 @@
+"""Tenants: who an API key belongs to, what it may use, its limits and its usage."""

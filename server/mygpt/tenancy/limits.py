@@ -1,0 +1,91 @@
+"""Per-tenant limits: requests per minute, tokens per minute (token buckets), concurrent requests."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from mygpt.tenancy.config import Limits
+
+
+class RateLimited(Exception):
+    """Past a limit: answer 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after(self) -> str:
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class _Bucket:
+    """A token bucket holding up to `per_minute`, refilled at per_minute/60 a second; it may go into
+    debt (tokens are charged after they are known) and then refuses until it is back above zero."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float]):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = float(per_minute)
+        self.clock = clock
+        self.stamp = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until `amount` is available (0: now)."""
+        self._refill()
+        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.level -= amount
+
+
+class TenantLimiter:
+    """The limits of one tenant. admit() before any work, charge() the prompt, release() at the end."""
+
+    def __init__(self, tenant: str, limits: Limits, clock: Callable[[], float] = time.monotonic):
+        self.tenant = tenant
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._requests = _Bucket(limits.requests_per_minute, clock) if limits.requests_per_minute else None
+        self._tokens = _Bucket(limits.tokens_per_minute, clock) if limits.tokens_per_minute else None
+        self.active = 0
+
+    def admit(self) -> None:
+        """Takes one request and one concurrency slot, or raises RateLimited (nothing taken)."""
+        with self._lock:
+            max_concurrent = self.limits.max_concurrent
+            if max_concurrent is not None and self.active >= max_concurrent:
+                raise RateLimited(
+                    f"Too many concurrent requests for this API key (limit {max_concurrent}); "
+                    "retry when one has finished.",
+                    1.0,
+                )
+            if self._requests is not None and (wait := self._requests.wait_for(1)) > 0:
+                raise RateLimited(
+                    f"Rate limit reached: {self.limits.requests_per_minute} requests per minute.", wait
+                )
+            if self._tokens is not None and (wait := self._tokens.wait_for(1e-9)) > 0:
+                raise RateLimited(
+                    f"Rate limit reached: {self.limits.tokens_per_minute} tokens per minute.", wait
+                )
+            if self._requests is not None:
+                self._requests.take(1)
+            self.active += 1
+
+    def charge(self, tokens: int) -> None:
+        if self._tokens is not None:
+            with self._lock:
+                self._tokens.take(tokens)
+
+    def release(self) -> None:
+        with self._lock:
+            self.active -= 1

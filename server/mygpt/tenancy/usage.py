@@ -1,0 +1,52 @@
+"""Usage accounting per tenant and model: tokens and requests by outcome, since the process started."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+
+OUTCOMES = ("stop", "length", "cancelled", "error", "rejected")
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "requests": {o: self.requests[o] for o in OUTCOMES},
+        }
+
+
+class UsageLedger:
+    """(tenant, model) -> Usage. Models are the ids the tenant used (the base model or its adapters)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._usage: dict[tuple[str, str], Usage] = collections.defaultdict(Usage)
+
+    def record(
+        self, tenant: str, model: str, outcome: str, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        assert outcome in OUTCOMES, outcome
+        with self._lock:
+            u = self._usage[(tenant, model)]
+            u.prompt_tokens += prompt_tokens
+            u.completion_tokens += completion_tokens
+            u.requests[outcome] += 1
+
+    def report(self, tenant: str | None = None) -> list[dict]:
+        """Rows {tenant, model, prompt_tokens, ...}; every tenant's when tenant is None."""
+        with self._lock:
+            items = sorted(self._usage.items())
+            return [
+                {"tenant": t, "model": m, **u.as_dict()}
+                for (t, m), u in items
+                if tenant is None or t == tenant
+            ]
