@@ -9,7 +9,7 @@ PORT ?= 8000
 MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test test-deploy lint format bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ serve: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the Dockerfile, the Helm chart (rendered and validated) and the compose stack, without docker or a cluster
+test-deploy: install
+	$(BIN)/python -m pytest tests/deploy
 
 lint: install
 	$(BIN)/ruff check .

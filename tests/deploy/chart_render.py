@@ -28,7 +28,7 @@ CHART = ROOT / "helm" / "mygpt"
 RENDERER_SRC = Path(__file__).resolve().parent / "helmrender" / "main.go"
 ARTIFACTS = ROOT / "test-artifacts" / "helmrender"
 GOPATH = "/usr/share/gocode"  # where Debian's golang-*-dev packages put their sources
-KUBE_VERSIONS = ("1.25.0", "1.37.0")  # the chart's kubeVersion floor, and the newest schemas we have
+KUBE_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())  # Chart.yaml's floor, and the newest
 # Kinds outside kubernetes-validate's schemas (CRDs), with the fields we check ourselves.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
@@ -49,7 +49,9 @@ class Rendered:
 
     def one(self, kind: str, name_suffix: str = "") -> dict[str, Any]:
         found = [d for d in self.all(kind) if d["metadata"]["name"].endswith(name_suffix)]
-        assert len(found) == 1, f"expected one {kind} named *{name_suffix}, got {[d['metadata']['name'] for d in found]}"
+        assert len(found) == 1, (
+            f"expected one {kind} named *{name_suffix}, got {[d['metadata']['name'] for d in found]}"
+        )
         return found[0]
 
 
@@ -165,7 +167,9 @@ def _service_monitor_errors(doc: dict[str, Any]) -> list[str]:
     spec = doc.get("spec", {})
     errors = []
     if set(doc) - {"apiVersion", "kind", "metadata", "spec"}:
-        errors.append(f"ServiceMonitor: unknown top-level fields {set(doc) - {'apiVersion', 'kind', 'metadata', 'spec'}}")
+        errors.append(
+            f"ServiceMonitor: unknown top-level fields {set(doc) - {'apiVersion', 'kind', 'metadata', 'spec'}}"
+        )
     if not spec.get("selector", {}).get("matchLabels"):
         errors.append("ServiceMonitor: spec.selector.matchLabels is empty")
     for ep in spec.get("endpoints", []):
