@@ -362,7 +362,7 @@ def test_model_cache_and_adapter_store_are_volumes(default, full):
 
 # --- keys: only from a Secret ---
 
-KEYISH = re.compile(r"(sk-[A-Za-z0-9]{16,}|sha256:[0-9a-f]{64})")
+KEYISH = re.compile(r"(\bsk-[A-Za-z0-9_-]{16,}|sha256:[0-9a-f]{64})")
 
 
 def _secret_values(r: Rendered) -> list[str]:
@@ -404,7 +404,7 @@ def test_generated_keys_are_random_and_not_in_values(default):
     (secret,) = default.all("Secret")
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     (key,) = _secret_values(default)
-    assert key.startswith("sk-") and len(key) == 43
+    assert key.startswith("sk-mygpt-") and len(key) == 52  # the shape of `mygpt keygen` keys
     assert key not in json.dumps(default.values)
     assert _secret_values(render()) != [key]
 

@@ -1,0 +1,175 @@
+"""The adapter registry (load, replace, unload, versions, single flight) and the cache's retire/pin."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+from mygpt.engine.engine import Engine
+from mygpt.engine.runner import ModelRunner
+from mygpt.engine.types import AdapterRef, FinishReason
+from mygpt.lora.cache import AdapterCache
+from mygpt.lora.registry import AdapterConflict, AdapterRegistry
+from mygpt.lora.synthetic import make_adapter
+from mygpt.lora.weights import AdapterError
+from test_engine import PROMPTS, Collector
+
+
+@pytest.fixture(scope="module")
+def tiny_runner(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return ModelRunner(model, num_slots=8, max_len=256, dtype=torch.float32, max_loras=2, max_lora_rank=16)
+
+
+@pytest.fixture
+def store(tiny_model_dir, tmp_path):
+    for i, name in enumerate(["one", "two", "three"]):
+        make_adapter(tiny_model_dir, tmp_path / "t" / name, 8, ["q_proj", "v_proj"], seed=40 + i)
+    (tmp_path / "u").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def registry(store, tiny_runner):
+    shapes = {p: (m.in_features, m.out_features) for p, m in tiny_runner.lora_layers.items()}
+    reg = AdapterRegistry(store, ["t", "u"], shapes, max_rank=16)
+    reg.retired = []
+    reg.on_retire = reg.retired.append
+    return reg
+
+
+def test_found_in_the_store_and_scoped_by_tenant(registry, store):
+    assert [e.name for e in registry.list("t")] == ["one", "three", "two"]
+    assert registry.list("u") == [] and registry.get("u", "one") is None
+    assert registry.get("nobody", "one") is None
+    shutil.copytree(store / "t" / "one", store / "u" / "mine")  # appears without a reload
+    assert [(e.tenant, e.name) for e in registry.list()] == [
+        ("t", "one"),
+        ("t", "three"),
+        ("t", "two"),
+        ("u", "mine"),
+    ]
+
+
+def test_load_replace_unload_and_versions(registry, store, tiny_model_dir):
+    entry, changed = registry.load("t", "one")
+    assert not changed and entry.version == 1 and entry.weights is not None  # found already: validated only
+    w1 = entry.weights
+    make_adapter(tiny_model_dir, store / "t" / "one-v2", 8, ["q_proj", "v_proj"], seed=99)
+    with pytest.raises(AdapterConflict, match="replace"):
+        registry.load("t", "one", path="one-v2")
+    again, changed = registry.load("t", "one", path=str(store / "t" / "one"))  # same name and path: no-op
+    assert not changed and again is entry
+    v2, changed = registry.load("t", "one", path="one-v2", replace=True)
+    assert changed and v2.version == 2 and v2.key == "t/one@2" and registry.retired == ["t/one@1"]
+    module = next(iter(w1.modules))
+    assert registry.get("t", "one") is v2 and not torch.equal(
+        v2.weights.modules[module].a, w1.modules[module].a
+    )
+    assert registry.unload("t", "one") is v2 and registry.retired[-1] == "t/one@2"
+    assert registry.get("t", "one") is None and "one" not in [e.name for e in registry.list("t")]
+    assert registry.unload("t", "one") is None
+    back, changed = registry.load("t", "one")  # loaded again, explicitly
+    assert changed and registry.get("t", "one") is back
+
+
+def test_changed_files_make_a_new_version(registry, store, tiny_model_dir):
+    entry, w1 = registry.weights(registry.get("t", "two"))
+    time.sleep(0.01)
+    make_adapter(tiny_model_dir, store / "new", 8, ["q_proj", "v_proj"], seed=7)
+    for file in (store / "new").iterdir():  # a new version copied over the old files, in place
+        shutil.copy(file, store / "t" / "two" / file.name)
+    newer, w2 = registry.weights(registry.get("t", "two"))
+    assert newer.version == entry.version + 1 and w2 is not w1 and registry.retired == [entry.key]
+
+
+def test_concurrent_loads_of_one_adapter_make_one_read(registry, monkeypatch):
+    reads = []
+    real = registry._read
+
+    def slow_read(*args):
+        reads.append(args)
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(registry, "_read", slow_read)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(registry.weights(registry.get("t", "three"))))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reads) == 1 and len({id(w) for _, w in results}) == 1
+
+
+def test_unknown_tenant_and_bad_names(registry):
+    with pytest.raises(AdapterError, match="unknown tenant"):
+        registry.load("nobody", "one")
+    with pytest.raises(AdapterError, match="not found"):
+        registry.load("t", "ghost")
+
+
+def test_retire_evicts_once_unused_and_pins_hold(tiny_runner, registry):
+    w = {n: registry.weights(registry.get("t", n))[1] for n in ("one", "two", "three")}
+    cache = AdapterCache(tiny_runner.lora_layers, 2)
+    cache.pin("one", w["one"])
+    cache.acquire("two", w["two"])
+    assert not cache.can_acquire("three")  # one pinned for good, two in use
+    cache.retire("two")
+    assert "two" in cache.resident  # still in use: stays
+    cache.release("two")
+    assert cache.resident == ["one"]  # evicted at its last release
+    cache.acquire("three", w["three"])
+    cache.release("three")
+    cache.acquire("two", w["two"])  # evicts three (LRU, unpinned), never the pinned one
+    assert set(cache.resident) == {"one", "two"}
+    assert cache.snapshot()["one"] == {"slot": cache._slot["one"], "in_use": 0, "pinned": True}
+    cache.release("two")
+    cache.retire("one")  # unloading a pinned adapter unpins it
+    assert cache.resident == ["two"]
+
+
+def test_requests_finish_on_the_version_they_started_with(
+    tiny_runner, tokenizer, registry, store, tiny_model_dir
+):
+    """D4: replacing an adapter while a request uses it: that request ends on the old weights."""
+    engine = Engine(
+        tiny_runner,
+        tokenizer,
+        [],
+        max_num_batched_tokens=64,
+        adapters=AdapterCache(tiny_runner.lora_layers, 2),
+    )
+    registry.on_retire = engine.retire_adapter
+    engine.start()
+    try:
+        v1, w1 = registry.weights(registry.get("t", "one"))
+        alone = Collector()
+        alone.submit(
+            engine, "alone", PROMPTS[0], temperature=0.0, max_tokens=60, adapter=AdapterRef(v1.key, w1)
+        )
+        alone.wait()
+        make_adapter(tiny_model_dir, store / "t" / "one-v2", 8, ["q_proj", "v_proj"], seed=5)
+        c = Collector()
+        c.submit(engine, "old", PROMPTS[0], temperature=0.0, max_tokens=60, adapter=AdapterRef(v1.key, w1))
+        while not c.events.get("old"):
+            time.sleep(0.001)
+        v2, _ = registry.load("t", "one", path="one-v2", replace=True)  # retires t/one@1 mid-request
+        _, w2 = registry.weights(v2)
+        c.submit(engine, "new", PROMPTS[0], temperature=0.0, max_tokens=60, adapter=AdapterRef(v2.key, w2))
+        c.wait()
+        assert c.finish("old") == FinishReason.LENGTH and c.tokens("old") == alone.tokens("alone")
+        assert c.tokens("new") != alone.tokens("alone")
+        time.sleep(0.05)
+        assert v1.key not in engine.adapters.resident and v2.key in engine.adapters.resident
+    finally:
+        engine.stop()
