@@ -30,6 +30,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "helmrender"
 GOPATH = "/usr/share/gocode"  # where Debian's golang-*-dev packages put their sources
 KUBE_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())  # Chart.yaml's floor, and the newest
 # Kinds outside kubernetes-validate's schemas (CRDs), with the fields we check ourselves.
+RENDER_KUBE_VERSION = "v1.30.0"  # .Capabilities.KubeVersion while rendering
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 
@@ -73,7 +74,10 @@ def renderer() -> tuple[str, Path]:
         env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH, "GOFLAGS": "",
                "GOCACHE": str(ARTIFACTS / "go-cache")}  # fmt: skip
         tmp = binary.with_suffix(f".tmp{os.getpid()}")
-        subprocess.run([go, "build", "-o", str(tmp), str(RENDERER_SRC)], env=env, check=True, timeout=300)
+        proc = subprocess.run([go, "build", "-o", str(tmp), str(RENDERER_SRC)], env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        if proc.returncode != 0:
+            pytest.fail(f"building {RENDERER_SRC.relative_to(ROOT)} failed:\n{proc.stderr}")
         tmp.rename(binary)
     return "helmrender", binary
 
@@ -92,10 +96,11 @@ def render(
     values_file.write_text(yaml.safe_dump(values or {}))
     try:
         if kind == "helm":
-            cmd = [str(exe), "template", name, str(chart), "-n", namespace, "-f", str(values_file)]
+            cmd = [str(exe), "template", name, str(chart), "-n", namespace, "-f", str(values_file),
+                   "--kube-version", RENDER_KUBE_VERSION]  # fmt: skip
         else:
             cmd = [str(exe), "-chart", str(chart), "-name", name, "-namespace", namespace, "-strict",
-                   "-values", str(values_file)]  # fmt: skip
+                   "-values", str(values_file), "-kube-version", RENDER_KUBE_VERSION]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     finally:
         values_file.unlink(missing_ok=True)

@@ -61,7 +61,7 @@ FULL_VALUES: dict[str, Any] = {
     },
     "keys": {"existingSecret": "mygpt-api-keys"},
     "hfToken": {"existingSecret": "hf", "key": "token"},
-    "gpu": {"count": 2},
+    "gpu": {"count": 1, "resourceName": "nvidia.com/mig-3g.40gb"},  # a MIG slice
     "resources": {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "96Gi"}},
     "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
@@ -231,7 +231,8 @@ def test_kinds(default, full):
 
 def test_gpu_limit(default, full):
     assert container(default)["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container(full)["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container(full)["resources"]["limits"]["nvidia.com/mig-3g.40gb"] == 1
+    assert "nvidia.com/gpu" not in container(full)["resources"]["limits"]
     assert container(full)["resources"]["limits"]["memory"] == "96Gi"
     cpu_only = render({"gpu": {"count": 0}})
     assert "nvidia.com/gpu" not in container(cpu_only)["resources"].get("limits", {})

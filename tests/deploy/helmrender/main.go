@@ -23,6 +23,7 @@ import (
 	"strings"
 	"text/template"
 
+	semver "github.com/Masterminds/semver"
 	"github.com/Masterminds/sprig"
 	yaml2 "gopkg.in/yaml.v2"
 )
@@ -280,6 +281,20 @@ func run(chartDir, name, namespace, kubeVersion string, strict bool, valueFiles,
 	}
 	if err := yaml2.UnmarshalStrict(raw, &meta); err != nil {
 		return fmt.Errorf("Chart.yaml: %w", err)
+	}
+	if meta.KubeVersion != "" {
+		// helm refuses a chart whose kubeVersion constraint the cluster does not meet
+		constraint, err := semver.NewConstraint(meta.KubeVersion)
+		if err != nil {
+			return fmt.Errorf("Chart.yaml kubeVersion: %w", err)
+		}
+		v, err := semver.NewVersion(kubeVersion)
+		if err != nil {
+			return fmt.Errorf("-kube-version: %w", err)
+		}
+		if !constraint.Check(v) {
+			return fmt.Errorf("chart requires kubeVersion: %s which is incompatible with Kubernetes %s", meta.KubeVersion, kubeVersion)
+		}
 	}
 	values, err := readValues(filepath.Join(chartDir, "values.yaml"))
 	if err != nil {
