@@ -11,9 +11,10 @@ cache[slots, :, :max_pos] with a length mask.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,10 +47,15 @@ def model_shape(config) -> ModelShape:
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
-        # calloc'd memory: the kernel maps zero pages lazily, so RSS grows only with the positions used
-        np_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(dtype)
-        if np_dtype is not None:
-            return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
+        # Anonymous mmap: the kernel maps zero pages lazily, so RSS grows only with the positions
+        # used. Without huge pages: a 2 MiB huge page per (slot, layer, head) would be zeroed on the
+        # first write to a new slot (measured: +0.2-0.9 s on that step, +360 MiB per slot here).
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes:
+            buffer = mmap.mmap(-1, nbytes)
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):
+                buffer.madvise(mmap.MADV_NOHUGEPAGE)
+            return torch.frombuffer(buffer, dtype=dtype).view(shape)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 

@@ -1,0 +1,160 @@
+"""Operations on real server processes: /ready and start-up (G1), the SIGTERM drain (G2), and a
+flooding tenant that must not slow the others down (F3)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from test_wire import assert_openai_error
+
+from conftest import ServerProcess
+from mygpt.lora.synthetic import make_adapter
+from mygpt.tenancy.config import hash_key
+
+BASE = "SmolLM2-135M-Instruct"
+ASK = [{"role": "user", "content": "Tell me about the history of Paris."}]
+
+
+def test_not_ready_when_a_pinned_adapter_fails_to_load(tiny_model_dir, tmp_path):
+    """G1: /ready stays 503 (with the reason) while /live answers, when a preloaded adapter is bad."""
+    make_adapter(tiny_model_dir, tmp_path / "store" / "acme" / "main", 8, ["q_proj"], seed=3)
+    (tmp_path / "store" / "acme" / "main" / "adapter_model.safetensors").write_bytes(b"broken")
+    config = {
+        "tenants": {"acme": {"keys": ["sk-acme-0123456789abcdef"], "adapters": {"main": {"pinned": True}}}}
+    }
+    (tmp_path / "mygpt.yaml").write_text(json.dumps(config))
+    server = ServerProcess(
+        "--model", str(tiny_model_dir), "--config", str(tmp_path / "mygpt.yaml"),
+        "--adapter-dir", str(tmp_path / "store"), name="bad-pinned",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(server.base_url + "/ready", timeout=2)
+                if "start-up failed" in r.text:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        error = assert_openai_error(r, 503, code="not_ready")
+        assert "main" in error["message"] and "corrupt" in error["message"]
+        assert httpx.get(server.base_url + "/live").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_config_errors_stop_the_start_with_the_reason(tmp_path):
+    (tmp_path / "mygpt.yaml").write_text("tenants: {Bad Name: {}}")
+    server = ServerProcess("--config", str(tmp_path / "mygpt.yaml"), name="bad-config")
+    assert server.proc.wait(60) != 0
+    assert "tenant name 'Bad Name'" in server.log()
+    server.stop()
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_0(default_checkpoint):
+    """G2: on SIGTERM /ready turns 503, new requests get 503 with Retry-After, the running stream
+    finishes whole, and the process exits 0."""
+    server = ServerProcess("--shutdown-timeout-s", "30", name="drain").wait_ready()
+    c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    stream = c.chat.completions.create(model=BASE, messages=ASK, max_tokens=120, temperature=0, stream=True)
+    chunks = [next(stream)]
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while httpx.get(server.base_url + "/ready", timeout=2).status_code == 200:
+        assert time.monotonic() < deadline, "/ready still 200 after SIGTERM"
+        time.sleep(0.02)
+    r = httpx.post(
+        server.base_url + "/v1/chat/completions", json={"model": BASE, "messages": ASK}, timeout=10
+    )
+    assert_openai_error(r, 503, code="not_ready")
+    assert int(r.headers["retry-after"]) >= 1
+    chunks += list(stream)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) >= 100
+    assert server.proc.wait(30) == 0
+    assert "draining: 1 requests in flight" in server.log()
+    server.stop()
+
+
+FLOOD = """
+import json, signal, sys, threading, openai
+url, key, workers, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+stop, outcomes = threading.Event(), {"ok": 0, "429": 0}
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+def worker():
+    c = openai.OpenAI(base_url=url, api_key=key)  # default retries: they honour Retry-After
+    while not stop.is_set():
+        try:
+            c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
+            outcomes["ok"] += 1
+        except openai.RateLimitError:
+            outcomes["429"] += 1
+threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+for t in threads:
+    t.start()
+print("started", flush=True)
+stop.wait(seconds)
+print(json.dumps(outcomes), flush=True)
+"""
+
+
+def _ttft(c: openai.OpenAI) -> float:
+    t0 = time.perf_counter()
+    stream = c.chat.completions.create(model=BASE, messages=ASK, max_tokens=4, temperature=0, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.perf_counter() - t0
+            for _ in stream:
+                pass
+            return ttft
+    raise AssertionError("no content")
+
+
+def _p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1]
+
+
+@pytest.mark.slow
+def test_a_flooding_tenant_does_not_slow_the_others(default_checkpoint, tmp_path):
+    """F3: 16 workers of one tenant (limit: 2 concurrent) hammer the server; another tenant's p95 time
+    to first token stays within 2x of its unloaded value. The workers are openai SDK clients with
+    their default retries (which honour Retry-After)."""
+    keys = {"flood": "sk-flood-0123456789abcdef", "calm": "sk-calm-0123456789abcdef"}
+    config = {
+        "tenants": {
+            "flood": {"keys": [f"sha256:{hash_key(keys['flood'])}"], "limits": {"max_concurrent": 2}},
+            "calm": {"keys": [f"sha256:{hash_key(keys['calm'])}"]},
+        }
+    }
+    (tmp_path / "mygpt.yaml").write_text(json.dumps(config))
+    server = ServerProcess("--config", str(tmp_path / "mygpt.yaml"), name="flood").wait_ready()
+    try:
+        calm = openai.OpenAI(base_url=server.base_url + "/v1", api_key=keys["calm"], max_retries=0)
+        _ttft(calm)
+        unloaded = [_ttft(calm) for _ in range(20)]
+        flood = subprocess.Popen(  # a process of its own: its client work must not slow our client
+            [sys.executable, "-c", FLOOD, server.base_url + "/v1", keys["flood"], "16", "20"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert flood.stdout.readline().strip() == "started"
+        time.sleep(2)
+        loaded = [_ttft(calm) for _ in range(20)]
+        flood.terminate()
+        outcomes = json.loads(flood.communicate(timeout=60)[0])
+        ratio = _p95(loaded) / _p95(unloaded)
+        print(
+            f"calm tenant TTFT p95: unloaded {_p95(unloaded) * 1e3:.0f} ms, flooded {_p95(loaded) * 1e3:.0f} ms "
+            f"(x{ratio:.2f}); flood: {outcomes['ok']} served, {outcomes['429']} gave up after retries"
+        )
+        assert outcomes["ok"] > 0 and ratio <= 2.0
+    finally:
+        server.stop()
