@@ -94,7 +94,7 @@ def serve(settings: Settings) -> None:
     app = build_app(settings, tenancy=tenancy)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        timeout_graceful_shutdown=3,  # after our own drain (below): only idle or overdue connections remain
     )  # fmt: skip
     _DrainingServer(config, app.state.mygpt, settings.shutdown_timeout_s).run()
 

@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     stall_timeout_s: float = Field(120.0, description="engine busy without progress this long: /ready 503")
 
     # --- adapters ---
-    adapter_dir: Path = Field(Path("adapters"), description="the adapter store: <adapter_dir>/<name>/ (peft)")
+    adapter_dir: Path = Field(
+        Path("adapters"), description="the adapter store: <adapter_dir>/<tenant>/<name>/ (peft, safetensors)"
+    )
     max_loras: int = Field(8, ge=0, description="adapter slots resident on the device at once (0: no LoRA)")
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank accepted")
 
