@@ -81,7 +81,7 @@ def main() -> None:
     store = ART / "bench-adapters"
     adapters = [f"bench-{i}" for i in range(4)]
     for i, name in enumerate(adapters):
-        make_adapter(checkpoint, store / name, 16, ALL, seed=1000 + i)
+        make_adapter(checkpoint, store / "default" / name, 16, ALL, seed=1000 + i)  # the open tenant's
     serve = [
         sys.executable,
         "-m",

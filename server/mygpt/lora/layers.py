@@ -1,13 +1,16 @@
-"""Per-row LoRA on unmerged (4-bit) base layers: every adapter in the batch in two matmuls.
+"""Per-row LoRA on unmerged (4-bit) base layers: every adapter in the batch in two batched matmuls.
 
-All resident adapters of one module are stacked: A_all [S*R, in] and B_all [out, S*R] (slot s owns
-rows/columns s*R..s*R+R, zero-padded past its rank; zeros where the adapter skips the module). For a
-step whose tokens use slots `slot[t]` (or none), with mask[t, s*R+j] = 1 iff slot[t] == s:
+All resident adapters of one module are stacked: A_all [S*R, in] and B_all^T [S*R, out] (slot s owns
+rows s*R..s*R+R, zero-padded past its rank; zeros where the adapter skips the module), viewed as
+[S, R, in] and [S, R, out] without a copy. A step's tokens are grouped by slot into [S, M, in]
+(M = most tokens on one slot; padding rows are zeroed), then
 
-    y = base(x) + ((x @ A_all[:n].T) * mask) @ B_all[:, :n].T        (n = R * (highest slot used + 1))
+    h = bmm(x_grouped, A^T) [S, M, R]    o = bmm(h, B^T) [S, M, out]    y[t] = base(x)[t] + o[slot(t), j(t)]
 
-That is one GEMM pair for any mix of adapters, ranks and target modules (no loop over adapters, no
-global set_adapter), and the cost grows with the slots in use, not with the number of tokens.
+One bmm pair per projection for any mix of adapters, ranks (zero-padded to R) and target modules (zero
+blocks): no loop over adapters, no global set_adapter, no weights copied. Its cost is S*M token-slots,
+never more than a dense mask over all slots (N*S) and equal to one adapter's when the tokens spread
+evenly (measured: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -16,17 +19,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class LoRABatch:
-    """What the current forward's rows need; set by the runner before each forward."""
+    """The current forward's tokens grouped by adapter slot; set by the runner before each forward."""
 
-    mask: torch.Tensor | None = None  # [N, n] per token, compute dtype; None: no token uses an adapter
-    width: int = 0  # n = R * (highest slot used + 1)
+    slots: int = 0  # S: slots 0..S-1 take part (highest slot used + 1); 0 = no token uses an adapter
+    gather: torch.Tensor | None = None  # [S, M] token index at (slot, j); padding points at token 0
+    valid: torch.Tensor | None = None  # [S, M, 1] 1 where (slot, j) holds a token, 0 for padding
+    scatter: torch.Tensor | None = None  # [N] flat position slot*M + j of each token (base: a padding one)
 
 
 class LoRALinear(nn.Module):
@@ -41,28 +45,31 @@ class LoRALinear(nn.Module):
         self.register_buffer(
             "lora_a", torch.zeros(num_slots * max_rank, self.in_features, dtype=dtype, device=device)
         )
-        self.register_buffer(
-            "lora_b", torch.zeros(self.out_features, num_slots * max_rank, dtype=dtype, device=device)
+        self.register_buffer(  # B transposed: a slot is a block of rows, a prefix of slots is contiguous
+            "lora_bt", torch.zeros(num_slots * max_rank, self.out_features, dtype=dtype, device=device)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        batch = self.batch
-        if batch.mask is None:
+        b = self.batch
+        if not b.slots:
             return y
-        n = batch.width
-        h = F.linear(x.to(self.lora_a.dtype), self.lora_a[:n]) * batch.mask  # [1, N, n]
-        return y + F.linear(h, self.lora_b[:, :n]).to(y.dtype)
+        r, width = self.rank, b.slots * self.rank
+        xg = x.reshape(-1, self.in_features).to(self.lora_a.dtype)[b.gather]  # [S, M, in]
+        a = self.lora_a[:width].view(b.slots, r, self.in_features)
+        h = torch.bmm(xg, a.transpose(1, 2)) * b.valid  # [S, M, R], padding rows zeroed
+        o = torch.bmm(h, self.lora_bt[:width].view(b.slots, r, self.out_features))  # [S, M, out]
+        return y + o.view(-1, self.out_features)[b.scatter].view(y.shape).to(y.dtype)
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Writes one adapter's A [r, in] and B [out, r] into `slot` (None: zeros)."""
         rows = slice(slot * self.rank, (slot + 1) * self.rank)
         self.lora_a[rows].zero_()
-        self.lora_b[:, rows].zero_()
+        self.lora_bt[rows].zero_()
         if a is not None:
             r = a.shape[0]
             self.lora_a[slot * self.rank : slot * self.rank + r].copy_(a)
-            self.lora_b[:, slot * self.rank : slot * self.rank + r].copy_(b)
+            self.lora_bt[slot * self.rank : slot * self.rank + r].copy_(b.T)
 
 
 def wrap_model(
@@ -81,16 +88,35 @@ def wrap_model(
 
 
 def set_rows(batch: LoRABatch, slots: list[int], max_rank: int, dtype, device) -> None:
-    """Prepares the mask for the step's tokens, token i using adapter slot slots[i] (-1 = base)."""
-    used = [s for s in slots if s >= 0]
-    if not used:
-        batch.mask, batch.width = None, 0
+    """Groups the step's tokens by adapter slot, token i using slot slots[i] (-1 = the base model)."""
+    slot_t = torch.tensor(slots, dtype=torch.long)
+    adapted = slot_t >= 0
+    n_adapted = int(adapted.sum())
+    if n_adapted == 0:
+        batch.slots, batch.gather, batch.valid, batch.scatter = 0, None, None, None
         return
-    width = (max(used) + 1) * max_rank
-    owner = torch.arange(width, device=device) // max_rank  # [n]: which slot owns each column
-    slot_t = torch.tensor(slots, device=device)
-    batch.mask = (owner[None, :] == slot_t[:, None]).to(dtype)  # [N, n]
-    batch.width = width
+    n = len(slots)
+    s = int(slot_t.max()) + 1
+    counts = torch.bincount(slot_t[adapted], minlength=s)
+    m = int(counts.max())
+    if n_adapted < n and n_adapted == s * m:
+        m += 1  # base-model tokens need a padding position to read zeros from
+    order = torch.argsort(torch.where(adapted, slot_t, s), stable=True)  # by slot, base tokens last
+    sorted_slots = slot_t[order[:n_adapted]]
+    starts = torch.cumsum(counts, 0) - counts
+    flat = sorted_slots * m + (torch.arange(n_adapted) - starts[sorted_slots])  # positions of adapted tokens
+    gather = torch.zeros(s * m, dtype=torch.long)
+    gather[flat] = order[:n_adapted]
+    valid = torch.zeros(s * m, dtype=dtype)
+    valid[flat] = 1
+    scatter = torch.empty(n, dtype=torch.long)
+    scatter[order[:n_adapted]] = flat
+    if n_adapted < n:
+        scatter[order[n_adapted:]] = int(torch.nonzero(valid == 0)[0])
+    batch.slots = s
+    batch.gather = gather.view(s, m).to(device)
+    batch.valid = valid.view(s, m, 1).to(device)
+    batch.scatter = scatter.to(device)
 
 
 def lora_module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
