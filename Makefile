@@ -9,7 +9,7 @@ PORT ?= 8000
 MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-deploy lint format bench clean
+.PHONY: install serve test system-deps test-deploy lint format bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,9 +24,13 @@ install: $(BIN)/.installed
 serve: install
 	$(BIN)/mygpt serve --host $(HOST) --port $(PORT) --model $(MODEL)
 
-test: install
+test: install system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian packages some tests need (Prometheus; Go and sprig to render the Helm chart without helm)
+system-deps:
+	@scripts/system-deps
 
 # the Dockerfile, the Helm chart (rendered and validated) and the compose stack, without docker or a cluster
 test-deploy: install

@@ -12,6 +12,8 @@ from mygpt.api.admin import router as admin_router
 from mygpt.api.errors import install_error_handlers
 from mygpt.api.routes import router
 from mygpt.config import Settings
+from mygpt.cost import CLOSED_API_PRICES, CostModel, load_price_table
+from mygpt.metrics import Metrics
 from mygpt.state import ServerState
 from mygpt.tenancy.config import Tenancy, load_tenancy_from
 from mygpt.tenancy.tenants import Tenants
@@ -26,7 +28,9 @@ def build_app(
     settings alone (a single tenant)."""
     if state is None:
         tenancy = tenancy or load_tenancy_from(settings)
-        state = ServerState(settings, Tenants(tenancy))
+        prices = load_price_table(settings.price_table) if settings.price_table else CLOSED_API_PRICES
+        metrics = Metrics(CostModel(settings.cost_per_hour_usd, dict(prices)), settings.metrics_max_adapters)
+        state = ServerState(settings, Tenants(tenancy, metrics), metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

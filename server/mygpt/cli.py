@@ -44,6 +44,11 @@ def _serve_parser(sub: Any) -> None:
         "--api-key", help="without --config: the key the one tenant must present (prefer MYGPT_API_KEY)"
     )
     p.add_argument("--admin-key", help="without --config: the admin key (prefer MYGPT_ADMIN_KEY)")
+    p.add_argument("--cost-per-hour-usd", type=float, help="what the server costs per hour (metrics, usage)")
+    p.add_argument(
+        "--price-table", help="YAML of closed-API prices per 1M tokens (default: the shipped table)"
+    )
+    p.add_argument("--metrics-max-adapters", type=int, help="adapter label values in metrics before 'other'")
     p.add_argument("--shutdown-timeout-s", type=float, help="SIGTERM: how long in-flight requests may finish")
     p.add_argument(
         "--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation"

@@ -67,6 +67,19 @@ class Settings(BaseSettings):
     )
     default_tenant: str = Field("default", description="the tenant of a server without a config")
 
+    # --- metrics and cost ---
+    cost_per_hour_usd: float = Field(
+        3.78,
+        ge=0,
+        description="what the server costs per hour (default: an H100 on demand, see docs/metrics.md)",
+    )
+    price_table: Path | None = Field(
+        None, description="YAML of closed-API prices (provider/model: {input, output} USD per 1M tokens)"
+    )
+    metrics_max_adapters: int = Field(
+        50, ge=1, description="adapter label values in metrics; the rest: 'other'"
+    )
+
     # --- API ---
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="port to bind")

@@ -22,6 +22,7 @@ from mygpt.engine.types import AdapterRef, GenerationRequest, SamplingParams
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.layers import lora_module_shapes
 from mygpt.lora.registry import AdapterRegistry
+from mygpt.metrics import Metrics
 from mygpt.tenancy.tenants import Tenants
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ServerState:
     ready: bool = False  # model loaded and warm-up generation succeeded
     draining: bool = False  # shutting down: no new requests
     failure: str | None = None  # start-up failed: why
+    metrics: Metrics | None = None
 
     def not_ready_reason(self) -> str | None:
         """None when ready to serve; otherwise why not (G1)."""
@@ -84,8 +86,16 @@ class ServerState:
                 engine = Engine(
                     runner, loaded.tokenizer, loaded.eos_token_ids,
                     max_num_batched_tokens=s.max_num_batched_tokens, max_waiting=s.max_waiting, adapters=cache,
+                    metrics=self.metrics,
                 )  # fmt: skip
                 registry.on_retire = engine.retire_adapter
+                if self.metrics is not None and cache is not None:
+                    cache.on_load = self.metrics.record_adapter_load
+                    self.metrics.watch_adapter_cache(lambda: (cache.stats, cache.snapshot()))
+            if self.metrics is not None:
+                self.metrics.watch_device_memory(
+                    _device_memory(loaded.device, getattr(engine, "runner", None))
+                )
             engine.start()
             limits = ChatLimits(context, s.max_n, s.max_stop_sequences)
             self.loaded, self.engine, self.registry = loaded, engine, registry
@@ -158,6 +168,21 @@ class ServerState:
         self.draining = True
         if self.engine is not None:
             self.engine.stop()
+
+
+def _device_memory(device: torch.device, runner: ModelRunner | None):
+    """Bytes of the KV cache (reserved up front; on CPU only touched pages are resident) and, on
+    CUDA, of torch's allocator."""
+    kv = sum(t.numel() * t.element_size() for t in runner.k_cache + runner.v_cache) if runner else 0
+
+    def read() -> dict[str, int]:
+        out = {"kv_cache": kv}
+        if device.type == "cuda":
+            out["allocated"] = torch.cuda.memory_allocated(device)
+            out["reserved"] = torch.cuda.memory_reserved(device)
+        return out
+
+    return read
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:

@@ -11,8 +11,6 @@ import yaml
 from chart_render import ROOT
 
 DEPLOY = ROOT / "deploy"
-# Grafana's provisioning and dashboard come with the metrics issue (#5): allowed to be missing until then.
-PENDING_ON_METRICS_ISSUE = {DEPLOY / "grafana" / "provisioning", DEPLOY / "grafana" / "dashboards"}
 
 
 @pytest.fixture(scope="module")
@@ -78,4 +76,4 @@ def test_prometheus_scrapes_mygpt(compose):
 def test_mounted_files_exist(compose):
     missing = {src for s in compose["services"].values() for src, _ in _binds(s) if not src.exists()}
     missing.discard((ROOT / "adapters").resolve())  # the adapter store: created by docker if absent
-    assert missing <= PENDING_ON_METRICS_ISSUE, f"compose mounts paths that do not exist: {missing}"
+    assert not missing, f"compose mounts paths that do not exist: {missing}"

@@ -15,12 +15,14 @@ from starlette.testclient import TestClient
 from mygpt.api.chat import ChatLimits, ChatService
 from mygpt.app import build_app
 from mygpt.config import Settings
+from mygpt.cost import CostModel
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.engine import Engine
 from mygpt.engine.runner import ModelRunner
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.registry import AdapterRegistry
 from mygpt.lora.synthetic import make_adapter
+from mygpt.metrics import Metrics
 from mygpt.state import ServerState
 from mygpt.tenancy.config import hash_key, load_tenancy
 from mygpt.tenancy.tenants import Tenants
@@ -42,9 +44,16 @@ def client(tiny_model_dir, tokenizer, tmp_path_factory):
     (root / "mygpt.yaml").write_text(json.dumps(config))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     runner = ModelRunner(model, 4, 96, torch.float32, max_loras=2, max_lora_rank=16)
-    engine = Engine(runner, tokenizer, [tokenizer.eos_token_id], adapters=AdapterCache(runner.lora_layers, 2))
+    metrics = Metrics(CostModel())
+    engine = Engine(
+        runner,
+        tokenizer,
+        [tokenizer.eos_token_id],
+        adapters=AdapterCache(runner.lora_layers, 2),
+        metrics=metrics,
+    )
     engine.start()
-    state = ServerState(Settings(), Tenants(load_tenancy(root / "mygpt.yaml")))
+    state = ServerState(Settings(), Tenants(load_tenancy(root / "mygpt.yaml"), metrics), metrics=metrics)
     shapes = {p: (m.in_features, m.out_features) for p, m in runner.lora_layers.items()}
     state.registry = AdapterRegistry(root / "store", ["acme", "globex"], shapes, 16)
     state.registry.on_retire = engine.retire_adapter
@@ -201,3 +210,16 @@ def test_admin_paths_and_reads_never_5xx(client, tenant, adapter, api_key):
         ).status_code
         == 200
     )
+
+
+def test_label_values_stay_bounded_after_fuzzing(client):
+    """Unknown models and failed auth never create label values (runs after the fuzz tests)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tenants, adapters = set(), set()
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            tenants |= {sample.labels["tenant"]} if "tenant" in sample.labels else set()
+            adapters |= {sample.labels["adapter"]} if "adapter" in sample.labels else set()
+    assert tenants and tenants <= {"acme", "admin"}, tenants
+    assert adapters and adapters <= {"(base)", "support", "acme/support"}, adapters

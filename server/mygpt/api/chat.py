@@ -37,6 +37,7 @@ from mygpt.engine.types import (
     FinishReason,
     GenerationRequest,
     SamplingParams,
+    Timings,
     TokenEvent,
     TokenLogprob,
 )
@@ -44,7 +45,7 @@ from mygpt.lora.registry import AdapterRegistry
 from mygpt.lora.weights import AdapterError
 from mygpt.tenancy.auth import Principal
 from mygpt.tenancy.limits import RateLimited
-from mygpt.tenancy.tenants import Tenants, Ticket
+from mygpt.tenancy.tenants import RequestTimes, Tenants, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,12 @@ class ChatService:
     ) -> tuple[GenerationRequest, Ticket]:
         """Validates the request, takes the tenant's limits and builds the engine request; every refusal
         is an APIError (4xx). The ticket must reach submit() or be finished by the caller."""
+        arrival = time.monotonic()
         adapter = await self._resolve_model(principal, req.model)
         self._refuse_unsupported(req)
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
         try:
-            ticket = self.tenants.admit(principal, req.model)
+            ticket = self.tenants.admit(principal, req.model, None if adapter is None else req.model)
         except RateLimited as exc:
             raise APIError(
                 429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": exc.retry_after}
@@ -98,6 +100,7 @@ class ChatService:
             ticket.finish(None)  # bad input: not usage
             raise
         ticket.charge(len(prompt_ids))
+        ticket.arrival = arrival
         gen = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params, adapter=adapter
         )
@@ -210,7 +213,10 @@ class ChatService:
         """Queues the request; its ticket is finished with the usage when the engine ends it."""
 
         def done(finals: list[TokenEvent]) -> None:
-            ticket.finish(_outcome(finals), len(gen.prompt_ids), sum(e.completion_tokens for e in finals))
+            ticket.finish(
+                _outcome(finals), len(gen.prompt_ids), sum(e.completion_tokens for e in finals),
+                _times(ticket.arrival, [e.timings for e in finals if e.timings is not None]),
+            )  # fmt: skip
 
         try:
             return self.engine.submit(gen, on_done=done)
@@ -333,6 +339,20 @@ def _usage(gen: GenerationRequest, completion_tokens: int) -> Usage:
     prompt = len(gen.prompt_ids)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
+    )
+
+
+def _times(arrival: float, timings: list[Timings]) -> RequestTimes:
+    """A request's metrics from its choices' engine timings; TTFT and end-to-end from its arrival."""
+    firsts = [t.first_token for t in timings if t.first_token is not None]
+    admitted = [t.admitted for t in timings if t.admitted is not None]
+    finished = [t.finished for t in timings if t.finished is not None]
+    return RequestTimes(
+        engine_s=sum(t.engine_s for t in timings),
+        queue_s=min(admitted) - timings[0].submitted if admitted else None,
+        ttft_s=min(firsts) - arrival if firsts else None,
+        e2e_s=max(finished) - arrival if finished else None,
+        token_gaps=[g for t in timings for g in t.token_gaps],
     )
 
 

@@ -7,6 +7,7 @@ import contextlib
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from mygpt.api.auth import caller
@@ -44,6 +45,13 @@ async def ready(request: Request) -> Response:
     if reason is None:
         return JSONResponse({"status": "ready"})
     return APIError(503, f"not ready: {reason}", code="not_ready", headers={"Retry-After": "5"}).response()
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; open like the probes (scrapers carry no tenant key)."""
+    m = _state(request).metrics
+    return Response(m.exposition() if m else b"", media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models")

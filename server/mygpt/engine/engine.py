@@ -29,6 +29,7 @@ from mygpt.engine.types import (
     EngineOverloaded,
     FinishReason,
     GenerationRequest,
+    Timings,
     TokenEvent,
     TokenLogprob,
 )
@@ -48,6 +49,7 @@ class Row:
     sampler: RowSampler
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
+    timings: Timings = None  # type: ignore[assignment]  # set by _new_row
     lora_slot: int = -1  # adapter slot, -1 = the base model
     num_cached: int = 0  # positions written to the slot's KV cache
     next_token: int | None = None  # sampled, not yet fed to the model
@@ -108,8 +110,10 @@ class Engine(EngineThread):
         max_num_batched_tokens: int = 512,
         max_waiting: int = 256,
         adapters: AdapterCache | None = None,
+        metrics: Any = None,
     ):
         self.runner = runner
+        self.metrics = metrics  # mygpt.metrics.Metrics (record_step), or None
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_len = runner.max_len
@@ -126,6 +130,7 @@ class Engine(EngineThread):
         self._running: list[Row] = []
         self._callbacks: dict[str, EventCallback] = {}
         self._open_choices: dict[str, int] = {}  # request id -> choices without a final event
+        self._submitted: dict[str, float] = {}  # request id -> when it was submitted
         self._free_slots = list(range(runner.num_slots - 1, -1, -1))  # pop() gives the lowest slot
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -154,7 +159,7 @@ class Engine(EngineThread):
             if self._num_waiting >= self.max_waiting:
                 raise EngineOverloaded(retry_after_s=1.0)
             self._num_waiting += 1
-        self._inbox.put(("submit", (request, on_event)))
+        self._inbox.put(("submit", (request, on_event, time.monotonic())))
         self._wakeup.set()
 
     def abort(self, request_id: str) -> None:
@@ -207,7 +212,8 @@ class Engine(EngineThread):
             except queue.Empty:
                 return
             if kind == "submit":
-                request, on_event = payload
+                request, on_event, submitted = payload
+                self._submitted[request.request_id] = submitted
                 self._callbacks[request.request_id] = on_event
                 self._open_choices[request.request_id] = request.params.n
                 self._waiting.append((request, on_event))
@@ -237,15 +243,24 @@ class Engine(EngineThread):
     def step(self) -> None:
         """One engine step: 1. admit, 2. plan prefill chunks within the token budget, 3. one forward
         for every running row and every chunk, 4. sample and emit."""
+        t0 = time.monotonic()
         self._admit()
         decode = [r for r in self._running if r.next_token is not None]
         budget = max(self.max_num_batched_tokens - len(decode), 16)
         chunks = self._plan_prefill(budget)
+        tokens = len(decode) + sum(len(c.token_ids) for _, c in chunks)
         if decode or chunks:
             decode_logits, chunk_logits = self.runner.step(
                 [DecodeRow(r.slot, r.next_token, r.num_cached, r.lora_slot) for r in decode],
                 [chunk for _, chunk in chunks],
             )
+            # cost attribution: the step's time split by the tokens each row computed in it
+            # (measured before sampling; a chunk's share goes to the row that prefills)
+            per_token = (time.monotonic() - t0) / tokens
+            for r in decode:
+                r.timings.engine_s += per_token
+            for group, chunk in chunks:
+                group.rows[0].timings.engine_s += per_token * len(chunk.token_ids)
             for r in decode:
                 r.num_cached += 1
                 r.next_token = None
@@ -256,6 +271,11 @@ class Engine(EngineThread):
         self.stats.steps += 1
         self.stats.running = self.num_running
         self.stats.waiting = self._num_waiting
+        if self.metrics is not None:
+            rows = len(decode) + sum(len(g.rows) for g, _ in chunks)
+            self.metrics.record_step(
+                self.stats.running, self.stats.waiting, rows, tokens, time.monotonic() - t0
+            )
 
     def _admit(self) -> None:
         while self._waiting and len(self._free_slots) >= self._waiting[0][0].params.n:
@@ -291,7 +311,9 @@ class Engine(EngineThread):
 
     def _new_row(self, request: GenerationRequest, index: int, slot: int, lora_slot: int) -> Row:
         seed = None if request.params.seed is None else request.params.seed + index
+        submitted = self._submitted.get(request.request_id, time.monotonic())
         return Row(
+            timings=Timings(submitted, admitted=time.monotonic()),
             request=request,
             index=index,
             slot=slot,
@@ -340,6 +362,12 @@ class Engine(EngineThread):
 
     def _append(self, row: Row, token: int, logprob: TokenLogprob | None) -> None:
         row.output_ids.append(token)
+        now, t = time.monotonic(), row.timings
+        if t.first_token is None:
+            t.first_token = now
+        else:
+            t.token_gaps.append(now - t.finished)
+        t.finished = now
         finish: FinishReason | None = None
         if token in self.eos_token_ids:
             text, finish = row.stops.flush(), FinishReason.STOP
@@ -367,6 +395,7 @@ class Engine(EngineThread):
                 prompt_tokens=len(row.request.prompt_ids),
                 completion_tokens=len(row.output_ids),
                 logprobs=[logprob] if logprob is not None else None,
+                timings=row.timings if finish is not None else None,
             ),
         )
 
@@ -385,6 +414,7 @@ class Engine(EngineThread):
             if self._open_choices[request_id] == 0:
                 del self._open_choices[request_id]
                 self._callbacks.pop(request_id, None)
+                self._submitted.pop(request_id, None)
         if callback is not None:
             try:
                 callback(event)
@@ -435,9 +465,11 @@ class Engine(EngineThread):
     ) -> None:
         """Sends the final event to every choice of `request` that has not had one."""
         done = {r.index for r in rows if r.finish_reason is not None}
+        submitted = self._submitted.get(request.request_id, time.monotonic())
         for index in range(request.params.n):
             if index in done or request.request_id not in self._open_choices:
                 continue
+            row = next((r for r in rows if r.index == index), None)
             event = TokenEvent(
                 request_id=request.request_id,
                 index=index,
@@ -445,7 +477,8 @@ class Engine(EngineThread):
                 text="",
                 finish_reason=reason,
                 prompt_tokens=len(request.prompt_ids),
-                completion_tokens=next((len(r.output_ids) for r in rows if r.index == index), 0),
+                completion_tokens=len(row.output_ids) if row is not None else 0,
                 error=error,
+                timings=row.timings if row is not None else Timings(submitted),
             )
             self._send(request.request_id, event)

@@ -58,6 +58,19 @@ class TokenLogprob:
 
 
 @dataclass
+class Timings:
+    """When one choice of a request went through the engine (time.monotonic() seconds), and its share
+    of engine busy time. Carried by the choice's final event."""
+
+    submitted: float
+    admitted: float | None = None  # None: it never left the waiting queue
+    first_token: float | None = None
+    finished: float | None = None
+    token_gaps: list[float] = field(default_factory=list)  # between consecutive tokens
+    engine_s: float = 0.0  # this choice's share of the steps it was in (by tokens computed)
+
+
+@dataclass
 class TokenEvent:
     request_id: str
     index: int  # choice index, 0..n-1
@@ -68,6 +81,7 @@ class TokenEvent:
     completion_tokens: int = 0  # for this choice so far
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # with finish_reason ERROR
+    timings: Timings | None = None  # on final events
 
 
 class EngineOverloaded(Exception):

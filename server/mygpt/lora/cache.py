@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mygpt.lora.layers import LoRALinear
@@ -44,6 +46,7 @@ class AdapterCache:
         self._lru: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recent first
         self._free = list(range(num_slots - 1, -1, -1))
         self._lock = threading.Lock()  # for snapshot() from other threads
+        self.on_load: Callable[[float], None] | None = None  # seconds each load took (metrics)
 
     @property
     def resident(self) -> list[str]:
@@ -90,6 +93,7 @@ class AdapterCache:
             self._retired.add(key)
 
     def _load(self, key: str, weights: LoRAWeights) -> None:
+        t0 = time.perf_counter()
         if not self._free:
             self._evict_lru()
         slot = self._free.pop()
@@ -108,6 +112,8 @@ class AdapterCache:
             self._weights[key] = weights
         self._lru[key] = None
         self.stats.loads += 1
+        if self.on_load is not None:
+            self.on_load(time.perf_counter() - t0)
         log.info(
             "adapter %s loaded into slot %d (rank %d, %.1f MB)", key, slot, weights.rank, weights.nbytes / 1e6
         )

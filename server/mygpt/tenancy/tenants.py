@@ -1,26 +1,52 @@
-"""Tenants at run time: authentication, limits and usage, behind one object the API layer calls."""
+"""Tenants at run time: authentication, limits, usage and request metrics, behind one object the API
+layer calls."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mygpt.tenancy.auth import Authenticator, Principal
 from mygpt.tenancy.config import Tenancy
 from mygpt.tenancy.limits import TenantLimiter
 from mygpt.tenancy.usage import UsageLedger
 
+if TYPE_CHECKING:
+    from mygpt.metrics import Metrics
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestTimes:
+    """What the metrics need of a finished request (seconds)."""
+
+    engine_s: float = 0.0  # share of engine busy time (all choices)
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    token_gaps: list[float] = field(default_factory=list)
 
 
 class Ticket:
     """One admitted request: holds its tenant's concurrency slot until finish() (called once)."""
 
-    def __init__(self, tenants: Tenants, principal: Principal, model: str, limiter: TenantLimiter | None):
+    def __init__(
+        self,
+        tenants: Tenants,
+        principal: Principal,
+        model: str,
+        adapter: str | None,
+        limiter: TenantLimiter | None,
+    ):
         self._tenants = tenants
         self.principal = principal
-        self.model = model
+        self.model = model  # as the caller named it (usage rows)
+        self.adapter = adapter  # the adapter's name, None for the base model (metrics label)
+        self.arrival = time.monotonic()  # when the request arrived (the API may set it earlier)
         self._limiter = limiter
         self._done = False
         self._lock = threading.Lock()
@@ -29,8 +55,15 @@ class Ticket:
         if self._limiter is not None:
             self._limiter.charge(prompt_tokens)
 
-    def finish(self, outcome: str | None, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        """Releases the slot and records usage; outcome None = refused as bad input (not counted)."""
+    def finish(
+        self,
+        outcome: str | None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        times: RequestTimes | None = None,
+    ) -> None:
+        """Releases the slot and records usage and metrics; outcome None = refused as bad input (not
+        counted); "rejected" = refused for capacity (counted, no tokens)."""
         with self._lock:
             if self._done:
                 return
@@ -38,22 +71,30 @@ class Ticket:
         if self._limiter is not None:
             self._limiter.charge(completion_tokens)
             self._limiter.release()
-        if outcome is not None:
-            self._tenants.usage.record(
-                self.principal.label, self.model, outcome, prompt_tokens, completion_tokens
-            )
-        self._tenants._finished()
+        tenants, tenant = self._tenants, self.principal.label
+        if outcome == "rejected":
+            tenants.reject(self.principal, self.model, self.adapter)
+        elif outcome is not None:
+            times = times or RequestTimes()
+            cost, closed = 0.0, {}
+            if tenants.metrics is not None:
+                cost, closed = tenants.metrics.record_request(
+                    tenant, self.adapter, outcome, prompt_tokens, completion_tokens, times.engine_s,
+                    times.queue_s, times.ttft_s, times.e2e_s, times.token_gaps,
+                )  # fmt: skip
+            tenants.usage.record(tenant, self.model, outcome, prompt_tokens, completion_tokens, cost, closed)
+        tenants._finished()
 
 
 class Tenants:
-    def __init__(self, tenancy: Tenancy):
+    def __init__(self, tenancy: Tenancy, metrics: Metrics | None = None):
         self.tenancy = tenancy
+        self.metrics = metrics
         self.auth = Authenticator(tenancy)
         self.usage = UsageLedger()
         self.limiters = {name: TenantLimiter(name, t.limits) for name, t in tenancy.tenants.items()}
         self._in_flight = 0
         self._lock = threading.Lock()
-        self.on_change: Callable[[], None] = lambda: None
 
     @property
     def names(self) -> list[str]:
@@ -67,21 +108,23 @@ class Tenants:
     def authenticate(self, authorization: str | None) -> Principal | None:
         return self.auth.authenticate(authorization)
 
-    def admit(self, principal: Principal, model: str) -> Ticket:
+    def admit(self, principal: Principal, model: str, adapter: str | None = None) -> Ticket:
         """A ticket for one request, or RateLimited (counted as rejected)."""
         limiter = self.limiters.get(principal.tenant) if principal.tenant else None
         if limiter is not None:
             try:
                 limiter.admit()
             except Exception:
-                self.reject(principal, model)
+                self.reject(principal, model, adapter)
                 raise
         with self._lock:
             self._in_flight += 1
-        return Ticket(self, principal, model, limiter)
+        return Ticket(self, principal, model, adapter, limiter)
 
-    def reject(self, principal: Principal, model: str) -> None:
+    def reject(self, principal: Principal, model: str, adapter: str | None = None) -> None:
         self.usage.record(principal.label, model, "rejected", 0, 0)
+        if self.metrics is not None:
+            self.metrics.record_rejected(principal.label, adapter)
 
     def _finished(self) -> None:
         with self._lock:
