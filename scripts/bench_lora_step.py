@@ -22,17 +22,16 @@ from mygpt.lora.weights import read_adapter
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def dense_forward(self, x):  # the previous formulation: every token against every slot, then a mask
+SLOTS: list[int] = []  # the rows' adapter slots of the step being timed (for the dense formulation)
+
+
+def dense_forward(self, x):  # the first formulation: every token against every slot, then a mask
     y = self.base(x)
-    b = self.batch
-    if not b.slots:
+    if not self.batch.slots:
         return y
-    n = b.slots * self.rank
+    n = self.batch.slots * self.rank
     owner = torch.arange(n) // self.rank
-    slot_of_token = torch.full((x.shape[-2],), -1, dtype=torch.long)
-    flat = b.gather.view(-1)[b.valid.view(-1) > 0]
-    slot_of_token[flat] = (torch.arange(b.gather.numel()) // b.gather.shape[1])[b.valid.view(-1) > 0]
-    mask = (owner[None, :] == slot_of_token[:, None]).to(self.lora_a.dtype)
+    mask = (owner[None, :] == torch.tensor(SLOTS)[:, None]).to(self.lora_a.dtype)
     h = torch.nn.functional.linear(x.to(self.lora_a.dtype), self.lora_a[:n]) * mask
     return y + torch.matmul(h, self.lora_bt[:n]).to(y.dtype)
 
@@ -58,11 +57,15 @@ def main() -> None:
             layer.set_slot(s, m.a if m else None, m.b if m else None)
     for row in range(16):
         runner.prefill(row, list(range(100, 140)), 0)
-    cases = {"base": [-1] * 16, "1 adapter": [0] * 16, "4 adapters": [i % 4 for i in range(16)],
-             "16 adapters": list(range(16))}  # fmt: skip
+    cases = {  # rows sorted by slot, as the engine sends them; "uneven": 10/3/2/1 rows on 4 adapters
+        "base": [-1] * 16, "1 adapter": [0] * 16, "4 adapters": sorted(i % 4 for i in range(16)),
+        "uneven": [0] * 10 + [1] * 3 + [2] * 2 + [3], "16 adapters": list(range(16)),
+    }  # fmt: skip
     grouped = layers.LoRALinear.forward
     print(f"{'rows on':<12} {'grouped bmm ms':>15} {'dense mask ms':>14}")
+    global SLOTS
     for label, slots in cases.items():
+        SLOTS = slots
         out = []
         for impl in (grouped, dense_forward):
             layers.LoRALinear.forward = impl

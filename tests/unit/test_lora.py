@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from mygpt.engine.runner import ModelRunner
 from mygpt.lora.cache import AdapterCache
+from mygpt.lora.layers import LoRABatch, LoRALinear, set_rows
 from mygpt.lora.registry import AdapterRegistry
 from mygpt.lora.synthetic import make_adapter
 from mygpt.lora.weights import AdapterError
@@ -209,3 +210,33 @@ def test_paths_outside_the_store_are_refused(tiny_model_dir, adapter_root, tmp_p
         with pytest.raises(AdapterError, match="invalid adapter name"):
             registry.load(TENANT, name)
         assert registry.get(TENANT, name) is None
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [[0] * 6, [0, 0, 1, 1, 2, 2], [2, 0, 1, 0, 2, 1], [1, -1, 1, 3, -1, 0], [-1, -1, 2], [0, 0, 0, 1]],
+    ids=["one-adapter", "sorted-equal", "shuffled", "mixed-with-base", "base-and-one", "uneven"],
+)
+def test_grouped_lora_equals_each_token_alone(slots):
+    """Every grouping layout (identity, padding, base tokens) gives each token exactly its own
+    adapter's x @ A^T @ B^T, computed here token by token."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)
+    batch = LoRABatch()
+    layer = LoRALinear(base, batch, num_slots=4, max_rank=4, dtype=torch.float32, device="cpu")
+    ab = {s: (torch.randn(3 if s % 2 else 4, 12), torch.randn(10, 3 if s % 2 else 4)) for s in range(4)}
+    for s, (a, b) in ab.items():
+        layer.set_slot(s, a, b)
+    x = torch.randn(1, len(slots), 12)
+    set_rows(batch, slots, 4, torch.float32, "cpu")
+    with torch.no_grad():
+        got = layer(x)[0]
+        for t, s in enumerate(slots):
+            want = base(x[0, t])
+            if s >= 0:
+                want = want + x[0, t] @ ab[s][0].T @ ab[s][1].T
+            torch.testing.assert_close(got[t], want, atol=1e-5, rtol=1e-5)
+    identity = (
+        slots == sorted(slots) and -1 not in slots and len(set(slots.count(s) for s in set(slots))) == 1
+    )
+    assert (batch.gather is None) == (identity and max(slots) + 1 == len(set(slots)))

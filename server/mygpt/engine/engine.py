@@ -245,7 +245,8 @@ class Engine(EngineThread):
         for every running row and every chunk, 4. sample and emit."""
         t0 = time.monotonic()
         self._admit()
-        decode = [r for r in self._running if r.next_token is not None]
+        # rows grouped by adapter slot: the LoRA layers then need no gather or scatter
+        decode = sorted((r for r in self._running if r.next_token is not None), key=lambda r: r.lora_slot)
         budget = max(self.max_num_batched_tokens - len(decode), 16)
         chunks = self._plan_prefill(budget)
         tokens = len(decode) + sum(len(c.token_ids) for _, c in chunks)

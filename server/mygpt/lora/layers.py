@@ -25,10 +25,12 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @dataclass
 class LoRABatch:
-    """The current forward's tokens grouped by adapter slot; set by the runner before each forward."""
+    """The current forward's tokens grouped by adapter slot; set by the runner before each forward.
+    gather/valid/scatter are None when not needed: tokens already in slot order, equal groups, no
+    base-model tokens (the common decode batch once the engine sorts its rows by adapter)."""
 
     slots: int = 0  # S: slots 0..S-1 take part (highest slot used + 1); 0 = no token uses an adapter
-    gather: torch.Tensor | None = None  # [S, M] token index at (slot, j); padding points at token 0
+    gather: torch.Tensor | None = None  # [S*M] token index at (slot, j); padding points at token 0
     valid: torch.Tensor | None = None  # [S, M, 1] 1 where (slot, j) holds a token, 0 for padding
     scatter: torch.Tensor | None = None  # [N] flat position slot*M + j of each token (base: a padding one)
 
@@ -54,12 +56,20 @@ class LoRALinear(nn.Module):
         b = self.batch
         if not b.slots:
             return y
-        r, width = self.rank, b.slots * self.rank
-        xg = x.reshape(-1, self.in_features).to(self.lora_a.dtype)[b.gather]  # [S, M, in]
-        a = self.lora_a[:width].view(b.slots, r, self.in_features)
-        h = torch.bmm(xg, a.transpose(1, 2)) * b.valid  # [S, M, R], padding rows zeroed
-        o = torch.bmm(h, self.lora_bt[:width].view(b.slots, r, self.out_features))  # [S, M, out]
-        return y + o.view(-1, self.out_features)[b.scatter].view(y.shape).to(y.dtype)
+        s, r, width = b.slots, self.rank, b.slots * self.rank
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.lora_a.dtype:
+            x2 = x2.to(self.lora_a.dtype)
+        if b.gather is not None:  # tokens into [S, M] slot groups (index_select: far cheaper than x[idx])
+            x2 = x2.index_select(0, b.gather)
+        a = self.lora_a[:width].view(s, r, self.in_features)
+        h = torch.bmm(x2.view(s, -1, self.in_features), a.transpose(1, 2))  # [S, M, R]
+        if b.valid is not None:
+            h.mul_(b.valid)  # padding rows contribute nothing
+        o = torch.bmm(h, self.lora_bt[:width].view(s, r, self.out_features)).view(-1, self.out_features)
+        if b.scatter is not None:
+            o = o.index_select(0, b.scatter)
+        return y.add_(o.view(y.shape).to(y.dtype))  # y is the base layer's fresh output
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Writes one adapter's A [r, in] and B [out, r] into `slot` (None: zeros)."""
@@ -114,8 +124,11 @@ def set_rows(batch: LoRABatch, slots: list[int], max_rank: int, dtype, device) -
     if n_adapted < n:
         scatter[order[n_adapted:]] = int(torch.nonzero(valid == 0)[0])
     batch.slots = s
-    batch.gather = gather.view(s, m).to(device)
-    batch.valid = valid.view(s, m, 1).to(device)
+    if n_adapted == n == s * m and bool((order == torch.arange(n)).all()):
+        batch.gather = batch.valid = batch.scatter = None  # already [S, M] in token order
+        return
+    batch.gather = gather.to(device)
+    batch.valid = None if n_adapted == s * m else valid.view(s, m, 1).to(device)
     batch.scatter = scatter.to(device)
 
 
