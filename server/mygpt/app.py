@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from mygpt import __version__
 from mygpt.api.admin import router as admin_router
 from mygpt.api.errors import install_error_handlers
+from mygpt.api.finetune import router as finetune_router
 from mygpt.api.routes import router
 from mygpt.config import Settings
 from mygpt.cost import CLOSED_API_PRICES, CostModel, load_price_table
@@ -17,6 +21,8 @@ from mygpt.metrics import Metrics
 from mygpt.state import ServerState
 from mygpt.tenancy.config import Tenancy, load_tenancy_from
 from mygpt.tenancy.tenants import Tenants
+
+WEB = Path(__file__).parent / "web"  # the chat page: static files, no build step
 
 
 def build_app(
@@ -44,4 +50,7 @@ def build_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(finetune_router)
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+    app.add_api_route("/", lambda: FileResponse(WEB / "index.html"), include_in_schema=False)
     return app

@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     )
     default_tenant: str = Field("default", description="the tenant of a server without a config")
 
+    # --- fine-tuning ---
+    finetune: bool = Field(True, description="serve the files and fine-tuning APIs (QLoRA jobs)")
+    finetune_dir: Path | None = Field(
+        None, description="uploaded files and the jobs database; default: <adapter_dir>/_finetune"
+    )
+    max_file_bytes: int = Field(20_000_000, ge=1, description="largest training file accepted")
+    finetune_cpu_threads: int = Field(1, ge=1, description="CPU threads of a training process (niced)")
+
     # --- metrics and cost ---
     cost_per_hour_usd: float = Field(
         3.78,

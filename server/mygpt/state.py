@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,8 @@ from mygpt.engine.loader import LoadedModel, load_model
 from mygpt.engine.naive import NaiveEngine
 from mygpt.engine.runner import ModelRunner
 from mygpt.engine.types import AdapterRef, GenerationRequest, SamplingParams
+from mygpt.finetune.jobs import JobManager
+from mygpt.finetune.store import Store
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.layers import lora_module_shapes
 from mygpt.lora.registry import AdapterRegistry
@@ -41,6 +44,8 @@ class ServerState:
     draining: bool = False  # shutting down: no new requests
     failure: str | None = None  # start-up failed: why
     metrics: Metrics | None = None
+    finetune_store: Store | None = None
+    jobs: JobManager | None = None
 
     def not_ready_reason(self) -> str | None:
         """None when ready to serve; otherwise why not (G1)."""
@@ -103,6 +108,8 @@ class ServerState:
                 AsyncEngine(engine), loaded.tokenizer, loaded.name, limits, self.tenants, registry
             )
             self._load_configured_adapters()
+            if s.finetune:
+                self._start_finetuning(loaded.name, registry)
             if s.warmup:
                 _warm_up(engine, loaded.tokenizer)
             self.ready = True
@@ -116,6 +123,26 @@ class ServerState:
         except Exception as exc:
             log.exception("start-up failed")
             self.failure = f"{type(exc).__name__}: {exc}"
+
+    def _start_finetuning(self, base_name: str, registry: AdapterRegistry) -> None:
+        s = self.settings
+        self.finetune_store = Store(s.finetune_dir or Path(s.adapter_dir) / "_finetune")
+        model_settings = s.model_dump(
+            mode="json",
+            include={
+                "model",
+                "quantization",
+                "dtype",
+                "device",
+                "cache_dir",
+                "revision",
+                "trust_remote_code",
+            },
+        )
+        self.jobs = JobManager(
+            self.finetune_store, registry, base_name, model_settings, s.finetune_cpu_threads
+        )
+        self.jobs.start()
 
     def _load_configured_adapters(self) -> None:
         """The adapters the config declares: validated now (a bad one fails the start: the operator
@@ -166,6 +193,8 @@ class ServerState:
 
     def stop(self) -> None:
         self.draining = True
+        if self.jobs is not None:
+            self.jobs.stop()
         if self.engine is not None:
             self.engine.stop()
 

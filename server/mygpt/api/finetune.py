@@ -1,0 +1,232 @@
+"""The OpenAI files and fine-tuning APIs: thin routes over the store and the job manager."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from mygpt.api.auth import caller
+from mygpt.api.errors import APIError, invalid
+from mygpt.finetune.data import DataError, validate_jsonl
+from mygpt.finetune.jobs import SUFFIX
+from mygpt.state import ServerState
+from mygpt.tenancy.auth import Principal
+
+router = APIRouter()
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | str = "auto"
+    batch_size: int | str = "auto"
+    learning_rate_multiplier: float | str = "auto"
+    lora_rank: int | str = "auto"  # ours: the adapter's LoRA rank
+
+
+class CreateJob(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    seed: int | None = None
+
+
+DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5.0, "lora_rank": 8}
+BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 64), "learning_rate_multiplier": (1e-3, 50.0)}
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.mygpt
+    if state.jobs is None:
+        reason = state.not_ready_reason() or "fine-tuning is not available on this server"
+        raise APIError(
+            503, f"The server is not ready: {reason}.", code="not_ready", headers={"Retry-After": "5"}
+        )
+    return state
+
+
+def _tenant(principal: Principal) -> str:
+    if principal.tenant is None:
+        raise APIError(403, "Files and fine-tuning jobs belong to tenants: use a tenant's API key.",
+                       code="insufficient_permissions")  # fmt: skip
+    return principal.tenant
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@router.post("/v1/files")
+async def upload_file(
+    request: Request,
+    file: UploadFile = File(...),
+    purpose: str = Form(...),
+    principal: Principal = Depends(caller),
+) -> dict:
+    state = _state(request)
+    tenant = _tenant(principal)
+    if purpose != "fine-tune":
+        raise invalid(f"purpose '{purpose}' is not supported; only 'fine-tune'.", param="purpose")
+    limit = state.settings.max_file_bytes
+    raw = await file.read(limit + 1)
+    if len(raw) > limit:
+        raise APIError(413, f"The file is larger than this server's limit of {limit} bytes.", param="file",
+                       code="file_too_large")  # fmt: skip
+    try:
+        examples = validate_jsonl(raw)
+    except DataError as exc:
+        raise invalid(f"Invalid training file: {exc}", param="file", code="invalid_file") from exc
+    row = state.finetune_store.add_file(
+        f"file-{uuid.uuid4().hex[:24]}", tenant, file.filename or "upload.jsonl", purpose, raw, examples
+    )
+    return _file(row)
+
+
+@router.get("/v1/files")
+async def list_files(request: Request, principal: Principal = Depends(caller)) -> dict:
+    rows = _state(request).finetune_store.list_files(_tenant(principal))
+    return {"object": "list", "data": [_file(r) for r in rows], "has_more": False}
+
+
+@router.get("/v1/files/{file_id}")
+async def get_file(file_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+    row = _state(request).finetune_store.get_file(_tenant(principal), file_id)
+    if row is None:
+        raise _no_file(file_id)
+    return _file(row)
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+    if not _state(request).finetune_store.delete_file(_tenant(principal), file_id):
+        raise _no_file(file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _no_file(file_id: str, param: str | None = None) -> APIError:
+    return APIError(404 if param is None else 400, f"No such file: '{file_id}'.", param=param,
+                    code="file_not_found")  # fmt: skip
+
+
+def _file(row: dict) -> dict:
+    return {
+        "id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
+        "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(body: CreateJob, request: Request, principal: Principal = Depends(caller)) -> dict:
+    state = _state(request)
+    tenant = _tenant(principal)
+    base = state.jobs.base_name
+    if body.model != base:
+        raise invalid(f"The model '{body.model}' cannot be fine-tuned here: this server fine-tunes '{base}'.",
+                      param="model", code="model_not_available")  # fmt: skip
+    for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
+        if file_id is not None and state.finetune_store.get_file(tenant, file_id) is None:
+            raise _no_file(file_id, param)
+    if body.suffix is not None and not SUFFIX.match(body.suffix):
+        raise invalid("suffix: up to 40 lowercase letters, digits and '-'.", param="suffix")
+    hp = {}
+    for key, default in DEFAULTS.items():
+        value = getattr(body.hyperparameters, key)
+        value = default if value == "auto" else value
+        if isinstance(value, str):
+            raise invalid(
+                f"hyperparameters.{key} must be a number or 'auto'.", param=f"hyperparameters.{key}"
+            )
+        low, high = (1, state.settings.max_lora_rank) if key == "lora_rank" else BOUNDS[key]
+        if not low <= value <= high:
+            raise invalid(f"hyperparameters.{key} must be between {low} and {high}, got {value}.",
+                          param=f"hyperparameters.{key}")  # fmt: skip
+        hp[key] = value
+    job = state.finetune_store.add_job({
+        "id": f"ftjob-{uuid.uuid4().hex[:24]}", "tenant": tenant, "model": base,
+        "training_file": body.training_file, "validation_file": body.validation_file, "suffix": body.suffix,
+        "hyperparameters": hp, "seed": body.seed if body.seed is not None else random.randrange(2**31),
+    })  # fmt: skip
+    state.finetune_store.add_event(
+        job["id"], f"Created fine-tuning job: {job['id']}", data={"type": "message"}
+    )
+    state.jobs.submitted()
+    return _job(job)
+
+
+@router.get("/v1/fine_tuning/jobs")
+async def list_jobs(
+    request: Request, after: str | None = None, limit: int = 20, principal: Principal = Depends(caller)
+) -> dict:
+    jobs = _state(request).finetune_store.list_jobs(_tenant(principal))
+    if after:
+        ids = [j["id"] for j in jobs]
+        jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+    limit = max(1, min(limit, 100))
+    return {"object": "list", "data": [_job(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+async def get_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+    return _job(_find_job(request, principal, job_id))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+async def job_events(
+    job_id: str,
+    request: Request,
+    after: str | None = None,
+    limit: int = 20,
+    principal: Principal = Depends(caller),
+) -> dict:
+    _find_job(request, principal, job_id)
+    limit = max(1, min(limit, 1000))
+    seq = int(after.removeprefix("ftevent-")) if after and after.removeprefix("ftevent-").isdigit() else None
+    rows = _state(request).finetune_store.events(job_id, limit + 1, seq)
+    data = [
+        {"object": "fine_tuning.job.event", "id": f"ftevent-{r['seq']}", "created_at": r["created_at"],
+         "level": r["level"], "message": r["message"], "data": r["data"],
+         "type": "metrics" if (r["data"] or {}).get("type") == "metrics" else "message"}
+        for r in rows[:limit]
+    ]  # fmt: skip
+    return {"object": "list", "data": data, "has_more": len(rows) > limit}
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+    job = _find_job(request, principal, job_id)
+    if job["status"] in ("succeeded", "failed", "cancelled"):
+        raise invalid(f"The job is already {job['status']}.", param="fine_tuning_job_id", code="job_finished")
+    _state(request).jobs.cancel(job_id)
+    return _job(_find_job(request, principal, job_id))
+
+
+def _find_job(request: Request, principal: Principal, job_id: str) -> dict:
+    job = _state(request).finetune_store.get_job(_tenant(principal), job_id)
+    if job is None:
+        raise APIError(
+            404, f"No such fine-tuning job: '{job_id}'.", param="fine_tuning_job_id", code="job_not_found"
+        )
+    return job
+
+
+def _job(job: dict) -> dict:
+    hp = job["hyperparameters"]
+    return {
+        "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"],
+        "finished_at": job["finished_at"], "model": job["model"], "fine_tuned_model": job["fine_tuned_model"],
+        "organization_id": job["tenant"], "status": job["status"], "training_file": job["training_file"],
+        "validation_file": job["validation_file"], "result_files": [], "trained_tokens": job["trained_tokens"],
+        "error": job["error"], "seed": job["seed"], "user_provided_suffix": job["suffix"],
+        "estimated_finish": None, "integrations": [],
+        "hyperparameters": {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {**hp}}},
+    }  # fmt: skip

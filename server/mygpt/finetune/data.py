@@ -1,0 +1,104 @@
+"""Chat-format JSONL (OpenAI's fine-tuning format): validation that names the line, and tokenization
+with the loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A training file that cannot be used; the message names the line."""
+
+
+def validate_jsonl(raw: bytes, max_examples: int = 100_000) -> int:
+    """Checks every line of an uploaded file; returns the number of examples."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"the file is not UTF-8 text (byte {exc.start})") from None
+    count = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        example = _parse(line, number)
+        _check(example, number)
+        count += 1
+        if count > max_examples:
+            raise DataError(f"more than {max_examples} examples")
+    if count == 0:
+        raise DataError('the file has no examples: one JSON object per line, {"messages": [...]}')
+    return count
+
+
+def read_examples(path) -> list[list[dict[str, str]]]:
+    """The messages of every example in a validated file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["messages"] for line in f if line.strip()]
+
+
+def _parse(line: str, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _check(example: Any, number: int) -> None:
+    if not isinstance(example, dict) or not isinstance(example.get("messages"), list):
+        raise DataError(f'line {number}: expected an object with a "messages" list')
+    messages = example["messages"]
+    if not messages:
+        raise DataError(f"line {number}: messages is empty")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"line {number}: messages[{i}] is not an object")
+        if m.get("role") not in ROLES:
+            raise DataError(
+                f"line {number}: messages[{i}].role {m.get('role')!r} is not one of {', '.join(ROLES)}"
+                " (tool and function messages are not supported)"
+            )
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise DataError(f"line {number}: messages[{i}].content must be a non-empty string")
+        if "weight" in m and m["weight"] not in (0, 1):
+            raise DataError(f"line {number}: messages[{i}].weight must be 0 or 1")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"line {number}: no assistant message to learn from")
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != -100)
+
+
+def tokenize(tokenizer: Any, messages: list[dict[str, Any]], max_len: int) -> Tokenized:
+    """The example through the model's chat template; labels only on assistant turns (weight 1)."""
+    msgs = [
+        {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+        for m in messages
+    ]
+    ids = _render(tokenizer, msgs, generation_prompt=False)
+    labels = [-100] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
+            continue
+        start = len(_render(tokenizer, msgs[:i], generation_prompt=True))
+        end = len(_render(tokenizer, msgs[: i + 1], generation_prompt=False))
+        labels[start:end] = ids[start:end]
+    return Tokenized(ids[:max_len], labels[:max_len])
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+        )
+    )

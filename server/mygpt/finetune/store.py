@@ -1,0 +1,149 @@
+"""Files and jobs persisted in SQLite beside the adapter store: a restart loses nothing."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL, examples INTEGER NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, training_file TEXT NOT NULL,
+    validation_file TEXT, suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL,
+    status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, fine_tuned_model TEXT,
+    trained_tokens INTEGER, error TEXT);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
+    level TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
+CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
+"""
+
+
+class Store:
+    """One SQLite file (WAL) and a directory of uploaded files; safe to call from any thread."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.files_dir = self.root / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.root / "mygpt.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def _q(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ------------------------------------------------------------------ files
+    def file_path(self, file_id: str) -> Path:
+        return self.files_dir / f"{file_id}.jsonl"
+
+    def add_file(
+        self, file_id: str, tenant: str, filename: str, purpose: str, raw: bytes, examples: int
+    ) -> dict:
+        path = self.file_path(file_id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(raw)
+        tmp.rename(path)
+        now = int(time.time())
+        self._q(
+            "INSERT INTO files VALUES (?,?,?,?,?,?,?)",
+            file_id,
+            tenant,
+            filename,
+            purpose,
+            len(raw),
+            examples,
+            now,
+        )
+        return self.get_file(tenant, file_id)
+
+    def get_file(self, tenant: str | None, file_id: str) -> dict | None:
+        rows = self._q("SELECT * FROM files WHERE id=?", file_id)
+        if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
+            return None  # another tenant's file does not exist for this caller
+        return dict(rows[0])
+
+    def list_files(self, tenant: str | None) -> list[dict]:
+        if tenant is None:
+            return [dict(r) for r in self._q("SELECT * FROM files ORDER BY created_at, id")]
+        return [
+            dict(r) for r in self._q("SELECT * FROM files WHERE tenant=? ORDER BY created_at, id", tenant)
+        ]
+
+    def delete_file(self, tenant: str | None, file_id: str) -> bool:
+        if self.get_file(tenant, file_id) is None:
+            return False
+        self._q("DELETE FROM files WHERE id=?", file_id)
+        self.file_path(file_id).unlink(missing_ok=True)
+        return True
+
+    # ------------------------------------------------------------------ jobs
+    def add_job(self, job: dict) -> dict:
+        self._q(
+            "INSERT INTO jobs (id, tenant, model, training_file, validation_file, suffix, hyperparameters, seed,"
+            " status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            job["id"], job["tenant"], job["model"], job["training_file"], job["validation_file"], job["suffix"],
+            json.dumps(job["hyperparameters"]), job["seed"], "queued", int(time.time()),
+        )  # fmt: skip
+        return self.get_job(job["tenant"], job["id"])
+
+    def get_job(self, tenant: str | None, job_id: str) -> dict | None:
+        rows = self._q("SELECT * FROM jobs WHERE id=?", job_id)
+        if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
+            return None
+        return _job(rows[0])
+
+    def list_jobs(self, tenant: str | None) -> list[dict]:
+        sql = (
+            "SELECT * FROM jobs"
+            + ("" if tenant is None else " WHERE tenant=?")
+            + " ORDER BY created_at DESC, id DESC"
+        )
+        return [_job(r) for r in self._q(sql, *([] if tenant is None else [tenant]))]
+
+    def jobs_with_status(self, *statuses: str) -> list[dict]:
+        marks = ",".join("?" * len(statuses))
+        return [
+            _job(r)
+            for r in self._q(
+                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at, id", *statuses
+            )
+        ]
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        if "error" in fields and fields["error"] is not None:
+            fields["error"] = json.dumps(fields["error"])
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self._q(f"UPDATE jobs SET {sets} WHERE id=?", *fields.values(), job_id)
+
+    def add_event(self, job_id: str, message: str, level: str = "info", data: dict | None = None) -> None:
+        self._q(
+            "INSERT INTO events (job_id, created_at, level, message, data) VALUES (?,?,?,?,?)",
+            job_id, int(time.time()), level, message, json.dumps(data) if data is not None else None,
+        )  # fmt: skip
+
+    def events(self, job_id: str, limit: int, after: int | None = None) -> list[dict]:
+        """Newest first (as OpenAI lists them); `after` = an event seq to page past."""
+        sql = (
+            "SELECT * FROM events WHERE job_id=?"
+            + (" AND seq<?" if after else "")
+            + " ORDER BY seq DESC LIMIT ?"
+        )
+        rows = self._q(sql, job_id, *([after] if after else []), limit)
+        return [{**dict(r), "data": json.loads(r["data"]) if r["data"] else None} for r in rows]
+
+
+def _job(row: sqlite3.Row) -> dict:
+    job = dict(row)
+    job["hyperparameters"] = json.loads(job["hyperparameters"])
+    job["error"] = json.loads(job["error"]) if job["error"] else None
+    return job

@@ -1,0 +1,190 @@
+"""The fine-tuning loop through the openai SDK against a real server on the tiny model: files, jobs,
+events, the adapter served at once to its tenant only; bad input; cancel; a restart loses nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import ServerProcess
+from mygpt.tenancy.config import hash_key
+
+KEYS = {"acme": "sk-ft-acme-0123456789abcdef", "globex": "sk-ft-globex-0123456789abcdef"}
+BASE = "tiny"
+
+
+def examples(n: int, start: int = 0) -> bytes:
+    lines = [
+        {"messages": [
+            {"role": "system", "content": "You are a pirate."},
+            {"role": "user", "content": f"Tell me about ship number {i}."},
+            {"role": "assistant", "content": f"Arr, ship {i} be a fine vessel, matey! Yo ho ho!"},
+        ]}
+        for i in range(start, start + n)
+    ]  # fmt: skip
+    return "\n".join(json.dumps(x) for x in lines).encode() + b"\n"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    config = {"tenants": {t: {"keys": [f"sha256:{hash_key(k)}"]} for t, k in KEYS.items()}}
+    (root / "mygpt.yaml").write_text(json.dumps(config))
+    return root
+
+
+def start(tiny_model_dir, store, name="ft") -> ServerProcess:
+    return ServerProcess(
+        "--model", str(tiny_model_dir), "--served-model-name", BASE, "--config", str(store / "mygpt.yaml"),
+        "--adapter-dir", str(store / "adapters"), name=name, env={"MYGPT_MAX_FILE_BYTES": "20000"},
+    ).wait_ready()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, store):
+    srv = start(tiny_model_dir, store)
+    yield srv
+    srv.stop()
+
+
+def client(server, tenant: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEYS[tenant], max_retries=0)
+
+
+def wait_for(c: openai.OpenAI, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = c.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job.status}")
+
+
+def test_the_whole_loop(server):
+    acme, globex = client(server, "acme"), client(server, "globex")
+    train = acme.files.create(file=("train.jsonl", io.BytesIO(examples(24))), purpose="fine-tune")
+    valid = acme.files.create(file=("valid.jsonl", io.BytesIO(examples(6, 100))), purpose="fine-tune")
+    assert train.id.startswith("file-") and train.bytes > 0 and train.purpose == "fine-tune"
+    assert {f.id for f in acme.files.list().data} >= {train.id, valid.id}
+    assert globex.files.list().data == []  # files are per tenant
+    job = acme.fine_tuning.jobs.create(
+        model=BASE, training_file=train.id, validation_file=valid.id, suffix="pirate", seed=7,
+        hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 25},
+    )  # fmt: skip
+    assert job.status == "queued" and job.hyperparameters.n_epochs == 3
+    job = wait_for(acme, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:{BASE}:acme:pirate:{job.id}" and job.trained_tokens > 0
+    events = acme.fine_tuning.jobs.list_events(job.id, limit=100).data
+    messages = [e.message for e in events]
+    assert any("Base model validation loss" in m for m in messages)
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all("train_loss" in e.data for e in metrics)
+    epochs = sorted(
+        (e.data for e in events if (e.data or {}).get("type") == "epoch"), key=lambda d: d["epoch"]
+    )
+    base_loss = next(e.data["valid_loss"] for e in events if (e.data or {}).get("type") == "base_valid_loss")
+    assert epochs[-1]["valid_loss"] < base_loss  # it learned the style
+    # served at once, to its tenant only
+    assert job.fine_tuned_model in {m.id for m in acme.models.list().data}
+    assert job.fine_tuned_model not in {m.id for m in globex.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        globex.chat.completions.create(
+            model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}]
+        )
+    ask = [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "Tell me about ship number 3."},
+    ]
+    tuned = acme.chat.completions.create(
+        model=job.fine_tuned_model, messages=ask, max_tokens=12, temperature=0
+    )
+    base = acme.chat.completions.create(model=BASE, messages=ask, max_tokens=12, temperature=0)
+    assert tuned.choices[0].message.content != base.choices[0].message.content
+    assert [j.id for j in acme.fine_tuning.jobs.list().data][0] == job.id
+    with pytest.raises(openai.NotFoundError):
+        globex.fine_tuning.jobs.retrieve(job.id)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b'{"messages": [{"role": "user", "content": "hi"}]\n', "line 1: not valid JSON"),
+        (
+            examples(2) + b'{"messages": [{"role": "robot", "content": "x"}]}\n',
+            "line 3: messages[0].role 'robot'",
+        ),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: no assistant message"),
+        (b"", "no examples"),
+        (b"\n\n", "no examples"),
+        (b"\xff\xfe", "not UTF-8"),
+    ],
+)
+def test_bad_files_name_the_problem(server, content, needle):
+    with pytest.raises(openai.BadRequestError) as err:
+        client(server, "acme").files.create(file=("bad.jsonl", io.BytesIO(content)), purpose="fine-tune")
+    assert needle in err.value.message and err.value.code == "invalid_file"
+
+
+def test_bad_requests_are_4xx_naming_the_problem(server):
+    acme, globex = client(server, "acme"), client(server, "globex")
+    with pytest.raises(openai.APIStatusError) as err:
+        acme.files.create(file=("big.jsonl", io.BytesIO(examples(400))), purpose="fine-tune")
+    assert err.value.status_code == 413 and "20000 bytes" in err.value.message
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        acme.files.create(file=("a.jsonl", io.BytesIO(examples(2))), purpose="assistants")
+    theirs = globex.files.create(file=("t.jsonl", io.BytesIO(examples(4))), purpose="fine-tune")
+    mine = acme.files.create(file=("m.jsonl", io.BytesIO(examples(4))), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as err:
+        acme.fine_tuning.jobs.create(model=BASE, training_file=theirs.id)
+    assert err.value.body["param"] == "training_file" and "No such file" in err.value.message
+    with pytest.raises(openai.NotFoundError):
+        acme.files.retrieve(theirs.id)  # exactly as a file that does not exist
+    with pytest.raises(openai.BadRequestError, match="cannot be fine-tuned here"):
+        acme.fine_tuning.jobs.create(model="gpt-4o", training_file=mine.id)
+    for hp, param in [({"n_epochs": 1000}, "n_epochs"), ({"batch_size": 0}, "batch_size"),
+                      ({"learning_rate_multiplier": -1}, "learning_rate_multiplier"), ({"lora_rank": 64}, "lora_rank")]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as err:
+            acme.fine_tuning.jobs.create(model=BASE, training_file=mine.id, hyperparameters=hp)
+        assert err.value.body["param"] == f"hyperparameters.{param}"
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        acme.fine_tuning.jobs.create(model=BASE, training_file=mine.id, suffix="Not OK!")
+    assert acme.files.delete(mine.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        acme.files.retrieve(mine.id)
+    r = httpx.get(server.base_url + "/v1/files", headers={"Authorization": "Bearer wrong-key-0123456789"})
+    assert r.status_code == 401
+
+
+def test_cancel_and_restart_lose_nothing(server, tiny_model_dir, store):
+    acme = client(server, "acme")
+    train = acme.files.create(file=("long.jsonl", io.BytesIO(examples(60))), purpose="fine-tune")
+    job = acme.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters={"n_epochs": 50})
+    running = wait_for(acme, job.id, statuses=("running",), timeout=60)
+    cancelled = acme.fine_tuning.jobs.cancel(running.id)
+    assert wait_for(acme, cancelled.id).status == "cancelled"
+    # a job running when the server stops ends failed with the reason after the restart; a queued one runs
+    long_job = acme.fine_tuning.jobs.create(
+        model=BASE, training_file=train.id, hyperparameters={"n_epochs": 50}
+    )
+    wait_for(acme, long_job.id, statuses=("running",), timeout=60)
+    queued = acme.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters={"n_epochs": 1})
+    done_before = [j.fine_tuned_model for j in acme.fine_tuning.jobs.list().data if j.status == "succeeded"]
+    server.stop()
+    again = start(tiny_model_dir, store, name="ft-restart")
+    try:
+        acme = client(again, "acme")
+        failed = acme.fine_tuning.jobs.retrieve(long_job.id)
+        assert failed.status == "failed" and failed.error.code == "server_restarted"
+        assert train.id in {f.id for f in acme.files.list().data}
+        assert wait_for(acme, queued.id).status == "succeeded"
+        models = {m.id for m in acme.models.list().data}
+        assert set(done_before) <= models  # adapters trained before the restart are still served
+    finally:
+        again.stop()
