@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
-from fastapi.staticfiles import StaticFiles
 
 from mygpt import __version__
 from mygpt.api.admin import router as admin_router
@@ -21,8 +18,6 @@ from mygpt.metrics import Metrics
 from mygpt.state import ServerState
 from mygpt.tenancy.config import Tenancy, load_tenancy_from
 from mygpt.tenancy.tenants import Tenants
-
-WEB = Path(__file__).parent / "web"  # the chat page: static files, no build step
 
 
 def build_app(
@@ -51,6 +46,4 @@ def build_app(
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(finetune_router)
-    app.mount("/web", StaticFiles(directory=WEB), name="web")
-    app.add_api_route("/", lambda: FileResponse(WEB / "index.html"), include_in_schema=False)
     return app

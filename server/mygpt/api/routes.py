@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -18,6 +19,8 @@ from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
 
 router = APIRouter()
+WEB = Path(__file__).resolve().parents[1] / "web"  # the chat page: static files, no build step
+PAGE_FILES = {p.name: p for p in WEB.iterdir() if p.is_file()}  # served by name only: no paths
 
 
 def _state(request: Request) -> ServerState:
@@ -52,6 +55,19 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format; open like the probes (scrapers carry no tenant key)."""
     m = _state(request).metrics
     return Response(m.exposition() if m else b"", media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page() -> FileResponse:
+    """The chat page; open like the probes (its API calls carry the key the user types in)."""
+    return FileResponse(WEB / "index.html")
+
+
+@router.get("/web/{name}", include_in_schema=False)
+async def chat_page_file(name: str) -> FileResponse:
+    if name not in PAGE_FILES:
+        raise APIError(404, "Not Found", code="not_found")
+    return FileResponse(PAGE_FILES[name])
 
 
 @router.get("/v1/models")
