@@ -202,6 +202,7 @@ def test_compare_mode_answers_with_two_models_side_by_side(browser, keyed):
     assert left.location["x"] < right.location["x"] and left.location["y"] == right.location["y"]
     for a in (left, right):
         assert "completion" in stats(a) and "TTFT" in stats(a)
+    browser.save_screenshot(str(ARTIFACTS / "chat-page-compare.png"))
 
 
 def test_api_errors_are_readable_messages(browser, keyed):

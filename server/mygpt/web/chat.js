@@ -61,13 +61,17 @@ function networkMessage(err) {
 
 // ------------------------------------------------------------------ models
 
+let listing = 0; // answers to an older key's listing are dropped
+
 async function loadModels() {
+  const mine = ++listing;
   let res;
   try {
     res = await fetch(api("v1/models"), { headers: headers() });
   } catch (err) {
-    return noModels(networkMessage(err));
+    return mine === listing && noModels(networkMessage(err));
   }
+  if (mine !== listing) return;
   if (res.status === 503) {
     setTimeout(loadModels, 2000);
     return noModels("The server is still loading its model; retrying...");
@@ -80,6 +84,7 @@ async function loadModels() {
     return noModels(err.message);
   }
   const models = (await res.json()).data || [];
+  if (mine !== listing) return;
   const prefs = loadPrefs();
   for (const [select, wanted] of [[ui.modelA, prefs.modelA], [ui.modelB, prefs.modelB]]) {
     const previous = select.value || wanted;
