@@ -133,6 +133,7 @@ def test_a_wrong_key_shows_a_readable_401(browser, keyed):
     assert "Not authorized (401)" in status(browser)
     assert "Incorrect API key" in status(browser)  # the server's own message follows
     assert not browser.find_element(By.ID, "send").is_enabled()
+    browser.save_screenshot(str(ARTIFACTS / "chat-page-401.png"))
 
 
 def test_the_key_lists_the_tenants_models_and_stays_in_local_storage(browser, keyed):
@@ -221,6 +222,7 @@ def test_api_errors_are_readable_messages(browser, keyed):
     ask(browser, "Hi again")
     error = wait_answered(browser, 2)[1].find_element(By.CSS_SELECTOR, ".error").text
     assert error.startswith("Rate limited (429): retry in") and "1 requests per minute" in error, error
+    browser.save_screenshot(str(ARTIFACTS / "chat-page-429.png"))
 
 
 # ----------------------------------------------------------------------------- unsafe model output
