@@ -282,8 +282,8 @@ def test_html_from_the_model_is_shown_never_executed(browser, keyed):
 @pytest.mark.slow
 def test_a_readable_answer_from_the_default_model_and_a_screenshot(browser, default_server):
     """An open server (no key needed): real answers, rendered; the screenshot the README shows."""
-    open_page(browser, default_server, max_tokens=160)
-    assert options(browser) == ["SmolLM2-135M-Instruct"]
+    open_page(browser, default_server, max_tokens=100)
+    assert options(browser)[0] == "SmolLM2-135M-Instruct"  # the base first; adapters in ./adapters follow
     ask(browser, "What is the capital of France?")
     first = wait_answered(browser, 1, timeout=120)[0]
     assert "Paris" in first.find_element(By.CSS_SELECTOR, ".content").text
