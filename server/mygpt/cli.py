@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -76,6 +77,29 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Environment (MYGPT_*) first, then any flag given on the command line."""
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
     return Settings(**overrides)
+
+
+def _finetune_parsers(sub: Any) -> None:
+    p = sub.add_parser("finetune", help="fine-tune an adapter on a running server (OpenAI's fine-tuning API)")
+    p.add_argument("training_file", help='chat examples, one JSON object a line: {"messages": [...]}')
+    p.add_argument("--validation-file")
+    p.add_argument("--suffix", help="part of the model name: ft:<base>:<tenant>:<suffix>:<job>")
+    p.add_argument("--model", help="the base model (default: the server's)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr-multiplier", type=float)
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", help="default: MYGPT_API_KEY, then OPENAI_API_KEY")
+    p = sub.add_parser("eval", help="validation loss of the base model and an adapter on a chat file")
+    p.add_argument("file", help="chat examples (the fine-tuning format)")
+    p.add_argument("--adapter", required=True, help="an adapter directory, or a name in the tenant's store")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--adapter-dir", default="adapters")
+    p.add_argument("--model", default="default", help="the base model, as for serve")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mygpt"))
+    p.add_argument("--samples", type=int, default=3, help="answers to show side by side")
 
 
 def _keygen_parser(sub: Any) -> None:
@@ -148,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     _serve_parser(sub)
     _bench_parser(sub)
     _keygen_parser(sub)
+    _finetune_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(settings_from_args(args))
@@ -157,6 +182,17 @@ def main(argv: list[str] | None = None) -> None:
         bench.main(args)
     elif args.command == "keygen":
         keygen(args)
+    elif args.command == "finetune":
+        from mygpt.finetune import cli as ft
+
+        ft.finetune(
+            args,
+            args.api_key or os.environ.get("MYGPT_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none",
+        )
+    elif args.command == "eval":
+        from mygpt.finetune import cli as ft
+
+        ft.evaluate(args)
 
 
 if __name__ == "__main__":

@@ -188,3 +188,22 @@ def test_cancel_and_restart_lose_nothing(server, tiny_model_dir, store):
         assert set(done_before) <= models  # adapters trained before the restart are still served
     finally:
         again.stop()
+
+
+@pytest.mark.slow
+def test_the_loop_on_the_default_model(default_checkpoint, tmp_path):
+    """The same loop on the real default model (NF4 SmolLM2-135M): one short epoch, served after."""
+    server = ServerProcess("--adapter-dir", str(tmp_path / "adapters"), name="ft-default").wait_ready()
+    try:
+        c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        base = c.models.list().data[0].id
+        train = c.files.create(file=("t.jsonl", io.BytesIO(examples(8))), purpose="fine-tune")
+        job = c.fine_tuning.jobs.create(model=base, training_file=train.id, validation_file=train.id,
+                                        suffix="smoke", hyperparameters={"n_epochs": 1, "batch_size": 8})  # fmt: skip
+        job = wait_for(c, job.id, timeout=300)
+        assert job.status == "succeeded", job.error
+        ask = [{"role": "user", "content": "Tell me about ship number 3."}]
+        r = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, max_tokens=8, temperature=0)
+        assert r.model == job.fine_tuned_model and r.usage.completion_tokens > 0
+    finally:
+        server.stop()

@@ -38,7 +38,7 @@ class CreateJob(BaseModel):
     seed: int | None = None
 
 
-DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5.0, "lora_rank": 8}
+DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "lora_rank": 8}
 BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 64), "learning_rate_multiplier": (1e-3, 50.0)}
 
 
