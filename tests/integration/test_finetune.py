@@ -207,3 +207,18 @@ def test_the_loop_on_the_default_model(default_checkpoint, tmp_path):
         assert r.model == job.fine_tuned_model and r.usage.completion_tokens > 0
     finally:
         server.stop()
+
+
+def test_the_shipped_demo_adapters_show_their_effect(default_server):
+    """adapters/default/{pirate,json}, trained by scripts/make_demo_adapters.py, change one answer visibly."""
+    c = openai.OpenAI(base_url=default_server.base_url + "/v1", api_key="x", max_retries=0)
+    ask = [{"role": "user", "content": "What is the capital of Spain?"}]
+    answers = {
+        m: c.chat.completions.create(model=m, messages=ask, max_tokens=40, temperature=0)
+        .choices[0]
+        .message.content
+        for m in ("SmolLM2-135M-Instruct", "pirate", "json")
+    }
+    assert "Madrid" in answers["SmolLM2-135M-Instruct"]
+    assert any(w in answers["pirate"] for w in ("Arr", "matey", "Yo ho", "Ahoy", "Savvy", "Yarr")), answers
+    assert "Madrid" in json.loads(answers["json"])["answer"], answers
