@@ -63,9 +63,10 @@ def renderer() -> tuple[str, Path]:
         return "helm", Path(helm)
     go = shutil.which("go")
     if go is None or not (Path(GOPATH) / "src/github.com/Masterminds/sprig").is_dir():
-        pytest.fail(
+        # like the other system-package tests: a skip on a developer's machine, a failure in CI
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
             "rendering the chart needs helm on the PATH, or Go and sprig: "
-            "apt-get install golang-go golang-github-masterminds-sprig-dev (.ci/run does this)"
+            "apt-get install golang-go golang-github-masterminds-sprig-dev (make test does this as root)"
         )
     digest = hashlib.sha256(RENDERER_SRC.read_bytes()).hexdigest()[:12]
     binary = ARTIFACTS / digest / "helmrender"
