@@ -52,6 +52,12 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--metrics-max-adapters", type=int, help="adapter label values in metrics before 'other'")
     p.add_argument("--shutdown-timeout-s", type=float, help="SIGTERM: how long in-flight requests may finish")
     p.add_argument(
+        "--no-finetune", dest="finetune", action="store_const", const=False,
+        help="no files and fine-tuning APIs on this replica",
+    )  # fmt: skip
+    p.add_argument("--max-file-bytes", type=int, help="largest training file accepted")
+    p.add_argument("--finetune-cpu-threads", type=int, help="CPU threads of a training process (niced)")
+    p.add_argument(
         "--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation"
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -106,3 +106,15 @@ async def test_failure_after_first_byte_sends_an_error_event(served_state, monke
     async with client_for(served_state) as c:
         r = await c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
     assert r.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_fine_tuning_routes_when_off_or_starting():
+    off = ServerState(Settings(finetune=False), Tenants(load_tenancy(None)))
+    async with client_for(off) as c:
+        r = await c.get("/v1/fine_tuning/jobs")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_available"
+    starting = ServerState(Settings(), Tenants(load_tenancy(None)))
+    async with client_for(starting) as c:
+        r = await c.get("/v1/files")
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "not_ready"

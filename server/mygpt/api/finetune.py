@@ -44,8 +44,10 @@ BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 64), "learning_rate_multiplier"
 
 def _state(request: Request) -> ServerState:
     state: ServerState = request.app.state.mygpt
+    if not state.settings.finetune:  # a 404, not a 503: the SDK would retry a 503
+        raise APIError(404, "Fine-tuning is turned off on this server.", code="not_available")
     if state.jobs is None:
-        reason = state.not_ready_reason() or "fine-tuning is not available on this server"
+        reason = state.not_ready_reason() or "fine-tuning is starting"
         raise APIError(
             503, f"The server is not ready: {reason}.", code="not_ready", headers={"Retry-After": "5"}
         )
