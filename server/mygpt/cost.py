@@ -22,7 +22,6 @@ DEFAULT_COST_PER_HOUR_USD = 3.78
 # (GPT-4 8k, GPT-3.5-turbo-16k and Claude 2.1 at their last published prices; GPT-4 8k and
 # GPT-3.5-turbo-16k cross-checked on lmmarketcap.com's model pages). Written down on 2026-11-26 without
 # access to the live pricing pages: check them for your date and override with --price-table.
-PRICES_AS_OF = "2026-11-26"
 CLOSED_API_PRICES: dict[str, tuple[float, float]] = {
     "openai/gpt-4o": (2.50, 10.00),
     "openai/gpt-4o-mini": (0.15, 0.60),

@@ -88,11 +88,11 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"{'base':<10} {base_loss:>8.4f} {math.exp(base_loss):>11.2f}")
     print(f"{'adapter':<10} {tuned_loss:>8.4f} {math.exp(tuned_loss):>11.2f}   {path}")
     for messages in conversations[: args.samples]:
-        prompt = (
-            [m for m in messages if m["role"] != "assistant"][:2]
-            if messages[-1]["role"] == "assistant"
-            else messages
-        )
+        first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+        prompt = [  # the conversation up to the first answer to be learned, as the trainer renders it
+            {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+            for m in messages[:first_answer]
+        ]
         ids = tok.apply_chat_template(
             prompt, add_generation_prompt=True, return_tensors="pt", return_dict=False
         )

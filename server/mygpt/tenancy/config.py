@@ -182,31 +182,30 @@ def _read(path: Path) -> TenancyFile:
 
 
 def _digest(entry: str, where: str, environ: Mapping[str, str]) -> str:
+    """The SHA-256 hex digest a key entry stands for: "env:NAME" and "file:PATH" are read first; the
+    value is then either "sha256:<hex>" or the key itself."""
     entry = entry.strip()
-    if entry.startswith("sha256:"):
-        hexdigest = entry.removeprefix("sha256:").lower()
-        if not re.fullmatch(r"[0-9a-f]{64}", hexdigest):
-            raise ConfigError(f"{where}: 'sha256:' must be followed by 64 hex digits")
-        return hexdigest
     if entry.startswith("env:"):
         name = entry.removeprefix("env:")
         if not environ.get(name):
             raise ConfigError(f"{where}: environment variable {name} is not set")
-        return (
-            _digest(environ[name], where, environ)
-            if environ[name].startswith("sha256:")
-            else hash_key(environ[name].strip())
-        )
-    if entry.startswith("file:"):
+        value = environ[name].strip()
+    elif entry.startswith("file:"):
         file = Path(entry.removeprefix("file:"))
         try:
-            key = file.read_text().strip()
+            value = file.read_text().strip()
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read key file {file} ({exc.strerror})") from None
-        return _digest(key, where, environ) if key.startswith("sha256:") else hash_key(key)
-    if len(entry) < 16:
-        raise ConfigError(f"{where}: a key must be at least 16 characters")
-    return hash_key(entry)
+    else:
+        value = entry
+        if not value.startswith("sha256:") and len(value) < 16:
+            raise ConfigError(f"{where}: a key must be at least 16 characters")
+    if value.startswith("sha256:"):
+        hexdigest = value.removeprefix("sha256:").lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", hexdigest):
+            raise ConfigError(f"{where}: 'sha256:' must be followed by 64 hex digits")
+        return hexdigest
+    return hash_key(value)
 
 
 def load_tenancy_from(settings, environ: Mapping[str, str] | None = None) -> Tenancy:
