@@ -47,6 +47,8 @@ class JobManager:
 
     def start(self) -> None:
         for job in self.store.jobs_with_status("running"):
+            for work in self.registry.store_of(job["tenant"]).glob(f".{job['id']}-*"):
+                shutil.rmtree(work, ignore_errors=True)  # the stopped trainer's half-written output
             self._finish(job["id"], "failed", error={
                 "code": "server_restarted", "param": None,
                 "message": "The server stopped while this job was running; create the job again.",
@@ -60,6 +62,8 @@ class JobManager:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)  # the worker sees the trainer end and leaves the job to the next start
 
     def submitted(self) -> None:
         self._wake.set()
@@ -97,7 +101,7 @@ class JobManager:
     def _run(self, job: dict) -> None:
         job_id = job["id"]
         with self._lock:
-            if job_id in self._cancel:
+            if job_id in self._cancel or self._stopping:
                 return
             self._current = job_id
         name = self.adapter_name(job)
@@ -141,6 +145,11 @@ class JobManager:
         stderr.seek(0)
         tail = stderr.read()[-2000:]
         stderr.close()
+        if self._stopping and job_id not in self._cancel:
+            # the server is stopping and terminated the trainer: the job stays `running` in the store,
+            # as it does when the server is killed outright, and the next start ends it `server_restarted`
+            shutil.rmtree(work, ignore_errors=True)
+            return
         if job_id in self._cancel:
             shutil.rmtree(work, ignore_errors=True)
             self._finish(job_id, "cancelled")
