@@ -58,6 +58,10 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-file-bytes", type=int, help="largest training file accepted")
     p.add_argument("--finetune-cpu-threads", type=int, help="CPU threads of a training process (niced)")
     p.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+        help="run decode steps eagerly on a GPU (like vLLM's --enforce-eager)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation"
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

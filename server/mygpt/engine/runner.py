@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mygpt.engine.graphs import StaticDecoder
 from mygpt.lora.layers import set_rows, wrap_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -72,6 +73,8 @@ class ModelRunner:
         max_lora_rank: int = 16,
         lm_head_dtype: torch.dtype | None = None,
         exact_attention: bool = False,
+        static_decode: bool = False,
+        cuda_graphs: bool = False,
     ):
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -90,7 +93,8 @@ class ModelRunner:
         self._inner = model.model
         self._layers = list(self._inner.layers)
         s = self.shape
-        cache_shape = (num_slots, s.num_kv_heads, max_len, s.head_dim)
+        # one slot more than handed out: static decode steps park their padding rows there
+        cache_shape = (num_slots + 1, s.num_kv_heads, max_len, s.head_dim)
         self.k_cache = [_zeros(cache_shape, dtype, self.device) for _ in range(s.num_layers)]
         self.v_cache = [_zeros(cache_shape, dtype, self.device) for _ in range(s.num_layers)]
         # the logits GEMV reads the whole [vocab, hidden] matrix every step: a bfloat16 copy halves
@@ -98,6 +102,7 @@ class ModelRunner:
         head = model.lm_head.weight
         self._lm_head = head.detach().to(lm_head_dtype) if lm_head_dtype not in (None, head.dtype) else head
         # LoRA: every projection wrapped with max_loras stacked adapter slots (none: plain modules)
+        self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         # exact_attention: decode rows attend one by one over exactly their own length, so a row's
         # numerics do not depend on the other rows' lengths (padding changes the attention kernel's
@@ -108,6 +113,12 @@ class ModelRunner:
             self.lora_batch, self.lora_layers = wrap_model(
                 model, max_loras, max_lora_rank, dtype, self.device
             )
+        # decode-only steps at bucketed static shapes (graphs.py): captured as CUDA graphs on a GPU
+        # (cuda_graphs), or run eagerly (static_decode: the same code path, for tests on a CPU)
+        self.decoder: StaticDecoder | None = None
+        capture = cuda_graphs and self.device.type == "cuda"
+        if (capture or static_decode) and not exact_attention:
+            self.decoder = StaticDecoder(self, capture=capture)
 
     # ---------------------------------------------------------------- public API
     @torch.inference_mode()
@@ -118,6 +129,8 @@ class ModelRunner:
         attention runs batched for the decode rows and per chunk for the prefills. Returns the decode
         rows' logits [Bd, V] and each chunk's last-position logits [Bc, V].
         """
+        if self.decoder is not None and decode and not chunks:
+            return self.decoder.run(decode), torch.empty(0, self.shape.vocab_size, device=self.device)
         tokens = [r.token for r in decode] + [t for c in chunks for t in c.token_ids]
         positions = [r.position for r in decode] + [
             p for c in chunks for p in range(c.start, c.start + len(c.token_ids))

@@ -63,7 +63,7 @@ def _sample_random(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor
     top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
     # one uniform draw per row from that row's own generator: the result does not depend on the batch
     u = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(logits.device)
-    if bool((top_p < 1.0).any()):
+    if any(r.params.top_p < 1.0 for r in rows):  # decided on the host: no device sync
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         cum = torch.cumsum(sorted_probs, dim=-1)
         # keep the smallest prefix whose mass reaches top_p (always at least the first token)

@@ -1,0 +1,144 @@
+"""The static (CUDA-graph-shaped) decode step equals the eager one: bucketing, padding rows, the spare
+KV slot and the padded LoRA grouping. Runs the static step without capture on the CPU; the capture
+itself is tests/gpu/test_cuda_graphs.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mygpt.engine.engine import Engine
+from mygpt.engine.graphs import batch_buckets, plan_lora
+from mygpt.engine.runner import ModelRunner
+from mygpt.engine.types import AdapterRef
+from mygpt.lora.cache import AdapterCache
+from mygpt.lora.layers import LoRABatch, LoRALinear
+from mygpt.lora.registry import AdapterRegistry
+from mygpt.lora.synthetic import make_adapter
+from test_engine import PROMPTS, Collector
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+@pytest.mark.parametrize(
+    "slots, batch, max_slots",
+    [
+        ([0], 1, 4),
+        ([-1, 2, 2, 0], 4, 4),  # a base row among adapters
+        ([1, 1, 1], 4, 4),  # one padding row: needs an empty position
+        ([0, 1, 2, 3], 4, 4),  # every position taken, no base row
+        ([0, 0, 1, 1], 8, 4),  # S*M == adapted rows and padding rows: M doubles
+        ([2, -1, 0, 2, 2, -1, 1], 8, 3),  # S capped by the slot count (not a power of two)
+    ],
+)
+def test_plan_lora_gives_each_row_its_own_adapter(slots, batch, max_slots):
+    plan = plan_lora(slots, batch, max_slots)
+    assert plan.slots <= max_slots and plan.slots * plan.rows >= sum(s >= 0 for s in slots)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6, bias=False)
+    layer = LoRALinear(base, LoRABatch(), max_slots, 4, torch.float32, "cpu")
+    adapters = [(torch.randn(4, 8), torch.randn(6, 4)) for _ in range(max_slots)]
+    for s, (a, b) in enumerate(adapters):
+        layer.set_slot(s, a, b)
+    x = torch.randn(1, batch, 8)
+    layer.batch.slots = plan.slots
+    layer.batch.gather = torch.tensor(plan.gather)
+    layer.batch.valid = torch.tensor(plan.valid, dtype=torch.float32).view(plan.slots, plan.rows, 1)
+    layer.batch.scatter = torch.tensor(plan.scatter)
+    y = layer(x)[0]
+    for i in range(batch):
+        s = slots[i] if i < len(slots) else -1
+        want = base(x[0, i])
+        if s >= 0:
+            a, b = adapters[s]
+            want = want + b @ (a @ x[0, i])
+        torch.testing.assert_close(y[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_lora_without_adapters_is_none():
+    assert plan_lora([-1, -1], 4, 2) is None
+
+
+def runner_pair(tiny_model_dir, root):
+    """Two runners over identical copies of the tiny model, one eager, one static, same adapters."""
+    make_adapter(tiny_model_dir, root / "t" / "a", 8, ["q_proj", "v_proj", "down_proj"], seed=1)
+    make_adapter(tiny_model_dir, root / "t" / "b", 16, ["q_proj", "k_proj", "o_proj", "up_proj"], seed=2)
+    runners = []
+    for static in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        runners.append(
+            ModelRunner(
+                model, num_slots=6, max_len=96, dtype=torch.float32, max_loras=3, max_lora_rank=16,
+                static_decode=static,
+            )  # fmt: skip
+        )
+    shapes = {p: (m.in_features, m.out_features) for p, m in runners[0].lora_layers.items()}
+    registry = AdapterRegistry(root, ["t"], shapes, 16)
+    weights = {n: registry.weights(registry.get("t", n))[1] for n in "ab"}
+    return runners, weights
+
+
+def test_static_decode_equals_eager_decode(tiny_model_dir, tmp_path):
+    (eager, static), weights = runner_pair(tiny_model_dir, tmp_path)
+    assert eager.decoder is None and static.decoder is not None
+    for r in (eager, static):
+        cache = AdapterCache(r.lora_layers, 3)
+        assert cache.acquire("a", weights["a"]) == 0 and cache.acquire("b", weights["b"]) == 1
+    # five rows (bucket 8: three padding rows) in slots 0..4, two adapters and the base, ragged lengths
+    rows = [(0, [5, 6, 7], 0), (3, [9, 10], -1), (1, list(range(20, 60)), 1), (4, [3], 0), (2, [8, 8, 8, 8], 1)]
+    for r in (eager, static):
+        for slot, prompt, lora in rows:
+            r.prefill(slot, prompt, 0, lora)
+    positions = [len(p) for _, p, _ in rows]
+    tokens = [11, 12, 13, 14, 15]
+    spare = static.num_slots
+    spare_before = static.k_cache[0][spare].clone()
+    for _ in range(3):
+        args = ([s for s, _, _ in rows], tokens, positions, [lo for _, _, lo in rows])
+        want, got = eager.decode(*args), static.decode(*args)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        tokens = got.argmax(-1).tolist()
+        positions = [p + 1 for p in positions]
+    # every real slot's cache is the eager one's; the padding rows wrote only into the spare slot
+    for k_eager, k_static in zip(eager.k_cache, static.k_cache, strict=True):
+        torch.testing.assert_close(k_static[:spare], k_eager[:spare], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(static.k_cache[0][spare], spare_before)
+    assert static.decoder.stats.eager == 3
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir, tokenizer, tmp_path_factory):
+    (eager, static), weights = runner_pair(tiny_model_dir, tmp_path_factory.mktemp("static-adapters"))
+    out = []
+    for runner in (eager, static):
+        engine = Engine(
+            runner, tokenizer, [], max_num_batched_tokens=32, adapters=AdapterCache(runner.lora_layers, 3)
+        )
+        engine.start()
+        out.append(engine)
+    refs = {n: AdapterRef(n, weights[n]) for n in "ab"} | {None: None}
+    yield out, refs
+    for engine in out:
+        engine.stop()
+
+
+def test_engine_with_static_decode_gives_the_eager_tokens(engines):
+    (eager, static), refs = engines
+    results = []
+    for engine in (eager, static):
+        c = Collector()
+        for i, p in enumerate(PROMPTS[:4]):
+            for name in ("a", None, "b"):
+                c.submit(engine, f"{name}-{i}", p, temperature=0.0, max_tokens=12, adapter=refs[name])
+        c.wait()
+        results.append({rid: c.tokens(rid) for rid in c.events})
+    assert results[0] == results[1]
+    assert results[0]["a-0"] != results[0]["None-0"]  # the adapters really act
+    stats = static.runner.decoder.stats
+    assert stats.eager > 0 and stats.captures == stats.replays == 0  # CPU: static steps, no capture
