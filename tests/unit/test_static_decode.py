@@ -74,7 +74,12 @@ def runner_pair(tiny_model_dir, root):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
         runners.append(
             ModelRunner(
-                model, num_slots=6, max_len=96, dtype=torch.float32, max_loras=3, max_lora_rank=16,
+                model,
+                num_slots=6,
+                max_len=96,
+                dtype=torch.float32,
+                max_loras=3,
+                max_lora_rank=16,
                 static_decode=static,
             )  # fmt: skip
         )
@@ -91,7 +96,13 @@ def test_static_decode_equals_eager_decode(tiny_model_dir, tmp_path):
         cache = AdapterCache(r.lora_layers, 3)
         assert cache.acquire("a", weights["a"]) == 0 and cache.acquire("b", weights["b"]) == 1
     # five rows (bucket 8: three padding rows) in slots 0..4, two adapters and the base, ragged lengths
-    rows = [(0, [5, 6, 7], 0), (3, [9, 10], -1), (1, list(range(20, 60)), 1), (4, [3], 0), (2, [8, 8, 8, 8], 1)]
+    rows = [
+        (0, [5, 6, 7], 0),
+        (3, [9, 10], -1),
+        (1, list(range(20, 60)), 1),
+        (4, [3], 0),
+        (2, [8, 8, 8, 8], 1),
+    ]
     for r in (eager, static):
         for slot, prompt, lora in rows:
             r.prefill(slot, prompt, 0, lora)

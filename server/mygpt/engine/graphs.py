@@ -190,7 +190,9 @@ class StaticDecoder:
             try:
                 entry = self._capture(shape)
             except Exception:
-                log.warning("CUDA graph capture failed for %s: decode steps run eagerly", shape, exc_info=True)
+                log.warning(
+                    "CUDA graph capture failed for %s: decode steps run eagerly", shape, exc_info=True
+                )
                 self.capture = False
                 self._graphs.clear()
                 return None

@@ -63,7 +63,9 @@ class JobManager:
         if proc is not None and proc.poll() is None:
             proc.terminate()
         if self._thread.is_alive():
-            self._thread.join(timeout=15)  # the worker sees the trainer end and leaves the job to the next start
+            self._thread.join(
+                timeout=15
+            )  # the worker sees the trainer end and leaves the job to the next start
 
     def submitted(self) -> None:
         self._wake.set()
