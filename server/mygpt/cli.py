@@ -58,9 +58,11 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-file-bytes", type=int, help="largest training file accepted")
     p.add_argument("--finetune-cpu-threads", type=int, help="CPU threads of a training process (niced)")
     p.add_argument(
-        "--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
-        help="run decode steps eagerly on a GPU (like vLLM's --enforce-eager)",
-    )  # fmt: skip
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay decode steps as CUDA graphs on a GPU (default off: not yet verified on one)",
+    )
     p.add_argument(
         "--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation"
     )

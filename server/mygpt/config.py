@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot before 429")
     num_threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
     cuda_graphs: bool = Field(
-        True, description="on a GPU, replay decode steps as CUDA graphs (bucketed shapes; off: eager)"
+        False,
+        description="on a GPU, replay decode steps as CUDA graphs (bucketed shapes); off by default until "
+        "scripts/gpu-check has verified it on a GPU",
     )
     warmup: bool = Field(True, description="run one generation before reporting ready")
     stall_timeout_s: float = Field(120.0, description="engine busy without progress this long: /ready 503")

@@ -1,0 +1,98 @@
+"""CUDA graph capture and replay of static decode steps (skipped without a CUDA device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mygpt.engine.graphs import StaticDecoder
+from mygpt.engine.runner import ModelRunner
+
+pytestmark = pytest.mark.gpu
+
+
+def model(nf4: bool = False):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    m = LlamaForCausalLM(config).eval().cuda()
+    if nf4:
+        import bitsandbytes as bnb
+
+        for layer in m.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, lin in list(parent.named_children()):
+                    if isinstance(lin, torch.nn.Linear):
+                        q = bnb.nn.Linear4bit(
+                            lin.in_features, lin.out_features, bias=False, compute_dtype=torch.float32,
+                            quant_type="nf4", compress_statistics=True, device="meta",
+                        )  # fmt: skip
+                        q.weight = bnb.nn.Params4bit(
+                            lin.weight.data.cpu(),
+                            requires_grad=False,
+                            quant_type="nf4",
+                            compress_statistics=True,
+                        ).cuda()
+                        setattr(parent, name, q)
+    return m
+
+
+def runners(nf4: bool = False):
+    """The same model and adapters under an eager runner and a graph runner."""
+    out = []
+    for graphs in (False, True):
+        r = ModelRunner(
+            model(nf4), num_slots=8, max_len=300, dtype=torch.float32, max_loras=3, cuda_graphs=graphs
+        )
+        g = torch.Generator().manual_seed(1)
+        for slot in range(3):
+            for layer in r.lora_layers.values():
+                a = torch.randn(8, layer.in_features, generator=g) * 0.1
+                b = torch.randn(layer.out_features, 8, generator=g) * 0.1
+                layer.set_slot(slot, a.cuda(), b.cuda())
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_graph_replay_equals_eager_steps(nf4):
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    eager, graphs = runners(nf4)
+    assert graphs.decoder is not None and graphs.decoder.capture
+    prompts = {0: [5, 6, 7], 3: [9] * 40, 5: [1, 2], 6: list(range(30, 90))}
+    loras = {0: 0, 3: -1, 5: 2, 6: 1}
+    for r in (eager, graphs):
+        for slot, p in prompts.items():
+            r.prefill(slot, p, 0, loras[slot])
+    slots = list(prompts)
+    positions = [len(p) for p in prompts.values()]
+    tokens = [11, 12, 13, 14]
+    for step in range(6):  # steps 0-1: 4 rows; then 3 rows (a row left); same bucket: replays
+        if step == 2:
+            slots, positions, tokens = slots[:3], positions[:3], tokens[:3]
+        lo = [loras[s] for s in slots]
+        want = eager.decode(slots, tokens, positions, lo)
+        got = graphs.decode(slots, tokens, positions, lo)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+        tokens = want.argmax(-1).tolist()
+        positions = [p + 1 for p in positions]
+    stats = graphs.decoder.stats
+    assert stats.captures >= 1 and stats.replays == 6 and stats.eager == 0
+    assert stats.captures < 6  # buckets were reused
+    for k_e, k_g in zip(eager.k_cache, graphs.k_cache, strict=True):
+        torch.testing.assert_close(k_g[:8], k_e[:8], atol=2e-3, rtol=2e-3)
+
+
+def test_least_recently_used_graphs_are_dropped():
+    _, graphs = runners()
+    graphs.decoder = StaticDecoder(graphs, capture=True, kv_block=16, max_graphs=2)
+    for slot in range(3):
+        graphs.prefill(slot, [1] * 10, 0)
+    for n in (1, 2, 3, 1):  # buckets 1, 2, 4, 1: the third capture drops the first
+        graphs.decode(list(range(n)), [3] * n, [10] * n)
+    stats = graphs.decoder.stats
+    assert stats.captures == 4 and stats.evictions == 2 and len(graphs.decoder._graphs) == 2
