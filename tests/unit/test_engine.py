@@ -44,9 +44,9 @@ class Collector:
         self._done: dict[str, int] = {}
         self._cv = threading.Condition()
 
-    def submit(self, engine, rid, prompt, adapter=None, **params):
+    def submit(self, engine, rid, prompt, adapter=None, group=None, **params):
         params.setdefault("max_tokens", 16)
-        req = GenerationRequest(rid, prompt, SamplingParams(**params), adapter=adapter)
+        req = GenerationRequest(rid, prompt, SamplingParams(**params), adapter=adapter, group=group)
         self._done[rid] = req.params.n
         engine.submit(req, self._on_event)
         return rid
@@ -189,3 +189,30 @@ def test_a_failing_step_fails_its_rows_and_the_engine_carries_on(make_engine, mo
     c.wait()
     assert c.finish("next") == FinishReason.LENGTH
     assert engine.alive
+
+
+def test_waiting_requests_are_admitted_round_robin_across_groups(make_engine):
+    engine = make_engine(slots=1)  # one row at a time: the order of first tokens is the admission order
+    c = Collector()
+    for i in range(6):
+        c.submit(engine, f"a{i}", PROMPTS[0], group="a", temperature=0.0, max_tokens=3)
+    for i in range(2):
+        c.submit(engine, f"b{i}", PROMPTS[1], group="b", temperature=0.0, max_tokens=3)
+    c.wait()
+    order = list(c.events)
+    # FIFO would serve b0, b1 after all of a's; round-robin serves them between a's
+    assert order.index("b1") < order.index("a4"), order
+    assert [r for r in order if r[0] == "a"] == [f"a{i}" for i in range(6)]  # FIFO within a group
+
+
+def test_fair_queue_rotates_groups_and_removes():
+    from mygpt.engine.engine import FairQueue
+
+    q = FairQueue()
+    for rid, group in [("a0", "a"), ("a1", "a"), ("a2", "a"), ("b0", "b"), ("n0", None), ("b1", "b")]:
+        q.append((GenerationRequest(rid, [1], SamplingParams(max_tokens=1), group=group), None))
+    assert len(q) == 6 and q.remove("a1")[0].request_id == "a1" and q.remove("zz") is None
+    order = []
+    while q:
+        order.append(q.popleft()[0].request_id)
+    assert order == ["a0", "b0", "n0", "a2", "b1"]

@@ -102,7 +102,11 @@ class ChatService:
         ticket.charge(len(prompt_ids))
         ticket.arrival = arrival
         gen = GenerationRequest(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params, adapter=adapter
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            prompt_ids=prompt_ids,
+            params=params,
+            adapter=adapter,
+            group=principal.tenant,
         )
         return gen, ticket
 

@@ -71,6 +71,49 @@ class Group:
     num_prefilled: int = 0  # prompt tokens written to rows[0]'s slot
 
 
+class FairQueue:
+    """Waiting requests: FIFO within a group (GenerationRequest.group), round-robin across groups, so
+    that one group's backlog does not hold every other group's requests behind it."""
+
+    def __init__(self) -> None:
+        self._groups: collections.OrderedDict[str | None, collections.deque] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._groups.values())
+
+    def __iter__(self):
+        return (item for q in self._groups.values() for item in q)
+
+    def append(self, item: tuple[GenerationRequest, EventCallback]) -> None:
+        self._groups.setdefault(item[0].group, collections.deque()).append(item)
+
+    def head(self) -> tuple[GenerationRequest, EventCallback]:
+        """The next request to admit: the oldest of the group whose turn it is."""
+        return next(iter(self._groups.values()))[0]
+
+    def popleft(self) -> tuple[GenerationRequest, EventCallback]:
+        group, waiting = next(iter(self._groups.items()))
+        item = waiting.popleft()
+        if waiting:
+            self._groups.move_to_end(group)  # its next request waits for the other groups' turns
+        else:
+            del self._groups[group]
+        return item
+
+    def remove(self, request_id: str) -> tuple[GenerationRequest, EventCallback] | None:
+        for group, waiting in self._groups.items():
+            for item in waiting:
+                if item[0].request_id == request_id:
+                    waiting.remove(item)
+                    if not waiting:
+                        del self._groups[group]
+                    return item
+        return None
+
+    def clear(self) -> None:
+        self._groups.clear()
+
+
 @dataclass
 class EngineStats:
     running: int = 0
@@ -125,7 +168,7 @@ class Engine(EngineThread):
         self._wakeup = threading.Event()
         self._lock = threading.Lock()
         self._num_waiting = 0  # submitted, not yet admitted (guarded by _lock)
-        self._waiting: collections.deque[tuple[GenerationRequest, EventCallback]] = collections.deque()
+        self._waiting = FairQueue()
         self._prefilling: list[Group] = []
         self._running: list[Row] = []
         self._callbacks: dict[str, EventCallback] = {}
@@ -279,8 +322,8 @@ class Engine(EngineThread):
             )
 
     def _admit(self) -> None:
-        while self._waiting and len(self._free_slots) >= self._waiting[0][0].params.n:
-            request, on_event = self._waiting[0]
+        while self._waiting and len(self._free_slots) >= self._waiting.head()[0].params.n:
+            request, on_event = self._waiting.head()
             lora_slot = -1
             ref = request.adapter
             if ref is not None:
@@ -423,14 +466,13 @@ class Engine(EngineThread):
                 log.debug("event callback failed for %s", request_id, exc_info=True)
 
     def _abort(self, request_id: str) -> None:
-        for i, (request, _) in enumerate(self._waiting):
-            if request.request_id == request_id:
-                del self._waiting[i]
-                with self._lock:
-                    self._num_waiting -= 1
-                log.info("request %s aborted while waiting", request_id)
-                self._end_request(request, FinishReason.ABORT, None)
-                return
+        waiting = self._waiting.remove(request_id)
+        if waiting is not None:
+            with self._lock:
+                self._num_waiting -= 1
+            log.info("request %s aborted while waiting", request_id)
+            self._end_request(waiting[0], FinishReason.ABORT, None)
+            return
         rows = [r for r in self._running if r.request.request_id == request_id]
         groups = [g for g in self._prefilling if g.request.request_id == request_id]
         for g in groups:

@@ -48,6 +48,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterRef | None = None  # None = the base model
+    group: str | None = None  # fairness group (the server passes the tenant): admitted round-robin
 
 
 @dataclass(frozen=True)
