@@ -95,6 +95,9 @@ class ServerState:
                     metrics=self.metrics,
                 )  # fmt: skip
                 registry.on_retire = engine.retire_adapter
+                if cache is not None:  # adapters packed for the slots when read, not when first used
+                    on_gpu = loaded.device.type == "cuda"
+                    registry.prepare = lambda w: w.packed(loaded.dtype, pin=on_gpu)
                 if self.metrics is not None and cache is not None:
                     cache.on_load = self.metrics.record_adapter_load
                     self.metrics.watch_adapter_cache(lambda: (cache.stats, cache.snapshot()))

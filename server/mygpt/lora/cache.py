@@ -98,9 +98,20 @@ class AdapterCache:
             self._evict_lru()
         slot = self._free.pop()
         try:
-            for path, layer in self.layers.items():
-                m = weights.modules.get(path)
-                layer.set_slot(slot, m.a if m else None, m.b if m else None)
+            if self.layers:
+                first = next(iter(self.layers.values()))
+                device, dtype = first.lora_a.device, first.lora_a.dtype
+                packed = weights.packed(dtype, pin=device.type == "cuda")
+                flat = packed.buffer.to(device, non_blocking=True)  # one copy for the whole adapter
+                for path, layer in self.layers.items():
+                    at = packed.index.get(path)
+                    if at is None:
+                        layer.set_slot(slot, None, None)
+                        continue
+                    a_at, a_shape, bt_at, bt_shape = at
+                    a = flat[a_at : a_at + a_shape.numel()].view(a_shape)
+                    bt = flat[bt_at : bt_at + bt_shape.numel()].view(bt_shape)
+                    layer.set_slot(slot, a, bt.T)
         except Exception:
             self.stats.load_failures += 1
             for layer in self.layers.values():

@@ -77,6 +77,7 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.host_cache = host_cache
         self.on_retire: Callable[[str], None] = lambda key: None  # set by the server: engine.retire
+        self.prepare: Callable[[LoRAWeights], object] | None = None  # set by the server: pack for slots
         self._entries: dict[tuple[str, str], AdapterEntry] = {}
         self._hidden: set[tuple[str, str]] = set()  # unloaded store adapters, not to be found again
         self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()  # keys with weights
@@ -149,7 +150,10 @@ class AdapterRegistry:
             return entry, weights
 
     def _read(self, tenant: str, name: str, path: Path) -> LoRAWeights:
-        return read_adapter(name, path, self.module_shapes, self.max_rank, root=self.store_of(tenant))
+        weights = read_adapter(name, path, self.module_shapes, self.max_rank, root=self.store_of(tenant))
+        if self.prepare is not None:
+            self.prepare(weights)  # e.g. packed for the device slots, here, off the engine thread
+        return weights
 
     def _remember(self, entry: AdapterEntry) -> None:
         self._host_lru[entry.key] = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,10 +33,36 @@ class LoRAWeights:
     rank: int  # largest rank over modules
     modules: dict[str, ModuleLoRA]  # module path in the base model ("model.layers.0.self_attn.q_proj")
     base_model: str | None  # base_model_name_or_path from the config
+    _packed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _pack_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+
+    def packed(self, dtype: torch.dtype, pin: bool) -> PackedLoRA:
+        """Every module's A [r, in] and B^T [r, out] in `dtype`, back to back in one host buffer
+        (page-locked if `pin`), so that loading into a device slot is one host-to-device copy instead
+        of two synchronous copies per module. Made once per dtype and kept."""
+        with self._pack_lock:
+            if (dtype, pin) not in self._packed:
+                parts, index, at = [], {}, 0
+                for path, m in self.modules.items():
+                    a, bt = m.a.to(dtype), m.b.T.to(dtype)
+                    index[path] = (at, a.shape, at + a.numel(), bt.shape)
+                    parts += [a.reshape(-1), bt.reshape(-1)]
+                    at += a.numel() + bt.numel()
+                buffer = torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+                self._packed[(dtype, pin)] = PackedLoRA(buffer.pin_memory() if pin else buffer, index)
+            return self._packed[(dtype, pin)]
+
+
+@dataclass(frozen=True)
+class PackedLoRA:
+    buffer: torch.Tensor  # flat, in the slots' dtype
+    index: dict[
+        str, tuple[int, torch.Size, int, torch.Size]
+    ]  # path -> (A offset, A shape, B^T offset, shape)
 
 
 def read_adapter(
