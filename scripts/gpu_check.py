@@ -404,18 +404,27 @@ def main() -> None:
 
     runner = ModelRunner(base, num_slots=32, max_len=args.prompt_len + new + 8, dtype=dtype, max_loras=32)
     cache = AdapterCache(runner.lora_layers, 32)
-    loads = []
-    for name in ("ad0", "ad1", "ad2"):
+
+    def timed_load(cache, weights, name: str) -> float:
         sync()
         t0 = time.perf_counter()
         cache.acquire(name, weights[name])
         sync()
-        loads.append((time.perf_counter() - t0) * 1e3)
         cache.release(name)
+        return (time.perf_counter() - t0) * 1e3
+
+    # the server packs an adapter (slot dtype, page-locked) when it reads it from disk, off the engine
+    # thread; the engine thread's load is then one host-to-device copy and the slot writes
+    first = timed_load(cache, weights, "ad0")  # packing included
+    for name in ("ad1", "ad2", "ad3"):
+        weights[name].packed(dtype, pin=device == "cuda")
+    loads = [timed_load(cache, weights, name) for name in ("ad1", "ad2", "ad3")]
     report["adapter_load_ms"] = loads
+    report["adapter_load_with_packing_ms"] = first
     rows.append(
-        ("cold adapter load into a slot (host -> device)", " / ".join(f"{x:.1f}" for x in loads) + " ms")
+        ("cold adapter load into a slot, packed when read", " / ".join(f"{x:.1f}" for x in loads) + " ms")
     )
+    rows.append(("cold adapter load, packing on the host included", f"{first:.1f} ms"))
     for mode in ("eager", static_mode(device)):
         use_graphs(runner, mode != "eager")
         measure_engine(runner, cache, weights, prompts, new, rows, report, mode)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mygpt.engine.engine import Engine
-from mygpt.engine.graphs import batch_buckets, plan_lora
+from mygpt.engine.graphs import batch_buckets, kv_bucket, plan_lora
 from mygpt.engine.runner import ModelRunner
 from mygpt.engine.types import AdapterRef
 from mygpt.lora.cache import AdapterCache
@@ -24,6 +24,14 @@ def test_batch_buckets():
     assert batch_buckets(6) == [1, 2, 4, 6]
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
     assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_kv_buckets_pad_at_most_one_block_or_a_quarter():
+    spans = [kv_bucket(end, 256, 100_000) for end in range(1, 20_000)]
+    assert spans[0] == spans[255] == 256 and kv_bucket(257, 256, 10**5) == 512
+    assert kv_bucket(3000, 256, 10**5) == 3072 and kv_bucket(4097, 256, 10**5) == 5120
+    assert all(end <= span <= max(end + 256, 1.25 * end) for end, span in enumerate(spans, start=1))
+    assert len(set(spans)) == 21 and kv_bucket(5000, 256, 4100) == 4100  # few buckets; capped
 
 
 @pytest.mark.parametrize(

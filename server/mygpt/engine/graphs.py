@@ -8,21 +8,26 @@ address. So a decode step is padded to a bucket:
     batch     rows, rounded up to 1, 2, 4, 8, then a multiple of 8 (at most the slot count). Padding
               rows are base-model rows feeding token 0 at position 0 of a spare KV-cache slot that no
               row reads.
-    kv_len    the attention span: the longest row rounded up to a multiple of kv_block.
-    lora      S adapter slots x M rows per slot of the grouped LoRA product (lora/layers.py), each a
-              power of two; 0 x 0 when no row uses an adapter.
+    kv_len    the attention span: the longest row rounded up to a multiple of kv_block (256) up to
+              2,048, then of an eighth of the next power of two: 2560, 3072, 3584, 4096, 5120, ...,
+              so four spans per doubling of the context, padding at most kv_block or a quarter.
+    lora      S adapter slots x M rows per slot of the grouped LoRA product (lora/layers.py): powers
+              of two (S capped at the slot count); 0 x 0 when no row uses an adapter.
 
 The first step of each bucket captures its graph (after one eager warm-up run on a side stream, as
 CUDA graphs require); later steps copy their inputs into fixed buffers (one host-to-device copy) and
 replay it. At most max_graphs graphs are kept (least recently used out), all in one memory pool. Steps
 with prompt chunks run eagerly: their shapes change with every prompt. On a CPU the same static step
-runs without capture (tests compare it with the eager path). If a capture fails, capturing is turned
-off and the static step runs eagerly: slower, never wrong.
+runs without capture (tests compare it with the eager path). A bucket whose capture fails runs its
+static step eagerly from then on (slower, never wrong); after three failures capturing is turned off.
+Models whose rotary embedding reads the positions on the host (dynamic and longrope scaling) are never
+captured.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -57,6 +62,12 @@ class LoRAPlan:
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def kv_bucket(end: int, kv_block: int, max_len: int) -> int:
+    """The attention span for rows up to position end - 1 (see the module docstring)."""
+    step = max(kv_block, _pow2(end) // 8)
+    return min(max_len, math.ceil(end / step) * step)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -95,6 +106,7 @@ class GraphStats:
     replays: int = 0
     eager: int = 0  # static steps run without a graph
     evictions: int = 0
+    failures: int = 0  # captures that failed (their buckets run eagerly)
 
 
 class StaticDecoder:
@@ -102,6 +114,10 @@ class StaticDecoder:
 
     def __init__(self, runner: ModelRunner, capture: bool, kv_block: int = 256, max_graphs: int = 64):
         self.runner = runner
+        rope = str(getattr(getattr(runner._inner, "rotary_emb", None), "rope_type", "default"))
+        if capture and ("dynamic" in rope or rope == "longrope"):
+            log.info("rope type %s reads positions on the host: decode steps are not captured", rope)
+            capture = False
         self.capture = capture
         self.kv_block = kv_block
         self.max_graphs = max_graphs
@@ -121,7 +137,9 @@ class StaticDecoder:
         self._graphs: collections.OrderedDict[DecodeShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = (
             collections.OrderedDict()
         )
+        self._failed: set[DecodeShape] = set()
         self._pool = None
+        self._copied: torch.cuda.Event | None = None  # the last input copy: _host may be rewritten after it
 
     def _buf(self, name: str, on_device: bool = True) -> torch.Tensor:
         start, size = self._layout[name]
@@ -129,8 +147,7 @@ class StaticDecoder:
 
     def shape_of(self, rows: list[DecodeRow]) -> tuple[DecodeShape, LoRAPlan | None]:
         batch = next(b for b in self.batch_sizes if b >= len(rows))
-        end = max(r.position for r in rows) + 1
-        kv_len = min(self.runner.max_len, math.ceil(end / self.kv_block) * self.kv_block)
+        kv_len = kv_bucket(max(r.position for r in rows) + 1, self.kv_block, self.runner.max_len)
         lora = None
         if self.runner.lora_batch is not None:
             lora = plan_lora([r.lora_slot for r in rows], batch, self._max_lora_slots)
@@ -148,14 +165,22 @@ class StaticDecoder:
         }
         if lora is not None:
             host |= {"scatter": lora.scatter, "gather": lora.gather, "valid": lora.valid}
-        for name, values in host.items():
-            self._buf(name, on_device=False)[: len(values)] = torch.tensor(values, dtype=torch.long)
-        self._dev.copy_(self._host, non_blocking=True)  # one copy; ordered before the step's kernels
-        out = self._replay(shape) if self.capture else None
-        if out is None:
-            self.stats.eager += 1
-            out = self._forward(shape)
-        return out[: len(rows)].clone()  # the graph's output buffer is overwritten by the next replay
+        on_gpu = self.runner.device.type == "cuda"
+        # streams, events and capture on the model's own device, whatever the thread's current one
+        with torch.cuda.device(self.runner.device) if on_gpu else contextlib.nullcontext():
+            if self._copied is not None:
+                self._copied.synchronize()  # the previous step's copy has read _host (free in the engine)
+            for name, values in host.items():
+                self._buf(name, on_device=False)[: len(values)] = torch.tensor(values, dtype=torch.long)
+            self._dev.copy_(self._host, non_blocking=True)  # one copy; ordered before the step's kernels
+            if on_gpu:
+                self._copied = torch.cuda.Event()
+                self._copied.record()
+            out = self._replay(shape) if self.capture and shape not in self._failed else None
+            if out is None:
+                self.stats.eager += 1
+                out = self._forward(shape)
+            return out[: len(rows)].clone()  # the graph's output buffer is overwritten by the next replay
 
     # ------------------------------------------------------------------ internals
     def _forward(self, shape: DecodeShape) -> torch.Tensor:
@@ -190,11 +215,13 @@ class StaticDecoder:
             try:
                 entry = self._capture(shape)
             except Exception:
-                log.warning(
-                    "CUDA graph capture failed for %s: decode steps run eagerly", shape, exc_info=True
-                )
-                self.capture = False
-                self._graphs.clear()
+                self.stats.failures += 1
+                self._failed.add(shape)
+                log.warning("CUDA graph capture failed for %s: it runs eagerly", shape, exc_info=True)
+                if self.stats.failures >= 3:
+                    log.warning("three CUDA graph captures failed: decode steps are no longer captured")
+                    self.capture = False
+                    self._graphs.clear()
                 return None
         else:
             self._graphs.move_to_end(shape)
