@@ -151,7 +151,12 @@ def test_n_choices(client):
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert r.usage.completion_tokens <= 3 * 12 and r.usage.completion_tokens >= 3
     assert len({c.message.content for c in r.choices}) > 1
-    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, n=2, max_tokens=6, stream=True))
+    # a question with a long answer, seeded: "three colors" can end on EOS within 6 tokens ("stop",
+    # seen in CI with unseeded sampling)
+    long = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=long, n=2, max_tokens=6, seed=7, stream=True)
+    )
     for i in range(2):
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
         assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
