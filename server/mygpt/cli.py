@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -137,7 +138,23 @@ def serve(settings: Settings) -> None:
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=3,  # after our own drain (below): only idle or overdue connections remain
     )  # fmt: skip
-    _DrainingServer(config, app.state.mygpt, settings.shutdown_timeout_s).run()
+    state = app.state.mygpt
+    if hasattr(signal, "SIGHUP"):  # reload the tenancy config and keys, as POST /v1/admin/reload does
+        signal.signal(
+            signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(state,), daemon=True).start()
+        )
+    _DrainingServer(config, state, settings.shutdown_timeout_s).run()
+
+
+def _reload(state: Any) -> None:
+    from mygpt.tenancy.config import ConfigError
+
+    try:
+        state.reload_tenancy()
+    except ConfigError as exc:
+        log.error("SIGHUP: the tenancy config was not reloaded (the old one stays): %s", exc)
+    except Exception:
+        log.exception("SIGHUP: reloading the tenancy config failed")
 
 
 class _DrainingServer(uvicorn.Server):

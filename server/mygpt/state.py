@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from mygpt.lora.cache import AdapterCache
 from mygpt.lora.layers import lora_module_shapes
 from mygpt.lora.registry import AdapterRegistry
 from mygpt.metrics import Metrics
+from mygpt.tenancy.config import load_tenancy_from
 from mygpt.tenancy.tenants import Tenants
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class ServerState:
     metrics: Metrics | None = None
     finetune_store: Store | None = None
     jobs: JobManager | None = None
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def not_ready_reason(self) -> str | None:
         """None when ready to serve; otherwise why not (G1)."""
@@ -148,16 +151,39 @@ class ServerState:
         )
         self.jobs.start()
 
-    def _load_configured_adapters(self) -> None:
-        """The adapters the config declares: validated now (a bad one fails the start: the operator
-        named it), pinned ones made resident before /ready says yes (G1)."""
+    def _load_configured_adapters(self, strict: bool = True) -> list[str]:
+        """The adapters the config declares: validated now (at start a bad one fails the start: the
+        operator named it), pinned ones made resident before /ready says yes (G1). Not strict (a
+        reload): each failure is returned as "tenant/name: why" and the others still load."""
+        errors = []
         for tenant in self.tenancy.tenants.values():
             for name, spec in tenant.adapters.items():
-                entry, _ = self.registry.load(
-                    tenant.name, name, spec.path, pinned=spec.pinned, source="config"
-                )
-                if entry.pinned:
-                    self._pin_now(AdapterRef(entry.key, entry.weights))
+                try:
+                    entry, _ = self.registry.load(
+                        tenant.name, name, spec.path, pinned=spec.pinned, source="config"
+                    )
+                    if entry.pinned:
+                        self._pin_now(AdapterRef(entry.key, entry.weights))
+                except Exception as exc:
+                    if strict:
+                        raise
+                    errors.append(f"{tenant.name}/{name}: {exc}")
+        return errors
+
+    def reload_tenancy(self) -> dict:
+        """Reads the tenancy config, the key files and the keys dir again and applies them at once
+        (SIGHUP, POST /v1/admin/reload): keys, tenants, limits and declared adapters. A bad config
+        changes nothing (ConfigError names the problem). Requests in flight finish as admitted."""
+        with self._reload_lock:
+            tenancy = load_tenancy_from(self.settings, os.environ)
+            summary: dict = self.tenants.reload(tenancy)
+            summary["adapter_errors"] = []
+            if self.registry is not None:
+                self.registry.set_tenants(self.tenants.names)
+                summary["adapter_errors"] = self._load_configured_adapters(strict=False)
+            summary["tenants"] = self.tenants.names
+            log.info("tenancy reloaded: %s", summary)
+            return summary
 
     def _pin_now(self, ref: AdapterRef) -> None:
         done = threading.Event()

@@ -151,3 +151,42 @@ def test_tickets_record_usage_once_and_release_their_slot():
     assert row["prompt_tokens"] == 17 and row["completion_tokens"] == 6 and row["total_tokens"] == 23
     assert row["requests"] == {"stop": 1, "length": 0, "cancelled": 1, "error": 0, "rejected": 1}
     assert tenants.usage.report("other") == []
+
+
+def test_new_limits_keep_requests_in_flight_and_what_was_used():
+    clock = Clock()
+    limiter = TenantLimiter("a", Limits(requests_per_minute=6, max_concurrent=2), clock)
+    for _ in range(5):
+        limiter.admit()
+        limiter.release()
+    limiter.admit()  # in flight across the reload
+    limiter.update(Limits(requests_per_minute=3, max_concurrent=1))
+    with pytest.raises(RateLimited, match="concurrent"):  # the request in flight still counts
+        limiter.admit()
+    limiter.release()
+    with pytest.raises(RateLimited, match="3 requests per minute"):  # 6 used: none left, not a fresh 3
+        limiter.admit()
+    limiter.update(Limits())  # no limits at all
+    limiter.admit()
+    limiter.admit()
+
+
+def test_reload_swaps_keys_and_keeps_unchanged_limiters(tmp_path):
+    def tenancy(text):
+        (tmp_path / "c.yaml").write_text(text)
+        return load_tenancy(tmp_path / "c.yaml")
+
+    a, b = hash_key("key-a-0123456789"), hash_key("key-b-0123456789")
+    tenants = Tenants(
+        tenancy(f"tenants: {{a: {{keys: ['sha256:{a}']}}, b: {{limits: {{max_concurrent: 1}}}}}}")
+    )
+    kept = tenants.limiters["a"]
+    summary = tenants.reload(
+        tenancy(f"tenants: {{a: {{keys: ['sha256:{b}']}}, c: {{}}, b: {{limits: {{max_concurrent: 2}}}}}}")
+    )
+    assert summary == {"added": ["c"], "removed": [], "limits_changed": ["b"]}
+    assert tenants.limiters["a"] is kept and tenants.limiters["b"].limits.max_concurrent == 2
+    assert tenants.authenticate("Bearer key-a-0123456789") is None
+    assert tenants.authenticate("Bearer key-b-0123456789").tenant == "a"
+    assert tenants.reload(tenancy("tenants: {c: {}}"))["removed"] == ["a", "b"]
+    assert set(tenants.limiters) == {"c"}

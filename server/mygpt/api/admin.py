@@ -16,6 +16,7 @@ from mygpt.lora.registry import AdapterConflict, AdapterEntry, AdapterRegistry
 from mygpt.lora.weights import AdapterError
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
+from mygpt.tenancy.config import ConfigError
 
 router = APIRouter()
 
@@ -68,6 +69,17 @@ async def vllm_unload(body: VLLMUnloadLoRARequest, request: Request, _: Principa
     tenant, name = _vllm_name(state.registry, body.lora_name, body.tenant, None)
     _unload(state, tenant, name)
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+
+
+@router.post("/v1/admin/reload")
+async def reload_tenancy(request: Request, _: Principal = Depends(admin)) -> dict:
+    """Re-reads the tenancy config and key files (as SIGHUP does): keys, tenants, limits, adapters."""
+    state: ServerState = request.app.state.mygpt
+    try:
+        summary = await asyncio.to_thread(state.reload_tenancy)
+    except ConfigError as exc:
+        raise invalid(f"The tenancy config was not reloaded: {exc}", code="invalid_config") from exc
+    return {"object": "tenancy.reload", **summary}
 
 
 @router.get("/v1/usage")

@@ -84,6 +84,15 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._flights: dict[tuple[str, str], threading.RLock] = collections.defaultdict(threading.RLock)
 
+    def set_tenants(self, tenants: Iterable[str]) -> None:
+        """The tenants after a config reload: a removed tenant's adapters stop routing at once (their
+        requests in flight finish on them)."""
+        with self._lock:
+            self.tenants = list(tenants)
+            for (tenant, _), entry in list(self._entries.items()):
+                if tenant not in self.tenants:
+                    self._remove(entry)
+
     # ------------------------------------------------------------------ lookups (any thread)
     def store_of(self, tenant: str) -> Path:
         return self.root / tenant

@@ -54,10 +54,27 @@ class TenantLimiter:
     def __init__(self, tenant: str, limits: Limits, clock: Callable[[], float] = time.monotonic):
         self.tenant = tenant
         self.limits = limits
+        self._clock = clock
         self._lock = threading.Lock()
         self._requests = _Bucket(limits.requests_per_minute, clock) if limits.requests_per_minute else None
         self._tokens = _Bucket(limits.tokens_per_minute, clock) if limits.tokens_per_minute else None
         self.active = 0
+
+    def update(self, limits: Limits) -> None:
+        """New limits (a config reload): requests in flight stay counted; a bucket whose rate changed
+        keeps its level (what was used, and any debt), within the new capacity."""
+        with self._lock:
+            rates = (("_requests", limits.requests_per_minute), ("_tokens", limits.tokens_per_minute))
+            for attr, per_minute in rates:
+                old = getattr(self, attr)
+                if old is not None and old.capacity == per_minute:
+                    continue
+                new = _Bucket(per_minute, self._clock) if per_minute else None
+                if new is not None and old is not None:
+                    old._refill()
+                    new.level = min(new.capacity, old.level)
+                setattr(self, attr, new)
+            self.limits = limits
 
     def admit(self) -> None:
         """Takes one request and one concurrency slot, or raises RateLimited (nothing taken)."""

@@ -100,6 +100,29 @@ class Tenants:
     def names(self) -> list[str]:
         return list(self.tenancy.tenants)
 
+    def reload(self, tenancy: Tenancy) -> dict[str, list[str]]:
+        """Swaps in a new tenancy (keys, tenants, limits) at once; requests in flight finish under the
+        limits they were admitted with. Returns the tenants added, removed and with changed limits."""
+        with self._lock:
+            old = self.tenancy.tenants
+            added = sorted(set(tenancy.tenants) - set(old))
+            removed = sorted(set(old) - set(tenancy.tenants))
+            changed = sorted(
+                n for n in set(old) & set(tenancy.tenants) if old[n].limits != tenancy.tenants[n].limits
+            )
+            limiters = {}
+            for name, tenant in tenancy.tenants.items():
+                limiter = self.limiters.get(name)
+                if limiter is None:
+                    limiter = TenantLimiter(name, tenant.limits)
+                elif name in changed:
+                    limiter.update(tenant.limits)
+                limiters[name] = limiter
+            self.limiters = limiters
+            self.tenancy = tenancy
+            self.auth = Authenticator(tenancy)
+        return {"added": added, "removed": removed, "limits_changed": changed}
+
     @property
     def in_flight(self) -> int:
         """Admitted requests not yet finished (the SIGTERM drain waits for 0)."""
