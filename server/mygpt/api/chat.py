@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,27 +84,51 @@ class ChatService:
         """Validates the request, takes the tenant's limits and builds the engine request; every refusal
         is an APIError (4xx). The ticket must reach submit() or be finished by the caller."""
         arrival = time.monotonic()
-        adapter = await self._resolve_model(principal, req.model)
+        adapter = await self.resolve_model(principal, req.model)
         self._refuse_unsupported(req)
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
+
+        def params(prompt_len: int) -> SamplingParams:
+            requested = req.max_completion_tokens or req.max_tokens  # A5: max_completion_tokens wins
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            return self.sampling_params(
+                req, prompt_len, requested, param, "messages", bool(req.logprobs), req.top_logprobs or 0
+            )
+
+        return await self.admit(
+            principal, req.model, adapter, lambda: self._render(messages), params, "chatcmpl", arrival
+        )
+
+    async def admit(
+        self,
+        principal: Principal,
+        model: str,
+        adapter: AdapterRef | None,
+        render: Callable[[], list[int]],
+        params: Callable[[int], SamplingParams],
+        id_prefix: str,
+        arrival: float,
+    ) -> tuple[GenerationRequest, Ticket]:
+        """Takes the tenant's limits (429), renders the prompt off the event loop and builds the
+        engine request (a bad prompt or parameter: 400, not counted as usage)."""
         try:
-            ticket = self.tenants.admit(principal, req.model, None if adapter is None else req.model)
+            ticket = self.tenants.admit(principal, model, None if adapter is None else model)
         except RateLimited as exc:
             raise APIError(
                 429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": exc.retry_after}
             ) from exc
         try:
-            prompt_ids = await asyncio.to_thread(self._render, messages)
-            params = self._sampling_params(req, len(prompt_ids))
+            prompt_ids = await asyncio.to_thread(render)
+            sampling = params(len(prompt_ids))
         except BaseException:
             ticket.finish(None)  # bad input: not usage
             raise
         ticket.charge(len(prompt_ids))
         ticket.arrival = arrival
         gen = GenerationRequest(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            request_id=f"{id_prefix}-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
-            params=params,
+            params=sampling,
             adapter=adapter,
             group=principal.tenant,
         )
@@ -117,7 +141,7 @@ class ChatService:
         entries = self.adapters.list(principal.tenant)
         return [self.model_name] + [e.name if principal.tenant else f"{e.tenant}/{e.name}" for e in entries]
 
-    async def _resolve_model(self, principal: Principal, model: str) -> AdapterRef | None:
+    async def resolve_model(self, principal: Principal, model: str) -> AdapterRef | None:
         """None for the base model; for an adapter of the caller's, its current version with weights
         read and validated here, off the engine thread; 404 for anything else, another tenant's
         adapter included (D3: never a silent base-model answer)."""
@@ -133,8 +157,20 @@ class ChatService:
             raise invalid(str(exc), param="model", code="invalid_adapter") from exc
         return AdapterRef(entry.key, weights)
 
+    def refuse_unsupported_common(self, req: Any) -> None:
+        """The checks chat and text completions share: n, stop strings, logit_bias token ids."""
+        if (req.n or 1) > self.limits.max_n:
+            raise invalid(f"n must be at most {self.limits.max_n}, got {req.n}.", param="n")
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stops) > self.limits.max_stop_sequences:
+            raise invalid(f"stop accepts at most {self.limits.max_stop_sequences} sequences.", param="stop")
+        for key in req.logit_bias or {}:
+            if not 0 <= int(key) < self.vocab_size:
+                raise invalid(f"logit_bias token id {key} is out of the vocabulary.", param="logit_bias")
+
     def _refuse_unsupported(self, req: ChatCompletionRequest) -> None:
         # B2: honoured or refused with the parameter named, never silently ignored
+        self.refuse_unsupported_common(req)
         if req.tools:
             raise invalid("Tool calling is not supported by this server.", param="tools")
         if req.tool_choice not in (None, "none", "auto"):
@@ -144,16 +180,8 @@ class ChatService:
                 f"response_format type '{req.response_format.type}' is not supported; only 'text'.",
                 param="response_format",
             )
-        if (req.n or 1) > self.limits.max_n:
-            raise invalid(f"n must be at most {self.limits.max_n}, got {req.n}.", param="n")
         if req.top_logprobs and not req.logprobs:
             raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
-        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        if len(stops) > self.limits.max_stop_sequences:
-            raise invalid(f"stop accepts at most {self.limits.max_stop_sequences} sequences.", param="stop")
-        for key in req.logit_bias or {}:
-            if not 0 <= int(key) < self.vocab_size:
-                raise invalid(f"logit_bias token id {key} is out of the vocabulary.", param="logit_bias")
 
     @staticmethod
     def _message(i: int, m: Any) -> dict[str, str]:
@@ -186,16 +214,18 @@ class ChatService:
             raise invalid(f"The messages could not be formatted: {exc}", param="messages") from exc
         return list(ids)
 
-    def _sampling_params(self, req: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
+    def sampling_params(
+        self, req: Any, prompt_len: int, requested: int | None, param: str, prompt_param: str, logprobs: bool,
+        top_logprobs: int,
+    ) -> SamplingParams:  # fmt: skip
+        """The engine's parameters; B4: 400 context_length_exceeded naming `prompt_param` or `param`."""
         ctx = self.limits.context_len
-        requested = req.max_completion_tokens or req.max_tokens  # A5: max_completion_tokens wins
-        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         if prompt_len >= ctx or (requested and prompt_len + requested > ctx):
-            asked = f"{prompt_len + (requested or 0)} tokens ({prompt_len} in the messages, {requested or 0} in the completion)"
+            asked = f"{prompt_len + (requested or 0)} tokens ({prompt_len} in the {prompt_param}, {requested or 0} in the completion)"
             raise invalid(
                 f"This model's maximum context length is {ctx} tokens. However, you requested {asked}. "
-                "Please reduce the length of the messages or completion.",
-                param="messages" if prompt_len >= ctx or not requested else param,
+                f"Please reduce the length of the {prompt_param} or completion.",
+                param=prompt_param if prompt_len >= ctx or not requested else param,
                 code="context_length_exceeded",
             )
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
@@ -208,12 +238,12 @@ class ChatService:
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
-            logprobs=bool(req.logprobs),
-            top_logprobs=req.top_logprobs or 0,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
             n=req.n or 1,
         )
 
-    def _submit(self, gen: GenerationRequest, ticket: Ticket) -> AsyncIterator[TokenEvent]:
+    def submit(self, gen: GenerationRequest, ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """Queues the request; its ticket is finished with the usage when the engine ends it."""
 
         def done(finals: list[TokenEvent]) -> None:
@@ -248,7 +278,7 @@ class ChatService:
         texts, reasons = [[] for _ in range(n)], [None] * n
         logprobs: list[list[TokenLogprobOut]] = [[] for _ in range(n)]
         completion = [0] * n
-        events = self._submit(gen, ticket)
+        events = self.submit(gen, ticket)
         async with contextlib.aclosing(events):
             async for ev in events:
                 if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
@@ -275,7 +305,7 @@ class ChatService:
         self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket
     ) -> AsyncIterator[str]:
         """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10)."""
-        events = self._submit(gen, ticket)  # before the first byte: overload is still a real 429
+        events = self.submit(gen, ticket)  # before the first byte: overload is still a real 429
         return self._stream(req, gen, events)
 
     async def _stream(self, req, gen, events) -> AsyncIterator[str]:
@@ -318,10 +348,10 @@ class ChatService:
     def _logprobs(self, lps: list[TokenLogprob] | None) -> list[TokenLogprobOut]:
         out = []
         for lp in lps or []:
-            top = [TopLogprob(token=self._token_text(t), logprob=v, bytes=self._bytes(t)) for t, v in lp.top]
+            top = [TopLogprob(token=self.token_text(t), logprob=v, bytes=self._bytes(t)) for t, v in lp.top]
             out.append(
                 TokenLogprobOut(
-                    token=self._token_text(lp.token_id),
+                    token=self.token_text(lp.token_id),
                     logprob=lp.logprob,
                     bytes=self._bytes(lp.token_id),
                     top_logprobs=top,
@@ -330,13 +360,13 @@ class ChatService:
         return out
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one service per process, bounded
-    def _token_text(self, token_id: int) -> str:
+    def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode(
             [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
 
     def _bytes(self, token_id: int) -> list[int]:
-        return list(self._token_text(token_id).encode("utf-8"))
+        return list(self.token_text(token_id).encode("utf-8"))
 
 
 def _usage(gen: GenerationRequest, completion_tokens: int) -> Usage:

@@ -76,6 +76,31 @@ class ChatCompletionRequest(_Lenient):
         return v
 
 
+class CompletionRequest(_Lenient):
+    """POST /v1/completions (OpenAI's legacy text completions)."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(None, ge=1)
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)  # how many alternatives per token; 0: the token's own
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    n: int | None = Field(1, ge=1)
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, ge=0.0, le=1.0)
+    user: str | None = None
+
+    _bias_range = field_validator("logit_bias")(ChatCompletionRequest._bias_range.__func__)
+
+
 # ----------------------------------------------------------------------------- responses
 
 
@@ -146,6 +171,32 @@ class ChatCompletionChunk(BaseModel):
     model: str
     system_fingerprint: str | None = None
     choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    """A text completion, and (object the same, as OpenAI sends it) each chunk of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
     usage: Usage | None = None
 
 

@@ -11,10 +11,18 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from mygpt.api import completions
 from mygpt.api.auth import caller
 from mygpt.api.chat import ChatService
 from mygpt.api.errors import APIError, model_not_found
-from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
+from mygpt.api.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
 
@@ -99,13 +107,27 @@ async def chat_completions(
     chat = _chat(request)
     gen, ticket = await chat.prepare(principal, body)
     if body.stream:
-        payloads = await chat.stream(body, gen, ticket)
-        keepalive = _state(request).settings.keepalive_s
-        return EventSourceResponse(
-            _as_events(payloads), sep="\n", ping=keepalive,
-            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
-        )  # fmt: skip
+        return _sse(request, await chat.stream(body, gen, ticket))
     return await _until_disconnected(request, chat.complete(body, gen, ticket))
+
+
+@router.post("/v1/completions", response_model=None)
+async def text_completions(
+    body: CompletionRequest, request: Request, principal: Principal = Depends(caller)
+) -> Completion | Response:
+    chat = _chat(request)
+    gen, ticket = await completions.prepare(chat, principal, body)
+    if body.stream:
+        return _sse(request, await completions.stream(chat, body, gen, ticket))
+    return await _until_disconnected(request, completions.complete(chat, body, gen, ticket))
+
+
+def _sse(request: Request, payloads) -> EventSourceResponse:
+    keepalive = _state(request).settings.keepalive_s
+    return EventSourceResponse(
+        _as_events(payloads), sep="\n", ping=keepalive,
+        ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
+    )  # fmt: skip
 
 
 async def _as_events(payloads):

@@ -1,0 +1,184 @@
+"""Text completions (POST /v1/completions, OpenAI's legacy endpoint): a raw prompt, no chat template.
+
+Shares the chat service's model resolution, tenant admission, engine submission and token texts;
+adds what this endpoint has of its own: prompts as text or token ids, `echo`, logprobs in the legacy
+shape (tokens, token_logprobs, top_logprobs as dicts, text_offset), `max_tokens` defaulting to 16.
+Refused with the parameter named (B2): several prompts in one request, `suffix`, `best_of` other than
+`n`, and `echo` together with `logprobs` (prompt logprobs are not computed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from mygpt.api.chat import ChatService, _error_payload, _usage
+from mygpt.api.errors import APIError, invalid
+from mygpt.api.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from mygpt.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenLogprob
+from mygpt.tenancy.auth import Principal
+from mygpt.tenancy.tenants import Ticket
+
+log = logging.getLogger(__name__)
+
+
+async def prepare(
+    chat: ChatService, principal: Principal, req: CompletionRequest
+) -> tuple[GenerationRequest, Ticket]:
+    arrival = time.monotonic()
+    adapter = await chat.resolve_model(principal, req.model)
+    chat.refuse_unsupported_common(req)
+    _refuse_unsupported(req)
+    prompt = _the_prompt(req)
+
+    def render() -> list[int]:
+        if isinstance(prompt, str):
+            ids = chat.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            bad = next((t for t in prompt if not 0 <= t < chat.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"prompt token id {bad} is out of the vocabulary.", param="prompt")
+            ids = list(prompt)
+        if not ids:
+            raise invalid("The prompt is empty.", param="prompt")
+        return list(ids)
+
+    def params(prompt_len: int) -> SamplingParams:
+        logprobs = req.logprobs is not None
+        return chat.sampling_params(
+            req, prompt_len, req.max_tokens, "max_tokens", "prompt", logprobs, req.logprobs or 0
+        )
+
+    return await chat.admit(principal, req.model, adapter, render, params, "cmpl", arrival)
+
+
+def _the_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt: text or token ids (a list holding one of them is unwrapped)."""
+    p = req.prompt
+    return p[0] if isinstance(p, list) and p and isinstance(p[0], (str, list)) else p
+
+
+def _refuse_unsupported(req: CompletionRequest) -> None:
+    p = req.prompt
+    if isinstance(p, list) and (not p or isinstance(p[0], (str, list))) and len(p) != 1:
+        raise invalid(
+            "Send one prompt per request (a list of several prompts is not supported).", param="prompt"
+        )
+    if req.suffix:
+        raise invalid("suffix (insertion) is not supported by this server.", param="suffix")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise invalid("best_of is supported only equal to n.", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise invalid("echo with logprobs is not supported (no prompt logprobs).", param="echo")
+
+
+def _echo(chat: ChatService, req: CompletionRequest, gen: GenerationRequest) -> str:
+    if not req.echo:
+        return ""
+    prompt = _the_prompt(req)
+    if isinstance(prompt, str):
+        return prompt
+    return chat.tokenizer.decode(gen.prompt_ids, skip_special_tokens=False)
+
+
+def _legacy_logprobs(
+    chat: ChatService, lps: list[TokenLogprob] | None, offset: int, top: int
+) -> CompletionLogprobs:
+    tokens = [chat.token_text(lp.token_id) for lp in lps or []]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[lp.logprob for lp in lps or []],
+        top_logprobs=[{chat.token_text(t): v for t, v in lp.top[:top]} for lp in lps or []] if top else None,
+        text_offset=offsets,
+    )
+
+
+async def complete(
+    chat: ChatService, req: CompletionRequest, gen: GenerationRequest, ticket: Ticket
+) -> Completion:
+    n = gen.params.n
+    echo = _echo(chat, req, gen)
+    texts = [[echo] for _ in range(n)]
+    lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    completion = [0] * n
+    events = chat.submit(gen, ticket)
+    async with contextlib.aclosing(events):
+        async for ev in events:
+            if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                raise APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
+            texts[ev.index].append(ev.text)
+            lps[ev.index] += ev.logprobs or []
+            completion[ev.index] = ev.completion_tokens
+            if ev.finish_reason is not None:
+                reasons[ev.index] = ev.finish_reason.value
+    choices = [
+        CompletionChoice(
+            text="".join(texts[i]),
+            index=i,
+            logprobs=_legacy_logprobs(chat, lps[i], len(echo), req.logprobs or 0)
+            if gen.params.logprobs
+            else None,
+            finish_reason=reasons[i],
+        )
+        for i in range(n)
+    ]
+    return Completion(id=gen.request_id, model=req.model, choices=choices, usage=_usage(gen, sum(completion)))
+
+
+async def stream(
+    chat: ChatService, req: CompletionRequest, gen: GenerationRequest, ticket: Ticket
+) -> AsyncIterator[str]:
+    """SSE data payloads: text chunks, an optional usage chunk, then [DONE]."""
+    events = chat.submit(gen, ticket)  # before the first byte: overload is still a real 429
+    return _stream(chat, req, gen, events)
+
+
+async def _stream(
+    chat: ChatService, req: CompletionRequest, gen: GenerationRequest, events
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    echo = _echo(chat, req, gen)
+    offsets = [len(echo)] * gen.params.n
+    completion = [0] * gen.params.n
+
+    def chunk(choices: list[CompletionChoice], usage=None) -> str:
+        c = Completion(id=gen.request_id, created=created, model=req.model, choices=choices, usage=usage)
+        return c.model_dump_json()
+
+    async with contextlib.aclosing(events):
+        try:
+            if echo:
+                for i in range(gen.params.n):
+                    yield chunk([CompletionChoice(text=echo, index=i)])
+            async for ev in events:
+                if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                    yield _error_payload(ev.error or "the request was cancelled")
+                    return
+                completion[ev.index] = ev.completion_tokens
+                if not ev.text and ev.finish_reason is None:
+                    continue
+                lps = None
+                if gen.params.logprobs:
+                    lps = _legacy_logprobs(chat, ev.logprobs, offsets[ev.index], req.logprobs or 0)
+                offsets[ev.index] += len(ev.text)
+                finish = ev.finish_reason.value if ev.finish_reason is not None else None
+                yield chunk(
+                    [CompletionChoice(text=ev.text, index=ev.index, logprobs=lps, finish_reason=finish)]
+                )
+            if include_usage:
+                yield chunk([], _usage(gen, sum(completion)))
+            yield "[DONE]"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # A10: after the first byte, an error event instead of a hang
+            log.exception("stream %s failed", gen.request_id)
+            yield _error_payload(f"{type(exc).__name__}: {exc}")

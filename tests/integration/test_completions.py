@@ -1,0 +1,103 @@
+"""POST /v1/completions (the legacy text endpoint) through the openai SDK against the default model."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from test_wire import assert_openai_error
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The three primary colors are"
+
+
+@pytest.fixture(scope="module")
+def client(default_server):
+    return openai.OpenAI(base_url=default_server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def post(server, body: dict) -> httpx.Response:
+    return httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
+
+
+def test_greedy_completion_streamed_and_not_agree(client, tokenizer):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.model == MODEL and r.id.startswith("cmpl-")
+    [choice] = r.choices
+    assert choice.index == 0 and len(choice.text.strip()) > 0 and choice.finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == len(tokenizer(PROMPT)["input_ids"])  # no chat template around it
+    assert (
+        r.usage.total_tokens
+        == r.usage.prompt_tokens + r.usage.completion_tokens
+        <= r.usage.prompt_tokens + 12
+    )
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_defaults_to_16_tokens_and_takes_token_ids(client, tokenizer):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0)
+    assert r.usage.completion_tokens <= 16
+    ids = tokenizer(PROMPT)["input_ids"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_echo_n_seed_stop(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, echo=True, temperature=0)
+    assert r.choices[0].text.startswith(PROMPT) and len(r.choices[0].text) > len(PROMPT)
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, n=2, seed=3, temperature=1.0)
+    assert [c.index for c in r.choices] == [0, 1]
+    again = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, n=2, seed=3, temperature=1.0)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # B5
+    greedy = (
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    )
+    word = greedy.split()[1] if len(greedy.split()) > 1 else greedy.split()[0]
+    cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[word])
+    assert word not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
+
+
+def test_legacy_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob <= 0 and len(top) == 3 and max(top.values()) == pytest.approx(logprob, abs=1e-4)
+        assert token in top  # greedy: the chosen token is the best one
+    zero = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=0)
+    assert zero.choices[0].logprobs.top_logprobs is None and len(zero.choices[0].logprobs.token_logprobs) == 3
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"suffix": " and that is all."}, "suffix"),
+        ({"prompt": ["one", "two"]}, "prompt"),
+        ({"best_of": 3}, "best_of"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": [1, 2, 10**9]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"max_tokens": 10**6}, "max_tokens"),
+        ({"n": 99}, "n"),
+    ],
+)
+def test_refusals_name_the_parameter(default_server, extra, param):
+    r = post(default_server, {"model": MODEL, "prompt": PROMPT, **extra})
+    assert_openai_error(r, 400, param=param)
+
+
+def test_unknown_model_and_bad_body(default_server):
+    assert_openai_error(post(default_server, {"model": "nope", "prompt": "x"}), 404, code="model_not_found")
+    assert post(default_server, {"model": MODEL}).status_code in (400, 422)  # no prompt
