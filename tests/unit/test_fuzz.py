@@ -154,6 +154,39 @@ def test_chat_completions_never_5xx(client, body, api_key):
     check(r)
 
 
+prompt = (
+    st.text(max_size=40)
+    | st.lists(st.integers(-5, 70000), max_size=6)
+    | st.lists(st.text(max_size=8) | st.lists(st.integers(-1, 600), max_size=3), max_size=3)
+    | junk
+)
+completion_body = (
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny", "support", "globex/x", ""]) | junk, "prompt": prompt},
+        optional={
+            **{k: v for k, v in OPTIONAL.items() if k not in ("logprobs", "top_logprobs")},
+            "logprobs": st.integers(-1, 25) | junk,
+            "echo": st.booleans() | junk,
+            "suffix": st.text(max_size=4) | junk,
+            "best_of": st.integers(0, 4) | junk,
+        },
+    )
+    | junk
+)
+
+
+@FUZZ
+@given(body=completion_body, api_key=key)
+def test_text_completions_never_5xx(client, body, api_key):
+    headers = {"Authorization": f"Bearer {api_key}"}
+    if isinstance(body, dict) and body.get("stream") is True:
+        with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            r.read()
+    else:
+        r = client.post("/v1/completions", json=body, headers=headers)
+    check(r)
+
+
 name = (
     st.sampled_from(["support", "new", "x" * 130, "a/b", "..", "ft:tiny:acme:s:1"])
     | st.text(max_size=12)
