@@ -276,14 +276,17 @@ def write_served_model(path: Path, tiny: bool) -> None:
 def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> None:
     """mygpt serve on a random checkpoint + mygpt bench over HTTP, 1 and 32 concurrent streams."""
     import os
+    import shutil
     import socket
     import subprocess
     import sys
+    import tempfile
     import urllib.request
 
-    model_dir = out_dir / "e2e-model"
-    if not (model_dir / "config.json").exists():
-        write_served_model(model_dir, args.tiny)
+    # the checkpoint (2 GB on the full shape) and the server's dirs stay out of DIR, which comes back
+    work = Path(tempfile.mkdtemp(prefix="mygpt-gpu-check-"))
+    model_dir = work / "e2e-model"
+    write_served_model(model_dir, args.tiny)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -295,7 +298,7 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
     serve = [
         sys.executable, "-m", "mygpt", "serve", "--model", str(model_dir), "--served-model-name", "e2e",
         "--port", str(port), "--device", device, "--max-num-seqs", "32", "--max-loras", "0", "--no-finetune", "--cuda-graphs",
-        "--adapter-dir", str(out_dir / "e2e-adapters"), "--cache-dir", str(out_dir / "e2e-cache"),
+        "--adapter-dir", str(work / "e2e-adapters"), "--cache-dir", str(work / "e2e-cache"),
     ]  # fmt: skip
     t0 = time.perf_counter()
     server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -332,6 +335,7 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
