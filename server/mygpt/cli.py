@@ -140,21 +140,24 @@ def serve(settings: Settings) -> None:
     )  # fmt: skip
     state = app.state.mygpt
     if hasattr(signal, "SIGHUP"):  # reload the tenancy config and keys, as POST /v1/admin/reload does
-        signal.signal(
-            signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(state,), daemon=True).start()
-        )
+        hup = threading.Event()
+        threading.Thread(target=_reloader, args=(state, hup), name="mygpt-sighup", daemon=True).start()
+        signal.signal(signal.SIGHUP, lambda *_: hup.set())  # the handler only sets a flag: never blocks
     _DrainingServer(config, state, settings.shutdown_timeout_s).run()
 
 
-def _reload(state: Any) -> None:
+def _reloader(state: Any, hup: threading.Event) -> None:
     from mygpt.tenancy.config import ConfigError
 
-    try:
-        state.reload_tenancy()
-    except ConfigError as exc:
-        log.error("SIGHUP: the tenancy config was not reloaded (the old one stays): %s", exc)
-    except Exception:
-        log.exception("SIGHUP: reloading the tenancy config failed")
+    while True:
+        hup.wait()
+        hup.clear()
+        try:
+            state.reload_tenancy()
+        except ConfigError as exc:
+            log.error("SIGHUP: the tenancy config was not reloaded (the old one stays): %s", exc)
+        except Exception:
+            log.exception("SIGHUP: reloading the tenancy config failed")
 
 
 class _DrainingServer(uvicorn.Server):

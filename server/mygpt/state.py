@@ -74,47 +74,54 @@ class ServerState:
             if s.num_threads:
                 torch.set_num_threads(s.num_threads)
             loaded = load_model(s)
-            registry = AdapterRegistry(
-                s.adapter_dir, self.tenants.names, lora_module_shapes(loaded.model), s.max_lora_rank
-            )
-            if s.engine == "naive":  # the benchmark baseline: generate() + peft, one request at a time
-                context = loaded.context_len
-                engine = NaiveEngine(
-                    loaded.model, loaded.tokenizer, loaded.eos_token_ids, context, adapters=s.max_loras > 0
+            # a config reload waits until the registry and the declared adapters are in place (it
+            # then sees them), and the registry takes the tenants of any reload made while loading
+            with self._reload_lock:
+                registry = AdapterRegistry(
+                    s.adapter_dir, self.tenants.names, lora_module_shapes(loaded.model), s.max_lora_rank
                 )
-            else:
-                # on CPU the float32 logits GEMV is the largest read of a decode step: a bfloat16 copy
-                lm_head = torch.bfloat16 if loaded.device.type == "cpu" else None
-                runner = ModelRunner(
-                    loaded.model, s.max_num_seqs, loaded.context_len, loaded.dtype, s.max_loras, s.max_lora_rank,
-                    lm_head_dtype=lm_head, exact_attention=loaded.device.type == "cpu",
-                    cuda_graphs=s.cuda_graphs,
-                )  # fmt: skip
-                context = runner.max_len
-                cache = AdapterCache(runner.lora_layers, s.max_loras) if s.max_loras else None
-                engine = Engine(
-                    runner, loaded.tokenizer, loaded.eos_token_ids,
-                    max_num_batched_tokens=s.max_num_batched_tokens, max_waiting=s.max_waiting, adapters=cache,
-                    metrics=self.metrics,
-                )  # fmt: skip
-                registry.on_retire = engine.retire_adapter
-                if cache is not None:  # adapters packed for the slots when read, not when first used
-                    on_gpu = loaded.device.type == "cuda"
-                    registry.prepare = lambda w: w.packed(loaded.dtype, pin=on_gpu)
-                if self.metrics is not None and cache is not None:
-                    cache.on_load = self.metrics.record_adapter_load
-                    self.metrics.watch_adapter_cache(lambda: (cache.stats, cache.snapshot()))
-            if self.metrics is not None:
-                self.metrics.watch_device_memory(
-                    _device_memory(loaded.device, getattr(engine, "runner", None))
+                if s.engine == "naive":  # the benchmark baseline: generate() + peft, one request at a time
+                    context = loaded.context_len
+                    engine = NaiveEngine(
+                        loaded.model,
+                        loaded.tokenizer,
+                        loaded.eos_token_ids,
+                        context,
+                        adapters=s.max_loras > 0,
+                    )
+                else:
+                    # on CPU the float32 logits GEMV is the largest read of a decode step: a bfloat16 copy
+                    lm_head = torch.bfloat16 if loaded.device.type == "cpu" else None
+                    runner = ModelRunner(
+                        loaded.model, s.max_num_seqs, loaded.context_len, loaded.dtype, s.max_loras, s.max_lora_rank,
+                        lm_head_dtype=lm_head, exact_attention=loaded.device.type == "cpu",
+                        cuda_graphs=s.cuda_graphs,
+                    )  # fmt: skip
+                    context = runner.max_len
+                    cache = AdapterCache(runner.lora_layers, s.max_loras) if s.max_loras else None
+                    engine = Engine(
+                        runner, loaded.tokenizer, loaded.eos_token_ids,
+                        max_num_batched_tokens=s.max_num_batched_tokens, max_waiting=s.max_waiting, adapters=cache,
+                        metrics=self.metrics,
+                    )  # fmt: skip
+                    registry.on_retire = engine.retire_adapter
+                    if cache is not None:  # adapters packed for the slots when read, not when first used
+                        on_gpu = loaded.device.type == "cuda"
+                        registry.prepare = lambda w: w.packed(loaded.dtype, pin=on_gpu)
+                    if self.metrics is not None and cache is not None:
+                        cache.on_load = self.metrics.record_adapter_load
+                        self.metrics.watch_adapter_cache(lambda: (cache.stats, cache.snapshot()))
+                if self.metrics is not None:
+                    self.metrics.watch_device_memory(
+                        _device_memory(loaded.device, getattr(engine, "runner", None))
+                    )
+                engine.start()
+                limits = ChatLimits(context, s.max_n, s.max_stop_sequences)
+                self.loaded, self.engine, self.registry = loaded, engine, registry
+                self.chat = ChatService(
+                    AsyncEngine(engine), loaded.tokenizer, loaded.name, limits, self.tenants, registry
                 )
-            engine.start()
-            limits = ChatLimits(context, s.max_n, s.max_stop_sequences)
-            self.loaded, self.engine, self.registry = loaded, engine, registry
-            self.chat = ChatService(
-                AsyncEngine(engine), loaded.tokenizer, loaded.name, limits, self.tenants, registry
-            )
-            self._load_configured_adapters()
+                self._load_configured_adapters()
             if s.finetune:
                 self._start_finetuning(loaded.name, registry)
             if s.warmup:
@@ -159,8 +166,15 @@ class ServerState:
         for tenant in self.tenancy.tenants.values():
             for name, spec in tenant.adapters.items():
                 try:
+                    current = self.registry.get(tenant.name, name)
+                    replace = False
+                    if current is not None:  # the config wins for the names it declares
+                        replace = current.path != self.registry.resolve_path(tenant.name, name, spec.path)
+                        if current.source == "config" and current.pinned and not spec.pinned:
+                            current.pinned = False
+                            self.registry.on_retire(current.key)  # unpinned: leaves its slot once unused
                     entry, _ = self.registry.load(
-                        tenant.name, name, spec.path, pinned=spec.pinned, source="config"
+                        tenant.name, name, spec.path, replace=replace, pinned=spec.pinned, source="config"
                     )
                     if entry.pinned:
                         self._pin_now(AdapterRef(entry.key, entry.weights))
@@ -180,6 +194,10 @@ class ServerState:
             summary["adapter_errors"] = []
             if self.registry is not None:
                 self.registry.set_tenants(self.tenants.names)
+                declared = {(t.name, n) for t in tenancy.tenants.values() for n in t.adapters}
+                for entry in self.registry.list():
+                    if entry.source == "config" and (entry.tenant, entry.name) not in declared:
+                        self.registry.unload(entry.tenant, entry.name)  # no longer in the config
                 summary["adapter_errors"] = self._load_configured_adapters(strict=False)
             summary["tenants"] = self.tenants.names
             log.info("tenancy reloaded: %s", summary)

@@ -77,7 +77,14 @@ def test_legacy_logprobs(client):
         assert logprob <= 0 and len(top) == 3 and max(top.values()) == pytest.approx(logprob, abs=1e-4)
         assert token in top  # greedy: the chosen token is the best one
     zero = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=0)
-    assert zero.choices[0].logprobs.top_logprobs is None and len(zero.choices[0].logprobs.token_logprobs) == 3
+    lz = zero.choices[0].logprobs  # 0: the sampled token only, as OpenAI does
+    assert [list(t) for t in lz.top_logprobs] == [[t] for t in lz.tokens] and len(lz.token_logprobs) == 3
+    streamed = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3, stream=True
+    )
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens  # no token's logprob lost in streaming
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ added and removed tenants, changed limits, declared adapters; a bad config chang
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 
@@ -88,6 +89,21 @@ def test_reload_rotates_keys_and_changes_tenants_and_limits(server):
     with pytest.raises(openai.RateLimitError):  # 2 a minute: one used above, one here, the third refused
         for _ in range(2):
             works(server, KEY["acme2"])
+    # a declared adapter follows the config: a new path is a new version, removed is unloaded
+    helper_v2 = server.config_path.parent / "store" / "newco" / "helper-v2"
+    shutil.copytree(server.config_path.parent / "store" / "newco" / "helper", helper_v2)
+    newco = {"keys": [f"sha256:{hash_key(KEY['newco'])}"], "adapters": {"helper": {"path": "helper-v2"}}}
+    server.config_path.write_text(config({"newco": newco}))
+    assert reload(server).json()["adapter_errors"] == []
+    listed = httpx.get(
+        server.base_url + "/v1/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60
+    ).json()["data"]
+    [helper] = [a for a in listed if a["name"] == "helper"]
+    assert helper["path"].endswith("helper-v2") and helper["version"] == 2 and not helper["pinned"]
+    server.config_path.write_text(config({"newco": {"keys": newco["keys"]}}))
+    assert reload(server).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        works(server, KEY["newco"], "helper")
     # a bad config changes nothing
     server.config_path.write_text("tenants: {acme: {keys: [42], nonsense: true}}")
     r = reload(server)

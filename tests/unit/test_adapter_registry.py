@@ -77,6 +77,7 @@ def test_load_replace_unload_and_versions(registry, store, tiny_model_dir):
     assert registry.unload("t", "one") is None
     back, changed = registry.load("t", "one")  # loaded again, explicitly
     assert changed and registry.get("t", "one") is back
+    assert back.key == "t/one@3"  # a key is never reused: the engine may still hold t/one@1 or @2
 
 
 def test_changed_files_make_a_new_version(registry, store, tiny_model_dir):

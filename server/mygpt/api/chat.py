@@ -319,6 +319,7 @@ class ChatService:
             return c.model_dump_json(exclude_none=False)
 
         completion = [0] * gen.params.n
+        pending: list[list[TokenLogprob]] = [[] for _ in range(gen.params.n)]  # tokens whose text waits
         async with contextlib.aclosing(events):
             try:
                 for i in range(gen.params.n):  # A2: the first chunk of each choice carries the role
@@ -328,10 +329,14 @@ class ChatService:
                         yield _error_payload(ev.error or "the request was cancelled")
                         return
                     completion[ev.index] = ev.completion_tokens
+                    pending[ev.index] += ev.logprobs or []
                     if not ev.text and ev.finish_reason is None:
-                        continue
+                        continue  # text held back (a partial character or stop string): so is its logprob
                     finish = ev.finish_reason.value if ev.finish_reason is not None else None
-                    lps = ChoiceLogprobs(content=self._logprobs(ev.logprobs)) if gen.params.logprobs else None
+                    lps = None
+                    if gen.params.logprobs:
+                        lps = ChoiceLogprobs(content=self._logprobs(pending[ev.index]))
+                    pending[ev.index] = []
                     delta = Delta(content=ev.text) if ev.text or finish is None else Delta()
                     yield chunk(
                         [ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)]

@@ -47,9 +47,10 @@ async def prepare(
         return list(ids)
 
     def params(prompt_len: int) -> SamplingParams:
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # an explicit null: the default
         logprobs = req.logprobs is not None
         return chat.sampling_params(
-            req, prompt_len, req.max_tokens, "max_tokens", "prompt", logprobs, req.logprobs or 0
+            req, prompt_len, max_tokens, "max_tokens", "prompt", logprobs, req.logprobs or 0
         )
 
     return await chat.admit(principal, req.model, adapter, render, params, "cmpl", arrival)
@@ -63,7 +64,9 @@ def _the_prompt(req: CompletionRequest) -> str | list[int]:
 
 def _refuse_unsupported(req: CompletionRequest) -> None:
     p = req.prompt
-    if isinstance(p, list) and (not p or isinstance(p[0], (str, list))) and len(p) != 1:
+    if isinstance(p, list) and not p:
+        raise invalid("The prompt is empty.", param="prompt")
+    if isinstance(p, list) and isinstance(p[0], (str, list)) and len(p) != 1:
         raise invalid(
             "Send one prompt per request (a list of several prompts is not supported).", param="prompt"
         )
@@ -85,19 +88,24 @@ def _echo(chat: ChatService, req: CompletionRequest, gen: GenerationRequest) -> 
 
 
 def _legacy_logprobs(
-    chat: ChatService, lps: list[TokenLogprob] | None, offset: int, top: int
-) -> CompletionLogprobs:
-    tokens = [chat.token_text(lp.token_id) for lp in lps or []]
-    offsets, at = [], offset
+    chat: ChatService, lps: list[TokenLogprob], offset: int, top: int
+) -> tuple[CompletionLogprobs, int]:
+    """OpenAI's legacy shape; text_offset counts token texts from `offset`. Returns the next offset.
+    Each top_logprobs dict holds the `top` most likely tokens and the sampled one (so up to top + 1)."""
+    tokens = [chat.token_text(lp.token_id) for lp in lps]
+    offsets = []
     for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    return CompletionLogprobs(
-        tokens=tokens,
-        token_logprobs=[lp.logprob for lp in lps or []],
-        top_logprobs=[{chat.token_text(t): v for t, v in lp.top[:top]} for lp in lps or []] if top else None,
-        text_offset=offsets,
+        offsets.append(offset)
+        offset += len(t)
+    tops = []
+    for lp, text in zip(lps, tokens, strict=True):
+        alternatives = {chat.token_text(t): v for t, v in lp.top[:top]}
+        alternatives.setdefault(text, lp.logprob)
+        tops.append(alternatives)
+    out = CompletionLogprobs(
+        tokens=tokens, token_logprobs=[lp.logprob for lp in lps], top_logprobs=tops, text_offset=offsets
     )
+    return out, offset
 
 
 async def complete(
@@ -123,7 +131,7 @@ async def complete(
         CompletionChoice(
             text="".join(texts[i]),
             index=i,
-            logprobs=_legacy_logprobs(chat, lps[i], len(echo), req.logprobs or 0)
+            logprobs=_legacy_logprobs(chat, lps[i], len(echo), req.logprobs or 0)[0]
             if gen.params.logprobs
             else None,
             finish_reason=reasons[i],
@@ -148,6 +156,7 @@ async def _stream(
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     echo = _echo(chat, req, gen)
     offsets = [len(echo)] * gen.params.n
+    pending: list[list[TokenLogprob]] = [[] for _ in range(gen.params.n)]  # tokens whose text is held back
     completion = [0] * gen.params.n
 
     def chunk(choices: list[CompletionChoice], usage=None) -> str:
@@ -164,12 +173,15 @@ async def _stream(
                     yield _error_payload(ev.error or "the request was cancelled")
                     return
                 completion[ev.index] = ev.completion_tokens
+                pending[ev.index] += ev.logprobs or []
                 if not ev.text and ev.finish_reason is None:
-                    continue
+                    continue  # text held back (a partial character or stop string): its logprob waits
                 lps = None
                 if gen.params.logprobs:
-                    lps = _legacy_logprobs(chat, ev.logprobs, offsets[ev.index], req.logprobs or 0)
-                offsets[ev.index] += len(ev.text)
+                    lps, offsets[ev.index] = _legacy_logprobs(
+                        chat, pending[ev.index], offsets[ev.index], req.logprobs or 0
+                    )
+                pending[ev.index] = []
                 finish = ev.finish_reason.value if ev.finish_reason is not None else None
                 yield chunk(
                     [CompletionChoice(text=ev.text, index=ev.index, logprobs=lps, finish_reason=finish)]

@@ -80,6 +80,9 @@ class AdapterRegistry:
         self.prepare: Callable[[LoRAWeights], object] | None = None  # set by the server: pack for slots
         self._entries: dict[tuple[str, str], AdapterEntry] = {}
         self._hidden: set[tuple[str, str]] = set()  # unloaded store adapters, not to be found again
+        # versions count on per name for the process's life: a key (tenant/name@version) is never
+        # reused, even after an unload, while the engine may still hold the old one
+        self._versions: collections.Counter[tuple[str, str]] = collections.Counter()
         self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()  # keys with weights
         self._lock = threading.RLock()
         self._flights: dict[tuple[str, str], threading.RLock] = collections.defaultdict(threading.RLock)
@@ -126,7 +129,7 @@ class AdapterRegistry:
         path = self.store_of(tenant) / name
         if not (path / CONFIG).is_file() or not self._inside(tenant, path):
             return None
-        entry = AdapterEntry(tenant, name, path.resolve(), version=1, source="store")
+        entry = AdapterEntry(tenant, name, path.resolve(), self._next_version(tenant, name), source="store")
         self._entries[(tenant, name)] = entry
         return entry
 
@@ -184,11 +187,13 @@ class AdapterRegistry:
             raise AdapterError(f"unknown tenant '{tenant}'")
         if not ADAPTER_NAME.match(name):
             raise AdapterError(f"invalid adapter name {name!r}: letters, digits and . _ : - (at most 128)")
-        where = self._resolve_path(tenant, name, path)
+        where = self.resolve_path(tenant, name, path)
         with self._flights[(tenant, name)]:
             current = self.get(tenant, name)
             if current is not None and current.path == where and not replace:
                 current, _ = self.weights(current)  # validated (read now if it never was)
+                if source == "config":
+                    current.source = "config"  # declared by the config from now on (a reload follows it)
                 if pinned and not current.pinned:
                     current.pinned = True
                     return current, True
@@ -203,7 +208,7 @@ class AdapterRegistry:
                 if current is not None:
                     entry = self._new_version(current, where, source)
                 else:
-                    entry = AdapterEntry(tenant, name, where, version=1, source=source)
+                    entry = AdapterEntry(tenant, name, where, self._next_version(tenant, name), source=source)
                     self._entries[(tenant, name)] = entry
                 entry.weights, entry.stamp, entry.pinned = (
                     weights,
@@ -226,7 +231,7 @@ class AdapterRegistry:
         log.info("adapter %s unloaded", entry.key)
         return entry
 
-    def _resolve_path(self, tenant: str, name: str, path: str | None) -> Path:
+    def resolve_path(self, tenant: str, name: str, path: str | None) -> Path:
         store = self.store_of(tenant)
         candidate = Path(path) if path else store / name
         if not candidate.is_absolute():
@@ -248,10 +253,15 @@ class AdapterRegistry:
         return candidate.resolve()
 
     def _new_version(self, old: AdapterEntry, path: Path, source: str) -> AdapterEntry:
-        entry = AdapterEntry(old.tenant, old.name, path, old.version + 1, source, pinned=old.pinned)
+        version = self._next_version(old.tenant, old.name)
+        entry = AdapterEntry(old.tenant, old.name, path, version, source, pinned=old.pinned)
         self._entries[(old.tenant, old.name)] = entry
         self._forget(old)
         return entry
+
+    def _next_version(self, tenant: str, name: str) -> int:
+        self._versions[(tenant, name)] += 1
+        return self._versions[(tenant, name)]
 
     def _remove(self, entry: AdapterEntry) -> None:
         self._entries.pop((entry.tenant, entry.name), None)

@@ -142,13 +142,16 @@ def load_tenancy(
             raise ConfigError("api_key is for a server without a config file; give the key in the config")
         add(api_key, default_tenant, "api key setting")
     if keys_dir is not None:
-        for file in sorted(Path(keys_dir).iterdir()):
-            if file.name.startswith(".") or not file.is_file():
-                continue  # a mounted Secret's ..data symlinks and the like
+        try:
+            files = sorted(Path(keys_dir).iterdir())
+            texts = {f: f.read_text() for f in files if not f.name.startswith(".") and f.is_file()}
+        except (OSError, UnicodeDecodeError) as exc:  # e.g. read while a mounted Secret is swapped
+            raise ConfigError(f"keys dir {keys_dir}: {exc}") from exc
+        for file, text in texts.items():  # a mounted Secret's ..data symlinks and the like are skipped
             owner = None if file.name == ADMIN_FILE else file.name
             if owner is not None and owner not in spec.tenants:
                 raise ConfigError(f"keys dir: file {file.name!r} names no tenant of the config")
-            for line in file.read_text().splitlines():
+            for line in text.splitlines():
                 if line.strip() and not line.lstrip().startswith("#"):
                     add(line.strip(), owner, f"keys dir file {file.name!r}")
     tenants = {
