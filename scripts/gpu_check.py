@@ -160,15 +160,16 @@ TARGETS_8 = {  # issue 8's targets on the H100; checked only on the full shape o
 }
 
 
+class _Tok:  # the engine detokenizes; random ids need no real text here
+    def decode(self, ids, **kw):
+        return " ".join(map(str, ids))
+
+
 def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report: dict, mode: str) -> dict:
     """Throughput of the engine on one runner; `mode` labels the rows (eager / graphs)."""
     from mygpt.engine.engine import Engine
 
-    class Tok:  # the engine detokenizes; random ids need no real text here
-        def decode(self, ids, **kw):
-            return " ".join(map(str, ids))
-
-    engine = Engine(runner, Tok(), [], max_num_batched_tokens=2048, adapters=cache)
+    engine = Engine(runner, _Tok(), [], max_num_batched_tokens=2048, adapters=cache)
     engine.start()
     try:
         engine_run(engine, prompts[:2], ["ad0", None], 4, weights)  # warm-up (and the first captures)
@@ -224,14 +225,10 @@ def parity(args, device: str, rows: list, report: dict) -> None:
     cache = AdapterCache(runner.lora_layers, 4)
     from mygpt.engine.engine import Engine
 
-    class Tok:
-        def decode(self, ids, **kw):
-            return ""
-
     result = {}
     for mode in ("eager", static_mode(device)):
         use_graphs(runner, mode != "eager")
-        engine = Engine(runner, Tok(), [], max_num_batched_tokens=256, adapters=cache)
+        engine = Engine(runner, _Tok(), [], max_num_batched_tokens=256, adapters=cache)
         engine.start()
         _, got = engine_run(engine, prompts, ["ad1", "ad2", "ad3"], 16, weights)
         engine.stop()

@@ -145,13 +145,17 @@ key = st.sampled_from([ADMIN, ACME, "wrong", ""]) | st.text(
 @FUZZ
 @given(body=chat_body, api_key=key)
 def test_chat_completions_never_5xx(client, body, api_key):
+    check(generate(client, "/v1/chat/completions", body, api_key))
+
+
+def generate(client, route: str, body, api_key: str):
+    """POSTs a generation request, reading a stream to its end when one is asked for."""
     headers = {"Authorization": f"Bearer {api_key}"}
     if isinstance(body, dict) and body.get("stream") is True:
-        with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+        with client.stream("POST", route, json=body, headers=headers) as r:
             r.read()
-    else:
-        r = client.post("/v1/chat/completions", json=body, headers=headers)
-    check(r)
+        return r
+    return client.post(route, json=body, headers=headers)
 
 
 prompt = (
@@ -178,13 +182,7 @@ completion_body = (
 @FUZZ
 @given(body=completion_body, api_key=key)
 def test_text_completions_never_5xx(client, body, api_key):
-    headers = {"Authorization": f"Bearer {api_key}"}
-    if isinstance(body, dict) and body.get("stream") is True:
-        with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
-            r.read()
-    else:
-        r = client.post("/v1/completions", json=body, headers=headers)
-    check(r)
+    check(generate(client, "/v1/completions", body, api_key))
 
 
 name = (

@@ -274,43 +274,26 @@ class ChatService:
         self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket
     ) -> ChatCompletion:
         """Runs a request to the end and returns the whole completion."""
-        n = gen.params.n
-        texts, reasons = [[] for _ in range(n)], [None] * n
-        logprobs: list[list[TokenLogprobOut]] = [[] for _ in range(n)]
-        completion = [0] * n
-        events = self.submit(gen, ticket)
-        async with contextlib.aclosing(events):
-            async for ev in events:
-                if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                    raise APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
-                texts[ev.index].append(ev.text)
-                logprobs[ev.index] += self._logprobs(ev.logprobs)
-                completion[ev.index] = ev.completion_tokens
-                if ev.finish_reason is not None:
-                    reasons[ev.index] = ev.finish_reason.value
+        done = await collect(gen, self.submit(gen, ticket))
         choices = [
             Choice(
                 index=i,
-                message=AssistantMessage(content="".join(texts[i])),
-                logprobs=ChoiceLogprobs(content=logprobs[i]) if gen.params.logprobs else None,
-                finish_reason=reasons[i],
+                message=AssistantMessage(content=done.texts[i]),
+                logprobs=ChoiceLogprobs(content=self._logprobs(done.logprobs[i]))
+                if gen.params.logprobs
+                else None,
+                finish_reason=done.reasons[i],
             )
-            for i in range(n)
+            for i in range(gen.params.n)
         ]
-        return ChatCompletion(
-            id=gen.request_id, model=req.model, choices=choices, usage=_usage(gen, sum(completion))
-        )
+        return ChatCompletion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
 
     async def stream(
         self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket
     ) -> AsyncIterator[str]:
         """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10)."""
         events = self.submit(gen, ticket)  # before the first byte: overload is still a real 429
-        return self._stream(req, gen, events)
-
-    async def _stream(self, req, gen, events) -> AsyncIterator[str]:
         created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             c = ChatCompletionChunk(
@@ -318,37 +301,18 @@ class ChatService:
             )
             return c.model_dump_json(exclude_none=False)
 
-        completion = [0] * gen.params.n
-        pending: list[list[TokenLogprob]] = [[] for _ in range(gen.params.n)]  # tokens whose text waits
-        async with contextlib.aclosing(events):
-            try:
-                for i in range(gen.params.n):  # A2: the first chunk of each choice carries the role
-                    yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
-                async for ev in events:
-                    if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                        yield _error_payload(ev.error or "the request was cancelled")
-                        return
-                    completion[ev.index] = ev.completion_tokens
-                    pending[ev.index] += ev.logprobs or []
-                    if not ev.text and ev.finish_reason is None:
-                        continue  # text held back (a partial character or stop string): so is its logprob
-                    finish = ev.finish_reason.value if ev.finish_reason is not None else None
-                    lps = None
-                    if gen.params.logprobs:
-                        lps = ChoiceLogprobs(content=self._logprobs(pending[ev.index]))
-                    pending[ev.index] = []
-                    delta = Delta(content=ev.text) if ev.text or finish is None else Delta()
-                    yield chunk(
-                        [ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)]
-                    )
-                if include_usage:
-                    yield chunk([], _usage(gen, sum(completion)))
-                yield "[DONE]"
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # A10: after the first byte, an error event instead of a hang
-                log.exception("stream %s failed", gen.request_id)
-                yield _error_payload(f"{type(exc).__name__}: {exc}")
+        def piece(ev: TokenEvent, logprobs: list[TokenLogprob], finish: str | None) -> str:
+            lps = ChoiceLogprobs(content=self._logprobs(logprobs)) if gen.params.logprobs else None
+            delta = Delta(content=ev.text) if ev.text or finish is None else Delta()
+            return chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)])
+
+        # A2: the first chunk of each choice carries the role
+        head = [
+            chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            for i in range(gen.params.n)
+        ]
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return stream_payloads(gen, events, head, piece, (lambda u: chunk([], u)) if include_usage else None)
 
     def _logprobs(self, lps: list[TokenLogprob] | None) -> list[TokenLogprobOut]:
         out = []
@@ -372,6 +336,74 @@ class ChatService:
 
     def _bytes(self, token_id: int) -> list[int]:
         return list(self.token_text(token_id).encode("utf-8"))
+
+
+@dataclass
+class Collected:
+    """A request's answer, run to the end: each choice's text, token logprobs and finish reason."""
+
+    texts: list[str]
+    logprobs: list[list[TokenLogprob]]
+    reasons: list[str | None]
+    usage: Usage
+
+
+async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> Collected:
+    """The non-streamed answer of chat and text completions; an error or abort raises APIError."""
+    n = gen.params.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    completion = [0] * n
+    async with contextlib.aclosing(events):
+        async for ev in events:
+            if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                raise APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
+            texts[ev.index].append(ev.text)
+            logprobs[ev.index] += ev.logprobs or []
+            completion[ev.index] = ev.completion_tokens
+            if ev.finish_reason is not None:
+                reasons[ev.index] = ev.finish_reason.value
+    return Collected(["".join(t) for t in texts], logprobs, reasons, _usage(gen, sum(completion)))
+
+
+async def stream_payloads(
+    gen: GenerationRequest,
+    events: AsyncIterator[TokenEvent],
+    head: list[str],
+    piece: Callable[[TokenEvent, list[TokenLogprob], str | None], str],
+    usage_chunk: Callable[[Usage], str] | None,
+) -> AsyncIterator[str]:
+    """The streaming loop of chat and text completions: `head`, then piece(event, its logprobs,
+    finish reason) for each event with text or a finish, the usage chunk if asked, [DONE]. A token
+    whose text is held back (a partial character or stop string) sends its logprob with the next
+    piece of its choice. After the first byte a failure is an error event, not a hang (A10)."""
+    completion = [0] * gen.params.n
+    pending: list[list[TokenLogprob]] = [[] for _ in range(gen.params.n)]
+    async with contextlib.aclosing(events):
+        try:
+            for payload in head:
+                yield payload
+            async for ev in events:
+                if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                    yield _error_payload(ev.error or "the request was cancelled")
+                    return
+                completion[ev.index] = ev.completion_tokens
+                pending[ev.index] += ev.logprobs or []
+                if not ev.text and ev.finish_reason is None:
+                    continue
+                finish = ev.finish_reason.value if ev.finish_reason is not None else None
+                payload = piece(ev, pending[ev.index], finish)
+                pending[ev.index] = []
+                yield payload
+            if usage_chunk is not None:
+                yield usage_chunk(_usage(gen, sum(completion)))
+            yield "[DONE]"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("stream %s failed", gen.request_id)
+            yield _error_payload(f"{type(exc).__name__}: {exc}")
 
 
 def _usage(gen: GenerationRequest, completion_tokens: int) -> Usage:

@@ -9,20 +9,15 @@ Refused with the parameter named (B2): several prompts in one request, `suffix`,
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 
-from mygpt.api.chat import ChatService, _error_payload, _usage
-from mygpt.api.errors import APIError, invalid
-from mygpt.api.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
-from mygpt.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenLogprob
+from mygpt.api.chat import ChatService, collect, stream_payloads
+from mygpt.api.errors import invalid
+from mygpt.api.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
+from mygpt.engine.types import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
 from mygpt.tenancy.auth import Principal
 from mygpt.tenancy.tenants import Ticket
-
-log = logging.getLogger(__name__)
 
 
 async def prepare(
@@ -111,34 +106,20 @@ def _legacy_logprobs(
 async def complete(
     chat: ChatService, req: CompletionRequest, gen: GenerationRequest, ticket: Ticket
 ) -> Completion:
-    n = gen.params.n
     echo = _echo(chat, req, gen)
-    texts = [[echo] for _ in range(n)]
-    lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    reasons: list[str | None] = [None] * n
-    completion = [0] * n
-    events = chat.submit(gen, ticket)
-    async with contextlib.aclosing(events):
-        async for ev in events:
-            if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                raise APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
-            texts[ev.index].append(ev.text)
-            lps[ev.index] += ev.logprobs or []
-            completion[ev.index] = ev.completion_tokens
-            if ev.finish_reason is not None:
-                reasons[ev.index] = ev.finish_reason.value
+    done = await collect(gen, chat.submit(gen, ticket))
     choices = [
         CompletionChoice(
-            text="".join(texts[i]),
+            text=echo + done.texts[i],
             index=i,
-            logprobs=_legacy_logprobs(chat, lps[i], len(echo), req.logprobs or 0)[0]
+            logprobs=_legacy_logprobs(chat, done.logprobs[i], len(echo), req.logprobs or 0)[0]
             if gen.params.logprobs
             else None,
-            finish_reason=reasons[i],
+            finish_reason=done.reasons[i],
         )
-        for i in range(n)
+        for i in range(gen.params.n)
     ]
-    return Completion(id=gen.request_id, model=req.model, choices=choices, usage=_usage(gen, sum(completion)))
+    return Completion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
 
 
 async def stream(
@@ -146,51 +127,20 @@ async def stream(
 ) -> AsyncIterator[str]:
     """SSE data payloads: text chunks, an optional usage chunk, then [DONE]."""
     events = chat.submit(gen, ticket)  # before the first byte: overload is still a real 429
-    return _stream(chat, req, gen, events)
-
-
-async def _stream(
-    chat: ChatService, req: CompletionRequest, gen: GenerationRequest, events
-) -> AsyncIterator[str]:
     created = int(time.time())
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
     echo = _echo(chat, req, gen)
-    offsets = [len(echo)] * gen.params.n
-    pending: list[list[TokenLogprob]] = [[] for _ in range(gen.params.n)]  # tokens whose text is held back
-    completion = [0] * gen.params.n
+    offsets = [len(echo)] * gen.params.n  # text_offset of each choice's next token
 
-    def chunk(choices: list[CompletionChoice], usage=None) -> str:
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         c = Completion(id=gen.request_id, created=created, model=req.model, choices=choices, usage=usage)
         return c.model_dump_json()
 
-    async with contextlib.aclosing(events):
-        try:
-            if echo:
-                for i in range(gen.params.n):
-                    yield chunk([CompletionChoice(text=echo, index=i)])
-            async for ev in events:
-                if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                    yield _error_payload(ev.error or "the request was cancelled")
-                    return
-                completion[ev.index] = ev.completion_tokens
-                pending[ev.index] += ev.logprobs or []
-                if not ev.text and ev.finish_reason is None:
-                    continue  # text held back (a partial character or stop string): its logprob waits
-                lps = None
-                if gen.params.logprobs:
-                    lps, offsets[ev.index] = _legacy_logprobs(
-                        chat, pending[ev.index], offsets[ev.index], req.logprobs or 0
-                    )
-                pending[ev.index] = []
-                finish = ev.finish_reason.value if ev.finish_reason is not None else None
-                yield chunk(
-                    [CompletionChoice(text=ev.text, index=ev.index, logprobs=lps, finish_reason=finish)]
-                )
-            if include_usage:
-                yield chunk([], _usage(gen, sum(completion)))
-            yield "[DONE]"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # A10: after the first byte, an error event instead of a hang
-            log.exception("stream %s failed", gen.request_id)
-            yield _error_payload(f"{type(exc).__name__}: {exc}")
+    def piece(ev: TokenEvent, logprobs: list[TokenLogprob], finish: str | None) -> str:
+        lps = None
+        if gen.params.logprobs:
+            lps, offsets[ev.index] = _legacy_logprobs(chat, logprobs, offsets[ev.index], req.logprobs or 0)
+        return chunk([CompletionChoice(text=ev.text, index=ev.index, logprobs=lps, finish_reason=finish)])
+
+    head = [chunk([CompletionChoice(text=echo, index=i)]) for i in range(gen.params.n)] if echo else []
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return stream_payloads(gen, events, head, piece, (lambda u: chunk([], u)) if include_usage else None)

@@ -47,6 +47,8 @@ class AdapterCache:
         self._free = list(range(num_slots - 1, -1, -1))
         self._lock = threading.Lock()  # for snapshot() from other threads
         self.on_load: Callable[[float], None] | None = None  # seconds each load took (metrics)
+        first = next(iter(layers.values()), None)  # every slot buffer has one device and dtype
+        self._device, self._dtype = (first.lora_a.device, first.lora_a.dtype) if first else (None, None)
 
     @property
     def resident(self) -> list[str]:
@@ -99,10 +101,8 @@ class AdapterCache:
         slot = self._free.pop()
         try:
             if self.layers:
-                first = next(iter(self.layers.values()))
-                device, dtype = first.lora_a.device, first.lora_a.dtype
-                packed = weights.packed(dtype, pin=device.type == "cuda")
-                flat = packed.buffer.to(device, non_blocking=True)  # one copy for the whole adapter
+                packed = weights.packed(self._dtype, pin=self._device.type == "cuda")
+                flat = packed.buffer.to(self._device, non_blocking=True)  # one copy for the whole adapter
                 for path, layer in self.layers.items():
                     at = packed.index.get(path)
                     if at is None:
