@@ -4,22 +4,23 @@ The HF model supplies the modules (embeddings, norms, rotary embedding and the p
 plain, bitsandbytes 4-bit or LoRA-wrapped); this file owns attention and the KV cache so that rows of
 different lengths can share one decode step without reallocating or copying the cache.
 
-KV cache: per layer k, v: [slots, kv_heads, max_len, head_dim]. A row owns one slot from admission
-to finish. Nothing is moved per step: decode writes one position per row and attends over
-cache[slots, :, :max_pos] with a length mask.
+KV cache: k, v: [layers, slots, kv_heads, max_len, head_dim], one tensor each (a row's keys in every
+layer are one view); k_cache[i], v_cache[i] are layer i's [slots, kv_heads, max_len, head_dim]. A row
+owns one slot from admission to finish. Nothing is moved per step: decode writes one position per row
+and attends over cache[slots, :, :max_pos] with a length mask.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from mygpt.engine.graphs import StaticDecoder
-from mygpt.lora.layers import set_rows, wrap_model
+from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -94,9 +95,10 @@ class ModelRunner:
         self._layers = list(self._inner.layers)
         s = self.shape
         # one slot more than handed out: static decode steps park their padding rows there
-        cache_shape = (num_slots + 1, s.num_kv_heads, max_len, s.head_dim)
-        self.k_cache = [_zeros(cache_shape, dtype, self.device) for _ in range(s.num_layers)]
-        self.v_cache = [_zeros(cache_shape, dtype, self.device) for _ in range(s.num_layers)]
+        cache_shape = (s.num_layers, num_slots + 1, s.num_kv_heads, max_len, s.head_dim)
+        self._k_all = _zeros(cache_shape, dtype, self.device)
+        self._v_all = _zeros(cache_shape, dtype, self.device)
+        self.k_cache, self.v_cache = list(self._k_all.unbind(0)), list(self._v_all.unbind(0))
         # the logits GEMV reads the whole [vocab, hidden] matrix every step: a bfloat16 copy halves
         # the bytes (measured 4x faster on the 2-core CPU); None computes in the model's dtype
         head = model.lm_head.weight
@@ -113,6 +115,9 @@ class ModelRunner:
             self.lora_batch, self.lora_layers = wrap_model(
                 model, max_loras, max_lora_rank, dtype, self.device
             )
+        # q/k/v and gate/up each run as one product (base and LoRA), o and down on plain tensors
+        # (lora/layers.py FusedLinear)
+        self._proj = [_Projections.of(layer) for layer in self._layers]
         # decode-only steps at bucketed static shapes (graphs.py): captured as CUDA graphs on a GPU
         # (cuda_graphs), or run eagerly (static_decode: the same code path, for tests on a CPU)
         self.decoder: StaticDecoder | None = None
@@ -140,6 +145,12 @@ class ModelRunner:
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, N]
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, N]
         plan = _AttentionPlan.build(decode, chunks, self.device)
+        if self.exact_attention:  # each decode row's keys and values, every layer: [L, 1, Hkv, len, hd]
+            plan.row_kv = [
+                (self._k_all[:, r.slot : r.slot + 1, :, : r.position + 1],
+                 self._v_all[:, r.slot : r.slot + 1, :, : r.position + 1])
+                for r in decode
+            ]  # fmt: skip
         try:
             hidden = self._forward(ids, pos, plan)[0]  # [N, hidden]
         finally:  # the wrapped layers are the model's own: leave no adapter mask behind
@@ -188,14 +199,18 @@ class ModelRunner:
             x = self._attention(i, layer.self_attn, layer.input_layernorm(hidden), cos, sin, plan)
             hidden = residual + x
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            proj = self._proj[i]
+            if proj.gate_up is None:
+                hidden = residual + layer.mlp(x)
+            else:  # the Llama MLP: down(act(gate(x)) * up(x))
+                gate, up = proj.gate_up(x)
+                hidden = residual + proj.down(layer.mlp.act_fn(gate) * up)[0]
         return self._inner.norm(hidden)
 
     def _attention(self, i, attn, x, cos, sin, plan: _AttentionPlan) -> torch.Tensor:
         n, hd = x.shape[1], self.shape.head_dim
-        q = attn.q_proj(x).view(n, -1, hd)  # [N, H, hd]
-        k = attn.k_proj(x).view(n, -1, hd)
-        v = attn.v_proj(x).view(n, -1, hd)
+        q, k, v = (t.view(n, -1, hd) for t in self._proj[i].qkv(x))  # [N, H or Hkv, hd]
         if hasattr(attn, "q_norm"):  # qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
@@ -206,13 +221,18 @@ class ModelRunner:
         gqa = self.shape.num_kv_heads != self.shape.num_heads
         outs = []
         if plan.num_decode and self.exact_attention:  # each row alone over its own length: no padding
-            for r, row in enumerate(plan.decode):
-                end = row.position + 1
-                out = F.scaled_dot_product_attention(
-                    q[r : r + 1, :, None, :], kc[row.slot : row.slot + 1, :, :end].to(q.dtype),
-                    vc[row.slot : row.slot + 1, :, :end].to(q.dtype), scale=attn.scaling, enable_gqa=gqa,
-                )  # fmt: skip
-                outs.append(out.reshape(1, -1))
+            bd, same = plan.num_decode, kc.dtype == q.dtype
+            rows = [
+                F.scaled_dot_product_attention(
+                    qr,
+                    kr[i] if same else kr[i].to(q.dtype),
+                    vr[i] if same else vr[i].to(q.dtype),
+                    scale=attn.scaling,
+                    enable_gqa=gqa,
+                )
+                for qr, (kr, vr) in zip(q[:bd, None, :, None, :].unbind(0), plan.row_kv, strict=True)
+            ]  # each [1, H, 1, hd]
+            outs.append(torch.cat(rows).view(bd, -1))
         elif plan.num_decode:  # q: [Bd, H, 1, hd] over each row's cache, length-masked
             bd, end = plan.num_decode, plan.decode_end
             keys, values = kc[plan.decode_rows, :, :end], vc[plan.decode_rows, :, :end]
@@ -233,7 +253,7 @@ class ModelRunner:
                 qc, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
             )
             outs.append(out[0].transpose(0, 1).reshape(hi - lo, -1))
-        return attn.o_proj(torch.cat(outs)[None] if len(outs) > 1 else outs[0][None])
+        return self._proj[i].o(torch.cat(outs)[None] if len(outs) > 1 else outs[0][None])[0]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.to(self._lm_head.dtype), self._lm_head).float()
@@ -269,6 +289,7 @@ class _AttentionPlan:
     chunk_masks: list[torch.Tensor]  # bool [1, 1, c, end]: causal with the chunk's offset
     slot_t: torch.Tensor  # [N] cache slot of every token
     pos_t: torch.Tensor  # [N] position of every token
+    row_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # exact attention's views
 
     @staticmethod
     def build(decode: list[DecodeRow], chunks: list[PrefillChunk], device) -> _AttentionPlan:
@@ -302,6 +323,24 @@ class _AttentionPlan:
             chunks=chunks, chunk_offsets=offsets, chunk_masks=masks,
             slot_t=torch.tensor(slots, device=device), pos_t=torch.tensor(positions, device=device),
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Projections:
+    """One decoder layer's projections as the runner calls them."""
+
+    qkv: FusedLinear
+    o: FusedLinear
+    gate_up: FusedLinear | None  # None (not a Llama-style MLP): the MLP runs as the model wrote it
+    down: FusedLinear | None
+
+    @staticmethod
+    def of(layer: torch.nn.Module) -> _Projections:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, o = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj]), FusedLinear([attn.o_proj])
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return _Projections(qkv, o, None, None)
+        return _Projections(qkv, o, FusedLinear([mlp.gate_proj, mlp.up_proj]), FusedLinear([mlp.down_proj]))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ class AdapterCache:
         self._lock = threading.Lock()  # for snapshot() from other threads
         self.on_load: Callable[[float], None] | None = None  # seconds each load took (metrics)
         first = next(iter(layers.values()), None)  # every slot buffer has one device and dtype
-        self._device, self._dtype = (first.lora_a.device, first.lora_a.dtype) if first else (None, None)
+        self._device, self._dtype = (first.lora_at.device, first.lora_at.dtype) if first else (None, None)
 
     @property
     def resident(self) -> list[str]:

@@ -1,23 +1,32 @@
 """Per-row LoRA on unmerged (4-bit) base layers: every adapter in the batch in two batched matmuls.
 
-All resident adapters of one module are stacked: A_all [S*R, in] and B_all^T [S*R, out] (slot s owns
-rows s*R..s*R+R, zero-padded past its rank; zeros where the adapter skips the module), viewed as
-[S, R, in] and [S, R, out] without a copy. A step's tokens are grouped by slot into [S, M, in]
+All resident adapters of one module are stacked: A_all^T [S, in, R] and B_all^T [S, R, out] (slot s
+owns index s, its rank's columns/rows first and zeros past them; zeros where the adapter skips the
+module). A step's tokens are grouped by slot into [S, M, in]
 (M = most tokens on one slot; padding rows are zeroed), then
 
     h = bmm(x_grouped, A^T) [S, M, R]    o = bmm(h, B^T) [S, M, out]    y[t] = base(x)[t] + o[slot(t), j(t)]
+
 
 One bmm pair per projection for any mix of adapters, ranks (zero-padded to R) and target modules (zero
 blocks): no loop over adapters, no global set_adapter, no weights copied. Its cost is S*M token-slots,
 never more than a dense mask over all slots (N*S) and equal to one adapter's when the tokens spread
 evenly (measured: docs/benchmarks.md).
+
+Projections that read the same input (q/k/v; gate/up) run as one FusedLinear: one base product where
+the base weights can be concatenated, and one A product over the parts' A^T side by side
+[S, in, P*R]; the B products stay one per part (a block-diagonal B measured slower on the CPU and
+costs P times the memory). Per layer: 4 base products and 11 LoRA products instead of 7 and 14 (on the
+2-core CPU each small call costs more in overhead than in arithmetic: docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,42 +53,144 @@ class LoRALinear(nn.Module):
         self.batch = batch
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank = max_rank
+        # A^T [S, in, R] and B^T [S, R, out]; a FusedLinear makes lora_at a view of its own A^T
         self.register_buffer(
-            "lora_a", torch.zeros(num_slots * max_rank, self.in_features, dtype=dtype, device=device)
+            "lora_at", torch.zeros(num_slots, self.in_features, max_rank, dtype=dtype, device=device)
         )
-        self.register_buffer(  # B transposed: a slot is a block of rows, a prefix of slots is contiguous
-            "lora_bt", torch.zeros(num_slots * max_rank, self.out_features, dtype=dtype, device=device)
+        self.register_buffer(
+            "lora_bt", torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        b = self.batch
-        if not b.slots:
-            return y
-        s, r, width = b.slots, self.rank, b.slots * self.rank
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != self.lora_a.dtype:
-            x2 = x2.to(self.lora_a.dtype)
-        if b.gather is not None:  # tokens into [S, M] slot groups (index_select: far cheaper than x[idx])
-            x2 = x2.index_select(0, b.gather)
-        a = self.lora_a[:width].view(s, r, self.in_features)
-        h = torch.bmm(x2.view(s, -1, self.in_features), a.transpose(1, 2))  # [S, M, R]
-        if b.valid is not None:
-            h.mul_(b.valid)  # padding rows contribute nothing
-        o = torch.bmm(h, self.lora_bt[:width].view(s, r, self.out_features)).view(-1, self.out_features)
-        if b.scatter is not None:
-            o = o.index_select(0, b.scatter)
-        return y.add_(o.view(y.shape).to(y.dtype))  # y is the base layer's fresh output
+        o = lora_delta(self.batch, x, self.lora_at, [self.lora_bt])
+        if o is not None:
+            y.add_(o[0].view(y.shape).to(y.dtype))  # y is the base layer's fresh output
+        return y
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Writes one adapter's A [r, in] and B [out, r] into `slot` (None: zeros)."""
-        rows = slice(slot * self.rank, (slot + 1) * self.rank)
-        self.lora_a[rows].zero_()
-        self.lora_bt[rows].zero_()
+        self.lora_at[slot].zero_()
+        self.lora_bt[slot].zero_()
         if a is not None:
             r = a.shape[0]
-            self.lora_a[slot * self.rank : slot * self.rank + r].copy_(a)
-            self.lora_bt[slot * self.rank : slot * self.rank + r].copy_(b.T)
+            self.lora_at[slot, :, :r].copy_(a.T)
+            self.lora_bt[slot, :r].copy_(b.T)
+
+
+def lora_delta(
+    b: LoRABatch, x: torch.Tensor, at_all: torch.Tensor, bts: list[torch.Tensor]
+) -> list[torch.Tensor] | None:
+    """The LoRA terms [N, out_p] of every token of x [..., in] for each of P projections that read x
+    (None: no token uses an adapter), from their A^T side by side, at_all [slots, in, P*R], and each
+    one's B^T [slots, R, out_p]."""
+    if not b.slots:
+        return None
+    s, d_in = b.slots, at_all.shape[1]
+    x2 = x.reshape(-1, d_in)
+    if x2.dtype != at_all.dtype:
+        x2 = x2.to(at_all.dtype)
+    if b.gather is not None:  # tokens into [S, M] slot groups (index_select: far cheaper than x[idx])
+        x2 = x2.index_select(0, b.gather)
+    h = torch.bmm(x2.view(s, -1, d_in), at_all[:s])  # [S, M, P*R]
+    if b.valid is not None:
+        h.mul_(b.valid)  # padding rows contribute nothing
+    outs, col = [], 0
+    for bt in bts:
+        r, d_out = bt.shape[1:]
+        o = torch.bmm(h[..., col : col + r] if len(bts) > 1 else h, bt[:s]).view(-1, d_out)
+        outs.append(o if b.scatter is None else o.index_select(0, b.scatter))
+        col += r
+    return outs
+
+
+class FusedLinear(nn.Module):
+    """Projections that read the same input (q/k/v, gate/up) as one module: forward returns the parts'
+    outputs, in order. The parts stay usable on their own and share this module's memory."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.sizes = [p.out_features for p in parts]
+        self.in_features = parts[0].in_features
+        self._bases = [p.base if isinstance(p, LoRALinear) else p for p in parts]
+        self._fused_base = concat_base(self._bases)
+        self.batch: LoRABatch | None = None
+        self._bts: list[torch.Tensor] = []
+        if all(isinstance(p, LoRALinear) for p in parts):
+            first = parts[0]
+            self.batch = first.batch
+            r = first.lora_at.shape[2]
+            at_all = torch.cat([p.lora_at for p in parts], dim=2)  # [S, in, P*R]
+            for i, p in enumerate(parts):
+                p.lora_at = at_all[:, :, i * r : (i + 1) * r]  # set_slot on a part writes here
+            self.register_buffer("lora_at", at_all)
+            self._bts = [p.lora_bt for p in parts]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        deltas = lora_delta(self.batch, x, self.lora_at, self._bts) if self.batch is not None else None
+        if self._fused_base is not None:
+            outs = list(self._fused_base(x).split(self.sizes, dim=-1))
+        else:
+            outs = [base(x) for base in self._bases]
+        if deltas is not None:
+            for y, o in zip(outs, deltas, strict=True):
+                y.add_(o.view(y.shape).to(y.dtype))  # a fresh output (or a column block of one)
+        return outs
+
+
+def concat_base(bases: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """One product for base projections that read the same input: plain Linear layers (weights
+    concatenated), or bitsandbytes 4-bit layers in its CPU layout (packed weights and scales
+    concatenated; each output is computed exactly as by its own layer). The layers' weights become
+    views of the concatenation (no second copy). None where the weights cannot be concatenated (the
+    GPU 4-bit layout, mixed kinds): the caller runs the layers one by one."""
+    first = bases[0]
+    if all(type(b) is nn.Linear for b in bases):
+        w = torch.cat([b.weight.detach() for b in bases])
+        bias = None
+        if all(b.bias is not None for b in bases):
+            bias = torch.cat([b.bias.detach() for b in bases])
+        elif any(b.bias is not None for b in bases):
+            return None
+        _share_rows(bases, w, bias)
+        return lambda x: F.linear(x, w, bias)
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return None
+    if not all(type(b) is Linear4bit and b.bias is None and b.weight.device.type == "cpu" for b in bases):
+        return None
+    with torch.no_grad():  # bitsandbytes moves a layer's weight to its CPU layout on its first forward
+        for b in bases:
+            b(torch.zeros(1, b.in_features, dtype=b.compute_dtype or torch.float32))
+    states = [b.weight.quant_state for b in bases]
+    if not all(getattr(q, "packing_format_for_cpu", False) for q in states) or any(
+        q.blocksize != states[0].blocksize or not torch.equal(q.code, states[0].code) for q in states
+    ):
+        return None
+    w = torch.cat([b.weight.data for b in bases])  # [sum out, in / 2], rows in blocks of 32 outputs
+    absmax = torch.cat([q.absmax for q in states], dim=1).contiguous()  # [in / blocksize, sum out]
+    shape = torch.Size([w.shape[0], first.in_features])
+    code, blocksize, compute = states[0].code, states[0].blocksize, first.compute_dtype or torch.float32
+    _share_rows(bases, w, None)
+    gemm = torch.ops.bitsandbytes.gemv_4bit.default
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # as Linear4bit.forward: compute dtype, the kernel's bf16, back
+        x2 = x.reshape(-1, x.shape[-1]).to(compute).to(torch.bfloat16)
+        y = gemm(x2, w, shape, absmax, code, blocksize)
+        return y.to(compute).to(x.dtype).view(*x.shape[:-1], shape[0])
+
+    return run
+
+
+def _share_rows(bases: list[nn.Module], w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    row = 0
+    for b in bases:
+        n = b.weight.shape[0]
+        b.weight.data = w[row : row + n]
+        if bias is not None:
+            b.bias.data = bias[row : row + n]
+        row += n
 
 
 def wrap_model(
