@@ -85,3 +85,18 @@ def test_one_step_mixing_decode_rows_and_prefill_chunks_matches_hf(model_type):
     torch.testing.assert_close(dec[0], ref_a[len(a)], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(last[0], ref_b[-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(last[1], ref_c[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_shortcut_is_bit_exact(dtype):
+    """The runner's one-op RMSNorm gives the model's own module's bits (in bfloat16 it is the module)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from mygpt.engine.runner import _norm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(96).to(dtype)
+    for scale in (1e-3, 1.0, 50.0):
+        x = (torch.randn(7, 96) * scale).to(dtype)
+        assert torch.equal(_norm(norm, x), norm(x))

@@ -195,26 +195,33 @@ class ModelRunner:
         cos, sin = self._inner.rotary_emb(hidden, position_ids=position_ids)  # [1, N, hd]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, hd]: broadcast over heads
         for i, layer in enumerate(self._layers):
+            proj = self._proj[i]
             residual = hidden
-            x = self._attention(i, layer.self_attn, layer.input_layernorm(hidden), cos, sin, plan)
+            x = self._attention(i, layer.self_attn, _norm(layer.input_layernorm, hidden), cos, sin, plan)
             hidden = residual + x
             residual = hidden
-            x = layer.post_attention_layernorm(hidden)
-            proj = self._proj[i]
+            x = _norm(layer.post_attention_layernorm, hidden)
             if proj.gate_up is None:
                 hidden = residual + layer.mlp(x)
             else:  # the Llama MLP: down(act(gate(x)) * up(x))
                 gate, up = proj.gate_up(x)
                 hidden = residual + proj.down(layer.mlp.act_fn(gate) * up)[0]
-        return self._inner.norm(hidden)
+        return _norm(self._inner.norm, hidden)
 
     def _attention(self, i, attn, x, cos, sin, plan: _AttentionPlan) -> torch.Tensor:
-        n, hd = x.shape[1], self.shape.head_dim
-        q, k, v = (t.view(n, -1, hd) for t in self._proj[i].qkv(x))  # [N, H or Hkv, hd]
-        if hasattr(attn, "q_norm"):  # qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        n, hd, heads = x.shape[1], self.shape.head_dim, self.shape.num_heads
+        qkv = self._proj[i].qkv
+        y = None if hasattr(attn, "q_norm") else qkv.joined(x)
+        if y is not None:  # q and k side by side: one rotary embedding for both
+            qk = y[0, :, : (heads + self.shape.num_kv_heads) * hd].view(n, -1, hd)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k, v = qk[:, :heads], qk[:, heads:], y[0, :, qk.shape[1] * hd :].view(n, -1, hd)
+        else:
+            q, k, v = (t.view(n, -1, hd) for t in qkv(x))  # [N, H or Hkv, hd]
+            if hasattr(attn, "q_norm"):  # qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
         kc, vc = self.k_cache[i], self.v_cache[i]
         kc[plan.slot_t, :, plan.pos_t] = k.to(kc.dtype)  # write every token's key/value: [N, Hkv, hd]
         vc[plan.slot_t, :, plan.pos_t] = v.to(vc.dtype)
@@ -341,6 +348,15 @@ class _Projections:
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return _Projections(qkv, o, None, None)
         return _Projections(qkv, o, FusedLinear([mlp.gate_proj, mlp.up_proj]), FusedLinear([mlp.down_proj]))
+
+
+def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A model's RMSNorm; in float32 as torch's one rms_norm op, bit for bit the same as HF's
+    eight-op module (not so in bfloat16 or float16: those run the module)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if x.dtype == torch.float32 and eps is not None and type(norm).__name__.endswith("RMSNorm"):
+        return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
+    return norm(x)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         o = lora_delta(self.batch, x, self.lora_at, [self.lora_bt])
         if o is not None:
-            y.add_(o[0].view(y.shape).to(y.dtype))  # y is the base layer's fresh output
+            _add(y, o[0])  # y is the base layer's fresh output
         return y
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
@@ -128,15 +128,32 @@ class FusedLinear(nn.Module):
             self._bts = [p.lora_bt for p in parts]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        deltas = lora_delta(self.batch, x, self.lora_at, self._bts) if self.batch is not None else None
-        if self._fused_base is not None:
-            outs = list(self._fused_base(x).split(self.sizes, dim=-1))
-        else:
-            outs = [base(x) for base in self._bases]
-        if deltas is not None:
-            for y, o in zip(outs, deltas, strict=True):
-                y.add_(o.view(y.shape).to(y.dtype))  # a fresh output (or a column block of one)
+        y = self.joined(x)
+        if y is not None:
+            return list(y.split(self.sizes, dim=-1))
+        outs = [base(x) for base in self._bases]
+        if self.batch is not None and (deltas := lora_delta(self.batch, x, self.lora_at, self._bts)):
+            for out, o in zip(outs, deltas, strict=True):
+                _add(out, o)
         return outs
+
+    def joined(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The parts' outputs side by side in one tensor [..., sum of out], where the base runs as one
+        product (None otherwise: call forward)."""
+        if self._fused_base is None:
+            return None
+        y = self._fused_base(x)
+        if self.batch is not None and (deltas := lora_delta(self.batch, x, self.lora_at, self._bts)):
+            col = 0
+            for size, o in zip(self.sizes, deltas, strict=True):
+                _add(y[..., col : col + size], o)
+                col += size
+        return y
+
+
+def _add(y: torch.Tensor, o: torch.Tensor) -> None:
+    """y += o, o [N, out] being the LoRA term of y's N tokens (y: a fresh output or a block of one)."""
+    y.add_(o.view(y.shape) if o.dtype == y.dtype else o.view(y.shape).to(y.dtype))
 
 
 def concat_base(bases: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -177,9 +194,11 @@ def concat_base(bases: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor
     gemm = _bnb_cpu_kernel(w, absmax, shape, code, blocksize)
 
     def run(x: torch.Tensor) -> torch.Tensor:  # as Linear4bit.forward: compute dtype, the kernel's bf16, back
-        x2 = x.reshape(-1, x.shape[-1]).to(compute).to(torch.bfloat16)
-        y = gemm(x2)
-        return y.to(compute).to(x.dtype).view(*x.shape[:-1], shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != compute:
+            x2 = x2.to(compute)
+        y = gemm(x2.to(torch.bfloat16)).to(compute)
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], shape[0])
 
     return run
 
@@ -210,7 +229,8 @@ def _bnb_cpu_kernel(
     fixed = (c(shape[0]), c(shape[1]), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(absmax.data_ptr()))
 
     def call(x: torch.Tensor, keep=keep) -> torch.Tensor:
-        x = x.contiguous()
+        if not x.is_contiguous():
+            x = x.contiguous()
         y = torch.empty(x.shape[0], shape[0], dtype=torch.bfloat16)
         n, k, w_at, absmax_at = fixed
         entry(c(x.shape[0]), n, k, ctypes.c_void_p(x.data_ptr()), w_at, absmax_at, ctypes.c_void_p(y.data_ptr()),
