@@ -2,8 +2,8 @@
 """CPU benchmark of the default model, every server through the same harness (`mygpt bench`), in one
 run: mygpt (NF4 and float32; base, 1 adapter, 4 adapters), the naive baseline (transformers
 generate() + peft, one request at a time, same NF4 base and adapters) and llama-cpp-python's OpenAI
-server on the same GGUF. All servers are up at once, idle unless measured; the run goes in rounds,
-each scenario once per round, one at a time. Each figure is the median of its rounds; issue 3's
+server on the same GGUF. The run goes in rounds: each round starts every server (all up at once, idle
+unless measured) and runs each scenario once, one at a time. Each figure is the median of its rounds; issue 3's
 ratios are taken per round (mygpt over the same round's baseline) and their median is reported.
 Prints a table, writes docs/bench/cpu.json and docs/bench/cpu.png.
 
@@ -93,7 +93,7 @@ def main() -> None:
         "--adapter-dir",
         str(store),
     ]
-    # name: (command, port, readiness path); every server is up for the whole run, idle when not measured
+    # name: (command, port, readiness path); every server is up for the whole round, idle when not measured
     servers = {
         "mygpt nf4": ([*serve, "--port", "8301", "--quantization", "nf4"], 8301, "/ready"),
         "mygpt f32": ([*serve, "--port", "8303", "--quantization", "none"], 8303, "/ready"),
@@ -135,24 +135,24 @@ def main() -> None:
             scenarios.append(
                 Scenario("llama-cpp-python Q4_1", v1("llama-cpp-python Q4_1"), [gguf], conc, conc * 2)
             )
-    procs = []
-    try:
-        for name, (cmd, port, ready) in servers.items():
-            procs.append(
-                start(cmd, f"http://127.0.0.1:{port}{ready}", ART / f"bench-{name.replace(' ', '-')}.log")
-            )
-        # rounds, not one scenario after another: the machine's speed drifts over minutes, and a
-        # baseline measured in the same round as what it is compared with drifts with it
-        for r in range(args.repeat):
+    # rounds, not one scenario after another: the machine's speed drifts over minutes, and a baseline
+    # measured in the same round as what it is compared with drifts with it. Every round starts the
+    # servers afresh: one process can run 10-20% slower than the next on this machine, for its life
+    for r in range(args.repeat):
+        procs = []
+        try:
+            for name, (cmd, port, ready) in servers.items():
+                log = ART / f"bench-{name.replace(' ', '-')}.log"
+                procs.append(start(cmd, f"http://127.0.0.1:{port}{ready}", log))
             for sc in scenarios:
                 result = asyncio.run(
                     run_bench(sc.url, sc.models, sc.concurrency, sc.requests, args.max_tokens, 32, sc.label, extra_body=NO_EOS)
                 )  # fmt: skip
                 sc.runs.append(result)
                 print(f"round {r + 1}: {format_table([result]).splitlines()[-1]}", flush=True)
-    finally:
-        for proc in procs:
-            stop(proc)
+        finally:
+            for proc in procs:
+                stop(proc)
     results = []
     for sc in scenarios:
         result = median_of(sc.runs)
