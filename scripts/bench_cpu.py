@@ -2,10 +2,10 @@
 """CPU benchmark of the default model, every server through the same harness (`mygpt bench`), in one
 run: mygpt (NF4 and float32; base, 1 adapter, 4 adapters), the naive baseline (transformers
 generate() + peft, one request at a time, same NF4 base and adapters) and llama-cpp-python's OpenAI
-server on the same GGUF. The run goes in rounds: each round starts every server (all up at once, idle
-unless measured) and runs each scenario once, one at a time. Each figure is the median of its rounds; issue 3's
-ratios are taken per round (mygpt over the same round's baseline) and their median is reported.
-Prints a table, writes docs/bench/cpu.json and docs/bench/cpu.png.
+server on the same GGUF. The run goes in rounds: each round starts every server (all up at once,
+idle unless measured) and runs each scenario once, one at a time. Each figure is the median of its
+rounds; issue 3's ratios are taken per round (mygpt over the same round's baseline), and their
+median is reported. Prints a table, writes docs/bench/cpu.json and docs/bench/cpu.png.
 
     .venv/bin/python scripts/bench_cpu.py --llama-cpp-python /path/to/venv/bin/python
 """

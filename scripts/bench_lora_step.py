@@ -29,12 +29,24 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class OneByOne:
+    """A FusedLinear's interface over layers called one by one (their LoRALinear and Linear4bit)."""
+
+    def __init__(self, *layers):
+        self.layers = layers
+
+    def __call__(self, x):
+        return [layer(x) for layer in self.layers]
+
+    def joined(self, x):
+        return None
+
+
 def unfused(layer) -> _Projections:
-    """The same layer with every projection called on its own (its LoRALinear and Linear4bit)."""
     attn, mlp = layer.self_attn, layer.mlp
     return _Projections(
-        lambda x: [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], lambda x: [attn.o_proj(x)],
-        lambda x: [mlp.gate_proj(x), mlp.up_proj(x)], lambda x: [mlp.down_proj(x)],
+        OneByOne(attn.q_proj, attn.k_proj, attn.v_proj), OneByOne(attn.o_proj),
+        OneByOne(mlp.gate_proj, mlp.up_proj), OneByOne(mlp.down_proj),
     )  # fmt: skip
 
 
