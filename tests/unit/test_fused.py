@@ -116,3 +116,10 @@ def test_fused_lora_equals_each_token_alone(slots):
                     want = want + x[0, t] @ a.T @ b.T
                 torch.testing.assert_close(got[p][0, t], want, atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(alone[p][t], want, atol=1e-5, rtol=1e-5)
+
+
+def test_parts_must_all_carry_adapter_slots_or_none():
+    batch = LoRABatch()
+    wrapped = LoRALinear(nn.Linear(12, 8), batch, num_slots=2, max_rank=4, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="every part"):
+        FusedLinear([wrapped, nn.Linear(12, 8)])

@@ -352,7 +352,8 @@ class _Projections:
 
 def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A model's RMSNorm; in float32 as torch's one rms_norm op, bit for bit the same as HF's
-    eight-op module (not so in bfloat16 or float16: those run the module)."""
+    eight-op module on the CPU (tested; on CUDA torch may fuse it: equal within rounding). bfloat16
+    and float16 run the module: there the op rounds differently."""
     eps = getattr(norm, "variance_epsilon", None)
     if x.dtype == torch.float32 and eps is not None and type(norm).__name__.endswith("RMSNorm"):
         return F.rms_norm(x, norm.weight.shape, norm.weight, eps)

@@ -117,7 +117,10 @@ class FusedLinear(nn.Module):
         self._fused_base = concat_base(self._bases)
         self.batch: LoRABatch | None = None
         self._bts: list[torch.Tensor] = []
-        if all(isinstance(p, LoRALinear) for p in parts):
+        wrapped = [isinstance(p, LoRALinear) for p in parts]
+        if any(wrapped) and not all(wrapped):
+            raise ValueError("FusedLinear: either every part carries adapter slots or none does")
+        if all(wrapped):
             first = parts[0]
             self.batch = first.batch
             r = first.lora_at.shape[2]
@@ -160,8 +163,11 @@ def concat_base(bases: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor
     """One product for base projections that read the same input: plain Linear layers (weights
     concatenated), or bitsandbytes 4-bit layers in its CPU layout (packed weights and scales
     concatenated; each output is computed exactly as by its own layer). The layers' weights become
-    views of the concatenation (no second copy). None where the weights cannot be concatenated (the
-    GPU 4-bit layout, mixed kinds): the caller runs the layers one by one."""
+    views of the concatenation (no second copy; the 4-bit scales, 1/16 of the packed bytes at block
+    size 64, are kept twice: each layer's own call needs them contiguous). None where the weights
+    cannot be concatenated (the GPU 4-bit layout, mixed kinds or compute dtypes): the caller runs the
+    layers one by one. The layers must stay where they are afterwards (no .to(), no second runner
+    with adapters over the same model: the fused tensors would no longer be theirs)."""
     first = bases[0]
     if all(type(b) is nn.Linear for b in bases):
         w = torch.cat([b.weight.detach() for b in bases])
@@ -177,6 +183,8 @@ def concat_base(bases: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor
     except ImportError:
         return None
     if not all(type(b) is Linear4bit and b.bias is None and b.weight.device.type == "cpu" for b in bases):
+        return None
+    if len({b.compute_dtype for b in bases}) > 1:
         return None
     with torch.no_grad():  # bitsandbytes moves a layer's weight to its CPU layout on its first forward
         for b in bases:
@@ -216,7 +224,8 @@ def _bnb_cpu_kernel(
         from bitsandbytes.cextension import lib
 
         fp4 = bool(code[1] > 0)  # bitsandbytes' own test for the quant type
-        entry = getattr(lib, f"gemv_4bit_inference_cpu_{'fp4' if fp4 else 'nf4'}_bf16")
+        # the library itself, not bitsandbytes' wrapper (which turns a missing symbol into a stub)
+        entry = getattr(lib._lib, f"gemv_4bit_inference_cpu_{'fp4' if fp4 else 'nf4'}_bf16", None)
         if getattr(cpu_ops, "gemm_4bit_forward_kernel", None) is not None:
             entry = None  # bitsandbytes found a faster kernel: its op uses that
     except (ImportError, AttributeError, RuntimeError):
@@ -224,17 +233,18 @@ def _bnb_cpu_kernel(
     if entry is None or w.dtype != torch.uint8 or absmax.dtype != torch.bfloat16:
         return lambda x: op(x, w, shape, absmax, code, blocksize)
     c = ctypes.c_int64
-    # the raw pointers below are only valid while w and absmax live: `keep` holds them with the closure
-    keep = (w, absmax)
-    fixed = (c(shape[0]), c(shape[1]), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(absmax.data_ptr()))
+    n, k, bs = c(shape[0]), c(shape[1]), c(blocksize)
 
-    def call(x: torch.Tensor, keep=keep) -> torch.Tensor:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or w.device.type != "cpu":
+            raise RuntimeError("bitsandbytes' CPU 4-bit kernel got a tensor off the CPU")
         if not x.is_contiguous():
             x = x.contiguous()
         y = torch.empty(x.shape[0], shape[0], dtype=torch.bfloat16)
-        n, k, w_at, absmax_at = fixed
-        entry(c(x.shape[0]), n, k, ctypes.c_void_p(x.data_ptr()), w_at, absmax_at, ctypes.c_void_p(y.data_ptr()),
-              c(blocksize), c(x.stride(0)), c(y.stride(0)))  # fmt: skip
+        # pointers read on every call (w and absmax live in this closure; their storage could move)
+        entry(c(x.shape[0]), n, k, ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w.data_ptr()),
+              ctypes.c_void_p(absmax.data_ptr()), ctypes.c_void_p(y.data_ptr()), bs, c(x.stride(0)),
+              c(y.stride(0)))  # fmt: skip
         return y
 
     return call
