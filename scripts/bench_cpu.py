@@ -76,6 +76,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench" / "cpu.json"))
+    p.add_argument(
+        "--only", action="append", help="run only the scenarios whose label contains this (repeatable)"
+    )
     args = p.parse_args()
     ART.mkdir(exist_ok=True)
     checkpoint = convert_gguf(default_gguf_path(), ART / "cache")
@@ -135,6 +138,9 @@ def main() -> None:
             scenarios.append(
                 Scenario("llama-cpp-python Q4_1", v1("llama-cpp-python Q4_1"), [gguf], conc, conc * 2)
             )
+    if args.only:
+        scenarios = [sc for sc in scenarios if any(o in sc.label for o in args.only)]
+    servers = {name: spec for name, spec in servers.items() if any(sc.url == v1(name) for sc in scenarios)}
     # rounds, not one scenario after another: the machine's speed drifts over minutes, and a baseline
     # measured in the same round as what it is compared with drifts with it. Every round starts the
     # servers afresh: one process can run 10-20% slower than the next on this machine, for its life
