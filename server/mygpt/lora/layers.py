@@ -135,9 +135,7 @@ class FusedLinear(nn.Module):
         if y is not None:
             return list(y.split(self.sizes, dim=-1))
         outs = [base(x) for base in self._bases]
-        if self.batch is not None and (deltas := lora_delta(self.batch, x, self.lora_at, self._bts)):
-            for out, o in zip(outs, deltas, strict=True):
-                _add(out, o)
+        self._add_lora(x, outs)
         return outs
 
     def joined(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -146,12 +144,13 @@ class FusedLinear(nn.Module):
         if self._fused_base is None:
             return None
         y = self._fused_base(x)
-        if self.batch is not None and (deltas := lora_delta(self.batch, x, self.lora_at, self._bts)):
-            col = 0
-            for size, o in zip(self.sizes, deltas, strict=True):
-                _add(y[..., col : col + size], o)
-                col += size
+        self._add_lora(x, y.split(self.sizes, dim=-1))  # column blocks: added in place into y
         return y
+
+    def _add_lora(self, x: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        if self.batch is not None and (deltas := lora_delta(self.batch, x, self.lora_at, self._bts)):
+            for out, o in zip(outs, deltas, strict=True):
+                _add(out, o)
 
 
 def _add(y: torch.Tensor, o: torch.Tensor) -> None:
