@@ -17,6 +17,7 @@ from mygpt.api.errors import APIError
 from mygpt.config import Settings
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.engine import Engine
+from mygpt.engine.guided import Grammars
 from mygpt.engine.loader import LoadedModel, load_model
 from mygpt.engine.naive import NaiveEngine
 from mygpt.engine.runner import ModelRunner
@@ -118,8 +119,15 @@ class ServerState:
                 engine.start()
                 limits = ChatLimits(context, s.max_n, s.max_stop_sequences)
                 self.loaded, self.engine, self.registry = loaded, engine, registry
+                grammars = Grammars(loaded.tokenizer, loaded.model.config.vocab_size)  # the logits' width
                 self.chat = ChatService(
-                    AsyncEngine(engine), loaded.tokenizer, loaded.name, limits, self.tenants, registry
+                    AsyncEngine(engine),
+                    loaded.tokenizer,
+                    loaded.name,
+                    limits,
+                    self.tenants,
+                    registry,
+                    grammars,
                 )
                 self._load_configured_adapters()
             if s.finetune:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Literal
 
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 MODEL = "SmolLM2-135M-Instruct"
 ASK = [{"role": "user", "content": "Name three colors of the rainbow."}]
@@ -191,3 +194,41 @@ def test_unknown_fields_are_ignored(default_server):
     }  # fmt: skip
     r = httpx.post(default_server.base_url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
+
+
+class Rainbow(BaseModel):
+    colors: list[Literal["red", "orange", "yellow", "green", "blue", "indigo", "violet"]] = Field(
+        max_length=3
+    )
+
+
+def test_structured_output_parses_into_the_callers_model(client):
+    """response_format json_schema, as the SDK's parse() sends it (strict, from a pydantic model)."""
+    r = client.chat.completions.parse(
+        model=MODEL, messages=ASK, response_format=Rainbow, temperature=0, max_completion_tokens=120
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(choice.message.parsed, Rainbow) and choice.message.parsed.colors
+
+
+def test_json_mode_streams_one_json_object(client):
+    ask = [
+        {"role": "user", "content": "Give me a JSON object with two keys, name and age, for Tom who is 3."}
+    ]
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=ask, temperature=0, max_tokens=120, stream=True,
+            response_format={"type": "json_object"},
+        )
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop", text
+    assert isinstance(json.loads(text), dict) and text.startswith("{")  # no ```json fence, no prose
+
+
+def test_an_invalid_schema_is_a_400_naming_response_format(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objekt"}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format=fmt)
+    assert err.value.body["param"] == "response_format" and "objekt" in err.value.body["message"]

@@ -89,7 +89,30 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
             {"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]},
             "tools",
         ),
-        ({"model": MODEL, "messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": MODEL, "messages": HI, "response_format": {"type": "yaml"}}, "response_format.type"),
+        (
+            {"model": MODEL, "messages": HI, "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": HI,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {}}},
+            },
+            "response_format.json_schema.name",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": HI,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"minimum": "a"}},
+                },
+            },
+            "response_format",
+        ),
         ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
         ({"model": MODEL, "messages": HI, "logit_bias": {"999999999": 1}}, "logit_bias"),
         ({"model": MODEL, "messages": HI, "presence_penalty": 3}, "presence_penalty"),

@@ -88,6 +88,24 @@ junk = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
+keyword = st.sampled_from(
+    ["type", "properties", "items", "required", "enum", "const", "minimum", "maxLength", "pattern", "anyOf",
+     "$ref", "$defs", "additionalProperties", "format", "minItems"]
+)  # fmt: skip
+json_type = st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null"])
+schema = st.recursive(  # JSON-Schema-like objects, valid or not: response_format json_schema
+    st.fixed_dictionaries({}, optional={"type": json_type | junk}),
+    lambda inner: st.dictionaries(
+        keyword,
+        inner
+        | json_type
+        | st.lists(inner, max_size=2)
+        | st.dictionaries(st.text(max_size=4), inner, max_size=2)
+        | junk,
+        max_size=3,
+    ),  # fmt: skip
+    max_leaves=6,
+)
 role = st.sampled_from(["system", "developer", "user", "assistant", "tool", "function"]) | junk
 content = (
     st.text(max_size=40)
@@ -122,6 +140,13 @@ OPTIONAL = {
     "presence_penalty": st.floats(-3, 3) | junk,
     "frequency_penalty": st.floats(-3, 3) | junk,
     "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"]) | junk})
+    | st.fixed_dictionaries(
+        {
+            "type": st.just("json_schema"),
+            "json_schema": st.fixed_dictionaries({"name": st.text(max_size=5) | junk, "schema": schema})
+            | junk,
+        }
+    )
     | junk,
     "tools": junk,
     "tool_choice": junk,

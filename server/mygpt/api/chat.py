@@ -30,6 +30,7 @@ from mygpt.api.protocol import (
     Usage,
 )
 from mygpt.engine.async_engine import AsyncEngine
+from mygpt.engine.guided import Grammar, GrammarError, Grammars
 from mygpt.engine.types import (
     AdapterRef,
     EngineNotRunning,
@@ -68,6 +69,7 @@ class ChatService:
         limits: ChatLimits,
         tenants: Tenants,
         adapters: AdapterRegistry | None = None,
+        grammars: Grammars | None = None,
     ):
         self.engine = engine
         self.tenants = tenants
@@ -76,6 +78,8 @@ class ChatService:
         self.model_name = model_name
         self.limits = limits
         self.vocab_size = len(tokenizer)
+        # structured outputs, compiled for the model's logits width (default: the tokenizer's size)
+        self.grammars = grammars or Grammars(tokenizer, self.vocab_size)
 
     # ------------------------------------------------------------------ request -> engine
     async def prepare(
@@ -87,13 +91,15 @@ class ChatService:
         adapter = await self.resolve_model(principal, req.model)
         self._refuse_unsupported(req)
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
+        grammar = await self._grammar(req)
 
         def params(prompt_len: int) -> SamplingParams:
             requested = req.max_completion_tokens or req.max_tokens  # A5: max_completion_tokens wins
             param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
             return self.sampling_params(
-                req, prompt_len, requested, param, "messages", bool(req.logprobs), req.top_logprobs or 0
-            )
+                req, prompt_len, requested, param, "messages", bool(req.logprobs), req.top_logprobs or 0,
+                grammar,
+            )  # fmt: skip
 
         return await self.admit(
             principal, req.model, adapter, lambda: self._render(messages), params, "chatcmpl", arrival
@@ -175,13 +181,33 @@ class ChatService:
             raise invalid("Tool calling is not supported by this server.", param="tools")
         if req.tool_choice not in (None, "none", "auto"):
             raise invalid("Tool calling is not supported by this server.", param="tool_choice")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise invalid(
-                f"response_format type '{req.response_format.type}' is not supported; only 'text'.",
-                param="response_format",
-            )
         if req.top_logprobs and not req.logprobs:
             raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
+
+    async def _grammar(self, req: ChatCompletionRequest) -> Grammar | None:
+        """The grammar of response_format (None for text), compiled off the event loop; 400 naming
+        response_format when the type is unknown or the schema cannot be compiled."""
+        fmt = req.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            schema, what = None, "response_format"
+        elif fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise invalid(
+                    "Missing required parameter: 'response_format.json_schema'.",
+                    param="response_format.json_schema",
+                )
+            schema, what = fmt.json_schema.schema_ or {}, f"response_format '{fmt.json_schema.name}'"
+        else:
+            raise invalid(
+                f"response_format type '{fmt.type}' is not supported; use 'text', 'json_object' or 'json_schema'.",
+                param="response_format.type",
+            )
+        try:
+            return await asyncio.to_thread(self.grammars.json, schema)
+        except GrammarError as exc:
+            raise invalid(f"Invalid schema for {what}: {exc}", param="response_format") from exc
 
     @staticmethod
     def _message(i: int, m: Any) -> dict[str, str]:
@@ -216,7 +242,7 @@ class ChatService:
 
     def sampling_params(
         self, req: Any, prompt_len: int, requested: int | None, param: str, prompt_param: str, logprobs: bool,
-        top_logprobs: int,
+        top_logprobs: int, grammar: Grammar | None = None,
     ) -> SamplingParams:  # fmt: skip
         """The engine's parameters; B4: 400 context_length_exceeded naming `prompt_param` or `param`."""
         ctx = self.limits.context_len
@@ -241,6 +267,7 @@ class ChatService:
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             n=req.n or 1,
+            grammar=grammar,
         )
 
     def submit(self, gen: GenerationRequest, ticket: Ticket) -> AsyncIterator[TokenEvent]:

@@ -38,8 +38,16 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Lenient):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON value
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
 class ResponseFormat(_Lenient):
-    type: str
+    type: str  # "text", "json_object", "json_schema"; others are refused by the service
+    json_schema: JSONSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Lenient):

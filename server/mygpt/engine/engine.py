@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from mygpt.engine.guided import Guide
 from mygpt.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from mygpt.engine.sampling import RowSampler, sample
 from mygpt.engine.types import (
@@ -51,6 +52,7 @@ class Row:
     stops: StopStringMatcher
     timings: Timings = None  # type: ignore[assignment]  # set by _new_row
     lora_slot: int = -1  # adapter slot, -1 = the base model
+    guide: Guide | None = None  # structured output: where the row is in its grammar
     num_cached: int = 0  # positions written to the slot's KV cache
     next_token: int | None = None  # sampled, not yet fed to the model
     finished: bool = False  # slot freed
@@ -365,6 +367,7 @@ class Engine(EngineThread):
             sampler=RowSampler(request.params, seed),
             detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
             stops=StopStringMatcher(request.params.stop),
+            guide=None if request.params.grammar is None else request.params.grammar.start(),
         )
 
     def _plan_prefill(self, budget: int) -> list[tuple[Group, PrefillChunk]]:
@@ -399,7 +402,8 @@ class Engine(EngineThread):
         self._running.extend(r for r in group.rows if not r.finished)
 
     def _emit_sampled(self, rows: list[Row], logits: torch.Tensor) -> None:
-        tokens, logprobs = sample(logits, [r.sampler for r in rows])
+        allowed = {i: r.guide.allowed() for i, r in enumerate(rows) if r.guide is not None}
+        tokens, logprobs = sample(logits, [r.sampler for r in rows], allowed)
         self.stats.generation_tokens += len(tokens)
         for row, token, lp in zip(rows, tokens, logprobs, strict=True):
             self._append(row, token, lp)
@@ -413,16 +417,24 @@ class Engine(EngineThread):
             t.token_gaps.append(now - t.finished)
         t.finished = now
         finish: FinishReason | None = None
-        if token in self.eos_token_ids:
+        error = None
+        if row.guide is not None and not row.guide.advance(token):  # never, if the mask is right
+            error = f"the response format's grammar failed: {row.guide.error}"
+            text, finish = "", FinishReason.ERROR
+        elif token in self.eos_token_ids:
             text, finish = row.stops.flush(), FinishReason.STOP
         else:
             text, stopped = row.stops.push(row.detok.push(token))
             if stopped:
                 finish = FinishReason.STOP
-            elif len(row.output_ids) >= row.request.params.max_tokens or row.num_cached + 1 >= self.max_len:
+            elif (
+                (complete := row.guide is not None and row.guide.done)  # the structured output is whole
+                or len(row.output_ids) >= row.request.params.max_tokens
+                or row.num_cached + 1 >= self.max_len
+            ):
                 tail, stopped = row.stops.push(row.detok.flush())
                 text += tail + ("" if stopped else row.stops.flush())
-                finish = FinishReason.STOP if stopped else FinishReason.LENGTH
+                finish = FinishReason.STOP if stopped or complete else FinishReason.LENGTH
             else:
                 row.next_token = token
         if finish is not None:
@@ -439,6 +451,7 @@ class Engine(EngineThread):
                 prompt_tokens=len(row.request.prompt_ids),
                 completion_tokens=len(row.output_ids),
                 logprobs=[logprob] if logprob is not None else None,
+                error=error,
                 timings=row.timings if finish is not None else None,
             ),
         )

@@ -18,6 +18,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.engine import EngineThread
+from mygpt.engine.guided import Guide, mask_logits
 from mygpt.engine.types import AdapterRef, EngineOverloaded, FinishReason, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -89,26 +90,29 @@ class NaiveEngine(EngineThread):
         self._select_adapter(request.adapter)
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(p.stop)
+        guide = None if p.grammar is None else p.grammar.start()
         state = {"n": 0, "done": None}
 
         def on_token(token: int) -> None:
             state["n"] += 1
-            finish = None
-            if token in self.eos_token_ids:
+            finish, error = None, None
+            if guide is not None and not guide.advance(token):
+                error = f"the response format's grammar failed: {guide.error}"
+                text, finish = "", FinishReason.ERROR
+            elif token in self.eos_token_ids:
                 text, finish = stops.flush(), FinishReason.STOP
             else:
                 text, stopped = stops.push(detok.push(token))
                 if stopped:
                     finish = FinishReason.STOP
-                elif state["n"] >= p.max_tokens:
+                elif (complete := guide is not None and guide.done) or state["n"] >= p.max_tokens:
                     tail, stopped = stops.push(detok.flush())
                     text += tail + ("" if stopped else stops.flush())
-                    finish = FinishReason.STOP if stopped else FinishReason.LENGTH
+                    finish = FinishReason.STOP if stopped or complete else FinishReason.LENGTH
             state["done"] = finish
+            prompt = len(request.prompt_ids)
             on_event(
-                TokenEvent(
-                    request.request_id, index, [token], text, finish, len(request.prompt_ids), state["n"]
-                )
+                TokenEvent(request.request_id, index, [token], text, finish, prompt, state["n"], error=error)
             )
 
         class Streamer:
@@ -147,7 +151,9 @@ class NaiveEngine(EngineThread):
                 pad_token_id=self.tokenizer.pad_token_id or 0,
                 streamer=Streamer(),
                 stopping_criteria=StoppingCriteriaList([Stop()]),
-                logits_processor=LogitsProcessorList([_Bias(p.logit_bias)]) if p.logit_bias else None,
+                logits_processor=LogitsProcessorList(
+                    ([_Bias(p.logit_bias)] if p.logit_bias else []) + ([_Guided(guide)] if guide else [])
+                ),
             )
         if state["done"] is None:
             on_event(_final(request, index, FinishReason.ABORT if rid in aborted else FinishReason.LENGTH))
@@ -191,6 +197,16 @@ class _Bias(LogitsProcessor):
     def __call__(self, input_ids, scores):
         scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
         return scores
+
+
+class _Guided(LogitsProcessor):
+    """Structured output: only the tokens the grammar allows next (on_token advances the guide)."""
+
+    def __init__(self, guide: Guide):
+        self.guide = guide
+
+    def __call__(self, input_ids, scores):
+        return mask_logits(scores, {0: self.guide.allowed()})
 
 
 def _final(

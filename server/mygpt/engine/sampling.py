@@ -1,4 +1,5 @@
-"""Batched sampling: logit bias, presence/frequency penalties, temperature, top-p, per-row seeds."""
+"""Batched sampling: logit bias, presence/frequency penalties, grammar masks, temperature, top-p, per-row
+seeds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mygpt.engine.guided import mask_logits
 from mygpt.engine.types import SamplingParams, TokenLogprob
 
 
@@ -24,11 +26,17 @@ class RowSampler:
         self.generator.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
 
 
-def sample(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: [B, V] float32 on any device. Returns one token id (and optional logprobs) per row."""
+def sample(
+    logits: torch.Tensor, rows: list[RowSampler], allowed: dict[int, bytes] | None = None
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [B, V] float32 on any device; allowed: row -> the bitmask of the tokens its grammar
+    allows (guided.py). Returns one token id (and optional logprobs) per row. Logprobs are the model's
+    own, before bias, penalties and masks."""
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs for r in rows) else None
     logits = _adjust(logits, rows)
+    if allowed:
+        logits = mask_logits(logits, allowed)
     greedy = [r.params.greedy for r in rows]
     tokens = torch.argmax(logits, dim=-1)
     if not all(greedy):

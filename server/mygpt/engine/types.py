@@ -27,6 +27,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20, needs logprobs
     n: int = 1  # choices sharing one prompt (prefilled once)
+    # structured output: a compiled grammar (mygpt.engine.guided.Grammar) every choice must follow
+    grammar: Any = field(default=None, compare=False, repr=False)
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,143 @@
+"""Structured outputs: a guided row samples only the tokens its grammar allows next.
+
+`response_format` {"type": "json_object"} or {"type": "json_schema", ...} becomes a grammar compiled by
+llguidance (the library behind vLLM's and llama.cpp's guided decoding) against the model's tokenizer.
+Each row follows its own copy of the grammar's matcher: before sampling, the matcher gives the set of
+allowed next tokens as a bitmask (one bit per token id); the row's disallowed logits become -inf; the
+sampled token advances the matcher. When the grammar is complete (the JSON value closed), the row
+finishes with "stop". Measured on the 2-core CPU with the default model: ~10 us per row and step for
+the mask and ~25 us to apply it to a 49,152-token row, against a ~30 ms decode step.
+
+Compiling runs off the engine thread (the HTTP layer compiles while it validates the request); the
+engine only copies the compiled matcher for each row. llguidance is imported on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+# JSON as models mostly saw it: ", " and ": " between items, no other whitespace. Free whitespace lets a
+# weak model fill max_tokens with blanks inside an open object (measured with the test models).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(ValueError):
+    """The schema or grammar cannot be compiled; the message says why."""
+
+
+class Grammar:
+    """A compiled grammar in its start state; each row follows a copy (Grammar.start)."""
+
+    def __init__(self, matcher: Any, source: str):
+        self._matcher = matcher
+        self.source = source  # llguidance's grammar text, for logs and tests
+
+    def start(self) -> Guide:
+        return Guide(self._matcher.deep_copy())
+
+
+class Guide:
+    """One row's place in its grammar."""
+
+    def __init__(self, matcher: Any):
+        self._matcher = matcher
+
+    def allowed(self) -> bytes:
+        """The tokens allowed next: bit t % 8 of byte t // 8 is token t's (llguidance's bitmask)."""
+        return self._matcher.compute_bitmask()
+
+    def advance(self, token: int) -> bool:
+        """Follows a sampled token; False if the grammar cannot take it (see error)."""
+        return bool(self._matcher.consume_token(token)) and not self._matcher.is_error()
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete: nothing more may follow."""
+        return self._matcher.is_stopped()
+
+    @property
+    def error(self) -> str:
+        return self._matcher.get_error()
+
+
+class Grammars:
+    """Compiles grammars for one tokenizer and logits width (thread-safe). The llguidance view of the
+    tokenizer is built on first use (~0.2 s for a 49k-token vocabulary) and shared."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int):
+        self._hf_tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def json(self, schema: dict[str, Any] | bool | None) -> Grammar:
+        """A grammar for one JSON value of `schema` (a JSON Schema); None: any JSON object."""
+        from llguidance import LLMatcher
+
+        if schema is None:
+            schema = {"type": "object"}
+        if not isinstance(schema, (dict, bool)):
+            raise GrammarError("the schema must be a JSON object")
+        try:
+            source = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        except (ValueError, TypeError) as exc:
+            raise GrammarError(str(exc)) from exc
+        return self._compile(source)
+
+    def _compile(self, source: str) -> Grammar:
+        from llguidance import LLMatcher
+
+        matcher = LLMatcher(self._llg_tokenizer(), source, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(_clean(matcher.get_error()))
+        return Grammar(matcher, source)
+
+    def _llg_tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance.hf
+
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size)
+            return self._tokenizer
+
+
+def _clean(message: str) -> str:
+    # llguidance prefixes its errors with where they arose in the library; the user needs the reason
+    return message.removeprefix("Grammar error: ").strip()
+
+
+def mask_logits(logits: torch.Tensor, allowed: dict[int, bytes]) -> torch.Tensor:
+    """A copy of logits [B, V] where row i (a key of `allowed`) keeps only the logits of the tokens its
+    bitmask allows (the others become -inf); token ids past the bitmask are disallowed."""
+    out = logits.clone(memory_format=torch.contiguous_format)
+    vocab = out.shape[-1]
+    for i, mask in allowed.items():
+        if out.device.type == "cpu":  # numpy unpacks bits ~10x faster than torch's CPU kernels here
+            out[i] += torch.from_numpy(_bias_on_host(mask, vocab)).to(out.dtype)
+        else:  # a GPU: 1 bit per token crosses the bus, unpacked there
+            out[i].masked_fill_(~_keep_on_device(mask, vocab, out.device), float("-inf"))
+    return out
+
+
+def _bias_on_host(mask: bytes, vocab: int) -> np.ndarray:
+    """[vocab] float32: 0 where the bitmask allows the token, -inf elsewhere."""
+    bias = np.zeros(vocab, dtype=np.float32)
+    bits = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")[:vocab]
+    bias[: bits.shape[0]] = bits
+    with np.errstate(divide="ignore"):
+        np.log(bias, out=bias)  # 1 -> 0, 0 -> -inf: faster than a table lookup
+    return bias
+
+
+def _keep_on_device(mask: bytes, vocab: int, device: torch.device) -> torch.Tensor:
+    """[vocab] bool on `device`: True where the bitmask allows the token."""
+    words = torch.frombuffer(bytearray(mask), dtype=torch.uint8).to(device, non_blocking=True)
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    keep = ((words[:, None] >> shifts) & 1).view(-1)[:vocab].bool()
+    if keep.shape[0] < vocab:
+        keep = torch.cat([keep, keep.new_zeros(vocab - keep.shape[0])])
+    return keep

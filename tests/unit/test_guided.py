@@ -1,0 +1,162 @@
+"""Structured outputs (engine/guided.py): a random model that writes no JSON on its own writes JSON that
+validates against the schema once its rows are guided, in the batched and the naive engine."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from mygpt.engine.engine import Engine
+from mygpt.engine.guided import GrammarError, Grammars, _bias_on_host, _keep_on_device, mask_logits
+from mygpt.engine.naive import NaiveEngine
+from mygpt.engine.runner import ModelRunner
+from mygpt.engine.types import FinishReason
+from test_engine import PROMPTS, Collector
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "tags", "active"],
+    "additionalProperties": False,
+}
+ITEMS = {  # an array at the top, objects inside, a number with a fraction
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 0, "maximum": 999},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+        "required": ["id", "score"],
+        "additionalProperties": False,
+    },
+    "minItems": 1,
+    "maxItems": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def grammars(tokenizer, tiny_model):
+    return Grammars(tokenizer, tiny_model.config.vocab_size)
+
+
+@pytest.fixture
+def engine(tiny_model, tokenizer):
+    runner = ModelRunner(tiny_model, num_slots=8, max_len=512, dtype=torch.float32)
+    e = Engine(runner, tokenizer, [tokenizer.eos_token_id], max_num_batched_tokens=64)
+    e.start()
+    yield e
+    e.stop()
+
+
+def test_mask_keeps_exactly_the_allowed_tokens():
+    rng = np.random.default_rng(0)
+    vocab = 1000
+    masks = {i: rng.integers(0, 256, size=126, dtype=np.uint8).tobytes() for i in (0, 2)}  # 1008 bits
+    logits = torch.randn(3, vocab)
+    out = mask_logits(logits, masks)
+    for i in range(3):
+        for t in range(vocab):
+            allowed = i not in masks or (masks[i][t // 8] >> (t % 8)) & 1
+            assert out[i, t] == (logits[i, t] if allowed else float("-inf"))
+    short = mask_logits(logits, {1: b"\xff" * 100})  # a mask shorter than the row: the rest is not allowed
+    assert torch.isfinite(short[1, :800]).all() and torch.isinf(short[1, 800:]).all()
+    for mask in [*masks.values(), b"\xff" * 100]:  # the GPU's unpacking (run here on the CPU) agrees
+        assert torch.equal(
+            _keep_on_device(mask, vocab, torch.device("cpu")),
+            torch.isfinite(torch.from_numpy(_bias_on_host(mask, vocab))),
+        )
+
+
+def test_the_random_model_writes_no_json_unguided(engine, tokenizer):
+    c = Collector()
+    for i, p in enumerate(PROMPTS[:3]):
+        c.submit(engine, f"r{i}", p, max_tokens=40, temperature=0.0)
+    c.wait()
+    for i in range(3):
+        with pytest.raises(ValueError):
+            json.loads(c.text(f"r{i}"))
+
+
+@pytest.mark.parametrize("schema", [PERSON, ITEMS], ids=["object", "array"])
+def test_guided_rows_write_valid_json_greedy_and_sampled_in_one_batch(engine, grammars, schema):
+    # bounded schemas: free strings never end with a random model (json_object mode: tests/integration)
+    grammar = grammars.json(schema)
+    c = Collector()
+    for i, p in enumerate(PROMPTS):
+        sampled = {"temperature": 1.0, "seed": i, "n": 2} if i % 2 else {"temperature": 0.0}
+        c.submit(engine, f"g{i}", p, max_tokens=200, grammar=grammar, **sampled)
+    c.submit(engine, "free", PROMPTS[0], max_tokens=30, temperature=0.0)  # an unguided row in the batch
+    c.wait()
+    for i in range(len(PROMPTS)):
+        for index in range(2 if i % 2 else 1):
+            text = c.text(f"g{i}", index)
+            assert c.finish(f"g{i}", index) == FinishReason.STOP, text
+            jsonschema.validate(json.loads(text), schema)
+    with pytest.raises(ValueError):
+        json.loads(c.text("free"))
+
+
+def test_guided_output_is_the_same_alone_and_in_a_batch(engine, grammars):
+    grammar = grammars.json(PERSON)
+    alone = Collector()
+    alone.submit(engine, "a", PROMPTS[2], max_tokens=200, grammar=grammar, temperature=0.8, seed=7)
+    alone.wait()
+    busy = Collector()
+    for i, p in enumerate(PROMPTS):
+        busy.submit(engine, f"b{i}", p, max_tokens=60, temperature=1.0, seed=i)
+    busy.submit(engine, "a", PROMPTS[2], max_tokens=200, grammar=grammar, temperature=0.8, seed=7)
+    busy.wait()
+    assert alone.tokens("a") == busy.tokens("a")
+
+
+def test_max_tokens_cuts_guided_output_with_length(engine, grammars):
+    c = Collector()
+    c.submit(engine, "cut", PROMPTS[0], max_tokens=3, grammar=grammars.json(PERSON), temperature=0.0)
+    c.wait()
+    assert c.finish("cut") == FinishReason.LENGTH and len(c.tokens("cut")) == 3
+    assert c.text("cut").startswith('{"name":')
+
+
+def test_naive_engine_guides_too(tiny_model, tokenizer, grammars):
+    naive = NaiveEngine(tiny_model, tokenizer, [tokenizer.eos_token_id], max_len=512)
+    naive.start()
+    try:
+        c = Collector()
+        c.submit(naive, "n", PROMPTS[1], max_tokens=200, grammar=grammars.json(PERSON), temperature=0.0)
+        c.wait()
+    finally:
+        naive.stop()
+    assert c.finish("n") == FinishReason.STOP
+    jsonschema.validate(json.loads(c.text("n")), PERSON)
+
+
+@pytest.mark.parametrize(
+    "schema, message",
+    [
+        ({"type": "objekt"}, "objekt"),
+        ({"type": "string", "pattern": "(("}, "unclosed group"),
+        ({"$ref": "#/$defs/missing"}, "missing"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_bad_schemas_are_refused_with_the_reason(grammars, schema, message):
+    with pytest.raises(GrammarError, match=message):
+        grammars.json(schema)
