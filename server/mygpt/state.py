@@ -120,6 +120,7 @@ class ServerState:
                 limits = ChatLimits(context, s.max_n, s.max_stop_sequences)
                 self.loaded, self.engine, self.registry = loaded, engine, registry
                 grammars = Grammars(loaded.tokenizer, loaded.model.config.vocab_size)  # the logits' width
+                grammars.token_bytes(0)  # its view of the vocabulary, built now, not in a first request
                 self.chat = ChatService(
                     AsyncEngine(engine),
                     loaded.tokenizer,

@@ -356,13 +356,17 @@ class ChatService:
         return out
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one service per process, bounded
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes: a byte-level token can hold part of a character (an emoji is often
+        two or three tokens), which decoding it alone would turn into U+FFFD."""
+        return self.grammars.token_bytes(token_id)
+
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode(
-            [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
+        """As OpenAI writes a token: its text, bytes that are not whole UTF-8 characters as \\xNN."""
+        return self.token_bytes(token_id).decode("utf-8", errors="backslashreplace")
 
     def _bytes(self, token_id: int) -> list[int]:
-        return list(self.token_text(token_id).encode("utf-8"))
+        return list(self.token_bytes(token_id))
 
 
 @dataclass

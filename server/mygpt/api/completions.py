@@ -9,6 +9,7 @@ Refused with the parameter named (B2): several prompts in one request, `suffix`,
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import AsyncIterator
 
@@ -82,25 +83,35 @@ def _echo(chat: ChatService, req: CompletionRequest, gen: GenerationRequest) -> 
     return chat.tokenizer.decode(gen.prompt_ids, skip_special_tokens=False)
 
 
+class _TextOffsets:
+    """The legacy text_offset of one choice's tokens: the index in the text of the character where each
+    token's first byte lies (a token that ends inside a character counts up to that character)."""
+
+    def __init__(self, start: int):
+        self.chars = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, token: bytes) -> int:
+        at = self.chars
+        self.chars += len(self._utf8.decode(token))
+        return at
+
+
 def _legacy_logprobs(
-    chat: ChatService, lps: list[TokenLogprob], offset: int, top: int
-) -> tuple[CompletionLogprobs, int]:
-    """OpenAI's legacy shape; text_offset counts token texts from `offset`. Returns the next offset.
-    Each top_logprobs dict holds the `top` most likely tokens and the sampled one (so up to top + 1)."""
+    chat: ChatService, lps: list[TokenLogprob], offsets: _TextOffsets, top: int
+) -> CompletionLogprobs:
+    """OpenAI's legacy shape. Each top_logprobs dict holds the `top` most likely tokens and the sampled
+    one (so up to top + 1)."""
     tokens = [chat.token_text(lp.token_id) for lp in lps]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
+    text_offsets = [offsets.next(chat.token_bytes(lp.token_id)) for lp in lps]
     tops = []
     for lp, text in zip(lps, tokens, strict=True):
         alternatives = {chat.token_text(t): v for t, v in lp.top[:top]}
         alternatives.setdefault(text, lp.logprob)
         tops.append(alternatives)
-    out = CompletionLogprobs(
-        tokens=tokens, token_logprobs=[lp.logprob for lp in lps], top_logprobs=tops, text_offset=offsets
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=[lp.logprob for lp in lps], top_logprobs=tops, text_offset=text_offsets
     )
-    return out, offset
 
 
 async def complete(
@@ -112,7 +123,7 @@ async def complete(
         CompletionChoice(
             text=echo + done.texts[i],
             index=i,
-            logprobs=_legacy_logprobs(chat, done.logprobs[i], len(echo), req.logprobs or 0)[0]
+            logprobs=_legacy_logprobs(chat, done.logprobs[i], _TextOffsets(len(echo)), req.logprobs or 0)
             if gen.params.logprobs
             else None,
             finish_reason=done.reasons[i],
@@ -129,7 +140,7 @@ async def stream(
     events = chat.submit(gen, ticket)  # before the first byte: overload is still a real 429
     created = int(time.time())
     echo = _echo(chat, req, gen)
-    offsets = [len(echo)] * gen.params.n  # text_offset of each choice's next token
+    offsets = [_TextOffsets(len(echo)) for _ in range(gen.params.n)]
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         c = Completion(id=gen.request_id, created=created, model=req.model, choices=choices, usage=usage)
@@ -138,7 +149,7 @@ async def stream(
     def piece(ev: TokenEvent, logprobs: list[TokenLogprob], finish: str | None) -> str:
         lps = None
         if gen.params.logprobs:
-            lps, offsets[ev.index] = _legacy_logprobs(chat, logprobs, offsets[ev.index], req.logprobs or 0)
+            lps = _legacy_logprobs(chat, logprobs, offsets[ev.index], req.logprobs or 0)
         return chunk([CompletionChoice(text=ev.text, index=ev.index, logprobs=lps, finish_reason=finish)])
 
     head = [chunk([CompletionChoice(text=echo, index=i)]) for i in range(gen.params.n)] if echo else []

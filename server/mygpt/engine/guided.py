@@ -65,8 +65,9 @@ class Guide:
 
 
 class Grammars:
-    """Compiles grammars for one tokenizer and logits width (thread-safe). The llguidance view of the
-    tokenizer is built on first use (~0.2 s for a 49k-token vocabulary) and shared."""
+    """Compiles grammars for one tokenizer and logits width, and gives each token's bytes (thread-safe).
+    The llguidance view of the tokenizer is built on first use (~0.2 s for a 49k-token vocabulary) and
+    shared."""
 
     def __init__(self, tokenizer: Any, vocab_size: int):
         self._hf_tokenizer = tokenizer
@@ -87,6 +88,11 @@ class Grammars:
         except (ValueError, TypeError) as exc:
             raise GrammarError(str(exc)) from exc
         return self._compile(source)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes, which may be part of a UTF-8 character (byte-level BPE pieces of an
+        emoji, say); a special token's are its text."""
+        return self._llg_tokenizer().decode_bytes([token_id])
 
     def _compile(self, source: str) -> Grammar:
         from llguidance import LLMatcher
