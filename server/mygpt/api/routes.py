@@ -137,7 +137,9 @@ async def _as_events(payloads):
 
 
 async def _until_disconnected(request: Request, work):
-    """Runs `work`; if the client goes away first, cancels it (which aborts the generation)."""
+    """Runs `work`; if the client goes away first, cancels it (which aborts the generation) and answers
+    499 to nobody, rather than letting the cancellation out as an ASGI error (a traceback per client
+    timeout in the log)."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -148,5 +150,9 @@ async def _until_disconnected(request: Request, work):
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if task.cancelled() and watcher.done() and not asyncio.current_task().cancelling():
+            return Response(status_code=499)  # the client closed the request (as nginx logs it)
+        raise  # the server itself is cancelling this request
     finally:
         watcher.cancel()
