@@ -54,3 +54,32 @@ def test_logprobs_are_log_softmax_with_ranked_top():
     assert lps[1] is None
     assert abs(lps[0].logprob - float(ref[0, tokens[0]])) < 1e-5
     assert [t for t, _ in lps[0].top] == ref[0].topk(3).indices.tolist()
+
+
+def test_a_rows_draw_does_not_depend_on_the_other_rows_top_p():
+    """B5: a top_p=1 row used to be drawn over the sorted vocabulary whenever another row of the batch
+    had top_p < 1, and over the unsorted one otherwise: another token for the same seed."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 500) * 2
+    params = [
+        SamplingParams(max_tokens=8),
+        SamplingParams(max_tokens=8, top_p=0.5),
+        SamplingParams(max_tokens=8, top_p=0.9),
+    ]
+    for seed in range(20):
+        alone = [sample(logits[i : i + 1], [RowSampler(p, seed)])[0][0] for i, p in enumerate(params)]
+        batch, _ = sample(logits, [RowSampler(p, seed) for p in params])
+        assert alone == batch
+
+
+def test_top_p_from_the_head_equals_a_full_sort():
+    """The CPU draws top_p from the k most likely tokens; the same draw as from the sorted vocabulary."""
+    from mygpt.engine.sampling import _draw, _nucleus, _top_p_one
+
+    torch.manual_seed(3)
+    for scale in (0.5, 3.0, 8.0):  # flat (needs the whole vocabulary) to peaked (a few tokens)
+        probs = torch.softmax(torch.randn(5000) * scale, -1)
+        values, order = torch.sort(probs, descending=True)
+        for top_p in (0.1, 0.5, 0.9, 0.99):
+            for u in torch.rand(25):
+                assert _top_p_one(probs, top_p, u) == order[_draw(_nucleus(values, top_p), u)][0]
