@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port to bind")
     max_n: int = Field(8, ge=1, description="largest 'n' (choices per request) accepted")
     max_stop_sequences: int = Field(4, ge=0, description="most stop strings per request (OpenAI: 4)")
+    max_prompts: int = Field(32, ge=1, description="most prompts in one /v1/completions request")
     keepalive_s: float = Field(15.0, gt=0, description="SSE ': keep-alive' comment after this much silence")
     shutdown_timeout_s: float = Field(30.0, description="how long SIGTERM waits for in-flight requests")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

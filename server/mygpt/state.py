@@ -117,7 +117,7 @@ class ServerState:
                         _device_memory(loaded.device, getattr(engine, "runner", None))
                     )
                 engine.start()
-                limits = ChatLimits(context, s.max_n, s.max_stop_sequences)
+                limits = ChatLimits(context, s.max_n, s.max_stop_sequences, s.max_prompts)
                 self.loaded, self.engine, self.registry = loaded, engine, registry
                 grammars = Grammars(loaded.tokenizer, loaded.model.config.vocab_size)  # the logits' width
                 grammars.token_bytes(0)  # its view of the vocabulary, built now, not in a first request

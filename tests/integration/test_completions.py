@@ -67,6 +67,34 @@ def test_echo_n_seed_stop(client):
     assert word not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
 
 
+def test_several_prompts_in_one_request(client, tokenizer):
+    """OpenAI's layout: prompt i's choice j at index i * n + j, usage summed; each prompt answered as if
+    alone (greedy), streamed or not, text or token ids, echo per prompt."""
+    prompts = [PROMPT, "Once upon a time", "The sky is"]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, n=2, echo=True)
+    assert [c.index for c in r.choices] == list(range(6)) and len({r.id} | {a.id for a in alone}) == 4
+    for i, a in enumerate(alone):
+        for j in range(2):
+            assert r.choices[2 * i + j].text == prompts[i] + a.choices[0].text
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert r.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompts[:2], max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    texts = ["", ""]
+    for c in chunks[:-1]:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == [a.choices[0].text for a in alone[:2]]
+    assert chunks[-1].usage.total_tokens == sum(a.usage.total_tokens for a in alone[:2])
+    ids = [tokenizer(p)["input_ids"] for p in prompts[1:]]  # lists of token ids
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone[1:]]
+
+
 def test_legacy_logprobs(client):
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
@@ -91,7 +119,8 @@ def test_legacy_logprobs(client):
     "extra, param",
     [
         ({"suffix": " and that is all."}, "suffix"),
-        ({"prompt": ["one", "two"]}, "prompt"),
+        ({"prompt": ["one"] * 33}, "prompt"),  # more prompts than MYGPT_MAX_PROMPTS (32)
+        ({"prompt": ["one", ""]}, "prompt"),  # any prompt refused refuses the request
         ({"best_of": 3}, "best_of"),
         ({"echo": True, "logprobs": 1}, "echo"),
         ({"prompt": [1, 2, 10**9]}, "prompt"),

@@ -56,6 +56,7 @@ class ChatLimits:
     context_len: int
     max_n: int
     max_stop_sequences: int
+    max_prompts: int = 32  # per /v1/completions request
 
 
 class ChatService:

@@ -1,17 +1,25 @@
 """Text completions (POST /v1/completions, OpenAI's legacy endpoint): a raw prompt, no chat template.
 
 Shares the chat service's model resolution, tenant admission, engine submission and token texts;
-adds what this endpoint has of its own: prompts as text or token ids, `echo`, logprobs in the legacy
-shape (tokens, token_logprobs, top_logprobs as dicts, text_offset), `max_tokens` defaulting to 16.
-Refused with the parameter named (B2): several prompts in one request, `suffix`, `best_of` other than
+adds what this endpoint has of its own: prompts as text or token ids, several prompts in one request,
+`echo`, logprobs in the legacy shape (tokens, token_logprobs, top_logprobs as dicts, text_offset),
+`max_tokens` defaulting to 16. Refused with the parameter named (B2): `suffix`, `best_of` other than
 `n`, and `echo` together with `logprobs` (prompt logprobs are not computed).
+
+Several prompts (a list of strings or of token-id lists, as LangChain's and LiteLLM's text clients
+send a batch): each prompt is its own engine request and tenant admission, all answered in one
+response, prompt i's choice j at index i * n + j, usage summed (OpenAI's layout).
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import dataclasses
+import functools
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from mygpt.api.chat import ChatService, collect, stream_payloads
 from mygpt.api.errors import invalid
@@ -21,16 +29,39 @@ from mygpt.tenancy.auth import Principal
 from mygpt.tenancy.tenants import Ticket
 
 
-async def prepare(
-    chat: ChatService, principal: Principal, req: CompletionRequest
-) -> tuple[GenerationRequest, Ticket]:
+@dataclass
+class Prompts:
+    """One request's prompts, each admitted as its own engine request."""
+
+    prompts: list[str | list[int]]
+    gens: list[GenerationRequest]
+    tickets: list[Ticket]
+
+    @property
+    def whole(self) -> GenerationRequest:
+        """The request as one: the first prompt's id, every choice, every prompt token (for the usage)."""
+        if len(self.gens) == 1:
+            return self.gens[0]
+        first = self.gens[0]
+        return dataclasses.replace(
+            first,
+            prompt_ids=[t for g in self.gens for t in g.prompt_ids],
+            params=dataclasses.replace(first.params, n=first.params.n * len(self.gens)),
+        )
+
+
+async def prepare(chat: ChatService, principal: Principal, req: CompletionRequest) -> Prompts:
     arrival = time.monotonic()
     adapter = await chat.resolve_model(principal, req.model)
     chat.refuse_unsupported_common(req)
     _refuse_unsupported(req)
-    prompt = _the_prompt(req)
+    prompts = _prompts(req)
+    if len(prompts) > chat.limits.max_prompts:
+        raise invalid(
+            f"prompt holds {len(prompts)} prompts; at most {chat.limits.max_prompts}.", param="prompt"
+        )
 
-    def render() -> list[int]:
+    def render(prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = chat.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         else:
@@ -49,23 +80,28 @@ async def prepare(
             req, prompt_len, max_tokens, "max_tokens", "prompt", logprobs, req.logprobs or 0
         )
 
-    return await chat.admit(principal, req.model, adapter, render, params, "cmpl", arrival)
+    admitted: list[tuple[GenerationRequest, Ticket]] = []
+    try:
+        for prompt in prompts:
+            one = functools.partial(render, prompt)
+            admitted.append(await chat.admit(principal, req.model, adapter, one, params, "cmpl", arrival))
+    except BaseException:
+        for _, ticket in admitted:  # a later prompt was refused: none of them runs, none is usage
+            ticket.finish(None)
+        raise
+    return Prompts(prompts, [g for g, _ in admitted], [t for _, t in admitted])
 
 
-def _the_prompt(req: CompletionRequest) -> str | list[int]:
-    """The one prompt: text or token ids (a list holding one of them is unwrapped)."""
+def _prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts: one text, one list of token ids, or a list of either."""
     p = req.prompt
-    return p[0] if isinstance(p, list) and p and isinstance(p[0], (str, list)) else p
+    return list(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
 
 
 def _refuse_unsupported(req: CompletionRequest) -> None:
     p = req.prompt
     if isinstance(p, list) and not p:
         raise invalid("The prompt is empty.", param="prompt")
-    if isinstance(p, list) and isinstance(p[0], (str, list)) and len(p) != 1:
-        raise invalid(
-            "Send one prompt per request (a list of several prompts is not supported).", param="prompt"
-        )
     if req.suffix:
         raise invalid("suffix (insertion) is not supported by this server.", param="suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
@@ -74,13 +110,61 @@ def _refuse_unsupported(req: CompletionRequest) -> None:
         raise invalid("echo with logprobs is not supported (no prompt logprobs).", param="echo")
 
 
-def _echo(chat: ChatService, req: CompletionRequest, gen: GenerationRequest) -> str:
+def _echoes(chat: ChatService, req: CompletionRequest, batch: Prompts) -> list[str]:
+    """The text echoed before each choice (index i * n + j: prompt i's)."""
+    n = batch.gens[0].params.n
     if not req.echo:
-        return ""
-    prompt = _the_prompt(req)
-    if isinstance(prompt, str):
-        return prompt
-    return chat.tokenizer.decode(gen.prompt_ids, skip_special_tokens=False)
+        return [""] * (n * len(batch.gens))
+    texts = [
+        p if isinstance(p, str) else chat.tokenizer.decode(g.prompt_ids, skip_special_tokens=False)
+        for p, g in zip(batch.prompts, batch.gens, strict=True)
+    ]
+    return [t for t in texts for _ in range(n)]
+
+
+def _submit(chat: ChatService, batch: Prompts) -> AsyncIterator[TokenEvent]:
+    """Queues every prompt (a 429 for any of them drops them all) and merges their events, choice
+    indices moved to i * n + j."""
+    streams: list[AsyncIterator[TokenEvent]] = []
+    try:
+        for gen, ticket in zip(batch.gens, batch.tickets, strict=True):
+            streams.append(chat.submit(gen, ticket))
+    except BaseException:
+        for gen in batch.gens[: len(streams)]:
+            chat.engine.abort(gen.request_id)
+        for ticket in batch.tickets[len(streams) + 1 :]:
+            ticket.finish(None)
+        raise
+    return streams[0] if len(streams) == 1 else _merged(streams, batch.gens[0].params.n)
+
+
+async def _merged(streams: list[AsyncIterator[TokenEvent]], n: int) -> AsyncIterator[TokenEvent]:
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async for ev in stream:
+                events.put_nowait(dataclasses.replace(ev, index=i * n + ev.index))
+        except Exception as exc:
+            events.put_nowait(exc)
+        finally:
+            events.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            item = await events.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:  # leaving early (disconnect, error) closes every stream, which aborts its request
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _TextOffsets:
@@ -114,11 +198,9 @@ def _legacy_logprobs(
     )
 
 
-async def complete(
-    chat: ChatService, req: CompletionRequest, gen: GenerationRequest, ticket: Ticket
-) -> Completion:
-    echo = _echo(chat, req, gen)
-    done = await collect(gen, chat.submit(gen, ticket))
+async def complete(chat: ChatService, req: CompletionRequest, batch: Prompts) -> Completion:
+    gen, echoes = batch.whole, _echoes(chat, req, batch)
+    done = await collect(gen, _submit(chat, batch))
     choices = [
         CompletionChoice(
             text=echo + done.texts[i],
@@ -128,19 +210,17 @@ async def complete(
             else None,
             finish_reason=done.reasons[i],
         )
-        for i in range(gen.params.n)
+        for i, echo in enumerate(echoes)
     ]
     return Completion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
 
 
-async def stream(
-    chat: ChatService, req: CompletionRequest, gen: GenerationRequest, ticket: Ticket
-) -> AsyncIterator[str]:
+async def stream(chat: ChatService, req: CompletionRequest, batch: Prompts) -> AsyncIterator[str]:
     """SSE data payloads: text chunks, an optional usage chunk, then [DONE]."""
-    events = chat.submit(gen, ticket)  # before the first byte: overload is still a real 429
+    events = _submit(chat, batch)  # before the first byte: overload is still a real 429
+    gen, echoes = batch.whole, _echoes(chat, req, batch)
     created = int(time.time())
-    echo = _echo(chat, req, gen)
-    offsets = [_TextOffsets(len(echo)) for _ in range(gen.params.n)]
+    offsets = [_TextOffsets(len(echo)) for echo in echoes]
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         c = Completion(id=gen.request_id, created=created, model=req.model, choices=choices, usage=usage)
@@ -152,6 +232,6 @@ async def stream(
             lps = _legacy_logprobs(chat, logprobs, offsets[ev.index], req.logprobs or 0)
         return chunk([CompletionChoice(text=ev.text, index=ev.index, logprobs=lps, finish_reason=finish)])
 
-    head = [chunk([CompletionChoice(text=echo, index=i)]) for i in range(gen.params.n)] if echo else []
+    head = [chunk([CompletionChoice(text=echo, index=i)]) for i, echo in enumerate(echoes) if echo]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return stream_payloads(gen, events, head, piece, (lambda u: chunk([], u)) if include_usage else None)

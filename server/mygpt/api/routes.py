@@ -116,10 +116,10 @@ async def text_completions(
     body: CompletionRequest, request: Request, principal: Principal = Depends(caller)
 ) -> Completion | Response:
     chat = _chat(request)
-    gen, ticket = await completions.prepare(chat, principal, body)
+    prompts = await completions.prepare(chat, principal, body)
     if body.stream:
-        return _sse(request, await completions.stream(chat, body, gen, ticket))
-    return await _until_disconnected(request, completions.complete(chat, body, gen, ticket))
+        return _sse(request, await completions.stream(chat, body, prompts))
+    return await _until_disconnected(request, completions.complete(chat, body, prompts))
 
 
 def _sse(request: Request, payloads) -> EventSourceResponse:

@@ -40,6 +40,11 @@ class AsyncEngine:
         self.engine.submit(request, on_event)
         return self._stream(request, events)
 
+    def abort(self, request_id: str) -> None:
+        """Cancels a submitted request whose event stream was never read (reading it and leaving early
+        aborts by itself)."""
+        self.engine.abort(request_id)
+
     async def _stream(self, request: GenerationRequest, events: asyncio.Queue) -> AsyncIterator[TokenEvent]:
         open_choices = request.params.n
         try:
