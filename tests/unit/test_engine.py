@@ -216,3 +216,28 @@ def test_fair_queue_rotates_groups_and_removes():
     while q:
         order.append(q.popleft()[0].request_id)
     assert order == ["a0", "b0", "n0", "a2", "b1"]
+
+
+def test_a_request_that_cannot_start_gives_its_slots_back(make_engine, monkeypatch):
+    """A failure while a request's rows are made (after it took its KV slots) ends it with an error
+    and returns the slots: before, they leaked, and a few such requests stalled the server."""
+    engine = make_engine(slots=2)
+    real = Engine._new_row
+    calls = {"n": 0}
+
+    def flaky(self, request, index, slot, lora_slot):
+        calls["n"] += 1
+        if request.request_id.startswith("bad"):
+            raise ValueError("no row for you")
+        return real(self, request, index, slot, lora_slot)
+
+    monkeypatch.setattr(Engine, "_new_row", flaky)
+    c = Collector()
+    for i in range(3):  # more failing requests than slots
+        c.submit(engine, f"bad{i}", PROMPTS[0], n=2)
+    c.wait()
+    assert all(c.finish(f"bad{i}") == FinishReason.ERROR for i in range(3))
+    assert "no row for you" in c.events["bad0"][-1].error
+    c.submit(engine, "good", PROMPTS[0], n=2, max_tokens=3)  # needs both slots
+    c.wait()
+    assert c.finish("good", 0) == c.finish("good", 1) == FinishReason.LENGTH

@@ -86,3 +86,26 @@ def test_unknown_adapter_fails_only_its_request(lora_engine):
     assert c.finish("bad") == FinishReason.ERROR and "nope" in c.events["bad"][-1].error
     assert c.finish("good") == FinishReason.LENGTH
     assert "nope" not in lora_engine.adapters.resident and lora_engine.adapters.stats.load_failures == 1
+
+
+def test_the_last_adapter_slot_cannot_be_pinned(lora_engine):
+    """With every slot pinned, a request for any other adapter would wait forever, and every request
+    queued behind it too (the engine admits in order). So one slot always stays unpinned."""
+    import threading
+
+    def pin(name):
+        done, result = threading.Event(), []
+        lora_engine.pin_adapter(lora_engine.refs[name], lambda err: (result.append(err), done.set()))
+        assert done.wait(30)
+        return result[0]
+
+    assert pin("a") is None  # 1 of the 2 slots
+    error = pin("b")
+    assert error is not None and "at most 1 of the 2 adapter slots" in str(error)
+    c = Collector()  # b and c still take turns in the slot that stays unpinned
+    for name in "bc":
+        c.submit(lora_engine, name, PROMPTS[0], max_tokens=4, adapter=lora_engine.refs[name])
+    c.submit(lora_engine, "base", PROMPTS[1], max_tokens=4)
+    c.wait(timeout=60)
+    assert {c.finish(r) for r in ("b", "c", "base")} == {FinishReason.LENGTH}
+    lora_engine.retire_adapter("a")  # unpinned again for the other tests

@@ -35,7 +35,7 @@ class CreateJob(BaseModel):
     validation_file: str | None = None
     suffix: str | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
 
 
 DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "lora_rank": 8}

@@ -62,7 +62,7 @@ class ChatCompletionRequest(_Lenient):
     n: int | None = Field(1, ge=1)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -97,7 +97,7 @@ class CompletionRequest(_Lenient):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
     n: int | None = Field(1, ge=1)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -273,6 +273,12 @@ class Engine(EngineThread):
         error: Exception | None = None
         if self.adapters is None:
             error = RuntimeError("this server has no adapter slots (max_loras=0)")
+        elif not self.adapters.can_pin(ref.key):
+            n = self.adapters.num_slots
+            error = RuntimeError(
+                f"at most {n - 1} of the {n} adapter slots (--max-loras) can be pinned: one stays for the "
+                "adapters that are not pinned, or requests for them would wait forever"
+            )
         elif not self.adapters.can_acquire(ref.key):
             error = RuntimeError("every adapter slot is in use or pinned")
         else:
@@ -344,9 +350,17 @@ class Engine(EngineThread):
             self._waiting.popleft()
             with self._lock:
                 self._num_waiting -= 1
-            rows = [
-                self._new_row(request, i, self._free_slots.pop(), lora_slot) for i in range(request.params.n)
-            ]
+            slots = [self._free_slots.pop() for _ in range(request.params.n)]
+            try:
+                rows = [self._new_row(request, i, slot, lora_slot) for i, slot in enumerate(slots)]
+            except Exception as exc:  # its slots and adapter pins go back: nothing may leak (a stall)
+                log.exception("request %s could not start", request.request_id)
+                self._free_slots.extend(slots)
+                self._free_slots.sort(reverse=True)
+                for _ in range(request.params.n if ref is not None else 0):
+                    self.adapters.release(ref.key)
+                self._end_request(request, FinishReason.ERROR, f"the request could not start: {exc}")
+                continue
             self._prefilling.append(Group(request, on_event, rows))
 
     def _drop_waiting(self, request: GenerationRequest, error: str) -> None:

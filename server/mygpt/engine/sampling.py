@@ -23,7 +23,8 @@ class RowSampler:
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
-        self.generator.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
+        # any integer: torch takes 0..2**64-1 (the API bounds seeds to int64; seed + choice may pass it)
+        self.generator.manual_seed(self.seed % 2**64 if self.seed is not None else random.getrandbits(63))
 
 
 def sample(

@@ -60,6 +60,10 @@ class AdapterCache:
     def _evictable(self, key: str) -> bool:
         return self._pins[key] == 0 and key not in self._pinned
 
+    def can_pin(self, key: str) -> bool:
+        """Pinning leaves at least one slot unpinned, so that every other adapter can still get one."""
+        return key in self._pinned or len(self._pinned) < self.num_slots - 1
+
     def can_acquire(self, key: str) -> bool:
         return key in self._slot or bool(self._free) or any(self._evictable(k) for k in self._slot)
 
