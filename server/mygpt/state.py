@@ -117,7 +117,9 @@ class ServerState:
                         _device_memory(loaded.device, getattr(engine, "runner", None))
                     )
                 engine.start()
-                limits = ChatLimits(context, s.max_n, s.max_stop_sequences, s.max_prompts)
+                # a request's n choices run side by side: never more than the batch has rows
+                max_n = s.max_n if s.engine == "naive" else min(s.max_n, s.max_num_seqs)
+                limits = ChatLimits(context, max_n, s.max_stop_sequences, s.max_prompts)
                 self.loaded, self.engine, self.registry = loaded, engine, registry
                 grammars = Grammars(loaded.tokenizer, loaded.model.config.vocab_size)  # the logits' width
                 grammars.token_bytes(0)  # its view of the vocabulary, built now, not in a first request

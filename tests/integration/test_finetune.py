@@ -153,8 +153,12 @@ def test_bad_requests_are_4xx_naming_the_problem(server):
         with pytest.raises(openai.BadRequestError) as err:
             acme.fine_tuning.jobs.create(model=BASE, training_file=mine.id, hyperparameters=hp)
         assert err.value.body["param"] == f"hyperparameters.{param}"
-    with pytest.raises(openai.BadRequestError, match="suffix"):
-        acme.fine_tuning.jobs.create(model=BASE, training_file=mine.id, suffix="Not OK!")
+    for suffix in ("Not OK!", "ok\n"):  # the pattern ended in $, which let a trailing newline in
+        with pytest.raises(openai.BadRequestError, match="suffix"):
+            acme.fine_tuning.jobs.create(model=BASE, training_file=mine.id, suffix=suffix)
+    with pytest.raises(openai.BadRequestError) as err:  # past SQLite's int64: was a 500
+        acme.fine_tuning.jobs.create(model=BASE, training_file=mine.id, seed=2**63)
+    assert err.value.body["param"] == "seed"
     assert acme.files.delete(mine.id).deleted
     with pytest.raises(openai.NotFoundError):
         acme.files.retrieve(mine.id)

@@ -115,6 +115,25 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
         ),
         ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
         ({"model": MODEL, "messages": HI, "logit_bias": {"999999999": 1}}, "logit_bias"),
+        ({"model": MODEL, "messages": HI, "logit_bias": {"²": 1}}, "logit_bias"),  # int() took it: a 500
+        ({"model": MODEL, "messages": HI, "logit_bias": {"--5": 1}}, "logit_bias"),
+        ({"model": MODEL, "messages": HI, "seed": 2**64, "n": 2}, "seed"),  # was a stalled server
+        ({"model": MODEL, "messages": HI, "n": 9}, "n"),  # more choices than --max-num-seqs 8: was a 500
+        (
+            {
+                "model": MODEL,
+                "messages": HI,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "r", "schema": {"$ref": "#"}},
+                },
+            },
+            "response_format",
+        ),  # compiles, then no token can start it: was a 500 quoting the parser's state
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages.[0].content",
+        ),
         ({"model": MODEL, "messages": HI, "presence_penalty": 3}, "presence_penalty"),
         (
             {
@@ -133,6 +152,21 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
 def test_bad_input_is_a_400_naming_the_param(tiny_server, body, param):
     for stream in (False, True):  # C2: a stream that fails before its first byte is a real 400
         assert_openai_error(post(tiny_server, {**body, "stream": stream}), 400, param=param)
+
+
+def test_lone_surrogates_quoted_in_errors_are_no_500(tiny_server):
+    """A message that quotes the request cannot hold a lone UTF-16 surrogate in a UTF-8 body (JSON may
+    escape one: \\ud800)."""
+
+    def raw(path: str, body: str) -> httpx.Response:
+        headers = {"content-type": "application/json"}
+        return httpx.post(tiny_server.base_url + path, content=body.encode(), headers=headers, timeout=30)
+
+    r = raw("/v1/chat/completions", '{"model": "x\\ud800", "messages": [{"role": "user", "content": "hi"}]}')
+    assert "\\ud800" in assert_openai_error(r, 404, code="model_not_found")["message"]
+    assert_openai_error(
+        raw("/v1/completions", '{"model": "tiny", "prompt": "a\\udc00"}'), 400, param="prompt"
+    )
 
 
 def test_malformed_json_and_wrong_shapes(tiny_server):

@@ -117,6 +117,11 @@ def test_unknown_tenant_and_bad_names(registry):
         registry.load("nobody", "one")
     with pytest.raises(AdapterError, match="not found"):
         registry.load("t", "ghost")
+    with pytest.raises(AdapterError):  # the name pattern ended in $, which let a trailing newline in
+        registry.load("t", "one\n", path="one")
+    for path in ("one\x00", "x" * 256, "/\ud800"):  # a NUL, a name too long, no UTF-8: were 500s
+        with pytest.raises(AdapterError, match="not a usable file system path"):
+            registry.load("t", "fresh", path=path)
 
 
 def test_retire_evicts_once_unused_and_pins_hold(tiny_runner, registry):

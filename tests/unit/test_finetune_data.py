@@ -35,3 +35,30 @@ def test_validation_counts_examples_and_skips_blank_lines():
         validate_jsonl(
             line + b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}'
         )
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        # two examples apart by U+2028 (no line break for JSON Lines): splitlines took them as two lines,
+        # the trainer as one, and failed the job
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\u2028'
+         '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', "not valid JSON"),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\\ud800"}]}', "surrogate"),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}', "weight 0"),
+        # U+2028 inside a string is valid JSON: one example, for the validator and the trainer alike
+        ('{"messages": [{"role": "user", "content": "a\u2028b"}, {"role": "assistant", "content": "c"}]}', None),
+    ],
+)  # fmt: skip
+def test_files_the_trainer_cannot_use_are_refused_at_upload(tmp_path, raw, reason):
+    """The first three passed validation and then failed the job."""
+    from mygpt.finetune.data import read_examples
+
+    if reason is not None:
+        with pytest.raises(DataError, match=reason):
+            validate_jsonl(raw.encode())
+        return
+    assert validate_jsonl(raw.encode()) == 1
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(raw.encode())
+    assert read_examples(path)[0][0]["content"] == "a\u2028b"

@@ -154,6 +154,7 @@ def test_naive_engine_guides_too(tiny_model, tokenizer, grammars):
         ({"type": "objekt"}, "objekt"),
         ({"type": "string", "pattern": "(("}, "unclosed group"),
         ({"$ref": "#/$defs/missing"}, "missing"),
+        ({"$ref": "#"}, "no JSON value satisfies"),  # compiles, but no token can start it
         ([1, 2], "JSON object"),
     ],
 )

@@ -12,7 +12,7 @@ from mygpt.api.auth import admin, caller
 from mygpt.api.errors import APIError, invalid
 from mygpt.api.protocol import LoadAdapterRequest, VLLMLoadLoRARequest, VLLMUnloadLoRARequest
 from mygpt.engine.types import AdapterRef
-from mygpt.lora.registry import AdapterConflict, AdapterEntry, AdapterRegistry
+from mygpt.lora.registry import AdapterConflict, AdapterEntry, AdapterRegistry, usable_path
 from mygpt.lora.weights import AdapterError
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
@@ -127,7 +127,7 @@ def _vllm_name(
     or the only tenant there is."""
     if "/" in lora_name:
         tenant, _, lora_name = lora_name.partition("/")
-    elif tenant is None and path is not None:
+    elif tenant is None and path is not None and usable_path(path):
         real = Path(path).resolve() if Path(path).is_absolute() else (registry.root / path).resolve()
         tenant = next((t for t in registry.tenants if registry.store_of(t).resolve() in real.parents), None)
     if tenant is None and len(registry.tenants) == 1:

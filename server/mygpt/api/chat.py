@@ -172,8 +172,11 @@ class ChatService:
         if len(stops) > self.limits.max_stop_sequences:
             raise invalid(f"stop accepts at most {self.limits.max_stop_sequences} sequences.", param="stop")
         for key in req.logit_bias or {}:
-            if not 0 <= int(key) < self.vocab_size:
-                raise invalid(f"logit_bias token id {key} is out of the vocabulary.", param="logit_bias")
+            if not (key.isascii() and key.isdigit()) or not 0 <= int(key) < self.vocab_size:
+                raise invalid(
+                    f"logit_bias keys are token ids in the vocabulary (0 to {self.vocab_size - 1}), got {key!r}.",
+                    param="logit_bias",
+                )
 
     def _refuse_unsupported(self, req: ChatCompletionRequest) -> None:
         # B2: honoured or refused with the parameter named, never silently ignored
@@ -223,6 +226,10 @@ class ChatService:
         content = m.content
         if isinstance(content, list):
             other = [p.type for p in content if not isinstance(p, TextPart)]
+            if "text" in other:  # a text part that failed TextPart: its text is missing or no string
+                raise invalid(
+                    "a content part of type 'text' needs a string 'text'.", param=f"messages.[{i}].content"
+                )
             if other:
                 raise invalid(
                     f"content part type '{other[0]}' is not supported; only 'text'.",

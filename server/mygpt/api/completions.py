@@ -63,7 +63,10 @@ async def prepare(chat: ChatService, principal: Principal, req: CompletionReques
 
     def render(prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            ids = chat.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            try:
+                ids = chat.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            except Exception as exc:  # e.g. a lone surrogate, which is no UTF-8
+                raise invalid(f"The prompt could not be tokenized: {exc}", param="prompt") from exc
         else:
             bad = next((t for t in prompt if not 0 <= t < chat.vocab_size), None)
             if bad is not None:

@@ -40,6 +40,8 @@ class APIError(Exception):
         type: str | None = None,
         headers: dict[str, str] | None = None,
     ):
+        # a message may quote the request, lone UTF-16 surrogates included: JSON bodies are UTF-8
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(
@@ -49,6 +51,10 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(ErrorResponse(error=self.info).model_dump(), self.status, headers=self.headers)
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:

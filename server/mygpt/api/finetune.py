@@ -137,7 +137,7 @@ async def create_job(body: CreateJob, request: Request, principal: Principal = D
     for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
         if file_id is not None and state.finetune_store.get_file(tenant, file_id) is None:
             raise _no_file(file_id, param)
-    if body.suffix is not None and not SUFFIX.match(body.suffix):
+    if body.suffix is not None and not SUFFIX.fullmatch(body.suffix):
         raise invalid("suffix: up to 40 lowercase letters, digits and '-'.", param="suffix")
     hp = {}
     for key, default in DEFAULTS.items():
@@ -191,7 +191,8 @@ async def job_events(
 ) -> dict:
     _find_job(request, principal, job_id)
     limit = max(1, min(limit, 1000))
-    seq = int(after.removeprefix("ftevent-")) if after and after.removeprefix("ftevent-").isdigit() else None
+    cursor = (after or "").removeprefix("ftevent-")
+    seq = int(cursor) if cursor.isascii() and cursor.isdigit() and len(cursor) <= 18 else None  # SQLite int64
     rows = _state(request).finetune_store.events(job_id, limit + 1, seq)
     data = [
         {"object": "fine_tuning.job.event", "id": f"ftevent-{r['seq']}", "created_at": r["created_at"],

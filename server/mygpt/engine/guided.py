@@ -61,7 +61,7 @@ class Guide:
 
     @property
     def error(self) -> str:
-        return self._matcher.get_error()
+        return _clean(self._matcher.get_error())
 
 
 class Grammars:
@@ -100,6 +100,13 @@ class Grammars:
         matcher = LLMatcher(self._llg_tokenizer(), source, log_level=0)
         if matcher.is_error():
             raise GrammarError(_clean(matcher.get_error()))
+        probe = matcher.deep_copy()  # the first step: a grammar no token can start fails only here
+        probe.compute_bitmask()
+        if probe.is_error():
+            raise GrammarError(
+                "no JSON value satisfies the schema (a $ref that only refers to itself, say): "
+                + _clean(probe.get_error())
+            )
         return Grammar(matcher, source)
 
     def _llg_tokenizer(self) -> Any:
@@ -112,8 +119,8 @@ class Grammars:
 
 
 def _clean(message: str) -> str:
-    # llguidance prefixes its errors with where they arose in the library; the user needs the reason
-    return message.removeprefix("Grammar error: ").strip()
+    """llguidance's error without its prefix and the parser state it may dump after it."""
+    return message.removeprefix("Grammar error: ").split("\n<state>", 1)[0].strip()[:500]
 
 
 def mask_logits(logits: torch.Tensor, allowed: dict[int, bytes]) -> torch.Tensor:

@@ -21,7 +21,7 @@ def validate_jsonl(raw: bytes, max_examples: int = 100_000) -> int:
     except UnicodeDecodeError as exc:
         raise DataError(f"the file is not UTF-8 text (byte {exc.start})") from None
     count = 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         example = _parse(line, number)
@@ -36,8 +36,14 @@ def validate_jsonl(raw: bytes, max_examples: int = 100_000) -> int:
 
 def read_examples(path) -> list[list[dict[str, str]]]:
     """The messages of every example in a validated file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["messages"] for line in f if line.strip()]
+    with open(path, "rb") as f:
+        return [json.loads(line)["messages"] for line in _lines(f.read().decode("utf-8")) if line.strip()]
+
+
+def _lines(text: str) -> list[str]:
+    """JSON Lines: lines end at \\n (\\r\\n too). Not str.splitlines: U+2028 or \\x85 may stand
+    unescaped inside a JSON string."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _parse(line: str, number: int) -> Any:
@@ -63,10 +69,14 @@ def _check(example: Any, number: int) -> None:
             )
         if not isinstance(m.get("content"), str) or not m["content"].strip():
             raise DataError(f"line {number}: messages[{i}].content must be a non-empty string")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"line {number}: messages[{i}].content holds a lone UTF-16 surrogate") from None
         if "weight" in m and m["weight"] not in (0, 1):
             raise DataError(f"line {number}: messages[{i}].weight must be 0 or 1")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"line {number}: no assistant message to learn from")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages):
+        raise DataError(f"line {number}: no assistant message to learn from (none, or all weight 0)")
 
 
 @dataclass

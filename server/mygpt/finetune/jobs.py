@@ -25,7 +25,7 @@ from mygpt.lora.registry import AdapterRegistry
 from mygpt.lora.weights import AdapterError
 
 log = logging.getLogger(__name__)
-SUFFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+SUFFIX = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")  # fullmatch
 
 
 class JobManager:

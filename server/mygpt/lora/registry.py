@@ -23,7 +23,16 @@ from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError, LoRAWeights, read_
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # fullmatch (no trailing newline)
+
+
+def usable_path(path: str) -> bool:
+    """Text that names a path here: UTF-8 (no lone surrogate), no NUL, no component over 255 bytes."""
+    try:
+        raw = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return b"\0" not in raw and all(len(part) <= 255 for part in raw.split(b"/"))
 
 
 class AdapterConflict(AdapterError):
@@ -102,7 +111,7 @@ class AdapterRegistry:
 
     def get(self, tenant: str, name: str) -> AdapterEntry | None:
         """The routable adapter `name` of `tenant`, finding it in the store if it just appeared."""
-        if tenant not in self.tenants or not ADAPTER_NAME.match(name):
+        if tenant not in self.tenants or not ADAPTER_NAME.fullmatch(name):
             return None
         with self._lock:
             entry = self._entries.get((tenant, name))
@@ -121,7 +130,7 @@ class AdapterRegistry:
             names = {n for (tt, n) in list(self._entries) if tt == t}
             store = self.store_of(t)
             if store.is_dir():
-                names |= {p.name for p in store.iterdir() if ADAPTER_NAME.match(p.name)}
+                names |= {p.name for p in store.iterdir() if ADAPTER_NAME.fullmatch(p.name)}
             out += [e for n in sorted(names) if (e := self.get(t, n)) is not None]
         return out
 
@@ -185,7 +194,7 @@ class AdapterRegistry:
         A taken name with another path raises AdapterConflict unless `replace`."""
         if tenant not in self.tenants:
             raise AdapterError(f"unknown tenant '{tenant}'")
-        if not ADAPTER_NAME.match(name):
+        if not ADAPTER_NAME.fullmatch(name):
             raise AdapterError(f"invalid adapter name {name!r}: letters, digits and . _ : - (at most 128)")
         where = self.resolve_path(tenant, name, path)
         with self._flights[(tenant, name)]:
@@ -232,6 +241,8 @@ class AdapterRegistry:
         return entry
 
     def resolve_path(self, tenant: str, name: str, path: str | None) -> Path:
+        if path is not None and not usable_path(path):
+            raise AdapterError(f"adapter '{name}': path {path!r} is not a usable file system path")
         store = self.store_of(tenant)
         candidate = Path(path) if path else store / name
         if not candidate.is_absolute():

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 log = logging.getLogger(__name__)
 
-TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch
 ADMIN_FILE = "admin"
 
 
@@ -76,7 +76,7 @@ class TenancyFile(BaseModel):
     @classmethod
     def _names(cls, tenants: dict[str, TenantSpec]) -> dict[str, TenantSpec]:
         for name in tenants:
-            if not TENANT_NAME.match(name) or name == ADMIN_FILE:
+            if not TENANT_NAME.fullmatch(name) or name == ADMIN_FILE:
                 raise ValueError(
                     f"tenant name {name!r}: use lowercase letters, digits, '-' and '_' (and not 'admin')"
                 )
