@@ -172,7 +172,7 @@ class ChatService:
         if len(stops) > self.limits.max_stop_sequences:
             raise invalid(f"stop accepts at most {self.limits.max_stop_sequences} sequences.", param="stop")
         for key in req.logit_bias or {}:
-            if not (key.isascii() and key.isdigit()) or not 0 <= int(key) < self.vocab_size:
+            if not 0 <= int(key) < self.vocab_size:  # the keys are ASCII digits (protocol.py)
                 raise invalid(
                     f"logit_bias keys are token ids in the vocabulary (0 to {self.vocab_size - 1}), got {key!r}.",
                     param="logit_bias",

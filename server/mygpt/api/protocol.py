@@ -77,7 +77,7 @@ class ChatCompletionRequest(_Lenient):
     @classmethod
     def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not (key.isascii() and key.isdigit()):  # str.isdigit alone takes "²" and "５"
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
