@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from mygpt import __version__
 from mygpt.api.admin import router as admin_router
-from mygpt.api.errors import install_error_handlers
+from mygpt.api.errors import document_errors, install_error_handlers
 from mygpt.api.finetune import router as finetune_router
 from mygpt.api.routes import router
 from mygpt.config import Settings
@@ -43,6 +43,7 @@ def build_app(
     app = FastAPI(title="mygpt", version=__version__, lifespan=lifespan)
     app.state.mygpt = state
     install_error_handlers(app)
+    document_errors(app)
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(finetune_router)

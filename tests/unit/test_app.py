@@ -118,3 +118,30 @@ async def test_fine_tuning_routes_when_off_or_starting():
     async with client_for(starting) as c:
         r = await c.get("/v1/files")
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "not_ready"
+
+
+def test_the_openapi_document_says_what_the_server_answers():
+    """No 422 (validation errors are 400s in OpenAI's shape), an error schema on every operation, and
+    the chat and text completions' 200 as JSON or server-sent events."""
+    spec = build_app(Settings(), ServerState(Settings(), Tenants(load_tenancy(None)))).openapi()
+    text = json.dumps(spec)
+    assert "422" not in spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "HTTPValidationError" not in text
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            assert op["responses"]["default"]["content"]["application/json"]["schema"] == error, (
+                method,
+                path,
+            )
+    assert set(spec["components"]["schemas"]["ErrorInfo"]["properties"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+    for path, model in (("/v1/chat/completions", "ChatCompletion"), ("/v1/completions", "Completion")):
+        content = spec["paths"][path]["post"]["responses"]["200"]["content"]
+        assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert "text/event-stream" in content
+    assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]

@@ -108,3 +108,31 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(
             500, "The server had an error while processing your request.", type="server_error"
         ).response()
+
+
+def document_errors(app: FastAPI) -> None:
+    """The OpenAPI document as the server answers: FastAPI's generated 422 (HTTPValidationError) is
+    never sent (validation errors are 400s in OpenAI's shape, C1), and any operation can answer an
+    error in OpenAI's shape (401, 403, 404, 413, 429, 503...)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(error.pop("$defs", {}))
+            schemas["ErrorResponse"] = error
+            ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+            for operations in spec["paths"].values():
+                for op in operations.values():
+                    responses = op.setdefault("responses", {})
+                    if responses.pop("422", None) is not None or "requestBody" in op:
+                        responses["400"] = {"description": "Invalid request", "content": ref}
+                    responses["default"] = {"description": "An error in OpenAI's shape", "content": ref}
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

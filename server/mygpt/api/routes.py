@@ -7,7 +7,7 @@ import contextlib
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -58,7 +58,7 @@ async def ready(request: Request) -> Response:
     return APIError(503, f"not ready: {reason}", code="not_ready", headers={"Retry-After": "5"}).response()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     """Prometheus text format; open like the probes (scrapers carry no tenant key)."""
     m = _state(request).metrics
@@ -100,7 +100,13 @@ def _card(request: Request, chat: ChatService, model: str) -> ModelCard:
     )  # fmt: skip
 
 
-@router.post("/v1/chat/completions", response_model=None)
+def _json_or_sse(model) -> dict:
+    """The 200 of an endpoint that answers JSON, or server-sent events with `stream: true`."""
+    sse = {"schema": {"type": "string", "description": "data: <chunk JSON> lines, then data: [DONE]"}}
+    return {200: {"model": model, "content": {"text/event-stream": sse}}}
+
+
+@router.post("/v1/chat/completions", response_model=None, responses=_json_or_sse(ChatCompletion))
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, principal: Principal = Depends(caller)
 ) -> ChatCompletion | Response:
@@ -111,7 +117,7 @@ async def chat_completions(
     return await _until_disconnected(request, chat.complete(body, gen, ticket))
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=_json_or_sse(Completion))
 async def text_completions(
     body: CompletionRequest, request: Request, principal: Principal = Depends(caller)
 ) -> Completion | Response:
