@@ -241,15 +241,19 @@ def parity(args, device: str, rows: list, report: dict) -> None:
 
 
 def write_served_model(path: Path, tiny: bool) -> None:
-    """A random Llama checkpoint with a word-level tokenizer and a chat template: no download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A random Llama checkpoint with a byte-level tokenizer (every byte a token, then filler tokens:
+    any text, JSON for the structured-output probe included) and a chat template: no download."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     vocab_size = 512 if tiny else 32000
     specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
-    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words = specials + sorted(pre_tokenizers.ByteLevel.alphabet())
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(words)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
     )
@@ -268,6 +272,44 @@ def write_served_model(path: Path, tiny: bool) -> None:
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+PROBE_SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}},
+    "required": ["id", "ok"],
+    "additionalProperties": False,
+}
+
+
+def structured_probe(base: str) -> str:
+    """A guided request over HTTP: the grammar masks and the batched top_p draw on the device (the
+    random model writes no JSON unguided)."""
+    import urllib.request
+
+    body = {
+        "model": "e2e", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "n": 4,
+        "temperature": 1.0, "top_p": 0.9, "seed": 1,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "probe", "schema": PROBE_SCHEMA}},
+    }  # fmt: skip
+    request = urllib.request.Request(
+        base + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as r:
+        choices = json.loads(r.read())["choices"]
+
+    def valid(choice: dict) -> bool:
+        try:
+            value = json.loads(choice["message"]["content"])
+        except ValueError:
+            return False
+        return (
+            choice["finish_reason"] == "stop" and set(value) == {"id", "ok"} and isinstance(value["ok"], bool)
+            and isinstance(value["id"], int) and 0 <= value["id"] <= 999
+        )  # fmt: skip
+
+    bad = [c["message"]["content"] for c in choices if not valid(c)]
+    return f"{len(choices)} of {len(choices)} valid" if not bad else f"INVALID: {bad[0][:80]!r}"
 
 
 def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> None:
@@ -325,6 +367,8 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
             rows.append(
                 (f"e2e: HTTP, {r['concurrency']} concurrent streams", f"{r['tokens_per_s']:.1f} tok/s")
             )
+        report["e2e_structured"] = structured_probe(base)
+        rows.append(("e2e: json_schema, 4 sampled choices, top_p 0.9", report["e2e_structured"]))
     finally:
         server.terminate()
         try:

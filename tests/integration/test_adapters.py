@@ -14,6 +14,7 @@ from mygpt.lora.synthetic import make_adapter
 
 BASE = "SmolLM2-135M-Instruct"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
+ADMIN = "sk-adapters-admin-0123456789"
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -25,7 +26,9 @@ def adapter_server(default_checkpoint, tmp_path_factory):
     make_adapter(default_checkpoint, root / "style-b", 16, ALL, seed=12)
     shutil.copytree(root / "style-a", root / "broken")
     (root / "broken" / "adapter_model.safetensors").write_bytes(b"not a tensor file")
-    server = ServerProcess("--adapter-dir", str(store), "--max-loras", "2", name="adapters").wait_ready()
+    server = ServerProcess(
+        "--adapter-dir", str(store), "--max-loras", "2", "--admin-key", ADMIN, name="adapters"
+    ).wait_ready()  # fmt: skip
     server.root = root
     yield server
     server.stop()
@@ -79,3 +82,22 @@ def test_unknown_and_broken_adapters(adapter_server):
     assert r.status_code == 400 and "corrupt" in r.json()["error"]["message"]
     r = httpx.post(url, json={"model": "style-a", "messages": ASK, "max_tokens": 3}, timeout=60)
     assert r.status_code == 200
+
+
+def test_the_last_slot_is_never_pinned(adapter_server):
+    """With 2 slots, 1 can be pinned: pinning a second is a 400 that leaves it loaded and unpinned
+    (before, every slot pinned made any other adapter's request wait for ever, and the whole queue
+    behind it)."""
+    admin, key = adapter_server.base_url + "/v1/admin/adapters", {"Authorization": f"Bearer {ADMIN}"}
+    body = {"tenant": "default", "name": "style-a", "pinned": True}
+    r = httpx.post(admin, json=body, headers=key, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(admin, json={**body, "name": "style-b"}, headers=key, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_slots_full"
+    assert "loaded, not pinned" in r.json()["error"]["message"]
+    listed = {a["name"]: a for a in httpx.get(admin, headers=key, timeout=30).json()["data"]}
+    assert listed["style-a"]["pinned"] and not listed["style-b"]["pinned"]
+    url = adapter_server.base_url + "/v1/chat/completions"
+    for model in ("style-b", BASE):  # the unpinned slot still serves every other adapter
+        r = httpx.post(url, json={"model": model, "messages": ASK, "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200, r.text

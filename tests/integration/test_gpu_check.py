@@ -39,4 +39,5 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert "e2e_error" not in report, report.get("e2e_error")
     levels = {r["concurrency"]: r for r in report["e2e_bench"]}
     assert set(levels) == {1, 32} and all(r["errors"] == 0 and r["tokens_per_s"] > 0 for r in levels.values())
+    assert report["e2e_structured"] == "4 of 4 valid"
     assert "mygpt engine (static), 32 streams / 32 adapters" in done.stdout  # the table, printed last

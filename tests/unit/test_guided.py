@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from mygpt.engine.engine import Engine
-from mygpt.engine.guided import GrammarError, Grammars, _bias_on_host, _keep_on_device, mask_logits
+from mygpt.engine.guided import (
+    GrammarError,
+    Grammars,
+    _bias_on_host,
+    _keep_on_device,
+    _mask_on_device,
+    mask_logits,
+)
 from mygpt.engine.naive import NaiveEngine
 from mygpt.engine.runner import ModelRunner
 from mygpt.engine.types import FinishReason
@@ -78,9 +85,12 @@ def test_mask_keeps_exactly_the_allowed_tokens():
             assert out[i, t] == (logits[i, t] if allowed else float("-inf"))
     short = mask_logits(logits, {1: b"\xff" * 100})  # a mask shorter than the row: the rest is not allowed
     assert torch.isfinite(short[1, :800]).all() and torch.isinf(short[1, 800:]).all()
-    for mask in [*masks.values(), b"\xff" * 100]:  # the GPU's unpacking (run here on the CPU) agrees
+    on_gpu = logits.clone()  # the GPU's path, run here on the CPU, agrees
+    _mask_on_device(on_gpu, masks)
+    assert torch.equal(on_gpu, out)
+    for mask in [*masks.values(), b"\xff" * 100]:
         assert torch.equal(
-            _keep_on_device(mask, vocab, torch.device("cpu")),
+            _keep_on_device([mask], vocab, torch.device("cpu"))[0],
             torch.isfinite(torch.from_numpy(_bias_on_host(mask, vocab))),
         )
 
@@ -161,3 +171,20 @@ def test_naive_engine_guides_too(tiny_model, tokenizer, grammars):
 def test_bad_schemas_are_refused_with_the_reason(grammars, schema, message):
     with pytest.raises(GrammarError, match=message):
         grammars.json(schema)
+
+
+def test_a_tokenizer_llguidance_cannot_read_costs_structured_outputs_only():
+    """The server still starts and serves: response_format is refused (400), logprob bytes fall back
+    to each token decoded alone."""
+
+    class Odd:  # no HF fast tokenizer inside
+        def __len__(self):
+            return 3
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join("abc"[i] for i in ids)
+
+    grammars = Grammars(Odd(), 3)
+    with pytest.raises(GrammarError, match="structured outputs are unavailable"):
+        grammars.json(None)
+    assert grammars.token_bytes(1) == b"b"

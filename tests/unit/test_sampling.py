@@ -83,3 +83,31 @@ def test_top_p_from_the_head_equals_a_full_sort():
         for top_p in (0.1, 0.5, 0.9, 0.99):
             for u in torch.rand(25):
                 assert _top_p_one(probs, top_p, u) == order[_draw(_nucleus(values, top_p), u)][0]
+
+
+def test_the_gpus_batched_top_p_draws_what_the_cpus_row_by_row_draws():
+    """The GPU path (one sort of every row, kept for the top_p rows only), run here on the CPU."""
+    from mygpt.engine.sampling import _sample_random
+
+    torch.manual_seed(4)
+    logits = torch.randn(6, 3000) * 3
+    top_ps = [1.0, 0.9, 0.5, 1.0, 0.99, 0.2]
+
+    def rows(seed):
+        return [RowSampler(SamplingParams(max_tokens=8, top_p=p), seed + i) for i, p in enumerate(top_ps)]
+
+    for seed in range(10):
+        batched = _sample_random(logits, rows(seed), batched_sort=True)
+        assert torch.equal(batched, _sample_random(logits, rows(seed), batched_sort=False))
+
+
+def test_a_draw_of_zero_never_picks_a_token_of_probability_zero():
+    """torch.rand can return exactly 0; a left-side search then picked token 0 whatever its
+    probability (a token a grammar forbids, say)."""
+    from mygpt.engine.sampling import _draw
+
+    probs = torch.zeros(1000)
+    probs[10], probs[500] = 0.3, 0.7
+    assert _draw(probs, torch.tensor(0.0)).item() == 10
+    assert _draw(probs, torch.tensor(0.2)).item() == 10 and _draw(probs, torch.tensor(0.5)).item() == 500
+    assert _draw(probs, torch.tensor(0.9999999)).item() == 500

@@ -100,7 +100,12 @@ async def _load(
     except AdapterError as exc:
         raise invalid(str(exc), param="path", code="invalid_adapter") from exc
     if entry.pinned:
-        await state.pin_adapter(AdapterRef(entry.key, entry.weights))
+        try:
+            await state.pin_adapter(AdapterRef(entry.key, entry.weights))
+        except APIError as exc:  # loaded and routable, not pinned: say so, and list it so
+            entry.pinned = False
+            exc.info.message += " The adapter is loaded, not pinned."
+            raise
     return entry, changed
 
 

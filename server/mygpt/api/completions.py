@@ -60,6 +60,13 @@ async def prepare(chat: ChatService, principal: Principal, req: CompletionReques
         raise invalid(
             f"prompt holds {len(prompts)} prompts; at most {chat.limits.max_prompts}.", param="prompt"
         )
+    capacity = chat.tenants.capacity(principal)  # each prompt is a request to the tenant's limits
+    if capacity is not None and len(prompts) > capacity:
+        raise invalid(
+            f"prompt holds {len(prompts)} prompts, but this API key's limits admit at most {capacity} "
+            "requests at once; send fewer prompts per request.",
+            param="prompt",
+        )
 
     def render(prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -90,7 +97,7 @@ async def prepare(chat: ChatService, principal: Principal, req: CompletionReques
             admitted.append(await chat.admit(principal, req.model, adapter, one, params, "cmpl", arrival))
     except BaseException:
         for _, ticket in admitted:  # a later prompt was refused: none of them runs, none is usage
-            ticket.finish(None)
+            ticket.withdraw()
         raise
     return Prompts(prompts, [g for g, _ in admitted], [t for _, t in admitted])
 
@@ -132,11 +139,12 @@ def _submit(chat: ChatService, batch: Prompts) -> AsyncIterator[TokenEvent]:
     try:
         for gen, ticket in zip(batch.gens, batch.tickets, strict=True):
             streams.append(chat.submit(gen, ticket))
-    except BaseException:
-        for gen in batch.gens[: len(streams)]:
+    except BaseException:  # prompt k refused (its ticket: rejected); the others never count
+        for gen, ticket in zip(batch.gens[: len(streams)], batch.tickets, strict=False):
+            ticket.withdraw()  # before the abort: the engine's final event finds it finished
             chat.engine.abort(gen.request_id)
         for ticket in batch.tickets[len(streams) + 1 :]:
-            ticket.finish(None)
+            ticket.withdraw()
         raise
     return streams[0] if len(streams) == 1 else _merged(streams, batch.gens[0].params.n)
 

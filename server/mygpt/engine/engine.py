@@ -242,7 +242,10 @@ class Engine(EngineThread):
             self._busy_since = time.monotonic()
             try:
                 self.step()
-            except Exception as exc:  # a failed step fails its rows, never the engine
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # a failed step fails its rows, never the engine (a panic in
+                # native code, llguidance's say, arrives as a BaseException)
                 log.exception("engine step failed")
                 self.stats.errors += 1
                 self._fail_all(f"engine error: {type(exc).__name__}: {exc}")

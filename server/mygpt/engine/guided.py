@@ -14,11 +14,14 @@ engine only copies the compiled matcher for each row. llguidance is imported on 
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 # JSON as models mostly saw it: ", " and ": " between items, no other whitespace. Free whitespace lets a
 # weak model fill max_tokens with blanks inside an open object (measured with the test models).
@@ -71,8 +74,10 @@ class Grammars:
 
     def __init__(self, tokenizer: Any, vocab_size: int):
         self._hf_tokenizer = tokenizer
+        # the logits' width; a tokenizer may hold more tokens than the model has rows (never sampled)
         self.vocab_size = vocab_size
         self._tokenizer = None
+        self._unavailable: str | None = None  # why llguidance cannot read this tokenizer
         self._lock = threading.Lock()
 
     def json(self, schema: dict[str, Any] | bool | None) -> Grammar:
@@ -91,8 +96,12 @@ class Grammars:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The token's own bytes, which may be part of a UTF-8 character (byte-level BPE pieces of an
-        emoji, say); a special token's are its text."""
-        return self._llg_tokenizer().decode_bytes([token_id])
+        emoji, say); a special token's are its text. Without llguidance's view of the tokenizer: the
+        token decoded alone (a piece of a character becomes U+FFFD)."""
+        try:
+            return self._llg_tokenizer().decode_bytes([token_id])
+        except GrammarError:
+            return self._hf_tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def _compile(self, source: str) -> Grammar:
         from llguidance import LLMatcher
@@ -110,11 +119,24 @@ class Grammars:
         return Grammar(matcher, source)
 
     def _llg_tokenizer(self) -> Any:
+        """llguidance's view of the tokenizer; GrammarError if it cannot read it (the server still
+        serves, without structured outputs)."""
         with self._lock:
-            if self._tokenizer is None:
-                import llguidance.hf
+            if self._tokenizer is None and self._unavailable is None:
+                try:
+                    import llguidance.hf
 
-                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size)
+                    n_vocab = max(self.vocab_size, len(self._hf_tokenizer))
+                    self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=n_vocab)
+                except Exception as exc:
+                    self._unavailable = f"{type(exc).__name__}: {exc}"
+                    log.warning(
+                        "structured outputs are unavailable for this tokenizer: %s", self._unavailable
+                    )
+            if self._tokenizer is None:
+                raise GrammarError(
+                    f"structured outputs are unavailable for this model's tokenizer ({self._unavailable})"
+                )
             return self._tokenizer
 
 
@@ -128,12 +150,20 @@ def mask_logits(logits: torch.Tensor, allowed: dict[int, bytes]) -> torch.Tensor
     bitmask allows (the others become -inf); token ids past the bitmask are disallowed."""
     out = logits.clone(memory_format=torch.contiguous_format)
     vocab = out.shape[-1]
-    for i, mask in allowed.items():
-        if out.device.type == "cpu":  # numpy unpacks bits ~10x faster than torch's CPU kernels here
+    if out.device.type == "cpu":  # numpy unpacks bits ~10x faster than torch's CPU kernels here
+        for i, mask in allowed.items():
             out[i] += torch.from_numpy(_bias_on_host(mask, vocab)).to(out.dtype)
-        else:  # a GPU: 1 bit per token crosses the bus, unpacked there
-            out[i].masked_fill_(~_keep_on_device(mask, vocab, out.device), float("-inf"))
+    elif allowed:
+        _mask_on_device(out, allowed)
     return out
+
+
+def _mask_on_device(out: torch.Tensor, allowed: dict[int, bytes]) -> None:
+    """mask_logits on a GPU, in place: every guided row's bits in one copy (1 bit per token), unpacked
+    there, one masked fill."""
+    rows = torch.tensor(list(allowed), device=out.device)
+    keep = _keep_on_device(list(allowed.values()), out.shape[-1], out.device)  # [R, V]
+    out[rows] = out[rows].masked_fill(~keep, float("-inf"))
 
 
 def _bias_on_host(mask: bytes, vocab: int) -> np.ndarray:
@@ -146,11 +176,15 @@ def _bias_on_host(mask: bytes, vocab: int) -> np.ndarray:
     return bias
 
 
-def _keep_on_device(mask: bytes, vocab: int, device: torch.device) -> torch.Tensor:
-    """[vocab] bool on `device`: True where the bitmask allows the token."""
-    words = torch.frombuffer(bytearray(mask), dtype=torch.uint8).to(device, non_blocking=True)
+def _keep_on_device(masks: list[bytes], vocab: int, device: torch.device) -> torch.Tensor:
+    """[R, vocab] bool on `device`: True where row r's bitmask allows the token (bitmasks of one
+    grammar tokenizer all have the same length)."""
+    packed = torch.from_numpy(np.stack([np.frombuffer(m, dtype=np.uint8) for m in masks]))
+    if device.type == "cuda":
+        packed = packed.pin_memory()  # an asynchronous copy, ordered before the kernels below
+    words = packed.to(device, non_blocking=True)
     shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    keep = ((words[:, None] >> shifts) & 1).view(-1)[:vocab].bool()
-    if keep.shape[0] < vocab:
-        keep = torch.cat([keep, keep.new_zeros(vocab - keep.shape[0])])
+    keep = ((words[:, :, None] >> shifts) & 1).view(len(masks), -1)[:, :vocab].bool()
+    if keep.shape[1] < vocab:
+        keep = torch.cat([keep, keep.new_zeros(len(masks), vocab - keep.shape[1])], dim=1)
     return keep

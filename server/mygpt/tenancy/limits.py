@@ -98,6 +98,14 @@ class TenantLimiter:
                 self._requests.take(1)
             self.active += 1
 
+    def refund(self, tokens: int) -> None:
+        """Gives back one admitted request and `tokens` charged for it (it never ran)."""
+        with self._lock:
+            for bucket, amount in ((self._requests, 1), (self._tokens, tokens)):
+                if bucket is not None and amount:
+                    bucket._refill()
+                    bucket.level = min(bucket.capacity, bucket.level + amount)
+
     def charge(self, tokens: int) -> None:
         if self._tokens is not None:
             with self._lock:

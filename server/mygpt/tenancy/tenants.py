@@ -48,12 +48,23 @@ class Ticket:
         self.adapter = adapter  # the adapter's name, None for the base model (metrics label)
         self.arrival = time.monotonic()  # when the request arrived (the API may set it earlier)
         self._limiter = limiter
+        self._charged = 0  # prompt tokens charged to the limiter
         self._done = False
         self._lock = threading.Lock()
 
     def charge(self, prompt_tokens: int) -> None:
         if self._limiter is not None:
             self._limiter.charge(prompt_tokens)
+            self._charged += prompt_tokens
+
+    def withdraw(self) -> None:
+        """The request never ran (another prompt of its batch was refused): what it took from the
+        per-minute budgets goes back, and nothing is recorded."""
+        with self._lock:
+            done = self._done
+        if not done and self._limiter is not None:
+            self._limiter.refund(self._charged)
+        self.finish(None)
 
     def finish(
         self,
@@ -130,6 +141,15 @@ class Tenants:
 
     def authenticate(self, authorization: str | None) -> Principal | None:
         return self.auth.authenticate(authorization)
+
+    def capacity(self, principal: Principal) -> int | None:
+        """The most requests the caller's limits could ever admit at once (None: no such limit): a
+        batch of more can never pass, however long it retries."""
+        limiter = self.limiters.get(principal.tenant) if principal.tenant else None
+        if limiter is None:
+            return None
+        caps = [c for c in (limiter.limits.max_concurrent, limiter.limits.requests_per_minute) if c]
+        return min(caps) if caps else None
 
     def admit(self, principal: Principal, model: str, adapter: str | None = None) -> Ticket:
         """A ticket for one request, or RateLimited (counted as rejected)."""
