@@ -95,6 +95,30 @@ def test_several_prompts_in_one_request(client, tokenizer):
     assert [c.text for c in r.choices] == [a.choices[0].text for a in alone[1:]]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, tokenizer):
+    """What evaluation harnesses send (lm-eval's local-completions: token-id prompts in a batch, echo,
+    logprobs=1, max_tokens=1): every prompt token but the first gets its logprob under the model, and
+    agrees with what the model gives for that position when the prompt stops there."""
+    ids = tokenizer(PROMPT + " red, yellow and blue.")["input_ids"]
+    other = tokenizer("Once upon a time")["input_ids"]
+    r = client.completions.create(
+        model=MODEL, prompt=[ids, other], echo=True, logprobs=5, max_tokens=1, temperature=0
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[: len(ids)]) == tokenizer.decode(ids) and lp.text_offset[0] == 0
+    assert len(r.choices[1].logprobs.tokens) == len(other) + 1
+    for k in (3, len(ids) - 1):  # the prompt cut before token k: the model's next-token logprobs there
+        cut = client.completions.create(model=MODEL, prompt=ids[:k], max_tokens=1, logprobs=5, temperature=0)
+        alternatives = cut.choices[0].logprobs.top_logprobs[0]
+        for token, value in lp.top_logprobs[k].items():
+            if token in alternatives:
+                assert abs(alternatives[token] - value) < 2e-3, (k, token)
+        assert set(alternatives) & set(lp.top_logprobs[k])
+
+
 def test_legacy_logprobs(client):
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
@@ -122,7 +146,7 @@ def test_legacy_logprobs(client):
         ({"prompt": ["one"] * 33}, "prompt"),  # more prompts than MYGPT_MAX_PROMPTS (32)
         ({"prompt": ["one", ""]}, "prompt"),  # any prompt refused refuses the request
         ({"best_of": 3}, "best_of"),
-        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"echo": True, "logprobs": 1, "stream": True}, "echo"),
         ({"prompt": [1, 2, 10**9]}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"max_tokens": 10**6}, "max_tokens"),

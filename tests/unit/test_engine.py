@@ -241,3 +241,30 @@ def test_a_request_that_cannot_start_gives_its_slots_back(make_engine, monkeypat
     c.submit(engine, "good", PROMPTS[0], n=2, max_tokens=3)  # needs both slots
     c.wait()
     assert c.finish("good", 0) == c.finish("good", 1) == FinishReason.LENGTH
+
+
+def test_prompt_logprobs_are_the_models_own_in_any_chunking_and_batch(make_engine, tiny_model):
+    """Each prompt token but the first, scored by the logits before it: as a whole-prompt HF forward
+    gives them, whether the prompt is prefilled in one chunk or in four, alone or in a busy batch."""
+    prompt = PROMPTS[2]  # 60 tokens
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny_model(torch.tensor([prompt])).logits[0].float(), -1)
+    want = [float(ref[p, prompt[p + 1]]) for p in range(len(prompt) - 1)]
+    got = {}
+    for budget in (512, 16):
+        engine = make_engine(max_num_batched_tokens=budget)
+        c = Collector()
+        for i, p in enumerate(PROMPTS):  # the others share the steps
+            c.submit(engine, f"other{i}", p, max_tokens=6)
+        c.submit(engine, "scored", prompt, max_tokens=2, temperature=0.0, prompt_logprobs=3)
+        c.wait()
+        first = c.events["scored"][0]
+        assert first.prompt_logprobs is not None and all(
+            e.prompt_logprobs is None for e in c.events["scored"][1:]
+        )
+        lps = first.prompt_logprobs
+        assert [lp.token_id for lp in lps] == prompt[1:] and all(len(lp.top) == 3 for lp in lps)
+        assert all(lp.top[0][1] >= lp.logprob - 1e-6 for lp in lps)
+        got[budget] = [lp.logprob for lp in lps]
+        torch.testing.assert_close(torch.tensor(got[budget]), torch.tensor(want), atol=1e-4, rtol=1e-4)
+    assert all(c.events[f"other{i}"][0].prompt_logprobs is None for i in range(len(PROMPTS)))

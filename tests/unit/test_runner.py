@@ -81,10 +81,12 @@ def test_one_step_mixing_decode_rows_and_prefill_chunks_matches_hf(model_type):
         ref_c = model(torch.tensor([c])).logits[0]
     runner.prefill(0, a, 0)
     runner.prefill(2, b[:3], 0)  # b's first chunk earlier; its second chunk rides with a's decode
-    dec, last = runner.step([DecodeRow(0, 13, len(a))], [PrefillChunk(2, b[3:], 3), PrefillChunk(3, c, 0)])
+    chunks = [PrefillChunk(2, b[3:], 3), PrefillChunk(3, c, 0, all_logits=True)]  # c: every position's
+    dec, out = runner.step([DecodeRow(0, 13, len(a))], chunks)
     torch.testing.assert_close(dec[0], ref_a[len(a)], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(last[0], ref_b[-1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(last[1], ref_c[-1], atol=1e-4, rtol=1e-4)
+    assert out[0].shape == (1, ref_b.shape[-1]) and out[1].shape == ref_c.shape
+    torch.testing.assert_close(out[0][0], ref_b[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], ref_c, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

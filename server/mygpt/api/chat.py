@@ -385,6 +385,7 @@ class Collected:
     logprobs: list[list[TokenLogprob]]
     reasons: list[str | None]
     usage: Usage
+    prompt_logprobs: list[list[TokenLogprob]]  # each choice's, if the request asked for them
 
 
 async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> Collected:
@@ -394,16 +395,19 @@ async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> 
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     completion = [0] * n
+    prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     async with contextlib.aclosing(events):
         async for ev in events:
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
                 raise APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
             texts[ev.index].append(ev.text)
             logprobs[ev.index] += ev.logprobs or []
+            prompt_logprobs[ev.index] += ev.prompt_logprobs or []
             completion[ev.index] = ev.completion_tokens
             if ev.finish_reason is not None:
                 reasons[ev.index] = ev.finish_reason.value
-    return Collected(["".join(t) for t in texts], logprobs, reasons, _usage(gen, sum(completion)))
+    usage = _usage(gen, sum(completion))
+    return Collected(["".join(t) for t in texts], logprobs, reasons, usage, prompt_logprobs)
 
 
 async def stream_payloads(

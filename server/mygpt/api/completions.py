@@ -3,8 +3,9 @@
 Shares the chat service's model resolution, tenant admission, engine submission and token texts;
 adds what this endpoint has of its own: prompts as text or token ids, several prompts in one request,
 `echo`, logprobs in the legacy shape (tokens, token_logprobs, top_logprobs as dicts, text_offset),
-`max_tokens` defaulting to 16. Refused with the parameter named (B2): `suffix`, `best_of` other than
-`n`, and `echo` together with `logprobs` (prompt logprobs are not computed).
+`max_tokens` defaulting to 16, and with `echo` and `logprobs` the prompt's own tokens scored (what
+evaluation harnesses such as lm-eval send). Refused with the parameter named (B2): `suffix`, `best_of`
+other than `n`, and `echo` with `logprobs` when streaming.
 
 Several prompts (a list of strings or of token-id lists, as LangChain's and LiteLLM's text clients
 send a batch): each prompt is its own engine request and tenant admission, all answered in one
@@ -86,9 +87,12 @@ async def prepare(chat: ChatService, principal: Principal, req: CompletionReques
     def params(prompt_len: int) -> SamplingParams:
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # an explicit null: the default
         logprobs = req.logprobs is not None
-        return chat.sampling_params(
+        sampling = chat.sampling_params(
             req, prompt_len, max_tokens, "max_tokens", "prompt", logprobs, req.logprobs or 0
         )
+        if req.echo and logprobs:  # the echoed prompt's tokens come with theirs (evaluation harnesses)
+            sampling = dataclasses.replace(sampling, prompt_logprobs=req.logprobs)
+        return sampling
 
     admitted: list[tuple[GenerationRequest, Ticket]] = []
     try:
@@ -116,8 +120,10 @@ def _refuse_unsupported(req: CompletionRequest) -> None:
         raise invalid("suffix (insertion) is not supported by this server.", param="suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise invalid("best_of is supported only equal to n.", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise invalid("echo with logprobs is not supported (no prompt logprobs).", param="echo")
+    if req.echo and req.logprobs is not None and req.stream:
+        raise invalid(
+            "echo with logprobs (prompt logprobs) is supported without streaming only.", param="echo"
+        )
 
 
 def _echoes(chat: ChatService, req: CompletionRequest, batch: Prompts) -> list[str]:
@@ -193,33 +199,41 @@ class _TextOffsets:
 
 
 def _legacy_logprobs(
-    chat: ChatService, lps: list[TokenLogprob], offsets: _TextOffsets, top: int
+    chat: ChatService, lps: list[TokenLogprob], offsets: _TextOffsets, top: int, first: int | None = None
 ) -> CompletionLogprobs:
     """OpenAI's legacy shape. Each top_logprobs dict holds the `top` most likely tokens and the sampled
-    one (so up to top + 1)."""
-    tokens = [chat.token_text(lp.token_id) for lp in lps]
-    text_offsets = [offsets.next(chat.token_bytes(lp.token_id)) for lp in lps]
-    tops = []
-    for lp, text in zip(lps, tokens, strict=True):
+    one (so up to top + 1). `first`: the echoed prompt's first token, which has no logprob (null)."""
+    ids = ([] if first is None else [first]) + [lp.token_id for lp in lps]
+    tokens = [chat.token_text(t) for t in ids]
+    text_offsets = [offsets.next(chat.token_bytes(t)) for t in ids]
+    tops: list[dict[str, float] | None] = [] if first is None else [None]
+    for lp, text in zip(lps, tokens[len(tops) :], strict=True):
         alternatives = {chat.token_text(t): v for t, v in lp.top[:top]}
         alternatives.setdefault(text, lp.logprob)
         tops.append(alternatives)
+    logprobs = ([] if first is None else [None]) + [lp.logprob for lp in lps]
     return CompletionLogprobs(
-        tokens=tokens, token_logprobs=[lp.logprob for lp in lps], top_logprobs=tops, text_offset=text_offsets
+        tokens=tokens, token_logprobs=logprobs, top_logprobs=tops, text_offset=text_offsets
     )
 
 
 async def complete(chat: ChatService, req: CompletionRequest, batch: Prompts) -> Completion:
     gen, echoes = batch.whole, _echoes(chat, req, batch)
     done = await collect(gen, _submit(chat, batch))
+    n, top = gen.params.n // len(batch.gens), req.logprobs or 0
+
+    def logprobs(i: int) -> CompletionLogprobs | None:
+        if not gen.params.logprobs:
+            return None
+        if gen.params.prompt_logprobs is None:
+            return _legacy_logprobs(chat, done.logprobs[i], _TextOffsets(len(echoes[i])), top)
+        # echo: the prompt's tokens first (its first token has no logprob), from the text's start
+        first = batch.gens[i // n].prompt_ids[0]
+        return _legacy_logprobs(chat, done.prompt_logprobs[i] + done.logprobs[i], _TextOffsets(0), top, first)
+
     choices = [
         CompletionChoice(
-            text=echo + done.texts[i],
-            index=i,
-            logprobs=_legacy_logprobs(chat, done.logprobs[i], _TextOffsets(len(echo)), req.logprobs or 0)
-            if gen.params.logprobs
-            else None,
-            finish_reason=done.reasons[i],
+            text=echo + done.texts[i], index=i, logprobs=logprobs(i), finish_reason=done.reasons[i]
         )
         for i, echo in enumerate(echoes)
     ]

@@ -184,8 +184,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None for the first prompt token (echo)
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

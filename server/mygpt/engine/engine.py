@@ -53,6 +53,7 @@ class Row:
     timings: Timings = None  # type: ignore[assignment]  # set by _new_row
     lora_slot: int = -1  # adapter slot, -1 = the base model
     guide: Guide | None = None  # structured output: where the row is in its grammar
+    prompt_logprobs: list[TokenLogprob] | None = None  # sent with the row's first event
     num_cached: int = 0  # positions written to the slot's KV cache
     next_token: int | None = None  # sampled, not yet fed to the model
     finished: bool = False  # slot freed
@@ -71,6 +72,7 @@ class Group:
     on_event: EventCallback
     rows: list[Row]
     num_prefilled: int = 0  # prompt tokens written to rows[0]'s slot
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # so far, if asked
 
 
 class FairQueue:
@@ -321,7 +323,7 @@ class Engine(EngineThread):
                 r.next_token = None
             self._emit_sampled(decode, decode_logits)
             for (group, chunk), logits in zip(chunks, chunk_logits, strict=True):
-                self._prefilled(group, len(chunk.token_ids), logits)
+                self._prefilled(group, chunk, logits)
             self._running = [r for r in self._running if not r.finished]
         self.stats.steps += 1
         self.stats.running = self.num_running
@@ -400,14 +402,23 @@ class Engine(EngineThread):
             ids = prompt[start : start + self.max_num_batched_tokens]
             if len(ids) > budget and chunks:
                 break
-            chunks.append((group, PrefillChunk(group.rows[0].slot, ids, start, group.rows[0].lora_slot)))
+            all_logits = group.request.params.prompt_logprobs is not None
+            chunks.append(
+                (group, PrefillChunk(group.rows[0].slot, ids, start, group.rows[0].lora_slot, all_logits))
+            )
             budget -= len(ids)
         return chunks
 
-    def _prefilled(self, group: Group, n: int, logits: torch.Tensor) -> None:
+    def _prefilled(self, group: Group, chunk: PrefillChunk, logits: torch.Tensor) -> None:
+        """A chunk's logits [1 or c, V] arrived: the prompt logprobs it gives, if asked; once the
+        whole prompt is in, the first token of every choice."""
+        n, prompt = len(chunk.token_ids), group.request.prompt_ids
+        if chunk.all_logits:  # position p's logits score prompt token p + 1
+            k = group.request.params.prompt_logprobs or 0
+            group.prompt_logprobs += score_tokens(logits, prompt[chunk.start + 1 : chunk.start + n + 1], k)
         group.num_prefilled += n
         self.stats.prompt_tokens += n
-        prompt_len = len(group.request.prompt_ids)
+        prompt_len = len(prompt)
         if group.num_prefilled < prompt_len:
             return
         self._prefilling.remove(group)
@@ -415,7 +426,9 @@ class Engine(EngineThread):
             if row is not group.rows[0]:
                 self.runner.copy_slot(group.rows[0].slot, row.slot, prompt_len)
             row.num_cached = prompt_len
-        self._emit_sampled(group.rows, logits.expand(len(group.rows), -1))
+            if chunk.all_logits:
+                row.prompt_logprobs = group.prompt_logprobs
+        self._emit_sampled(group.rows, logits[-1].expand(len(group.rows), -1))
         self._running.extend(r for r in group.rows if not r.finished)
 
     def _emit_sampled(self, rows: list[Row], logits: torch.Tensor) -> None:
@@ -468,6 +481,7 @@ class Engine(EngineThread):
                 prompt_tokens=len(row.request.prompt_ids),
                 completion_tokens=len(row.output_ids),
                 logprobs=[logprob] if logprob is not None else None,
+                prompt_logprobs=row.prompt_logprobs if len(row.output_ids) == 1 else None,
                 error=error,
                 timings=row.timings if finish is not None else None,
             ),
@@ -555,3 +569,16 @@ class Engine(EngineThread):
                 timings=row.timings if row is not None else Timings(submitted),
             )
             self._send(request.request_id, event)
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """The logprob of each target token under the logits row before it, with the k most likely."""
+    if not targets:
+        return []
+    logprobs = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
+    own = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+    top_v, top_i = torch.topk(logprobs, k, dim=-1) if k else (None, None)
+    return [
+        TokenLogprob(t, own[j], list(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True)) if k else [])
+        for j, t in enumerate(targets)
+    ]

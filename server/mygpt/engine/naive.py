@@ -17,7 +17,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from mygpt.engine.engine import EngineThread
+from mygpt.engine.engine import EngineThread, score_tokens
 from mygpt.engine.guided import Guide, mask_logits
 from mygpt.engine.types import AdapterRef, EngineOverloaded, FinishReason, GenerationRequest, TokenEvent
 
@@ -92,6 +92,12 @@ class NaiveEngine(EngineThread):
         stops = StopStringMatcher(p.stop)
         guide = None if p.grammar is None else p.grammar.start()
         state = {"n": 0, "done": None}
+        ids = torch.tensor([request.prompt_ids], device=self.model.device)
+        prompt_lps = None
+        if p.prompt_logprobs is not None:  # one forward over the prompt (generate() gives no prompt logits)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids).logits[0]
+            prompt_lps = score_tokens(logits, request.prompt_ids[1:], p.prompt_logprobs)
 
         def on_token(token: int) -> None:
             state["n"] += 1
@@ -111,9 +117,13 @@ class NaiveEngine(EngineThread):
                     finish = FinishReason.STOP if stopped or complete else FinishReason.LENGTH
             state["done"] = finish
             prompt = len(request.prompt_ids)
+            first = prompt_lps if state["n"] == 1 else None
             on_event(
-                TokenEvent(request.request_id, index, [token], text, finish, prompt, state["n"], error=error)
-            )
+                TokenEvent(
+                    request.request_id, index, [token], text, finish, prompt, state["n"], error=error,
+                    prompt_logprobs=first,
+                )
+            )  # fmt: skip
 
         class Streamer:
             first = True
@@ -137,7 +147,6 @@ class NaiveEngine(EngineThread):
         gen = torch.Generator(device=self.model.device)
         gen.manual_seed(p.seed + index if p.seed is not None else torch.seed())
         sampling = not p.greedy
-        ids = torch.tensor([request.prompt_ids], device=self.model.device)
         with torch.inference_mode():
             self.model.generate(
                 input_ids=ids,

@@ -127,15 +127,18 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- public API
     @torch.inference_mode()
-    def step(self, decode: list[DecodeRow], chunks: list[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, decode: list[DecodeRow], chunks: list[PrefillChunk]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One forward for every decode row and prefill chunk together.
 
         The projections and MLPs run once over all the step's tokens (the weights are read once);
         attention runs batched for the decode rows and per chunk for the prefills. Returns the decode
-        rows' logits [Bd, V] and each chunk's last-position logits [Bc, V].
+        rows' logits [Bd, V] and, for each chunk, its last position's logits [1, V], or every
+        position's [c, V] for a chunk with all_logits (prompt logprobs).
         """
         if self.decoder is not None and decode and not chunks:
-            return self.decoder.run(decode), torch.empty(0, self.shape.vocab_size, device=self.device)
+            return self.decoder.run(decode), []
         tokens = [r.token for r in decode] + [t for c in chunks for t in c.token_ids]
         positions = [r.position for r in decode] + [
             p for c in chunks for p in range(c.start, c.start + len(c.token_ids))
@@ -155,16 +158,17 @@ class ModelRunner:
             hidden = self._forward(ids, pos, plan)[0]  # [N, hidden]
         finally:  # the wrapped layers are the model's own: leave no adapter mask behind
             self._set_lora([])
-        last = [
-            len(decode) + o + len(c.token_ids) - 1 for c, o in zip(chunks, plan.chunk_offsets, strict=True)
-        ]
-        rows = torch.tensor(list(range(len(decode))) + last, device=self.device)
-        logits = self._logits(hidden[rows])
-        return logits[: len(decode)], logits[len(decode) :]
+        rows, sizes = list(range(len(decode))), []
+        for c, o in zip(chunks, plan.chunk_offsets, strict=True):
+            end = len(decode) + o + len(c.token_ids)
+            rows += range(end - len(c.token_ids), end) if c.all_logits else [end - 1]
+            sizes.append(len(c.token_ids) if c.all_logits else 1)
+        logits = self._logits(hidden[torch.tensor(rows, device=self.device)])
+        return logits[: len(decode)], list(logits[len(decode) :].split(sizes))
 
     def prefill(self, slot: int, token_ids: list[int], start: int, lora_slot: int = -1) -> torch.Tensor:
         """Feeds token_ids at positions start.. of `slot`; returns the last position's logits [V]."""
-        return self.step([], [PrefillChunk(slot, token_ids, start, lora_slot)])[1][0]
+        return self.step([], [PrefillChunk(slot, token_ids, start, lora_slot)])[1][0][-1]
 
     def decode(
         self,
@@ -280,6 +284,7 @@ class PrefillChunk:
     token_ids: list[int]  # prompt tokens fed at positions start..
     start: int
     lora_slot: int = -1
+    all_logits: bool = False  # every position's logits, not only the last (prompt logprobs)
 
 
 @dataclass

@@ -27,6 +27,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20, needs logprobs
     n: int = 1  # choices sharing one prompt (prefilled once)
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs with this many alternatives
     # structured output: a compiled grammar (mygpt.engine.guided.Grammar) every choice must follow
     grammar: Any = field(default=None, compare=False, repr=False)
 
@@ -83,6 +84,8 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # for this choice so far
     logprobs: list[TokenLogprob] | None = None
+    # on a choice's first event, if asked: the logprob of every prompt token but the first, in order
+    prompt_logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # with finish_reason ERROR
     timings: Timings | None = None  # on final events
 
