@@ -148,6 +148,8 @@ def test_legacy_logprobs(client):
         ({"best_of": 3}, "best_of"),
         ({"echo": True, "logprobs": 1, "stream": True}, "echo"),
         ({"prompt": [1, 2, 10**9]}, "prompt"),
+        ({"prompt": [[True, False]]}, "prompt"),  # were token ids 1 and 0
+        ({"prompt": [["5", "6"]]}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"n": 99}, "n"),

@@ -66,6 +66,25 @@ async def test_ready_turns_503_when_the_engine_stops(served_state):
 
 
 @pytest.mark.anyio
+async def test_a_schema_that_fails_while_generating_is_the_requests_fault(served_state, monkeypatch):
+    """A grammar that breaks down part way (past llguidance's limits, say) is a 400 naming
+    response_format, or after the first byte an invalid_request_error event; not a server error."""
+    from mygpt.engine.guided import Guide
+
+    monkeypatch.setattr(Guide, "advance", lambda self, token: False)  # at the first token already
+    body = {"model": "tiny", "messages": HI, "max_tokens": 20, "response_format": {"type": "json_object"}}
+    async with client_for(served_state) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        assert "could not be followed" in r.json()["error"]["message"]
+        r = await c.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 200
+    data = [line.removeprefix("data: ") for line in r.text.split("\n") if line.startswith("data: ")]
+    error = json.loads(data[-1])["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "response_format"
+
+
+@pytest.mark.anyio
 async def test_failure_after_first_byte_sends_an_error_event(served_state, monkeypatch):
     """A10: the stream carries data: {"error": ...} and ends, so the SDK raises instead of hanging."""
     runner = served_state.engine.runner

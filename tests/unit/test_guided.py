@@ -165,6 +165,7 @@ def test_naive_engine_guides_too(tiny_model, tokenizer, grammars):
         ({"type": "string", "pattern": "(("}, "unclosed group"),
         ({"$ref": "#/$defs/missing"}, "missing"),
         ({"$ref": "#"}, "no JSON value satisfies"),  # compiles, but no token can start it
+        ({"type": "string", "pattern": "^a{1000000}$"}, "too many expressions"),  # past llguidance's limits
         ([1, 2], "JSON object"),
     ],
 )

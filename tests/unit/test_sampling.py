@@ -111,3 +111,15 @@ def test_a_draw_of_zero_never_picks_a_token_of_probability_zero():
     assert _draw(probs, torch.tensor(0.0)).item() == 10
     assert _draw(probs, torch.tensor(0.2)).item() == 10 and _draw(probs, torch.tensor(0.5)).item() == 500
     assert _draw(probs, torch.tensor(0.9999999)).item() == 500
+
+
+def test_top_p_zero_keeps_the_most_likely_token_on_both_paths():
+    """top_p 0 zeroed the first token too; the draw then fell on the last index (the 64th of the head
+    on the CPU, the least likely token on the GPU's path)."""
+    from mygpt.engine.sampling import _sample_random
+
+    torch.manual_seed(5)
+    logits = torch.randn(3, 400) * 2
+    for batched in (False, True):
+        rows = [RowSampler(SamplingParams(max_tokens=8, top_p=0.0), seed) for seed in range(3)]
+        assert _sample_random(logits, rows, batched_sort=batched).tolist() == logits.argmax(-1).tolist()

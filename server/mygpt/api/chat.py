@@ -399,6 +399,8 @@ async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> 
     async with contextlib.aclosing(events):
         async for ev in events:
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                if ev.error_param is not None:  # the request's own fault, found while generating
+                    raise invalid(ev.error or "invalid request", param=ev.error_param)
                 raise APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
             texts[ev.index].append(ev.text)
             logprobs[ev.index] += ev.logprobs or []
@@ -429,7 +431,7 @@ async def stream_payloads(
                 yield payload
             async for ev in events:
                 if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                    yield _error_payload(ev.error or "the request was cancelled")
+                    yield _error_payload(ev.error or "the request was cancelled", ev.error_param)
                     return
                 completion[ev.index] = ev.completion_tokens
                 pending[ev.index] += ev.logprobs or []
@@ -479,7 +481,9 @@ def _outcome(finals: list[TokenEvent]) -> str:
     return "length" if FinishReason.LENGTH in reasons else "stop"
 
 
-def _error_payload(message: str) -> str:
-    return json.dumps(
-        {"error": ErrorInfo(message=message, type="server_error", code="internal_error").model_dump()}
-    )
+def _error_payload(message: str, param: str | None = None) -> str:
+    if param is not None:  # the request's own fault, found after the first byte
+        info = ErrorInfo(message=message, type="invalid_request_error", param=param, code="invalid_value")
+    else:
+        info = ErrorInfo(message=message, type="server_error", code="internal_error")
+    return json.dumps({"error": info.model_dump()})

@@ -192,7 +192,9 @@ async def job_events(
     _find_job(request, principal, job_id)
     limit = max(1, min(limit, 1000))
     cursor = (after or "").removeprefix("ftevent-")
-    seq = int(cursor) if cursor.isascii() and cursor.isdigit() and len(cursor) <= 18 else None  # SQLite int64
+    if after and not (cursor.isascii() and cursor.isdigit()):
+        raise invalid(f"after must be an event id (ftevent-<number>), got {after!r}.", param="after")
+    seq = min(int(cursor), 2**63 - 1) if after else None  # SQLite's int64: past it, nothing comes after
     rows = _state(request).finetune_store.events(job_id, limit + 1, seq)
     data = [
         {"object": "fine_tuning.job.event", "id": f"ftevent-{r['seq']}", "created_at": r["created_at"],

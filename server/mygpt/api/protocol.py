@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer
 
 # ----------------------------------------------------------------------------- requests
 
@@ -88,7 +88,8 @@ class CompletionRequest(_Lenient):
     """POST /v1/completions (OpenAI's legacy text completions)."""
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # token ids are JSON integers: not true, "5" or 5.0 (pydantic's lax mode took them)
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     best_of: int | None = Field(None, ge=1)
     echo: bool | None = False
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)

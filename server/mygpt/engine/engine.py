@@ -448,8 +448,8 @@ class Engine(EngineThread):
         t.finished = now
         finish: FinishReason | None = None
         error = None
-        if row.guide is not None and not row.guide.advance(token):  # never, if the mask is right
-            error = f"the response format's grammar failed: {row.guide.error}"
+        if row.guide is not None and not row.guide.advance(token):  # past llguidance's limits, say
+            error = f"The response_format schema could not be followed: {row.guide.error}"
             text, finish = "", FinishReason.ERROR
         elif token in self.eos_token_ids:
             text, finish = row.stops.flush(), FinishReason.STOP
@@ -483,6 +483,7 @@ class Engine(EngineThread):
                 logprobs=[logprob] if logprob is not None else None,
                 prompt_logprobs=row.prompt_logprobs if len(row.output_ids) == 1 else None,
                 error=error,
+                error_param="response_format" if error is not None else None,
                 timings=row.timings if finish is not None else None,
             ),
         )

@@ -109,13 +109,16 @@ class Grammars:
         matcher = LLMatcher(self._llg_tokenizer(), source, log_level=0)
         if matcher.is_error():
             raise GrammarError(_clean(matcher.get_error()))
-        probe = matcher.deep_copy()  # the first step: a grammar no token can start fails only here
-        probe.compute_bitmask()
-        if probe.is_error():
-            raise GrammarError(
-                "no JSON value satisfies the schema (a $ref that only refers to itself, say): "
-                + _clean(probe.get_error())
-            )
+        # the first step, twice: a grammar no token can start fails only here, and one past the
+        # lexer's limits (a pattern like a{1000000}) on the second mask (the copies share the lexer)
+        for _ in range(2):
+            probe = matcher.deep_copy()
+            probe.compute_bitmask()
+            if probe.is_error():
+                error = _clean(probe.get_error())
+                if "lexer" not in error:
+                    error = f"no JSON value satisfies the schema (a $ref that only refers to itself, say): {error}"
+                raise GrammarError(error)
         return Grammar(matcher, source)
 
     def _llg_tokenizer(self) -> Any:
@@ -141,8 +144,10 @@ class Grammars:
 
 
 def _clean(message: str) -> str:
-    """llguidance's error without its prefix and the parser state it may dump after it."""
-    return message.removeprefix("Grammar error: ").split("\n<state>", 1)[0].strip()[:500]
+    """llguidance's error without its prefix, and without the parser state or backtrace it may add."""
+    for cut in ("\n<state>", "<backtrace>", "\nstack backtrace"):
+        message = message.split(cut, 1)[0]
+    return message.removeprefix("Grammar error: ").strip()[:500]
 
 
 def mask_logits(logits: torch.Tensor, allowed: dict[int, bytes]) -> torch.Tensor:

@@ -14,12 +14,26 @@ import time
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.engine import EngineThread, score_tokens
 from mygpt.engine.guided import Guide, mask_logits
-from mygpt.engine.types import AdapterRef, EngineOverloaded, FinishReason, GenerationRequest, TokenEvent
+from mygpt.engine.types import (
+    AdapterRef,
+    EngineOverloaded,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +105,7 @@ class NaiveEngine(EngineThread):
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(p.stop)
         guide = None if p.grammar is None else p.grammar.start()
-        state = {"n": 0, "done": None}
+        state: dict = {"n": 0, "done": None, "logprobs": None}
         ids = torch.tensor([request.prompt_ids], device=self.model.device)
         prompt_lps = None
         if p.prompt_logprobs is not None:  # one forward over the prompt (generate() gives no prompt logits)
@@ -100,10 +114,12 @@ class NaiveEngine(EngineThread):
             prompt_lps = score_tokens(logits, request.prompt_ids[1:], p.prompt_logprobs)
 
         def on_token(token: int) -> None:
+            if state["done"] is not None:  # generate() checks its stopping criteria before the streamer
+                return  # sees the token: one token more comes after our finish
             state["n"] += 1
             finish, error = None, None
             if guide is not None and not guide.advance(token):
-                error = f"the response format's grammar failed: {guide.error}"
+                error = f"The response_format schema could not be followed: {guide.error}"
                 text, finish = "", FinishReason.ERROR
             elif token in self.eos_token_ids:
                 text, finish = stops.flush(), FinishReason.STOP
@@ -118,10 +134,11 @@ class NaiveEngine(EngineThread):
             state["done"] = finish
             prompt = len(request.prompt_ids)
             first = prompt_lps if state["n"] == 1 else None
+            logprobs = [_logprob(state["logprobs"], token, p.top_logprobs)] if p.logprobs else None
             on_event(
                 TokenEvent(
-                    request.request_id, index, [token], text, finish, prompt, state["n"], error=error,
-                    prompt_logprobs=first,
+                    request.request_id, index, [token], text, finish, prompt, state["n"], logprobs=logprobs,
+                    error=error, prompt_logprobs=first, error_param="response_format" if error else None,
                 )
             )  # fmt: skip
 
@@ -144,25 +161,32 @@ class NaiveEngine(EngineThread):
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.tensor([state["done"] is not None or rid in aborted], device=input_ids.device)
 
-        gen = torch.Generator(device=self.model.device)
-        gen.manual_seed(p.seed + index if p.seed is not None else torch.seed())
+        if p.seed is not None:  # generate() samples from the global generator; this thread is its only user
+            torch.manual_seed((p.seed + index) % 2**64)
         sampling = not p.greedy
+        # in the engine's order: logprobs of the raw logits, bias, grammar mask, then temperature and
+        # top_p (generate() would put its own warpers before ours, so it gets 1.0 and no top_k)
+        processors = [_Record(state)] if p.logprobs else []
+        processors += [_Bias(p.logit_bias)] if p.logit_bias else []
+        processors += [_Guided(guide)] if guide else []
+        if sampling and p.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(max(p.temperature, 1e-5)))
+        if sampling and p.top_p < 1.0:
+            processors.append(TopPLogitsWarper(max(p.top_p, 1e-8)))  # top_p 0: the most likely token
         with torch.inference_mode():
             self.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=p.max_tokens,
                 do_sample=sampling,
-                temperature=p.temperature if sampling else None,
-                top_p=p.top_p if sampling else None,
-                top_k=None,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
                 eos_token_id=self.eos_token_ids or None,
                 pad_token_id=self.tokenizer.pad_token_id or 0,
                 streamer=Streamer(),
                 stopping_criteria=StoppingCriteriaList([Stop()]),
-                logits_processor=LogitsProcessorList(
-                    ([_Bias(p.logit_bias)] if p.logit_bias else []) + ([_Guided(guide)] if guide else [])
-                ),
+                logits_processor=LogitsProcessorList(processors),
             )
         if state["done"] is None:
             on_event(_final(request, index, FinishReason.ABORT if rid in aborted else FinishReason.LENGTH))
@@ -206,6 +230,23 @@ class _Bias(LogitsProcessor):
     def __call__(self, input_ids, scores):
         scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
         return scores
+
+
+class _Record(LogitsProcessor):
+    """Keeps the step's log-softmax of the raw logits, for the sampled token's logprob."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def __call__(self, input_ids, scores):
+        self.state["logprobs"] = torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+
+def _logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    best = torch.topk(logprobs, top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if top else []
+    return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 class _Guided(LogitsProcessor):

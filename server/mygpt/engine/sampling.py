@@ -102,8 +102,10 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _nucleus(sorted_probs: torch.Tensor, top_p) -> torch.Tensor:
     """Probabilities in descending order with all but the smallest prefix whose mass reaches top_p
-    zeroed (the first token is always kept)."""
-    return sorted_probs.masked_fill(torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p, 0.0)
+    zeroed (the first token is always kept, top_p 0 included)."""
+    beyond = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+    beyond[..., 0] = False
+    return sorted_probs.masked_fill(beyond, 0.0)
 
 
 def _top_p_one(probs: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,7 @@ class TokenEvent:
     # on a choice's first event, if asked: the logprob of every prompt token but the first, in order
     prompt_logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # with finish_reason ERROR
+    error_param: str | None = None  # the request parameter at fault (a 4xx), None: the server's fault
     timings: Timings | None = None  # on final events
 
 
