@@ -39,3 +39,19 @@ def test_legacy_text_offsets_point_at_the_character_of_each_tokens_first_byte(to
         want.append(3 + len(data[:at].decode("utf-8", errors="ignore")))
         at += len(chat.token_bytes(i))
     assert got == want and got[:3] == [3, 3, 3]  # the emoji's three pieces all lie in its character
+
+
+def test_generated_special_tokens_take_no_room_in_the_text(tokenizer):
+    """The generated text leaves special tokens out (a logit_bias can force one): offsets after one ran
+    past the text."""
+    chat = service(tokenizer)
+    ab, c = (
+        tokenizer("ab", add_special_tokens=False)["input_ids"],
+        tokenizer("c", add_special_tokens=False)["input_ids"],
+    )
+    eos = tokenizer.eos_token_id
+    lps = [TokenLogprob(i, -0.5, []) for i in ab + [eos] + c]
+    offsets = _legacy_logprobs(chat, lps, _TextOffsets(0), 0).text_offset
+    assert (
+        offsets[len(ab)] == offsets[len(ab) + 1] == 2
+    )  # "ab" then "c": the special token between is nothing

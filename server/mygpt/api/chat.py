@@ -79,6 +79,7 @@ class ChatService:
         self.model_name = model_name
         self.limits = limits
         self.vocab_size = len(tokenizer)
+        self.special_ids = frozenset(tokenizer.all_special_ids)  # left out of generated text
         # structured outputs, compiled for the model's logits width (default: the tokenizer's size)
         self.grammars = grammars or Grammars(tokenizer, self.vocab_size)
 

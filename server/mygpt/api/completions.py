@@ -199,13 +199,19 @@ class _TextOffsets:
 
 
 def _legacy_logprobs(
-    chat: ChatService, lps: list[TokenLogprob], offsets: _TextOffsets, top: int, first: int | None = None
-) -> CompletionLogprobs:
+    chat: ChatService, lps: list[TokenLogprob], offsets: _TextOffsets, top: int, first: int | None = None,
+    prompt_count: int = 0,
+) -> CompletionLogprobs:  # fmt: skip
     """OpenAI's legacy shape. Each top_logprobs dict holds the `top` most likely tokens and the sampled
-    one (so up to top + 1). `first`: the echoed prompt's first token, which has no logprob (null)."""
+    one (so up to top + 1). `first`: the echoed prompt's first token, which has no logprob (null);
+    the first `prompt_count` tokens are the echoed prompt's, whose text holds their special tokens
+    (the generated text leaves them out, so there they take no room)."""
     ids = ([] if first is None else [first]) + [lp.token_id for lp in lps]
     tokens = [chat.token_text(t) for t in ids]
-    text_offsets = [offsets.next(chat.token_bytes(t)) for t in ids]
+    text_offsets = [
+        offsets.next(b"" if j >= prompt_count and t in chat.special_ids else chat.token_bytes(t))
+        for j, t in enumerate(ids)
+    ]
     tops: list[dict[str, float] | None] = [] if first is None else [None]
     for lp, text in zip(lps, tokens[len(tops) :], strict=True):
         alternatives = {chat.token_text(t): v for t, v in lp.top[:top]}
@@ -228,8 +234,9 @@ async def complete(chat: ChatService, req: CompletionRequest, batch: Prompts) ->
         if gen.params.prompt_logprobs is None:
             return _legacy_logprobs(chat, done.logprobs[i], _TextOffsets(len(echoes[i])), top)
         # echo: the prompt's tokens first (its first token has no logprob), from the text's start
-        first = batch.gens[i // n].prompt_ids[0]
-        return _legacy_logprobs(chat, done.prompt_logprobs[i] + done.logprobs[i], _TextOffsets(0), top, first)
+        first, prompt = batch.gens[i // n].prompt_ids[0], done.prompt_logprobs[i]
+        lps = prompt + done.logprobs[i]
+        return _legacy_logprobs(chat, lps, _TextOffsets(0), top, first, prompt_count=1 + len(prompt))
 
     choices = [
         CompletionChoice(
