@@ -232,3 +232,71 @@ def test_an_invalid_schema_is_a_400_naming_response_format(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=ASK, response_format=fmt)
     assert err.value.body["param"] == "response_format" and "objekt" in err.value.body["message"]
+
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                       "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "get_time", "description": "Current time in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                       "required": ["city"], "additionalProperties": False}}},
+]  # fmt: skip
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_forced_tool_call_comes_back_as_tool_calls(client):
+    """tool_choice "required" (any tool) or a named function: one call, its arguments valid for the
+    tool's parameters, finish_reason "tool_calls"; then the conversation goes on with the result."""
+    r = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name in ("get_weather", "get_time") and call.id.startswith("call_")
+    assert isinstance(args["city"], str) and len(args["city"]) <= 30
+    named = {"type": "function", "function": {"name": "get_time"}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice=named, temperature=0, max_tokens=80
+    )
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and set(json.loads(call.function.arguments)) == {"city"}
+    follow = [
+        *WEATHER,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "It is 14:05 in Paris."},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=follow, temperature=0, max_tokens=20)
+    assert r.choices[0].message.content and r.choices[0].message.tool_calls is None
+
+
+def test_a_streamed_tool_call_arrives_whole_in_one_delta(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80,
+            stream=True,
+        )
+    )  # fmt: skip
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(calls) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)  # the call is not also text
+    json.loads(calls[0][0].function.arguments)
+
+
+def test_tool_choice_auto_and_stray_tool_messages_are_400s(client):
+    with pytest.raises(openai.BadRequestError) as err:  # tools without tool_choice: "auto"
+        client.chat.completions.create(model=MODEL, messages=WEATHER, tools=TOOLS, max_tokens=5)
+    assert err.value.body["param"] == "tool_choice" and "required" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "tool", "tool_call_id": "x", "content": "hi"}], max_tokens=5
+        )
+    assert err.value.body["param"] == "messages.[0].role"
+    r = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice="none", max_tokens=5
+    )
+    assert r.choices[0].message.content and r.choices[0].message.tool_calls is None

@@ -87,8 +87,18 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
         ({"model": MODEL, "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         (
             {"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]},
-            "tools",
+            "tool_choice",  # "auto", the default with tools: only forced calls are supported
         ),
+        ({"model": MODEL, "messages": HI, "tool_choice": "required"}, "tool_choice"),  # no tools
+        (
+            {
+                "model": MODEL,
+                "messages": HI,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),  # fmt: skip
         ({"model": MODEL, "messages": HI, "response_format": {"type": "yaml"}}, "response_format.type"),
         (
             {"model": MODEL, "messages": HI, "response_format": {"type": "json_schema"}},

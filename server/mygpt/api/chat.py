@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mygpt.api import tools
 from mygpt.api.errors import APIError, invalid, model_not_found
 from mygpt.api.protocol import (
     AssistantMessage,
@@ -92,8 +93,12 @@ class ChatService:
         arrival = time.monotonic()
         adapter = await self.resolve_model(principal, req.model)
         self._refuse_unsupported(req)
-        messages = [self._message(i, m) for i, m in enumerate(req.messages)]
-        grammar = await self._grammar(req)
+        calls = tools.plan(req)  # a forced tool call: the call's grammar
+        messages = self._messages(req.messages)
+        if calls is not None and not tools.template_renders_tools(self.tokenizer):
+            messages.insert(0, tools.system_message(calls.tools))
+        template_tools = [t.model_dump(exclude_none=True) for t in calls.tools] if calls is not None else None
+        grammar = await self._grammar(req) if calls is None else await self._compile(calls.schema(), "tools")
 
         def params(prompt_len: int) -> SamplingParams:
             requested = req.max_completion_tokens or req.max_tokens  # A5: max_completion_tokens wins
@@ -104,8 +109,9 @@ class ChatService:
             )  # fmt: skip
 
         return await self.admit(
-            principal, req.model, adapter, lambda: self._render(messages), params, "chatcmpl", arrival
-        )
+            principal, req.model, adapter, lambda: self._render(messages, template_tools), params, "chatcmpl",
+            arrival,
+        )  # fmt: skip
 
     async def admit(
         self,
@@ -182,10 +188,6 @@ class ChatService:
     def _refuse_unsupported(self, req: ChatCompletionRequest) -> None:
         # B2: honoured or refused with the parameter named, never silently ignored
         self.refuse_unsupported_common(req)
-        if req.tools:
-            raise invalid("Tool calling is not supported by this server.", param="tools")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise invalid("Tool calling is not supported by this server.", param="tool_choice")
         if req.top_logprobs and not req.logprobs:
             raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
 
@@ -209,20 +211,32 @@ class ChatService:
                 f"response_format type '{fmt.type}' is not supported; use 'text', 'json_object' or 'json_schema'.",
                 param="response_format.type",
             )
+        return await self._compile(schema, "response_format", what)
+
+    async def _compile(self, schema: Any, param: str, what: str | None = None) -> Grammar:
+        """A JSON grammar compiled off the event loop; 400 naming `param` if it cannot be."""
         try:
             return await asyncio.to_thread(self.grammars.json, schema)
         except GrammarError as exc:
-            raise invalid(f"Invalid schema for {what}: {exc}", param="response_format") from exc
+            raise invalid(f"Invalid schema for {what or param}: {exc}", param=param) from exc
 
-    @staticmethod
-    def _message(i: int, m: Any) -> dict[str, str]:
-        if m.role in ("tool", "function"):
+    def _messages(self, messages: list[Any]) -> list[dict[str, Any]]:
+        """The chat template's messages; a tool message must answer an assistant's tool_calls."""
+        out, called = [], False
+        for i, m in enumerate(messages):
+            if m.role == "tool" and not called:
+                raise invalid(
+                    "a message with role 'tool' must answer a preceding assistant message's tool_calls.",
+                    param=f"messages.[{i}].role",
+                )
+            out.append(self._message(i, m))
+            called = called or bool(m.tool_calls)
+        return out
+
+    def _message(self, i: int, m: Any) -> dict[str, Any]:
+        if m.role == "function":
             raise invalid(
-                f"role '{m.role}' is not supported (no tool calling).", param=f"messages.[{i}].role"
-            )
-        if m.tool_calls:
-            raise invalid(
-                "tool_calls are not supported (no tool calling).", param=f"messages.[{i}].tool_calls"
+                "role 'function' (deprecated) is not supported; use 'tool'.", param=f"messages.[{i}].role"
             )
         content = m.content
         if isinstance(content, list):
@@ -238,12 +252,32 @@ class ChatService:
                 )
             content = "".join(p.text for p in content)
         role = "system" if m.role == "developer" else m.role
-        return {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if m.role == "tool":
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls and m.role == "assistant":
+            message["tool_calls"] = tools.assistant_calls(i, m.tool_calls)
+            if not tools.template_renders_tools(
+                self.tokenizer
+            ):  # the calls as the model was told to write them
+                written = [
+                    {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                    for c in message["tool_calls"]
+                ]
+                message["content"] = (message["content"] + "\n" if message["content"] else "") + "\n".join(
+                    json.dumps(c, ensure_ascii=False) for c in written
+                )
+        return message
 
-    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+    def _render(self, messages: list[dict[str, Any]], template_tools: list[dict] | None = None) -> list[int]:
         try:
+            extra = (
+                {"tools": template_tools}
+                if template_tools and tools.template_renders_tools(self.tokenizer)
+                else {}
+            )
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
             )
         except Exception as exc:  # the template itself refuses (e.g. roles out of order)
             raise invalid(f"The messages could not be formatted: {exc}", param="messages") from exc
@@ -311,14 +345,21 @@ class ChatService:
     ) -> ChatCompletion:
         """Runs a request to the end and returns the whole completion."""
         done = await collect(gen, self.submit(gen, ticket))
+        forced = tools.plan(req) is not None
+
+        def answer(i: int) -> tuple[AssistantMessage, str | None]:
+            if forced and done.reasons[i] == "stop" and (call := tools.parse_call(done.texts[i])) is not None:
+                return AssistantMessage(content=None, tool_calls=[call]), "tool_calls"
+            return AssistantMessage(content=done.texts[i]), done.reasons[i]  # a call cut by max_tokens
+
         choices = [
             Choice(
                 index=i,
-                message=AssistantMessage(content=done.texts[i]),
+                message=answer(i)[0],
                 logprobs=ChoiceLogprobs(content=self._logprobs(done.logprobs[i]))
                 if gen.params.logprobs
                 else None,
-                finish_reason=done.reasons[i],
+                finish_reason=answer(i)[1],
             )
             for i in range(gen.params.n)
         ]
@@ -337,9 +378,27 @@ class ChatService:
             )
             return c.model_dump_json(exclude_none=False)
 
-        def piece(ev: TokenEvent, logprobs: list[TokenLogprob], finish: str | None) -> str:
-            lps = ChoiceLogprobs(content=self._logprobs(logprobs)) if gen.params.logprobs else None
+        forced = tools.plan(req) is not None
+        held = [""] * gen.params.n  # a forced call's text, sent as tool_calls once whole
+
+        def piece(ev: TokenEvent, logprobs: list[TokenLogprob], finish: str | None) -> str | None:
             delta = Delta(content=ev.text) if ev.text or finish is None else Delta()
+            if forced:
+                held[ev.index] += ev.text
+                if finish is None:
+                    return None
+                call = tools.parse_call(held[ev.index]) if finish == "stop" else None
+                if call is None:  # cut by max_tokens: the text as it is
+                    delta = Delta(content=held[ev.index])
+                else:
+                    tool_call = {
+                        "index": 0,
+                        "id": call.id,
+                        "type": "function",
+                        "function": call.function.model_dump(),
+                    }
+                    delta, finish = Delta(tool_calls=[tool_call]), "tool_calls"
+            lps = ChoiceLogprobs(content=self._logprobs(logprobs)) if gen.params.logprobs else None
             return chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)])
 
         # A2: the first chunk of each choice carries the role
@@ -417,7 +476,7 @@ async def stream_payloads(
     gen: GenerationRequest,
     events: AsyncIterator[TokenEvent],
     head: list[str],
-    piece: Callable[[TokenEvent, list[TokenLogprob], str | None], str],
+    piece: Callable[[TokenEvent, list[TokenLogprob], str | None], str | None],
     usage_chunk: Callable[[Usage], str] | None,
 ) -> AsyncIterator[str]:
     """The streaming loop of chat and text completions: `head`, then piece(event, its logprobs,
@@ -440,6 +499,8 @@ async def stream_payloads(
                     continue
                 finish = ev.finish_reason.value if ev.finish_reason is not None else None
                 payload = piece(ev, pending[ev.index], finish)
+                if payload is None:  # held back (a forced tool call until whole): its logprobs wait too
+                    continue
                 pending[ev.index] = []
                 yield payload
             if usage_chunk is not None:

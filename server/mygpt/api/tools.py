@@ -1,0 +1,134 @@
+"""Tool calling, forced: `tool_choice` "required" or a named function makes the answer one call of one
+of the request's tools, its arguments valid against the tool's parameters (the same grammar masks as
+structured outputs, engine/guided.py). The model writes {"name": ..., "arguments": {...}}; the answer
+carries it as `tool_calls` with finish_reason "tool_calls".
+
+`tool_choice` "auto" (the default when tools are given) is refused: deciding between text and a call
+needs each model family's own call format and a parser for it (vLLM's --tool-call-parser), which this
+server does not have. "none" answers in text and ignores the tools.
+
+The tools reach the model through its chat template when the template renders them (`tools`), else as
+a system message that lists them and the call format. A follow-up conversation (an assistant message
+with `tool_calls`, then `tool` messages with the results) is passed to the template the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from mygpt.api.errors import invalid
+from mygpt.api.protocol import Tool, ToolCall, ToolCallFunction
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """The tools a forced call may use (one for a named tool_choice)."""
+
+    tools: list[Tool]
+
+    def schema(self) -> dict[str, Any]:
+        """JSON Schema of one call: {"name": one of the tools, "arguments": that tool's parameters}."""
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t.function.name},
+                    "arguments": t.function.parameters or {"type": "object", "properties": {}},
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in self.tools
+        ]
+        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def plan(req: Any) -> ToolPlan | None:
+    """The request's forced tool call, None for a plain answer; 400 naming tool_choice otherwise."""
+    choice, tools = req.tool_choice, req.tools or []
+    if choice is None and not tools or choice == "none":
+        return None
+    if not tools:
+        raise invalid("tool_choice is only allowed when tools are given.", param="tool_choice")
+    if choice in (None, "auto"):
+        raise invalid(
+            "tool_choice 'auto' (the default with tools) is not supported: this server cannot tell a call "
+            "from text in the model's own format. Use 'required', name a function "
+            '({"type": "function", "function": {"name": ...}}), or \'none\'.',
+            param="tool_choice",
+        )
+    if req.response_format is not None and req.response_format.type != "text":
+        raise invalid("response_format cannot be combined with a forced tool call.", param="response_format")
+    if choice == "required":
+        return ToolPlan(tools)
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    named = [t for t in tools if t.function.name == name]
+    if not named:
+        raise invalid(f"tool_choice names no tool of this request: {choice!r}.", param="tool_choice")
+    return ToolPlan(named[:1])
+
+
+def system_message(tools: list[Tool]) -> dict[str, str]:
+    """The tools for a chat template that does not render them."""
+    listed = [
+        {
+            "name": t.function.name,
+            "description": t.function.description or "",
+            "parameters": t.function.parameters,
+        }
+        for t in tools
+    ]
+    return {
+        "role": "system",
+        "content": "You can call these functions:\n"
+        + json.dumps(listed, ensure_ascii=False)
+        + '\nTo call one, reply with only a JSON object: {"name": <function name>, "arguments": <its arguments>}.',
+    }
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return isinstance(template, str) and "tools" in template
+
+
+def assistant_calls(i: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls as chat templates take them (arguments as an object)."""
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(
+                "each tool call needs a function with a name.", param=f"messages.[{i}].tool_calls.[{j}]"
+            )
+        arguments = function.get("arguments") or "{}"
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError as exc:
+            raise invalid(
+                f"tool call arguments are not JSON: {exc}", param=f"messages.[{i}].tool_calls.[{j}]"
+            ) from exc
+        out.append(
+            {
+                "id": call.get("id"),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": parsed},
+            }
+        )
+    return out
+
+
+def parse_call(text: str) -> ToolCall | None:
+    """The call the model wrote (None if it is incomplete, cut by max_tokens)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or "name" not in value:
+        return None
+    arguments = json.dumps(value.get("arguments", {}), ensure_ascii=False)
+    return ToolCall(
+        id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(name=value["name"], arguments=arguments)
+    )
