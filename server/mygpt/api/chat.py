@@ -96,8 +96,8 @@ class ChatService:
         calls = tools.plan(req)  # a forced tool call: the call's grammar
         messages = self._messages(req.messages)
         if calls is not None and not tools.template_renders_tools(self.tokenizer):
-            messages.insert(0, tools.system_message(calls.tools))
-        template_tools = [t.model_dump(exclude_none=True) for t in calls.tools] if calls is not None else None
+            messages = tools.with_tools(messages, calls.tools)
+        template_tools = [tools.template_tool(t) for t in calls.tools] if calls is not None else None
         grammar = await self._grammar(req) if calls is None else await self._compile(calls.schema(), "tools")
 
         def params(prompt_len: int) -> SamplingParams:
@@ -253,6 +253,8 @@ class ChatService:
             content = "".join(p.text for p in content)
         role = "system" if m.role == "developer" else m.role
         message: dict[str, Any] = {"role": role, "content": content or ""}
+        if m.name:
+            message["name"] = m.name
         if m.role == "tool":
             message["tool_call_id"] = m.tool_call_id
         if m.tool_calls and m.role == "assistant":

@@ -160,7 +160,14 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = None  # left out when None, as OpenAI does
+
+    @model_serializer(mode="wrap")
+    def _no_null_calls(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 FinishReasonOut = Literal["stop", "length", "tool_calls"]

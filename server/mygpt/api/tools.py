@@ -30,20 +30,40 @@ class ToolPlan:
     tools: list[Tool]
 
     def schema(self) -> dict[str, Any]:
-        """JSON Schema of one call: {"name": one of the tools, "arguments": that tool's parameters}."""
-        calls = [
-            {
+        """JSON Schema of one call: {"name": one of the tools, "arguments": that tool's parameters}.
+        The parameters move under the call, so their own references ("#/$defs/...", "#") are moved
+        with them."""
+        calls = []
+        for k, t in enumerate(self.tools):
+            at = "/properties/arguments" if len(self.tools) == 1 else f"/anyOf/{k}/properties/arguments"
+            calls.append({
                 "type": "object",
-                "properties": {
-                    "name": {"const": t.function.name},
-                    "arguments": t.function.parameters or {"type": "object", "properties": {}},
-                },
+                "properties": {"name": {"const": t.function.name}, "arguments": _rebased(parameters(t), at)},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
-            }
-            for t in self.tools
-        ]
+            })  # fmt: skip
         return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def parameters(tool: Tool) -> dict[str, Any]:
+    """A tool's parameters schema (none given: no arguments)."""
+    return tool.function.parameters or {"type": "object", "properties": {}}
+
+
+def _rebased(schema: Any, at: str) -> Any:
+    """`schema` with each local $ref ("#...") pointing into the place `at` the schema now sits."""
+    if isinstance(schema, dict):
+        return {
+            k: (
+                "#" + at + v[1:]
+                if k == "$ref" and isinstance(v, str) and v.startswith("#")
+                else _rebased(v, at)
+            )
+            for k, v in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_rebased(v, at) for v in schema]
+    return schema
 
 
 def plan(req: Any) -> ToolPlan | None:
@@ -62,30 +82,47 @@ def plan(req: Any) -> ToolPlan | None:
         )
     if req.response_format is not None and req.response_format.type != "text":
         raise invalid("response_format cannot be combined with a forced tool call.", param="response_format")
+    names = [t.function.name for t in tools]
+    if len(set(names)) < len(names):
+        raise invalid("tools have to have different names.", param="tools")
+    for i, t in enumerate(tools):
+        if parameters(t).get("type", "object") != "object":
+            raise invalid(
+                "a tool's parameters must be a JSON Schema of an object.",
+                param=f"tools.[{i}].function.parameters",
+            )
+    if req.stop:
+        raise invalid("stop strings would cut a forced tool call; leave stop out.", param="stop")
     if choice == "required":
         return ToolPlan(tools)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     named = [t for t in tools if t.function.name == name]
     if not named:
         raise invalid(f"tool_choice names no tool of this request: {choice!r}.", param="tool_choice")
-    return ToolPlan(named[:1])
+    return ToolPlan(named)
 
 
-def system_message(tools: list[Tool]) -> dict[str, str]:
-    """The tools for a chat template that does not render them."""
-    listed = [
-        {
-            "name": t.function.name,
-            "description": t.function.description or "",
-            "parameters": t.function.parameters,
-        }
-        for t in tools
-    ]
+def with_tools(messages: list[dict[str, Any]], tools: list[Tool]) -> list[dict[str, Any]]:
+    """The tools for a chat template that does not render them: told in the system message (the
+    client's own first one, extended, so that templates taking one system message at the start still
+    take it)."""
+    text = (
+        "You can call these functions:\n"
+        + json.dumps([template_tool(t)["function"] for t in tools], ensure_ascii=False)
+        + '\nTo call one, reply with only a JSON object: {"name": <function name>, "arguments": <its arguments>}.'
+    )
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def template_tool(tool: Tool) -> dict[str, Any]:
+    """A tool as chat templates read it (description and parameters always there)."""
+    f = tool.function
     return {
-        "role": "system",
-        "content": "You can call these functions:\n"
-        + json.dumps(listed, ensure_ascii=False)
-        + '\nTo call one, reply with only a JSON object: {"name": <function name>, "arguments": <its arguments>}.',
+        "type": "function",
+        "function": {"name": f.name, "description": f.description or "", "parameters": parameters(tool)},
     }
 
 
@@ -128,7 +165,10 @@ def parse_call(text: str) -> ToolCall | None:
         return None
     if not isinstance(value, dict) or "name" not in value:
         return None
-    arguments = json.dumps(value.get("arguments", {}), ensure_ascii=False)
+    try:  # strict JSON: a number the model wrote as 1e999 would come back as Infinity
+        arguments = json.dumps(value.get("arguments", {}), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return None
     return ToolCall(
         id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(name=value["name"], arguments=arguments)
     )
