@@ -81,6 +81,7 @@ class ChatService:
         self.limits = limits
         self.vocab_size = len(tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids)  # left out of generated text
+        self.renders_tools = tools.template_renders_tools(tokenizer)  # else: told in a system message
         # structured outputs, compiled for the model's logits width (default: the tokenizer's size)
         self.grammars = grammars or Grammars(tokenizer, self.vocab_size)
 
@@ -95,7 +96,7 @@ class ChatService:
         self._refuse_unsupported(req)
         calls = tools.plan(req)  # a forced tool call: the call's grammar
         messages = self._messages(req.messages)
-        if calls is not None and not tools.template_renders_tools(self.tokenizer):
+        if calls is not None and not self.renders_tools:
             messages = tools.with_tools(messages, calls.tools)
         template_tools = [tools.template_tool(t) for t in calls.tools] if calls is not None else None
         grammar = await self._grammar(req) if calls is None else await self._compile(calls.schema(), "tools")
@@ -259,25 +260,15 @@ class ChatService:
             message["tool_call_id"] = m.tool_call_id
         if m.tool_calls and m.role == "assistant":
             message["tool_calls"] = tools.assistant_calls(i, m.tool_calls)
-            if not tools.template_renders_tools(
-                self.tokenizer
-            ):  # the calls as the model was told to write them
-                written = [
-                    {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-                    for c in message["tool_calls"]
-                ]
-                message["content"] = (message["content"] + "\n" if message["content"] else "") + "\n".join(
-                    json.dumps(c, ensure_ascii=False) for c in written
+            if not self.renders_tools:  # the calls as the model was told to write them
+                message["content"] = "\n".join(
+                    filter(None, [message["content"], tools.written(message["tool_calls"])])
                 )
         return message
 
     def _render(self, messages: list[dict[str, Any]], template_tools: list[dict] | None = None) -> list[int]:
         try:
-            extra = (
-                {"tools": template_tools}
-                if template_tools and tools.template_renders_tools(self.tokenizer)
-                else {}
-            )
+            extra = {"tools": template_tools} if template_tools and self.renders_tools else {}
             ids = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
             )
@@ -348,23 +339,18 @@ class ChatService:
         """Runs a request to the end and returns the whole completion."""
         done = await collect(gen, self.submit(gen, ticket))
         forced = tools.plan(req) is not None
-
-        def answer(i: int) -> tuple[AssistantMessage, str | None]:
-            if forced and done.reasons[i] == "stop" and (call := tools.parse_call(done.texts[i])) is not None:
-                return AssistantMessage(content=None, tool_calls=[call]), "tool_calls"
-            return AssistantMessage(content=done.texts[i]), done.reasons[i]  # a call cut by max_tokens
-
-        choices = [
-            Choice(
-                index=i,
-                message=answer(i)[0],
-                logprobs=ChoiceLogprobs(content=self._logprobs(done.logprobs[i]))
-                if gen.params.logprobs
-                else None,
-                finish_reason=answer(i)[1],
+        choices = []
+        for i in range(gen.params.n):
+            call, finish = (
+                tools.the_call(done.texts[i], done.reasons[i]) if forced else (None, done.reasons[i])
             )
-            for i in range(gen.params.n)
-        ]
+            message = (
+                AssistantMessage(content=None, tool_calls=[call])
+                if call
+                else AssistantMessage(content=done.texts[i])
+            )
+            lps = ChoiceLogprobs(content=self._logprobs(done.logprobs[i])) if gen.params.logprobs else None
+            choices.append(Choice(index=i, message=message, logprobs=lps, finish_reason=finish))
         return ChatCompletion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
 
     async def stream(
@@ -389,17 +375,12 @@ class ChatService:
                 held[ev.index] += ev.text
                 if finish is None:
                     return None
-                call = tools.parse_call(held[ev.index]) if finish == "stop" else None
-                if call is None:  # cut by max_tokens: the text as it is
-                    delta = Delta(content=held[ev.index])
-                else:
-                    tool_call = {
-                        "index": 0,
-                        "id": call.id,
-                        "type": "function",
-                        "function": call.function.model_dump(),
-                    }
-                    delta, finish = Delta(tool_calls=[tool_call]), "tool_calls"
+                call, finish = tools.the_call(held[ev.index], finish)
+                delta = (
+                    Delta(content=held[ev.index])
+                    if call is None
+                    else Delta(tool_calls=[{"index": 0, **call.model_dump()}])
+                )
             lps = ChoiceLogprobs(content=self._logprobs(logprobs)) if gen.params.logprobs else None
             return chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)])
 

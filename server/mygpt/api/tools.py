@@ -157,6 +157,23 @@ def assistant_calls(i: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
+def written(calls: list[dict[str, Any]]) -> str:
+    """Calls (as chat templates take them) in the form the system message tells the model to write."""
+    return "\n".join(
+        json.dumps(
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False
+        )
+        for c in calls
+    )
+
+
+def the_call(text: str, finish: str | None) -> tuple[ToolCall | None, str | None]:
+    """A forced answer's call and finish reason: the call with "tool_calls", or None and the reason
+    as it was (a call cut by max_tokens comes back as its text)."""
+    call = parse_call(text) if finish == "stop" else None
+    return (call, "tool_calls") if call is not None else (None, finish)
+
+
 def parse_call(text: str) -> ToolCall | None:
     """The call the model wrote (None if it is incomplete, cut by max_tokens)."""
     try:

@@ -23,7 +23,7 @@ import torch
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.guided import Guide
 from mygpt.engine.runner import DecodeRow, ModelRunner, PrefillChunk
-from mygpt.engine.sampling import RowSampler, sample
+from mygpt.engine.sampling import RowSampler, sample, score_tokens
 from mygpt.engine.types import (
     AdapterRef,
     EngineNotRunning,
@@ -570,16 +570,3 @@ class Engine(EngineThread):
                 timings=row.timings if row is not None else Timings(submitted),
             )
             self._send(request.request_id, event)
-
-
-def score_tokens(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
-    """The logprob of each target token under the logits row before it, with the k most likely."""
-    if not targets:
-        return []
-    logprobs = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
-    own = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
-    top_v, top_i = torch.topk(logprobs, k, dim=-1) if k else (None, None)
-    return [
-        TokenLogprob(t, own[j], list(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True)) if k else [])
-        for j, t in enumerate(targets)
-    ]

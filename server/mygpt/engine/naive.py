@@ -24,15 +24,15 @@ from transformers import (
 )
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from mygpt.engine.engine import EngineThread, score_tokens
+from mygpt.engine.engine import EngineThread
 from mygpt.engine.guided import Guide, mask_logits
+from mygpt.engine.sampling import score_tokens, token_logprobs
 from mygpt.engine.types import (
     AdapterRef,
     EngineOverloaded,
     FinishReason,
     GenerationRequest,
     TokenEvent,
-    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class NaiveEngine(EngineThread):
             state["done"] = finish
             prompt = len(request.prompt_ids)
             first = prompt_lps if state["n"] == 1 else None
-            logprobs = [_logprob(state["logprobs"], token, p.top_logprobs)] if p.logprobs else None
+            logprobs = token_logprobs(state["logprobs"], [token], p.top_logprobs) if p.logprobs else None
             on_event(
                 TokenEvent(
                     request.request_id, index, [token], text, finish, prompt, state["n"], logprobs=logprobs,
@@ -239,14 +239,8 @@ class _Record(LogitsProcessor):
         self.state = state
 
     def __call__(self, input_ids, scores):
-        self.state["logprobs"] = torch.log_softmax(scores[0].float(), dim=-1)
+        self.state["logprobs"] = torch.log_softmax(scores[:1].float(), dim=-1)  # [1, V]
         return scores
-
-
-def _logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    best = torch.topk(logprobs, top) if top else None
-    pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if top else []
-    return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 class _Guided(LogitsProcessor):

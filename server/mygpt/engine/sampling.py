@@ -125,14 +125,26 @@ def _top_p_one(probs: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tens
 
 
 def _logprobs(raw: torch.Tensor, tokens: list[int], rows: list[RowSampler]) -> list[TokenLogprob | None]:
-    k = max(r.params.top_logprobs for r in rows)
-    top_v, top_i = torch.topk(raw, k, dim=-1) if k else (None, None)
-    out: list[TokenLogprob | None] = []
-    for i, (r, t) in enumerate(zip(rows, tokens, strict=True)):
-        if not r.params.logprobs:
-            out.append(None)
-            continue
-        n = r.params.top_logprobs
-        top = list(zip(top_i[i, :n].tolist(), top_v[i, :n].tolist(), strict=True)) if n else []
-        out.append(TokenLogprob(token_id=t, logprob=float(raw[i, t]), top=top))
-    return out
+    every = token_logprobs(raw, tokens, max(r.params.top_logprobs for r in rows))
+    return [
+        TokenLogprob(lp.token_id, lp.logprob, lp.top[: r.params.top_logprobs]) if r.params.logprobs else None
+        for lp, r in zip(every, rows, strict=True)
+    ]
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Row j's logprob of tokens[j], with the row's `top` most likely tokens (logprobs: [R, V], each
+    row log-softmaxed)."""
+    own = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    top_v, top_i = torch.topk(logprobs, top, dim=-1) if top else (None, None)
+    return [
+        TokenLogprob(t, own[j], list(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True)) if top else [])
+        for j, t in enumerate(tokens)
+    ]
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
+    """The logprob of each target token under the logits row before it (prompt logprobs)."""
+    if not targets:
+        return []
+    return token_logprobs(torch.log_softmax(logits[: len(targets)].float(), dim=-1), targets, top)
