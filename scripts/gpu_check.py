@@ -19,8 +19,12 @@ Prints one table last and writes DIR/gpu-check.json (and DIR/e2e-bench.json, DIR
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import importlib.metadata
 import json
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -86,12 +90,13 @@ def add_peft_adapters(model, n: int, rank: int):
     peft_model = get_peft_model(model, cfg, adapter_name="ad0").eval()
     for i in range(1, n):
         peft_model.add_adapter(f"ad{i}", cfg)
-    g = torch.Generator(device="cpu").manual_seed(1)
+    device = next(p.device for name, p in peft_model.named_parameters() if "lora_" in name)
+    g = torch.Generator(device=device).manual_seed(1)  # drawn where the weights live: 1.3B numbers at 8B
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 std = 0.02 if "lora_A" in name else 0.01
-                p.copy_((torch.randn(p.shape, generator=g) * std).to(p.device, p.dtype))
+                p.copy_(torch.randn(p.shape, generator=g, device=device) * std)
     return peft_model
 
 
@@ -148,7 +153,7 @@ def engine_run(engine, prompts, adapters, max_new: int, weights: dict) -> tuple[
         params = SamplingParams(max_tokens=max_new, temperature=0.0)
         ref = AdapterRef(a, weights[a]) if a else None
         engine.submit(GenerationRequest(f"r{i}", p, params, adapter=ref), on_event)
-    assert done.wait(600), "engine run timed out"
+    assert done.wait(180), "engine run timed out"
     return time.perf_counter() - t0, tokens
 
 
@@ -240,7 +245,7 @@ def parity(args, device: str, rows: list, report: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def write_served_model(path: Path, tiny: bool) -> None:
+def write_served_model(path: Path, tiny: bool, device: str = "cpu") -> None:
     """A random Llama checkpoint with a byte-level tokenizer (every byte a token, then filler tokens:
     any text, JSON for the structured-output probe included) and a chat template: no download."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -270,7 +275,10 @@ def write_served_model(path: Path, tiny: bool) -> None:
         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape,
     )  # fmt: skip
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    with torch.device(device):  # 1.2B random numbers: drawn on the GPU where there is one
+        model = LlamaForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(path)
+    del model
     tokenizer.save_pretrained(path)
 
 
@@ -325,7 +333,7 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
     # the checkpoint (2 GB on the full shape) and the server's dirs stay out of DIR, which comes back
     work = Path(tempfile.mkdtemp(prefix="mygpt-gpu-check-"))
     model_dir = work / "e2e-model"
-    write_served_model(model_dir, args.tiny)
+    write_served_model(model_dir, args.tiny, device)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -351,8 +359,8 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
                     break
             except OSError:
                 time.sleep(0.5)
-            if time.perf_counter() - t0 > 300:
-                raise TimeoutError("mygpt serve not ready after 300 s")
+            if time.perf_counter() - t0 > 180:
+                raise TimeoutError("mygpt serve not ready after 180 s")
         report["e2e_ready_s"] = time.perf_counter() - t0
         rows.append(("e2e: mygpt serve ready (load, NF4, warm-up)", f"{report['e2e_ready_s']:.1f} s"))
         bench = [
@@ -360,7 +368,7 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
             "--concurrency", "1,32",  # requests: 4 at concurrency 1, 64 at 32 (mygpt bench's default)
             "--max-tokens", str(args.new_tokens), "--out", str(out_dir / "e2e-bench.json"),
         ]  # fmt: skip
-        subprocess.run(bench, check=True, env=env, timeout=600)
+        subprocess.run(bench, check=True, env=env, timeout=240)
         results = json.loads((out_dir / "e2e-bench.json").read_text())["results"]
         report["e2e_bench"] = results
         for r in results:
@@ -379,6 +387,14 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
         shutil.rmtree(work, ignore_errors=True)
 
 
+class Rows(list):
+    """The table's rows, each printed as it comes: a run cut short still shows what it measured."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        super().append(row)
+        print(f"| {row[0]} | {row[1]} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu", action="store_true", help="on the CPU, tiny shape: the code paths, no figures")
@@ -388,24 +404,48 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="time and profile bare decode steps too")
     ap.add_argument("--skip-e2e", action="store_true", help="no mygpt serve + mygpt bench step")
+    ap.add_argument(
+        "--deadline", type=float, default=0, help="seconds: dump every thread's stack if still running"
+    )
     args = ap.parse_args()
     args.tiny = args.tiny or args.cpu
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.deadline:
+        faulthandler.dump_traceback_later(args.deadline, exit=False)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str]] = Rows()
     report: dict = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "shape": "tiny" if args.tiny else "Llama-3.1-8B",
+        "errors": {},
     }
+    for pkg in ("transformers", "peft", "bitsandbytes"):
+        report[pkg] = importlib.metadata.version(pkg)
+    rows.append(("versions", f"torch {torch.__version__}, transformers {report['transformers']}, "
+                 f"peft {report['peft']}, bitsandbytes {report['bitsandbytes']}"))  # fmt: skip
     new = args.new_tokens
 
     def save() -> None:  # after every section: a later failure keeps what was measured
-        report["rows"] = rows
+        report["rows"] = list(rows)
         (out_dir / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))
+
+    @contextlib.contextmanager
+    def section(name: str):
+        """A failing section is recorded and the run goes on with the next one."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception as exc:
+            report["errors"][name] = traceback.format_exc()
+            traceback.print_exc()
+            rows.append((f"{name}", f"FAILED: {exc!r}"[:120]))
+        finally:
+            report.setdefault("section_s", {})[name] = round(time.perf_counter() - t0, 1)
+            save()
 
     t0 = time.perf_counter()
     model, config = build_base(args.tiny, device, dtype)
@@ -415,30 +455,33 @@ def main() -> None:
         rows.append(("GPU memory after base", f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB"))
 
     n_adapters = 32
+    t0 = time.perf_counter()
     peft_model = add_peft_adapters(model, n_adapters, 16)
+    rows.append((f"{n_adapters} peft adapters created", f"{time.perf_counter() - t0:.1f} s"))
     g = torch.Generator().manual_seed(3)
     prompts = [
         torch.randint(10, config.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(32)
     ]
 
     # (1) the naive baseline: peft generate()
-    peft_model.set_adapter("ad0")
-    ids1 = torch.tensor([prompts[0]], device=device)
-    timed_generate(peft_model, ids1, 4)  # warm-up
-    dt, _ = timed_generate(peft_model, ids1, new)
-    report["naive_1_stream_tok_s"] = new / dt
-    rows.append(("naive peft generate, 1 stream + adapter", f"{new / dt:.1f} tok/s"))
-    ids32 = torch.tensor(prompts, device=device)
-    names8 = [f"ad{i % 8}" for i in range(32)]
-    dt, _ = timed_generate(peft_model, ids32, new, adapter_names=names8)
-    report["naive_32x8_tok_s"] = 32 * new / dt
-    rows.append(("naive peft generate, 32 streams / 8 adapters", f"{32 * new / dt:.1f} tok/s"))
     ref_logits = {}
-    for k in (1, 2, 3):  # peft's prompt logits per adapter
-        peft_model.set_adapter(f"ad{k}")
-        with torch.inference_mode():
-            ref_logits[k] = peft_model(torch.tensor([prompts[k]], device=device)).logits[0, -1].float()
-    save()
+    with section("naive baseline"):
+        peft_model.set_adapter("ad0")
+        ids1 = torch.tensor([prompts[0]], device=device)
+        timed_generate(peft_model, ids1, 4)  # warm-up
+        dt, _ = timed_generate(peft_model, ids1, new)
+        report["naive_1_stream_tok_s"] = new / dt
+        rows.append(("naive peft generate, 1 stream + adapter", f"{new / dt:.1f} tok/s"))
+        ids32 = torch.tensor(prompts, device=device)
+        names8 = [f"ad{i % 8}" for i in range(32)]
+        dt, _ = timed_generate(peft_model, ids32, new, adapter_names=names8)
+        report["naive_32x8_tok_s"] = 32 * new / dt
+        rows.append(("naive peft generate, 32 streams / 8 adapters", f"{32 * new / dt:.1f} tok/s"))
+    with section("peft prompt logits"):
+        for k in (1, 2, 3):  # peft's prompt logits per adapter
+            peft_model.set_adapter(f"ad{k}")
+            with torch.inference_mode():
+                ref_logits[k] = peft_model(torch.tensor([prompts[k]], device=device)).logits[0, -1].float()
 
     # (2) mygpt's engine on the same base and the same adapter tensors, eager then with graphs
     weights = export_adapters(peft_model, n_adapters, 16)
@@ -458,45 +501,86 @@ def main() -> None:
         cache.release(name)
         return (time.perf_counter() - t0) * 1e3
 
-    # the server packs an adapter (slot dtype, page-locked) when it reads it from disk, off the engine
-    # thread; the engine thread's load is then one host-to-device copy and the slot writes
-    first = timed_load(cache, weights, "ad0")  # packing included
-    for name in ("ad1", "ad2", "ad3"):
-        weights[name].packed(dtype, pin=device == "cuda")
-    loads = [timed_load(cache, weights, name) for name in ("ad1", "ad2", "ad3")]
-    report["adapter_load_ms"] = loads
-    report["adapter_load_with_packing_ms"] = first
-    rows.append(
-        ("cold adapter load into a slot, packed when read", " / ".join(f"{x:.1f}" for x in loads) + " ms")
-    )
-    rows.append(("cold adapter load, packing on the host included", f"{first:.1f} ms"))
+    with section("adapter loads"):
+        # the server packs an adapter (slot dtype, page-locked) when it reads it from disk, off the
+        # engine thread; the engine thread's load is then one host-to-device copy and the slot writes
+        first = timed_load(cache, weights, "ad0")  # packing included
+        for name in ("ad1", "ad2", "ad3"):
+            weights[name].packed(dtype, pin=device == "cuda")
+        loads = [timed_load(cache, weights, name) for name in ("ad1", "ad2", "ad3")]
+        report["adapter_load_ms"] = loads
+        report["adapter_load_with_packing_ms"] = first
+        rows.append(
+            ("cold adapter load into a slot, packed when read", " / ".join(f"{x:.1f}" for x in loads) + " ms")
+        )
+        rows.append(("cold adapter load, packing on the host included", f"{first:.1f} ms"))
     for mode in ("eager", static_mode(device)):
-        use_graphs(runner, mode != "eager")
-        measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
-        save()
+        with section(f"engine {mode}"):
+            use_graphs(runner, mode != "eager")
+            measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
     if runner.decoder is not None:
-        report["graph_stats"] = vars(runner.decoder.stats)
+        st = runner.decoder.stats
+        report["graph_stats"] = vars(st)
         rows.append(
             (
-                "decode graphs captured / replayed",
-                f"{runner.decoder.stats.captures} / {runner.decoder.stats.replays}",
+                "decode graphs captured / replayed / eager / failed",
+                f"{st.captures} / {st.replays} / {st.eager} / {st.failures}",
             )
         )
 
-    errs = []
-    for j, k in enumerate((1, 2, 3)):  # last-prompt-position logits, mygpt vs peft: relative L2
-        lora = cache.acquire(f"ad{k}", weights[f"ad{k}"])
-        got = runner.prefill(20 + j, prompts[k], 0, lora).float()
-        cache.release(f"ad{k}")
-        errs.append(float((got - ref_logits[k]).norm() / ref_logits[k].norm()))
-    report["logits_rel_err"] = errs
-    rows.append(("prompt logits vs peft (model dtype), relative L2", ", ".join(f"{e:.1e}" for e in errs)))
+    with section("prompt logits vs peft"):
+        errs = []
+        for j, k in enumerate((1, 2, 3)):  # last-prompt-position logits, mygpt vs peft: relative L2
+            lora = cache.acquire(f"ad{k}", weights[f"ad{k}"])
+            got = runner.prefill(20 + j, prompts[k], 0, lora).float()
+            cache.release(f"ad{k}")
+            errs.append(float((got - ref_logits[k]).norm() / ref_logits[k].norm()))
+        report["logits_rel_err"] = errs
+        rows.append(("prompt logits vs peft (model dtype), relative L2", ", ".join(f"{e:.1e}" for e in errs)))
     if args.profile:
-        for mode in ("eager", static_mode(device)):
-            use_graphs(runner, mode != "eager")
-            for b in (1, 32):
-                slots = list(range(b))
-                loras = [cache.acquire(f"ad{i % 32}", weights[f"ad{i % 32}"]) for i in range(b)]
+        with section("profile"):
+            profile_steps(runner, cache, weights, args, device, out_dir, rows)
+    del runner, cache, base, model, weights
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # (3) float32 parity, (4) end to end
+    with section("parity"):
+        parity(args, device, rows, report)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if not args.skip_e2e:
+        with section("e2e"):
+            end_to_end(args, device, out_dir, rows, report)
+    if device == "cuda" and not args.tiny and "engine_graphs" in report and "adapter_load_ms" in report:
+        got = {
+            "32 streams / 32 adapters (tok/s)": report["engine_graphs"]["32 streams / 32 adapters"],
+            "32 adapters vs 1 adapter": report["engine_graphs"]["32 adapters vs 1 adapter"],
+            "1 stream + adapter (tok/s)": report["engine_graphs"]["1 stream + adapter"],
+            "cold adapter load (ms, at most)": max(report["adapter_load_ms"]),
+        }
+        for name, target in TARGETS_8.items():
+            ok = got[name] <= target if "at most" in name else got[name] >= target
+            rows.append((f"target: {name} {target:g}", f"{got[name]:.2f} {'MET' if ok else 'not met'}"))
+    save()
+    faulthandler.cancel_dump_traceback_later()
+    print()
+    width = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if report["errors"]:
+        print("FAILED sections:", ", ".join(report["errors"]))
+        raise SystemExit(1)
+
+
+def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows: list) -> None:
+    """Bare decode steps of the runner, eager and static, batch 1 and 32; a kernel table of the eager ones."""
+    for mode in ("eager", static_mode(device)):
+        use_graphs(runner, mode != "eager")
+        for b in (1, 32):
+            slots = list(range(b))
+            loras = [cache.acquire(f"ad{i % 32}", weights[f"ad{i % 32}"]) for i in range(b)]
+            try:
                 for _ in range(3):
                     runner.decode(slots, [5] * b, [args.prompt_len] * b, loras)
                 sync()
@@ -515,37 +599,9 @@ def main() -> None:
                         sync()
                     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
                     (out_dir / f"profile-b{b}.txt").write_text(table)
+            finally:
                 for i in range(b):
                     cache.release(f"ad{i % 32}")
-    save()
-    del runner, cache, base, model, weights
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-    # (3) float32 parity, (4) end to end
-    parity(args, device, rows, report)
-    save()
-    if not args.skip_e2e:
-        try:
-            end_to_end(args, device, out_dir, rows, report)
-        except Exception as exc:  # the table still prints; the JSON says what failed
-            report["e2e_error"] = repr(exc)
-            rows.append(("e2e", f"FAILED: {exc!r}"[:100]))
-    if device == "cuda" and not args.tiny:
-        got = {
-            "32 streams / 32 adapters (tok/s)": report["engine_graphs"]["32 streams / 32 adapters"],
-            "32 adapters vs 1 adapter": report["engine_graphs"]["32 adapters vs 1 adapter"],
-            "1 stream + adapter (tok/s)": report["engine_graphs"]["1 stream + adapter"],
-            "cold adapter load (ms, at most)": max(report["adapter_load_ms"]),
-        }
-        for name, target in TARGETS_8.items():
-            ok = got[name] <= target if "at most" in name else got[name] >= target
-            rows.append((f"target: {name} {target:g}", f"{got[name]:.2f} {'MET' if ok else 'not met'}"))
-    save()
-    print()
-    width = max(len(r[0]) for r in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
 
 
 if __name__ == "__main__":
