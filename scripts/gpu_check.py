@@ -514,10 +514,17 @@ def main() -> None:
             ("cold adapter load into a slot, packed when read", " / ".join(f"{x:.1f}" for x in loads) + " ms")
         )
         rows.append(("cold adapter load, packing on the host included", f"{first:.1f} ms"))
-    for mode in ("eager", static_mode(device)):
+    with section("nf4 kernel vs bitsandbytes"):
+        nf4_bench(runner, rows, report)
+    modes = ["eager", static_mode(device)]
+    if runner.nf4_kernel(True):  # the same static steps with bitsandbytes' products: the kernel's gain
+        modes.insert(1, f"{static_mode(device)}-bnb")
+    for mode in modes:
         with section(f"engine {mode}"):
+            runner.nf4_kernel(not mode.endswith("-bnb"))
             use_graphs(runner, mode != "eager")
             measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
+    runner.nf4_kernel(True)
     if runner.decoder is not None:
         st = runner.decoder.stats
         report["graph_stats"] = vars(st)
@@ -571,6 +578,73 @@ def main() -> None:
     if report["errors"]:
         print("FAILED sections:", ", ".join(report["errors"]))
         raise SystemExit(1)
+
+
+NF4_TILES = [  # (BLOCK_N, BLOCK_K, warps) tried by nf4_bench; the fastest is kept for the engine runs
+    (64, 256, 4), (64, 128, 4), (128, 128, 4), (32, 256, 4), (128, 256, 8), (64, 256, 8), (32, 128, 2),
+]  # fmt: skip
+
+
+def nf4_bench(runner, rows: list, report: dict) -> None:
+    """The first decoder layer's four products (q/k/v, o, gate/up, down) at 1, 8 and 32 rows: the Triton
+    NF4 kernel in each tile shape against bitsandbytes (per layer, as without the kernel), median of CUDA
+    event timings. Keeps the tile with the least time summed over all of them."""
+    from mygpt.kernels import nf4
+
+    proj = runner._proj[0]
+    products = {
+        name: f._fused_base
+        for name, f in (("qkv", proj.qkv), ("o", proj.o), ("gate_up", proj.gate_up), ("down", proj.down))
+        if f is not None and isinstance(f._fused_base, nf4.NF4Product)
+    }
+    if not products or runner.device.type != "cuda":
+        rows.append(("nf4 kernel", "not used (no Triton or no GPU)"))
+        return
+    from triton.testing import do_bench
+
+    def timed(fn) -> float:
+        return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3  # microseconds
+
+    default = dict(nf4.TILE)
+    results: dict = {"bnb": {}, "tiles": {}}
+    g = torch.Generator(device=runner.device).manual_seed(7)
+    inputs = {  # (name, rows) -> an input of the product's width
+        (name, m): torch.randn(m, p.packed.shape[1] * 2, generator=g, device=runner.device).to(runner.dtype)
+        for name, p in products.items()
+        for m in (1, 8, 32)
+    }
+    for (name, m), x in inputs.items():
+        results["bnb"][f"{name} m{m}"] = timed(lambda p=products[name], x=x: p._bnb(x))
+    for tile in NF4_TILES:
+        nf4.TILE.update(block_n=tile[0], block_k=tile[1], num_warps=tile[2])
+        times = {}
+        try:
+            for (name, m), x in inputs.items():
+                p = products[name]
+                if not p._kernel_ok(x):
+                    raise RuntimeError(f"disagrees with bitsandbytes at {name} m{m}")
+                times[f"{name} m{m}"] = timed(lambda p=p, x=x: nf4.nf4_matmul(x, p.packed, p.scale, p.code))
+        except Exception as exc:  # a tile that fails is reported and skipped
+            results["tiles"][str(tile)] = repr(exc)[:200]
+            continue
+        results["tiles"][str(tile)] = times
+    measured = {t: v for t, v in results["tiles"].items() if isinstance(v, dict)}
+    nf4.TILE.update(default)
+    if not measured:
+        rows.append(("nf4 kernel", "every tile failed: bitsandbytes runs"))
+        runner.nf4_kernel(False)
+        report["nf4_bench"] = results
+        return
+    best = min(measured, key=lambda t: sum(measured[t].values()))
+    bn, bk, warps = next(t for t in NF4_TILES if str(t) == best)
+    nf4.TILE.update(block_n=bn, block_k=bk, num_warps=warps)
+    results["best"] = best
+    report["nf4_bench"] = results
+    for m in (1, 8, 32):
+        ours = sum(v for k, v in measured[best].items() if k.endswith(f"m{m}"))
+        theirs = sum(v for k, v in results["bnb"].items() if k.endswith(f"m{m}"))
+        rows.append((f"one layer's 4-bit products, {m} rows: kernel {best} vs bitsandbytes",
+                     f"{ours:.0f} vs {theirs:.0f} us ({theirs / ours:.2f}x)"))  # fmt: skip
 
 
 def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows: list) -> None:

@@ -14,6 +14,11 @@ import httpx
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # kernels/nf4.py's Triton kernel runs in Triton's interpreter here (tests/unit/test_nf4_kernel.py);
+    # Triton reads this once, when bitsandbytes or transformers first import it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CACHE = ARTIFACTS / "cache"  # converted default model, shared by all tests and runs

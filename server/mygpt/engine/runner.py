@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mygpt.engine.graphs import StaticDecoder
+from mygpt.kernels.nf4 import NF4Product
 from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -124,6 +125,20 @@ class ModelRunner:
         capture = cuda_graphs and self.device.type == "cuda"
         if (capture or static_decode) and not exact_attention:
             self.decoder = StaticDecoder(self, capture=capture)
+
+    def nf4_kernel(self, on: bool) -> int:
+        """Turns the Triton NF4 kernel (kernels/nf4.py) on or off for the products that have it; returns
+        how many have it. Captured decode graphs keep the kernels they were captured with: make a new
+        StaticDecoder after switching."""
+        products = [
+            f._fused_base
+            for p in self._proj
+            for f in (p.qkv, p.o, p.gate_up, p.down)
+            if f is not None and isinstance(f._fused_base, NF4Product)
+        ]
+        for product in products:
+            product.enabled = on
+        return len(products)
 
     # ---------------------------------------------------------------- public API
     @torch.inference_mode()

@@ -163,9 +163,10 @@ def concat_base(bases: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor
     concatenated), or bitsandbytes 4-bit layers in its CPU layout (packed weights and scales
     concatenated; each output is computed exactly as by its own layer). The layers' weights become
     views of the concatenation (no second copy; the 4-bit scales, 1/16 of the packed bytes at block
-    size 64, are kept twice: each layer's own call needs them contiguous). None where the weights
-    cannot be concatenated (the GPU 4-bit layout, mixed kinds or compute dtypes): the caller runs the
-    layers one by one. The layers must stay where they are afterwards (no .to(), no second runner
+    size 64, are kept twice: each layer's own call needs them contiguous). NF4 layers in the GPU layout
+    run as one product of the Triton kernel where Triton is there (kernels/nf4.py). None where the
+    weights cannot be concatenated (the GPU 4-bit layout without Triton, mixed kinds or compute
+    dtypes): the caller runs the layers one by one. The layers must stay where they are afterwards (no .to(), no second runner
     with adapters over the same model: the fused tensors would no longer be theirs)."""
     first = bases[0]
     if all(type(b) is nn.Linear for b in bases):
@@ -177,6 +178,10 @@ def concat_base(bases: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor
             return None
         _share_rows(bases, w, bias)
         return lambda x: F.linear(x, w, bias)
+    from mygpt.kernels import nf4
+
+    if nf4.available(first.weight.device) and nf4.supported(bases):  # GPU 4-bit layout: Triton kernel
+        return nf4.NF4Product(bases)
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:

@@ -1,0 +1,1 @@
+"""Hand-written GPU kernels (Triton), each with a bitsandbytes/PyTorch fallback."""

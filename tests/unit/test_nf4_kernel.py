@@ -1,0 +1,176 @@
+"""The Triton NF4 kernel (kernels/nf4.py) on the CPU, through Triton's interpreter: the product of
+bitsandbytes' own packed weights equals the product with the weights bitsandbytes dequantizes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+bnb_f = pytest.importorskip("bitsandbytes.functional")
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it without a GPU, before Triton loads
+        pytest.skip("Triton's interpreter is off (a GPU is there: tests/gpu runs the kernel)")
+    monkeypatch.setenv("MYGPT_NF4_INTERPRET", "1")
+
+
+def quantized(n: int, k: int, seed: int, nested: bool = True):
+    """A random weight [n, k] quantized by bitsandbytes (the GPU/CPU-portable layout, nested absmax)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    packed, qs = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    return w, packed, qs
+
+
+class _Weight:  # what nf4_scales reads from a Params4bit
+    def __init__(self, qs):
+        self.quant_state = qs
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 32])
+@pytest.mark.parametrize(("n", "k"), [(96, 256), (64, 1024)])
+def test_kernel_equals_the_dequantized_product(m, n, k):
+    from mygpt.kernels.nf4 import nf4_matmul, nf4_scales
+
+    _, packed, qs = quantized(n, k, seed=m + n)
+    w = bnb_f.dequantize_4bit(packed, qs).float()  # bitsandbytes' own reading of its bytes
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    scale = nf4_scales(_Weight(qs))
+    got = nf4_matmul(x, packed.view(n, k // 2), scale, qs.code.float())
+    want = x @ w.T
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_scales_undo_the_double_quantization_as_bitsandbytes_does():
+    from mygpt.kernels.nf4 import nf4_scales
+
+    n, k = 32, 512
+    _, packed, qs = quantized(n, k, seed=3)
+    assert qs.nested
+    w = bnb_f.dequantize_4bit(packed, qs).float()
+    scale = nf4_scales(_Weight(qs))
+    # every weight is the NF4 value of its nibble times its block's scale: rebuilt from the bytes
+    b = packed.view(n, k // 2)
+    nibbles = torch.stack([b >> 4, b & 15], dim=-1).view(n, k).long()
+    rebuilt = qs.code.float()[nibbles] * scale.repeat_interleave(64, dim=1)
+    torch.testing.assert_close(rebuilt, w, rtol=0, atol=1e-6)
+
+
+def test_product_of_several_layers_and_the_bitsandbytes_fallback(monkeypatch):
+    """NF4Product over q/k/v-like layers: the kernel up to MAX_ROWS rows, bitsandbytes beyond; the
+    layers keep working on their own with their weights as views of the concatenation."""
+    import bitsandbytes as bnb
+
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    torch.manual_seed(0)
+    layers = []
+    for n in (64, 32, 32):
+        lin = torch.nn.Linear(256, n, bias=False)
+        q = bnb.nn.Linear4bit(256, n, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4")
+        q.weight = q.weight._quantize("cpu")
+        layers.append(q)
+    dense = [bnb_f.dequantize_4bit(q.weight.data, q.weight.quant_state).float() for q in layers]
+    assert nf4.available(torch.device("cpu")) and nf4.supported(layers)
+    product = nf4.NF4Product(layers)
+    assert all(q.weight.data.data_ptr() >= product.packed.data_ptr() for q in layers)  # views, no copy
+    for rows in (3, nf4.MAX_ROWS + 1):
+        x = torch.randn(2, rows, 256)
+        want = torch.cat([x @ w.T for w in dense], dim=-1)
+        torch.testing.assert_close(product(x), want, rtol=1e-4, atol=1e-4)
+    assert (
+        all(nf4.NF4Product._checked.values()) and nf4.NF4Product._checked
+    )  # the kernel was checked and used
+
+
+def test_a_kernel_that_disagrees_is_not_used(monkeypatch):
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    monkeypatch.setattr(nf4, "nf4_matmul", lambda x, *a: torch.zeros(x.shape[0], 64))
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(256, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(torch.randn(64, 256) * 0.05, requires_grad=False, quant_type="nf4")
+    q.weight = q.weight._quantize("cpu")
+    w = bnb_f.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+    product = nf4.NF4Product([q])
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(product(x), x @ w.T, rtol=1e-4, atol=1e-4)
+    assert list(nf4.NF4Product._checked.values()) == [False]
+
+
+def test_not_available_without_a_gpu_or_the_interpreter(monkeypatch):
+    from mygpt.kernels import nf4
+
+    assert nf4.available(torch.device("cpu"))
+    monkeypatch.delenv("MYGPT_NF4_INTERPRET")  # the server on a CPU: never the interpreter
+    assert not nf4.available(torch.device("cpu"))
+    monkeypatch.setenv("MYGPT_NF4_INTERPRET", "1")
+    monkeypatch.setenv("MYGPT_NF4_KERNEL", "0")
+    assert not nf4.available(torch.device("cpu"))
+
+
+def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
+    """A tiny NF4 Llama through the ModelRunner with the kernel in every projection (q/k/v and gate/up
+    concatenated) gives the logits of the same model with its weights dequantized: prefill (more rows
+    than MAX_ROWS: bitsandbytes) and decode steps (the kernel), with and without adapters."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    quant, dense = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    for lq, ld in zip(quant.model.layers, dense.model.layers, strict=True):
+        for pq, pd in ((lq.self_attn, ld.self_attn), (lq.mlp, ld.mlp)):
+            for name, lin in list(pq.named_children()):
+                if isinstance(lin, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(
+                        lin.in_features, lin.out_features, bias=False, compute_dtype=torch.float32,
+                        quant_type="nf4", compress_statistics=True,
+                    )  # fmt: skip
+                    q.weight = bnb.nn.Params4bit(
+                        lin.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
+                    )._quantize("cpu")
+                    setattr(pq, name, q)
+                    w = bnb_f.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+                    getattr(pd, name).weight.data.copy_(w)
+    dense.load_state_dict({k: v for k, v in quant.state_dict().items() if "proj" not in k}, strict=False)
+    runners = [
+        ModelRunner(m, num_slots=4, max_len=64, dtype=torch.float32, max_loras=2) for m in (quant, dense)
+    ]
+    assert runners[0].nf4_kernel(True) == 8 and runners[1].nf4_kernel(True) == 0  # 4 products a layer
+    g = torch.Generator().manual_seed(1)
+    for layer_q, layer_d in zip(
+        runners[0].lora_layers.values(), runners[1].lora_layers.values(), strict=True
+    ):
+        a = torch.randn(4, layer_q.in_features, generator=g) * 0.1
+        b = torch.randn(layer_q.out_features, 4, generator=g) * 0.1
+        layer_q.set_slot(1, a, b)
+        layer_d.set_slot(1, a, b)
+    prompt = torch.randint(0, 128, (40,), generator=g).tolist()
+    for r in runners:  # rows <= MAX_ROWS: the kernel; float32 throughout, as the dense model
+        r.prefill(1, prompt[:7], 0)
+    got = [r.prefill(0, prompt[:20], 0, lora_slot=1) for r in runners]
+    torch.testing.assert_close(got[0], got[1], rtol=1e-4, atol=1e-4)
+    steps = [r.decode([0, 1], [5, 9], [20, 7], [1, -1]) for r in runners]
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-4, atol=1e-4)
+    assert nf4.NF4Product._checked and all(nf4.NF4Product._checked.values())
+    # 40 rows: bitsandbytes' own product, which on a CPU multiplies in bfloat16
+    got = [r.prefill(2, prompt, 0, lora_slot=1) for r in runners]
+    assert float((got[0] - got[1]).norm() / got[1].norm()) < 1e-2
