@@ -344,7 +344,7 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
     log = open(out_dir / "e2e-server.log", "w")  # noqa: SIM115 - closed below
     serve = [
         sys.executable, "-m", "mygpt", "serve", "--model", str(model_dir), "--served-model-name", "e2e",
-        "--port", str(port), "--device", device, "--max-num-seqs", "32", "--max-loras", "0", "--no-finetune", "--cuda-graphs",
+        "--port", str(port), "--device", device, "--max-num-seqs", "32", "--max-loras", "0", "--no-finetune",
         "--adapter-dir", str(work / "e2e-adapters"), "--cache-dir", str(work / "e2e-cache"),
     ]  # fmt: skip
     t0 = time.perf_counter()
@@ -405,6 +405,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="time and profile bare decode steps too")
     ap.add_argument("--skip-e2e", action="store_true", help="no mygpt serve + mygpt bench step")
     ap.add_argument(
+        "--quick", action="store_true", help="no peft (naive baseline, logits, parity), no eager engine run"
+    )
+    ap.add_argument(
         "--deadline", type=float, default=0, help="seconds: dump every thread's stack if still running"
     )
     args = ap.parse_args()
@@ -455,43 +458,53 @@ def main() -> None:
         rows.append(("GPU memory after base", f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB"))
 
     n_adapters = 32
-    t0 = time.perf_counter()
-    peft_model = add_peft_adapters(model, n_adapters, 16)
-    rows.append((f"{n_adapters} peft adapters created", f"{time.perf_counter() - t0:.1f} s"))
     g = torch.Generator().manual_seed(3)
     prompts = [
         torch.randint(10, config.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(32)
     ]
-
-    # (1) the naive baseline: peft generate()
     ref_logits = {}
-    with section("naive baseline"):
-        peft_model.set_adapter("ad0")
-        ids1 = torch.tensor([prompts[0]], device=device)
-        timed_generate(peft_model, ids1, 4)  # warm-up
-        dt, _ = timed_generate(peft_model, ids1, new)
-        report["naive_1_stream_tok_s"] = new / dt
-        rows.append(("naive peft generate, 1 stream + adapter", f"{new / dt:.1f} tok/s"))
-        ids32 = torch.tensor(prompts, device=device)
-        names8 = [f"ad{i % 8}" for i in range(32)]
-        dt, _ = timed_generate(peft_model, ids32, new, adapter_names=names8)
-        report["naive_32x8_tok_s"] = 32 * new / dt
-        rows.append(("naive peft generate, 32 streams / 8 adapters", f"{32 * new / dt:.1f} tok/s"))
-    with section("peft prompt logits"):
-        for k in (1, 2, 3):  # peft's prompt logits per adapter
-            peft_model.set_adapter(f"ad{k}")
-            with torch.inference_mode():
-                ref_logits[k] = peft_model(torch.tensor([prompts[k]], device=device)).logits[0, -1].float()
+    if args.quick:  # no peft: random adapters made directly, no naive baseline, no logits to compare
+        base = model
+    else:
+        t0 = time.perf_counter()
+        peft_model = add_peft_adapters(model, n_adapters, 16)
+        rows.append((f"{n_adapters} peft adapters created", f"{time.perf_counter() - t0:.1f} s"))
+
+        # (1) the naive baseline: peft generate()
+        with section("naive baseline"):
+            peft_model.set_adapter("ad0")
+            ids1 = torch.tensor([prompts[0]], device=device)
+            timed_generate(peft_model, ids1, 4)  # warm-up
+            dt, _ = timed_generate(peft_model, ids1, new)
+            report["naive_1_stream_tok_s"] = new / dt
+            rows.append(("naive peft generate, 1 stream + adapter", f"{new / dt:.1f} tok/s"))
+            ids32 = torch.tensor(prompts, device=device)
+            names8 = [f"ad{i % 8}" for i in range(32)]
+            dt, _ = timed_generate(peft_model, ids32, new, adapter_names=names8)
+            report["naive_32x8_tok_s"] = 32 * new / dt
+            rows.append(("naive peft generate, 32 streams / 8 adapters", f"{32 * new / dt:.1f} tok/s"))
+        with section("peft prompt logits"):
+            for k in (1, 2, 3):  # peft's prompt logits per adapter
+                peft_model.set_adapter(f"ad{k}")
+                with torch.inference_mode():
+                    ref_logits[k] = (
+                        peft_model(torch.tensor([prompts[k]], device=device)).logits[0, -1].float()
+                    )
+        weights = export_adapters(peft_model, n_adapters, 16)
+        base = peft_model.unload()  # peft's LoRA layers out, the NF4 base as it was
+        del peft_model
 
     # (2) mygpt's engine on the same base and the same adapter tensors, eager then with graphs
-    weights = export_adapters(peft_model, n_adapters, 16)
-    base = peft_model.unload()  # peft's LoRA layers out, the NF4 base as it was
-    del peft_model
     from mygpt.engine.runner import ModelRunner
     from mygpt.lora.cache import AdapterCache
 
-    runner = ModelRunner(base, num_slots=32, max_len=args.prompt_len + new + 8, dtype=dtype, max_loras=32)
+    runner = ModelRunner(
+        base, num_slots=32, max_len=args.prompt_len + new + 8, dtype=dtype, max_loras=32, nf4_kernel=True
+    )
+    runner.nf4_kernel(False)  # the default: bitsandbytes' products (the kernel is opt-in)
     cache = AdapterCache(runner.lora_layers, 32)
+    if args.quick:
+        weights = random_adapters(runner, n_adapters, 16)
 
     def timed_load(cache, weights, name: str) -> float:
         sync()
@@ -515,16 +528,16 @@ def main() -> None:
         )
         rows.append(("cold adapter load, packing on the host included", f"{first:.1f} ms"))
     with section("nf4 kernel vs bitsandbytes"):
-        nf4_bench(runner, rows, report)
-    modes = ["eager", static_mode(device)]
-    if runner.nf4_kernel(True):  # the same static steps with bitsandbytes' products: the kernel's gain
-        modes.insert(1, f"{static_mode(device)}-bnb")
+        kernel_wins = nf4_bench(runner, rows, report)
+    modes = [static_mode(device)] if args.quick else ["eager", static_mode(device)]
+    if runner.nf4_kernel(False) and (kernel_wins or not args.quick):  # the opt-in kernel, its best tile
+        modes.append(f"{static_mode(device)}-nf4")
     for mode in modes:
         with section(f"engine {mode}"):
-            runner.nf4_kernel(not mode.endswith("-bnb"))
+            runner.nf4_kernel(mode.endswith("-nf4"))
             use_graphs(runner, mode != "eager")
             measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
-    runner.nf4_kernel(True)
+    runner.nf4_kernel(False)
     if runner.decoder is not None:
         st = runner.decoder.stats
         report["graph_stats"] = vars(st)
@@ -535,15 +548,18 @@ def main() -> None:
             )
         )
 
-    with section("prompt logits vs peft"):
-        errs = []
-        for j, k in enumerate((1, 2, 3)):  # last-prompt-position logits, mygpt vs peft: relative L2
-            lora = cache.acquire(f"ad{k}", weights[f"ad{k}"])
-            got = runner.prefill(20 + j, prompts[k], 0, lora).float()
-            cache.release(f"ad{k}")
-            errs.append(float((got - ref_logits[k]).norm() / ref_logits[k].norm()))
-        report["logits_rel_err"] = errs
-        rows.append(("prompt logits vs peft (model dtype), relative L2", ", ".join(f"{e:.1e}" for e in errs)))
+    if ref_logits:
+        with section("prompt logits vs peft"):
+            errs = []
+            for j, k in enumerate((1, 2, 3)):  # last-prompt-position logits, mygpt vs peft: relative L2
+                lora = cache.acquire(f"ad{k}", weights[f"ad{k}"])
+                got = runner.prefill(20 + j, prompts[k], 0, lora).float()
+                cache.release(f"ad{k}")
+                errs.append(float((got - ref_logits[k]).norm() / ref_logits[k].norm()))
+            report["logits_rel_err"] = errs
+            rows.append(
+                ("prompt logits vs peft (model dtype), relative L2", ", ".join(f"{e:.1e}" for e in errs))
+            )
     if args.profile:
         with section("profile"):
             profile_steps(runner, cache, weights, args, device, out_dir, rows)
@@ -552,8 +568,9 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     # (3) float32 parity, (4) end to end
-    with section("parity"):
-        parity(args, device, rows, report)
+    if not args.quick:
+        with section("parity"):
+            parity(args, device, rows, report)
     if device == "cuda":
         torch.cuda.empty_cache()
     if not args.skip_e2e:
@@ -580,12 +597,33 @@ def main() -> None:
         raise SystemExit(1)
 
 
-NF4_TILES = [  # (BLOCK_N, BLOCK_K, warps) tried by nf4_bench; the fastest is kept for the engine runs
-    (64, 256, 4), (64, 128, 4), (128, 128, 4), (32, 256, 4), (128, 256, 8), (64, 256, 8), (32, 128, 2),
+NF4_TILES = [  # (BLOCK_N, BLOCK_K, warps, pairs) tried by nf4_bench; the fastest is kept for the engine
+    (128, 128, 4, False), (64, 128, 4, False),  # the two best of 2026-11-26's first run
+    (128, 128, 4, True), (64, 128, 4, True), (64, 256, 4, True), (128, 256, 8, True), (32, 128, 2, True),
+    (256, 128, 8, True), (32, 64, 1, True),
 ]  # fmt: skip
 
 
-def nf4_bench(runner, rows: list, report: dict) -> None:
+def random_adapters(runner, n: int, rank: int) -> dict:
+    """n random rank-r adapters on every projection the runner wraps, as mygpt LoRAWeights (--quick:
+    no peft; the same scale as add_peft_adapters' weights)."""
+    from mygpt.lora.weights import LoRAWeights, ModuleLoRA
+
+    g = torch.Generator(device=runner.device).manual_seed(1)
+    out = {}
+    for i in range(n):
+        modules = {}
+        for path, layer in runner.lora_layers.items():
+            a = torch.randn(rank, layer.in_features, generator=g, device=runner.device) * 0.02
+            b = torch.randn(layer.out_features, rank, generator=g, device=runner.device) * 0.02
+            modules[path] = ModuleLoRA(a=a.cpu(), b=b.cpu())
+        out[f"ad{i}"] = LoRAWeights(
+            name=f"ad{i}", path=Path("."), rank=rank, modules=modules, base_model=None
+        )
+    return out
+
+
+def nf4_bench(runner, rows: list, report: dict) -> bool:
     """The first decoder layer's four products (q/k/v, o, gate/up, down) at 1, 8 and 32 rows: the Triton
     NF4 kernel in each tile shape against bitsandbytes (per layer, as without the kernel), median of CUDA
     event timings. Keeps the tile with the least time summed over all of them."""
@@ -599,7 +637,7 @@ def nf4_bench(runner, rows: list, report: dict) -> None:
     }
     if not products or runner.device.type != "cuda":
         rows.append(("nf4 kernel", "not used (no Triton or no GPU)"))
-        return
+        return False
     from triton.testing import do_bench
 
     def timed(fn) -> float:
@@ -616,7 +654,7 @@ def nf4_bench(runner, rows: list, report: dict) -> None:
     for (name, m), x in inputs.items():
         results["bnb"][f"{name} m{m}"] = timed(lambda p=products[name], x=x: p._bnb(x))
     for tile in NF4_TILES:
-        nf4.TILE.update(block_n=tile[0], block_k=tile[1], num_warps=tile[2])
+        nf4.TILE.update(block_n=tile[0], block_k=tile[1], num_warps=tile[2], pairs=tile[3])
         times = {}
         try:
             for (name, m), x in inputs.items():
@@ -632,12 +670,11 @@ def nf4_bench(runner, rows: list, report: dict) -> None:
     nf4.TILE.update(default)
     if not measured:
         rows.append(("nf4 kernel", "every tile failed: bitsandbytes runs"))
-        runner.nf4_kernel(False)
         report["nf4_bench"] = results
-        return
+        return False
     best = min(measured, key=lambda t: sum(measured[t].values()))
-    bn, bk, warps = next(t for t in NF4_TILES if str(t) == best)
-    nf4.TILE.update(block_n=bn, block_k=bk, num_warps=warps)
+    bn, bk, warps, pairs = next(t for t in NF4_TILES if str(t) == best)
+    nf4.TILE.update(block_n=bn, block_k=bk, num_warps=warps, pairs=pairs)
     results["best"] = best
     report["nf4_bench"] = results
     for m in (1, 8, 32):
@@ -645,6 +682,9 @@ def nf4_bench(runner, rows: list, report: dict) -> None:
         theirs = sum(v for k, v in results["bnb"].items() if k.endswith(f"m{m}"))
         rows.append((f"one layer's 4-bit products, {m} rows: kernel {best} vs bitsandbytes",
                      f"{ours:.0f} vs {theirs:.0f} us ({theirs / ours:.2f}x)"))  # fmt: skip
+    ours = sum(measured[best].values())
+    theirs = sum(results["bnb"].values())
+    return ours < theirs
 
 
 def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows: list) -> None:

@@ -62,7 +62,13 @@ def _serve_parser(sub: Any) -> None:
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="replay decode steps as CUDA graphs on a GPU (default off: not yet verified on one)",
+        help="replay decode steps as CUDA graphs on a GPU (default on)",
+    )
+    p.add_argument(
+        "--nf4-kernel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="experimental: decode-sized NF4 products by mygpt's Triton kernel (default off: slower so far)",
     )
     p.add_argument(
         "--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation"

@@ -45,9 +45,14 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot before 429")
     num_threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
     cuda_graphs: bool = Field(
+        True,
+        description="on a GPU, replay decode steps as CUDA graphs (bucketed shapes): 5-7x the eager engine's "
+        "tokens/s on an H100 (docs/benchmarks.md)",
+    )
+    nf4_kernel: bool = Field(
         False,
-        description="on a GPU, replay decode steps as CUDA graphs (bucketed shapes); off by default until "
-        "scripts/gpu-check has verified it on a GPU",
+        description="experimental: on a GPU, decode-sized NF4 products by mygpt's Triton kernel instead of "
+        "bitsandbytes; measured 2-8x slower than bitsandbytes on an H100 (docs/benchmarks.md)",
     )
     warmup: bool = Field(True, description="run one generation before reporting ready")
     stall_timeout_s: float = Field(120.0, description="engine busy without progress this long: /ready 503")

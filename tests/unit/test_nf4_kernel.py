@@ -13,10 +13,9 @@ bnb_f = pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
+def interpreter():
     if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it without a GPU, before Triton loads
         pytest.skip("Triton's interpreter is off (a GPU is there: tests/gpu runs the kernel)")
-    monkeypatch.setenv("MYGPT_NF4_INTERPRET", "1")
 
 
 def quantized(n: int, k: int, seed: int, nested: bool = True):
@@ -32,10 +31,14 @@ class _Weight:  # what nf4_scales reads from a Params4bit
         self.quant_state = qs
 
 
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("m", [1, 5, 16, 32])
 @pytest.mark.parametrize(("n", "k"), [(96, 256), (64, 1024)])
-def test_kernel_equals_the_dequantized_product(m, n, k):
+def test_kernel_equals_the_dequantized_product(m, n, k, pairs, monkeypatch):
+    from mygpt.kernels import nf4
     from mygpt.kernels.nf4 import nf4_matmul, nf4_scales
+
+    monkeypatch.setitem(nf4.TILE, "pairs", pairs)
 
     _, packed, qs = quantized(n, k, seed=m + n)
     w = bnb_f.dequantize_4bit(packed, qs).float()  # bitsandbytes' own reading of its bytes
@@ -108,14 +111,11 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch):
     assert list(nf4.NF4Product._checked.values()) == [False]
 
 
-def test_not_available_without_a_gpu_or_the_interpreter(monkeypatch):
+def test_available_on_a_cpu_only_in_the_interpreter(monkeypatch):
     from mygpt.kernels import nf4
 
     assert nf4.available(torch.device("cpu"))
-    monkeypatch.delenv("MYGPT_NF4_INTERPRET")  # the server on a CPU: never the interpreter
-    assert not nf4.available(torch.device("cpu"))
-    monkeypatch.setenv("MYGPT_NF4_INTERPRET", "1")
-    monkeypatch.setenv("MYGPT_NF4_KERNEL", "0")
+    monkeypatch.delenv("TRITON_INTERPRET")
     assert not nf4.available(torch.device("cpu"))
 
 
@@ -152,7 +152,8 @@ def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
                     getattr(pd, name).weight.data.copy_(w)
     dense.load_state_dict({k: v for k, v in quant.state_dict().items() if "proj" not in k}, strict=False)
     runners = [
-        ModelRunner(m, num_slots=4, max_len=64, dtype=torch.float32, max_loras=2) for m in (quant, dense)
+        ModelRunner(m, num_slots=4, max_len=64, dtype=torch.float32, max_loras=2, nf4_kernel=True)
+        for m in (quant, dense)
     ]
     assert runners[0].nf4_kernel(True) == 8 and runners[1].nf4_kernel(True) == 0  # 4 products a layer
     g = torch.Generator().manual_seed(1)
@@ -174,3 +175,6 @@ def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
     # 40 rows: bitsandbytes' own product, which on a CPU multiplies in bfloat16
     got = [r.prefill(2, prompt, 0, lora_slot=1) for r in runners]
     assert float((got[0] - got[1]).norm() / got[1].norm()) < 1e-2
+    assert (
+        ModelRunner(quant, num_slots=4, max_len=64, dtype=torch.float32).nf4_kernel(True) == 0
+    )  # opt-in only

@@ -77,6 +77,7 @@ class ModelRunner:
         exact_attention: bool = False,
         static_decode: bool = False,
         cuda_graphs: bool = False,
+        nf4_kernel: bool = False,
     ):
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -118,7 +119,8 @@ class ModelRunner:
             )
         # q/k/v and gate/up each run as one product (base and LoRA), o and down on plain tensors
         # (lora/layers.py FusedLinear)
-        self._proj = [_Projections.of(layer) for layer in self._layers]
+        # nf4_kernel: decode-sized NF4 products by the Triton kernel (kernels/nf4.py; experimental)
+        self._proj = [_Projections.of(layer, nf4_kernel) for layer in self._layers]
         # decode-only steps at bucketed static shapes (graphs.py): captured as CUDA graphs on a GPU
         # (cuda_graphs), or run eagerly (static_decode: the same code path, for tests on a CPU)
         self.decoder: StaticDecoder | None = None
@@ -362,12 +364,15 @@ class _Projections:
     down: FusedLinear | None
 
     @staticmethod
-    def of(layer: torch.nn.Module) -> _Projections:
+    def of(layer: torch.nn.Module, nf4_kernel: bool = False) -> _Projections:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv, o = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj]), FusedLinear([attn.o_proj])
+        k = nf4_kernel
+        qkv, o = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], k), FusedLinear([attn.o_proj], k)
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return _Projections(qkv, o, None, None)
-        return _Projections(qkv, o, FusedLinear([mlp.gate_proj, mlp.up_proj]), FusedLinear([mlp.down_proj]))
+        return _Projections(
+            qkv, o, FusedLinear([mlp.gate_proj, mlp.up_proj], k), FusedLinear([mlp.down_proj], k)
+        )
 
 
 def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

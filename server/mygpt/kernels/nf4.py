@@ -46,23 +46,21 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel runs for tensors on `device`: a GPU with Triton (MYGPT_NF4_KERNEL=0 turns it
-    off), or, for tests on a CPU, Triton's interpreter (TRITON_INTERPRET=1 and MYGPT_NF4_INTERPRET=1)."""
-    if triton is None or os.environ.get("MYGPT_NF4_KERNEL", "1") == "0":
+    """Whether the kernel runs for tensors on `device`: a GPU with Triton, or Triton's interpreter
+    (TRITON_INTERPRET=1: the tests on a CPU)."""
+    if triton is None:
         return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MYGPT_NF4_INTERPRET") == "1"
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
 
     def _nf4_kernel(
-        x_ptr, q_ptr, s_ptr, code_ptr, out_ptr,
+        x_ptr, q_ptr, s_ptr, code_ptr, lut_ptr, out_ptr,
         M, N, K, k_split,
         stride_xm, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, PAIRS: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -79,11 +77,28 @@ if triton is not None:
             packed = tl.load(
                 q_ptr + rn[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=n_ok[:, None], other=0
             )
-            scale = tl.load(
-                s_ptr + rn[:, None] * (K // QBLOCK) + (kk // QBLOCK)[None, :], mask=n_ok[:, None], other=0.0
-            )
-            hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale
-            lo = tl.load(code_ptr + (packed & 15).to(tl.int32)) * scale
+            if PAIRS:  # one scale per block, broadcast; one lookup per byte for both of its weights
+                blocks = k0 // QBLOCK + tl.arange(0, BLOCK_K // QBLOCK)
+                per_block = tl.load(
+                    s_ptr + rn[:, None] * (K // QBLOCK) + blocks[None, :], mask=n_ok[:, None], other=0.0
+                )
+                scale = tl.reshape(
+                    tl.broadcast_to(per_block[:, :, None], (BLOCK_N, BLOCK_K // QBLOCK, QBLOCK // 2)),
+                    (BLOCK_N, BLOCK_K // 2),
+                )
+                pair = tl.load(
+                    lut_ptr + packed.to(tl.int32)
+                )  # int64: the high nibble's value in the low word
+                hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale
+                lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale
+            else:  # a scale and a table lookup per weight
+                scale = tl.load(
+                    s_ptr + rn[:, None] * (K // QBLOCK) + (kk // QBLOCK)[None, :],
+                    mask=n_ok[:, None],
+                    other=0.0,
+                )
+                hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale
+                lo = tl.load(code_ptr + (packed & 15).to(tl.int32)) * scale
             x_even = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None], other=0.0)
             x_odd = tl.load(
                 x_ptr + rm[:, None] * stride_xm + (kk + 1)[None, :], mask=m_ok[:, None], other=0.0
@@ -101,7 +116,16 @@ def _jitted(interpret: bool):
     return triton.jit(_nf4_kernel)
 
 
-TILE = {"block_n": 64, "block_k": 256, "num_warps": 4}  # scripts/gpu_check.py measures the others
+# scripts/gpu_check.py measures the other tiles and both ways of reading the table (pairs)
+TILE = {"block_n": 64, "block_k": 256, "num_warps": 4, "pairs": False}
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256]: for each byte, the float32 bits of its high nibble's value (low word) and of its low
+    nibble's (high word)."""
+    bits = code.detach().float().cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256)
+    return (bits[b & 15] << 32) | bits[b >> 4]
 
 
 def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
@@ -117,22 +141,30 @@ def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def nf4_matmul(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, code: torch.Tensor
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    code: torch.Tensor,
+    pairs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, K a multiple of 256) times the NF4 weight [N, K]^T: [M, N] in x's dtype.
-    float32 inputs multiply in full float32 (no TF32), as bitsandbytes' float32 path does."""
+    float32 inputs multiply in full float32 (no TF32), as bitsandbytes' float32 path does. pairs: the
+    code's pair_table on the device (made here when not given)."""
     m, k = x.shape
     n = packed.shape[0]
     qblock = k // scale.shape[1]
     block_m, block_n, block_k, split = _config(m, n, k)
     if x.stride(1) != 1:
         x = x.contiguous()
+    use_pairs = TILE["pairs"] and block_k % qblock == 0
+    if use_pairs and pairs is None:
+        pairs = pair_table(code).to(x.device)
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_n), split)
     _jitted(os.environ.get("TRITON_INTERPRET") == "1")[grid](
-        x, packed, scale, code, partial, m, n, k, k // split, x.stride(0), n,
+        x, packed, scale, code, pairs if use_pairs else code, partial, m, n, k, k // split, x.stride(0), n,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, QBLOCK=qblock,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=TILE["num_warps"],
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PAIRS=use_pairs, num_warps=TILE["num_warps"],
     )  # fmt: skip
     return (partial[0] if split == 1 else partial.sum(0)).to(x.dtype)
 
@@ -196,6 +228,7 @@ class NF4Product:
         self.packed = packed
         self.scale = torch.cat([nf4_scales(layer.weight) for layer in layers])
         self.code = layers[0].weight.quant_state.code.float().to(packed.device)
+        self.pairs = pair_table(self.code).to(packed.device)
         self.compute_dtype = layers[0].compute_dtype or torch.float32
         self.enabled = True
 
@@ -207,11 +240,11 @@ class NF4Product:
         """Once per product shape: the kernel against bitsandbytes on this input (not during a CUDA
         graph capture: the first call of a shape is always eager, graphs.py warms up before capturing)."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
-        key = (str(x2.device), n, k, x2.dtype, _config(x2.shape[0], n, k), TILE["num_warps"])
+        key = (str(x2.device), n, k, x2.dtype, _config(x2.shape[0], n, k), TILE["num_warps"], TILE["pairs"])
         ok = NF4Product._checked.get(key)
         if ok is None:
             try:
-                got = nf4_matmul(x2, self.packed, self.scale, self.code).float()
+                got = nf4_matmul(x2, self.packed, self.scale, self.code, self.pairs).float()
                 want = self._bnb(x2).float()
                 err = float((got - want).norm() / want.norm().clamp_min(1e-30))
                 ok = bool(err < 2e-2)  # bf16 rounding of two summation orders: ~1e-3
@@ -230,7 +263,7 @@ class NF4Product:
         if x2.dtype != self.compute_dtype:
             x2 = x2.to(self.compute_dtype)
         if self.enabled and x2.shape[0] <= MAX_ROWS and self._kernel_ok(x2):
-            y = nf4_matmul(x2, self.packed, self.scale, self.code)
+            y = nf4_matmul(x2, self.packed, self.scale, self.code, self.pairs)
         else:
             y = self._bnb(x2)
         if y.dtype != x.dtype:

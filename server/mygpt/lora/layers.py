@@ -109,12 +109,12 @@ class FusedLinear(nn.Module):
     """Projections that read the same input (q/k/v, gate/up) as one module: forward returns the parts'
     outputs, in order. The parts stay usable on their own and share this module's memory."""
 
-    def __init__(self, parts: list[nn.Module]):
+    def __init__(self, parts: list[nn.Module], nf4_kernel: bool = False):
         super().__init__()
         self.sizes = [p.out_features for p in parts]
         self.in_features = parts[0].in_features
         self._bases = [p.base if isinstance(p, LoRALinear) else p for p in parts]
-        self._fused_base = concat_base(self._bases)
+        self._fused_base = concat_base(self._bases, nf4_kernel)
         self.batch: LoRABatch | None = None
         self._bts: list[torch.Tensor] = []
         wrapped = [isinstance(p, LoRALinear) for p in parts]
@@ -158,13 +158,15 @@ def _add(y: torch.Tensor, o: torch.Tensor) -> None:
     y.add_(o.view(y.shape) if o.dtype == y.dtype else o.view(y.shape).to(y.dtype))
 
 
-def concat_base(bases: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def concat_base(
+    bases: list[nn.Module], nf4_kernel: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """One product for base projections that read the same input: plain Linear layers (weights
     concatenated), or bitsandbytes 4-bit layers in its CPU layout (packed weights and scales
     concatenated; each output is computed exactly as by its own layer). The layers' weights become
     views of the concatenation (no second copy; the 4-bit scales, 1/16 of the packed bytes at block
-    size 64, are kept twice: each layer's own call needs them contiguous). NF4 layers in the GPU layout
-    run as one product of the Triton kernel where Triton is there (kernels/nf4.py). None where the
+    size 64, are kept twice: each layer's own call needs them contiguous). With nf4_kernel, NF4 layers in
+    the GPU layout run as one product of the Triton kernel where Triton is there (kernels/nf4.py). None where the
     weights cannot be concatenated (the GPU 4-bit layout without Triton, mixed kinds or compute
     dtypes): the caller runs the layers one by one. The layers must stay where they are afterwards (no .to(), no second runner
     with adapters over the same model: the fused tensors would no longer be theirs)."""
@@ -180,7 +182,7 @@ def concat_base(bases: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor
         return lambda x: F.linear(x, w, bias)
     from mygpt.kernels import nf4
 
-    if nf4.available(first.weight.device) and nf4.supported(bases):  # GPU 4-bit layout: Triton kernel
+    if nf4_kernel and nf4.available(first.weight.device) and nf4.supported(bases):  # experimental
         return nf4.NF4Product(bases)
     try:
         from bitsandbytes.nn import Linear4bit
