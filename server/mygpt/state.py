@@ -116,6 +116,12 @@ class ServerState:
                     self.metrics.watch_device_memory(
                         _device_memory(loaded.device, getattr(engine, "runner", None))
                     )
+                decoder = getattr(getattr(engine, "runner", None), "decoder", None)
+                if decoder is not None and s.warmup:  # CUDA graphs of every batch size, before requests
+                    t0 = time.monotonic()
+                    n = decoder.precapture()
+                    if n:
+                        log.info("captured %d decode graphs in %.1fs", n, time.monotonic() - t0)
                 engine.start()
                 # a request's n choices run side by side: never more than the batch has rows
                 max_n = s.max_n if s.engine == "naive" else min(s.max_n, s.max_num_seqs)

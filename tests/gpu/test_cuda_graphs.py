@@ -96,3 +96,19 @@ def test_least_recently_used_graphs_are_dropped():
         graphs.decode(list(range(n)), [3] * n, [10] * n)
     stats = graphs.decoder.stats
     assert stats.captures == 4 and stats.evictions == 2 and len(graphs.decoder._graphs) == 2
+
+
+def test_precaptured_graphs_replay_base_rows_without_a_new_capture():
+    eager, graphs = runners()
+    n = graphs.decoder.precapture()
+    stats = graphs.decoder.stats
+    assert (
+        n == stats.captures == len(graphs.decoder.batch_sizes) * 2 and stats.failures == 0
+    )  # spans 256, 300
+    for r in (eager, graphs):
+        for slot in range(3):
+            r.prefill(slot, [4 + slot] * 20, 0)
+    want = eager.decode([0, 1, 2], [7, 8, 9], [20, 20, 20])
+    got = graphs.decode([0, 1, 2], [7, 8, 9], [20, 20, 20])
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    assert stats.captures == n and stats.replays >= 1  # bucket 4 at span 256 was there already

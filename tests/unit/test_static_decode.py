@@ -161,3 +161,45 @@ def test_engine_with_static_decode_gives_the_eager_tokens(engines):
     assert results[0]["a-0"] != results[0]["None-0"]  # the adapters really act
     stats = static.runner.decoder.stats
     assert stats.eager > 0 and stats.captures == stats.replays == 0  # CPU: static steps, no capture
+
+
+def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """StaticDecoder.precapture (before the first request, with CUDA graphs): every batch bucket at the
+    spans up to 512 positions, base rows only; its padding rows touch no KV slot but the spare one. The
+    capture itself is faked here (one eager run of the static step); tests/gpu captures for real."""
+    from mygpt.engine.graphs import StaticDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    static = ModelRunner(
+        model, num_slots=6, max_len=600, dtype=torch.float32, max_loras=2, static_decode=True
+    )
+    static.prefill(0, [5, 6, 7, 8], 0)
+    before = [k.clone() for k in static.k_cache]
+    captured = []
+
+    class Graph:
+        def replay(self):
+            pass
+
+    def fake_capture(self, shape):
+        captured.append(shape)
+        out = self._forward(shape)
+        self._graphs[shape] = (Graph(), out)
+        self.stats.captures += 1
+        return self._graphs[shape]
+
+    monkeypatch.setattr(StaticDecoder, "_capture", fake_capture)
+    decoder = static.decoder
+    assert decoder.precapture() == 0  # no capture on a CPU: nothing to do
+    decoder.capture = True
+    n = decoder.precapture()
+    spans = sorted({s.kv_len for s in captured})
+    assert spans == [256, 512] and {s.batch for s in captured} == set(decoder.batch_sizes)
+    assert n == len(captured) == len(decoder.batch_sizes) * 2 and all(s.lora_slots == 0 for s in captured)
+    assert decoder.stats.failures == 0 and decoder.capture
+    spare = static.num_slots
+    for k_before, k_after in zip(before, static.k_cache, strict=True):
+        assert torch.equal(k_after[:spare], k_before[:spare])  # real slots untouched
+    assert decoder.precapture() == 0  # all there already
