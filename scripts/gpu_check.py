@@ -427,7 +427,10 @@ def main() -> None:
         "errors": {},
     }
     for pkg in ("transformers", "peft", "bitsandbytes"):
-        report[pkg] = importlib.metadata.version(pkg)
+        try:
+            report[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            report[pkg] = "not installed"
     rows.append(("versions", f"torch {torch.__version__}, transformers {report['transformers']}, "
                  f"peft {report['peft']}, bitsandbytes {report['bitsandbytes']}"))  # fmt: skip
     new = args.new_tokens
@@ -499,9 +502,11 @@ def main() -> None:
     from mygpt.lora.cache import AdapterCache
 
     runner = ModelRunner(
-        base, num_slots=32, max_len=args.prompt_len + new + 8, dtype=dtype, max_loras=32, nf4_kernel=True
-    )
-    runner.nf4_kernel(False)  # the default: bitsandbytes' products (the kernel is opt-in)
+        base, num_slots=32, max_len=args.prompt_len + new + 8, dtype=dtype, max_loras=32, nf4_kernel=True,
+        fused_ops=True,
+    )  # fmt: skip
+    runner.nf4_kernel(False)  # the defaults: bitsandbytes' products, PyTorch's element-wise ops
+    runner.fused_ops(False)
     cache = AdapterCache(runner.lora_layers, 32)
     if args.quick:
         weights = random_adapters(runner, n_adapters, 16)
@@ -527,17 +532,22 @@ def main() -> None:
             ("cold adapter load into a slot, packed when read", " / ".join(f"{x:.1f}" for x in loads) + " ms")
         )
         rows.append(("cold adapter load, packing on the host included", f"{first:.1f} ms"))
+    kernel_wins = False
     with section("nf4 kernel vs bitsandbytes"):
         kernel_wins = nf4_bench(runner, rows, report)
     modes = [static_mode(device)] if args.quick else ["eager", static_mode(device)]
+    if runner.fused_ops(False):  # the opt-in element-wise kernels, against the default in the same run
+        modes.append(f"{static_mode(device)}-fused")
     if runner.nf4_kernel(False) and (kernel_wins or not args.quick):  # the opt-in kernel, its best tile
         modes.append(f"{static_mode(device)}-nf4")
     for mode in modes:
         with section(f"engine {mode}"):
             runner.nf4_kernel(mode.endswith("-nf4"))
+            runner.fused_ops(mode.endswith("-fused"))
             use_graphs(runner, mode != "eager")
             measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
     runner.nf4_kernel(False)
+    runner.fused_ops(False)
     if runner.decoder is not None:
         st = runner.decoder.stats
         report["graph_stats"] = vars(st)
@@ -661,7 +671,9 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
                 p = products[name]
                 if not p._kernel_ok(x):
                     raise RuntimeError(f"disagrees with bitsandbytes at {name} m{m}")
-                times[f"{name} m{m}"] = timed(lambda p=p, x=x: nf4.nf4_matmul(x, p.packed, p.scale, p.code))
+                times[f"{name} m{m}"] = timed(
+                    lambda p=p, x=x: nf4.nf4_matmul(x, p.packed, p.scale, p.code, p.pairs)
+                )
         except Exception as exc:  # a tile that fails is reported and skipped
             results["tiles"][str(tile)] = repr(exc)[:200]
             continue
@@ -688,8 +700,13 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
 
 
 def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows: list) -> None:
-    """Bare decode steps of the runner, eager and static, batch 1 and 32; a kernel table of the eager ones."""
-    for mode in ("eager", static_mode(device)):
+    """Bare decode steps of the runner, eager and static (and static with the fused element-wise kernels
+    where the runner has them), batch 1 and 32; a kernel table of the eager ones."""
+    modes = ["eager", static_mode(device)]
+    if runner.fused_ops(False):
+        modes.append(f"{static_mode(device)}-fused")
+    for mode in modes:
+        runner.fused_ops(mode.endswith("-fused"))
         use_graphs(runner, mode != "eager")
         for b in (1, 32):
             slots = list(range(b))
@@ -716,6 +733,7 @@ def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows
             finally:
                 for i in range(b):
                     cache.release(f"ad{i % 32}")
+    runner.fused_ops(False)
 
 
 if __name__ == "__main__":

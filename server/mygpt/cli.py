@@ -65,6 +65,12 @@ def _serve_parser(sub: Any) -> None:
         help="replay decode steps as CUDA graphs on a GPU (default on)",
     )
     p.add_argument(
+        "--fused-ops",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="experimental: fused Triton kernels for norms, rotary and the MLP activation (default off)",
+    )
+    p.add_argument(
         "--nf4-kernel",
         action=argparse.BooleanOptionalAction,
         default=None,

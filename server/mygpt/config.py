@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         description="on a GPU, replay decode steps as CUDA graphs (bucketed shapes): 5-7x the eager engine's "
         "tokens/s on an H100 (docs/benchmarks.md)",
     )
+    fused_ops: bool = Field(
+        False,
+        description="experimental: on a GPU, residual add + RMSNorm, rotary embedding and silu * up as one "
+        "Triton kernel each (PyTorch's ops otherwise); not yet measured on a GPU",
+    )
     nf4_kernel: bool = Field(
         False,
         description="experimental: on a GPU, decode-sized NF4 products by mygpt's Triton kernel instead of "

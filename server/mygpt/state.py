@@ -96,7 +96,7 @@ class ServerState:
                     runner = ModelRunner(
                         loaded.model, s.max_num_seqs, loaded.context_len, loaded.dtype, s.max_loras, s.max_lora_rank,
                         lm_head_dtype=lm_head, exact_attention=loaded.device.type == "cpu",
-                        cuda_graphs=s.cuda_graphs, nf4_kernel=s.nf4_kernel,
+                        cuda_graphs=s.cuda_graphs, nf4_kernel=s.nf4_kernel, fused_ops=s.fused_ops,
                     )  # fmt: skip
                     context = runner.max_len
                     cache = AdapterCache(runner.lora_layers, s.max_loras) if s.max_loras else None

@@ -172,6 +172,9 @@ def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
     steps = [r.decode([0, 1], [5, 9], [20, 7], [1, -1]) for r in runners]
     torch.testing.assert_close(steps[0], steps[1], rtol=1e-4, atol=1e-4)
     assert nf4.NF4Product._checked and all(nf4.NF4Product._checked.values())
+    assert runners[0].nf4_kernel(False) == 8  # off: the layers one by one, as without the kernel
+    assert runners[0]._proj[0].qkv.joined(torch.zeros(1, 1, 256)) is None
+    runners[0].nf4_kernel(True)
     # 40 rows: bitsandbytes' own product, which on a CPU multiplies in bfloat16
     got = [r.prefill(2, prompt, 0, lora_slot=1) for r in runners]
     assert float((got[0] - got[1]).norm() / got[1].norm()) < 1e-2

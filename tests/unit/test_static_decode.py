@@ -203,3 +203,21 @@ def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(
     for k_before, k_after in zip(before, static.k_cache, strict=True):
         assert torch.equal(k_after[:spare], k_before[:spare])  # real slots untouched
     assert decoder.precapture() == 0  # all there already
+
+
+def test_precapture_stops_once_capturing_is_turned_off(tiny_model_dir, monkeypatch):
+    from mygpt.engine.graphs import StaticDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = ModelRunner(model, num_slots=6, max_len=600, dtype=torch.float32, static_decode=True)
+    calls = []
+
+    def failing_capture(self, shape):
+        calls.append(shape)
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(StaticDecoder, "_capture", failing_capture)
+    runner.decoder.capture = True
+    assert runner.decoder.precapture() == 0
+    assert len(calls) == 3 and not runner.decoder.capture  # three failures turn capturing off: no more tries
+    assert calls[0].batch == max(runner.decoder.batch_sizes)  # the largest bucket first

@@ -14,8 +14,8 @@ address. So a decode step is padded to a bucket:
     lora      S adapter slots x M rows per slot of the grouped LoRA product (lora/layers.py): powers
               of two (S capped at the slot count); 0 x 0 when no row uses an adapter.
 
-The server captures every batch bucket's graph for base-model rows up to 512 positions at start-up
-(precapture); the first step of any other bucket captures its graph (after one eager warm-up run on a
+The server captures every batch bucket's graph for base-model rows up to 512 positions at start-up,
+with its warm-up (precapture); the first step of any other bucket captures its graph (after one eager warm-up run on a
 side stream, as CUDA graphs require); later steps copy their inputs into fixed buffers (one host-to-device copy) and
 replay it. At most max_graphs graphs are kept (least recently used out), all in one memory pool. Steps
 with prompt chunks run eagerly: their shapes change with every prompt. On a CPU the same static step
@@ -202,10 +202,13 @@ class StaticDecoder:
         on_gpu = self.runner.device.type == "cuda"
         with torch.cuda.device(self.runner.device) if on_gpu else contextlib.nullcontext():
             self._dev.copy_(self._host)
-            for batch in self.batch_sizes:
+            for batch in reversed(self.batch_sizes):  # the largest first, should max_graphs cut the list
                 for span in spans:
-                    if len(self._graphs) < self.max_graphs:
-                        self._replay(DecodeShape(min(batch, b), span))
+                    shape = DecodeShape(min(batch, b), span)
+                    if not self.capture or len(self._graphs) >= self.max_graphs:
+                        break  # capturing failed three times (turned off), or the cache is full
+                    if shape not in self._failed:
+                        self._replay(shape)
             if on_gpu:
                 torch.cuda.synchronize(self.runner.device)
         return self.stats.captures - before

@@ -12,6 +12,7 @@ and attends over cache[slots, :, :max_pos] with a length mask.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 from dataclasses import dataclass, field
@@ -20,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from mygpt.engine.graphs import StaticDecoder
+from mygpt.kernels import fused
 from mygpt.kernels.nf4 import NF4Product
 from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# the RMSNorm modules whose arithmetic kernels/fused.py reproduces (HF's Llama formula)
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class ModelRunner:
         static_decode: bool = False,
         cuda_graphs: bool = False,
         nf4_kernel: bool = False,
+        fused_ops: bool = False,
     ):
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -121,12 +126,23 @@ class ModelRunner:
         # (lora/layers.py FusedLinear)
         # nf4_kernel: decode-sized NF4 products by the Triton kernel (kernels/nf4.py; experimental)
         self._proj = [_Projections.of(layer, nf4_kernel) for layer in self._layers]
+        # fused_ops: residual add + RMSNorm, rotary and silu * up as one Triton kernel each, where Triton
+        # runs (kernels/fused.py; experimental); each checked against PyTorch's ops on first use
+        self._fused = fused.FusedOps(self.device) if fused_ops and self._fusable() else None
         # decode-only steps at bucketed static shapes (graphs.py): captured as CUDA graphs on a GPU
         # (cuda_graphs), or run eagerly (static_decode: the same code path, for tests on a CPU)
         self.decoder: StaticDecoder | None = None
         capture = cuda_graphs and self.device.type == "cuda"
         if (capture or static_decode) and not exact_attention:
             self.decoder = StaticDecoder(self, capture=capture)
+
+    def fused_ops(self, on: bool) -> bool:
+        """Turns the fused element-wise kernels (kernels/fused.py) on or off where the runner has them;
+        returns whether it has them. As with nf4_kernel: make a new StaticDecoder after switching."""
+        if self._fused is None:
+            return False
+        self._fused.enabled = on
+        return True
 
     def nf4_kernel(self, on: bool) -> int:
         """Turns the Triton NF4 kernel (kernels/nf4.py) on or off for the products that have it; returns
@@ -215,34 +231,85 @@ class ModelRunner:
         hidden = self._inner.embed_tokens(ids)
         cos, sin = self._inner.rotary_emb(hidden, position_ids=position_ids)  # [1, N, hd]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, hd]: broadcast over heads
-        for i, layer in enumerate(self._layers):
+        layers = self._layers
+        normed, hidden = self._add_norm(None, hidden, layers[0].input_layernorm)
+        for i, layer in enumerate(layers):
             proj = self._proj[i]
-            residual = hidden
-            x = self._attention(i, layer.self_attn, _norm(layer.input_layernorm, hidden), cos, sin, plan)
-            hidden = residual + x
-            residual = hidden
-            x = _norm(layer.post_attention_layernorm, hidden)
+            x = self._attention(i, layer.self_attn, normed, cos, sin, plan)
+            normed, hidden = self._add_norm(x, hidden, layer.post_attention_layernorm)
             if proj.gate_up is None:
-                hidden = residual + layer.mlp(x)
+                x = layer.mlp(normed)
             else:  # the Llama MLP: down(act(gate(x)) * up(x))
-                gate, up = proj.gate_up(x)
-                hidden = residual + proj.down(layer.mlp.act_fn(gate) * up)[0]
-        return _norm(self._inner.norm, hidden)
+                gate, up = proj.gate_up(normed)
+                x = proj.down(self._act_mul(layer.mlp.act_fn, gate, up))[0]
+            # the residual sum, and the next layer's input norm of it (the model's final norm at the end)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self._inner.norm
+            normed, hidden = self._add_norm(x, hidden, nxt)
+        return normed
+
+    def _fusable(self) -> bool:
+        """Whether kernels/fused.py can stand in for this model's norms, rotary and activation."""
+        norms = [self._inner.norm] + [
+            n for layer in self._layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+        ]
+        acts = [getattr(layer.mlp, "act_fn", None) for layer in self._layers]
+        return (
+            fused.available(self.device)
+            and all(type(n).__name__ in _RMS_NORMS and hasattr(n, "variance_epsilon") for n in norms)
+            and all(type(a).__name__ in ("SiLU", "SiLUActivation") for a in acts)  # F.silu
+            and fused.supported(self.shape.head_dim, self.model.config.hidden_size)
+        )
+
+    def _add_norm(
+        self, x: torch.Tensor | None, residual: torch.Tensor, norm: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x); x None: (norm(residual), residual)."""
+        f = self._fused
+        if f is not None:
+            eps = norm.variance_epsilon
+            key = ("add_rms_norm", residual.shape[-1], residual.dtype, x is None)
+            args = (residual, None) if x is None else (x, residual)
+            kernel = functools.partial(fused.add_rms_norm, *args, norm.weight, eps)
+            if f.ok(key, kernel, lambda: self._add_norm_torch(x, residual, norm)):
+                return kernel()
+        return self._add_norm_torch(x, residual, norm)
+
+    @staticmethod
+    def _add_norm_torch(x, residual, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        total = residual if x is None else residual + x
+        return _norm(norm, total), total
+
+    def _act_mul(self, act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        f = self._fused
+        if f is not None and f.ok(
+            ("silu_mul", gate.shape[-1], gate.dtype),
+            lambda: fused.silu_mul(gate, up),
+            lambda: act_fn(gate) * up,
+        ):
+            return fused.silu_mul(gate, up)
+        return act_fn(gate) * up
+
+    def _rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, heads, hd] * cos + rotate_half(x) * sin."""
+        f = self._fused
+        if f is not None and f.ok(
+            ("rotary", x.shape[1:], x.dtype), lambda: fused.rotary(x, cos, sin), lambda: _rope(x, cos, sin)
+        ):
+            return fused.rotary(x, cos, sin)
+        return _rope(x, cos, sin)
 
     def _attention(self, i, attn, x, cos, sin, plan: _AttentionPlan) -> torch.Tensor:
         n, hd, heads = x.shape[1], self.shape.head_dim, self.shape.num_heads
         qkv = self._proj[i].qkv
         y = None if hasattr(attn, "q_norm") else qkv.joined(x)
         if y is not None:  # q and k side by side: one rotary embedding for both
-            qk = y[0, :, : (heads + self.shape.num_kv_heads) * hd].view(n, -1, hd)
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = self._rotary(y[0, :, : (heads + self.shape.num_kv_heads) * hd].view(n, -1, hd), cos, sin)
             q, k, v = qk[:, :heads], qk[:, heads:], y[0, :, qk.shape[1] * hd :].view(n, -1, hd)
         else:
             q, k, v = (t.view(n, -1, hd) for t in qkv(x))  # [N, H or Hkv, hd]
             if hasattr(attn, "q_norm"):  # qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = self._rotary(q, cos, sin), self._rotary(k, cos, sin)
         kc, vc = self.k_cache[i], self.v_cache[i]
         kc[plan.slot_t, :, plan.pos_t] = k.to(kc.dtype)  # write every token's key/value: [N, Hkv, hd]
         vc[plan.slot_t, :, plan.pos_t] = v.to(vc.dtype)
@@ -383,6 +450,10 @@ def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32 and eps is not None and type(norm).__name__.endswith("RMSNorm"):
         return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
     return norm(x)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

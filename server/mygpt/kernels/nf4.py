@@ -229,7 +229,7 @@ class NF4Product:
         self.scale = torch.cat([nf4_scales(layer.weight) for layer in layers])
         self.code = layers[0].weight.quant_state.code.float().to(packed.device)
         self.pairs = pair_table(self.code).to(packed.device)
-        self.compute_dtype = layers[0].compute_dtype or torch.float32
+        self.compute_dtype = layers[0].compute_dtype  # None: the input's, as bitsandbytes' layer does
         self.enabled = True
 
     def _bnb(self, x2: torch.Tensor) -> torch.Tensor:
@@ -260,7 +260,7 @@ class NF4Product:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != self.compute_dtype:
+        if self.compute_dtype is not None and x2.dtype != self.compute_dtype:
             x2 = x2.to(self.compute_dtype)
         if self.enabled and x2.shape[0] <= MAX_ROWS and self._kernel_ok(x2):
             y = nf4_matmul(x2, self.packed, self.scale, self.code, self.pairs)

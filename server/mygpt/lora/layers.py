@@ -140,8 +140,9 @@ class FusedLinear(nn.Module):
 
     def joined(self, x: torch.Tensor) -> torch.Tensor | None:
         """The parts' outputs side by side in one tensor [..., sum of out], where the base runs as one
-        product (None otherwise: call forward)."""
-        if self._fused_base is None:
+        product (None otherwise: call forward; also when that product is a kernel turned off, so the
+        parts run one by one exactly as without it)."""
+        if self._fused_base is None or not getattr(self._fused_base, "enabled", True):
             return None
         y = self._fused_base(x)
         self._add_lora(x, y.split(self.sizes, dim=-1))  # column blocks: added in place into y
