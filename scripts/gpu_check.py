@@ -185,9 +185,19 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
             ("32 streams / 1 adapter", prompts, ["ad0"] * 32),
             ("32 streams / 32 adapters", prompts, [f"ad{i}" for i in range(32)]),
         ]:
+            st = engine.stats
+            before = (st.steps, st.forward_s, st.sample_s, st.step_s)
             dt, _ = engine_run(engine, ps, ads, new, weights)
             out[label] = len(ps) * new / dt
+            steps = max(st.steps - before[0], 1)
+            fwd, smp, step = ((now - was) * 1e3 / steps for now, was in zip(
+                (st.forward_s, st.sample_s, st.step_s), before[1:], strict=True))  # fmt: skip
+            out[f"{label}: ms per step (forward call, sampling, rest)"] = [fwd, smp, step - fwd - smp]
             rows.append((f"mygpt engine ({mode}), {label}", f"{out[label]:.1f} tok/s"))
+            rows.append((
+                f"  ms per step: forward call / sampling (waits for the device) / rest, over {steps} steps",
+                f"{fwd:.2f} / {smp:.2f} / {step - fwd - smp:.2f}",
+            ))  # fmt: skip
         out["32 adapters vs 1 adapter"] = out["32 streams / 32 adapters"] / out["32 streams / 1 adapter"]
         rows.append(
             (f"mygpt engine ({mode}), 32 adapters / 1 adapter", f"{out['32 adapters vs 1 adapter']:.2f}")

@@ -268,3 +268,16 @@ def test_prompt_logprobs_are_the_models_own_in_any_chunking_and_batch(make_engin
         got[budget] = [lp.logprob for lp in lps]
         torch.testing.assert_close(torch.tensor(got[budget]), torch.tensor(want), atol=1e-4, rtol=1e-4)
     assert all(c.events[f"other{i}"][0].prompt_logprobs is None for i in range(len(PROMPTS)))
+
+
+def test_stats_split_the_engine_threads_time(make_engine):
+    """forward_s, sample_s and step_s: where a step's time goes (gpu_check reports them per mode)."""
+    engine = make_engine()
+    c = Collector()
+    for i, p in enumerate(PROMPTS[:3]):
+        c.submit(engine, f"t{i}", p, temperature=0.0, max_tokens=8)
+    c.wait()
+    engine.stop()  # the last step's sums are written after its events: read them once the thread is done
+    st = engine.stats
+    assert st.steps > 0 and st.forward_s > 0 and st.sample_s > 0
+    assert st.step_s >= st.forward_s + st.sample_s

@@ -126,6 +126,12 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     errors: int = 0
+    # where the engine thread's time goes, in seconds over all steps: the forward call (on a GPU only
+    # its launch, the device runs on), sampling (on a GPU it waits there for the device to finish the
+    # step), and the whole step (the rest: admission, planning, detokenizing, events)
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    step_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -307,10 +313,12 @@ class Engine(EngineThread):
         chunks = self._plan_prefill(budget)
         tokens = len(decode) + sum(len(c.token_ids) for _, c in chunks)
         if decode or chunks:
+            t_forward = time.monotonic()
             decode_logits, chunk_logits = self.runner.step(
                 [DecodeRow(r.slot, r.next_token, r.num_cached, r.lora_slot) for r in decode],
                 [chunk for _, chunk in chunks],
             )
+            self.stats.forward_s += time.monotonic() - t_forward
             # cost attribution: the step's time split by the tokens each row computed in it
             # (measured before sampling; a chunk's share goes to the row that prefills)
             per_token = (time.monotonic() - t0) / tokens
@@ -326,6 +334,7 @@ class Engine(EngineThread):
                 self._prefilled(group, chunk, logits)
             self._running = [r for r in self._running if not r.finished]
         self.stats.steps += 1
+        self.stats.step_s += time.monotonic() - t0
         self.stats.running = self.num_running
         self.stats.waiting = self._num_waiting
         if self.metrics is not None:
@@ -433,7 +442,9 @@ class Engine(EngineThread):
 
     def _emit_sampled(self, rows: list[Row], logits: torch.Tensor) -> None:
         allowed = {i: r.guide.allowed() for i, r in enumerate(rows) if r.guide is not None}
+        t0 = time.monotonic()
         tokens, logprobs = sample(logits, [r.sampler for r in rows], allowed)
+        self.stats.sample_s += time.monotonic() - t0
         self.stats.generation_tokens += len(tokens)
         for row, token, lp in zip(rows, tokens, logprobs, strict=True):
             self._append(row, token, lp)
