@@ -119,9 +119,13 @@ class ServerState:
                 decoder = getattr(getattr(engine, "runner", None), "decoder", None)
                 if decoder is not None and s.warmup:  # CUDA graphs of every batch size, before requests
                     t0 = time.monotonic()
-                    n = decoder.precapture()
-                    if n:
-                        log.info("captured %d decode graphs in %.1fs", n, time.monotonic() - t0)
+                    try:
+                        n = decoder.precapture()
+                    except Exception:  # the graphs are then captured on first use, as without this
+                        log.warning("capturing decode graphs at start-up failed", exc_info=True)
+                    else:
+                        if n:
+                            log.info("captured %d decode graphs in %.1fs", n, time.monotonic() - t0)
                 engine.start()
                 # a request's n choices run side by side: never more than the batch has rows
                 max_n = s.max_n if s.engine == "naive" else min(s.max_n, s.max_num_seqs)
