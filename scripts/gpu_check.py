@@ -731,6 +731,21 @@ def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows
                 sync()
                 step_ms = (time.perf_counter() - t0) / 10 * 1e3
                 rows.append((f"decode step ({mode}), batch {b} (runner only)", f"{step_ms:.1f} ms"))
+                launch, whole = [], []  # one step at a time, from an idle device: the host's part of it
+                for _ in range(5):
+                    sync()
+                    t0 = time.perf_counter()
+                    runner.decode(slots, [5] * b, [args.prompt_len] * b, loras)
+                    t1 = time.perf_counter()
+                    sync()
+                    launch.append((t1 - t0) * 1e3)
+                    whole.append((time.perf_counter() - t0) * 1e3)
+                launch.sort()
+                whole.sort()
+                rows.append((
+                    f"  one step from idle ({mode}), batch {b}: host returns / device done",
+                    f"{launch[2]:.2f} / {whole[2]:.2f} ms",
+                ))  # fmt: skip
                 if mode == "eager" and device == "cuda":
                     from torch.profiler import ProfilerActivity, profile
 
