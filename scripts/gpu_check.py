@@ -171,10 +171,12 @@ class _Tok:  # the engine detokenizes; random ids need no real text here
 
 
 def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report: dict, mode: str) -> dict:
-    """Throughput of the engine on one runner; `mode` labels the rows (eager / graphs)."""
+    """Throughput of the engine on one runner; `mode` labels the rows (eager / graphs / graphs-overlap:
+    each decode step launched before the last one's tokens are read)."""
     from mygpt.engine.engine import Engine
 
-    engine = Engine(runner, _Tok(), [], max_num_batched_tokens=2048, adapters=cache)
+    overlap = mode.endswith("-overlap")
+    engine = Engine(runner, _Tok(), [], max_num_batched_tokens=2048, adapters=cache, overlap=overlap)
     engine.start()
     try:
         engine_run(engine, prompts[:2], ["ad0", None], 4, weights)  # warm-up (and the first captures)
@@ -187,12 +189,15 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
         ]:
             st = engine.stats
             before = (st.steps, st.forward_s, st.sample_s, st.step_s)
-            dt, _ = engine_run(engine, ps, ads, new, weights)
+            dt, got = engine_run(engine, ps, ads, new, weights)
             out[label] = len(ps) * new / dt
+            report.setdefault("_tokens", {})[f"{mode}: {label}"] = got  # compared across modes, not written
             steps = max(st.steps - before[0], 1)
             fwd, smp, step = ((now - was) * 1e3 / steps for now, was in zip(
                 (st.forward_s, st.sample_s, st.step_s), before[1:], strict=True))  # fmt: skip
             out[f"{label}: ms per step (forward call, sampling, rest)"] = [fwd, smp, step - fwd - smp]
+            if overlap:
+                out[f"{label}: steps launched ahead / used"] = [st.ahead_launched, st.ahead_used]
             rows.append((f"mygpt engine ({mode}), {label}", f"{out[label]:.1f} tok/s"))
             rows.append((
                 f"  ms per step: forward call / sampling (waits for the device) / rest, over {steps} steps",
@@ -447,7 +452,8 @@ def main() -> None:
 
     def save() -> None:  # after every section: a later failure keeps what was measured
         report["rows"] = list(rows)
-        (out_dir / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))
+        written = {k: v for k, v in report.items() if not k.startswith("_")}
+        (out_dir / "gpu-check.json").write_text(json.dumps(written, indent=2, default=str))
 
     @contextlib.contextmanager
     def section(name: str):
@@ -546,6 +552,7 @@ def main() -> None:
     with section("nf4 kernel vs bitsandbytes"):
         kernel_wins = nf4_bench(runner, rows, report)
     modes = [static_mode(device)] if args.quick else ["eager", static_mode(device)]
+    modes.append(f"{static_mode(device)}-overlap")  # the opt-in overlapped launch, same run
     if runner.fused_ops(False):  # the opt-in element-wise kernels, against the default in the same run
         modes.append(f"{static_mode(device)}-fused")
     if runner.nf4_kernel(False) and (kernel_wins or not args.quick):  # the opt-in kernel, its best tile
@@ -558,6 +565,14 @@ def main() -> None:
             measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
     runner.nf4_kernel(False)
     runner.fused_ops(False)
+    tokens = report.pop("_tokens", {})
+    for label in ("1 stream + adapter", "32 streams / 32 adapters"):
+        ref = tokens.get(f"{static_mode(device)}: {label}")
+        got = tokens.get(f"{static_mode(device)}-overlap: {label}")
+        if ref is not None and got is not None:
+            same = ref == got
+            report.setdefault("overlap_same_tokens", {})[label] = same
+            rows.append((f"overlap: greedy tokens = those without it, {label}", str(same)))
     if runner.decoder is not None:
         st = runner.decoder.stats
         report["graph_stats"] = vars(st)

@@ -65,6 +65,12 @@ def _serve_parser(sub: Any) -> None:
         help="replay decode steps as CUDA graphs on a GPU (default on)",
     )
     p.add_argument(
+        "--overlap-steps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="experimental: launch each decode step before the host reads the last one's tokens (default off)",
+    )
+    p.add_argument(
         "--fused-ops",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         description="on a GPU, replay decode steps as CUDA graphs (bucketed shapes): 5-7x the eager engine's "
         "tokens/s on an H100 (docs/benchmarks.md)",
     )
+    overlap_steps: bool = Field(
+        False,
+        description="experimental: with CUDA graphs, launch each decode step from the sampled tokens before "
+        "the host reads them, so the host's work on a step overlaps the next; not yet measured on a GPU",
+    )
     fused_ops: bool = Field(
         False,
         description="experimental: on a GPU, residual add + RMSNorm, rotary embedding and silu * up as one "

@@ -31,7 +31,8 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert report["device"] == "cpu" and report["shape"] == "tiny"
     assert set(report["section_s"]) >= {"naive baseline", "engine eager", "engine static", "parity", "e2e"}
     assert report["naive_1_stream_tok_s"] > 0 and report["naive_32x8_tok_s"] > 0
-    for mode in ("eager", "static"):
+    assert report["overlap_same_tokens"] == {"1 stream + adapter": True, "32 streams / 32 adapters": True}
+    for mode in ("eager", "static", "static-overlap"):
         figures = report[f"engine_{mode}"]
         assert all(
             figures[k] > 0

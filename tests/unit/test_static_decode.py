@@ -221,3 +221,41 @@ def test_precapture_stops_once_capturing_is_turned_off(tiny_model_dir, monkeypat
     assert runner.decoder.precapture() == 0
     assert len(calls) == 3 and not runner.decoder.capture  # three failures turn capturing off: no more tries
     assert calls[0].batch == max(runner.decoder.batch_sizes)  # the largest bucket first
+
+
+def run_all(runner, tokenizer, weights, eos=(), overlap=False):
+    """Every PROMPT three times (adapters a, b and none), greedy and seeded rows, lengths 4..19: the
+    events' tokens, text and finish of each, and the engine's stats."""
+    refs = {n: AdapterRef(n, weights[n]) for n in "ab"} | {None: None}
+    engine = Engine(
+        runner, tokenizer, eos, max_num_batched_tokens=32, adapters=AdapterCache(runner.lora_layers, 3),
+        overlap=overlap,
+    )  # fmt: skip
+    engine.start()
+    c = Collector()
+    for i, p in enumerate(PROMPTS):
+        for name in ("a", None, "b"):
+            sampling = {"temperature": 1.0, "seed": i} if i % 2 else {"temperature": 0.0}
+            c.submit(engine, f"{name}-{i}", p, adapter=refs[name], max_tokens=4 + 3 * i, **sampling)
+    c.submit(engine, "n2", PROMPTS[1], n=2, temperature=1.0, seed=7, max_tokens=10)  # sibling choices
+    c.wait()
+    engine.stop()
+    out = {(rid, i): (c.tokens(rid, i), c.text(rid, i), c.finish(rid, i)) for rid in c.events for i in (0,)}
+    out[("n2", 1)] = (c.tokens("n2", 1), c.text("n2", 1), c.finish("n2", 1))
+    return out, engine.stats
+
+
+def test_overlapped_steps_give_the_same_events(tiny_model_dir, tokenizer, tmp_path):
+    """Engine overlap: each decode-only step launches the next from the sampled tokens before the host
+    reads them. Every request's tokens, text and finish are those of the engine without it, with rows
+    ending by length and by EOS (whose step launched ahead is then used for the other rows only)."""
+    (_, static), weights = runner_pair(tiny_model_dir, tmp_path)
+    first, _ = run_all(static, tokenizer, weights)
+    eos = first[("None-0", 0)][0][2]  # a token the greedy base row generates: EOS ends rows early
+    plain, plain_stats = run_all(static, tokenizer, weights, eos=[eos])
+    ahead, ahead_stats = run_all(static, tokenizer, weights, eos=[eos], overlap=True)
+    assert ahead == plain
+    assert any(finish == "stop" for _, _, finish in plain.values())  # EOS ended some rows early
+    assert plain_stats.ahead_launched == 0
+    assert ahead_stats.ahead_used > 0 and ahead_stats.ahead_launched >= ahead_stats.ahead_used
+    assert ahead_stats.steps == plain_stats.steps  # no step more or fewer: the same schedule

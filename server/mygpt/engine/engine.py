@@ -10,6 +10,7 @@ streams are not stalled for long), then decode one token for every running row i
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import queue
 import threading
@@ -23,7 +24,7 @@ import torch
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.guided import Guide
 from mygpt.engine.runner import DecodeRow, ModelRunner, PrefillChunk
-from mygpt.engine.sampling import RowSampler, sample, score_tokens
+from mygpt.engine.sampling import RowSampler, device_index, sample, score_tokens
 from mygpt.engine.types import (
     AdapterRef,
     EngineNotRunning,
@@ -73,6 +74,28 @@ class Group:
     rows: list[Row]
     num_prefilled: int = 0  # prompt tokens written to rows[0]'s slot
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # so far, if asked
+
+
+@dataclass
+class _Ahead:
+    """A decode step launched before the host read the tokens it feeds (Engine overlap): its rows by
+    (slot, position, adapter slot, token), and their logits, on the device."""
+
+    rows: dict[tuple[int, int, int, int], int]
+    logits: torch.Tensor
+
+    def logits_for(self, decode: list[Row]) -> torch.Tensor | None:
+        """The logits of these rows, where each was launched ahead with the token it now feeds; None
+        if one was not (the step runs as usual)."""
+        index = []
+        for r in decode:
+            i = self.rows.get((r.slot, r.num_cached, r.lora_slot, r.next_token))
+            if i is None:
+                return None
+            index.append(i)
+        if index == list(range(len(self.rows))):
+            return self.logits
+        return self.logits.index_select(0, device_index(index, self.logits.device))
 
 
 class FairQueue:
@@ -128,10 +151,14 @@ class EngineStats:
     errors: int = 0
     # where the engine thread's time goes, in seconds over all steps: the forward call (on a GPU only
     # its launch, the device runs on), sampling (on a GPU it waits there for the device to finish the
-    # step), and the whole step (the rest: admission, planning, detokenizing, events)
+    # step), and the whole step (the rest: admission, planning, detokenizing, events). With overlap,
+    # sampling includes the launch of the next step, and a step whose logits came ahead forwards nothing
     forward_s: float = 0.0
     sample_s: float = 0.0
     step_s: float = 0.0
+    # overlap: decode steps launched before the host read their tokens, and those whose logits served
+    ahead_launched: int = 0
+    ahead_used: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -164,8 +191,14 @@ class Engine(EngineThread):
         max_waiting: int = 256,
         adapters: AdapterCache | None = None,
         metrics: Any = None,
+        overlap: bool = False,
     ):
         self.runner = runner
+        # overlap: with the runner's static decoder, a decode-only step launches the next one from the
+        # sampled tokens while they are still on the device, then reads them; the host's work on a step
+        # (events, detokenizing, scheduling, the next launch) runs while the device computes the next
+        self.overlap = overlap
+        self._ahead: _Ahead | None = None
         self.metrics = metrics  # mygpt.metrics.Metrics (record_step), or None
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -312,12 +345,18 @@ class Engine(EngineThread):
         budget = max(self.max_num_batched_tokens - len(decode), 16)
         chunks = self._plan_prefill(budget)
         tokens = len(decode) + sum(len(c.token_ids) for _, c in chunks)
+        ahead, self._ahead = self._ahead, None
         if decode or chunks:
             t_forward = time.monotonic()
-            decode_logits, chunk_logits = self.runner.step(
-                [DecodeRow(r.slot, r.next_token, r.num_cached, r.lora_slot) for r in decode],
-                [chunk for _, chunk in chunks],
-            )
+            decode_logits = ahead.logits_for(decode) if ahead is not None and decode and not chunks else None
+            if decode_logits is not None:  # launched during the last step's sampling
+                chunk_logits = []
+                self.stats.ahead_used += 1
+            else:
+                decode_logits, chunk_logits = self.runner.step(
+                    [DecodeRow(r.slot, r.next_token, r.num_cached, r.lora_slot) for r in decode],
+                    [chunk for _, chunk in chunks],
+                )
             self.stats.forward_s += time.monotonic() - t_forward
             # cost attribution: the step's time split by the tokens each row computed in it
             # (measured before sampling; a chunk's share goes to the row that prefills)
@@ -329,7 +368,7 @@ class Engine(EngineThread):
             for r in decode:
                 r.num_cached += 1
                 r.next_token = None
-            self._emit_sampled(decode, decode_logits)
+            self._emit_sampled(decode, decode_logits, launch_ahead=self.overlap and not chunks)
             for (group, chunk), logits in zip(chunks, chunk_logits, strict=True):
                 self._prefilled(group, chunk, logits)
             self._running = [r for r in self._running if not r.finished]
@@ -440,14 +479,46 @@ class Engine(EngineThread):
         self._emit_sampled(group.rows, logits[-1].expand(len(group.rows), -1))
         self._running.extend(r for r in group.rows if not r.finished)
 
-    def _emit_sampled(self, rows: list[Row], logits: torch.Tensor) -> None:
+    def _emit_sampled(self, rows: list[Row], logits: torch.Tensor, launch_ahead: bool = False) -> None:
         allowed = {i: r.guide.allowed() for i, r in enumerate(rows) if r.guide is not None}
+        hook, launched = None, {}
+        if launch_ahead and self.runner.decoder is not None:
+            # every row that has room for one more position: those this token ends (EOS, a stop string,
+            # max_tokens) are computed once too many and dropped next step (leaving them out would need an
+            # index tensor before the launch, a copy that waits for the device's queue)
+            cont = [i for i, r in enumerate(rows) if r.num_cached + 1 < self.max_len]
+            if cont:
+                hook = functools.partial(
+                    self._launch_ahead, [rows[i] for i in cont], cont, len(rows), launched
+                )
         t0 = time.monotonic()
-        tokens, logprobs = sample(logits, [r.sampler for r in rows], allowed)
+        tokens, logprobs = sample(logits, [r.sampler for r in rows], allowed, before_read=hook)
         self.stats.sample_s += time.monotonic() - t0
+        if "logits" in launched:
+            cont = launched["cont"]
+            keys = {
+                (rows[i].slot, rows[i].num_cached, rows[i].lora_slot, tokens[i]): j
+                for j, i in enumerate(cont)
+            }
+            self._ahead = _Ahead(keys, launched["logits"])
+            self.stats.ahead_launched += 1
         self.stats.generation_tokens += len(tokens)
         for row, token, lp in zip(rows, tokens, logprobs, strict=True):
             self._append(row, token, lp)
+
+    def _launch_ahead(
+        self, rows: list[Row], cont: list[int], n: int, out: dict, tokens: torch.Tensor
+    ) -> None:
+        """The next decode step of `rows` (the sampled rows at indices cont of n), fed the sampled
+        tokens on the device; out gets its logits. A failure turns overlap off (the steps then run
+        one after the other, as without it)."""
+        try:
+            ids = tokens if len(cont) == n else tokens.index_select(0, device_index(cont, tokens.device))
+            step = [DecodeRow(r.slot, 0, r.num_cached, r.lora_slot) for r in rows]
+            out["logits"], out["cont"] = self.runner.decode_ahead(step, ids), cont
+        except Exception:
+            log.warning("launching the next decode step ahead failed: overlap is off", exc_info=True)
+            self.overlap = False
 
     def _append(self, row: Row, token: int, logprob: TokenLogprob | None) -> None:
         row.output_ids.append(token)
@@ -545,6 +616,7 @@ class Engine(EngineThread):
 
     def _fail_all(self, message: str) -> None:
         """Ends every admitted and waiting request with an error event and frees all slots."""
+        self._ahead = None
         requests: dict[str, tuple[GenerationRequest, list[Row]]] = {}
         for r in self._running + [r for g in self._prefilling for r in g.rows]:
             requests.setdefault(r.request.request_id, (r.request, []))[1].append(r)

@@ -155,8 +155,10 @@ class StaticDecoder:
         shape = DecodeShape(batch, kv_len, lora.slots if lora else 0, lora.rows if lora else 0)
         return shape, lora
 
-    def run(self, rows: list[DecodeRow]) -> torch.Tensor:
-        """One decode step for `rows`; returns their logits [len(rows), V] (float32)."""
+    def run(self, rows: list[DecodeRow], ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step for `rows`; returns their logits [len(rows), V] (float32). ids: the rows'
+        tokens as a device tensor [len(rows)] (their DecodeRow.token is then not read): the engine
+        launches the next step from the sampled tokens before it reads them (Engine overlap)."""
         shape, lora = self.shape_of(rows)
         pad = shape.batch - len(rows)
         host = {
@@ -177,6 +179,8 @@ class StaticDecoder:
             if on_gpu:
                 self._copied = torch.cuda.Event()
                 self._copied.record()
+            if ids is not None:  # after the host's copy, in stream order: these ids win
+                self._buf("ids")[: len(rows)].copy_(ids)
             out = self._replay(shape) if self.capture and shape not in self._failed else None
             if out is None:
                 self.stats.eager += 1

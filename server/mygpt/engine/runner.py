@@ -215,6 +215,15 @@ class ModelRunner:
         rows = [DecodeRow(*r) for r in zip(slots, token_ids, positions, loras, strict=True)]
         return self.step(rows, [])[0]
 
+    @torch.inference_mode()
+    def decode_ahead(self, rows: list[DecodeRow], ids: torch.Tensor) -> torch.Tensor:
+        """A decode-only step through the static decoder whose tokens are a device tensor [len(rows)]
+        (the rows' DecodeRow.token is not read): launched before the host has read those tokens, it
+        runs on the device while the host handles the step before. Returns logits [len(rows), V]."""
+        if self.decoder is None:
+            raise RuntimeError("decode_ahead needs the static decoder (cuda_graphs or static_decode)")
+        return self.decoder.run(rows, ids)
+
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copies the first `length` cached positions of src into dst (n choices share a prefill)."""
         for k, v in zip(self.k_cache, self.v_cache, strict=True):

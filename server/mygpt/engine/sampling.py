@@ -3,7 +3,9 @@ seeds."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,11 +30,16 @@ class RowSampler:
 
 
 def sample(
-    logits: torch.Tensor, rows: list[RowSampler], allowed: dict[int, bytes] | None = None
+    logits: torch.Tensor,
+    rows: list[RowSampler],
+    allowed: dict[int, bytes] | None = None,
+    before_read: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [B, V] float32 on any device; allowed: row -> the bitmask of the tokens its grammar
     allows (guided.py). Returns one token id (and optional logprobs) per row. Logprobs are the model's
-    own, before bias, penalties and masks."""
+    own, before bias, penalties and masks. before_read(tokens): called with the tokens still on the
+    device, after their copy to the host is queued and before the host waits for it (the engine
+    launches the next step there)."""
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs for r in rows) else None
     logits = _adjust(logits, rows)
@@ -44,10 +51,35 @@ def sample(
         sampled = _sample_random(logits, rows)
         keep = torch.tensor(greedy, device=logits.device)
         tokens = torch.where(keep, tokens, sampled)
-    token_list = tokens.tolist()
+    token_list = tokens.tolist() if before_read is None else _read_after(tokens, before_read)
     if raw_logprobs is None:
         return token_list, [None] * len(rows)
     return token_list, _logprobs(raw_logprobs, token_list, rows)
+
+
+def _read_after(tokens: torch.Tensor, before_read: Callable[[torch.Tensor], None]) -> list[int]:
+    """tokens' values on the host, their copy queued before before_read runs (on a GPU the copy then
+    does not wait for the work before_read queues)."""
+    on_gpu = tokens.device.type == "cuda"
+    # the event on the tokens' own device and stream, whatever the thread's current device
+    with torch.cuda.device(tokens.device) if on_gpu else contextlib.nullcontext():
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_gpu)
+        host.copy_(tokens, non_blocking=on_gpu)
+        copied = None
+        if on_gpu:
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(tokens.device))
+        before_read(tokens)
+        if copied is not None:
+            copied.synchronize()
+    return host.tolist()
+
+
+def device_index(index: list[int], device: torch.device) -> torch.Tensor:
+    """index as a long tensor on `device`, copied without making the host wait for the device's queue
+    (a copy from ordinary host memory would)."""
+    t = torch.tensor(index, dtype=torch.long, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
 
 
 def _adjust(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
