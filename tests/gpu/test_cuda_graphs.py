@@ -112,3 +112,28 @@ def test_precaptured_graphs_replay_base_rows_without_a_new_capture():
     got = graphs.decode([0, 1, 2], [7, 8, 9], [20, 20, 20])
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     assert stats.captures == n and stats.replays >= 1  # bucket 4 at span 256 was there already
+
+
+class _Tok:  # the engine detokenizes; random ids need no real text
+    def decode(self, ids, **kw):
+        return " ".join(map(str, ids))
+
+
+def test_engine_with_overlapped_steps_gives_the_same_tokens():
+    from mygpt.engine.engine import Engine
+    from test_engine import Collector
+
+    _, graphs = runners()
+    results, stats = [], []
+    for overlap in (False, True):
+        engine = Engine(graphs, _Tok(), [], max_num_batched_tokens=256, overlap=overlap)
+        engine.start()
+        c = Collector()
+        for i in range(6):  # one length for all: every launched step is used whole
+            c.submit(engine, f"r{i}", [3 + i, 7, 11 + i], temperature=0.0, max_tokens=24)
+        c.wait()
+        engine.stop()
+        results.append({rid: c.tokens(rid) for rid in c.events})
+        stats.append(engine.stats)
+    assert results[1] == results[0]
+    assert stats[1].ahead_used > 0 and stats[0].ahead_used == 0
