@@ -58,30 +58,16 @@ def _serve_parser(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--max-file-bytes", type=int, help="largest training file accepted")
     p.add_argument("--finetune-cpu-threads", type=int, help="CPU threads of a training process (niced)")
-    p.add_argument(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="replay decode steps as CUDA graphs on a GPU (default on)",
-    )
-    p.add_argument(
-        "--overlap-steps",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="experimental: launch each decode step before the host reads the last one's tokens (default off)",
-    )
-    p.add_argument(
-        "--fused-ops",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="experimental: fused Triton kernels for norms, rotary and the MLP activation (default off)",
-    )
-    p.add_argument(
-        "--nf4-kernel",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="experimental: decode-sized NF4 products by mygpt's Triton kernel (default off: slower so far)",
-    )
+    for flag, text in (  # on/off flags whose default is the Settings field's
+        ("--cuda-graphs", "replay decode steps as CUDA graphs on a GPU (default on)"),
+        (
+            "--overlap-steps",
+            "experimental: launch each decode step before the host reads the last one's tokens",
+        ),
+        ("--fused-ops", "experimental: fused Triton kernels for norms, rotary and the MLP activation"),
+        ("--nf4-kernel", "experimental: decode-sized NF4 products by mygpt's Triton kernel (slower so far)"),
+    ):
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     p.add_argument(
         "--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up generation"
     )

@@ -19,15 +19,9 @@ once per shape on its device before using it (a mismatch or a failure: PyTorch's
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-
 import torch
 
-from mygpt.kernels.nf4 import available, triton
-
-log = logging.getLogger(__name__)
+from mygpt.kernels import available, check_once, jitted, triton
 
 if triton is not None:
     import triton.language as tl
@@ -81,14 +75,8 @@ if triton is not None:
         tl.store(out_ptr + row * cols + offs, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
 
 
-@functools.cache
-def _jit(name: str, interpret: bool):
-    """A kernel compiled by Triton or run by its interpreter (decided at decoration: see nf4._jitted)."""
-    return triton.jit(globals()[name])
-
-
 def _kernel(name: str):
-    return _jit(name, os.environ.get("TRITON_INTERPRET") == "1")
+    return jitted(globals()[name])
 
 
 def add_rms_norm(
@@ -152,22 +140,4 @@ class FusedOps:
     def ok(self, key: tuple, run, reference) -> bool:
         """Whether the kernel for `key` may run; `run`/`reference` compute the same outputs (first call:
         compared, outside any CUDA graph capture: a shape's first step is eager, graphs.py)."""
-        if not self.enabled:
-            return False
-        good = self._checked.get(key)
-        if good is None:
-            try:
-                got, want = run(), reference()
-                got = got if isinstance(got, tuple) else (got,)
-                want = want if isinstance(want, tuple) else (want,)
-                good = all(
-                    float((g.float() - w.float()).abs().max()) <= 2e-2 * float(w.float().abs().max()) + 1e-6
-                    for g, w in zip(got, want, strict=True)
-                )
-                if not good:
-                    log.warning("fused kernel %s disagrees with PyTorch's ops: not used", key)
-            except Exception:
-                log.warning("fused kernel %s failed: PyTorch's ops run instead", key, exc_info=True)
-                good = False
-            self._checked[key] = good
-        return good
+        return self.enabled and check_once(self._checked, key, run, reference)

@@ -28,32 +28,14 @@ compile error turns the kernel off, with a warning).
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-
 import torch
 
-log = logging.getLogger(__name__)
+from mygpt.kernels import available, check_once, jitted, triton  # noqa: F401 - available: re-exported
 
 MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' dequantize + GEMM
 
-try:  # Triton comes with PyTorch's CUDA builds; a CPU install has none (the interpreter needs it too)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernel runs for tensors on `device`: a GPU with Triton, or Triton's interpreter
-    (TRITON_INTERPRET=1: the tests on a CPU)."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 if triton is not None:
+    import triton.language as tl
 
     def _nf4_kernel(
         x_ptr, q_ptr, s_ptr, code_ptr, lut_ptr, out_ptr,
@@ -109,13 +91,6 @@ if triton is not None:
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
 
 
-@functools.cache
-def _jitted(interpret: bool):
-    """The kernel compiled by Triton, or run by its interpreter: Triton picks one when it decorates,
-    from TRITON_INTERPRET, so the decoration waits for the first call."""
-    return triton.jit(_nf4_kernel)
-
-
 # scripts/gpu_check.py measures the other tiles and both ways of reading the table (pairs)
 TILE = {"block_n": 64, "block_k": 256, "num_warps": 4, "pairs": False}
 
@@ -161,7 +136,7 @@ def nf4_matmul(
         pairs = pair_table(code).to(x.device)
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_n), split)
-    _jitted(os.environ.get("TRITON_INTERPRET") == "1")[grid](
+    jitted(_nf4_kernel)[grid](
         x, packed, scale, code, pairs if use_pairs else code, partial, m, n, k, k // split, x.stride(0), n,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, QBLOCK=qblock,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PAIRS=use_pairs, num_warps=TILE["num_warps"],
@@ -241,22 +216,12 @@ class NF4Product:
         graph capture: the first call of a shape is always eager, graphs.py warms up before capturing)."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
         key = (str(x2.device), n, k, x2.dtype, _config(x2.shape[0], n, k), TILE["num_warps"], TILE["pairs"])
-        ok = NF4Product._checked.get(key)
-        if ok is None:
-            try:
-                got = nf4_matmul(x2, self.packed, self.scale, self.code, self.pairs).float()
-                want = self._bnb(x2).float()
-                err = float((got - want).norm() / want.norm().clamp_min(1e-30))
-                ok = bool(err < 2e-2)  # bf16 rounding of two summation orders: ~1e-3
-                if not ok:
-                    log.warning(
-                        "NF4 kernel disagrees with bitsandbytes (rel. err %.2e) for %s: not used", err, key
-                    )
-            except Exception:
-                log.warning("NF4 kernel failed for %s: bitsandbytes runs instead", key, exc_info=True)
-                ok = False
-            NF4Product._checked[key] = ok
-        return ok
+        return check_once(
+            NF4Product._checked,
+            ("nf4", *key),
+            lambda: nf4_matmul(x2, self.packed, self.scale, self.code, self.pairs),
+            lambda: self._bnb(x2),
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
