@@ -226,7 +226,7 @@ def use_graphs(runner, on: bool) -> None:
 
 
 def parity(args, device: str, rows: list, report: dict) -> None:
-    """Greedy tokens: peft's reference vs the engine, eager and static, on a float32 model."""
+    """Greedy tokens: peft's reference vs the engine, eager, static and compiled, on a float32 model."""
     from mygpt.engine.runner import ModelRunner
     from mygpt.lora.cache import AdapterCache
 
@@ -246,8 +246,9 @@ def parity(args, device: str, rows: list, report: dict) -> None:
     from mygpt.engine.engine import Engine
 
     result = {}
-    for mode in ("eager", static_mode(device)):
+    for mode in ("eager", static_mode(device), f"{static_mode(device)}-compile"):
         use_graphs(runner, mode != "eager")
+        runner.compile_layers(mode.endswith("-compile"))
         engine = Engine(runner, _Tok(), [], max_num_batched_tokens=256, adapters=cache)
         engine.start()
         _, got = engine_run(engine, prompts, ["ad1", "ad2", "ad3"], 16, weights)
@@ -553,6 +554,7 @@ def main() -> None:
         kernel_wins = nf4_bench(runner, rows, report)
     modes = [static_mode(device)] if args.quick else ["eager", static_mode(device)]
     modes.append(f"{static_mode(device)}-overlap")  # the opt-in overlapped launch, same run
+    modes.append(f"{static_mode(device)}-compile")  # the opt-in torch.compile of the layers
     if runner.fused_ops(False):  # the opt-in element-wise kernels, against the default in the same run
         modes.append(f"{static_mode(device)}-fused")
     if runner.nf4_kernel(False) and (kernel_wins or not args.quick):  # the opt-in kernel, its best tile
@@ -562,17 +564,33 @@ def main() -> None:
             runner.nf4_kernel(mode.endswith("-nf4"))
             runner.fused_ops(mode.endswith("-fused"))
             use_graphs(runner, mode != "eager")
+            if runner.compile_layers(mode.endswith("-compile")):  # compiled before the first request
+                t0 = time.perf_counter()
+                steps = runner.decoder.warm_compile()
+                report["compile_warmup_s"] = time.perf_counter() - t0
+                rows.append(
+                    (
+                        f"torch.compile at start-up ({steps} warm-up steps)",
+                        f"{time.perf_counter() - t0:.1f} s",
+                    )
+                )
             measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
+            if mode.endswith("-compile") and not runner.compiled:
+                rows.append(("torch.compile", "FAILED: the steps ran uncompiled (see the log)"))
     runner.nf4_kernel(False)
     runner.fused_ops(False)
+    runner.compile_layers(False)
     tokens = report.pop("_tokens", {})
-    for label in ("1 stream + adapter", "32 streams / 32 adapters"):
-        ref = tokens.get(f"{static_mode(device)}: {label}")
-        got = tokens.get(f"{static_mode(device)}-overlap: {label}")
-        if ref is not None and got is not None:
-            same = ref == got
-            report.setdefault("overlap_same_tokens", {})[label] = same
-            rows.append((f"overlap: greedy tokens = those without it, {label}", str(same)))
+    for variant in ("overlap", "compile"):
+        for label in ("1 stream + adapter", "32 streams / 32 adapters"):
+            ref = tokens.get(f"{static_mode(device)}: {label}")
+            got = tokens.get(f"{static_mode(device)}-{variant}: {label}")
+            if ref is not None and got is not None:
+                same = sum(ref[k] == got.get(k) for k in ref)  # request id -> its tokens
+                report.setdefault(f"{variant}_same_tokens", {})[label] = f"{same}/{len(ref)}"
+                rows.append(
+                    (f"{variant}: greedy tokens = those without it, {label}", f"{same} of {len(ref)} streams")
+                )
     if runner.decoder is not None:
         st = runner.decoder.stats
         report["graph_stats"] = vars(st)

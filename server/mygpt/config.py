@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         description="experimental: on a GPU, residual add + RMSNorm, rotary embedding and silu * up as one "
         "Triton kernel each (PyTorch's ops otherwise); not yet measured on a GPU",
     )
+    compile: bool = Field(
+        False,
+        description="experimental: with CUDA graphs, torch.compile the decoder layers of decode steps (one "
+        "compiled layer serves all; inductor fuses the element-wise ops); compiles at start-up; not yet "
+        "measured on a GPU",
+    )
     nf4_kernel: bool = Field(
         False,
         description="experimental: on a GPU, decode-sized NF4 products by mygpt's Triton kernel instead of "

@@ -97,7 +97,10 @@ class ServerState:
                         loaded.model, s.max_num_seqs, loaded.context_len, loaded.dtype, s.max_loras, s.max_lora_rank,
                         lm_head_dtype=lm_head, exact_attention=loaded.device.type == "cpu",
                         cuda_graphs=s.cuda_graphs, nf4_kernel=s.nf4_kernel, fused_ops=s.fused_ops,
+                        compile_layers=s.compile,
                     )  # fmt: skip
+                    if s.compile and runner.decoder is None:
+                        log.warning("--compile applies to CUDA-graphed decode steps (a GPU): it is off here")
                     context = runner.max_len
                     cache = AdapterCache(runner.lora_layers, s.max_loras) if s.max_loras else None
                     engine = Engine(
@@ -125,7 +128,12 @@ class ServerState:
                         log.warning("capturing decode graphs at start-up failed", exc_info=True)
                     else:
                         if n:
-                            log.info("captured %d decode graphs in %.1fs", n, time.monotonic() - t0)
+                            what = (
+                                "compiled the decoder layers and captured"
+                                if decoder.runner.compiled
+                                else "captured"
+                            )
+                            log.info("%s %d decode graphs in %.1fs", what, n, time.monotonic() - t0)
                 engine.start()
                 # a request's n choices run side by side: never more than the batch has rows
                 max_n = s.max_n if s.engine == "naive" else min(s.max_n, s.max_num_seqs)

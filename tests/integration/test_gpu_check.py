@@ -31,15 +31,24 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert report["device"] == "cpu" and report["shape"] == "tiny"
     assert set(report["section_s"]) >= {"naive baseline", "engine eager", "engine static", "parity", "e2e"}
     assert report["naive_1_stream_tok_s"] > 0 and report["naive_32x8_tok_s"] > 0
-    assert report["overlap_same_tokens"] == {"1 stream + adapter": True, "32 streams / 32 adapters": True}
-    for mode in ("eager", "static", "static-overlap"):
+    for variant in ("overlap", "compile"):  # the opt-in variants give the same greedy tokens, every stream
+        assert report[f"{variant}_same_tokens"] == {
+            "1 stream + adapter": "1/1",
+            "32 streams / 32 adapters": "32/32",
+        }
+    assert report["compile_warmup_s"] > 0
+    for mode in ("eager", "static", "static-overlap", "static-compile"):
         figures = report[f"engine_{mode}"]
         assert all(
             figures[k] > 0
             for k in ("1 stream + adapter", "32 streams / 1 adapter", "32 streams / 32 adapters")
         )
     assert report["graph_stats"]["eager"] > 0  # the static decoder ran (no capture on a CPU)
-    assert report["parity_float32"] == {"eager": [True] * 3, "static": [True] * 3}
+    assert report["parity_float32"] == {
+        "eager": [True] * 3,
+        "static": [True] * 3,
+        "static-compile": [True] * 3,
+    }
     assert max(report["logits_rel_err"]) < 1e-4  # float32 on the CPU: the same math as peft's
     assert report["errors"] == {}, report["errors"]
     levels = {r["concurrency"]: r for r in report["e2e_bench"]}

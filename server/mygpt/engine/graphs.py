@@ -77,14 +77,16 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-def plan_lora(lora_slots: list[int], batch: int, max_slots: int) -> LoRAPlan | None:
+def plan_lora(lora_slots: list[int], batch: int, max_slots: int, at_least: int = 1) -> LoRAPlan | None:
     """Groups rows by adapter slot for a batch of `batch` rows (rows past len(lora_slots) are padding,
-    which like slot -1 means the base model). None when no row uses an adapter."""
+    which like slot -1 means the base model). None when no row uses an adapter. at_least: the fewest
+    slots (as far as max_slots allows) and rows per slot; 2 spares torch.compile the compiles it makes
+    for sizes of 1 (runner.compile_layers), for one more slot's adapter weights read per step."""
     adapted = [(i, s) for i, s in enumerate(lora_slots) if s >= 0]
     if not adapted:
         return None
-    slots = min(_pow2(max(s for _, s in adapted) + 1), max_slots)
-    rows = _pow2(max(collections.Counter(s for _, s in adapted).values()))
+    slots = min(max(_pow2(max(s for _, s in adapted) + 1), at_least), max_slots)
+    rows = max(_pow2(max(collections.Counter(s for _, s in adapted).values())), at_least)
     if len(adapted) < batch and slots * rows == len(adapted):
         rows *= 2  # base-model rows read their (zero) LoRA term from an empty position
     gather, valid, scatter = [0] * (slots * rows), [0] * (slots * rows), [0] * batch
@@ -151,7 +153,8 @@ class StaticDecoder:
         kv_len = kv_bucket(max(r.position for r in rows) + 1, self.kv_block, self.runner.max_len)
         lora = None
         if self.runner.lora_batch is not None:
-            lora = plan_lora([r.lora_slot for r in rows], batch, self._max_lora_slots)
+            at_least = 2 if self.runner.compiled else 1
+            lora = plan_lora([r.lora_slot for r in rows], batch, self._max_lora_slots, at_least)
         shape = DecodeShape(batch, kv_len, lora.slots if lora else 0, lora.rows if lora else 0)
         return shape, lora
 
@@ -195,6 +198,7 @@ class StaticDecoder:
         H100 end-to-end run (docs/benchmarks.md) had inter-token p99 of 627 ms at 32 streams against a
         median of 11.5 ms. Every padding row writes only the spare KV slot. Returns the number captured
         (0 without capture: on a CPU)."""
+        self.warm_compile()
         if not self.capture:
             return 0
         spans = sorted({kv_bucket(end, self.kv_block, self.runner.max_len) for end in range(1, max_end + 1)})
@@ -217,17 +221,53 @@ class StaticDecoder:
                 torch.cuda.synchronize(self.runner.device)
         return self.stats.captures - before
 
+    @torch.inference_mode()
+    def warm_compile(self) -> int:
+        """With the runner's compile_layers on: runs the static step, uncaptured, once for each kind of
+        shape torch.compile compiles separately, so that it compiles before the first request and not
+        inside one (each compile of a layer takes seconds). The varying sizes are dynamic from the first
+        compile (runner._dynamic) and adapter groups are at least 2 x 2 (plan_lora), so the kinds are:
+        batch 1 or more, with or without adapters. Each is run at two sizes of everything that varies,
+        so a size compiled as a constant would show here. Padding rows only: they write the spare KV
+        slot, and their LoRA positions are all empty. Returns the number of steps run (0 without
+        compile_layers)."""
+        r = self.runner
+        if not r.compiled:
+            return 0
+        b = r.num_slots
+        spans = sorted({kv_bucket(end, self.kv_block, r.max_len) for end in (1, self.kv_block + 1)})
+        lora = [(0, 0)]
+        if r.lora_batch is not None:
+            cap = self._max_lora_slots
+            lora += [(s, m) for s in sorted({min(2, cap), min(4, cap)}) for m in (2, 4)]
+        self._host.zero_()
+        self._buf("slots", on_device=False).fill_(self.spare_slot)
+        on_gpu = r.device.type == "cuda"
+        steps = 0
+        with torch.cuda.device(r.device) if on_gpu else contextlib.nullcontext():
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._dev.copy_(self._host)
+            for batch in sorted({b, min(2, b), 1}, reverse=True):
+                for span in spans:
+                    for s, m in lora:
+                        self._forward(DecodeShape(batch, span, s, m))
+                        steps += 1
+            if on_gpu:
+                torch.cuda.synchronize(r.device)
+        return steps
+
     # ------------------------------------------------------------------ internals
     def _forward(self, shape: DecodeShape) -> torch.Tensor:
         """The static step itself: only fixed-size views of the input buffers, no host reads."""
-        from mygpt.engine.runner import _AttentionPlan
+        from mygpt.engine.runner import _AttentionPlan, _dynamic
 
         r, b = self.runner, shape.batch
         ids, pos, slots = self._buf("ids")[:b], self._buf("pos")[:b], self._buf("slots")[:b]
         span = torch.arange(shape.kv_len, device=r.device)
         mask = (span[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
         plan = _AttentionPlan(
-            num_decode=b, decode=[], decode_rows=slots, decode_end=shape.kv_len, decode_mask=mask,
+            num_decode=b, decode=[], decode_rows=slots, decode_mask=mask,
             chunks=[], chunk_offsets=[], chunk_masks=[], slot_t=slots, pos_t=pos,
         )  # fmt: skip
         batch = r.lora_batch
@@ -237,8 +277,20 @@ class StaticDecoder:
             batch.gather = self._buf("gather")[: s * m]
             batch.valid = self._buf("valid")[: s * m].view(s, m, 1).to(r.dtype)
             batch.scatter = self._buf("scatter")[:b]
+        if r.compiled:  # the sizes that vary from step to step (runner._dynamic)
+            for t, dims in ((ids, (0,)), (pos, (0,)), (slots, (0,)), (mask, (0, 3))):
+                _dynamic(t, *dims)
+            if batch is not None and shape.lora_slots:
+                _dynamic(batch.gather, 0), _dynamic(batch.valid, 0, 1), _dynamic(batch.scatter, 0)
         try:
-            hidden = r._forward(ids[None], pos[None], plan)[0]
+            try:
+                hidden = r._forward(ids[None], pos[None], plan, compiled=True)[0]
+            except Exception:
+                if not r.compiled:
+                    raise
+                log.warning("a compiled decode step failed: decode steps run uncompiled", exc_info=True)
+                r.compile_layers(False)
+                hidden = r._forward(ids[None], pos[None], plan)[0]
         finally:  # the LoRA layers are shared with the eager path
             if batch is not None:
                 batch.slots, batch.gather, batch.valid, batch.scatter = 0, None, None, None

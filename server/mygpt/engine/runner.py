@@ -18,6 +18,7 @@ import mmap
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from mygpt.engine.graphs import StaticDecoder
@@ -83,6 +84,7 @@ class ModelRunner:
         cuda_graphs: bool = False,
         nf4_kernel: bool = False,
         fused_ops: bool = False,
+        compile_layers: bool = False,
     ):
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -101,8 +103,10 @@ class ModelRunner:
         self._inner = model.model
         self._layers = list(self._inner.layers)
         s = self.shape
-        # one slot more than handed out: static decode steps park their padding rows there
-        cache_shape = (s.num_layers, num_slots + 1, s.num_kv_heads, max_len, s.head_dim)
+        self._gqa = s.num_kv_heads != s.num_heads  # a plain bool: torch.compile keeps it a constant
+        # one slot more than handed out: static decode steps park their padding rows there; one position
+        # more than served: no attention span is the whole cache, which torch.compile would compile apart
+        cache_shape = (s.num_layers, num_slots + 1, s.num_kv_heads, max_len + 1, s.head_dim)
         self._k_all = _zeros(cache_shape, dtype, self.device)
         self._v_all = _zeros(cache_shape, dtype, self.device)
         self.k_cache, self.v_cache = list(self._k_all.unbind(0)), list(self._v_all.unbind(0))
@@ -131,10 +135,13 @@ class ModelRunner:
         self._fused = fused.FusedOps(self.device) if fused_ops and self._fusable() else None
         # decode-only steps at bucketed static shapes (graphs.py): captured as CUDA graphs on a GPU
         # (cuda_graphs), or run eagerly (static_decode: the same code path, for tests on a CPU)
+        self._compiled_layer = None
         self.decoder: StaticDecoder | None = None
         capture = cuda_graphs and self.device.type == "cuda"
         if (capture or static_decode) and not exact_attention:
             self.decoder = StaticDecoder(self, capture=capture)
+        # compile_layers: the static decode steps run each decoder layer through torch.compile
+        self.compile_layers(compile_layers)
 
     def fused_ops(self, on: bool) -> bool:
         """Turns the fused element-wise kernels (kernels/fused.py) on or off where the runner has them;
@@ -157,6 +164,35 @@ class ModelRunner:
         for product in products:
             product.enabled = on
         return len(products)
+
+    def compile_layers(self, on: bool) -> bool:
+        """Turns torch.compile (inductor) of the decoder layers on or off for the static decode steps;
+        returns whether it is on (never without a static decoder). Regional compilation: one compiled
+        function runs every layer, which share its code and guards (so a 32-layer model compiles one
+        layer's graph per family of step shapes, not 32), and inductor fuses the element-wise ops
+        between the matrix products (norms, rotary, activation, residual and LoRA adds, casts) into a
+        few kernels; CUDA graphs then capture those. Prompt steps stay eager: their shapes change with
+        every prompt. The fused Triton kernels and the NF4 kernel are bypassed while compiling (inductor
+        does the fusing; bitsandbytes' ops are traced as they are). A step whose compiled run fails
+        runs uncompiled, and compiling is turned off (a warning). As with nf4_kernel: make a new
+        StaticDecoder after switching."""
+        if not on or self.decoder is None:
+            self._compiled_layer = None
+            return False
+        if self._compiled_layer is None:
+            import torch._dynamo
+
+            config = torch._dynamo.config
+            # a family of step shapes (batch, span, adapter grouping) may compile a few times before
+            # its sizes go dynamic: past this limit torch.compile would silently run eagerly
+            config.recompile_limit = max(config.recompile_limit, 64)
+            self._compiled_layer = torch.compile(self._layer)
+        return True
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the static decode steps run the compiled layers (compile_layers, not failed)."""
+        return self._compiled_layer is not None
 
     # ---------------------------------------------------------------- public API
     @torch.inference_mode()
@@ -235,26 +271,40 @@ class ModelRunner:
         if self.lora_batch is not None:
             set_rows(self.lora_batch, lora_slots, self.max_lora_rank, self.dtype, self.device)
 
-    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
-        # ids, position_ids: [1, N] - every token of the step, decode rows first
+    def _forward(
+        self, ids: torch.Tensor, position_ids: torch.Tensor, plan: _AttentionPlan, compiled: bool = False
+    ) -> torch.Tensor:
+        # ids, position_ids: [1, N] - every token of the step, decode rows first; compiled: the layers
+        # through torch.compile where compile_layers is on (static decode steps)
         hidden = self._inner.embed_tokens(ids)
         cos, sin = self._inner.rotary_emb(hidden, position_ids=position_ids)  # [1, N, hd]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, hd]: broadcast over heads
         layers = self._layers
         normed, hidden = self._add_norm(None, hidden, layers[0].input_layernorm)
+        layer_fn = self._layer
+        if compiled and self._compiled_layer is not None:
+            layer_fn = self._compiled_layer
+            _dynamic(normed, 1), _dynamic(hidden, 1), _dynamic(cos, 0), _dynamic(sin, 0)
         for i, layer in enumerate(layers):
-            proj = self._proj[i]
-            x = self._attention(i, layer.self_attn, normed, cos, sin, plan)
-            normed, hidden = self._add_norm(x, hidden, layer.post_attention_layernorm)
-            if proj.gate_up is None:
-                x = layer.mlp(normed)
-            else:  # the Llama MLP: down(act(gate(x)) * up(x))
-                gate, up = proj.gate_up(normed)
-                x = proj.down(self._act_mul(layer.mlp.act_fn, gate, up))[0]
-            # the residual sum, and the next layer's input norm of it (the model's final norm at the end)
+            # the next layer's input norm (the model's final norm after the last layer)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self._inner.norm
-            normed, hidden = self._add_norm(x, hidden, nxt)
+            kv = (self.k_cache[i], self.v_cache[i], i)
+            normed, hidden = layer_fn(layer, self._proj[i], kv, nxt, normed, hidden, cos, sin, plan)
         return normed
+
+    def _layer(self, layer, proj, kv, nxt, normed, hidden, cos, sin, plan):
+        """One decoder layer: (nxt(hidden'), hidden'), hidden' the residual stream after it. Everything
+        that differs between layers comes in as an argument: one compiled function serves every layer
+        (regional compilation). kv: the layer's key and value caches and its index (read only by exact
+        attention, which is never compiled)."""
+        x = self._attention(layer.self_attn, proj, kv, normed, cos, sin, plan)
+        normed, hidden = self._add_norm(x, hidden, layer.post_attention_layernorm)
+        if proj.gate_up is None:
+            x = layer.mlp(normed)
+        else:  # the Llama MLP: down(act(gate(x)) * up(x))
+            gate, up = proj.gate_up(normed)
+            x = proj.down(self._act_mul(layer.mlp.act_fn, gate, up))[0]
+        return self._add_norm(x, hidden, nxt)  # the residual sum, and the next norm of it
 
     def _fusable(self) -> bool:
         """Whether kernels/fused.py can stand in for this model's norms, rotary and activation."""
@@ -274,7 +324,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x); x None: (norm(residual), residual)."""
         f = self._fused
-        if f is not None:
+        if f is not None and not torch.compiler.is_compiling():
             eps = norm.variance_epsilon
             key = ("add_rms_norm", residual.shape[-1], residual.dtype, x is None)
             args = (residual, None) if x is None else (x, residual)
@@ -290,10 +340,14 @@ class ModelRunner:
 
     def _act_mul(self, act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         f = self._fused
-        if f is not None and f.ok(
-            ("silu_mul", gate.shape[-1], gate.dtype),
-            lambda: fused.silu_mul(gate, up),
-            lambda: act_fn(gate) * up,
+        if (
+            f is not None
+            and not torch.compiler.is_compiling()
+            and f.ok(
+                ("silu_mul", gate.shape[-1], gate.dtype),
+                lambda: fused.silu_mul(gate, up),
+                lambda: act_fn(gate) * up,
+            )
         ):
             return fused.silu_mul(gate, up)
         return act_fn(gate) * up
@@ -301,15 +355,21 @@ class ModelRunner:
     def _rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [N, heads, hd] * cos + rotate_half(x) * sin."""
         f = self._fused
-        if f is not None and f.ok(
-            ("rotary", x.shape[1:], x.dtype), lambda: fused.rotary(x, cos, sin), lambda: _rope(x, cos, sin)
+        if (
+            f is not None
+            and not torch.compiler.is_compiling()
+            and f.ok(
+                ("rotary", x.shape[1:], x.dtype),
+                lambda: fused.rotary(x, cos, sin),
+                lambda: _rope(x, cos, sin),
+            )
         ):
             return fused.rotary(x, cos, sin)
         return _rope(x, cos, sin)
 
-    def _attention(self, i, attn, x, cos, sin, plan: _AttentionPlan) -> torch.Tensor:
+    def _attention(self, attn, proj, kv, x, cos, sin, plan: _AttentionPlan) -> torch.Tensor:
         n, hd, heads = x.shape[1], self.shape.head_dim, self.shape.num_heads
-        qkv = self._proj[i].qkv
+        qkv = proj.qkv
         y = None if hasattr(attn, "q_norm") else qkv.joined(x)
         if y is not None:  # q and k side by side: one rotary embedding for both
             qk = self._rotary(y[0, :, : (heads + self.shape.num_kv_heads) * hd].view(n, -1, hd), cos, sin)
@@ -319,12 +379,13 @@ class ModelRunner:
             if hasattr(attn, "q_norm"):  # qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = self._rotary(q, cos, sin), self._rotary(k, cos, sin)
-        kc, vc = self.k_cache[i], self.v_cache[i]
+        kc, vc, i = kv
         kc[plan.slot_t, :, plan.pos_t] = k.to(kc.dtype)  # write every token's key/value: [N, Hkv, hd]
         vc[plan.slot_t, :, plan.pos_t] = v.to(vc.dtype)
-        gqa = self.shape.num_kv_heads != self.shape.num_heads
+        gqa = self._gqa
         outs = []
-        if plan.num_decode and self.exact_attention:  # each row alone over its own length: no padding
+        # (torch.compile: no test of the int num_decode on the static path, which would compile each value)
+        if self.exact_attention and plan.num_decode:  # each row alone over its own length: no padding
             bd, same = plan.num_decode, kc.dtype == q.dtype
             rows = [
                 F.scaled_dot_product_attention(
@@ -337,8 +398,8 @@ class ModelRunner:
                 for qr, (kr, vr) in zip(q[:bd, None, :, None, :].unbind(0), plan.row_kv, strict=True)
             ]  # each [1, H, 1, hd]
             outs.append(torch.cat(rows).view(bd, -1))
-        elif plan.num_decode:  # q: [Bd, H, 1, hd] over each row's cache, length-masked
-            bd, end = plan.num_decode, plan.decode_end
+        elif plan.decode_mask is not None:  # q: [Bd, H, 1, hd] over each row's cache, length-masked
+            bd, end = plan.decode_mask.shape[0], plan.decode_mask.shape[-1]  # sizes, not ints (as above)
             keys, values = kc[plan.decode_rows, :, :end], vc[plan.decode_rows, :, :end]
             out = F.scaled_dot_product_attention(
                 q[:bd, :, None, :], keys.to(q.dtype), values.to(q.dtype), attn_mask=plan.decode_mask,
@@ -357,7 +418,7 @@ class ModelRunner:
                 qc, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
             )
             outs.append(out[0].transpose(0, 1).reshape(hi - lo, -1))
-        return self._proj[i].o(torch.cat(outs)[None] if len(outs) > 1 else outs[0][None])[0]
+        return proj.o(torch.cat(outs)[None] if len(outs) > 1 else outs[0][None])[0]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.to(self._lm_head.dtype), self._lm_head).float()
@@ -387,7 +448,6 @@ class _AttentionPlan:
     num_decode: int
     decode: list[DecodeRow]
     decode_rows: slice | torch.Tensor  # cache rows of the decode rows (a view when contiguous)
-    decode_end: int  # longest decode row + 1
     decode_mask: torch.Tensor | None  # bool [Bd, 1, 1, end]
     chunks: list[PrefillChunk]
     chunk_offsets: list[int]  # each chunk's first token among the chunk tokens
@@ -424,7 +484,7 @@ class _AttentionPlan:
                 ]
             )
         return _AttentionPlan(
-            num_decode=len(decode), decode=decode, decode_rows=decode_rows, decode_end=end, decode_mask=decode_mask,
+            num_decode=len(decode), decode=decode, decode_rows=decode_rows, decode_mask=decode_mask,
             chunks=chunks, chunk_offsets=offsets, chunk_masks=masks,
             slot_t=torch.tensor(slots, device=device), pos_t=torch.tensor(positions, device=device),
         )  # fmt: skip
@@ -449,6 +509,16 @@ class _Projections:
         return _Projections(
             qkv, o, FusedLinear([mlp.gate_proj, mlp.up_proj], k), FusedLinear([mlp.down_proj], k)
         )
+
+
+def _dynamic(t: torch.Tensor | None, *dims: int) -> None:
+    """Marks sizes that vary between static decode steps (batch, attention span, adapter grouping) as
+    dynamic for torch.compile before it first compiles (compile_layers): one compile serves every size
+    of the family, where torch.compile would otherwise compile the first size met as a constant and
+    again once a second size shows the dimension varies. Sizes of 1 are still compiled apart."""
+    if t is not None:
+        for d in dims:
+            torch._dynamo.maybe_mark_dynamic(t, d)
 
 
 def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

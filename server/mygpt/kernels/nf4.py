@@ -227,7 +227,8 @@ class NF4Product:
         x2 = x.reshape(-1, x.shape[-1])
         if self.compute_dtype is not None and x2.dtype != self.compute_dtype:
             x2 = x2.to(self.compute_dtype)
-        if self.enabled and x2.shape[0] <= MAX_ROWS and self._kernel_ok(x2):
+        compiling = torch.compiler.is_compiling()  # runner.compile_layers: bitsandbytes' traced ops
+        if self.enabled and not compiling and x2.shape[0] <= MAX_ROWS and self._kernel_ok(x2):
             y = nf4_matmul(x2, self.packed, self.scale, self.code, self.pairs)
         else:
             y = self._bnb(x2)

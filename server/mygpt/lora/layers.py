@@ -85,9 +85,11 @@ def lora_delta(
     """The LoRA terms [N, out_p] of every token of x [..., in] for each of P projections that read x
     (None: no token uses an adapter), from their A^T side by side, at_all [slots, in, P*R], and each
     one's B^T [slots, R, out_p]."""
-    if not b.slots:
+    if b.valid is None and not b.slots:
         return None
-    s, d_in = b.slots, at_all.shape[1]
+    # S from valid's shape where there is one (the static decode steps): torch.compile then treats it as
+    # a size that may vary (a dynamic dimension), not as a constant that each value compiles again
+    s, d_in = (b.slots if b.valid is None else b.valid.shape[0]), at_all.shape[1]
     x2 = x.reshape(-1, d_in)
     if x2.dtype != at_all.dtype:
         x2 = x2.to(at_all.dtype)
