@@ -288,10 +288,50 @@ def test_a_streamed_tool_call_arrives_whole_in_one_delta(client):
     json.loads(calls[0][0].function.arguments)
 
 
-def test_tool_choice_auto_and_stray_tool_messages_are_400s(client):
-    with pytest.raises(openai.BadRequestError) as err:  # tools without tool_choice: "auto"
-        client.chat.completions.create(model=MODEL, messages=WEATHER, tools=TOOLS, max_tokens=5)
-    assert err.value.body["param"] == "tool_choice" and "required" in err.value.body["message"]
+def answer_kind(choice) -> str:
+    """ "call" or "text", after checking the choice is wholly one of them."""
+    if choice.message.tool_calls:
+        [call] = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert call.function.name in ("get_weather", "get_time")
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
+        return "call"
+    assert choice.message.content and choice.finish_reason in ("stop", "length")
+    return "text"
+
+
+def test_tool_choice_auto_answers_with_a_call_or_with_text(client, tokenizer):
+    """tools without tool_choice ("auto"): the model chooses; its first character decides. A logit_bias
+    on its first token steers the choice both ways; each way comes back whole and in its own shape."""
+    r = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, tools=TOOLS, temperature=0, max_tokens=60
+    )
+    assert answer_kind(r.choices[0]) in ("call", "text")
+    brace, the = tokenizer.convert_tokens_to_ids("{"), tokenizer.encode("The", add_special_tokens=False)[0]
+    for bias, want in (({brace: 100}, "call"), ({the: 100}, "text")):
+        r = client.chat.completions.create(
+            model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=60,
+            logit_bias=bias,
+        )  # fmt: skip
+        assert answer_kind(r.choices[0]) == want
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=WEATHER, tools=TOOLS, temperature=0, max_tokens=60, logit_bias=bias,
+                stream=True,
+            )
+        )  # fmt: skip
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        calls = [d.tool_calls for d in deltas if d.tool_calls]
+        text = "".join(d.content or "" for d in deltas)
+        if want == "call":  # held back, then one delta with the whole call, and no text
+            assert len(calls) == 1 and not text and chunks[-1].choices[0].finish_reason == "tool_calls"
+            assert calls[0][0].function.arguments == r.choices[0].message.tool_calls[0].function.arguments
+        else:  # text streams as it comes
+            assert not calls and text == r.choices[0].message.content
+            assert sum(bool(d.content) for d in deltas) > 1
+
+
+def test_stray_tool_messages_are_400s(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "tool", "tool_call_id": "x", "content": "hi"}], max_tokens=5

@@ -86,8 +86,13 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
         ({"model": MODEL, "messages": HI, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         (
-            {"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]},
-            "tool_choice",  # "auto", the default with tools: only forced calls are supported
+            {
+                "model": MODEL,
+                "messages": HI,
+                "tools": [{"type": "function", "function": {"name": "f"}}],  # "auto": the default
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
         ),
         ({"model": MODEL, "messages": HI, "tool_choice": "required"}, "tool_choice"),  # no tools
         (

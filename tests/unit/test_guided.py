@@ -189,3 +189,32 @@ def test_a_tokenizer_llguidance_cannot_read_costs_structured_outputs_only():
     with pytest.raises(GrammarError, match="structured outputs are unavailable"):
         grammars.json(None)
     assert grammars.token_bytes(1) == b"b"
+
+
+@pytest.mark.parametrize("kind", ["batched", "naive"])
+def test_an_end_of_sequence_id_the_grammar_does_not_know_ends_the_row_where_it_may_end(
+    tiny_model, tokenizer, grammars, kind
+):
+    """A model may end its turn with an id llguidance does not take for EOS (Llama 3's <|eot_id|>):
+    once the grammar may end (a text answer of tool_choice "auto"), that id is allowed and ends the row
+    with "stop"; before (no text yet) it stays masked. Without this the row ran to max_tokens."""
+    other = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert other not in (tokenizer.eos_token_id, None)
+    eos = [tokenizer.eos_token_id, other]
+    if kind == "batched":
+        runner = ModelRunner(tiny_model, num_slots=2, max_len=512, dtype=torch.float32)
+        e = Engine(runner, tokenizer, eos, max_num_batched_tokens=64)
+    else:
+        e = NaiveEngine(tiny_model, tokenizer, eos, max_len=512)
+    grammar = grammars.json_or_text({"type": "object"})
+    e.start()
+    try:
+        c = Collector()
+        c.submit(
+            e, "t", PROMPTS[0], max_tokens=40, grammar=grammar, temperature=0.0, logit_bias={other: 100.0}
+        )
+        c.wait()
+    finally:
+        e.stop()
+    assert c.finish("t") == FinishReason.STOP and c.tokens("t")[-1] == other
+    assert 2 <= len(c.tokens("t")) < 40 and c.text("t").strip() and not c.text("t").startswith("{")

@@ -1,4 +1,5 @@
-"""Forced tool calls (api/tools.py): what a call may be, and which requests are refused before any work."""
+"""Tool calls (api/tools.py): what a call may be, "auto"'s choice between a call and text, and which
+requests are refused before any work."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def test_nested_parameters_keep_their_references(tokenizer):
         ({"tool_choice": {"type": "function", "function": "get"}}, "tool_choice"),  # was a 500
         ({"tool_choice": {"type": "function", "function": None}}, "tool_choice"),  # was a 500
         ({"tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
-        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": "auto", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),  # "auto" by default
         ({"tool_choice": "required", "stop": ["}"]}, "stop"),  # would cut the call
     ],
 )
@@ -81,14 +83,65 @@ def test_tools_must_be_distinct_objects():
 def test_the_tools_join_the_clients_own_system_message():
     """Templates that take one system message at the start (or none) keep working."""
     get = tools.ToolPlan([request(tools=[{"type": "function", "function": {"name": "get"}}]).tools[0]])
-    merged = tools.with_tools([{"role": "system", "content": "Be brief."}, *HI], get.tools)
+    merged = tools.with_tools([{"role": "system", "content": "Be brief."}, *HI], get)
     assert (
         len(merged) == 2 and merged[0]["content"].startswith("Be brief.") and '"get"' in merged[0]["content"]
     )
-    assert tools.with_tools(list(HI), get.tools)[0]["role"] == "system"
+    assert tools.with_tools(list(HI), get)[0]["role"] == "system"
+    assert "plain text" not in merged[0]["content"]  # forced: a call is the only answer
+    auto = tools.ToolPlan(get.tools, auto=True)
+    assert "plain text" in tools.with_tools(list(HI), auto)[0]["content"]
 
 
 def test_a_call_with_a_non_json_number_is_no_call():
     assert tools.parse_call('{"name": "get", "arguments": {"x": 1e999}}') is None
     call = tools.parse_call('{"name": "get", "arguments": {"x": 1}}')
     assert call.function.name == "get" and json.loads(call.function.arguments) == {"x": 1}
+
+
+GET = {"type": "function", "function": {"name": "get", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("choice", [None, "auto"])
+def test_auto_is_the_default_with_tools_and_takes_stop_strings(choice):
+    kw = {} if choice is None else {"tool_choice": choice}
+    plan = tools.plan(request(tools=[GET], stop=["\n\n"], **kw))
+    assert plan.auto and [t.function.name for t in plan.tools] == ["get"]
+    assert not tools.plan(request(tools=[GET], tool_choice="required")).auto
+    assert tools.plan(request(tools=[GET], tool_choice="none")) is None
+
+
+def test_auto_answers_are_a_call_or_text_by_their_first_character():
+    plan = tools.ToolPlan(request(tools=[GET]).tools, auto=True)
+    call, finish = tools.answer(plan, '{"name": "get", "arguments": {}}', "stop")
+    assert finish == "tool_calls" and call.function.name == "get"
+    assert tools.answer(plan, "It is sunny.", "stop") == (None, "stop")
+    assert tools.answer(plan, "It is", "length") == (None, "length")
+    assert tools.answer(plan, '{"name": "ge', "length") == (None, "length")  # a call cut: its text
+    assert [tools.is_call(t) for t in ("", " \n", "\nHi", "{")] == [None, None, False, True]
+    forced = tools.ToolPlan(plan.tools)  # forced: a call is a call whatever it starts with
+    assert tools.answer(forced, '{"name": "get", "arguments": {}}', "stop")[1] == "tool_calls"
+
+
+def test_the_auto_grammar_takes_a_call_or_text_and_nothing_between(tokenizer):
+    grammar = Grammars(tokenizer, len(tokenizer)).json_or_text(
+        tools.ToolPlan(request(tools=[GET]).tools).schema()
+    )
+    eos = tokenizer.eos_token_id
+
+    def follow(text: str):
+        guide = grammar.start()
+        ok = all(guide.advance(t) for t in tokenizer.encode(text, add_special_tokens=False))
+        return ok, guide
+
+    ok, guide = follow('{"name": "get", "arguments": {}}')
+    assert ok and guide.done  # a whole call ends the answer
+    ok, guide = follow("Hello, no call is needed {here}.")
+    assert ok and not guide.done and guide.accepting  # text goes on until the model ends it
+    assert follow('{"name": "other"')[0] is False  # a call of no listed tool
+    assert follow(' {"name": "get"')[0] is False  # text may not start like a call
+    start = grammar.start()
+    assert not start.accepting and not start.allowed([eos])[eos // 8] >> (eos % 8) & 1  # no empty answer
+    other = 5  # an end-of-sequence id the grammar's tokenizer does not know: allowed once it may end
+    assert guide.allowed([other])[other // 8] >> (other % 8) & 1
+    assert not grammar.start().allowed([other])[other // 8] >> (other % 8) & 1

@@ -94,12 +94,16 @@ class ChatService:
         arrival = time.monotonic()
         adapter = await self.resolve_model(principal, req.model)
         self._refuse_unsupported(req)
-        calls = tools.plan(req)  # a forced tool call: the call's grammar
+        calls = tools.plan(req)  # tools: the grammar of a call (or of a call or text: "auto")
         messages = self._messages(req.messages)
         if calls is not None and not self.renders_tools:
-            messages = tools.with_tools(messages, calls.tools)
+            messages = tools.with_tools(messages, calls)
         template_tools = [tools.template_tool(t) for t in calls.tools] if calls is not None else None
-        grammar = await self._grammar(req) if calls is None else await self._compile(calls.schema(), "tools")
+        grammar = (
+            await self._grammar(req)
+            if calls is None
+            else await self._compile(calls.schema(), "tools", auto=calls.auto)
+        )
 
         def params(prompt_len: int) -> SamplingParams:
             requested = req.max_completion_tokens or req.max_tokens  # A5: max_completion_tokens wins
@@ -214,10 +218,11 @@ class ChatService:
             )
         return await self._compile(schema, "response_format", what)
 
-    async def _compile(self, schema: Any, param: str, what: str | None = None) -> Grammar:
-        """A JSON grammar compiled off the event loop; 400 naming `param` if it cannot be."""
+    async def _compile(self, schema: Any, param: str, what: str | None = None, auto: bool = False) -> Grammar:
+        """A JSON grammar (auto: JSON or text, tool_choice "auto") compiled off the event loop; 400 naming
+        `param` if it cannot be."""
         try:
-            return await asyncio.to_thread(self.grammars.json, schema)
+            return await asyncio.to_thread(self.grammars.json_or_text if auto else self.grammars.json, schema)
         except GrammarError as exc:
             raise invalid(f"Invalid schema for {what or param}: {exc}", param=param) from exc
 
@@ -338,11 +343,11 @@ class ChatService:
     ) -> ChatCompletion:
         """Runs a request to the end and returns the whole completion."""
         done = await collect(gen, self.submit(gen, ticket))
-        forced = tools.plan(req) is not None
+        calls = tools.plan(req)
         choices = []
         for i in range(gen.params.n):
             call, finish = (
-                tools.the_call(done.texts[i], done.reasons[i]) if forced else (None, done.reasons[i])
+                tools.answer(calls, done.texts[i], done.reasons[i]) if calls else (None, done.reasons[i])
             )
             message = (
                 AssistantMessage(content=None, tool_calls=[call])
@@ -366,21 +371,28 @@ class ChatService:
             )
             return c.model_dump_json(exclude_none=False)
 
-        forced = tools.plan(req) is not None
-        held = [""] * gen.params.n  # a forced call's text, sent as tool_calls once whole
+        calls = tools.plan(req)
+        held = [""] * gen.params.n  # a call's text, sent as tool_calls once whole
+        # per choice: a call (True), text (False), or not known yet (None: "auto", only whitespace so far)
+        kind = [None if calls is not None and calls.auto else calls is not None] * gen.params.n
 
         def piece(ev: TokenEvent, logprobs: list[TokenLogprob], finish: str | None) -> str | None:
             delta = Delta(content=ev.text) if ev.text or finish is None else Delta()
-            if forced:
+            if kind[ev.index] is not False:  # a call, or not known yet: held back
                 held[ev.index] += ev.text
-                if finish is None:
+                if kind[ev.index] is None:
+                    kind[ev.index] = tools.is_call(held[ev.index])
+                if kind[ev.index] is False:  # "auto" answers in text: what was held, then as it comes
+                    delta = Delta(content=held[ev.index])
+                elif finish is None:
                     return None
-                call, finish = tools.the_call(held[ev.index], finish)
-                delta = (
-                    Delta(content=held[ev.index])
-                    if call is None
-                    else Delta(tool_calls=[{"index": 0, **call.model_dump()}])
-                )
+                else:
+                    call, finish = tools.answer(calls, held[ev.index], finish)
+                    delta = (
+                        Delta(content=held[ev.index])
+                        if call is None
+                        else Delta(tool_calls=[{"index": 0, **call.model_dump()}])
+                    )
             lps = ChoiceLogprobs(content=self._logprobs(logprobs)) if gen.params.logprobs else None
             return chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)])
 

@@ -1,11 +1,15 @@
-"""Tool calling, forced: `tool_choice` "required" or a named function makes the answer one call of one
-of the request's tools, its arguments valid against the tool's parameters (the same grammar masks as
-structured outputs, engine/guided.py). The model writes {"name": ..., "arguments": {...}}; the answer
-carries it as `tool_calls` with finish_reason "tool_calls".
+"""Tool calling. The model writes a call as {"name": ..., "arguments": {...}}, its arguments valid
+against the tool's parameters (the same grammar masks as structured outputs, engine/guided.py); the
+answer carries it as `tool_calls` with finish_reason "tool_calls".
 
-`tool_choice` "auto" (the default when tools are given) is refused: deciding between text and a call
-needs each model family's own call format and a parser for it (vLLM's --tool-call-parser), which this
-server does not have. "none" answers in text and ignores the tools.
+- `tool_choice` "required" or a named function: the answer is one call (of that function).
+- "auto" (the default when tools are given): the model chooses. Its first character decides: '{'
+  starts a call, which the grammar then holds to a valid one; anything else is a text answer, free
+  to the end (so a text answer cannot start with '{'). One format for every model family, the one
+  the system message describes, in place of each family's own format and parser (vLLM's
+  --tool-call-parser); a model trained on another format follows it less well, and small models
+  call less reliably than they answer.
+- "none": a text answer; the tools are ignored.
 
 The tools reach the model through its chat template when the template renders them (`tools`), else as
 a system message that lists them and the call format. A follow-up conversation (an assistant message
@@ -25,9 +29,10 @@ from mygpt.api.protocol import Tool, ToolCall, ToolCallFunction
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """The tools a forced call may use (one for a named tool_choice)."""
+    """The tools a call may use (one for a named tool_choice); auto: the model may answer in text."""
 
     tools: list[Tool]
+    auto: bool = False
 
     def schema(self) -> dict[str, Any]:
         """JSON Schema of one call: {"name": one of the tools, "arguments": that tool's parameters}.
@@ -67,21 +72,18 @@ def _rebased(schema: Any, at: str) -> Any:
 
 
 def plan(req: Any) -> ToolPlan | None:
-    """The request's forced tool call, None for a plain answer; 400 naming tool_choice otherwise."""
+    """The request's tool plan, None for a plain answer (no tools, or "none"); 400s name the problem."""
     choice, tools = req.tool_choice, req.tools or []
     if choice is None and not tools or choice == "none":
         return None
     if not tools:
         raise invalid("tool_choice is only allowed when tools are given.", param="tool_choice")
-    if choice in (None, "auto"):
-        raise invalid(
-            "tool_choice 'auto' (the default with tools) is not supported: this server cannot tell a call "
-            "from text in the model's own format. Use 'required', name a function "
-            '({"type": "function", "function": {"name": ...}}), or \'none\'.',
-            param="tool_choice",
-        )
+    auto = choice in (None, "auto")
     if req.response_format is not None and req.response_format.type != "text":
-        raise invalid("response_format cannot be combined with a forced tool call.", param="response_format")
+        raise invalid(
+            "response_format cannot be combined with tools (use tool_choice 'none' for a structured answer).",
+            param="response_format",
+        )
     names = [t.function.name for t in tools]
     if len(set(names)) < len(names):
         raise invalid("tools have to have different names.", param="tools")
@@ -91,6 +93,8 @@ def plan(req: Any) -> ToolPlan | None:
                 "a tool's parameters must be a JSON Schema of an object.",
                 param=f"tools.[{i}].function.parameters",
             )
+    if auto:  # stop strings end a text answer; one inside a call cuts it, which then comes back as text
+        return ToolPlan(tools, auto=True)
     if req.stop:
         raise invalid("stop strings would cut a forced tool call; leave stop out.", param="stop")
     if choice == "required":
@@ -103,14 +107,15 @@ def plan(req: Any) -> ToolPlan | None:
     return ToolPlan(named)
 
 
-def with_tools(messages: list[dict[str, Any]], tools: list[Tool]) -> list[dict[str, Any]]:
+def with_tools(messages: list[dict[str, Any]], calls: ToolPlan) -> list[dict[str, Any]]:
     """The tools for a chat template that does not render them: told in the system message (the
     client's own first one, extended, so that templates taking one system message at the start still
     take it)."""
     text = (
         "You can call these functions:\n"
-        + json.dumps([template_tool(t)["function"] for t in tools], ensure_ascii=False)
+        + json.dumps([template_tool(t)["function"] for t in calls.tools], ensure_ascii=False)
         + '\nTo call one, reply with only a JSON object: {"name": <function name>, "arguments": <its arguments>}.'
+        + (" If no function is needed, answer in plain text." if calls.auto else "")
     )
     if messages and messages[0]["role"] == "system":
         return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
@@ -168,10 +173,25 @@ def written(calls: list[dict[str, Any]]) -> str:
 
 
 def the_call(text: str, finish: str | None) -> tuple[ToolCall | None, str | None]:
-    """A forced answer's call and finish reason: the call with "tool_calls", or None and the reason
-    as it was (a call cut by max_tokens comes back as its text)."""
+    """A call's answer and finish reason: the call with "tool_calls", or None and the reason as it was
+    (a call cut by max_tokens or a stop string comes back as its text)."""
     call = parse_call(text) if finish == "stop" else None
     return (call, "tool_calls") if call is not None else (None, finish)
+
+
+def is_call(text: str) -> bool | None:
+    """Whether an "auto" answer that starts with `text` is a call (True) or text (False); None while
+    only whitespace has come (the grammar lets a call start only with '{', at the very start)."""
+    head = text.lstrip()
+    return None if not head else text.startswith("{")
+
+
+def answer(calls_plan: ToolPlan, text: str, finish: str | None) -> tuple[ToolCall | None, str | None]:
+    """A whole answer under a tool plan: (its call, "tool_calls"), or (None, its finish reason) for a
+    text answer of tool_choice "auto" or a call that was cut."""
+    if calls_plan.auto and not is_call(text):
+        return None, finish
+    return the_call(text, finish)
 
 
 def parse_call(text: str) -> ToolCall | None:

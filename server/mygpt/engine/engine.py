@@ -480,7 +480,7 @@ class Engine(EngineThread):
         self._running.extend(r for r in group.rows if not r.finished)
 
     def _emit_sampled(self, rows: list[Row], logits: torch.Tensor, launch_ahead: bool = False) -> None:
-        allowed = {i: r.guide.allowed() for i, r in enumerate(rows) if r.guide is not None}
+        allowed = {i: r.guide.allowed(self.eos_token_ids) for i, r in enumerate(rows) if r.guide is not None}
         hook, launched = None, {}
         if launch_ahead and self.runner.decoder is not None:
             # every row that has room for one more position: those this token ends (EOS, a stop string,
@@ -530,11 +530,11 @@ class Engine(EngineThread):
         t.finished = now
         finish: FinishReason | None = None
         error = None
-        if row.guide is not None and not row.guide.advance(token):  # past llguidance's limits, say
+        if token in self.eos_token_ids and (row.guide is None or row.guide.accepting):
+            text, finish = row.stops.flush(), FinishReason.STOP
+        elif row.guide is not None and not row.guide.advance(token):  # past llguidance's limits, say
             error = f"The response_format schema could not be followed: {row.guide.error}"
             text, finish = "", FinishReason.ERROR
-        elif token in self.eos_token_ids:
-            text, finish = row.stops.flush(), FinishReason.STOP
         else:
             text, stopped = row.stops.push(row.detok.push(token))
             if stopped:

@@ -14,8 +14,10 @@ engine only copies the compiled matcher for each row. llguidance is imported on 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -49,9 +51,23 @@ class Guide:
     def __init__(self, matcher: Any):
         self._matcher = matcher
 
-    def allowed(self) -> bytes:
-        """The tokens allowed next: bit t % 8 of byte t // 8 is token t's (llguidance's bitmask)."""
-        return self._matcher.compute_bitmask()
+    def allowed(self, eos: Collection[int] = ()) -> bytes:
+        """The tokens allowed next: bit t % 8 of byte t // 8 is token t's (llguidance's bitmask). eos:
+        the model's end-of-sequence ids, allowed wherever the grammar may end (llguidance knows only the
+        tokenizer's own; a model may end its turn with another, as Llama 3's <|eot_id|>)."""
+        mask = self._matcher.compute_bitmask()
+        if eos and self._matcher.is_accepting():
+            bits = bytearray(mask)
+            for t in eos:
+                if t // 8 < len(bits):
+                    bits[t // 8] |= 1 << (t % 8)
+            mask = bytes(bits)
+        return mask
+
+    @property
+    def accepting(self) -> bool:
+        """The grammar may end here: an end-of-sequence token ends the row (not advanced through it)."""
+        return self._matcher.is_accepting()
 
     def advance(self, token: int) -> bool:
         """Follows a sampled token; False if the grammar cannot take it (see error)."""
@@ -90,6 +106,22 @@ class Grammars:
             raise GrammarError("the schema must be a JSON object")
         try:
             source = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        except (ValueError, TypeError) as exc:
+            raise GrammarError(str(exc)) from exc
+        return self._compile(source)
+
+    def json_or_text(self, schema: dict[str, Any]) -> Grammar:
+        """Either one JSON value of `schema`, or text whose first character other than whitespace is not
+        '{' (tool_choice "auto": a call is the JSON, an answer the text; a text cannot look like the
+        start of a call, and a call has no text before it). The text ends where the model ends it."""
+        from llguidance import LLMatcher
+
+        if not isinstance(schema, dict):
+            raise GrammarError("the schema must be a JSON object")
+        value = {**schema, "x-guidance": JSON_OPTIONS}
+        lark = f"start: value | TEXT\nvalue: %json {json.dumps(value)}\nTEXT: /\\s*[^{{\\s][\\s\\S]*/\n"
+        try:
+            source = LLMatcher.grammar_from_lark(lark)
         except (ValueError, TypeError) as exc:
             raise GrammarError(str(exc)) from exc
         return self._compile(source)

@@ -118,11 +118,11 @@ class NaiveEngine(EngineThread):
                 return  # sees the token: one token more comes after our finish
             state["n"] += 1
             finish, error = None, None
-            if guide is not None and not guide.advance(token):
+            if token in self.eos_token_ids and (guide is None or guide.accepting):
+                text, finish = stops.flush(), FinishReason.STOP
+            elif guide is not None and not guide.advance(token):
                 error = f"The response_format schema could not be followed: {guide.error}"
                 text, finish = "", FinishReason.ERROR
-            elif token in self.eos_token_ids:
-                text, finish = stops.flush(), FinishReason.STOP
             else:
                 text, stopped = stops.push(detok.push(token))
                 if stopped:
@@ -168,7 +168,7 @@ class NaiveEngine(EngineThread):
         # top_p (generate() would put its own warpers before ours, so it gets 1.0 and no top_k)
         processors = [_Record(state)] if p.logprobs else []
         processors += [_Bias(p.logit_bias)] if p.logit_bias else []
-        processors += [_Guided(guide)] if guide else []
+        processors += [_Guided(guide, self.eos_token_ids)] if guide else []
         if sampling and p.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(max(p.temperature, 1e-5)))
         if sampling and p.top_p < 1.0:
@@ -246,11 +246,11 @@ class _Record(LogitsProcessor):
 class _Guided(LogitsProcessor):
     """Structured output: only the tokens the grammar allows next (on_token advances the guide)."""
 
-    def __init__(self, guide: Guide):
-        self.guide = guide
+    def __init__(self, guide: Guide, eos: list[int]):
+        self.guide, self.eos = guide, eos
 
     def __call__(self, input_ids, scores):
-        return mask_logits(scores, {0: self.guide.allowed()})
+        return mask_logits(scores, {0: self.guide.allowed(self.eos)})
 
 
 def _final(
