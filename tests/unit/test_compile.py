@@ -16,11 +16,11 @@ from mygpt.engine.runner import DecodeRow, ModelRunner
 SLOTS, MAX_LEN = 6, 300  # spans of 256 and 300 positions: two attention buckets
 
 
-def make_runner(tiny_model_dir, compile_layers: bool, **kw) -> ModelRunner:
+def make_runner(tiny_model_dir, compile_layers: bool, num_slots: int = SLOTS, **kw) -> ModelRunner:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     kw = {"static_decode": True, **kw}
     runner = ModelRunner(
-        model, num_slots=SLOTS, max_len=MAX_LEN, dtype=torch.float32, max_loras=3, max_lora_rank=8,
+        model, num_slots=num_slots, max_len=MAX_LEN, dtype=torch.float32, max_loras=3, max_lora_rank=8,
         compile_layers=compile_layers, **kw,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(3)
@@ -160,3 +160,14 @@ def test_bitsandbytes_nf4_layers_compile_whole(tiny_model_dir):
     assert sum(counters["graph_break"].values()) == breaks
     assert graphs_compiled() - before == 1  # two steps of two layers: one graph
     assert compiled.compiled
+
+
+def test_warm_compile_fits_a_one_slot_server(tiny_model_dir):
+    """max_num_seqs 1: the LoRA grouping buffers hold 2 rows per adapter slot; the warm-up stays in them
+    (it asked for 4, and the start-up capture failed)."""
+    runner = make_runner(tiny_model_dir, True, num_slots=1)
+    assert runner.decoder.warm_compile() > 0
+    before = graphs_compiled()
+    runner.prefill(0, [3, 4, 5], 0, 2)
+    runner.step([DecodeRow(0, 6, 3, 2)], [])
+    assert graphs_compiled() == before and runner.compiled

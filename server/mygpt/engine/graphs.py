@@ -237,16 +237,16 @@ class StaticDecoder:
         b = r.num_slots
         spans = sorted({kv_bucket(end, self.kv_block, r.max_len) for end in (1, self.kv_block + 1)})
         lora = [(0, 0)]
-        if r.lora_batch is not None:
-            cap = self._max_lora_slots
-            lora += [(s, m) for s in sorted({min(2, cap), min(4, cap)}) for m in (2, 4)]
-        self._host.zero_()
-        self._buf("slots", on_device=False).fill_(self.spare_slot)
+        if r.lora_batch is not None:  # S x M within the buffers: S up to the slots, M up to 2 x the batch
+            cap, most = self._max_lora_slots, 2 * _pow2(b)
+            lora += [(s, m) for s in sorted({min(2, cap), min(4, cap)}) for m in sorted({2, min(4, most)})]
         on_gpu = r.device.type == "cuda"
         steps = 0
         with torch.cuda.device(r.device) if on_gpu else contextlib.nullcontext():
             if self._copied is not None:
-                self._copied.synchronize()
+                self._copied.synchronize()  # a step's input copy has read _host
+            self._host.zero_()
+            self._buf("slots", on_device=False).fill_(self.spare_slot)
             self._dev.copy_(self._host)
             for batch in sorted({b, min(2, b), 1}, reverse=True):
                 for span in spans:
@@ -290,6 +290,8 @@ class StaticDecoder:
                     raise
                 log.warning("a compiled decode step failed: decode steps run uncompiled", exc_info=True)
                 r.compile_layers(False)
+                if r.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise  # this capture fails (its bucket runs eagerly), not a graph of both attempts
                 hidden = r._forward(ids[None], pos[None], plan)[0]
         finally:  # the LoRA layers are shared with the eager path
             if batch is not None:

@@ -4,8 +4,9 @@ The HF model supplies the modules (embeddings, norms, rotary embedding and the p
 plain, bitsandbytes 4-bit or LoRA-wrapped); this file owns attention and the KV cache so that rows of
 different lengths can share one decode step without reallocating or copying the cache.
 
-KV cache: k, v: [layers, slots, kv_heads, max_len, head_dim], one tensor each (a row's keys in every
-layer are one view); k_cache[i], v_cache[i] are layer i's [slots, kv_heads, max_len, head_dim]. A row
+KV cache: k, v: [layers, slots + 1, kv_heads, max_len + 1, head_dim], one tensor each (a row's keys in
+every layer are one view; the spare slot and position: see __init__); k_cache[i], v_cache[i] are layer
+i's [slots + 1, kv_heads, max_len + 1, head_dim]. A row
 owns one slot from admission to finish. Nothing is moved per step: decode writes one position per row
 and attends over cache[slots, :, :max_pos] with a length mask.
 """
