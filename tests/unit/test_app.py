@@ -164,3 +164,78 @@ def test_the_openapi_document_says_what_the_server_answers():
         assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
         assert "text/event-stream" in content
     assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+
+
+def script_model(monkeypatch, runner, token_ids: list[int]) -> None:
+    """The runner's logits make the model write exactly token_ids (one request, one choice), then EOS."""
+    real, step = runner.step, {"k": 0}
+
+    def scripted(decode, chunks):
+        decode_logits, chunk_logits = real(decode, chunks)
+        token = token_ids[step["k"]] if step["k"] < len(token_ids) else SCRIPT_EOS
+        step["k"] += 1
+
+        def only(logits: torch.Tensor) -> torch.Tensor:
+            out = torch.full_like(logits, -1e9)
+            out[..., token] = 0.0
+            return out
+
+        return only(decode_logits), [only(x) for x in chunk_logits]
+
+    monkeypatch.setattr(runner, "step", scripted)
+
+
+SCRIPT_EOS = 2  # the test tokenizer's <|im_end|>
+GET_TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_auto_takes_hermes_tagged_calls_and_text(served_state, tokenizer, monkeypatch, stream):
+    """tool_choice "auto" with a model that writes Hermes/Qwen <tool_call> blocks: two blocks are two
+    calls (streamed: one delta, indexes 0 and 1); a text that starts like a tag but is not one is text."""
+    assert tokenizer.eos_token_id == SCRIPT_EOS
+    blocks = [
+        f'<tool_call>\n{{"name": "get_time", "arguments": {{"city": "{c}"}}}}\n</tool_call>'
+        for c in ("Paris", "Oslo")
+    ]
+    for written, want in (("\n".join(blocks), ["Paris", "Oslo"]), ("<table> is HTML.", None)):
+        script_model(
+            monkeypatch, served_state.engine.runner, tokenizer.encode(written, add_special_tokens=False)
+        )
+        body = {"model": "tiny", "messages": HI, "tools": [GET_TIME], "max_tokens": 80, "stream": stream}
+        async with client_for(served_state) as c:
+            r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = [
+                json.loads(x.removeprefix("data: ")) for x in r.text.split("\n") if x.startswith("data: {")
+            ]
+            deltas = [ch["choices"][0] for ch in chunks if ch["choices"]]
+            calls = [d["delta"]["tool_calls"] for d in deltas if d["delta"].get("tool_calls")]
+            text = "".join(d["delta"].get("content") or "" for d in deltas)
+            finish = deltas[-1]["finish_reason"]
+            if want:
+                assert len(calls) == 1 and [c["index"] for c in calls[0]] == [0, 1] and not text
+                calls = calls[0]
+        else:
+            choice = r.json()["choices"][0]
+            calls, text, finish = (
+                choice["message"].get("tool_calls"),
+                choice["message"]["content"],
+                choice["finish_reason"],
+            )
+        if want:
+            assert (
+                finish == "tool_calls"
+                and [json.loads(c["function"]["arguments"])["city"] for c in calls] == want
+            )
+            assert all(c["function"]["name"] == "get_time" and c["id"].startswith("call_") for c in calls)
+        else:
+            assert finish == "stop" and text == written and not calls

@@ -111,22 +111,27 @@ def test_auto_is_the_default_with_tools_and_takes_stop_strings(choice):
     assert tools.plan(request(tools=[GET], tool_choice="none")) is None
 
 
-def test_auto_answers_are_a_call_or_text_by_their_first_character():
+def test_auto_answers_are_calls_or_text_by_how_they_start():
     plan = tools.ToolPlan(request(tools=[GET]).tools, auto=True)
-    call, finish = tools.answer(plan, '{"name": "get", "arguments": {}}', "stop")
+    [call], finish = tools.answer(plan, '{"name": "get", "arguments": {}}', "stop")
     assert finish == "tool_calls" and call.function.name == "get"
+    tagged = '<tool_call>\n{"name": "get", "arguments": {}}\n</tool_call>\n<tool_call>{"name": "get", "arguments": {"a": "}"}}</tool_call>'
+    calls, finish = tools.answer(plan, tagged, "stop")  # Hermes/Qwen blocks: two calls
+    assert finish == "tool_calls" and [json.loads(c.function.arguments) for c in calls] == [{}, {"a": "}"}]
+    assert len({c.id for c in calls}) == 2
     assert tools.answer(plan, "It is sunny.", "stop") == (None, "stop")
     assert tools.answer(plan, "It is", "length") == (None, "length")
     assert tools.answer(plan, '{"name": "ge', "length") == (None, "length")  # a call cut: its text
-    assert [tools.is_call(t) for t in ("", " \n", "\nHi", "{")] == [None, None, False, True]
+    assert tools.answer(plan, tagged[:60], "length") == (None, "length")
+    starts = ("", " \n", "\nHi", "{", "<tool", "<tool_call>", "<table>", " <tool_call>")
+    assert [tools.is_call(t) for t in starts] == [None, None, False, True, None, True, False, False]
     forced = tools.ToolPlan(plan.tools)  # forced: a call is a call whatever it starts with
     assert tools.answer(forced, '{"name": "get", "arguments": {}}', "stop")[1] == "tool_calls"
 
 
-def test_the_auto_grammar_takes_a_call_or_text_and_nothing_between(tokenizer):
-    grammar = Grammars(tokenizer, len(tokenizer)).json_or_text(
-        tools.ToolPlan(request(tools=[GET]).tools).schema()
-    )
+def test_the_auto_grammar_takes_calls_or_text_and_nothing_between(tokenizer):
+    schema = tools.ToolPlan(request(tools=[GET]).tools).schema()
+    grammar = Grammars(tokenizer, len(tokenizer)).json_or_text(schema, tools.TAGS)
     eos = tokenizer.eos_token_id
 
     def follow(text: str):
@@ -140,6 +145,12 @@ def test_the_auto_grammar_takes_a_call_or_text_and_nothing_between(tokenizer):
     assert ok and not guide.done and guide.accepting  # text goes on until the model ends it
     assert follow('{"name": "other"')[0] is False  # a call of no listed tool
     assert follow(' {"name": "get"')[0] is False  # text may not start like a call
+    ok, tagged = follow('<tool_call>\n{"name": "get", "arguments": {}}\n</tool_call>\n<tool_call>')
+    assert ok and not tagged.accepting  # a second block begun must be finished
+    assert follow('<tool_call>\n{"name": "get", "arguments": {}}\n</tool_call>')[1].accepting
+    assert follow("<tool_call>I think")[0] is False  # the tag holds the call to the schema
+    assert follow(" <tool_call>")[0] is False and follow("<tool")[1].accepting  # text "<tool" may end
+    assert follow("<table> is HTML")[0]
     start = grammar.start()
     assert not start.accepting and not start.allowed([eos])[eos // 8] >> (eos % 8) & 1  # no empty answer
     other = 5  # an end-of-sequence id the grammar's tokenizer does not know: allowed once it may end

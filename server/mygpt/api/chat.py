@@ -222,7 +222,9 @@ class ChatService:
         """A JSON grammar (auto: JSON or text, tool_choice "auto") compiled off the event loop; 400 naming
         `param` if it cannot be."""
         try:
-            return await asyncio.to_thread(self.grammars.json_or_text if auto else self.grammars.json, schema)
+            if auto:  # a call (bare or in Hermes/Qwen tags) or a text answer
+                return await asyncio.to_thread(self.grammars.json_or_text, schema, tools.TAGS)
+            return await asyncio.to_thread(self.grammars.json, schema)
         except GrammarError as exc:
             raise invalid(f"Invalid schema for {what or param}: {exc}", param=param) from exc
 
@@ -346,12 +348,12 @@ class ChatService:
         calls = tools.plan(req)
         choices = []
         for i in range(gen.params.n):
-            call, finish = (
+            made, finish = (
                 tools.answer(calls, done.texts[i], done.reasons[i]) if calls else (None, done.reasons[i])
             )
             message = (
-                AssistantMessage(content=None, tool_calls=[call])
-                if call
+                AssistantMessage(content=None, tool_calls=made)
+                if made
                 else AssistantMessage(content=done.texts[i])
             )
             lps = ChoiceLogprobs(content=self._logprobs(done.logprobs[i])) if gen.params.logprobs else None
@@ -387,11 +389,11 @@ class ChatService:
                 elif finish is None:
                     return None
                 else:
-                    call, finish = tools.answer(calls, held[ev.index], finish)
+                    made, finish = tools.answer(calls, held[ev.index], finish)
                     delta = (
                         Delta(content=held[ev.index])
-                        if call is None
-                        else Delta(tool_calls=[{"index": 0, **call.model_dump()}])
+                        if made is None
+                        else Delta(tool_calls=[{"index": k, **c.model_dump()} for k, c in enumerate(made)])
                     )
             lps = ChoiceLogprobs(content=self._logprobs(logprobs)) if gen.params.logprobs else None
             return chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)])

@@ -3,12 +3,12 @@ against the tool's parameters (the same grammar masks as structured outputs, eng
 answer carries it as `tool_calls` with finish_reason "tool_calls".
 
 - `tool_choice` "required" or a named function: the answer is one call (of that function).
-- "auto" (the default when tools are given): the model chooses. Its first character decides: '{'
-  starts a call, which the grammar then holds to a valid one; anything else is a text answer, free
-  to the end (so a text answer cannot start with '{'). One format for every model family, the one
-  the system message describes, in place of each family's own format and parser (vLLM's
-  --tool-call-parser); a model trained on another format follows it less well, and small models
-  call less reliably than they answer.
+- "auto" (the default when tools are given): the model chooses. How it starts decides: '{' starts a
+  call, and so does "<tool_call>" (Hermes' and Qwen's format, which their chat templates ask for:
+  one or more calls, each between the tags); the grammar then holds it to valid calls. Anything else
+  is a text answer, free to the end (so a text answer cannot start with '{' or "<tool_call>"). Other
+  families' own formats (Llama 3's "parameters", Mistral's [TOOL_CALLS]) have no parser here (vLLM's
+  --tool-call-parser has one per family): a call from such a model is held to the JSON form above.
 - "none": a text answer; the tools are ignored.
 
 The tools reach the model through its chat template when the template renders them (`tools`), else as
@@ -19,12 +19,16 @@ with `tool_calls`, then `tool` messages with the results) is passed to the templ
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from mygpt.api.errors import invalid
 from mygpt.api.protocol import Tool, ToolCall, ToolCallFunction
+
+TAGS = ("<tool_call>", "</tool_call>")  # the call blocks "auto" takes besides bare JSON (Hermes, Qwen)
+_BLOCK = re.compile(re.escape(TAGS[0]) + r"\n?(.*?)\n?" + re.escape(TAGS[1]), re.S)
 
 
 @dataclass(frozen=True)
@@ -172,26 +176,32 @@ def written(calls: list[dict[str, Any]]) -> str:
     )
 
 
-def the_call(text: str, finish: str | None) -> tuple[ToolCall | None, str | None]:
-    """A call's answer and finish reason: the call with "tool_calls", or None and the reason as it was
-    (a call cut by max_tokens or a stop string comes back as its text)."""
-    call = parse_call(text) if finish == "stop" else None
-    return (call, "tool_calls") if call is not None else (None, finish)
-
-
 def is_call(text: str) -> bool | None:
-    """Whether an "auto" answer that starts with `text` is a call (True) or text (False); None while
-    only whitespace has come (the grammar lets a call start only with '{', at the very start)."""
-    head = text.lstrip()
-    return None if not head else text.startswith("{")
+    """Whether an "auto" answer that starts with `text` is calls (True) or text (False); None while it
+    could still be either: only whitespace, or the start of the open tag (the grammar lets calls start
+    only with '{' or the open tag, at the very start)."""
+    if text.startswith(("{", TAGS[0])):
+        return True
+    return None if not text or text.isspace() or TAGS[0].startswith(text) else False
 
 
-def answer(calls_plan: ToolPlan, text: str, finish: str | None) -> tuple[ToolCall | None, str | None]:
-    """A whole answer under a tool plan: (its call, "tool_calls"), or (None, its finish reason) for a
-    text answer of tool_choice "auto" or a call that was cut."""
+def parse_calls(text: str) -> list[ToolCall] | None:
+    """The calls the model wrote, bare JSON or in tagged blocks (None if one is incomplete or invalid)."""
+    if text.startswith("{"):
+        call = parse_call(text)
+        return None if call is None else [call]
+    calls = [parse_call(block) for block in _BLOCK.findall(text)]
+    return calls if calls and all(calls) else None
+
+
+def answer(calls_plan: ToolPlan, text: str, finish: str | None) -> tuple[list[ToolCall] | None, str | None]:
+    """A whole answer under a tool plan: (its calls, "tool_calls"), or (None, its finish reason) for a
+    text answer of tool_choice "auto", or calls cut by max_tokens or a stop string (they come back as
+    their text)."""
     if calls_plan.auto and not is_call(text):
         return None, finish
-    return the_call(text, finish)
+    calls = parse_calls(text) if finish == "stop" else None
+    return (calls, "tool_calls") if calls else (None, finish)
 
 
 def parse_call(text: str) -> ToolCall | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Collection
 from typing import Any
@@ -110,16 +111,38 @@ class Grammars:
             raise GrammarError(str(exc)) from exc
         return self._compile(source)
 
-    def json_or_text(self, schema: dict[str, Any]) -> Grammar:
-        """Either one JSON value of `schema`, or text whose first character other than whitespace is not
-        '{' (tool_choice "auto": a call is the JSON, an answer the text; a text cannot look like the
-        start of a call, and a call has no text before it). The text ends where the model ends it."""
+    def json_or_text(self, schema: dict[str, Any], tags: tuple[str, str] | None = None) -> Grammar:
+        """One JSON value of `schema`; or, with tags (open, close), one or more such values each between
+        them (a line break allowed inside each tag, blocks one per line); or text that cannot be taken
+        for either (tool_choice "auto": a call is the JSON, an answer the text). The text ends where the
+        model ends it; it may not start with '{' or the open tag, even after whitespace, so that what
+        starts like a call is held to one. The tags: no quote, backslash or whitespace (nor '/' in the
+        open tag, which goes into a regular expression)."""
         from llguidance import LLMatcher
 
         if not isinstance(schema, dict):
             raise GrammarError("the schema must be a JSON object")
         value = {**schema, "x-guidance": JSON_OPTIONS}
-        lark = f"start: value | TEXT\nvalue: %json {json.dumps(value)}\nTEXT: /\\s*[^{{\\s][\\s\\S]*/\n"
+        rules = ["value"]
+        starts = [r"[^{\s]"]  # what a text may start with (after whitespace), then anything
+        ends = []  # the texts that stop inside the open tag
+        lines = [f"value: %json {json.dumps(value)}"]
+        if tags is not None:
+            opened, closed = tags
+            if (
+                any(c in '"\\' or c.isspace() for c in opened + closed)
+                or "/" in opened
+                or not opened
+                or not closed
+            ):
+                raise ValueError(f"tags must be plain characters: {tags!r}")
+            rules.append("tagged")
+            lines += ['tagged: block ("\\n" block)*', f'block: "{opened}" "\\n"? value "\\n"? "{closed}"']
+            starts = [rf"[^{{\s{re.escape(opened[0])}]"]
+            starts += [re.escape(opened[:i]) + f"[^{re.escape(opened[i])}]" for i in range(1, len(opened))]
+            ends = [re.escape(opened[:i]) for i in range(1, len(opened))]
+        text = r"\s*(?:(?:" + "|".join(starts) + r")[\s\S]*" + "".join("|" + e for e in ends) + ")"
+        lark = "\n".join([f"start: {' | '.join(rules)} | TEXT", *lines, f"TEXT: /{text}/", ""])
         try:
             source = LLMatcher.grammar_from_lark(lark)
         except (ValueError, TypeError) as exc:
