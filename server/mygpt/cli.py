@@ -33,6 +33,9 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--max-model-len", type=int, help="context length served (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, help="rows in the running batch")
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, help="share of the GPU's memory to use (default 0.9)"
+    )
     p.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens prefilled per step")
     p.add_argument("--max-waiting", type=int, help="queued requests before 429")
     p.add_argument("--num-threads", type=int, help="torch CPU threads")

@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     )
     max_model_len: int | None = Field(None, description="context length served; default: the model's")
     max_num_seqs: int = Field(16, ge=1, description="rows in the running batch (KV cache slots)")
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="on a GPU, the share of its memory this server may use; the KV cache (max_num_seqs rows "
+        "of the whole context, allocated at start) gets what the model and a reserve for activations and "
+        "CUDA graphs leave; a model context that does not fit is shortened, a --max-model-len that does not "
+        "fit is refused at start",
+    )
     max_num_batched_tokens: int = Field(
         512, ge=16, description="prompt tokens prefilled per engine step (chunked prefill)"
     )

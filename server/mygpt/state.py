@@ -18,7 +18,7 @@ from mygpt.config import Settings
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.engine import Engine
 from mygpt.engine.guided import Grammars
-from mygpt.engine.loader import LoadedModel, load_model
+from mygpt.engine.loader import LoadedModel, fit_context, kv_budget, kv_bytes_per_position, load_model
 from mygpt.engine.naive import NaiveEngine
 from mygpt.engine.runner import ModelRunner
 from mygpt.engine.types import AdapterRef, GenerationRequest, SamplingParams
@@ -94,7 +94,7 @@ class ServerState:
                     # on CPU the float32 logits GEMV is the largest read of a decode step: a bfloat16 copy
                     lm_head = torch.bfloat16 if loaded.device.type == "cpu" else None
                     runner = ModelRunner(
-                        loaded.model, s.max_num_seqs, loaded.context_len, loaded.dtype, s.max_loras, s.max_lora_rank,
+                        loaded.model, s.max_num_seqs, _served_context(s, loaded), loaded.dtype, s.max_loras, s.max_lora_rank,
                         lm_head_dtype=lm_head, exact_attention=loaded.device.type == "cpu",
                         cuda_graphs=s.cuda_graphs, nf4_kernel=s.nf4_kernel, fused_ops=s.fused_ops,
                         compile_layers=s.compile,
@@ -274,6 +274,30 @@ class ServerState:
             self.jobs.stop()
         if self.engine is not None:
             self.engine.stop()
+
+
+def _served_context(s: Settings, loaded: LoadedModel) -> int:
+    """The context the runner allocates: on a GPU, what fits of it (loader.fit_context; the KV cache is
+    allocated whole at start, 16 rows of Llama-3.1-8B's 131,072 positions would take 275 GB); on a CPU
+    all of it (its KV cache maps pages only when they are written)."""
+    if loaded.device.type != "cuda":
+        return loaded.context_len
+    free, total = torch.cuda.mem_get_info(loaded.device)
+    per_position = kv_bytes_per_position(loaded.model.config, loaded.dtype)
+    budget = kv_budget(total, free, s.gpu_memory_utilization)
+    model_len = loaded.model.config.max_position_embeddings
+    context = fit_context(budget, per_position, s.max_num_seqs, model_len, s.max_model_len)
+    if context < loaded.context_len:
+        log.warning(
+            "the model's context of %d positions does not fit %d rows in GPU memory: serving %d "
+            "(--max-model-len, --max-num-seqs and --gpu-memory-utilization choose)",
+            loaded.context_len, s.max_num_seqs, context,
+        )  # fmt: skip
+    log.info(
+        "KV cache: %d rows x %d positions, %.1f GiB (%.1f GiB left for it)",
+        s.max_num_seqs, context, per_position * (s.max_num_seqs + 1) * (context + 1) / 2**30, budget / 2**30,
+    )  # fmt: skip
+    return context
 
 
 def _device_memory(device: torch.device, runner: ModelRunner | None):

@@ -174,3 +174,50 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
         elif value:
             ids.update(value)
     return sorted(ids)
+
+
+class MemoryFitError(ValueError):
+    """The KV cache the settings ask for does not fit in the GPU memory left for it; the message says
+    which settings to change."""
+
+
+def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of one position of one row's KV cache: keys and values of every layer."""
+    heads = config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize
+
+
+def kv_budget(total: int, free: int, utilization: float) -> int:
+    """Bytes of GPU memory the KV cache may take, read after the model is loaded: the server's share of
+    the card (utilization x total) less what is already in use (the weights, other processes) and a
+    reserve for activations, the bitsandbytes dequantization buffers and the CUDA graphs' pool and
+    output buffers (5% of the card, at least 2 GiB)."""
+    reserve = max(2 << 30, total // 20)
+    return int(total * utilization) - (total - free) - reserve
+
+
+def fit_context(
+    budget: int, per_position: int, rows: int, model_len: int, asked: int | None, block: int = 256
+) -> int:
+    """The context to serve: `asked` (--max-model-len) or the model's whole context, if `rows` rows of
+    it fit in `budget` bytes (the runner allocates one row and one position more: its spare slot);
+    else the model's context shortened to a multiple of `block` that fits. MemoryFitError for an
+    `asked` that does not fit, or when not even `block` positions fit."""
+    want = min(asked or model_len, model_len)
+    slot = per_position * (rows + 1)
+    if slot * (want + 1) <= budget:
+        return want
+    gib = budget / 2**30
+    fits = max(budget // slot - 1, 0) // block * block
+    hint = f"--max-num-seqs (now {rows}) or --gpu-memory-utilization, or serve a smaller model"
+    if asked:
+        raise MemoryFitError(
+            f"the KV cache for {rows} rows of {want} positions needs {slot * (want + 1) / 2**30:.1f} GiB, "
+            f"and {gib:.1f} GiB of GPU memory are left for it: lower --max-model-len (at most {fits} fits), {hint}"
+        )
+    if fits < block:
+        raise MemoryFitError(
+            f"{gib:.1f} GiB of GPU memory are left for the KV cache, not enough for {rows} rows: {hint}"
+        )
+    return fits
