@@ -213,6 +213,30 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
         engine.stop()
 
 
+def mixed_step_ms(runner, prompt: list[int], n: int = 5) -> dict:
+    """A step with prompt tokens (eager: no graph) of 31 decode rows and a 64-token chunk, with and
+    without the compiled pieces (runner.compile_layers), median of n (the engine takes one such step
+    for every request that arrives while others run)."""
+    from mygpt.engine.runner import DecodeRow, PrefillChunk
+
+    rows = [DecodeRow(s, 1, 64, -1) for s in range(31)]
+    chunk = [PrefillChunk(31, (prompt * 64)[:64], 0, -1)]
+    out, saved = {}, (runner._compiled_qkv, runner._compiled_rest)
+    for label in ("compiled", "eager"):
+        if label == "eager":
+            runner._compiled_qkv = runner._compiled_rest = None
+        times = []
+        for _ in range(n + 1):  # the first: warm-up
+            sync()
+            t0 = time.perf_counter()
+            runner.step(rows, chunk)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[label] = sorted(times[1:])[n // 2]
+    runner._compiled_qkv, runner._compiled_rest = saved
+    return out
+
+
 def static_mode(device: str) -> str:
     """The label of the static decoder's rows: CUDA graphs on a GPU, the uncaptured static step on a CPU."""
     return "graphs" if device == "cuda" else "static"
@@ -589,6 +613,12 @@ def main() -> None:
                         f"{time.perf_counter() - t0:.1f} s",
                     )
                 )
+                mixed = mixed_step_ms(runner, prompts[0])
+                report["mixed_step_ms"] = mixed
+                rows.append((
+                    "a step of 31 decode rows + a 64-token prompt: eager / compiled pieces",
+                    f"{mixed['eager']:.1f} / {mixed['compiled']:.1f} ms",
+                ))  # fmt: skip
             measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
             if mode.endswith("-compile") and not runner.compiled:
                 rows.append(("torch.compile", "FAILED: the steps ran uncompiled (see the log)"))

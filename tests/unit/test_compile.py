@@ -159,6 +159,15 @@ def test_bitsandbytes_nf4_layers_compile_whole(tiny_model_dir):
         torch.testing.assert_close(compiled.step(rows, [])[0], plain.step(rows, [])[0], atol=1e-4, rtol=1e-4)
     assert sum(counters["graph_break"].values()) == breaks
     assert graphs_compiled() - before == 1  # two steps of two layers: one graph
+    from mygpt.engine.runner import PrefillChunk
+
+    for length in (5, 9):  # a prompt step: the compiled pieces, whole too (one graph each)
+        chunk = [PrefillChunk(0, [3] * length, 6, 1)]
+        torch.testing.assert_close(
+            compiled.step([], chunk)[1][0], plain.step([], chunk)[1][0], atol=1e-4, rtol=1e-4
+        )
+    assert sum(counters["graph_break"].values()) == breaks
+    assert graphs_compiled() - before == 3
     assert compiled.compiled
 
 
@@ -171,3 +180,44 @@ def test_warm_compile_fits_a_one_slot_server(tiny_model_dir):
     runner.prefill(0, [3, 4, 5], 0, 2)
     runner.step([DecodeRow(0, 6, 3, 2)], [])
     assert graphs_compiled() == before and runner.compiled
+
+
+def test_steps_with_prompt_chunks_run_compiled_pieces_with_the_same_results(tiny_model_dir):
+    """With compile_layers, a step with prompt chunks (and decode rows beside them) runs the projections
+    and MLP compiled and the attention eager: the same logits and cache writes, one compile for any
+    chunk lengths, counts and adapter mixes."""
+    from mygpt.engine.runner import PrefillChunk
+
+    plain, compiled = make_runner(tiny_model_dir, False), make_runner(tiny_model_dir, True)
+    assert compiled.decoder.warm_compile() > 0
+    before, calls, rest = graphs_compiled(), [], compiled._compiled_rest
+    compiled._compiled_rest = lambda *args: calls.append(1) or rest(*args)  # counts the compiled pieces
+    steps = [
+        ([], [PrefillChunk(0, list(range(3, 40)), 0, 1)]),
+        ([], [PrefillChunk(1, [5, 6, 7], 0, -1), PrefillChunk(2, list(range(9, 30)), 0, 2, all_logits=True)]),
+        ([DecodeRow(0, 7, 37, 1)], [PrefillChunk(3, list(range(50, 61)), 0, 0)]),
+        ([DecodeRow(0, 8, 38, 1), DecodeRow(1, 9, 3, -1)], [PrefillChunk(2, [4] * 5, 21, 2)]),
+    ]
+    for decode, chunks in steps:
+        want, got = plain.step(decode, chunks), compiled.step(decode, chunks)
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+        for g, w in zip(got[1], want[1], strict=True):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    for k_plain, k_compiled in zip(plain.k_cache, compiled.k_cache, strict=True):
+        torch.testing.assert_close(k_compiled[:SLOTS], k_plain[:SLOTS], atol=1e-5, rtol=1e-5)
+    assert graphs_compiled() == before and compiled.compiled  # all warmed at start-up, none failed
+    assert len(calls) == len(steps) * len(compiled._layers)  # every layer of every step, compiled
+
+
+def test_a_failing_compiled_piece_runs_the_step_uncompiled(tiny_model_dir, caplog):
+    from mygpt.engine.runner import PrefillChunk
+
+    plain, broken = make_runner(tiny_model_dir, False), make_runner(tiny_model_dir, True)
+
+    def fails(*args, **kw):
+        raise RuntimeError("inductor failed")
+
+    broken._compiled_rest = fails
+    chunk = [PrefillChunk(0, [5, 6, 7, 8], 0, 1)]
+    torch.testing.assert_close(broken.step([], chunk)[1][0], plain.step([], chunk)[1][0])
+    assert not broken.compiled and "run uncompiled" in caplog.text

@@ -228,9 +228,12 @@ class StaticDecoder:
         inside one (each compile of a layer takes seconds). The varying sizes are dynamic from the first
         compile (runner._dynamic) and adapter groups are at least 2 x 2 (plan_lora), so the kinds are:
         batch 1 or more, with or without adapters. Each is run at two sizes of everything that varies,
-        so a size compiled as a constant would show here. Padding rows only: they write the spare KV
-        slot, and their LoRA positions are all empty. Returns the number of steps run (0 without
-        compile_layers)."""
+        so a size compiled as a constant would show here. Then the compiled pieces of steps with prompt
+        chunks (runner._layer_pieces): chunks of two lengths, alone and beside a decode row, with and
+        without an adapter. Padding rows and chunks only: they write the spare KV slot, and their LoRA
+        positions are all empty. Returns the number of steps run (0 without compile_layers)."""
+        from mygpt.engine.runner import DecodeRow, PrefillChunk
+
         r = self.runner
         if not r.compiled:
             return 0
@@ -253,6 +256,13 @@ class StaticDecoder:
                     for s, m in lora:
                         self._forward(DecodeShape(batch, span, s, m))
                         steps += 1
+            spare = self.spare_slot
+            for adapter in [-1] + ([0] if r.lora_batch is not None else []):
+                for length in (7, 19):
+                    chunk = PrefillChunk(spare, [0] * length, 1, adapter)
+                    r.step([], [chunk])
+                    r.step([DecodeRow(spare, 0, 0, adapter)], [chunk])
+                    steps += 2
             if on_gpu:
                 torch.cuda.synchronize(r.device)
         return steps

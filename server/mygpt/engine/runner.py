@@ -14,6 +14,7 @@ and attends over cache[slots, :, :max_pos] with a length mask.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import mmap
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from mygpt.engine.graphs import StaticDecoder
 from mygpt.kernels import fused
 from mygpt.kernels.nf4 import NF4Product
 from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # the RMSNorm modules whose arithmetic kernels/fused.py reproduces (HF's Llama formula)
@@ -136,7 +139,7 @@ class ModelRunner:
         self._fused = fused.FusedOps(self.device) if fused_ops and self._fusable() else None
         # decode-only steps at bucketed static shapes (graphs.py): captured as CUDA graphs on a GPU
         # (cuda_graphs), or run eagerly (static_decode: the same code path, for tests on a CPU)
-        self._compiled_layer = None
+        self._compiled_layer = self._compiled_qkv = self._compiled_rest = None
         self.decoder: StaticDecoder | None = None
         capture = cuda_graphs and self.device.type == "cuda"
         if (capture or static_decode) and not exact_attention:
@@ -167,27 +170,31 @@ class ModelRunner:
         return len(products)
 
     def compile_layers(self, on: bool) -> bool:
-        """Turns torch.compile (inductor) of the decoder layers on or off for the static decode steps;
-        returns whether it is on (never without a static decoder). Regional compilation: one compiled
-        function runs every layer, which share its code and guards (so a 32-layer model compiles one
-        layer's graph per family of step shapes, not 32), and inductor fuses the element-wise ops
-        between the matrix products (norms, rotary, activation, residual and LoRA adds, casts) into a
-        few kernels; CUDA graphs then capture those. Prompt steps stay eager: their shapes change with
-        every prompt. The fused Triton kernels and the NF4 kernel are bypassed while compiling (inductor
-        does the fusing; bitsandbytes' ops are traced as they are). A step whose compiled run fails
-        runs uncompiled, and compiling is turned off (a warning). As with nf4_kernel: make a new
-        StaticDecoder after switching."""
+        """Turns torch.compile (inductor) of the decoder layers on or off; returns whether it is on
+        (never without a static decoder: the GPU's path). Regional compilation: one compiled function
+        runs every layer, which share its code and guards (so a 32-layer model compiles one layer's
+        graph per kind of step, not 32), and inductor fuses the element-wise ops between the matrix
+        products (norms, rotary, activation, residual and LoRA adds, casts) into a few kernels.
+        Decode-only steps run the whole layer compiled, and CUDA graphs capture that. Steps with prompt
+        chunks (eager: their shapes follow the prompts) run the layer in three pieces, the projections,
+        norms and MLP compiled and the attention between them eager: where an eager step of an 8B
+        model spent most of its time launching ~70 small kernels a layer from Python, and every new
+        request takes one such step while the running rows wait. The fused Triton kernels and the NF4
+        kernel are bypassed while compiling (inductor does the fusing; bitsandbytes' ops are traced as
+        they are). A step whose compiled run fails runs uncompiled, and compiling is turned off (a
+        warning). As with nf4_kernel: make a new StaticDecoder after switching."""
         if not on or self.decoder is None:
-            self._compiled_layer = None
+            self._compiled_layer = self._compiled_qkv = self._compiled_rest = None
             return False
         if self._compiled_layer is None:
             import torch._dynamo
 
             config = torch._dynamo.config
-            # a family of step shapes (batch, span, adapter grouping) may compile a few times before
-            # its sizes go dynamic: past this limit torch.compile would silently run eagerly
+            # a kind of step (batch, span, adapter grouping) may compile a few times before its sizes
+            # go dynamic: past this limit torch.compile would silently run eagerly
             config.recompile_limit = max(config.recompile_limit, 64)
             self._compiled_layer = torch.compile(self._layer)
+            self._compiled_qkv, self._compiled_rest = torch.compile(self._qkv), torch.compile(self._rest)
         return True
 
     @property
@@ -214,7 +221,8 @@ class ModelRunner:
             p for c in chunks for p in range(c.start, c.start + len(c.token_ids))
         ]
         loras = [r.lora_slot for r in decode] + [c.lora_slot for c in chunks for _ in c.token_ids]
-        self._set_lora(loras)
+        pieces = bool(chunks) and self._compiled_qkv is not None  # compiled pieces (_layer_pieces)
+        self._set_lora(loras, pieces)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, N]
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, N]
         plan = _AttentionPlan.build(decode, chunks, self.device)
@@ -225,7 +233,15 @@ class ModelRunner:
                 for r in decode
             ]  # fmt: skip
         try:
-            hidden = self._forward(ids, pos, plan)[0]  # [N, hidden]
+            try:
+                hidden = self._forward(ids, pos, plan)[0]  # [N, hidden]
+            except Exception:
+                if not pieces:
+                    raise
+                log.warning("a compiled step failed: steps run uncompiled", exc_info=True)
+                self.compile_layers(False)  # graphs captured already keep their compiled kernels
+                self._set_lora(loras)
+                hidden = self._forward(ids, pos, plan)[0]  # writes the same keys and values again
         finally:  # the wrapped layers are the model's own: leave no adapter mask behind
             self._set_lora([])
         rows, sizes = list(range(len(decode))), []
@@ -268,15 +284,27 @@ class ModelRunner:
             v[dst, :, :length] = v[src, :, :length]
 
     # ---------------------------------------------------------------- internals
-    def _set_lora(self, lora_slots: list[int]) -> None:
-        if self.lora_batch is not None:
-            set_rows(self.lora_batch, lora_slots, self.max_lora_rank, self.dtype, self.device)
+    def _set_lora(self, lora_slots: list[int], compiled: bool = False) -> None:
+        """The step's adapter grouping; compiled: for the compiled pieces, always as index tensors and
+        at least 2 x 2 (sizes torch.compile takes as dynamic, not one compile each: _dynamic)."""
+        b = self.lora_batch
+        if b is None:
+            return
+        if not compiled:
+            set_rows(b, lora_slots, self.max_lora_rank, self.dtype, self.device)
+            return
+        set_rows(
+            b, lora_slots, self.max_lora_rank, self.dtype, self.device, at_least=2, max_slots=self.max_loras
+        )
+        if b.slots:
+            _dynamic(b.gather, 0), _dynamic(b.valid, 0, 1), _dynamic(b.scatter, 0)
 
     def _forward(
         self, ids: torch.Tensor, position_ids: torch.Tensor, plan: _AttentionPlan, compiled: bool = False
     ) -> torch.Tensor:
-        # ids, position_ids: [1, N] - every token of the step, decode rows first; compiled: the layers
-        # through torch.compile where compile_layers is on (static decode steps)
+        # ids, position_ids: [1, N] - every token of the step, decode rows first; compiled: the whole
+        # layer through torch.compile where compile_layers is on (static decode steps); steps with
+        # prompt chunks take its pieces (_layer_pieces)
         hidden = self._inner.embed_tokens(ids)
         cos, sin = self._inner.rotary_emb(hidden, position_ids=position_ids)  # [1, N, hd]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, hd]: broadcast over heads
@@ -286,6 +314,8 @@ class ModelRunner:
         if compiled and self._compiled_layer is not None:
             layer_fn = self._compiled_layer
             _dynamic(normed, 1), _dynamic(hidden, 1), _dynamic(cos, 0), _dynamic(sin, 0)
+        elif plan.chunks and self._compiled_qkv is not None:
+            layer_fn = self._layer_pieces
         for i, layer in enumerate(layers):
             # the next layer's input norm (the model's final norm after the last layer)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self._inner.norm
@@ -298,7 +328,23 @@ class ModelRunner:
         that differs between layers comes in as an argument: one compiled function serves every layer
         (regional compilation). kv: the layer's key and value caches and its index (read only by exact
         attention, which is never compiled)."""
-        x = self._attention(layer.self_attn, proj, kv, normed, cos, sin, plan)
+        q = self._qkv(layer.self_attn, proj, kv, normed, cos, sin, plan.slot_t, plan.pos_t)
+        return self._rest(layer, proj, nxt, self._attend(layer.self_attn, kv, q, plan), hidden)
+
+    def _layer_pieces(self, layer, proj, kv, nxt, normed, hidden, cos, sin, plan):
+        """_layer for steps with prompt chunks, with compile_layers: the projections, norms and MLP
+        through torch.compile (sizes dynamic in the step's token count), the attention between them
+        eager (its shape follows the step's chunks)."""
+        for t, dim in ((normed, 1), (hidden, 1), (cos, 0), (sin, 0), (plan.slot_t, 0), (plan.pos_t, 0)):
+            _dynamic(t, dim)
+        q = self._compiled_qkv(layer.self_attn, proj, kv, normed, cos, sin, plan.slot_t, plan.pos_t)
+        attended = self._attend(layer.self_attn, kv, q, plan)
+        _dynamic(attended, 0)
+        return self._compiled_rest(layer, proj, nxt, attended, hidden)
+
+    def _rest(self, layer, proj, nxt, attended, hidden):
+        """The layer after attention: the output projection, the residual, the MLP, the next norm."""
+        x = proj.o(attended[None])[0]
         normed, hidden = self._add_norm(x, hidden, layer.post_attention_layernorm)
         if proj.gate_up is None:
             x = layer.mlp(normed)
@@ -368,7 +414,9 @@ class ModelRunner:
             return fused.rotary(x, cos, sin)
         return _rope(x, cos, sin)
 
-    def _attention(self, attn, proj, kv, x, cos, sin, plan: _AttentionPlan) -> torch.Tensor:
+    def _qkv(self, attn, proj, kv, x, cos, sin, slot_t, pos_t) -> torch.Tensor:
+        """The queries [N, H, hd] of the step's tokens x [1, N, D]; their keys and values go into the
+        layer's cache at (slot_t, pos_t)."""
         n, hd, heads = x.shape[1], self.shape.head_dim, self.shape.num_heads
         qkv = proj.qkv
         y = None if hasattr(attn, "q_norm") else qkv.joined(x)
@@ -380,9 +428,14 @@ class ModelRunner:
             if hasattr(attn, "q_norm"):  # qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = self._rotary(q, cos, sin), self._rotary(k, cos, sin)
+        kc, vc, _ = kv
+        kc[slot_t, :, pos_t] = k.to(kc.dtype)  # write every token's key/value: [N, Hkv, hd]
+        vc[slot_t, :, pos_t] = v.to(vc.dtype)
+        return q
+
+    def _attend(self, attn, kv, q: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
+        """Attention of the step's queries q [N, H, hd] over the cache: [N, H * hd]."""
         kc, vc, i = kv
-        kc[plan.slot_t, :, plan.pos_t] = k.to(kc.dtype)  # write every token's key/value: [N, Hkv, hd]
-        vc[plan.slot_t, :, plan.pos_t] = v.to(vc.dtype)
         gqa = self._gqa
         outs = []
         # (torch.compile: no test of the int num_decode on the static path, which would compile each value)
@@ -419,7 +472,7 @@ class ModelRunner:
                 qc, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
             )
             outs.append(out[0].transpose(0, 1).reshape(hi - lo, -1))
-        return proj.o(torch.cat(outs)[None] if len(outs) > 1 else outs[0][None])[0]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.to(self._lm_head.dtype), self._lm_head).float()

@@ -284,8 +284,12 @@ def wrap_model(
     return batch, wrapped
 
 
-def set_rows(batch: LoRABatch, slots: list[int], max_rank: int, dtype, device) -> None:
-    """Groups the step's tokens by adapter slot, token i using slot slots[i] (-1 = the base model)."""
+def set_rows(
+    batch: LoRABatch, slots: list[int], max_rank: int, dtype, device, at_least: int = 1, max_slots: int = 0
+) -> None:
+    """Groups the step's tokens by adapter slot, token i using slot slots[i] (-1 = the base model).
+    at_least > 1: at least that many slots (up to max_slots) and rows per slot, and always the three
+    index tensors (runner.compile_layers: the same kind of step whatever the grouping)."""
     slot_t = torch.tensor(slots, dtype=torch.long)
     adapted = slot_t >= 0
     n_adapted = int(adapted.sum())
@@ -294,8 +298,10 @@ def set_rows(batch: LoRABatch, slots: list[int], max_rank: int, dtype, device) -
         return
     n = len(slots)
     s = int(slot_t.max()) + 1
+    if at_least > 1:
+        s = max(s, min(at_least, max_slots))
     counts = torch.bincount(slot_t[adapted], minlength=s)
-    m = int(counts.max())
+    m = max(int(counts.max()), at_least)
     if n_adapted < n and n_adapted == s * m:
         m += 1  # base-model tokens need a padding position to read zeros from
     order = torch.argsort(torch.where(adapted, slot_t, s), stable=True)  # by slot, base tokens last
@@ -311,11 +317,12 @@ def set_rows(batch: LoRABatch, slots: list[int], max_rank: int, dtype, device) -
     if n_adapted < n:
         scatter[order[n_adapted:]] = int(torch.nonzero(valid == 0)[0])
     batch.slots = s
-    if n_adapted == n == s * m and bool((order == torch.arange(n)).all()):
+    always = at_least > 1
+    if not always and n_adapted == n == s * m and bool((order == torch.arange(n)).all()):
         batch.gather = batch.valid = batch.scatter = None  # already [S, M] in token order
         return
     batch.gather = gather.to(device)
-    batch.valid = None if n_adapted == s * m else valid.view(s, m, 1).to(device)
+    batch.valid = None if n_adapted == s * m and not always else valid.view(s, m, 1).to(device)
     batch.scatter = scatter.to(device)
 
 
