@@ -219,8 +219,9 @@ def mixed_step_ms(runner, prompt: list[int], n: int = 5) -> dict:
     for every request that arrives while others run)."""
     from mygpt.engine.runner import DecodeRow, PrefillChunk
 
-    rows = [DecodeRow(s, 1, 64, -1) for s in range(31)]
-    chunk = [PrefillChunk(31, (prompt * 64)[:64], 0, -1)]
+    at = min(64, runner.max_len - 1)  # positions within the cache whatever --prompt-len and --new-tokens
+    rows = [DecodeRow(s, 1, at, -1) for s in range(31)]
+    chunk = [PrefillChunk(31, (prompt * 64)[:at], 0, -1)]
     out, saved = {}, (runner._compiled_qkv, runner._compiled_rest)
     for label in ("compiled", "eager"):
         if label == "eager":
@@ -233,7 +234,8 @@ def mixed_step_ms(runner, prompt: list[int], n: int = 5) -> dict:
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
         out[label] = sorted(times[1:])[n // 2]
-    runner._compiled_qkv, runner._compiled_rest = saved
+    if runner.compiled:  # (a failing compiled step turns compiling off: leave it off)
+        runner._compiled_qkv, runner._compiled_rest = saved
     return out
 
 

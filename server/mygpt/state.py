@@ -18,9 +18,16 @@ from mygpt.config import Settings
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.engine import Engine
 from mygpt.engine.guided import Grammars
-from mygpt.engine.loader import LoadedModel, fit_context, kv_budget, kv_bytes_per_position, load_model
+from mygpt.engine.loader import (
+    LoadedModel,
+    attention_bytes_per_position,
+    fit_context,
+    kv_budget,
+    kv_bytes_per_position,
+    load_model,
+)
 from mygpt.engine.naive import NaiveEngine
-from mygpt.engine.runner import ModelRunner
+from mygpt.engine.runner import ModelRunner, cache_len
 from mygpt.engine.types import AdapterRef, GenerationRequest, SamplingParams
 from mygpt.finetune.jobs import JobManager
 from mygpt.finetune.store import Store
@@ -278,24 +285,31 @@ class ServerState:
 
 def _served_context(s: Settings, loaded: LoadedModel) -> int:
     """The context the runner allocates: on a GPU, what fits of it (loader.fit_context; the KV cache is
-    allocated whole at start, 16 rows of Llama-3.1-8B's 131,072 positions would take 275 GB); on a CPU
-    all of it (its KV cache maps pages only when they are written)."""
+    allocated whole at start, and 16 rows of Llama-3.1-8B's 131,072 positions would take 272 GiB); on
+    a CPU all of it (its KV cache maps pages only when they are written)."""
     if loaded.device.type != "cuda":
         return loaded.context_len
+    config, dtype, rows = loaded.model.config, loaded.dtype, s.max_num_seqs
     free, total = torch.cuda.mem_get_info(loaded.device)
-    per_position = kv_bytes_per_position(loaded.model.config, loaded.dtype)
-    budget = kv_budget(total, free, s.gpu_memory_utilization)
-    model_len = loaded.model.config.max_position_embeddings
-    context = fit_context(budget, per_position, s.max_num_seqs, model_len, s.max_model_len)
-    if context < loaded.context_len:
+    per_position = kv_bytes_per_position(config, dtype)
+    # allocated beside the cache: the adapter slots (A and B of every projection), and the CUDA graphs'
+    # logits (at most 64 graphs of up to max_num_seqs rows, float32)
+    lora = sum(i + o for i, o in lora_module_shapes(loaded.model).values()) * s.max_lora_rank * s.max_loras
+    graphs = 64 * rows * config.vocab_size * 4 if s.cuda_graphs else 0
+    budget = kv_budget(total, free, s.gpu_memory_utilization, lora * dtype.itemsize + graphs)
+    transient = attention_bytes_per_position(config, dtype, rows, s.max_num_batched_tokens)
+    model_len = cache_len(config, config.max_position_embeddings)
+    asked = cache_len(config, s.max_model_len) if s.max_model_len else None
+    context = fit_context(budget, per_position, rows, model_len, asked, transient)
+    if context < cache_len(config, loaded.context_len):
         log.warning(
             "the model's context of %d positions does not fit %d rows in GPU memory: serving %d "
             "(--max-model-len, --max-num-seqs and --gpu-memory-utilization choose)",
-            loaded.context_len, s.max_num_seqs, context,
+            loaded.context_len, rows, context,
         )  # fmt: skip
     log.info(
-        "KV cache: %d rows x %d positions, %.1f GiB (%.1f GiB left for it)",
-        s.max_num_seqs, context, per_position * (s.max_num_seqs + 1) * (context + 1) / 2**30, budget / 2**30,
+        "KV cache: %d rows x %d positions, %.1f GiB (%.1f GiB left for it and the attention over it)",
+        rows, context, per_position * (rows + 1) * (context + 1) / 2**30, budget / 2**30,
     )  # fmt: skip
     return context
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from mygpt.engine.loader import MemoryFitError, fit_context, kv_budget, kv_bytes_per_position
+from mygpt.engine.loader import (
+    MemoryFitError,
+    attention_bytes_per_position,
+    fit_context,
+    kv_budget,
+    kv_bytes_per_position,
+)
 
 GIB = 2**30
 LLAMA_8B = LlamaConfig(
@@ -26,6 +32,7 @@ def test_the_budget_is_the_share_less_what_is_used_and_a_reserve():
     # 0.9 of the card, less 6 GiB in use (weights), less the reserve (5% of 80 GiB: 4 GiB)
     assert kv_budget(total, total - 6 * GIB, 0.9) == int(72 * GIB) - 6 * GIB - 4 * GIB
     assert kv_budget(16 * GIB, 10 * GIB, 0.9) == int(0.9 * 16 * GIB) - 6 * GIB - 2 * GIB  # reserve >= 2 GiB
+    assert kv_budget(total, total - 6 * GIB, 0.9, other=GIB) == kv_budget(total, total - 6 * GIB, 0.9) - GIB
 
 
 def test_a_context_that_fits_is_served_whole():
@@ -55,3 +62,26 @@ def test_too_many_rows_for_any_context_is_refused():
         fit_context(GIB, 128 << 10, 4096, 131072, None)
     with pytest.raises(MemoryFitError):
         fit_context(-GIB, 128 << 10, 1, 131072, None)  # the model alone took more than the share
+
+
+def test_the_attention_over_the_cache_is_budgeted_too():
+    """A decode step gathers one layer's keys and values for the padded batch, and PyTorch's math
+    kernel repeats them for every query head (masked grouped-query attention); a prompt chunk holds
+    float32 scores over the whole span. Per position of context, for Llama-3.1-8B, 16 rows, 512-token
+    chunks: 16 x 4 KiB x (1 + 4) + 32 heads x 512 x 4 bytes."""
+    per = attention_bytes_per_position(LLAMA_8B, torch.bfloat16, 16, 512)
+    assert per == 16 * 4096 * 5 + 32 * 512 * 4
+    got = fit_context(62 * GIB, 128 << 10, 16, 131072, None, transient=per)
+    assert got == 25344 < fit_context(62 * GIB, 128 << 10, 16, 131072, None)
+    need = (128 << 10) * 17 * (got + 1) + per * got
+    assert need <= 62 * GIB < need + 256 * ((128 << 10) * 17 + per)
+
+
+def test_mistrals_sliding_window_caps_what_is_fitted_as_the_runner_caps_it():
+    from transformers import MistralConfig
+
+    from mygpt.engine.runner import cache_len
+
+    assert cache_len(MistralConfig(sliding_window=4096), 32768) == 4096
+    assert cache_len(MistralConfig(sliding_window=None), 32768) == 32768
+    assert cache_len(LLAMA_8B, 131072) == 131072

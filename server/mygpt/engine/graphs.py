@@ -258,7 +258,9 @@ class StaticDecoder:
                         steps += 1
             spare = self.spare_slot
             for adapter in [-1] + ([0] if r.lora_batch is not None else []):
-                for length in (7, 19):
+                for length in sorted(
+                    {min(7, r.max_len - 1), min(19, r.max_len - 1)} - {0, 1}
+                ):  # in the cache
                     chunk = PrefillChunk(spare, [0] * length, 1, adapter)
                     r.step([], [chunk])
                     r.step([DecodeRow(spare, 0, 0, adapter)], [chunk])
@@ -295,8 +297,8 @@ class StaticDecoder:
         try:
             try:
                 hidden = r._forward(ids[None], pos[None], plan, compiled=True)[0]
-            except Exception:
-                if not r.compiled:
+            except Exception as exc:
+                if not r.compiled or isinstance(exc, torch.OutOfMemoryError):  # not the compiler's fault
                     raise
                 log.warning("a compiled decode step failed: decode steps run uncompiled", exc_info=True)
                 r.compile_layers(False)

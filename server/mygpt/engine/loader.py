@@ -188,33 +188,57 @@ def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize
 
 
-def kv_budget(total: int, free: int, utilization: float) -> int:
+def attention_bytes_per_position(config: Any, dtype: torch.dtype, rows: int, chunk_tokens: int) -> int:
+    """Bytes a step's attention may hold per position of the served context, beyond the cache: the
+    decode rows' keys and values of one layer gathered for the padded batch, those expanded to every
+    query head (PyTorch's math kernel for a masked grouped-query attention repeats them), and one
+    prompt chunk's float32 scores."""
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    per_layer_row = kv_bytes_per_position(config, dtype) // config.num_hidden_layers
+    expand = config.num_attention_heads // kv_heads
+    return rows * per_layer_row * (1 + expand) + config.num_attention_heads * chunk_tokens * 4
+
+
+def kv_budget(total: int, free: int, utilization: float, other: int = 0) -> int:
     """Bytes of GPU memory the KV cache may take, read after the model is loaded: the server's share of
-    the card (utilization x total) less what is already in use (the weights, other processes) and a
-    reserve for activations, the bitsandbytes dequantization buffers and the CUDA graphs' pool and
-    output buffers (5% of the card, at least 2 GiB)."""
+    the card (utilization x total) less what is already in use (the weights, other processes), what
+    will be allocated beside the cache (`other`: the adapter slots, the CUDA graphs' outputs) and a
+    reserve for the rest of the activations, bitsandbytes' dequantized weights and the graph pool (5%
+    of the card, at least 2 GiB)."""
     reserve = max(2 << 30, total // 20)
-    return int(total * utilization) - (total - free) - reserve
+    return int(total * utilization) - (total - free) - other - reserve
 
 
 def fit_context(
-    budget: int, per_position: int, rows: int, model_len: int, asked: int | None, block: int = 256
+    budget: int,
+    per_position: int,
+    rows: int,
+    model_len: int,
+    asked: int | None,
+    transient: int = 0,
+    block: int = 256,
 ) -> int:
     """The context to serve: `asked` (--max-model-len) or the model's whole context, if `rows` rows of
-    it fit in `budget` bytes (the runner allocates one row and one position more: its spare slot);
-    else the model's context shortened to a multiple of `block` that fits. MemoryFitError for an
-    `asked` that does not fit, or when not even `block` positions fit."""
+    it fit in `budget` bytes (the runner allocates one row and one position more: its spare slot) with
+    `transient` bytes per position for a step's attention (attention_bytes_per_position); else the
+    model's context shortened to a multiple of `block` that fits. MemoryFitError for an `asked` that
+    does not fit, or when not even `block` positions fit."""
     want = min(asked or model_len, model_len)
     slot = per_position * (rows + 1)
-    if slot * (want + 1) <= budget:
+
+    def need(context: int) -> int:
+        return slot * (context + 1) + transient * context
+
+    if need(want) <= budget:
         return want
     gib = budget / 2**30
-    fits = max(budget // slot - 1, 0) // block * block
+    fits = max((budget - slot) // (slot + transient), 0) // block * block
     hint = f"--max-num-seqs (now {rows}) or --gpu-memory-utilization, or serve a smaller model"
     if asked:
         raise MemoryFitError(
-            f"the KV cache for {rows} rows of {want} positions needs {slot * (want + 1) / 2**30:.1f} GiB, "
-            f"and {gib:.1f} GiB of GPU memory are left for it: lower --max-model-len (at most {fits} fits), {hint}"
+            f"the KV cache for {rows} rows of {want} positions, and the attention over it, need "
+            f"{need(want) / 2**30:.1f} GiB, and {gib:.1f} GiB of GPU memory are left for them: lower "
+            f"--max-model-len (at most {fits} fits), {hint}"
         )
     if fits < block:
         raise MemoryFitError(

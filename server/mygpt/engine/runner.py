@@ -57,6 +57,15 @@ def model_shape(config) -> ModelShape:
     )
 
 
+def cache_len(config, max_len: int) -> int:
+    """The context a runner serves of max_len: Mistral's sliding window caps it (no sliding-window
+    attention here: serve within one window)."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "mistral" and window and window < max_len:
+        return window
+    return max_len
+
+
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         # Anonymous mmap: the kernel maps zero pages lazily, so RSS grows only with the positions
@@ -95,9 +104,7 @@ class ModelRunner:
             raise ValueError(
                 f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        window = getattr(model.config, "sliding_window", None)
-        if model_type == "mistral" and window and window < max_len:
-            max_len = window  # no sliding-window attention here: serve within one window
+        max_len = cache_len(model.config, max_len)
         self.model = model.eval()
         self.shape = model_shape(model.config)
         self.num_slots = num_slots
@@ -221,7 +228,8 @@ class ModelRunner:
             p for c in chunks for p in range(c.start, c.start + len(c.token_ids))
         ]
         loras = [r.lora_slot for r in decode] + [c.lora_slot for c in chunks for _ in c.token_ids]
-        pieces = bool(chunks) and self._compiled_qkv is not None  # compiled pieces (_layer_pieces)
+        # compiled pieces (_layer_pieces); a step of one token (a lone 1-token chunk) would compile apart
+        pieces = bool(chunks) and self._compiled_qkv is not None and len(tokens) > 1
         self._set_lora(loras, pieces)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, N]
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, N]
@@ -235,8 +243,8 @@ class ModelRunner:
         try:
             try:
                 hidden = self._forward(ids, pos, plan)[0]  # [N, hidden]
-            except Exception:
-                if not pieces:
+            except Exception as exc:
+                if not pieces or isinstance(exc, torch.OutOfMemoryError):  # not the compiler's fault
                     raise
                 log.warning("a compiled step failed: steps run uncompiled", exc_info=True)
                 self.compile_layers(False)  # graphs captured already keep their compiled kernels
@@ -314,7 +322,7 @@ class ModelRunner:
         if compiled and self._compiled_layer is not None:
             layer_fn = self._compiled_layer
             _dynamic(normed, 1), _dynamic(hidden, 1), _dynamic(cos, 0), _dynamic(sin, 0)
-        elif plan.chunks and self._compiled_qkv is not None:
+        elif plan.chunks and self._compiled_qkv is not None and ids.shape[1] > 1:
             layer_fn = self._layer_pieces
         for i, layer in enumerate(layers):
             # the next layer's input norm (the model's final norm after the last layer)
