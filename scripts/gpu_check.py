@@ -239,6 +239,45 @@ def mixed_step_ms(runner, prompt: list[int], n: int = 5) -> dict:
     return out
 
 
+def attention_fold(device: str, dtype: torch.dtype, rows: list, report: dict) -> None:
+    """One layer's decode attention of 32 rows over 4,096 positions (8B shape: 32 query heads over 8 KV
+    heads), masked as the runner masks it: with enable_gqa (PyTorch picks its math kernel for a masked
+    grouped-query attention) against the query heads folded onto the KV heads (runner.fold_gqa)."""
+    import torch.nn.functional as F
+
+    b, h, kvh, hd, span = (32, 32, 8, 128, 4096) if device == "cuda" else (4, 4, 2, 16, 256)
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, h, hd, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(b, kvh, span, hd, device=device, dtype=dtype, generator=g) for _ in range(2))
+    mask = (torch.arange(span, device=device)[None, :] < torch.randint(1, span, (b, 1), device=device))[
+        :, None, None
+    ]
+
+    def run(fold: bool) -> torch.Tensor:
+        if fold:
+            return F.scaled_dot_product_attention(q.view(b, kvh, -1, hd), k, v, attn_mask=mask).reshape(b, -1)
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True).reshape(
+            b, -1
+        )
+
+    out = {}
+    for fold in (False, True):
+        run(fold)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            got = run(fold)
+        sync()
+        out["folded" if fold else "enable_gqa"] = (time.perf_counter() - t0) * 100  # ms per call
+        out[f"{'folded' if fold else 'enable_gqa'}_out"] = got
+    err = float((out.pop("folded_out").float() - out.pop("enable_gqa_out").float()).abs().max())
+    report["attention_fold"] = {**out, "max_abs_diff": err}
+    rows.append((
+        f"decode attention, {b} rows x {span} positions, one layer: enable_gqa / folded (max diff)",
+        f"{out['enable_gqa']:.3f} / {out['folded']:.3f} ms ({err:.1e})",
+    ))  # fmt: skip
+
+
 def static_mode(device: str) -> str:
     """The label of the static decoder's rows: CUDA graphs on a GPU, the uncaptured static step on a CPU."""
     return "graphs" if device == "cuda" else "static"
@@ -589,6 +628,8 @@ def main() -> None:
         )
         rows.append(("cold adapter load, packing on the host included", f"{first:.1f} ms"))
     kernel_wins = False
+    with section("attention fold"):
+        attention_fold(device, dtype, rows, report)
     with section("nf4 kernel vs bitsandbytes"):
         kernel_wins = nf4_bench(runner, rows, report)
     modes = [static_mode(device)] if args.quick else ["eager", static_mode(device)]

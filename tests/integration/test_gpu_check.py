@@ -37,6 +37,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
             "32 streams / 32 adapters": "32/32",
         }
     assert report["compile_warmup_s"] > 0 and report["mixed_step_ms"]["compiled"] > 0
+    assert report["attention_fold"]["max_abs_diff"] < 1e-4  # folded = enable_gqa (float32 on the CPU)
     for mode in ("eager", "static", "static-overlap", "static-compile"):
         figures = report[f"engine_{mode}"]
         assert all(

@@ -115,6 +115,12 @@ class ModelRunner:
         self._layers = list(self._inner.layers)
         s = self.shape
         self._gqa = s.num_kv_heads != s.num_heads  # a plain bool: torch.compile keeps it a constant
+        # grouped-query attention with the query heads of one KV head folded into its query positions,
+        # on a GPU: a masked attention with enable_gqa takes PyTorch's math kernel, which repeats the
+        # keys and values for every query head (4x for Llama-3.1-8B) and computes in float32; folded,
+        # it is plain multi-head attention over the KV heads, which the memory-efficient kernel takes
+        # (the same products; on the CPU the unfolded path stays, its numerics tested against HF's)
+        self.fold_gqa = self._gqa and self.device.type == "cuda"
         # one slot more than handed out: static decode steps park their padding rows there; one position
         # more than served: no attention span is the whole cache, which torch.compile would compile apart
         cache_shape = (s.num_layers, num_slots + 1, s.num_kv_heads, max_len + 1, s.head_dim)
@@ -463,9 +469,14 @@ class ModelRunner:
         elif plan.decode_mask is not None:  # q: [Bd, H, 1, hd] over each row's cache, length-masked
             bd, end = plan.decode_mask.shape[0], plan.decode_mask.shape[-1]  # sizes, not ints (as above)
             keys, values = kc[plan.decode_rows, :, :end], vc[plan.decode_rows, :, :end]
+            if self.fold_gqa:  # [Bd, Hkv, G, hd]: a KV head's G query heads as its G query positions
+                hkv, hd = keys.shape[1], q.shape[-1]
+                qd = q[:bd].view(bd, hkv, -1, hd)
+            else:
+                qd = q[:bd, :, None, :]
             out = F.scaled_dot_product_attention(
-                q[:bd, :, None, :], keys.to(q.dtype), values.to(q.dtype), attn_mask=plan.decode_mask,
-                scale=attn.scaling, enable_gqa=gqa,
+                qd, keys.to(q.dtype), values.to(q.dtype), attn_mask=plan.decode_mask, scale=attn.scaling,
+                enable_gqa=gqa and not self.fold_gqa,
             )  # fmt: skip
             outs.append(out.reshape(bd, -1))
         for c, o, mask in zip(plan.chunks, plan.chunk_offsets, plan.chunk_masks, strict=True):
@@ -474,8 +485,17 @@ class ModelRunner:
                 plan.num_decode + o + len(c.token_ids),
                 c.start + len(c.token_ids),
             )
-            qc = q[lo:hi].transpose(0, 1)[None]  # [1, H, c, hd]
             keys, values = kc[c.slot : c.slot + 1, :, :end], vc[c.slot : c.slot + 1, :, :end]
+            if self.fold_gqa:  # [1, Hkv, G * c, hd], positions (g, t); the mask repeated for each g
+                n, hkv, hd = hi - lo, keys.shape[1], q.shape[-1]
+                qc = q[lo:hi].view(n, hkv, -1, hd).permute(1, 2, 0, 3).reshape(1, hkv, -1, hd)
+                out = F.scaled_dot_product_attention(
+                    qc, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask.repeat(1, 1, qc.shape[2] // n, 1),
+                    scale=attn.scaling,
+                )  # fmt: skip
+                outs.append(out.view(hkv, -1, n, hd).permute(2, 0, 1, 3).reshape(n, -1))
+                continue
+            qc = q[lo:hi].transpose(0, 1)[None]  # [1, H, c, hd]
             out = F.scaled_dot_product_attention(
                 qc, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
             )
