@@ -156,3 +156,13 @@ def test_the_auto_grammar_takes_calls_or_text_and_nothing_between(tokenizer):
     other = 5  # an end-of-sequence id the grammar's tokenizer does not know: allowed once it may end
     assert guide.allowed([other])[other // 8] >> (other % 8) & 1
     assert not grammar.start().allowed([other])[other // 8] >> (other % 8) & 1
+
+
+def test_parallel_tool_calls_false_allows_one_call(tokenizer):
+    plan = tools.plan(request(tools=[GET], parallel_tool_calls=False))
+    assert plan.auto and not plan.many and tools.plan(request(tools=[GET])).many
+    grammar = Grammars(tokenizer, len(tokenizer)).json_or_text(plan.schema(), tools.TAGS, many=plan.many)
+    guide = grammar.start()
+    block = '<tool_call>\n{"name": "get", "arguments": {}}\n</tool_call>'
+    assert all(guide.advance(t) for t in tokenizer.encode(block, add_special_tokens=False))
+    assert guide.accepting and guide.done  # nothing may follow: no second block

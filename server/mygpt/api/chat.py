@@ -99,11 +99,7 @@ class ChatService:
         if calls is not None and not self.renders_tools:
             messages = tools.with_tools(messages, calls)
         template_tools = [tools.template_tool(t) for t in calls.tools] if calls is not None else None
-        grammar = (
-            await self._grammar(req)
-            if calls is None
-            else await self._compile(calls.schema(), "tools", auto=calls.auto)
-        )
+        grammar = await self._grammar(req) if calls is None else await self._tools_grammar(calls)
 
         def params(prompt_len: int) -> SamplingParams:
             requested = req.max_completion_tokens or req.max_tokens  # A5: max_completion_tokens wins
@@ -218,13 +214,20 @@ class ChatService:
             )
         return await self._compile(schema, "response_format", what)
 
-    async def _compile(self, schema: Any, param: str, what: str | None = None, auto: bool = False) -> Grammar:
-        """A JSON grammar (auto: JSON or text, tool_choice "auto") compiled off the event loop; 400 naming
-        `param` if it cannot be."""
+    async def _tools_grammar(self, calls: tools.ToolPlan) -> Grammar:
+        """The grammar of a tool plan: one call, or ("auto") calls, bare or in Hermes/Qwen tags, or text."""
+        if not calls.auto:
+            return await self._compile(calls.schema(), "tools")
+        build = functools.partial(self.grammars.json_or_text, tags=tools.TAGS, many=calls.many)
+        return await self._compile(calls.schema(), "tools", build=build)
+
+    async def _compile(
+        self, schema: Any, param: str, what: str | None = None, build: Callable[[Any], Grammar] | None = None
+    ) -> Grammar:
+        """A JSON grammar (or build's, of the schema) compiled off the event loop; 400 naming `param` if
+        it cannot be."""
         try:
-            if auto:  # a call (bare or in Hermes/Qwen tags) or a text answer
-                return await asyncio.to_thread(self.grammars.json_or_text, schema, tools.TAGS)
-            return await asyncio.to_thread(self.grammars.json, schema)
+            return await asyncio.to_thread(build or self.grammars.json, schema)
         except GrammarError as exc:
             raise invalid(f"Invalid schema for {what or param}: {exc}", param=param) from exc
 

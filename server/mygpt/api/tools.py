@@ -37,6 +37,7 @@ class ToolPlan:
 
     tools: list[Tool]
     auto: bool = False
+    many: bool = True  # more than one call may come (parallel_tool_calls, true by default; tagged blocks)
 
     def schema(self) -> dict[str, Any]:
         """JSON Schema of one call: {"name": one of the tools, "arguments": that tool's parameters}.
@@ -98,7 +99,7 @@ def plan(req: Any) -> ToolPlan | None:
                 param=f"tools.[{i}].function.parameters",
             )
     if auto:  # stop strings end a text answer; one inside a call cuts it, which then comes back as text
-        return ToolPlan(tools, auto=True)
+        return ToolPlan(tools, auto=True, many=req.parallel_tool_calls is not False)
     if req.stop:
         raise invalid("stop strings would cut a forced tool call; leave stop out.", param="stop")
     if choice == "required":

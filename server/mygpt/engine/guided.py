@@ -111,9 +111,11 @@ class Grammars:
             raise GrammarError(str(exc)) from exc
         return self._compile(source)
 
-    def json_or_text(self, schema: dict[str, Any], tags: tuple[str, str] | None = None) -> Grammar:
-        """One JSON value of `schema`; or, with tags (open, close), one or more such values each between
-        them (a line break allowed inside each tag, blocks one per line); or text that cannot be taken
+    def json_or_text(
+        self, schema: dict[str, Any], tags: tuple[str, str] | None = None, many: bool = True
+    ) -> Grammar:
+        """One JSON value of `schema`; or, with tags (open, close), one or more such values (one if not
+        `many`) each between them (a line break allowed inside each tag, blocks one per line); or text that cannot be taken
         for either (tool_choice "auto": a call is the JSON, an answer the text). The text ends where the
         model ends it; it may not start with '{' or the open tag, even after whitespace, so that what
         starts like a call is held to one. The tags: no quote, backslash or whitespace (nor '/' in the
@@ -137,7 +139,8 @@ class Grammars:
             ):
                 raise ValueError(f"tags must be plain characters: {tags!r}")
             rules.append("tagged")
-            lines += ['tagged: block ("\\n" block)*', f'block: "{opened}" "\\n"? value "\\n"? "{closed}"']
+            more = ' ("\\n" block)*' if many else ""
+            lines += [f"tagged: block{more}", f'block: "{opened}" "\\n"? value "\\n"? "{closed}"']
             starts = [rf"[^{{\s{re.escape(opened[0])}]"]
             starts += [re.escape(opened[:i]) + f"[^{re.escape(opened[i])}]" for i in range(1, len(opened))]
             ends = [re.escape(opened[:i]) for i in range(1, len(opened))]
