@@ -13,7 +13,8 @@ adapters on all projections, and in one run:
     bash scripts/gpu-check                                            # the GPU machine (installs wheels)
     PYTHONPATH=server python3 scripts/gpu_check.py --cpu --out DIR    # the same code paths, tiny, on a CPU
 
-Prints one table last and writes DIR/gpu-check.json (and DIR/e2e-bench.json, DIR/e2e-server.log).
+Prints one table last and writes DIR/gpu-check.json (and DIR/e2e-bench.json, DIR/e2e-server.log, and
+DIR/e2e-compile-* for the --compile server).
 """
 
 from __future__ import annotations
@@ -401,8 +402,11 @@ def structured_probe(base: str) -> str:
     return f"{len(choices)} of {len(choices)} valid" if not bad else f"INVALID: {bad[0][:80]!r}"
 
 
-def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> None:
-    """mygpt serve on a random checkpoint + mygpt bench over HTTP, 1 and 32 concurrent streams."""
+def end_to_end(
+    args, device: str, out_dir: Path, rows: list, report: dict, flags: tuple[str, ...] = (), tag: str = "e2e"
+) -> None:
+    """mygpt serve on a random checkpoint + mygpt bench over HTTP, 1 and 32 concurrent streams; flags:
+    more serve flags (an opt-in variant, its rows and files named by tag)."""
     import os
     import shutil
     import socket
@@ -422,11 +426,11 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent / "server")] + sys.path),
     }
-    log = open(out_dir / "e2e-server.log", "w")  # noqa: SIM115 - closed below
+    log = open(out_dir / f"{tag}-server.log", "w")  # noqa: SIM115 - closed below
     serve = [
         sys.executable, "-m", "mygpt", "serve", "--model", str(model_dir), "--served-model-name", "e2e",
         "--port", str(port), "--device", device, "--max-num-seqs", "32", "--max-loras", "0", "--no-finetune",
-        "--adapter-dir", str(work / "e2e-adapters"), "--cache-dir", str(work / "e2e-cache"),
+        "--adapter-dir", str(work / "e2e-adapters"), "--cache-dir", str(work / "e2e-cache"), *flags,
     ]  # fmt: skip
     t0 = time.perf_counter()
     server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -434,7 +438,7 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
         base = f"http://127.0.0.1:{port}"
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"mygpt serve exited with {server.returncode}; see e2e-server.log")
+                raise RuntimeError(f"mygpt serve exited with {server.returncode}; see {tag}-server.log")
             try:
                 if urllib.request.urlopen(base + "/ready", timeout=2).status == 200:
                     break
@@ -442,22 +446,25 @@ def end_to_end(args, device: str, out_dir: Path, rows: list, report: dict) -> No
                 time.sleep(0.5)
             if time.perf_counter() - t0 > 180:
                 raise TimeoutError("mygpt serve not ready after 180 s")
-        report["e2e_ready_s"] = time.perf_counter() - t0
-        rows.append(("e2e: mygpt serve ready (load, NF4, warm-up)", f"{report['e2e_ready_s']:.1f} s"))
+        report[f"{tag}_ready_s"] = time.perf_counter() - t0
+        rows.append((f"{tag}: mygpt serve ready (load, NF4, warm-up)", f"{report[f'{tag}_ready_s']:.1f} s"))
         bench = [
             sys.executable, "-m", "mygpt", "bench", "--base-url", base + "/v1", "--models", "e2e",
             "--concurrency", "1,32",  # requests: 4 at concurrency 1, 64 at 32 (mygpt bench's default)
-            "--max-tokens", str(args.new_tokens), "--out", str(out_dir / "e2e-bench.json"),
+            "--max-tokens", str(args.new_tokens), "--out", str(out_dir / f"{tag}-bench.json"),
         ]  # fmt: skip
         subprocess.run(bench, check=True, env=env, timeout=240)
-        results = json.loads((out_dir / "e2e-bench.json").read_text())["results"]
-        report["e2e_bench"] = results
+        results = json.loads((out_dir / f"{tag}-bench.json").read_text())["results"]
+        report[f"{tag}_bench"] = results
         for r in results:
-            rows.append(
-                (f"e2e: HTTP, {r['concurrency']} concurrent streams", f"{r['tokens_per_s']:.1f} tok/s")
-            )
-        report["e2e_structured"] = structured_probe(base)
-        rows.append(("e2e: json_schema, 4 sampled choices, top_p 0.9", report["e2e_structured"]))
+            rows.append((
+                f"{tag}: HTTP, {r['concurrency']} concurrent streams: tok/s, TTFT p95, inter-token p50 / p95",
+                f"{r['tokens_per_s']:.1f}, {r['ttft_p95'] * 1e3:.0f} ms, "
+                f"{r['itl_p50'] * 1e3:.1f} / {r['itl_p95'] * 1e3:.1f} ms",
+            ))  # fmt: skip
+        if not flags:
+            report["e2e_structured"] = structured_probe(base)
+            rows.append(("e2e: json_schema, 4 sampled choices, top_p 0.9", report["e2e_structured"]))
     finally:
         server.terminate()
         try:
@@ -717,6 +724,9 @@ def main() -> None:
     if not args.skip_e2e and not over_budget("e2e"):
         with section("e2e"):
             end_to_end(args, device, out_dir, rows, report)
+    if not args.skip_e2e and device == "cuda" and not over_budget("e2e --compile"):
+        with section("e2e --compile"):  # the compiled pieces are for this: prompt steps among running rows
+            end_to_end(args, device, out_dir, rows, report, flags=("--compile",), tag="e2e-compile")
     if device == "cuda" and not args.tiny and "engine_graphs" in report and "adapter_load_ms" in report:
         got = {
             "32 streams / 32 adapters (tok/s)": report["engine_graphs"]["32 streams / 32 adapters"],
