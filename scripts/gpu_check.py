@@ -748,10 +748,11 @@ def main() -> None:
         raise SystemExit(1)
 
 
-NF4_TILES = [  # (BLOCK_N, BLOCK_K, warps, pairs) tried by nf4_bench; the fastest is kept for the engine
-    (128, 128, 4, False), (64, 128, 4, False),  # the two best of 2026-11-26's first run
-    (128, 128, 4, True), (64, 128, 4, True), (64, 256, 4, True), (128, 256, 8, True), (32, 128, 2, True),
-    (256, 128, 8, True), (32, 64, 1, True),
+NF4_TILES = [  # (BLOCK_N, BLOCK_K, warps, lut: kernels/nf4.py TILE) tried by nf4_bench; the fastest is kept
+    (128, 128, 4, "weight"), (64, 128, 4, "weight"),  # the two best of 2026-11-26's first run
+    (128, 128, 4, "pair"), (64, 128, 4, "pair"), (64, 256, 4, "pair"), (32, 64, 1, "pair"),  # not yet measured
+    (128, 128, 4, "gather"), (64, 128, 4, "gather"), (64, 256, 4, "gather"), (128, 256, 8, "gather"),
+    (32, 128, 2, "gather"),  # not yet measured
 ]  # fmt: skip
 
 
@@ -805,7 +806,7 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
     for (name, m), x in inputs.items():
         results["bnb"][f"{name} m{m}"] = timed(lambda p=products[name], x=x: p._bnb(x))
     for tile in NF4_TILES:
-        nf4.TILE.update(block_n=tile[0], block_k=tile[1], num_warps=tile[2], pairs=tile[3])
+        nf4.TILE.update(block_n=tile[0], block_k=tile[1], num_warps=tile[2], lut=tile[3])
         times = {}
         try:
             for (name, m), x in inputs.items():
@@ -826,8 +827,8 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
         report["nf4_bench"] = results
         return False
     best = min(measured, key=lambda t: sum(measured[t].values()))
-    bn, bk, warps, pairs = next(t for t in NF4_TILES if str(t) == best)
-    nf4.TILE.update(block_n=bn, block_k=bk, num_warps=warps, pairs=pairs)
+    bn, bk, warps, lut = next(t for t in NF4_TILES if str(t) == best)
+    nf4.TILE.update(block_n=bn, block_k=bk, num_warps=warps, lut=lut)
     results["best"] = best
     report["nf4_bench"] = results
     for m in (1, 8, 32):

@@ -31,14 +31,14 @@ class _Weight:  # what nf4_scales reads from a Params4bit
         self.quant_state = qs
 
 
-@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("lut", ["weight", "pair", "gather"])
 @pytest.mark.parametrize("m", [1, 5, 16, 32])
 @pytest.mark.parametrize(("n", "k"), [(96, 256), (64, 1024)])
-def test_kernel_equals_the_dequantized_product(m, n, k, pairs, monkeypatch):
+def test_kernel_equals_the_dequantized_product(m, n, k, lut, monkeypatch):
     from mygpt.kernels import nf4
     from mygpt.kernels.nf4 import nf4_matmul, nf4_scales
 
-    monkeypatch.setitem(nf4.TILE, "pairs", pairs)
+    monkeypatch.setitem(nf4.TILE, "lut", lut)
 
     _, packed, qs = quantized(n, k, seed=m + n)
     w = bnb_f.dequantize_4bit(packed, qs).float()  # bitsandbytes' own reading of its bytes

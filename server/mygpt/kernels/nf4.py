@@ -42,7 +42,7 @@ if triton is not None:
         M, N, K, k_split,
         stride_xm, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
-        PRECISION: tl.constexpr, PAIRS: tl.constexpr,
+        PRECISION: tl.constexpr, LUT: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -52,6 +52,8 @@ if triton is not None:
         n_ok = rn < N
         m_ok = rm < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if LUT == 2:  # the 16 values in registers, once; each weight's value gathered from them
+            table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
         k_begin = pid_k * k_split
         for step in range(0, k_split, BLOCK_K):
             k0 = k_begin + step
@@ -59,7 +61,7 @@ if triton is not None:
             packed = tl.load(
                 q_ptr + rn[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=n_ok[:, None], other=0
             )
-            if PAIRS:  # one scale per block, broadcast; one lookup per byte for both of its weights
+            if LUT != 0:  # one scale per block, broadcast
                 blocks = k0 // QBLOCK + tl.arange(0, BLOCK_K // QBLOCK)
                 per_block = tl.load(
                     s_ptr + rn[:, None] * (K // QBLOCK) + blocks[None, :], mask=n_ok[:, None], other=0.0
@@ -68,11 +70,13 @@ if triton is not None:
                     tl.broadcast_to(per_block[:, :, None], (BLOCK_N, BLOCK_K // QBLOCK, QBLOCK // 2)),
                     (BLOCK_N, BLOCK_K // 2),
                 )
-                pair = tl.load(
-                    lut_ptr + packed.to(tl.int32)
-                )  # int64: the high nibble's value in the low word
-                hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale
-                lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale
+                if LUT == 1:  # one load per byte for both of its weights (int64: the high nibble's low)
+                    pair = tl.load(lut_ptr + packed.to(tl.int32))
+                    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale
+                    lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale
+                else:  # no memory access for the table
+                    hi = tl.gather(table, (packed >> 4).to(tl.int32), axis=1) * scale
+                    lo = tl.gather(table, (packed & 15).to(tl.int32), axis=1) * scale
             else:  # a scale and a table lookup per weight
                 scale = tl.load(
                     s_ptr + rn[:, None] * (K // QBLOCK) + (kk // QBLOCK)[None, :],
@@ -91,8 +95,11 @@ if triton is not None:
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
 
 
-# scripts/gpu_check.py measures the other tiles and both ways of reading the table (pairs)
-TILE = {"block_n": 64, "block_k": 256, "num_warps": 4, "pairs": False}
+# scripts/gpu_check.py measures the other tiles and the ways of reading the table (lut): "weight", a table
+# load and a scale load per weight; "pair", one table load per byte (both weights) and a scale per block;
+# "gather", the table in registers (tl.gather) and a scale per block
+TILE = {"block_n": 64, "block_k": 256, "num_warps": 4, "lut": "weight"}
+LUTS = {"weight": 0, "pair": 1, "gather": 2}
 
 
 def pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -131,15 +138,15 @@ def nf4_matmul(
     block_m, block_n, block_k, split = _config(m, n, k)
     if x.stride(1) != 1:
         x = x.contiguous()
-    use_pairs = TILE["pairs"] and block_k % qblock == 0
-    if use_pairs and pairs is None:
+    lut = LUTS[TILE["lut"]] if block_k % qblock == 0 else 0  # a scale per block: whole blocks per step
+    if lut == 1 and pairs is None:
         pairs = pair_table(code).to(x.device)
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_n), split)
     jitted(_nf4_kernel)[grid](
-        x, packed, scale, code, pairs if use_pairs else code, partial, m, n, k, k // split, x.stride(0), n,
+        x, packed, scale, code, pairs if lut == 1 else code, partial, m, n, k, k // split, x.stride(0), n,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, QBLOCK=qblock,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PAIRS=use_pairs, num_warps=TILE["num_warps"],
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LUT=lut, num_warps=TILE["num_warps"],
     )  # fmt: skip
     return (partial[0] if split == 1 else partial.sum(0)).to(x.dtype)
 
@@ -215,7 +222,7 @@ class NF4Product:
         """Once per product shape: the kernel against bitsandbytes on this input (not during a CUDA
         graph capture: the first call of a shape is always eager, graphs.py warms up before capturing)."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
-        key = (str(x2.device), n, k, x2.dtype, _config(x2.shape[0], n, k), TILE["num_warps"], TILE["pairs"])
+        key = (str(x2.device), n, k, x2.dtype, _config(x2.shape[0], n, k), TILE["num_warps"], TILE["lut"])
         return check_once(
             NF4Product._checked,
             ("nf4", *key),
