@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     nf4_kernel: bool = Field(
         False,
         description="experimental: on a GPU, decode-sized NF4 products by mygpt's Triton kernel instead of "
-        "bitsandbytes; measured 2-8x slower than bitsandbytes on an H100 (docs/benchmarks.md)",
+        "bitsandbytes; measured 2-5x slower than bitsandbytes on an H100 (docs/benchmarks.md)",
     )
     warmup: bool = Field(True, description="run one generation before reporting ready")
     stall_timeout_s: float = Field(120.0, description="engine busy without progress this long: /ready 503")

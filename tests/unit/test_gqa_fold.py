@@ -1,6 +1,6 @@
 """Grouped-query attention folded into plain multi-head attention over the KV heads (runner.fold_gqa,
-on by default on a GPU): the same outputs as the unfolded attention, for decode rows (eager and static)
-and prompt chunks (alone, several, beside decode rows). Forced on here, on the CPU."""
+off by default, for measurement on a GPU): the same outputs as the unfolded attention, for decode rows
+(eager and static) and prompt chunks (alone, several, beside decode rows). Turned on here, on the CPU."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_folded_attention_equals_unfolded(tiny_model_dir, static):
     for fold in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
         r = ModelRunner(model, num_slots=4, max_len=128, dtype=torch.float32, static_decode=static)
-        assert r._gqa and not r.fold_gqa  # a GQA model (4 query heads, 2 KV heads), on the CPU: unfolded
+        assert r._gqa and not r.fold_gqa  # a GQA model (4 query heads, 2 KV heads); off by default
         r.fold_gqa = fold
         runners.append(r)
     steps = [

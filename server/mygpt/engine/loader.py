@@ -191,8 +191,8 @@ def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
 def attention_bytes_per_position(config: Any, dtype: torch.dtype, rows: int, chunk_tokens: int) -> int:
     """Bytes a step's attention may hold per position of the served context, beyond the cache: the
     decode rows' keys and values of one layer gathered for the padded batch, those expanded to every
-    query head (PyTorch's math kernel for a masked grouped-query attention repeats them), and one
-    prompt chunk's float32 scores."""
+    query head (if PyTorch takes its math kernel for a masked grouped-query attention, which repeats
+    them; cuDNN's does not: an upper bound), and one prompt chunk's float32 scores."""
     kv_heads = config.num_key_value_heads or config.num_attention_heads
     per_layer_row = kv_bytes_per_position(config, dtype) // config.num_hidden_layers
     expand = config.num_attention_heads // kv_heads

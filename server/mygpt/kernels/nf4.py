@@ -52,7 +52,7 @@ if triton is not None:
         n_ok = rn < N
         m_ok = rm < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if LUT == 2:  # the 16 values in registers, once; each weight's value gathered from them
+        if LUT == 2:  # the 16 values loaded once; each weight's value gathered from them (tl.gather)
             table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
         k_begin = pid_k * k_split
         for step in range(0, k_split, BLOCK_K):
@@ -74,7 +74,7 @@ if triton is not None:
                     pair = tl.load(lut_ptr + packed.to(tl.int32))
                     hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale
                     lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale
-                else:  # no memory access for the table
+                else:  # no global load for the table (Triton may stage the gather in shared memory)
                     hi = tl.gather(table, (packed >> 4).to(tl.int32), axis=1) * scale
                     lo = tl.gather(table, (packed & 15).to(tl.int32), axis=1) * scale
             else:  # a scale and a table lookup per weight
@@ -97,7 +97,7 @@ if triton is not None:
 
 # scripts/gpu_check.py measures the other tiles and the ways of reading the table (lut): "weight", a table
 # load and a scale load per weight; "pair", one table load per byte (both weights) and a scale per block;
-# "gather", the table in registers (tl.gather) and a scale per block
+# "gather", the table loaded once and read with tl.gather, and a scale per block
 TILE = {"block_n": 64, "block_k": 256, "num_warps": 4, "lut": "weight"}
 LUTS = {"weight": 0, "pair": 1, "gather": 2}
 
