@@ -17,6 +17,7 @@ from mygpt.api.errors import APIError
 from mygpt.config import Settings
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.engine import Engine
+from mygpt.engine.graphs import MAX_GRAPHS
 from mygpt.engine.guided import Grammars
 from mygpt.engine.loader import (
     LoadedModel,
@@ -293,9 +294,9 @@ def _served_context(s: Settings, loaded: LoadedModel) -> int:
     free, total = torch.cuda.mem_get_info(loaded.device)
     per_position = kv_bytes_per_position(config, dtype)
     # allocated beside the cache: the adapter slots (A and B of every projection), and the CUDA graphs'
-    # logits (at most 64 graphs of up to max_num_seqs rows, float32)
+    # logits (at most MAX_GRAPHS graphs of up to max_num_seqs rows, float32)
     lora = sum(i + o for i, o in lora_module_shapes(loaded.model).values()) * s.max_lora_rank * s.max_loras
-    graphs = 64 * rows * config.vocab_size * 4 if s.cuda_graphs else 0
+    graphs = MAX_GRAPHS * rows * config.vocab_size * 4 if s.cuda_graphs else 0
     budget = kv_budget(total, free, s.gpu_memory_utilization, lora * dtype.itemsize + graphs)
     transient = attention_bytes_per_position(config, dtype, rows, s.max_num_batched_tokens)
     model_len = cache_len(config, config.max_position_embeddings)

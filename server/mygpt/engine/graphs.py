@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_GRAPHS = 64  # decode graphs kept (each holds its own logits buffer: rows x vocabulary, float32)
+
 
 @dataclass(frozen=True)
 class DecodeShape:
@@ -115,7 +117,7 @@ class GraphStats:
 class StaticDecoder:
     """Runs a ModelRunner's decode-only steps at bucketed static shapes, as CUDA graphs if `capture`."""
 
-    def __init__(self, runner: ModelRunner, capture: bool, kv_block: int = 256, max_graphs: int = 64):
+    def __init__(self, runner: ModelRunner, capture: bool, kv_block: int = 256, max_graphs: int = MAX_GRAPHS):
         self.runner = runner
         rope = str(getattr(getattr(runner._inner, "rotary_emb", None), "rope_type", "default"))
         if capture and ("dynamic" in rope or rope == "longrope"):
@@ -226,7 +228,7 @@ class StaticDecoder:
         """With the runner's compile_layers on: runs the static step, uncaptured, once for each kind of
         shape torch.compile compiles separately, so that it compiles before the first request and not
         inside one (each compile of a layer takes seconds). The varying sizes are dynamic from the first
-        compile (runner._dynamic) and adapter groups are at least 2 x 2 (plan_lora), so the kinds are:
+        compile (runner._forward) and adapter groups are at least 2 x 2 (plan_lora), so the kinds are:
         batch 1 or more, with or without adapters. Each is run at two sizes of everything that varies,
         so a size compiled as a constant would show here. Then the compiled pieces of steps with prompt
         chunks (runner._layer_pieces): chunks of two lengths, alone and beside a decode row, with and
@@ -272,7 +274,7 @@ class StaticDecoder:
     # ------------------------------------------------------------------ internals
     def _forward(self, shape: DecodeShape) -> torch.Tensor:
         """The static step itself: only fixed-size views of the input buffers, no host reads."""
-        from mygpt.engine.runner import _AttentionPlan, _dynamic
+        from mygpt.engine.runner import _AttentionPlan
 
         r, b = self.runner, shape.batch
         ids, pos, slots = self._buf("ids")[:b], self._buf("pos")[:b], self._buf("slots")[:b]
@@ -289,14 +291,9 @@ class StaticDecoder:
             batch.gather = self._buf("gather")[: s * m]
             batch.valid = self._buf("valid")[: s * m].view(s, m, 1).to(r.dtype)
             batch.scatter = self._buf("scatter")[:b]
-        if r.compiled:  # the sizes that vary from step to step (runner._dynamic)
-            for t, dims in ((ids, (0,)), (pos, (0,)), (slots, (0,)), (mask, (0, 3))):
-                _dynamic(t, *dims)
-            if batch is not None and shape.lora_slots:
-                _dynamic(batch.gather, 0), _dynamic(batch.valid, 0, 1), _dynamic(batch.scatter, 0)
         try:
             try:
-                hidden = r._forward(ids[None], pos[None], plan, compiled=True)[0]
+                hidden = r._forward(ids[None], pos[None], plan, r._compiled_layer)[0]
             except Exception as exc:
                 if not r.compiled or isinstance(exc, torch.OutOfMemoryError):  # not the compiler's fault
                     raise

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mygpt.config import DEFAULT_MODEL, Settings
+from mygpt.engine.runner import model_shape
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +183,9 @@ class MemoryFitError(ValueError):
 
 
 def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
-    """Bytes of one position of one row's KV cache: keys and values of every layer."""
-    heads = config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize
+    """Bytes of one position of one row's KV cache (the runner's shape): keys and values of every layer."""
+    s = model_shape(config)
+    return 2 * s.num_layers * s.num_kv_heads * s.head_dim * dtype.itemsize
 
 
 def attention_bytes_per_position(config: Any, dtype: torch.dtype, rows: int, chunk_tokens: int) -> int:
@@ -193,10 +193,9 @@ def attention_bytes_per_position(config: Any, dtype: torch.dtype, rows: int, chu
     decode rows' keys and values of one layer gathered for the padded batch, those expanded to every
     query head (if PyTorch takes its math kernel for a masked grouped-query attention, which repeats
     them; cuDNN's does not: an upper bound), and one prompt chunk's float32 scores."""
-    kv_heads = config.num_key_value_heads or config.num_attention_heads
-    per_layer_row = kv_bytes_per_position(config, dtype) // config.num_hidden_layers
-    expand = config.num_attention_heads // kv_heads
-    return rows * per_layer_row * (1 + expand) + config.num_attention_heads * chunk_tokens * 4
+    s = model_shape(config)
+    per_layer_row = kv_bytes_per_position(config, dtype) // s.num_layers
+    return rows * per_layer_row * (1 + s.num_heads // s.num_kv_heads) + s.num_heads * chunk_tokens * 4
 
 
 def kv_budget(total: int, free: int, utilization: float, other: int = 0) -> int:

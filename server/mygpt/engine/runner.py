@@ -201,8 +201,6 @@ class ModelRunner:
             self._compiled_layer = self._compiled_qkv = self._compiled_rest = None
             return False
         if self._compiled_layer is None:
-            import torch._dynamo
-
             config = torch._dynamo.config
             # a kind of step (batch, span, adapter grouping) may compile a few times before its sizes
             # go dynamic: past this limit torch.compile would silently run eagerly
@@ -237,6 +235,7 @@ class ModelRunner:
         loras = [r.lora_slot for r in decode] + [c.lora_slot for c in chunks for _ in c.token_ids]
         # compiled pieces (_layer_pieces); a step of one token (a lone 1-token chunk) would compile apart
         pieces = bool(chunks) and self._compiled_qkv is not None and len(tokens) > 1
+        layer_fn = self._layer_pieces if pieces else None
         self._set_lora(loras, pieces)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, N]
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, N]
@@ -249,7 +248,7 @@ class ModelRunner:
             ]  # fmt: skip
         try:
             try:
-                hidden = self._forward(ids, pos, plan)[0]  # [N, hidden]
+                hidden = self._forward(ids, pos, plan, layer_fn)[0]  # [N, hidden]
             except Exception as exc:
                 if not pieces or isinstance(exc, torch.OutOfMemoryError):  # not the compiler's fault
                     raise
@@ -305,32 +304,29 @@ class ModelRunner:
         b = self.lora_batch
         if b is None:
             return
-        if not compiled:
-            set_rows(b, lora_slots, self.max_lora_rank, self.dtype, self.device)
-            return
-        set_rows(
-            b, lora_slots, self.max_lora_rank, self.dtype, self.device, at_least=2, max_slots=self.max_loras
-        )
-        if b.slots:
-            _dynamic(b.gather, 0), _dynamic(b.valid, 0, 1), _dynamic(b.scatter, 0)
+        at_least = 2 if compiled else 1
+        set_rows(b, lora_slots, self.max_lora_rank, self.dtype, self.device, at_least, self.max_loras)
 
     def _forward(
-        self, ids: torch.Tensor, position_ids: torch.Tensor, plan: _AttentionPlan, compiled: bool = False
+        self, ids: torch.Tensor, position_ids: torch.Tensor, plan: _AttentionPlan, layer_fn=None
     ) -> torch.Tensor:
-        # ids, position_ids: [1, N] - every token of the step, decode rows first; compiled: the whole
-        # layer through torch.compile where compile_layers is on (static decode steps); steps with
-        # prompt chunks take its pieces (_layer_pieces)
+        # ids, position_ids: [1, N] - every token of the step, decode rows first; layer_fn: how each
+        # layer runs (compile_layers: _compiled_layer for static decode steps, _layer_pieces for steps
+        # with prompt chunks; None: _layer, uncompiled)
         hidden = self._inner.embed_tokens(ids)
         cos, sin = self._inner.rotary_emb(hidden, position_ids=position_ids)  # [1, N, hd]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, hd]: broadcast over heads
         layers = self._layers
         normed, hidden = self._add_norm(None, hidden, layers[0].input_layernorm)
-        layer_fn = self._layer
-        if compiled and self._compiled_layer is not None:
-            layer_fn = self._compiled_layer
-            _dynamic(normed, 1), _dynamic(hidden, 1), _dynamic(cos, 0), _dynamic(sin, 0)
-        elif plan.chunks and self._compiled_qkv is not None and ids.shape[1] > 1:
-            layer_fn = self._layer_pieces
+        if layer_fn is None:
+            layer_fn = self._layer
+        else:  # compiled: the sizes that vary from step to step, dynamic before the first compile
+            for t, dims in ((normed, (1,)), (hidden, (1,)), (cos, (0,)), (sin, (0,)), (plan.slot_t, (0,)),
+                            (plan.pos_t, (0,)), (plan.decode_mask, (0, 3))):  # fmt: skip
+                _dynamic(t, *dims)
+            b = self.lora_batch
+            if b is not None and b.valid is not None:  # the adapter grouping (always tensors then)
+                _dynamic(b.gather, 0), _dynamic(b.valid, 0, 1), _dynamic(b.scatter, 0)
         for i, layer in enumerate(layers):
             # the next layer's input norm (the model's final norm after the last layer)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self._inner.norm
@@ -350,8 +346,6 @@ class ModelRunner:
         """_layer for steps with prompt chunks, with compile_layers: the projections, norms and MLP
         through torch.compile (sizes dynamic in the step's token count), the attention between them
         eager (its shape follows the step's chunks)."""
-        for t, dim in ((normed, 1), (hidden, 1), (cos, 0), (sin, 0), (plan.slot_t, 0), (plan.pos_t, 0)):
-            _dynamic(t, dim)
         q = self._compiled_qkv(layer.self_attn, proj, kv, normed, cos, sin, plan.slot_t, plan.pos_t)
         attended = self._attend(layer.self_attn, kv, q, plan)
         _dynamic(attended, 0)
@@ -595,9 +589,9 @@ class _Projections:
 
 
 def _dynamic(t: torch.Tensor | None, *dims: int) -> None:
-    """Marks sizes that vary between static decode steps (batch, attention span, adapter grouping) as
+    """Marks sizes that vary between steps (batch or token count, attention span, adapter grouping) as
     dynamic for torch.compile before it first compiles (compile_layers): one compile serves every size
-    of the family, where torch.compile would otherwise compile the first size met as a constant and
+    of the kind, where torch.compile would otherwise compile the first size met as a constant and
     again once a second size shows the dimension varies. Sizes of 1 are still compiled apart."""
     if t is not None:
         for d in dims:
