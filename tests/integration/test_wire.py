@@ -270,11 +270,25 @@ BLOCKER = {
 }  # no EOS; still running a second after it started however fast the CPU (60 tokens took 0.6 s here)
 
 
-def in_background(server, body) -> tuple[threading.Thread, list[httpx.Response]]:
+def _gauge(server, name: str) -> float:
+    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def in_background(server, body, running: int = 1, waiting: int = 0) -> tuple[threading.Thread, list]:
+    """Sends body from a thread and returns once the server holds that many running and waiting
+    requests (a fixed sleep raced the server's admission on a loaded machine)."""
     results: list[httpx.Response] = []
     thread = threading.Thread(target=lambda: results.append(post(server, body)))
     thread.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        _gauge(server, "mygpt_num_requests_running") >= running
+        and _gauge(server, "mygpt_num_requests_waiting") >= waiting
+    ):
+        time.sleep(0.02)
     return thread, results
 
 
@@ -292,7 +306,7 @@ def test_keep_alive_comments_while_waiting(one_slot_server):
 def test_full_queue_is_a_429_with_retry_after(one_slot_server):
     """C3/F2: past the bounded queue, 429 at once, with Retry-After; accepted requests still finish."""
     running, results_a = in_background(one_slot_server, BLOCKER)
-    waiting, results_b = in_background(one_slot_server, BLOCKER)
+    waiting, results_b = in_background(one_slot_server, BLOCKER, waiting=1)
     t0 = time.monotonic()
     r = post(one_slot_server, {**BLOCKER, "stream": True})
     assert time.monotonic() - t0 < 2
