@@ -102,6 +102,17 @@ ROWS = {
             ],
             "percentunit",
         ),
+        panel(
+            "Prefix cache hit rate (prompt tokens)",
+            [
+                q(
+                    f"sum(rate(mygpt_prefix_cache_hit_tokens_total[{RI}])) / sum(rate(mygpt_prefix_cache_queried_tokens_total[{RI}]))",
+                    "hit rate",
+                ),
+            ],
+            "percentunit",
+            desc="Prompt tokens whose KV came from the prefix cache instead of being computed.",
+        ),
     ],
     "Adapters": [
         panel(

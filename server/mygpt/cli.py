@@ -63,6 +63,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--finetune-cpu-threads", type=int, help="CPU threads of a training process (niced)")
     for flag, text in (  # on/off flags whose default is the Settings field's
         ("--cuda-graphs", "replay decode steps as CUDA graphs on a GPU (default on)"),
+        ("--prefix-caching", "reuse the KV of a cached prompt prefix (same adapter and tenant; default on)"),
         (
             "--overlap-steps",
             "experimental: launch each decode step before the host reads the last one's tokens",

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         description="on a GPU, replay decode steps as CUDA graphs (bucketed shapes): 5-7x the eager engine's "
         "tokens/s on an H100 (docs/benchmarks.md)",
     )
+    prefix_caching: bool = Field(
+        True,
+        description="a new prompt reuses the KV of the longest prefix already cached for the same adapter and "
+        "tenant (a freed slot's, or a running row's: the next turn of a chat, a repeated system prompt) and "
+        "prefills only the rest; usage.prompt_tokens_details.cached_tokens says how many",
+    )
     overlap_steps: bool = Field(
         False,
         description="experimental: with CUDA graphs, launch each decode step from the sampled tokens before "

@@ -1,7 +1,8 @@
 """Prometheus metrics (names follow vLLM's, prefixed mygpt_) and the record_* helpers that fill them.
 
-The engine calls record_step at its step boundaries; the API layer calls record_request when a
-request ends and record_rejected when one is refused; the adapter cache calls record_adapter_load.
+The engine calls record_step at its step boundaries and record_prefix_cache when it admits a request;
+the API layer calls record_request when a request ends and record_rejected when one is refused; the
+adapter cache calls record_adapter_load.
 Nothing else talks to prometheus-client. Labels are bounded: `tenant` takes configured tenants only
 (and "admin"); `adapter` the first `max_adapter_labels` adapter names seen, then "other"; the base
 model is adapter="(base)".
@@ -192,6 +193,16 @@ class Metrics:
             registry=r,
         )
         self.busy = Counter("mygpt_engine_busy_seconds", "Time the engine spent in steps.", registry=r)
+        self.prefix_queried = Counter(
+            "mygpt_prefix_cache_queried_tokens",
+            "Prompt tokens of admitted requests looked up in the prefix cache.",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "mygpt_prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache (their KV reused, not computed).",
+            registry=r,
+        )
         self.load_s = Histogram(
             "mygpt_lora_load_duration_seconds",
             "Copying one adapter into a device slot.",
@@ -225,6 +236,11 @@ class Metrics:
             self.batch.observe(rows)
         self.step_tokens.inc(tokens)
         self.busy.inc(seconds)
+
+    def record_prefix_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """Engine thread, when a request is admitted."""
+        self.prefix_queried.inc(prompt_tokens)
+        self.prefix_hits.inc(cached_tokens)
 
     def record_request(
         self, tenant: str, adapter: str | None, outcome: str, prompt_tokens: int, completion_tokens: int,

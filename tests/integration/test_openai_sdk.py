@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Literal
 
 import httpx
@@ -83,13 +84,52 @@ def test_max_completion_tokens_wins_over_max_tokens(client):
 
 
 def test_streamed_greedy_equals_non_streamed(client):
-    """A7: same text, same usage."""
+    """A7: same text, same usage (but for the prompt tokens the second found in the prefix cache)."""
     kw = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=48)
     full = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == full.choices[0].message.content
-    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+    details = {"prompt_tokens_details"}
+    assert chunks[-1].usage.model_dump(exclude=details) == full.usage.model_dump(exclude=details)
+
+
+SYSTEM = {  # long enough (over 64 tokens) for the prefix cache to keep
+    "role": "system",
+    "content": "You are a patient teacher for children. Answer in short, plain sentences, one idea per "
+    "sentence, without lists or headings. Prefer everyday words to technical ones, and when a "
+    "technical word is needed, explain it right away. Never mention that you are an AI model. "
+    "If a question is unclear, answer the most likely meaning and say which one you chose.",
+}
+
+
+def test_the_next_chat_turn_is_read_from_the_prefix_cache(client, default_server):
+    """The conversation's earlier prompt is cached: the next turn computes less, says so in its usage
+    (OpenAI's prompt_tokens_details.cached_tokens), and answers as from scratch (B5)."""
+    kw = dict(model=MODEL, temperature=0, max_tokens=24)
+    first = client.chat.completions.create(messages=[SYSTEM, *ASK], **kw)
+    turn2 = [SYSTEM, *ASK, first.choices[0].message.model_dump(include={"role", "content"})]
+    turn2.append({"role": "user", "content": "Now name three animals."})
+
+    def hits() -> float:
+        text = httpx.get(default_server.base_url + "/metrics").text
+        assert "mygpt_prefix_cache_queried_tokens_total" in text
+        return float(re.search(r"^mygpt_prefix_cache_hit_tokens_total (\S+)", text, re.M)[1])
+
+    before = hits()
+    second = client.chat.completions.create(messages=turn2, **kw)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 64 <= cached <= first.usage.prompt_tokens and cached % 64 == 0  # the first turn's prompt
+    assert hits() - before == cached
+    again = client.chat.completions.create(
+        messages=turn2, **kw, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(again)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == second.choices[0].message.content
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (second.usage.prompt_tokens - 1) // 64 * 64
 
 
 def test_stop_string_spanning_tokens_stops_and_never_leaks(client):

@@ -281,3 +281,136 @@ def test_stats_split_the_engine_threads_time(make_engine):
     st = engine.stats
     assert st.steps > 0 and st.forward_s > 0 and st.sample_s > 0
     assert st.step_s >= st.forward_s + st.sample_s
+
+
+# ---------------------------------------------------------------- prefix caching
+
+
+def _run(engine, rid, prompt, **params):
+    c = Collector()
+    c.submit(engine, rid, prompt, **params)
+    c.wait()
+    return c
+
+
+def _cached(c, rid):
+    """The prompt tokens the request's choice 0 found cached (each of its events carries them)."""
+    counts = {ev.cached_tokens for ev in c.events[rid] if ev.index == 0}
+    assert len(counts) == 1
+    return counts.pop()
+
+
+def _logprobs(c, rid):
+    return [(x.token_id, x.logprob, x.top) for ev in c.events[rid] for x in ev.logprobs or []]
+
+
+def test_the_next_chat_turn_reuses_the_last_turns_prompt(make_engine):
+    """A prompt that extends an earlier request's (the next turn of a chat) takes that request's freed
+    slot and computes only from the last 64-position boundary of the earlier prompt on (its generated
+    positions, computed one at a time, are computed again); tokens and logprobs equal, bit for bit,
+    those of a server without prefix caching."""
+    turn1 = list(range(100, 240))  # 140 tokens: 128 reusable
+    params = dict(temperature=0.0, max_tokens=12, logprobs=True, top_logprobs=2)
+    cached_engine, plain_engine = make_engine(slots=4), make_engine(slots=4, prefix_caching=False)
+    first = _run(cached_engine, "t1", turn1, **params)
+    assert _cached(first, "t1") == 0
+    turn2 = turn1 + first.tokens("t1") + [7, 8, 9, 10]
+    before = cached_engine.stats.prompt_tokens
+    second = _run(cached_engine, "t2", turn2, **params)
+    reference = _run(plain_engine, "t2", turn2, **params)
+    assert _cached(second, "t2") == 128
+    assert cached_engine.stats.prompt_tokens - before == len(turn2) - 128
+    assert _cached(reference, "t2") == 0 and plain_engine.stats.cached_tokens == 0
+    assert second.tokens("t2") == reference.tokens("t2")
+    assert _logprobs(second, "t2") == _logprobs(reference, "t2")
+
+
+def test_a_repeated_prompt_and_its_choices_equal_a_fresh_prefill(make_engine):
+    engine, plain = make_engine(slots=4), make_engine(slots=4, prefix_caching=False)
+    prompt = list(range(200, 300))
+    params = dict(temperature=0.8, max_tokens=8, n=3, seed=5, logprobs=True)
+    a = _run(engine, "a", prompt, **params)
+    b = _run(engine, "b", prompt, **params)
+    assert _cached(a, "a") == 0 and _cached(b, "b") == 64
+    assert [ev.cached_tokens for ev in b.events["b"] if ev.index > 0] == [0] * (2 * 8)  # reported once
+    fresh = _run(plain, "b", prompt, **params)
+    for i in range(3):  # B5: same seed, same output, found in the cache or not
+        assert b.tokens("b", i) == a.tokens("a", i) == fresh.tokens("b", i)
+    assert _logprobs(b, "b") == _logprobs(fresh, "b")
+
+
+def test_a_running_rows_prompt_is_copied_not_computed(make_engine):
+    """A prompt that shares its start (a system prompt, say) with a row still generating copies those
+    positions from the row's slot; the output is the one computed from scratch."""
+    engine, plain = make_engine(slots=4), make_engine(slots=4, prefix_caching=False)
+    system = list(range(300, 370))
+    c = Collector()
+    c.submit(engine, "long", system + [1, 2], temperature=0.0, max_tokens=150, logit_bias={0: -100})
+    deadline = time.monotonic() + 30
+    while not engine._running and time.monotonic() < deadline:  # prefilled, now decoding
+        time.sleep(0.005)
+    c.submit(engine, "short", system + [3, 4, 5], temperature=0.0, max_tokens=6, logprobs=True)
+    c.wait()
+    assert _cached(c, "short") == 64
+    reference = _run(plain, "short", system + [3, 4, 5], temperature=0.0, max_tokens=6, logprobs=True)
+    # its chunk ran in one step with the other row's decode: float32 products over other rows round
+    # the last bits differently on this model, with or without the prefix cache
+    got, want = _logprobs(c, "short"), _logprobs(reference, "short")
+    assert [x[0] for x in got] == [x[0] for x in want]
+    assert [x[1] for x in got] == pytest.approx([x[1] for x in want], abs=1e-5)
+
+
+def test_a_long_prompt_is_reused_to_its_chunk_boundary_and_chunked_as_fresh(make_engine):
+    """Past one chunk (max_num_batched_tokens), a prefix ends at a chunk boundary plus 64-position
+    blocks, and the rest is cut where a fresh prefill cuts it."""
+    engine, plain = (
+        make_engine(slots=4, max_num_batched_tokens=96),
+        make_engine(slots=4, max_num_batched_tokens=96, prefix_caching=False),
+    )
+    prompt = list(range(500, 740))  # chunks [0, 96) [96, 192) [192, 240)
+    _run(engine, "a", prompt[:170], max_tokens=2)
+    b = _run(engine, "b", prompt, temperature=0.0, max_tokens=6, logprobs=True)
+    assert _cached(b, "b") == 96 + 64
+    reference = _run(plain, "b", prompt, temperature=0.0, max_tokens=6, logprobs=True)
+    assert _logprobs(b, "b") == _logprobs(reference, "b")
+
+
+def test_cached_prefixes_stay_within_their_group(make_engine):
+    """The server passes the tenant as the group: one tenant's prompts are never another's cache."""
+    engine = make_engine(slots=4)
+    prompt = list(range(400, 480))
+    assert _cached(_run(engine, "a1", prompt, max_tokens=4, group="a"), "a1") == 0
+    assert _cached(_run(engine, "b1", prompt, max_tokens=4, group="b"), "b1") == 0
+    assert _cached(_run(engine, "a2", prompt, max_tokens=4, group="a"), "a2") == 64
+
+
+def test_prompt_logprobs_and_a_disabled_cache_compute_every_position(make_engine):
+    engine = make_engine(slots=4)
+    prompt = list(range(500, 580))
+    _run(engine, "warm", prompt, max_tokens=4)
+    asked = _run(engine, "lp", prompt, max_tokens=4, prompt_logprobs=1)
+    assert _cached(asked, "lp") == 0
+    assert len(asked.events["lp"][0].prompt_logprobs) == len(prompt) - 1
+    off = make_engine(slots=4, prefix_caching=False)
+    _run(off, "warm", prompt, max_tokens=4)
+    assert _cached(_run(off, "again", prompt, max_tokens=4), "again") == 0
+
+
+def test_a_failed_step_forgets_every_cached_prefix(make_engine, monkeypatch):
+    engine = make_engine(slots=4)
+    prompt = list(range(600, 680))
+    _run(engine, "ok", prompt, max_tokens=4)
+    assert len(engine.prefixes) == 1
+    calls = {"n": 0}
+    real = engine.runner.step
+
+    def failing(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine.runner, "step", failing)
+    failed = _run(engine, "fails", [1, 2, 3], max_tokens=4)
+    assert failed.finish("fails") == FinishReason.ERROR
+    assert _cached(_run(engine, "after", prompt, max_tokens=4), "after") == 0  # nothing trusted

@@ -25,6 +25,7 @@ from mygpt.api.protocol import (
     ChunkChoice,
     Delta,
     ErrorInfo,
+    PromptTokensDetails,
     TextPart,
     TokenLogprobOut,
     TopLogprob,
@@ -456,6 +457,7 @@ async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> 
     reasons: list[str | None] = [None] * n
     completion = [0] * n
     prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    cached, seen = 0, set()  # prompt tokens from the prefix cache: each choice's first event says
     async with contextlib.aclosing(events):
         async for ev in events:
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
@@ -466,9 +468,11 @@ async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> 
             logprobs[ev.index] += ev.logprobs or []
             prompt_logprobs[ev.index] += ev.prompt_logprobs or []
             completion[ev.index] = ev.completion_tokens
+            cached += ev.cached_tokens if ev.index not in seen else 0
+            seen.add(ev.index)
             if ev.finish_reason is not None:
                 reasons[ev.index] = ev.finish_reason.value
-    usage = _usage(gen, sum(completion))
+    usage = _usage(gen, sum(completion), cached)
     return Collected(["".join(t) for t in texts], logprobs, reasons, usage, prompt_logprobs)
 
 
@@ -485,6 +489,7 @@ async def stream_payloads(
     piece of its choice. After the first byte a failure is an error event, not a hang (A10)."""
     completion = [0] * gen.params.n
     pending: list[list[TokenLogprob]] = [[] for _ in range(gen.params.n)]
+    cached, seen = 0, set()
     async with contextlib.aclosing(events):
         try:
             for payload in head:
@@ -494,6 +499,8 @@ async def stream_payloads(
                     yield _error_payload(ev.error or "the request was cancelled", ev.error_param)
                     return
                 completion[ev.index] = ev.completion_tokens
+                cached += ev.cached_tokens if ev.index not in seen else 0
+                seen.add(ev.index)
                 pending[ev.index] += ev.logprobs or []
                 if not ev.text and ev.finish_reason is None:
                     continue
@@ -504,7 +511,7 @@ async def stream_payloads(
                 pending[ev.index] = []
                 yield payload
             if usage_chunk is not None:
-                yield usage_chunk(_usage(gen, sum(completion)))
+                yield usage_chunk(_usage(gen, sum(completion), cached))
             yield "[DONE]"
         except asyncio.CancelledError:
             raise
@@ -513,11 +520,12 @@ async def stream_payloads(
             yield _error_payload(f"{type(exc).__name__}: {exc}")
 
 
-def _usage(gen: GenerationRequest, completion_tokens: int) -> Usage:
+def _usage(gen: GenerationRequest, completion_tokens: int, cached_tokens: int = 0) -> Usage:
     prompt = len(gen.prompt_ids)
     return Usage(
-        prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
-    )
+        prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+    )  # fmt: skip
 
 
 def _times(arrival: float, timings: list[Timings]) -> RequestTimes:

@@ -23,6 +23,7 @@ import torch
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.guided import Guide
+from mygpt.engine.prefix import Key, SlotPrefixes
 from mygpt.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from mygpt.engine.sampling import RowSampler, device_index, sample, score_tokens
 from mygpt.engine.types import (
@@ -56,6 +57,7 @@ class Row:
     guide: Guide | None = None  # structured output: where the row is in its grammar
     prompt_logprobs: list[TokenLogprob] | None = None  # sent with the row's first event
     num_cached: int = 0  # positions written to the slot's KV cache
+    cached_tokens: int = 0  # prompt positions found in the prefix cache, not computed
     next_token: int | None = None  # sampled, not yet fed to the model
     finished: bool = False  # slot freed
     finish_reason: FinishReason | None = None  # set once the final event was sent
@@ -146,7 +148,8 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     steps: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # computed (cached ones not)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
     generation_tokens: int = 0
     errors: int = 0
     # where the engine thread's time goes, in seconds over all steps: the forward call (on a GPU only
@@ -192,6 +195,7 @@ class Engine(EngineThread):
         adapters: AdapterCache | None = None,
         metrics: Any = None,
         overlap: bool = False,
+        prefix_caching: bool = True,
     ):
         self.runner = runner
         # overlap: with the runner's static decoder, a decode-only step launches the next one from the
@@ -217,7 +221,9 @@ class Engine(EngineThread):
         self._callbacks: dict[str, EventCallback] = {}
         self._open_choices: dict[str, int] = {}  # request id -> choices without a final event
         self._submitted: dict[str, float] = {}  # request id -> when it was submitted
-        self._free_slots = list(range(runner.num_slots - 1, -1, -1))  # pop() gives the lowest slot
+        self._free_slots = list(range(runner.num_slots))
+        # what the free slots' KV rows hold: a prompt that starts with it prefills only the rest
+        self.prefixes = SlotPrefixes(prefix_caching, chunk=max_num_batched_tokens)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._busy_since: float | None = None  # set while a step runs
@@ -403,18 +409,51 @@ class Engine(EngineThread):
             self._waiting.popleft()
             with self._lock:
                 self._num_waiting -= 1
-            slots = [self._free_slots.pop() for _ in range(request.params.n)]
+            match = self._cached_prefix(request)
+            keep = match.slot if match is not None and match.free else None
+            slots = self.prefixes.take(self._free_slots, request.params.n, keep)
             try:
                 rows = [self._new_row(request, i, slot, lora_slot) for i, slot in enumerate(slots)]
+                cached = 0
+                if match is not None:
+                    if not match.free:  # a running row's slot holds it: copied, not computed
+                        self.runner.copy_slot(match.slot, slots[0], match.length)
+                    cached = match.length
             except Exception as exc:  # its slots and adapter pins go back: nothing may leak (a stall)
                 log.exception("request %s could not start", request.request_id)
                 self._free_slots.extend(slots)
-                self._free_slots.sort(reverse=True)
                 for _ in range(request.params.n if ref is not None else 0):
                     self.adapters.release(ref.key)
                 self._end_request(request, FinishReason.ERROR, f"the request could not start: {exc}")
                 continue
-            self._prefilling.append(Group(request, on_event, rows))
+            rows[0].cached_tokens = cached  # the prompt's: reported once, on choice 0's events
+            self.stats.cached_tokens += cached
+            if self.metrics is not None and self.prefixes.enabled:
+                self.metrics.record_prefix_cache(len(request.prompt_ids), cached)
+            self._prefilling.append(Group(request, on_event, rows, num_prefilled=cached))
+
+    @staticmethod
+    def _cache_key(request: GenerationRequest) -> Key:
+        return request.group, None if request.adapter is None else request.adapter.key
+
+    def _cached_prefix(self, request: GenerationRequest):
+        """The longest prefix of the request's prompt cached in a free slot or a running row's slot
+        (same adapter version, same group); None without one, or when every prompt position's logits
+        are asked for (prompt_logprobs: computed, not cached)."""
+        if not self.prefixes.enabled or request.params.prompt_logprobs is not None:
+            return None
+        key = self._cache_key(request)
+        running = [  # prompt positions only: generated ones were computed apart (see prefix.py)
+            (r.slot, r.request.prompt_ids[: r.num_cached])
+            for r in self._running
+            if not r.finished and r.num_cached and self._cache_key(r.request) == key
+        ]
+        running += [
+            (g.rows[0].slot, g.request.prompt_ids[: g.num_prefilled])
+            for g in self._prefilling
+            if g.num_prefilled and self._cache_key(g.request) == key
+        ]
+        return self.prefixes.match(key, request.prompt_ids, self._free_slots, running)
 
     def _drop_waiting(self, request: GenerationRequest, error: str) -> None:
         self._waiting.popleft()
@@ -440,14 +479,16 @@ class Engine(EngineThread):
     def _plan_prefill(self, budget: int) -> list[tuple[Group, PrefillChunk]]:
         """The next prompt chunks, oldest request first, at most `budget` tokens in all.
 
-        A prompt is cut only at multiples of max_num_batched_tokens from its start, never to fit what
-        other requests left of the budget: its chunks, and so its numerics, do not depend on the batch
-        (B5: same seed, same output alone or in a busy batch). A chunk that does not fit waits a step.
+        A prompt is cut only at multiples of max_num_batched_tokens from its first position (also after
+        a cached prefix), never to fit what other requests left of the budget: its chunks, and so its
+        numerics, do not depend on the batch or the prefix cache (B5: same seed, same output alone or in
+        a busy batch). A chunk that does not fit waits a step.
         """
         chunks = []
+        size = self.max_num_batched_tokens
         for group in self._prefilling:
             prompt, start = group.request.prompt_ids, group.num_prefilled
-            ids = prompt[start : start + self.max_num_batched_tokens]
+            ids = prompt[start : (start // size + 1) * size]
             if len(ids) > budget and chunks:
                 break
             all_logits = group.request.params.prompt_logprobs is not None
@@ -561,6 +602,7 @@ class Engine(EngineThread):
                 text=text,
                 finish_reason=finish,
                 prompt_tokens=len(row.request.prompt_ids),
+                cached_tokens=row.cached_tokens,
                 completion_tokens=len(row.output_ids),
                 logprobs=[logprob] if logprob is not None else None,
                 prompt_logprobs=row.prompt_logprobs if len(row.output_ids) == 1 else None,
@@ -576,7 +618,7 @@ class Engine(EngineThread):
         if row.request.adapter is not None and self.adapters is not None:
             self.adapters.release(row.request.adapter.key)
         self._free_slots.append(row.slot)
-        self._free_slots.sort(reverse=True)
+        self.prefixes.hold(row.slot, self._cache_key(row.request), row.request.prompt_ids[: row.num_cached])
 
     def _send(self, request_id: str, event: TokenEvent) -> None:
         callback = self._callbacks.get(request_id)
@@ -628,6 +670,7 @@ class Engine(EngineThread):
             self._num_waiting -= len(self._waiting)
         self._waiting.clear()
         self._running, self._prefilling = [], []
+        self.prefixes.clear()  # a failed step may have written part of a slot's KV
         for request, rows in requests.values():
             self._end_request(request, FinishReason.ERROR, message, rows)
 
@@ -648,6 +691,7 @@ class Engine(EngineThread):
                 text="",
                 finish_reason=reason,
                 prompt_tokens=len(request.prompt_ids),
+                cached_tokens=row.cached_tokens if row is not None else 0,
                 completion_tokens=len(row.output_ids) if row is not None else 0,
                 error=error,
                 timings=row.timings if row is not None else Timings(submitted),

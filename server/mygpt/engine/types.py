@@ -51,7 +51,9 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterRef | None = None  # None = the base model
-    group: str | None = None  # fairness group (the server passes the tenant): admitted round-robin
+    # fairness group (the server passes the tenant): admitted round-robin; cached prompt prefixes are
+    # shared within a group only
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ class TokenEvent:
     error: str | None = None  # with finish_reason ERROR
     error_param: str | None = None  # the request parameter at fault (a 4xx), None: the server's fault
     timings: Timings | None = None  # on final events
+    # of the prompt tokens, those read from the prefix cache, not computed (on choice 0's events: the
+    # choices share one prompt)
+    cached_tokens: int = 0
 
 
 class EngineOverloaded(Exception):
