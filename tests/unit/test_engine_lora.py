@@ -109,3 +109,22 @@ def test_the_last_adapter_slot_cannot_be_pinned(lora_engine):
     c.wait(timeout=60)
     assert {c.finish(r) for r in ("b", "c", "base")} == {FinishReason.LENGTH}
     lora_engine.retire_adapter("a")  # unpinned again for the other tests
+
+
+def test_base_requests_pass_a_request_waiting_for_an_adapter_slot(lora_engine):
+    """Both adapter slots busy: a request for a third adapter waits for one, and the base-model
+    request behind it goes first (it needs no adapter slot); a request for a resident adapter does
+    not (it would keep that slot in use, and the waiting one could wait for good)."""
+    c = Collector()
+    refs = lora_engine.refs
+    c.submit(lora_engine, "a-long", PROMPTS[0], temperature=0.0, max_tokens=150, adapter=refs["a"])
+    c.submit(lora_engine, "b-long", PROMPTS[1], temperature=0.0, max_tokens=150, adapter=refs["b"])
+    c.submit(lora_engine, "c", PROMPTS[2], temperature=0.0, max_tokens=4, adapter=refs["c"])
+    c.submit(lora_engine, "base", PROMPTS[3], temperature=0.0, max_tokens=4)
+    c.submit(lora_engine, "a-again", PROMPTS[3], temperature=0.0, max_tokens=4, adapter=refs["a"])
+    c.wait()
+    t = {rid: [ev.timings for ev in evs if ev.timings is not None][0] for rid, evs in c.events.items()}
+    assert all(c.finish(rid) == FinishReason.LENGTH for rid in t)
+    assert t["base"].finished < t["c"].admitted  # went first
+    assert t["c"].admitted >= min(t["a-long"].finished, t["b-long"].finished)  # waited for a slot
+    assert t["a-again"].admitted >= t["c"].admitted  # did not pass it

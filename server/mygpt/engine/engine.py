@@ -23,7 +23,7 @@ import torch
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.guided import Guide
-from mygpt.engine.prefix import Key, SlotPrefixes
+from mygpt.engine.prefix import Key, Match, SlotPrefixes
 from mygpt.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from mygpt.engine.sampling import RowSampler, device_index, sample, score_tokens
 from mygpt.engine.types import (
@@ -389,26 +389,27 @@ class Engine(EngineThread):
             )
 
     def _admit(self) -> None:
-        while self._waiting and len(self._free_slots) >= self._waiting.head()[0].params.n:
-            request, on_event = self._waiting.head()
+        while (item := self._next_waiting()) is not None:
+            request, on_event = item
+            with self._lock:
+                self._num_waiting -= 1
             lora_slot = -1
             ref = request.adapter
             if ref is not None:
                 if self.adapters is None:
-                    self._drop_waiting(request, "this server has no adapter slots (max_loras=0)")
+                    self._end_request(
+                        request, FinishReason.ERROR, "this server has no adapter slots (max_loras=0)"
+                    )
                     continue
-                if not self.adapters.can_acquire(ref.key):
-                    return  # every adapter slot is in use: wait for one to be released
                 try:
                     lora_slot = self.adapters.acquire(ref.key, ref.weights)
                 except Exception as exc:  # a bad adapter fails its own request only
-                    self._drop_waiting(request, f"adapter '{ref.key}' failed to load: {exc}")
+                    self._end_request(
+                        request, FinishReason.ERROR, f"adapter '{ref.key}' failed to load: {exc}"
+                    )
                     continue
                 for _ in range(request.params.n - 1):
                     self.adapters.acquire(ref.key, ref.weights)  # one pin per row
-            self._waiting.popleft()
-            with self._lock:
-                self._num_waiting -= 1
             match = self._cached_prefix(request)
             keep = match.slot if match is not None and match.free else None
             slots = self.prefixes.take(self._free_slots, request.params.n, keep)
@@ -436,7 +437,7 @@ class Engine(EngineThread):
     def _cache_key(request: GenerationRequest) -> Key:
         return request.group, None if request.adapter is None else request.adapter.key
 
-    def _cached_prefix(self, request: GenerationRequest):
+    def _cached_prefix(self, request: GenerationRequest) -> Match | None:
         """The longest prefix of the request's prompt cached in a free slot or a running row's slot
         (same adapter version, same group); None without one, or when every prompt position's logits
         are asked for (prompt_logprobs: computed, not cached)."""
@@ -455,11 +456,24 @@ class Engine(EngineThread):
         ]
         return self.prefixes.match(key, request.prompt_ids, self._free_slots, running)
 
-    def _drop_waiting(self, request: GenerationRequest, error: str) -> None:
-        self._waiting.popleft()
-        with self._lock:
-            self._num_waiting -= 1
-        self._end_request(request, FinishReason.ERROR, error)
+    def _next_waiting(self) -> tuple[GenerationRequest, EventCallback] | None:
+        """Takes the next request to admit off the queue: the head, once there are batch slots for
+        its choices and (if it needs one) an adapter slot; None: wait. While the head waits for an
+        adapter slot (every one in use), the first base-model request behind it goes first: it needs
+        none, and so never delays the head (requests for resident adapters wait behind it, or they
+        could keep every adapter slot in use for good)."""
+        if not self._waiting:
+            return None
+        head = self._waiting.head()[0]
+        if len(self._free_slots) < head.params.n:
+            return None  # nothing passes it: it would wait for good behind smaller requests
+        ref = head.adapter
+        if ref is None or self.adapters is None or self.adapters.can_acquire(ref.key):
+            return self._waiting.popleft()
+        base = next((r for r, _ in self._waiting if r.adapter is None), None)
+        if base is None or len(self._free_slots) < base.params.n:
+            return None
+        return self._waiting.remove(base.request_id)
 
     def _new_row(self, request: GenerationRequest, index: int, slot: int, lora_slot: int) -> Row:
         seed = None if request.params.seed is None else request.params.seed + index
