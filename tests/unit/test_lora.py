@@ -140,6 +140,18 @@ def _broken(adapter_root, tmp_path, name, mutate):
     return root
 
 
+def _replace_dir(path):
+    path.unlink()
+    path.mkdir()
+
+
+def _retensor(d, change):
+    from safetensors.torch import load_file, save_file
+
+    file = d / "adapter_model.safetensors"
+    save_file({k: change(k, t).contiguous() for k, t in load_file(str(file)).items()}, str(file))
+
+
 def _edit_config(**changes):
     def mutate(d):
         config = json.loads((d / "adapter_config.json").read_text())
@@ -159,6 +171,12 @@ def _edit_config(**changes):
         (lambda d: (d / "adapter_config.json").write_text("{"), "not valid JSON"),
         (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"), "pickle"),
         (lambda d: (d / "adapter_model.safetensors").unlink(), "missing"),
+        # configs and tensors of the wrong kind: a 400 naming the problem, never a 500 (which clients retry)
+        (lambda d: (d / "adapter_config.json").write_text("[]"), "not a JSON object"),
+        (_edit_config(lora_alpha=None), "lora_alpha None is not a number"),
+        (_edit_config(lora_alpha="16"), "lora_alpha '16' is not a number"),
+        (lambda d: _retensor(d, lambda k, t: t[:0] if "lora_A" in k else t[:, :0]), "rank 1 or more"),
+        (lambda d: _retensor(d, lambda k, t: t.sum() if "lora_A" in k else t), "rank 1 or more"),
     ],
 )
 def test_bad_adapters_are_refused_with_the_reason(tiny_model_dir, adapter_root, tmp_path, mutate, message):
@@ -167,6 +185,14 @@ def test_bad_adapters_are_refused_with_the_reason(tiny_model_dir, adapter_root, 
     with pytest.raises(AdapterError, match=message):
         registry.load(TENANT, "bad")
     assert registry.get(TENANT, "bad") is not None  # found in the store: its requests get the 400
+
+
+def test_a_config_that_is_a_directory_is_refused(tiny_model_dir, adapter_root, tmp_path):
+    root = _broken(adapter_root, tmp_path, "bad", lambda d: _replace_dir(d / "adapter_config.json"))
+    _, _, registry = runner_with_cache(tiny_model_dir, root)
+    with pytest.raises(AdapterError, match="cannot be read"):
+        registry.load(TENANT, "bad")
+    assert registry.get(TENANT, "bad") is None  # not an adapter of the store: a 404
 
 
 def test_rank_over_maximum_and_foreign_base_are_refused(tiny_model_dir, adapter_root, tmp_path, tokenizer):

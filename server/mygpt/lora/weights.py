@@ -108,7 +108,9 @@ def read_adapter(
         pairs.setdefault(m["module"], {})[m["ab"]] = tensor
     if not pairs:
         raise AdapterError(f"adapter '{name}': no LoRA weights found")
-    alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    alpha = config.get("lora_alpha", config.get("r", 8))
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise AdapterError(f"adapter '{name}': lora_alpha {alpha!r} is not a number")
     modules: dict[str, ModuleLoRA] = {}
     for module, ab in sorted(pairs.items()):
         if module not in module_shapes:
@@ -117,6 +119,11 @@ def read_adapter(
             raise AdapterError(f"adapter '{name}': {module} has lora_{next(iter(ab))} without its pair")
         a, b = ab["A"], ab["B"]
         in_f, out_f = module_shapes[module]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] == 0:
+            raise AdapterError(
+                f"adapter '{name}': {module} has lora_A of shape {tuple(a.shape)} and lora_B of shape "
+                f"{tuple(b.shape)}: each must be a matrix of rank 1 or more"
+            )
         r = a.shape[0]
         if a.shape != (r, in_f) or b.shape != (out_f, r):
             trained_on = config.get("base_model_name_or_path") or "another base model"
@@ -145,8 +152,12 @@ def _read_config(name: str, path: Path) -> dict:
         config = json.loads((path / CONFIG).read_text())
     except FileNotFoundError:
         raise AdapterError(f"adapter '{name}': {CONFIG} is missing") from None
+    except OSError as exc:  # a directory, no permission
+        raise AdapterError(f"adapter '{name}': {CONFIG} cannot be read ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"adapter '{name}': {CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter '{name}': {CONFIG} is not a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"adapter '{name}': peft_type {peft_type} is not supported (LoRA only)")
