@@ -239,3 +239,32 @@ async def test_auto_takes_hermes_tagged_calls_and_text(served_state, tokenizer, 
             assert all(c["function"]["name"] == "get_time" and c["id"].startswith("call_") for c in calls)
         else:
             assert finish == "stop" and text == written and not calls
+
+
+@pytest.mark.anyio
+async def test_token_ids_past_the_logits_are_a_400(served_state, tokenizer):
+    """A tokenizer with tokens past the model's logits (added, never trained): a logit_bias key or a
+    prompt token id there is the request's fault, not an index error that fails the batch."""
+    from mygpt.engine.guided import Grammars
+
+    logits = len(tokenizer) - 10
+    chat = served_state.chat
+    served_state.chat = ChatService(
+        chat.engine,
+        tokenizer,
+        "tiny",
+        ChatLimits(512, 4, 4),
+        served_state.tenants,
+        None,
+        Grammars(tokenizer, logits),
+    )
+    async with client_for(served_state) as c:
+        body = {"model": "tiny", "messages": HI, "max_tokens": 2, "logit_bias": {str(logits + 1): 5}}
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+        r = await c.post(
+            "/v1/completions", json={"model": "tiny", "prompt": [1, logits + 1], "max_tokens": 2}
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        body["logit_bias"] = {str(logits - 1): 5}
+        assert (await c.post("/v1/chat/completions", json=body)).status_code == 200

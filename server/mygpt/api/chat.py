@@ -80,11 +80,13 @@ class ChatService:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.limits = limits
-        self.vocab_size = len(tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids)  # left out of generated text
         self.renders_tools = tools.template_renders_tools(tokenizer)  # else: told in a system message
         # structured outputs, compiled for the model's logits width (default: the tokenizer's size)
-        self.grammars = grammars or Grammars(tokenizer, self.vocab_size)
+        self.grammars = grammars or Grammars(tokenizer, len(tokenizer))
+        # token ids a request may name (logit_bias keys, prompt ids): both the tokenizer's and the
+        # logits' (a tokenizer with tokens added past the embedding would index past the logits)
+        self.vocab_size = min(len(tokenizer), self.grammars.vocab_size)
 
     # ------------------------------------------------------------------ request -> engine
     async def prepare(
