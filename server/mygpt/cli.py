@@ -192,6 +192,16 @@ class _DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.timeout
         while self.state.tenants.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+        if self.state.tenants.in_flight > 0 and self.state.engine is not None:
+            # past the timeout: the engine ends what still runs with an error event (A10: the SDK raises,
+            # where a cut connection would leave half an answer), and those events get a moment to go out
+            log.warning(
+                "drain timeout: %d requests still in flight end with an error", self.state.tenants.in_flight
+            )
+            self.state.engine.stop()
+            grace = time.monotonic() + 2.0
+            while self.state.tenants.in_flight > 0 and time.monotonic() < grace:
+                time.sleep(0.05)
         self.should_exit = True
 
 

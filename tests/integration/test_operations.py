@@ -85,6 +85,24 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(default_checkpoint):
     server.stop()
 
 
+def test_streams_still_running_at_the_drain_timeout_end_with_an_error_event(default_checkpoint):
+    """G2/A10: past --shutdown-timeout-s, a stream still running gets an error event (the SDK raises)
+    instead of a connection cut mid-answer, and the process still exits 0."""
+    server = ServerProcess("--shutdown-timeout-s", "1", name="drain-timeout").wait_ready()
+    body = {"model": BASE, "messages": ASK, "max_tokens": 2000, "temperature": 0, "stream": True}
+    body["logit_bias"] = {"2": -100}  # no end of turn: still running when the timeout comes
+    lines = []
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            if len(lines) == 3:
+                server.proc.send_signal(signal.SIGTERM)
+    data = [line for line in lines if line.startswith("data: ")]
+    assert "shutting down" in json.loads(data[-1].removeprefix("data: "))["error"]["message"]
+    assert server.proc.wait(30) == 0
+    server.stop()
+
+
 FLOOD = """
 import json, signal, sys, threading, openai
 url, key, workers, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
