@@ -105,7 +105,7 @@ SYSTEM = {  # long enough (over 64 tokens) for the prefix cache to keep
 
 def test_the_next_chat_turn_is_read_from_the_prefix_cache(client, default_server):
     """The conversation's earlier prompt is cached: the next turn computes less, says so in its usage
-    (OpenAI's prompt_tokens_details.cached_tokens), and answers as from scratch (B5)."""
+    (OpenAI's prompt_tokens_details.cached_tokens), and answers as it did the first time."""
     kw = dict(model=MODEL, temperature=0, max_tokens=24)
     first = client.chat.completions.create(messages=[SYSTEM, *ASK], **kw)
     turn2 = [SYSTEM, *ASK, first.choices[0].message.model_dump(include={"role", "content"})]

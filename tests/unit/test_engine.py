@@ -328,15 +328,28 @@ def test_the_next_chat_turn_reuses_the_last_turns_prompt(make_engine):
 def test_a_repeated_prompt_and_its_choices_equal_a_fresh_prefill(make_engine):
     engine, plain = make_engine(slots=4), make_engine(slots=4, prefix_caching=False)
     prompt = list(range(200, 300))
-    params = dict(temperature=0.8, max_tokens=8, n=3, seed=5, logprobs=True)
+    params = dict(temperature=0.0, max_tokens=8, n=3, logprobs=True, top_logprobs=3)
     a = _run(engine, "a", prompt, **params)
     b = _run(engine, "b", prompt, **params)
     assert _cached(a, "a") == 0 and _cached(b, "b") == 64
     assert [ev.cached_tokens for ev in b.events["b"] if ev.index > 0] == [0] * (2 * 8)  # reported once
     fresh = _run(plain, "b", prompt, **params)
-    for i in range(3):  # B5: same seed, same output, found in the cache or not
+    for i in range(3):
         assert b.tokens("b", i) == a.tokens("a", i) == fresh.tokens("b", i)
     assert _logprobs(b, "b") == _logprobs(fresh, "b")
+
+
+def test_a_request_with_a_seed_computes_its_whole_prompt(make_engine):
+    """B5: same seed, same request, same output, whatever the cache held: a seeded request's tokens
+    never rest on reused keys and values (equal to recomputed ones up to rounding only)."""
+    engine = make_engine(slots=4)
+    prompt = list(range(200, 300))
+    params = dict(temperature=0.9, max_tokens=8, n=2, seed=5, logprobs=True)
+    a = _run(engine, "a", prompt, **params)
+    b = _run(engine, "b", prompt, **params)
+    assert _cached(b, "b") == 0
+    assert _logprobs(a, "a") == _logprobs(b, "b")
+    assert [b.tokens("b", i) for i in range(2)] == [a.tokens("a", i) for i in range(2)]
 
 
 def test_a_running_rows_prompt_is_copied_not_computed(make_engine):

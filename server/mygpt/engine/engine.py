@@ -439,9 +439,11 @@ class Engine(EngineThread):
 
     def _cached_prefix(self, request: GenerationRequest) -> Match | None:
         """The longest prefix of the request's prompt cached in a free slot or a running row's slot
-        (same adapter version, same group); None without one, or when every prompt position's logits
-        are asked for (prompt_logprobs: computed, not cached)."""
-        if not self.prefixes.enabled or request.params.prompt_logprobs is not None:
+        (same adapter version, same group); None without one, when every prompt position's logits are
+        asked for (prompt_logprobs), or for a request with a seed (B5: its output must not depend on
+        what the cache held, see prefix.py)."""
+        params = request.params
+        if not self.prefixes.enabled or params.prompt_logprobs is not None or params.seed is not None:
             return None
         key = self._cache_key(request)
         running = [  # prompt positions only: generated ones were computed apart (see prefix.py)
