@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 import httpx
@@ -69,6 +70,21 @@ async def test_adapters_alone_and_in_32_interleaved_requests(aclient):
     busy = await asyncio.gather(*(ask(m, i) for m, i in jobs))
     for (m, i), text in zip(jobs, busy, strict=True):
         assert text == alone[(m, i)], (m, i)
+
+
+def test_a_stream_for_an_adapter_names_it_in_every_chunk(adapter_server):
+    """A3/A4 on the wire: every chunk names the adapter as the request did (not the base), one id and
+    one created; finish_reason is JSON null (present, not missing) until the last choice chunk."""
+    body = {"model": "style-a", "messages": ASK, "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", adapter_server.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert {c["model"] for c in chunks} == {"style-a"}
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert all("finish_reason" in c["choices"][0] for c in chunks if c["choices"])
+    assert reasons[:-1] == [None] * (len(reasons) - 1) and reasons[-1] == "length"
 
 
 def test_unknown_and_broken_adapters(adapter_server):

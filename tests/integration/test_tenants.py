@@ -309,6 +309,27 @@ def test_replacing_an_adapter_mid_stream(server):
     assert "acme/swap@1" not in admin(server, "GET", "/v1/admin/adapters").json()["retiring"]
 
 
+def test_unloading_an_adapter_mid_stream(server):
+    """D4: a stream that started on an adapter finishes on it when the adapter is unloaded; the next
+    request for it is a 404 at once, and its slot is freed when the stream ends."""
+    store, acme = server.store, client(server, "acme")
+    shutil.copytree(store / "acme" / "support", store / "acme" / "gone-files")
+    admin(server, "POST", "/v1/admin/adapters", json={"tenant": "acme", "name": "gone", "path": "gone-files"})
+    alone = ask(acme, "gone", 400).choices[0].message.content
+    stream = acme.chat.completions.create(
+        model="gone", messages=HI, max_tokens=400, temperature=0, stream=True
+    )
+    parts = [next(stream).choices[0].delta.content, next(stream).choices[0].delta.content]
+    assert admin(server, "DELETE", "/v1/admin/adapters/acme/gone").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        ask(acme, "gone", 4)
+    parts += [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(p or "" for p in parts) == alone
+    time.sleep(0.2)
+    listing = admin(server, "GET", "/v1/admin/adapters").json()
+    assert not any(k.startswith("acme/gone@") for k in listing["retiring"])
+
+
 def test_concurrent_loads_of_one_adapter_make_one_load(server):
     """D5: eight admins load the same adapter at once: one load, seven no-ops."""
     shutil.copytree(server.store / "acme" / "support", server.store / "acme" / "crowd-files")

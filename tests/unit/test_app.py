@@ -268,3 +268,32 @@ async def test_token_ids_past_the_logits_are_a_400(served_state, tokenizer):
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
         body["logit_bias"] = {str(logits - 1): 5}
         assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_ready_turns_503_while_a_step_stalls_and_200_after(served_state, monkeypatch):
+    """G1: one engine step running longer than stall_timeout_s (a hung kernel, say) takes the replica
+    out of the load balancer; it comes back once the engine makes progress again."""
+    import asyncio
+    import threading
+
+    served_state.settings = Settings(stall_timeout_s=0.2)
+    runner, release = served_state.engine.runner, threading.Event()
+    real = runner.step
+
+    def hung(*args, **kw):
+        release.wait(10)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "step", hung)
+    async with client_for(served_state) as c:
+        assert (await c.get("/ready")).status_code == 200
+        answer = asyncio.ensure_future(
+            c.post("/v1/chat/completions", json={"model": "tiny", "messages": HI, "max_tokens": 2})
+        )
+        await asyncio.sleep(0.5)
+        r = await c.get("/ready")
+        assert r.status_code == 503 and "no progress" in r.json()["error"]["message"]
+        release.set()
+        assert (await answer).status_code == 200
+        assert (await c.get("/ready")).status_code == 200

@@ -317,7 +317,8 @@ class Engine(EngineThread):
             elif kind == "pin":
                 self._pin(*payload)
             elif kind == "retire" and self.adapters is not None:
-                self.adapters.retire(payload)
+                queued = any(r.adapter is not None and r.adapter.key == payload for r, _ in self._waiting)
+                self.adapters.retire(payload, queued)
 
     def _pin(self, ref: AdapterRef, done: Callable[[Exception | None], None]) -> None:
         error: Exception | None = None
