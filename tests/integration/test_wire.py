@@ -162,11 +162,27 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
             "messages.[0].role",
         ),
         ({"messages": HI}, "model"),
+        ({"model": MODEL, "messages": HI, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"model": MODEL, "messages": HI, "function_call": "auto"}, "function_call"),
+        ({"model": MODEL, "messages": HI, "modalities": ["text", "audio"]}, "modalities"),
+        ({"model": MODEL, "messages": HI, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_param(tiny_server, body, param):
     for stream in (False, True):  # C2: a stream that fails before its first byte is a real 400
         assert_openai_error(post(tiny_server, {**body, "stream": stream}), 400, param=param)
+
+
+def test_stream_options_without_stream_is_a_400(tiny_server):
+    """As OpenAI answers: stream_options belongs to a stream; with stream true it is honoured."""
+    body = {"model": MODEL, "messages": HI, "max_tokens": 2, "stream_options": {"include_usage": True}}
+    assert_openai_error(post(tiny_server, body), 400, param="stream_options")
+    prompt = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stream_options": {"include_usage": True}}
+    r = httpx.post(tiny_server.base_url + "/v1/completions", json=prompt, timeout=60)
+    assert_openai_error(r, 400, param="stream_options")
+    assert post(tiny_server, {**body, "stream": True}).status_code == 200
+    assert post(tiny_server, {**body, "modalities": ["text"]}).status_code == 400  # still the stream_options
+    assert post(tiny_server, {**body, "stream_options": None, "modalities": ["text"]}).status_code == 200
 
 
 def test_lone_surrogates_quoted_in_errors_are_no_500(tiny_server):

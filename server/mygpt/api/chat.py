@@ -176,7 +176,10 @@ class ChatService:
         return AdapterRef(entry.key, weights)
 
     def refuse_unsupported_common(self, req: Any) -> None:
-        """The checks chat and text completions share: n, stop strings, logit_bias token ids."""
+        """The checks chat and text completions share: n, stop strings, logit_bias token ids,
+        stream_options."""
+        if req.stream_options is not None and not req.stream:
+            raise invalid("stream_options is only allowed when stream is true.", param="stream_options")
         if (req.n or 1) > self.limits.max_n:
             raise invalid(f"n must be at most {self.limits.max_n}, got {req.n}.", param="n")
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
@@ -194,6 +197,17 @@ class ChatService:
         self.refuse_unsupported_common(req)
         if req.top_logprobs and not req.logprobs:
             raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        for name in ("functions", "function_call"):
+            if getattr(req, name) is not None:
+                raise invalid(
+                    f"{name} (deprecated function calling) is not supported; use tools and tool_choice.",
+                    param=name,
+                )
+        if req.audio is not None or any(m != "text" for m in req.modalities or ()):
+            raise invalid(
+                "This model produces text only: modalities must be ['text'], without audio.",
+                param="audio" if req.audio is not None else "modalities",
+            )
 
     async def _grammar(self, req: ChatCompletionRequest) -> Grammar | None:
         """The grammar of response_format (None for text), compiled off the event loop; 400 naming

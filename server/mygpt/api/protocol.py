@@ -84,6 +84,12 @@ class ChatCompletionRequest(_Lenient):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
+    # declared to be refused by name (B2), not silently ignored: the deprecated function calling and
+    # audio output
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
     @field_validator("logit_bias")
     @classmethod
