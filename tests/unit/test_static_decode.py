@@ -259,3 +259,34 @@ def test_overlapped_steps_give_the_same_events(tiny_model_dir, tokenizer, tmp_pa
     assert plain_stats.ahead_launched == 0
     assert ahead_stats.ahead_used > 0 and ahead_stats.ahead_launched >= ahead_stats.ahead_used
     assert ahead_stats.steps == plain_stats.steps  # no step more or fewer: the same schedule
+
+
+def test_prefix_cache_hits_with_static_decode_give_the_uncached_tokens(tiny_model_dir, tokenizer):
+    """The prefix cache on the static (graph-shaped) decode path, as tests/gpu runs it under CUDA
+    graphs: freed slots taken with their prompts, a running row's prompt copied, the rest prefilled
+    from a chunk start past 0, then static decode steps."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    static = ModelRunner(model, num_slots=8, max_len=300, dtype=torch.float32, static_decode=True)
+    prompts = [[3 + i] * 40 + list(range(10, 110)) for i in range(3)]  # 140 tokens: 128 reusable
+    results, cached = [], []
+    for caching in (False, True):
+        engine = Engine(static, tokenizer, [], max_num_batched_tokens=256, prefix_caching=caching)
+        engine.start()
+        c = Collector()
+        for rep in range(2):  # the second time, each prompt finds the first's freed slot
+            for i, p in enumerate(prompts):
+                c.submit(engine, f"{rep}-{i}", p, temperature=0.0, max_tokens=16)
+            c.wait()
+        shared = [90] * 130  # in no freed slot: "copy" can only copy it from "long", running
+        c.submit(engine, "long", shared + [1], temperature=0.0, max_tokens=120)
+        while not engine._running:
+            pass
+        c.submit(engine, "copy", shared + [2], temperature=0.0, max_tokens=16)
+        c.wait()
+        engine.stop()
+        results.append({rid: c.tokens(rid) for rid in c.events})
+        cached.append({rid: c.events[rid][0].cached_tokens for rid in c.events})
+    assert results[1] == results[0]
+    assert all(cached[1][f"1-{i}"] == 128 for i in range(3)) and cached[1]["copy"] == 128
+    assert not any(cached[0].values())
+    assert static.decoder.stats.eager > 0  # the decode steps went through the static decoder
