@@ -261,16 +261,14 @@ def test_overlapped_steps_give_the_same_events(tiny_model_dir, tokenizer, tmp_pa
     assert ahead_stats.steps == plain_stats.steps  # no step more or fewer: the same schedule
 
 
-def test_prefix_cache_hits_with_static_decode_give_the_uncached_tokens(tiny_model_dir, tokenizer):
-    """The prefix cache on the static (graph-shaped) decode path, as tests/gpu runs it under CUDA
-    graphs: freed slots taken with their prompts, a running row's prompt copied, the rest prefilled
-    from a chunk start past 0, then static decode steps."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    static = ModelRunner(model, num_slots=8, max_len=300, dtype=torch.float32, static_decode=True)
+def prefix_cache_workload(runner: ModelRunner, tokenizer) -> None:
+    """Freed slots taken with their prompts, a running row's prompt copied, the rest prefilled from a
+    chunk start past 0, then decode steps: the tokens equal an engine's without the cache (also run
+    by tests/gpu under CUDA graphs)."""
     prompts = [[3 + i] * 40 + list(range(10, 110)) for i in range(3)]  # 140 tokens: 128 reusable
     results, cached = [], []
     for caching in (False, True):
-        engine = Engine(static, tokenizer, [], max_num_batched_tokens=256, prefix_caching=caching)
+        engine = Engine(runner, tokenizer, [], max_num_batched_tokens=256, prefix_caching=caching)
         engine.start()
         c = Collector()
         for rep in range(2):  # the second time, each prompt finds the first's freed slot
@@ -289,4 +287,10 @@ def test_prefix_cache_hits_with_static_decode_give_the_uncached_tokens(tiny_mode
     assert results[1] == results[0]
     assert all(cached[1][f"1-{i}"] == 128 for i in range(3)) and cached[1]["copy"] == 128
     assert not any(cached[0].values())
+
+
+def test_prefix_cache_hits_with_static_decode_give_the_uncached_tokens(tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    static = ModelRunner(model, num_slots=8, max_len=300, dtype=torch.float32, static_decode=True)
+    prefix_cache_workload(static, tokenizer)
     assert static.decoder.stats.eager > 0  # the decode steps went through the static decoder
