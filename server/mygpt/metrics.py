@@ -195,7 +195,7 @@ class Metrics:
         self.busy = Counter("mygpt_engine_busy_seconds", "Time the engine spent in steps.", registry=r)
         self.prefix_queried = Counter(
             "mygpt_prefix_cache_queried_tokens",
-            "Prompt tokens of admitted requests looked up in the prefix cache.",
+            "Prompt tokens of admitted requests that looked in the prefix cache.",
             registry=r,
         )
         self.prefix_hits = Counter(

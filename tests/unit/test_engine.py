@@ -218,6 +218,26 @@ def test_fair_queue_rotates_groups_and_removes():
     assert order == ["a0", "b0", "n0", "a2", "b1"]
 
 
+def test_requests_passing_a_blocked_head_still_take_turns_across_groups():
+    """pop_first (base-model requests going ahead of a head that waits for an adapter slot): the
+    groups keep their round-robin, a backlog of one group does not go first."""
+    from mygpt.engine.engine import FairQueue
+    from mygpt.engine.types import AdapterRef
+
+    q = FairQueue()
+    lora = AdapterRef("a/x@1", None)
+    for rid, group, ref in [
+        ("a-lora", "a", lora), ("a1", "a", None), ("b0", "b", None), ("b1", "b", None),
+        ("b2", "b", None), ("c0", "c", None), ("c1", "c", None),
+    ]:  # fmt: skip
+        q.append((GenerationRequest(rid, [1], SamplingParams(max_tokens=1), adapter=ref, group=group), None))
+    order = []
+    while (item := q.pop_first(lambda r: r.adapter is None)) is not None:
+        order.append(item[0].request_id)
+    assert order == ["a1", "b0", "c0", "b1", "c1", "b2"]
+    assert [r.request_id for r, _ in q] == ["a-lora"]
+
+
 def test_a_request_that_cannot_start_gives_its_slots_back(make_engine, monkeypatch):
     """A failure while a request's rows are made (after it took its KV slots) ends it with an error
     and returns the slots: before, they leaked, and a few such requests stalled the server."""

@@ -128,3 +128,19 @@ def test_base_requests_pass_a_request_waiting_for_an_adapter_slot(lora_engine):
     assert t["base"].finished < t["c"].admitted  # went first
     assert t["c"].admitted >= min(t["a-long"].finished, t["b-long"].finished)  # waited for a slot
     assert t["a-again"].admitted >= t["c"].admitted  # did not pass it
+
+
+def test_a_version_retired_while_requests_wait_for_it_goes_after_them(lora_engine):
+    """Unloaded (or replaced) while two requests still wait to load it: both run on it, one after
+    the other if need be, and it does not stay in a slot afterwards as if it were routable."""
+    c = Collector()
+    refs, cache = lora_engine.refs, lora_engine.adapters
+    for name in "ab":  # both slots busy: the c requests wait
+        c.submit(lora_engine, f"{name}-long", PROMPTS[0], temperature=0.0, max_tokens=100, adapter=refs[name])
+    for i in range(2):
+        c.submit(lora_engine, f"c-{i}", PROMPTS[1], temperature=0.0, max_tokens=4, adapter=refs["c"], n=1)
+    lora_engine.retire_adapter("c")
+    c.wait()
+    assert all(c.finish(rid) == FinishReason.LENGTH for rid in c.events)
+    assert c.tokens("c-0") == c.tokens("c-1")
+    assert "c" not in cache.resident and not lora_engine._retired_keys

@@ -173,8 +173,9 @@ def _edit_config(**changes):
         (lambda d: (d / "adapter_model.safetensors").unlink(), "missing"),
         # configs and tensors of the wrong kind: a 400 naming the problem, never a 500 (which clients retry)
         (lambda d: (d / "adapter_config.json").write_text("[]"), "not a JSON object"),
-        (_edit_config(lora_alpha=None), "lora_alpha None is not a number"),
-        (_edit_config(lora_alpha="16"), "lora_alpha '16' is not a number"),
+        (_edit_config(lora_alpha=None), "lora_alpha None is not a usable number"),
+        (_edit_config(lora_alpha="16"), "lora_alpha '16' is not a usable number"),
+        (_edit_config(lora_alpha=10**400), "lora_alpha 1000000000.* is not a usable number"),
         (lambda d: _retensor(d, lambda k, t: t[:0] if "lora_A" in k else t[:, :0]), "rank 1 or more"),
         (lambda d: _retensor(d, lambda k, t: t.sum() if "lora_A" in k else t), "rank 1 or more"),
     ],

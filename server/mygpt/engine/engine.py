@@ -129,6 +129,22 @@ class FairQueue:
             del self._groups[group]
         return item
 
+    def pop_first(
+        self, wanted: Callable[[GenerationRequest], bool]
+    ) -> tuple[GenerationRequest, EventCallback] | None:
+        """The first wanted request in the groups' turn order (each group's oldest wanted one); its
+        group's turn is then over, as with popleft."""
+        for group, waiting in self._groups.items():
+            item = next((it for it in waiting if wanted(it[0])), None)
+            if item is not None:
+                waiting.remove(item)
+                if waiting:
+                    self._groups.move_to_end(group)
+                else:
+                    del self._groups[group]
+                return item
+        return None
+
     def remove(self, request_id: str) -> tuple[GenerationRequest, EventCallback] | None:
         for group, waiting in self._groups.items():
             for item in waiting:
@@ -227,6 +243,7 @@ class Engine(EngineThread):
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._busy_since: float | None = None  # set while a step runs
+        self._retired_keys: set[str] = set()  # retired adapter versions that waiting requests still use
 
     # ------------------------------------------------------------------ thread-safe API
     def start(self) -> None:
@@ -298,6 +315,7 @@ class Engine(EngineThread):
                 self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
             finally:
                 self._busy_since = None
+        self._drain_inbox()  # requests submitted during the last step get their final event too
         self._fail_all("the server is shutting down")
 
     def _drain_inbox(self) -> None:
@@ -317,8 +335,9 @@ class Engine(EngineThread):
             elif kind == "pin":
                 self._pin(*payload)
             elif kind == "retire" and self.adapters is not None:
-                queued = any(r.adapter is not None and r.adapter.key == payload for r, _ in self._waiting)
-                self.adapters.retire(payload, queued)
+                self.adapters.retire(payload)
+                if self._queued_for(payload):  # they still load it: it goes again once they end
+                    self._retired_keys.add(payload)
 
     def _pin(self, ref: AdapterRef, done: Callable[[Exception | None], None]) -> None:
         error: Exception | None = None
@@ -411,6 +430,10 @@ class Engine(EngineThread):
                     continue
                 for _ in range(request.params.n - 1):
                     self.adapters.acquire(ref.key, ref.weights)  # one pin per row
+                if ref.key in self._retired_keys:  # unloaded while this request waited: it goes after
+                    self.adapters.retire(ref.key)
+                    if not self._queued_for(ref.key):
+                        self._retired_keys.discard(ref.key)
             match = self._cached_prefix(request)
             keep = match.slot if match is not None and match.free else None
             slots = self.prefixes.take(self._free_slots, request.params.n, keep)
@@ -430,9 +453,16 @@ class Engine(EngineThread):
                 continue
             rows[0].cached_tokens = cached  # the prompt's: reported once, on choice 0's events
             self.stats.cached_tokens += cached
-            if self.metrics is not None and self.prefixes.enabled:
+            if self.metrics is not None and self._uses_cache(request):
                 self.metrics.record_prefix_cache(len(request.prompt_ids), cached)
             self._prefilling.append(Group(request, on_event, rows, num_prefilled=cached))
+
+    def _uses_cache(self, request: GenerationRequest) -> bool:
+        params = request.params
+        return self.prefixes.enabled and params.prompt_logprobs is None and params.seed is None
+
+    def _queued_for(self, key: str) -> bool:
+        return any(r.adapter is not None and r.adapter.key == key for r, _ in self._waiting)
 
     @staticmethod
     def _cache_key(request: GenerationRequest) -> Key:
@@ -443,14 +473,14 @@ class Engine(EngineThread):
         (same adapter version, same group); None without one, when every prompt position's logits are
         asked for (prompt_logprobs), or for a request with a seed (B5: its output must not depend on
         what the cache held, see prefix.py)."""
-        params = request.params
-        if not self.prefixes.enabled or params.prompt_logprobs is not None or params.seed is not None:
+        if not self._uses_cache(request):
             return None
         key = self._cache_key(request)
-        running = [  # prompt positions only: generated ones were computed apart (see prefix.py)
-            (r.slot, r.request.prompt_ids[: r.num_cached])
+        running = [  # prompt positions only (generated ones were computed apart, see prefix.py): a
+            # running row holds its whole prompt
+            (r.slot, r.request.prompt_ids)
             for r in self._running
-            if not r.finished and r.num_cached and self._cache_key(r.request) == key
+            if not r.finished and self._cache_key(r.request) == key
         ]
         running += [
             (g.rows[0].slot, g.request.prompt_ids[: g.num_prefilled])
@@ -473,10 +503,7 @@ class Engine(EngineThread):
         ref = head.adapter
         if ref is None or self.adapters is None or self.adapters.can_acquire(ref.key):
             return self._waiting.popleft()
-        base = next((r for r, _ in self._waiting if r.adapter is None), None)
-        if base is None or len(self._free_slots) < base.params.n:
-            return None
-        return self._waiting.remove(base.request_id)
+        return self._waiting.pop_first(lambda r: r.adapter is None and len(self._free_slots) >= r.params.n)
 
     def _new_row(self, request: GenerationRequest, index: int, slot: int, lora_slot: int) -> Row:
         seed = None if request.params.seed is None else request.params.seed + index
@@ -657,6 +684,7 @@ class Engine(EngineThread):
             with self._lock:
                 self._num_waiting -= 1
             log.info("request %s aborted while waiting", request_id)
+            self._retired_keys = {k for k in self._retired_keys if self._queued_for(k)}
             self._end_request(waiting[0], FinishReason.ABORT, None)
             return
         rows = [r for r in self._running if r.request.request_id == request_id]
@@ -686,6 +714,7 @@ class Engine(EngineThread):
         with self._lock:
             self._num_waiting -= len(self._waiting)
         self._waiting.clear()
+        self._retired_keys.clear()
         self._running, self._prefilling = [], []
         self.prefixes.clear()  # a failed step may have written part of a slot's KV
         for request, rows in requests.values():

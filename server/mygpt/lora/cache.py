@@ -42,7 +42,7 @@ class AdapterCache:
         self._weights: dict[str, LoRAWeights] = {}  # resident key -> the weights in its slot
         self._pins: collections.Counter[str] = collections.Counter()  # rows using the key
         self._pinned: set[str] = set()  # pinned by configuration: never evicted
-        self._retired: set[str] = set()  # keys to drop once unused (resident, or queued to load)
+        self._retired: set[str] = set()  # resident keys to drop once unused
         self._lru: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recent first
         self._free = list(range(num_slots - 1, -1, -1))
         self._lock = threading.Lock()  # for snapshot() from other threads
@@ -92,12 +92,10 @@ class AdapterCache:
         self._pinned.add(key)
         return slot
 
-    def retire(self, key: str, queued: bool = False) -> None:
-        """`key` is no longer routable: evict it now if unused, else when its last row finishes.
-        queued: requests admitted before it was retired still wait to load it; it goes once they end
-        (not left behind in a slot as if it were routable)."""
+    def retire(self, key: str) -> None:
+        """`key` is no longer routable: evict it now if unused, else when its last row finishes."""
         self._pinned.discard(key)
-        if key in self._slot and not self.evict(key) or key not in self._slot and queued:
+        if key in self._slot and not self.evict(key):
             self._retired.add(key)
 
     def _load(self, key: str, weights: LoRAWeights) -> None:

@@ -109,8 +109,8 @@ def read_adapter(
     if not pairs:
         raise AdapterError(f"adapter '{name}': no LoRA weights found")
     alpha = config.get("lora_alpha", config.get("r", 8))
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise AdapterError(f"adapter '{name}': lora_alpha {alpha!r} is not a number")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not -1e30 < alpha < 1e30:
+        raise AdapterError(f"adapter '{name}': lora_alpha {repr(alpha)[:40]} is not a usable number")
     modules: dict[str, ModuleLoRA] = {}
     for module, ab in sorted(pairs.items()):
         if module not in module_shapes:
