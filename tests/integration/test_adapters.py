@@ -72,6 +72,22 @@ async def test_adapters_alone_and_in_32_interleaved_requests(aclient):
         assert text == alone[(m, i)], (m, i)
 
 
+@pytest.mark.anyio
+async def test_same_seed_same_output_with_an_adapter_alone_or_in_a_busy_batch(aclient):
+    """B5 with an adapter: a seeded sample on style-b is the same alone and among requests for the
+    other adapter and the base model."""
+    seeded = dict(model="style-b", messages=ASK, temperature=1.0, seed=7, max_tokens=24)
+    alone = (await aclient.chat.completions.create(**seeded)).choices[0].message.content
+    noise = [
+        aclient.chat.completions.create(
+            model=m, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=24, seed=i
+        )
+        for i, m in enumerate(["style-a", BASE] * 4)
+    ]
+    results = await asyncio.gather(*noise, aclient.chat.completions.create(**seeded))
+    assert results[-1].choices[0].message.content == alone
+
+
 def test_a_stream_for_an_adapter_names_it_in_every_chunk(adapter_server):
     """A3/A4 on the wire: every chunk names the adapter as the request did (not the base), one id and
     one created; finish_reason is JSON null (present, not missing) until the last choice chunk."""

@@ -172,8 +172,12 @@ async def test_same_seed_same_output_alone_or_in_a_busy_batch(aclient):
     """B5, and E1 for the base model: greedy and seeded outputs do not depend on the batch."""
     seeded = dict(model=MODEL, messages=ASK, temperature=0.9, seed=1234, max_tokens=24)
     greedy = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=24)
+    # over 64 tokens: the second run would find the first's prompt in the prefix cache, but a seeded
+    # request computes its whole prompt (reused keys and values equal recomputed ones up to rounding)
+    long_seeded = dict(model=MODEL, messages=[SYSTEM, *ASK], temperature=0.9, seed=99, max_tokens=24)
     alone_seeded = (await aclient.chat.completions.create(**seeded)).choices[0].message.content
     alone_greedy = (await aclient.chat.completions.create(**greedy)).choices[0].message.content
+    alone_long = (await aclient.chat.completions.create(**long_seeded)).choices[0].message.content
     noise = [
         aclient.chat.completions.create(
             model=MODEL,
@@ -183,10 +187,15 @@ async def test_same_seed_same_output_alone_or_in_a_busy_batch(aclient):
         for i in range(10)
     ]
     results = await asyncio.gather(
-        *noise, aclient.chat.completions.create(**seeded), aclient.chat.completions.create(**greedy)
+        *noise,
+        aclient.chat.completions.create(**seeded),
+        aclient.chat.completions.create(**greedy),
+        aclient.chat.completions.create(**long_seeded),
     )
-    assert results[-2].choices[0].message.content == alone_seeded
-    assert results[-1].choices[0].message.content == alone_greedy
+    assert results[-3].choices[0].message.content == alone_seeded
+    assert results[-2].choices[0].message.content == alone_greedy
+    assert results[-1].choices[0].message.content == alone_long
+    assert results[-1].usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_n_choices(client):
