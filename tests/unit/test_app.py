@@ -170,8 +170,8 @@ def script_model(monkeypatch, runner, token_ids: list[int]) -> None:
     """The runner's logits make the model write exactly token_ids (one request, one choice), then EOS."""
     real, step = runner.step, {"k": 0}
 
-    def scripted(decode, chunks):
-        decode_logits, chunk_logits = real(decode, chunks)
+    def scripted(decode, chunks, invariant=False):
+        decode_logits, chunk_logits = real(decode, chunks, invariant)
         token = token_ids[step["k"]] if step["k"] < len(token_ids) else SCRIPT_EOS
         step["k"] += 1
 

@@ -379,9 +379,15 @@ class Engine(EngineThread):
                 chunk_logits = []
                 self.stats.ahead_used += 1
             else:
+                # a seeded request's rows must not depend on the batch (B5): the LoRA products then take
+                # their batch-invariant layout (lora/layers.py), which costs a little
+                seeded = any(r.request.params.seed is not None for r in decode) or any(
+                    g.request.params.seed is not None for g, _ in chunks
+                )
                 decode_logits, chunk_logits = self.runner.step(
                     [DecodeRow(r.slot, r.next_token, r.num_cached, r.lora_slot) for r in decode],
                     [chunk for _, chunk in chunks],
+                    invariant=seeded,
                 )
             self.stats.forward_s += time.monotonic() - t_forward
             # cost attribution: the step's time split by the tokens each row computed in it

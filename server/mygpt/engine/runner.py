@@ -217,14 +217,16 @@ class ModelRunner:
     # ---------------------------------------------------------------- public API
     @torch.inference_mode()
     def step(
-        self, decode: list[DecodeRow], chunks: list[PrefillChunk]
+        self, decode: list[DecodeRow], chunks: list[PrefillChunk], invariant: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One forward for every decode row and prefill chunk together.
 
         The projections and MLPs run once over all the step's tokens (the weights are read once);
         attention runs batched for the decode rows and per chunk for the prefills. Returns the decode
         rows' logits [Bd, V] and, for each chunk, its last position's logits [1, V], or every
-        position's [c, V] for a chunk with all_logits (prompt logprobs).
+        position's [c, V] for a chunk with all_logits (prompt logprobs). invariant: every row's result
+        independent of the others (the LoRA products' batch-invariant layout; the rest already is, on
+        the CPU); the static decoder's steps ignore it.
         """
         if self.decoder is not None and decode and not chunks:
             return self.decoder.run(decode), []
@@ -236,7 +238,7 @@ class ModelRunner:
         # compiled pieces (_layer_pieces); a step of one token (a lone 1-token chunk) would compile apart
         pieces = bool(chunks) and self._compiled_qkv is not None and len(tokens) > 1
         layer_fn = self._layer_pieces if pieces else None
-        self._set_lora(loras, pieces)
+        self._set_lora(loras, pieces, invariant)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, N]
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, N]
         plan = _AttentionPlan.build(decode, chunks, self.device)
@@ -254,7 +256,7 @@ class ModelRunner:
                     raise
                 log.warning("a compiled step failed: steps run uncompiled", exc_info=True)
                 self.compile_layers(False)  # graphs captured already keep their compiled kernels
-                self._set_lora(loras)
+                self._set_lora(loras, invariant=invariant)
                 hidden = self._forward(ids, pos, plan)[0]  # writes the same keys and values again
         finally:  # the wrapped layers are the model's own: leave no adapter mask behind
             self._set_lora([])
@@ -276,11 +278,12 @@ class ModelRunner:
         token_ids: list[int],
         positions: list[int],
         lora_slots: list[int] | None = None,
+        invariant: bool = False,
     ) -> torch.Tensor:
         """One token for each row (slot, token, position, adapter slot or -1); returns logits [B, V]."""
         loras = lora_slots or [-1] * len(slots)
         rows = [DecodeRow(*r) for r in zip(slots, token_ids, positions, loras, strict=True)]
-        return self.step(rows, [])[0]
+        return self.step(rows, [], invariant)[0]
 
     @torch.inference_mode()
     def decode_ahead(self, rows: list[DecodeRow], ids: torch.Tensor) -> torch.Tensor:
@@ -298,14 +301,17 @@ class ModelRunner:
             v[dst, :, :length] = v[src, :, :length]
 
     # ---------------------------------------------------------------- internals
-    def _set_lora(self, lora_slots: list[int], compiled: bool = False) -> None:
+    def _set_lora(self, lora_slots: list[int], compiled: bool = False, invariant: bool = False) -> None:
         """The step's adapter grouping; compiled: for the compiled pieces, always as index tensors and
-        at least 2 x 2 (sizes torch.compile takes as dynamic, not one compile each: _dynamic)."""
+        at least 2 x 2 (sizes torch.compile takes as dynamic, not one compile each: _dynamic);
+        invariant: lora.layers' batch-invariant layout."""
         b = self.lora_batch
         if b is None:
             return
         at_least = 2 if compiled else 1
-        set_rows(b, lora_slots, self.max_lora_rank, self.dtype, self.device, at_least, self.max_loras)
+        set_rows(
+            b, lora_slots, self.max_lora_rank, self.dtype, self.device, at_least, self.max_loras, invariant
+        )
 
     def _forward(
         self, ids: torch.Tensor, position_ids: torch.Tensor, plan: _AttentionPlan, layer_fn=None

@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# rows per slot in the grouped products on the CPU, at least: torch's CPU bmm rounds a row differently
-# with fewer than 4 rows per batch entry (a small-M kernel) than with 4 or more (measured at every LoRA
-# shape of the default model: equal for any M >= 4, any slot count, any row), so a row's LoRA term
-# would depend on how many rows share its adapter in the step (B5: a seeded request's sample changed in
-# a busy batch). Cost: a 16-row step over 16 adapters 55 ms instead of 47 (docs/benchmarks.md). On a
-# GPU nothing of B5 is claimed yet (bucketed graphs pad differently), so no floor there.
+# The batch-invariant layout (set_rows(invariant=True)): torch's CPU bmm rounds a row in one of a few
+# ways, by the product's shape: one batch entry (S = 1) or more, fewer than 4 rows per entry or more
+# (measured at every LoRA shape of the default model). With S >= 2 and M >= 4 a row's result is the
+# same for any S, M and row position, so it no longer depends on how many rows share the step or its
+# adapter (B5: a seeded request's sample on an adapter changed in a busy batch). It costs a row more
+# work (1 row on 1 adapter: 17.4 ms a step instead of 13.7, docs/benchmarks.md), so the engine asks for
+# it only in steps that carry a seeded request.
 MIN_ROWS = 4
 
 
@@ -292,11 +293,13 @@ def wrap_model(
 
 
 def set_rows(
-    batch: LoRABatch, slots: list[int], max_rank: int, dtype, device, at_least: int = 1, max_slots: int = 0
-) -> None:
+    batch: LoRABatch, slots: list[int], max_rank: int, dtype, device, at_least: int = 1, max_slots: int = 0,
+    invariant: bool = False,
+) -> None:  # fmt: skip
     """Groups the step's tokens by adapter slot, token i using slot slots[i] (-1 = the base model).
     at_least > 1: at least that many slots (up to max_slots) and rows per slot, and always the three
-    index tensors (runner.compile_layers: the same kind of step whatever the grouping)."""
+    index tensors (runner.compile_layers: the same kind of step whatever the grouping). invariant: the
+    batch-invariant layout (see MIN_ROWS)."""
     slot_t = torch.tensor(slots, dtype=torch.long)
     adapted = slot_t >= 0
     n_adapted = int(adapted.sum())
@@ -305,10 +308,12 @@ def set_rows(
         return
     n = len(slots)
     s = int(slot_t.max()) + 1
-    if at_least > 1:
-        s = max(s, min(at_least, max_slots))
+    if at_least > 1 or invariant:
+        s = max(s, min(max(at_least, 2 if invariant else 1), max_slots))
     counts = torch.bincount(slot_t[adapted], minlength=s)
-    m = max(int(counts.max()), at_least, MIN_ROWS if torch.device(device).type == "cpu" else 1)
+    m = max(int(counts.max()), at_least, MIN_ROWS if invariant else 1)
+    if invariant and s == 1:  # one slot only (max_slots 1): whole blocks of 4 rows, no tail rows
+        m = -(-m // MIN_ROWS) * MIN_ROWS
     if n_adapted < n and n_adapted == s * m:
         m += 1  # base-model tokens need a padding position to read zeros from
     order = torch.argsort(torch.where(adapted, slot_t, s), stable=True)  # by slot, base tokens last
