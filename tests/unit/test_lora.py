@@ -241,8 +241,24 @@ def test_paths_outside_the_store_are_refused(tiny_model_dir, adapter_root, tmp_p
 
 @pytest.mark.parametrize(
     "slots",
-    [[0] * 6, [0, 0, 1, 1, 2, 2], [2, 0, 1, 0, 2, 1], [1, -1, 1, 3, -1, 0], [-1, -1, 2], [0, 0, 0, 1]],
-    ids=["one-adapter", "sorted-equal", "shuffled", "mixed-with-base", "base-and-one", "uneven"],
+    [
+        [0] * 6,
+        [0, 0, 1, 1, 2, 2],
+        [2, 0, 1, 0, 2, 1],
+        [1, -1, 1, 3, -1, 0],
+        [-1, -1, 2],
+        [0, 0, 0, 1],
+        [0, 0, 0, 0, -1],
+    ],
+    ids=[
+        "one-adapter",
+        "sorted-equal",
+        "shuffled",
+        "mixed-with-base",
+        "base-and-one",
+        "uneven",
+        "four-and-base",
+    ],
 )
 def test_grouped_lora_equals_each_token_alone(slots):
     """Every grouping layout (identity, padding, base tokens) gives each token exactly its own
@@ -271,3 +287,8 @@ def test_grouped_lora_equals_each_token_alone(slots):
     assert batch.valid.shape[0] >= 2 and batch.valid.shape[1] >= MIN_ROWS
     with torch.no_grad():
         torch.testing.assert_close(layer(x)[0], got, atol=1e-5, rtol=1e-5)
+    if max(slots) == 0:  # one adapter slot in all (max_loras 1): whole blocks of MIN_ROWS rows
+        set_rows(batch, slots, 4, torch.float32, "cpu", max_slots=1, invariant=True)
+        assert batch.valid.shape[0] == 1 and batch.valid.shape[1] % MIN_ROWS == 0
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x)[0], got, atol=1e-5, rtol=1e-5)

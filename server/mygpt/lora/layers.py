@@ -314,8 +314,8 @@ def set_rows(
     m = max(int(counts.max()), at_least, MIN_ROWS if invariant else 1)
     if invariant and s == 1:  # one slot only (max_slots 1): whole blocks of 4 rows, no tail rows
         m = -(-m // MIN_ROWS) * MIN_ROWS
-    if n_adapted < n and n_adapted == s * m:
-        m += 1  # base-model tokens need a padding position to read zeros from
+    if n_adapted < n and n_adapted == s * m:  # base-model tokens need a padding position to read zeros
+        m += MIN_ROWS if invariant and s == 1 else 1  # from (one slot, invariant: still whole blocks)
     order = torch.argsort(torch.where(adapted, slot_t, s), stable=True)  # by slot, base tokens last
     sorted_slots = slot_t[order[:n_adapted]]
     starts = torch.cumsum(counts, 0) - counts
