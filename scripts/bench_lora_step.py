@@ -3,7 +3,7 @@
 adapter, 4 adapters, uneven, 16 adapters (and one row on one adapter); the runner's fused projections (q/k/v and gate/up as one
 product each, lora/layers.py FusedLinear) against every projection called on its own, and the
 LoRA products' batch-invariant layout (at least 2 slots x 4 rows, lora/layers.py MIN_ROWS: what a step
-with a seeded or greedy request takes, B5/E1) against the default one, alternating in one process, median of 20
+with a seeded request takes, B5) against the default one, alternating in one process, median of 20
 steps per case and round, median of the rounds.
 
     .venv/bin/python scripts/bench_lora_step.py [--rounds 5]

@@ -100,11 +100,6 @@ class _Ahead:
         return self.logits.index_select(0, device_index(index, self.logits.device))
 
 
-def _reproducible(request: GenerationRequest) -> bool:
-    """A request whose tokens must not depend on the batch it runs in: seeded (B5) or greedy (E1)."""
-    return request.params.seed is not None or request.params.greedy
-
-
 class FairQueue:
     """Waiting requests: FIFO within a group (GenerationRequest.group), round-robin across groups, so
     that one group's backlog does not hold every other group's requests behind it."""
@@ -384,15 +379,15 @@ class Engine(EngineThread):
                 chunk_logits = []
                 self.stats.ahead_used += 1
             else:
-                # a seeded or greedy request's tokens must not depend on the batch (B5, E1): the LoRA
-                # products then take their batch-invariant layout (lora/layers.py), which costs a little
-                exact = any(_reproducible(r.request) for r in decode) or any(
-                    _reproducible(g.request) for g, _ in chunks
+                # a seeded request's rows must not depend on the batch (B5): the LoRA products then take
+                # their batch-invariant layout (lora/layers.py), which costs a little
+                seeded = any(r.request.params.seed is not None for r in decode) or any(
+                    g.request.params.seed is not None for g, _ in chunks
                 )
                 decode_logits, chunk_logits = self.runner.step(
                     [DecodeRow(r.slot, r.next_token, r.num_cached, r.lora_slot) for r in decode],
                     [chunk for _, chunk in chunks],
-                    invariant=exact,
+                    invariant=seeded,
                 )
             self.stats.forward_s += time.monotonic() - t_forward
             # cost attribution: the step's time split by the tokens each row computed in it
