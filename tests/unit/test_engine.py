@@ -447,3 +447,24 @@ def test_a_failed_step_forgets_every_cached_prefix(make_engine, monkeypatch):
     failed = _run(engine, "fails", [1, 2, 3], max_tokens=4)
     assert failed.finish("fails") == FinishReason.ERROR
     assert _cached(_run(engine, "after", prompt, max_tokens=4), "after") == 0  # nothing trusted
+
+
+def test_only_steps_with_a_seeded_request_ask_for_the_invariant_layout(make_engine, monkeypatch):
+    """B5: the runner groups the LoRA products batch-invariantly in every step of a seeded request
+    (lora/layers.py), and only there: other traffic keeps the cheaper layout (greedy included: its
+    tokens could part from a lone run only at a near tie, and the benchmarks' greedy streams would pay
+    8-13% on adapter steps)."""
+    engine = make_engine(slots=4)
+    real, seen = engine.runner.step, []
+
+    def spy(decode, chunks, invariant=False):
+        seen.append(invariant)
+        return real(decode, chunks, invariant)
+
+    monkeypatch.setattr(engine.runner, "step", spy)
+    for params, want in (
+        (dict(temperature=0.8), False), (dict(temperature=0.8, seed=3), True), (dict(temperature=0.0), False),
+    ):  # fmt: skip
+        seen.clear()
+        _run(engine, "r", [1, 2, 3], max_tokens=4, **params)
+        assert seen and set(seen) == {want}, params

@@ -309,6 +309,7 @@ class ModelRunner:
         if b is None:
             return
         at_least = 2 if compiled else 1
+        invariant = invariant and self.device.type == "cpu"  # measured there; B5 is not claimed on CUDA
         set_rows(
             b, lora_slots, self.max_lora_rank, self.dtype, self.device, at_least, self.max_loras, invariant
         )
