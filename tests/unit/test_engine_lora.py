@@ -144,3 +144,21 @@ def test_a_version_retired_while_requests_wait_for_it_goes_after_them(lora_engin
     assert all(c.finish(rid) == FinishReason.LENGTH for rid in c.events)
     assert c.tokens("c-0") == c.tokens("c-1")
     assert "c" not in cache.resident and not lora_engine._retired_keys
+
+
+def test_cached_prompts_are_reused_for_the_same_adapter_version_only(lora_engine):
+    """The prefix cache is keyed by the adapter version: the same prompt on another adapter, the base
+    model or a new version of the same adapter (a new key, even with the same files) computes whole."""
+    refs = lora_engine.refs
+    prompt = list(range(300, 380))  # 80 tokens: 64 reusable
+    v2 = AdapterRef("a@2", refs["a"].weights)
+
+    def cached(rid, ref):
+        c = Collector()
+        c.submit(lora_engine, rid, prompt, temperature=0.0, max_tokens=2, adapter=ref)
+        c.wait()
+        return c.events[rid][0].cached_tokens
+
+    assert cached("first", refs["a"]) == 0
+    assert [cached("b", refs["b"]), cached("base", None), cached("v2", v2)] == [0, 0, 0]
+    assert cached("again", refs["a"]) == 64
