@@ -123,7 +123,8 @@ class Settings(BaseSettings):
         description="what the server costs per hour (default: an H100 on demand, see docs/metrics.md)",
     )
     price_table: Path | None = Field(
-        None, description="YAML of closed-API prices (provider/model: {input, output} USD per 1M tokens)"
+        None,
+        description="YAML of closed-API prices (provider/model: {input, output, optional cached_input} USD per 1M tokens)",
     )
     metrics_max_adapters: int = Field(
         50, ge=1, description="adapter label values in metrics; the rest: 'other'"

@@ -22,12 +22,17 @@ DEFAULT_COST_PER_HOUR_USD = 3.78
 # (GPT-4 8k, GPT-3.5-turbo-16k and Claude 2.1 at their last published prices; GPT-4 8k and
 # GPT-3.5-turbo-16k cross-checked on lmmarketcap.com's model pages). Written down on 2026-11-26 without
 # access to the live pricing pages: check them for your date and override with --price-table.
-CLOSED_API_PRICES: dict[str, tuple[float, float]] = {
-    "openai/gpt-4o": (2.50, 10.00),
-    "openai/gpt-4o-mini": (0.15, 0.60),
+# A third price, where the provider has one, is for cached input: prompt tokens its own prompt caching
+# found (OpenAI bills them at half the input price for the gpt-4o family, Anthropic cache reads at a
+# tenth; written down 2026-11-27 under the same caveat). The tokens our prefix cache reused are priced
+# so on the closed API too: conservative, as OpenAI caches prefixes of 1,024 tokens or more only and
+# Anthropic only where the client marks them (and bills cache writes at 1.25x, not counted here).
+CLOSED_API_PRICES: dict[str, tuple[float, ...]] = {
+    "openai/gpt-4o": (2.50, 10.00, 1.25),
+    "openai/gpt-4o-mini": (0.15, 0.60, 0.075),
     "openai/gpt-4-8k": (30.00, 60.00),
     "openai/gpt-3.5-turbo-16k": (3.00, 4.00),
-    "anthropic/claude-sonnet": (3.00, 15.00),
+    "anthropic/claude-sonnet": (3.00, 15.00, 0.30),
     "anthropic/claude-2.1": (8.00, 24.00),
 }
 
@@ -35,17 +40,28 @@ CLOSED_API_PRICES: dict[str, tuple[float, float]] = {
 @dataclass
 class CostModel:
     per_hour_usd: float = DEFAULT_COST_PER_HOUR_USD
-    prices: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(CLOSED_API_PRICES))
+    prices: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(CLOSED_API_PRICES))
 
     def serving_usd(self, engine_seconds: float) -> float:
         return engine_seconds * self.per_hour_usd / 3600.0
 
-    def closed_api_usd(self, prompt_tokens: int, completion_tokens: int) -> dict[str, float]:
-        return {m: (prompt_tokens * i + completion_tokens * o) / 1e6 for m, (i, o) in self.prices.items()}
+    def closed_api_usd(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, float]:
+        """What each closed API would charge; cached_tokens of the prompt at its cached-input price
+        (the input price where it has none)."""
+        out = {}
+        for model, (i, o, *cached) in self.prices.items():
+            c = cached[0] if cached else i
+            out[model] = (
+                (prompt_tokens - cached_tokens) * i + cached_tokens * c + completion_tokens * o
+            ) / 1e6
+        return out
 
 
-def load_price_table(path: Path) -> dict[str, tuple[float, float]]:
-    """A YAML map `provider/model: {input: USD per 1M, output: USD per 1M}` replacing the shipped table."""
+def load_price_table(path: Path) -> dict[str, tuple[float, ...]]:
+    """A YAML map `provider/model: {input: USD per 1M, output: USD per 1M, cached_input: optional}`
+    replacing the shipped table."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a map of provider/model -> {{input, output}}")
@@ -53,5 +69,7 @@ def load_price_table(path: Path) -> dict[str, tuple[float, float]]:
     for name, price in raw.items():
         if not isinstance(price, dict) or not {"input", "output"} <= set(price):
             raise ValueError(f"{path}: {name}: give 'input' and 'output' (USD per 1M tokens)")
-        table[str(name)] = (float(price["input"]), float(price["output"]))
+        table[str(name)] = (float(price["input"]), float(price["output"])) + (
+            (float(price["cached_input"]),) if price.get("cached_input") is not None else ()
+        )
     return table

@@ -245,7 +245,7 @@ class Metrics:
     def record_request(
         self, tenant: str, adapter: str | None, outcome: str, prompt_tokens: int, completion_tokens: int,
         engine_s: float = 0.0, queue_s: float | None = None, ttft_s: float | None = None,
-        e2e_s: float | None = None, token_gaps: list[float] = (),
+        e2e_s: float | None = None, token_gaps: list[float] = (), cached_tokens: int = 0,
     ) -> tuple[float, dict[str, float]]:  # fmt: skip
         """A request ended (any outcome but rejected). Returns (cost, closed-API equivalents) in USD."""
         labels = (tenant, self.adapter_label(adapter))
@@ -265,7 +265,7 @@ class Metrics:
             itl.observe(gap)
         cost = self.cost.serving_usd(engine_s)
         self.cost_usd.labels(*labels).inc(cost)
-        closed = self.cost.closed_api_usd(prompt_tokens, completion_tokens)
+        closed = self.cost.closed_api_usd(prompt_tokens, completion_tokens, cached_tokens)
         for provider_model, usd in closed.items():
             self.closed_usd.labels(tenant, provider_model).inc(usd)
         return cost, closed

@@ -297,3 +297,24 @@ async def test_ready_turns_503_while_a_step_stalls_and_200_after(served_state, m
         release.set()
         assert (await answer).status_code == 200
         assert (await c.get("/ready")).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_closed_api_equivalents_price_the_prefix_cache_hits_as_cached_input(served_state):
+    """The usage ledger's closed-API figure: prompt tokens that our prefix cache reused are priced as
+    the provider's cached input (here free), the rest as input."""
+    from mygpt.cost import CostModel
+    from mygpt.metrics import Metrics
+
+    tenants = Tenants(load_tenancy(None), Metrics(CostModel(prices={"x/caching": (1.0, 0.0, 0.0)})))
+    chat = served_state.chat
+    served_state.tenants = tenants
+    served_state.chat = ChatService(chat.engine, chat.tokenizer, "tiny", ChatLimits(512, 4, 4), tenants)
+    long = [{"role": "user", "content": " ".join(f"word{i}" for i in range(60))}]
+    body = {"model": "tiny", "messages": long, "max_tokens": 2, "temperature": 0}
+    async with client_for(served_state) as c:
+        usages = [(await c.post("/v1/chat/completions", json=body)).json()["usage"] for _ in range(2)]
+        ledger = (await c.get("/v1/usage")).json()["data"][0]
+    prompt, cached = usages[0]["prompt_tokens"], usages[1]["prompt_tokens_details"]["cached_tokens"]
+    assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0 and cached >= 64
+    assert ledger["closed_api_equivalent_usd"]["x/caching"] == pytest.approx((2 * prompt - cached) / 1e6)

@@ -81,10 +81,23 @@ def test_step_and_scrape_time_values():
 
 
 def test_price_tables(tmp_path):
-    assert CLOSED_API_PRICES["openai/gpt-4o"] == (2.50, 10.00)
+    assert CLOSED_API_PRICES["openai/gpt-4o"] == (2.50, 10.00, 1.25)
     path = tmp_path / "prices.yaml"
-    path.write_text("acme/model: {input: 1.5, output: 3}\n")
-    assert load_price_table(path) == {"acme/model": (1.5, 3.0)}
+    path.write_text(
+        "acme/model: {input: 1.5, output: 3}\nacme/cache: {input: 2, output: 4, cached_input: 0.5}\n"
+    )
+    assert load_price_table(path) == {"acme/model": (1.5, 3.0), "acme/cache": (2.0, 4.0, 0.5)}
     path.write_text("acme/model: {input: 1.5}\n")
     with pytest.raises(ValueError, match="output"):
         load_price_table(path)
+
+
+def test_prompt_tokens_from_the_prefix_cache_are_priced_as_cached_input_where_a_provider_has_one():
+    cost = CostModel(prices={"x/caches": (2.0, 4.0, 0.5), "x/does-not": (2.0, 4.0)})
+    full = cost.closed_api_usd(1_000_000, 0)
+    cached = cost.closed_api_usd(1_000_000, 0, cached_tokens=600_000)
+    assert full == {"x/caches": 2.0, "x/does-not": 2.0}
+    assert cached == {"x/caches": pytest.approx(0.4 * 2.0 + 0.6 * 0.5), "x/does-not": 2.0}
+    m = Metrics(cost)
+    _, closed = m.record_request("t", None, "stop", 1_000_000, 0, cached_tokens=600_000)
+    assert closed == cached

@@ -340,6 +340,7 @@ class ChatService:
             ticket.finish(
                 _outcome(finals), len(gen.prompt_ids), sum(e.completion_tokens for e in finals),
                 _times(ticket.arrival, [e.timings for e in finals if e.timings is not None]),
+                sum(e.cached_tokens for e in finals),  # choice 0's event carries them
             )  # fmt: skip
 
         try:

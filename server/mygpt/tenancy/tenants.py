@@ -72,9 +72,11 @@ class Ticket:
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
         times: RequestTimes | None = None,
+        cached_tokens: int = 0,
     ) -> None:
         """Releases the slot and records usage and metrics; outcome None = refused as bad input (not
-        counted); "rejected" = refused for capacity (counted, no tokens)."""
+        counted); "rejected" = refused for capacity (counted, no tokens). cached_tokens: of the
+        prompt's, those the prefix cache reused (priced as cached input on the closed APIs)."""
         with self._lock:
             if self._done:
                 return
@@ -91,7 +93,7 @@ class Ticket:
             if tenants.metrics is not None:
                 cost, closed = tenants.metrics.record_request(
                     tenant, self.adapter, outcome, prompt_tokens, completion_tokens, times.engine_s,
-                    times.queue_s, times.ttft_s, times.e2e_s, times.token_gaps,
+                    times.queue_s, times.ttft_s, times.e2e_s, times.token_gaps, cached_tokens,
                 )  # fmt: skip
             tenants.usage.record(tenant, self.model, outcome, prompt_tokens, completion_tokens, cost, closed)
         tenants._finished()
