@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from typing import Literal
 
 import httpx
 import openai
 import pytest
 from pydantic import BaseModel, Field
+from test_wire import metric_value
 
 MODEL = "SmolLM2-135M-Instruct"
 ASK = [{"role": "user", "content": "Name three colors of the rainbow."}]
@@ -112,9 +112,10 @@ def test_the_next_chat_turn_is_read_from_the_prefix_cache(client, default_server
     turn2.append({"role": "user", "content": "Now name three animals."})
 
     def hits() -> float:
-        text = httpx.get(default_server.base_url + "/metrics").text
-        assert "mygpt_prefix_cache_queried_tokens_total" in text
-        return float(re.search(r"^mygpt_prefix_cache_hit_tokens_total (\S+)", text, re.M)[1])
+        assert (
+            "mygpt_prefix_cache_queried_tokens_total" in httpx.get(default_server.base_url + "/metrics").text
+        )
+        return metric_value(default_server, "mygpt_prefix_cache_hit_tokens_total")
 
     before = hits()
     second = client.chat.completions.create(messages=turn2, **kw)

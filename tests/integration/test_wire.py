@@ -286,11 +286,13 @@ BLOCKER = {
 }  # no EOS; still running a second after it started however fast the CPU (60 tokens took 0.6 s here)
 
 
-def _gauge(server, name: str) -> float:
-    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+def metric_value(server, name: str) -> float:
+    """An unlabelled sample of the server's /metrics (prometheus-client's own parser); 0 if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.base_url + "/metrics").text
+    samples = (s for family in text_string_to_metric_families(text) for s in family.samples)
+    return next((s.value for s in samples if s.name == name and not s.labels), 0.0)
 
 
 def in_background(server, body, running: int = 1, waiting: int = 0) -> tuple[threading.Thread, list]:
@@ -301,8 +303,8 @@ def in_background(server, body, running: int = 1, waiting: int = 0) -> tuple[thr
     thread.start()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not (
-        _gauge(server, "mygpt_num_requests_running") >= running
-        and _gauge(server, "mygpt_num_requests_waiting") >= waiting
+        metric_value(server, "mygpt_num_requests_running") >= running
+        and metric_value(server, "mygpt_num_requests_waiting") >= waiting
     ):
         time.sleep(0.02)
     return thread, results

@@ -474,7 +474,7 @@ async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> 
     reasons: list[str | None] = [None] * n
     completion = [0] * n
     prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    cached, seen = 0, set()  # prompt tokens from the prefix cache: each choice's first event says
+    cached = [0] * n  # prompt tokens from the prefix cache (choice 0's events carry them)
     async with contextlib.aclosing(events):
         async for ev in events:
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
@@ -485,11 +485,10 @@ async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> 
             logprobs[ev.index] += ev.logprobs or []
             prompt_logprobs[ev.index] += ev.prompt_logprobs or []
             completion[ev.index] = ev.completion_tokens
-            cached += ev.cached_tokens if ev.index not in seen else 0
-            seen.add(ev.index)
+            cached[ev.index] = ev.cached_tokens
             if ev.finish_reason is not None:
                 reasons[ev.index] = ev.finish_reason.value
-    usage = _usage(gen, sum(completion), cached)
+    usage = _usage(gen, sum(completion), sum(cached))
     return Collected(["".join(t) for t in texts], logprobs, reasons, usage, prompt_logprobs)
 
 
@@ -506,7 +505,7 @@ async def stream_payloads(
     piece of its choice. After the first byte a failure is an error event, not a hang (A10)."""
     completion = [0] * gen.params.n
     pending: list[list[TokenLogprob]] = [[] for _ in range(gen.params.n)]
-    cached, seen = 0, set()
+    cached = [0] * gen.params.n
     async with contextlib.aclosing(events):
         try:
             for payload in head:
@@ -516,8 +515,7 @@ async def stream_payloads(
                     yield _error_payload(ev.error or "the request was cancelled", ev.error_param)
                     return
                 completion[ev.index] = ev.completion_tokens
-                cached += ev.cached_tokens if ev.index not in seen else 0
-                seen.add(ev.index)
+                cached[ev.index] = ev.cached_tokens
                 pending[ev.index] += ev.logprobs or []
                 if not ev.text and ev.finish_reason is None:
                     continue
@@ -528,7 +526,7 @@ async def stream_payloads(
                 pending[ev.index] = []
                 yield payload
             if usage_chunk is not None:
-                yield usage_chunk(_usage(gen, sum(completion), cached))
+                yield usage_chunk(_usage(gen, sum(completion), sum(cached)))
             yield "[DONE]"
         except asyncio.CancelledError:
             raise
