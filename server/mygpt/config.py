@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         "tenant (a freed slot's, or a running row's: the next turn of a chat, a repeated system prompt) and "
         "prefills only the rest; usage.prompt_tokens_details.cached_tokens says how many",
     )
+    graph_prompt_tokens: int = Field(
+        64,
+        ge=0,
+        description="with CUDA graphs, a step whose prompt chunks hold at most this many tokens (new requests' "
+        "short prompts, or the uncached rest of one) runs as a graphed step too, each prompt token one more "
+        "row, instead of an eager step that every running row waits for; 0: such steps run eagerly",
+    )
     overlap_steps: bool = Field(
         False,
         description="experimental: with CUDA graphs, launch each decode step from the sampled tokens before "

@@ -73,7 +73,7 @@ def test_plan_lora_without_adapters_is_none():
     assert plan_lora([-1, -1], 4, 2) is None
 
 
-def runner_pair(tiny_model_dir, root):
+def runner_pair(tiny_model_dir, root, graph_prompt_tokens: int = 0):
     """Two runners over identical copies of the tiny model, one eager, one static, same adapters."""
     make_adapter(tiny_model_dir, root / "t" / "a", 8, ["q_proj", "v_proj", "down_proj"], seed=1)
     make_adapter(tiny_model_dir, root / "t" / "b", 16, ["q_proj", "k_proj", "o_proj", "up_proj"], seed=2)
@@ -89,6 +89,7 @@ def runner_pair(tiny_model_dir, root):
                 max_loras=3,
                 max_lora_rank=16,
                 static_decode=static,
+                graph_prompt_tokens=graph_prompt_tokens if static else 0,
             )  # fmt: skip
         )
     shapes = {p: (m.in_features, m.out_features) for p, m in runners[0].lora_layers.items()}
@@ -131,9 +132,47 @@ def test_static_decode_equals_eager_decode(tiny_model_dir, tmp_path):
     assert static.decoder.stats.eager == 3
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model_dir, tokenizer, tmp_path_factory):
-    (eager, static), weights = runner_pair(tiny_model_dir, tmp_path_factory.mktemp("static-adapters"))
+def test_prompt_chunks_as_static_rows_equal_the_eager_step(tiny_model_dir, tmp_path):
+    """graph_prompt_tokens: a step's short prompt chunks run in the static decoder, each token a row at
+    its own position (a graph on a GPU); the same logits and cache as the eager chunk attention, for
+    chunks from 0 and from a cached prefix, beside decode rows, with adapters, and with every
+    position's logits (prompt logprobs). A step with more prompt tokens runs eagerly."""
+    from mygpt.engine.runner import DecodeRow, PrefillChunk
+
+    (eager, static), weights = runner_pair(tiny_model_dir, tmp_path, graph_prompt_tokens=16)
+    assert static.decoder.max_rows == 6 + 16
+    for r in (eager, static):
+        cache = AdapterCache(r.lora_layers, 3)
+        assert cache.acquire("a", weights["a"]) == 0 and cache.acquire("b", weights["b"]) == 1
+    steps = [  # (decode rows, chunks, runs static)
+        ([], [PrefillChunk(0, [5, 6, 7, 8, 9], 0, 0), PrefillChunk(1, [3, 4, 5], 0),
+              PrefillChunk(3, [9, 8, 7, 6], 0, 1)], True),
+        ([DecodeRow(0, 11, 5, 0), DecodeRow(1, 12, 3)],
+         [PrefillChunk(3, [2, 3, 4, 5, 6], 4, 1, all_logits=True), PrefillChunk(2, [7, 7, 8], 0, 0)], True),
+        ([DecodeRow(0, 13, 6, 0), DecodeRow(1, 14, 4), DecodeRow(2, 15, 3, 0), DecodeRow(3, 16, 9, 1)],
+         [PrefillChunk(4, list(range(20, 37)), 0, 1)], False),  # 17 prompt tokens: eager
+        ([DecodeRow(s, 17 + s, p, lo) for s, p, lo in ((0, 7, 0), (1, 5, -1), (2, 4, 0), (3, 10, 1), (4, 17, 1))],
+         [PrefillChunk(5, [1], 0)], True),
+    ]  # fmt: skip
+    for decode, chunks, static_step in steps:
+        eager_before = static.decoder.stats.eager
+        (want_d, want_c), (got_d, got_c) = eager.step(decode, chunks), static.step(decode, chunks)
+        assert (static.decoder.stats.eager == eager_before + 1) == static_step
+        torch.testing.assert_close(got_d, want_d, atol=1e-4, rtol=1e-4)
+        assert [c.shape for c in got_c] == [c.shape for c in want_c]
+        for g, w in zip(got_c, want_c, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert [c.shape[0] for c in got_c] == [1]
+    spare = static.num_slots  # float32: the two attentions differ in the last bits, through the layers
+    for k_eager, k_static in zip(eager.k_cache, static.k_cache, strict=True):
+        torch.testing.assert_close(k_static[:spare], k_eager[:spare], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module", params=[0, 8], ids=["chunks-eager", "chunks-as-rows"])
+def engines(tiny_model_dir, tokenizer, tmp_path_factory, request):
+    (eager, static), weights = runner_pair(
+        tiny_model_dir, tmp_path_factory.mktemp("static-adapters"), graph_prompt_tokens=request.param
+    )
     out = []
     for runner in (eager, static):
         engine = Engine(
@@ -161,6 +200,7 @@ def test_engine_with_static_decode_gives_the_eager_tokens(engines):
     assert results[0]["a-0"] != results[0]["None-0"]  # the adapters really act
     stats = static.runner.decoder.stats
     assert stats.eager > 0 and stats.captures == stats.replays == 0  # CPU: static steps, no capture
+    assert (stats.prompt_steps > 0) == (static.runner.graph_prompt_tokens > 0)
 
 
 def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(

@@ -5,9 +5,10 @@ and kernel launches (hundreds of small kernels per layer, docs/benchmarks.md). A
 step's kernels once and replays them with one launch, but it fixes every shape and every buffer
 address. So a decode step is padded to a bucket:
 
-    batch     rows, rounded up to 1, 2, 4, 8, then a multiple of 8 (at most the slot count). Padding
-              rows are base-model rows feeding token 0 at position 0 of a spare KV-cache slot that no
-              row reads.
+    batch     rows, rounded up to 1, 2, 4, 8, then a multiple of 8 up to the slot count (always a
+              bucket); past it (prompt rows, below) a multiple of 16 up to max_rows, the slot count
+              plus the runner's graph_prompt_tokens. Padding rows are base-model rows feeding token 0
+              at position 0 of a spare KV-cache slot that no row reads.
     kv_len    the attention span: the longest row rounded up to a multiple of kv_block (256) up to
               2,048, then of an eighth of the next power of two: 2560, 3072, 3584, 4096, 5120, ...,
               so four spans per doubling of the context, padding at most kv_block or a quarter.
@@ -17,8 +18,14 @@ address. So a decode step is padded to a bucket:
 The server captures every batch bucket's graph for base-model rows up to 512 positions at start-up,
 with its warm-up (precapture); the first step of any other bucket captures its graph (after one eager warm-up run on a
 side stream, as CUDA graphs require); later steps copy their inputs into fixed buffers (one host-to-device copy) and
-replay it. At most max_graphs graphs are kept (least recently used out), all in one memory pool. Steps
-with prompt chunks run eagerly: their shapes change with every prompt. On a CPU the same static step
+replay it. At most max_graphs graphs are kept (least recently used out), all in one memory pool.
+
+Steps with short prompt chunks run here too (runner.step, graph_prompt_tokens): each prompt token is one
+more row, at its own position of its request's slot. A step writes every row's key and value before any
+row attends, and each row's mask ends at its own position, so a chunk's rows attend causally to one
+another and to the cached prefix, as the eager chunk attention does. It costs each prompt row a copy of its
+slot's keys and values over the span (the decode rows' gather), hence short chunks only; longer ones run
+eagerly (their shapes change with every prompt). On a CPU the same static step
 runs without capture (tests compare it with the eager path). A bucket whose capture fails runs its
 static step eagerly from then on (slower, never wrong); after three failures capturing is turned off.
 Models whose rotary embedding reads the positions on the host (dynamic and longrope scaling) are never
@@ -112,12 +119,20 @@ class GraphStats:
     eager: int = 0  # static steps run without a graph
     evictions: int = 0
     failures: int = 0  # captures that failed (their buckets run eagerly)
+    prompt_steps: int = 0  # steps with prompt chunks run here (their tokens as rows)
 
 
 class StaticDecoder:
     """Runs a ModelRunner's decode-only steps at bucketed static shapes, as CUDA graphs if `capture`."""
 
-    def __init__(self, runner: ModelRunner, capture: bool, kv_block: int = 256, max_graphs: int = MAX_GRAPHS):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        capture: bool,
+        kv_block: int = 256,
+        max_graphs: int = MAX_GRAPHS,
+        max_rows: int | None = None,
+    ):
         self.runner = runner
         rope = str(getattr(getattr(runner._inner, "rotary_emb", None), "rope_type", "default"))
         if capture and ("dynamic" in rope or rope == "longrope"):
@@ -127,9 +142,15 @@ class StaticDecoder:
         self.kv_block = kv_block
         self.max_graphs = max_graphs
         self.stats = GraphStats()
-        self.batch_sizes = batch_buckets(runner.num_slots)
+        # rows per step: the slots' decode rows, and prompt tokens as rows (runner.graph_prompt_tokens)
+        if max_rows is None:
+            max_rows = runner.num_slots + getattr(runner, "graph_prompt_tokens", 0)
+        self.max_rows = max(max_rows, runner.num_slots)
+        # decode rows' buckets as ever; past the slot count (prompt rows), multiples of 16
+        more = range(16 * (runner.num_slots // 16 + 1), self.max_rows, 16)
+        self.batch_sizes = sorted({*batch_buckets(runner.num_slots), *more, self.max_rows})
         self.spare_slot = runner.num_slots  # the runner keeps one KV slot more than it hands out
-        b = runner.num_slots
+        b = self.max_rows
         self._max_lora_slots = runner.max_loras
         g = max(runner.max_loras, 1) * 2 * _pow2(b)  # the largest S*M plan_lora can produce
         # every input in one int64 buffer: ids | positions | slots | scatter | gather | valid
@@ -212,9 +233,9 @@ class StaticDecoder:
         on_gpu = self.runner.device.type == "cuda"
         with torch.cuda.device(self.runner.device) if on_gpu else contextlib.nullcontext():
             self._dev.copy_(self._host)
-            for batch in reversed(self.batch_sizes):  # the largest first, should max_graphs cut the list
-                for span in spans:
-                    shape = DecodeShape(min(batch, b), span)
+            for batch in reversed([s for s in self.batch_sizes if s <= b]):  # decode rows' buckets, largest
+                for span in spans:  # first, should max_graphs cut the list
+                    shape = DecodeShape(batch, span)
                     if not self.capture or len(self._graphs) >= self.max_graphs:
                         break  # capturing failed three times (turned off), or the cache is full
                     if shape not in self._failed:

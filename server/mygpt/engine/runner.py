@@ -31,6 +31,9 @@ from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# the longest attention span at which a step's prompt chunks run as rows of the static decoder: each
+# prompt row copies its slot's keys and values over the span (graphs.py)
+GRAPH_PROMPT_SPAN = 2048
 # the RMSNorm modules whose arithmetic kernels/fused.py reproduces (HF's Llama formula)
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
@@ -98,6 +101,7 @@ class ModelRunner:
         nf4_kernel: bool = False,
         fused_ops: bool = False,
         compile_layers: bool = False,
+        graph_prompt_tokens: int = 0,
     ):
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -154,6 +158,10 @@ class ModelRunner:
         # decode-only steps at bucketed static shapes (graphs.py): captured as CUDA graphs on a GPU
         # (cuda_graphs), or run eagerly (static_decode: the same code path, for tests on a CPU)
         self._compiled_layer = self._compiled_qkv = self._compiled_rest = None
+        # graph_prompt_tokens: a step whose prompt chunks hold at most this many tokens (at attention
+        # spans up to GRAPH_PROMPT_SPAN) runs through the static decoder too, each prompt token a row
+        # (graphs.py), not eagerly; 0: every step with a prompt chunk runs eagerly
+        self.graph_prompt_tokens = graph_prompt_tokens
         self.decoder: StaticDecoder | None = None
         capture = cuda_graphs and self.device.type == "cuda"
         if (capture or static_decode) and not exact_attention:
@@ -230,6 +238,8 @@ class ModelRunner:
         """
         if self.decoder is not None and decode and not chunks:
             return self.decoder.run(decode), []
+        if self.decoder is not None and self._prompt_rows_fit(decode, chunks):
+            return self._static_step(decode, chunks)
         tokens = [r.token for r in decode] + [t for c in chunks for t in c.token_ids]
         positions = [r.position for r in decode] + [
             p for c in chunks for p in range(c.start, c.start + len(c.token_ids))
@@ -301,6 +311,32 @@ class ModelRunner:
             v[dst, :, :length] = v[src, :, :length]
 
     # ---------------------------------------------------------------- internals
+    def _prompt_rows_fit(self, decode: list[DecodeRow], chunks: list[PrefillChunk]) -> bool:
+        """Whether a step with prompt chunks runs in the static decoder (its prompt tokens as rows)."""
+        prompt = sum(len(c.token_ids) for c in chunks)
+        return (
+            0 < prompt <= self.graph_prompt_tokens
+            and len(decode) + prompt <= self.decoder.max_rows
+            and max(c.start + len(c.token_ids) for c in chunks) <= GRAPH_PROMPT_SPAN
+        )
+
+    def _static_step(
+        self, decode: list[DecodeRow], chunks: list[PrefillChunk]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """runner.step through the static decoder: every prompt token one more row at its own position
+        of its chunk's slot (graphs.py: written before any row attends, each row masked at its own
+        position, so the chunk attends causally). The logits as step() returns them."""
+        rows = list(decode)
+        for c in chunks:
+            rows += [DecodeRow(c.slot, t, c.start + i, c.lora_slot) for i, t in enumerate(c.token_ids)]
+        logits = self.decoder.run(rows)
+        self.decoder.stats.prompt_steps += 1
+        out, at = [], len(decode)
+        for c in chunks:
+            at += len(c.token_ids)
+            out.append(logits[at - len(c.token_ids) : at] if c.all_logits else logits[at - 1 : at])
+        return logits[: len(decode)], out
+
     def _set_lora(self, lora_slots: list[int], compiled: bool = False, invariant: bool = False) -> None:
         """The step's adapter grouping; compiled: for the compiled pieces, always as index tensors and
         at least 2 x 2 (sizes torch.compile takes as dynamic, not one compile each: _dynamic);
