@@ -697,6 +697,13 @@ def main() -> None:
                         ", ".join(f"{k} {v:.1f}" for k, v in mixed.items()),
                     ))  # fmt: skip
                 measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
+                if runner.decoder is not None:
+                    st = runner.decoder.stats
+                    report.setdefault("graph_stats", {})[mode] = vars(st)
+                    rows.append((
+                        f"  {mode}: graphs captured / replayed / run eagerly / failed; steps with prompt rows",
+                        f"{st.captures} / {st.replays} / {st.eager} / {st.failures}; {st.prompt_steps}",
+                    ))  # fmt: skip
                 if "-compile" in mode and not runner.compiled:
                     rows.append(("torch.compile", "FAILED: the steps ran uncompiled (see the log)"))
         runner.nf4_kernel(False)
