@@ -193,7 +193,9 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
     def engine() -> Engine:  # one per run (engine_run stops it): the same state, no prefix cached
         return Engine(runner, _Tok(), [], max_num_batched_tokens=2048, adapters=cache, overlap=overlap)
 
-    engine_run(engine(), prompts[:2], ["ad0", None], 4, weights)  # warm-up (and the first captures)
+    # warm-up: the timed runs' shapes once each (their first steps' graphs captured, kernels loaded)
+    engine_run(engine(), prompts[:1], ["ad0"], 4, weights)
+    engine_run(engine(), prompts, ["ad0"] * 32, 4, weights)
     engine_run(engine(), prompts, [f"ad{i}" for i in range(32)], 4, weights)
     out = {}
     for label, ps, ads in [
@@ -220,6 +222,21 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
     rows.append((f"mygpt engine ({mode}), 32 adapters / 1 adapter", f"{out['32 adapters vs 1 adapter']:.2f}"))
     report[f"engine_{mode}"] = out
     return out
+
+
+def profile_engine(runner, cache, weights, prompts, out_dir: Path, mode: str) -> None:
+    """Where the host's time goes in the engine: one stream + adapter, 16 tokens, under the torch
+    profiler (host and device); the ops by host time, to profile-engine-<mode>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mygpt.engine.engine import Engine
+
+    engine = Engine(runner, _Tok(), [], max_num_batched_tokens=2048, adapters=cache)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        engine_run(engine, prompts[:1], ["ad0"], 16, weights)
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=70)
+    (out_dir / f"profile-engine-{mode}.txt").write_text(table)
 
 
 def mixed_step_ms(runner, prompt: list[int], n: int = 5) -> dict:
@@ -697,6 +714,8 @@ def main() -> None:
                         ", ".join(f"{k} {v:.1f}" for k, v in mixed.items()),
                     ))  # fmt: skip
                 measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
+                if args.profile and mode in (static, f"{static}-compile"):
+                    profile_engine(runner, cache, weights, prompts, out_dir, mode)
                 if runner.decoder is not None:
                     st = runner.decoder.stats
                     report.setdefault("graph_stats", {})[mode] = vars(st)

@@ -28,7 +28,7 @@ from mygpt.engine.loader import (
     load_model,
 )
 from mygpt.engine.naive import NaiveEngine
-from mygpt.engine.runner import ModelRunner, cache_len
+from mygpt.engine.runner import GRAPH_PROMPT_SPAN, ModelRunner, cache_len
 from mygpt.engine.types import AdapterRef, GenerationRequest, SamplingParams
 from mygpt.finetune.jobs import JobManager
 from mygpt.finetune.store import Store
@@ -293,10 +293,15 @@ def _served_context(s: Settings, loaded: LoadedModel) -> int:
     config, dtype, rows = loaded.model.config, loaded.dtype, s.max_num_seqs
     free, total = torch.cuda.mem_get_info(loaded.device)
     per_position = kv_bytes_per_position(config, dtype)
-    # allocated beside the cache: the adapter slots (A and B of every projection), and the CUDA graphs'
-    # logits (at most MAX_GRAPHS graphs of up to max_num_seqs rows, float32)
+    # allocated beside the cache: the adapter slots (A and B of every projection), the CUDA graphs'
+    # logits (at most MAX_GRAPHS graphs of up to max_num_seqs rows and graph_prompt_tokens prompt rows,
+    # float32), and the prompt rows' attention (their keys and values gathered, up to GRAPH_PROMPT_SPAN)
     lora = sum(i + o for i, o in lora_module_shapes(loaded.model).values()) * s.max_lora_rank * s.max_loras
-    graphs = MAX_GRAPHS * rows * config.vocab_size * 4 if s.cuda_graphs else 0
+    graphs = 0
+    if s.cuda_graphs:
+        prompt_rows = s.graph_prompt_tokens
+        graphs = MAX_GRAPHS * (rows + prompt_rows) * config.vocab_size * 4
+        graphs += attention_bytes_per_position(config, dtype, prompt_rows, 0) * GRAPH_PROMPT_SPAN
     budget = kv_budget(total, free, s.gpu_memory_utilization, lora * dtype.itemsize + graphs)
     transient = attention_bytes_per_position(config, dtype, rows, s.max_num_batched_tokens)
     model_len = cache_len(config, config.max_position_embeddings)

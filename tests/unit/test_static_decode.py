@@ -206,15 +206,18 @@ def test_engine_with_static_decode_gives_the_eager_tokens(engines):
 def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    """StaticDecoder.precapture (before the first request, with CUDA graphs): every batch bucket at the
-    spans up to 512 positions, base rows only; its padding rows touch no KV slot but the spare one. The
+    """StaticDecoder.precapture (before the first request, with CUDA graphs): every batch bucket (those
+    of steps with prompt rows too) at the spans up to 512 positions, base rows only; its padding rows
+    touch no KV slot but the spare one. The
     capture itself is faked here (one eager run of the static step); tests/gpu captures for real."""
     from mygpt.engine.graphs import StaticDecoder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     static = ModelRunner(
-        model, num_slots=6, max_len=600, dtype=torch.float32, max_loras=2, static_decode=True
-    )
+        model, num_slots=6, max_len=600, dtype=torch.float32, max_loras=2, static_decode=True,
+        graph_prompt_tokens=8,
+    )  # fmt: skip
+    assert static.decoder.batch_sizes == [1, 2, 4, 6, 14]  # the slots' buckets, then 6 + 8 prompt rows
     static.prefill(0, [5, 6, 7, 8], 0)
     before = [k.clone() for k in static.k_cache]
     captured = []

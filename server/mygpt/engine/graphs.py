@@ -215,8 +215,9 @@ class StaticDecoder:
 
     @torch.inference_mode()  # as the runner's steps, which run the captured graphs
     def precapture(self, max_end: int = 512) -> int:
-        """Captures the graph of every batch bucket, for base-model rows (no adapter) at each attention
-        span up to max_end positions, before the first request. A bucket met for the first time inside
+        """Captures the graph of every batch bucket (decode rows, and the larger ones of steps with prompt
+        rows), for base-model rows (no adapter) at each attention span up to max_end positions, before
+        the first request. A bucket met for the first time inside
         requests costs an eager warm-up, a capture and an instantiation while every row waits: the
         H100 end-to-end run (docs/benchmarks.md) had inter-token p99 of 627 ms at 32 streams against a
         median of 11.5 ms. Every padding row writes only the spare KV slot. Returns the number captured
@@ -225,7 +226,6 @@ class StaticDecoder:
         if not self.capture:
             return 0
         spans = sorted({kv_bucket(end, self.kv_block, self.runner.max_len) for end in range(1, max_end + 1)})
-        b = self.runner.num_slots
         self._buf("ids", on_device=False).zero_()
         self._buf("pos", on_device=False).zero_()
         self._buf("slots", on_device=False).fill_(self.spare_slot)
@@ -233,8 +233,8 @@ class StaticDecoder:
         on_gpu = self.runner.device.type == "cuda"
         with torch.cuda.device(self.runner.device) if on_gpu else contextlib.nullcontext():
             self._dev.copy_(self._host)
-            for batch in reversed([s for s in self.batch_sizes if s <= b]):  # decode rows' buckets, largest
-                for span in spans:  # first, should max_graphs cut the list
+            for batch in reversed(self.batch_sizes):  # the largest first, should max_graphs cut the list
+                for span in spans:
                     shape = DecodeShape(batch, span)
                     if not self.capture or len(self._graphs) >= self.max_graphs:
                         break  # capturing failed three times (turned off), or the cache is full

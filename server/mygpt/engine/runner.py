@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # the longest attention span at which a step's prompt chunks run as rows of the static decoder: each
 # prompt row copies its slot's keys and values over the span (graphs.py)
-GRAPH_PROMPT_SPAN = 2048
+GRAPH_PROMPT_SPAN = 1024
 # the RMSNorm modules whose arithmetic kernels/fused.py reproduces (HF's Llama formula)
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
