@@ -844,8 +844,10 @@ def random_adapters(runner, n: int, rank: int) -> dict:
 
 def nf4_bench(runner, rows: list, report: dict) -> bool:
     """The first decoder layer's four products (q/k/v, o, gate/up, down) at 1, 8 and 32 rows: the Triton
-    NF4 kernel in each tile shape against bitsandbytes (per layer, as without the kernel), median of CUDA
-    event timings. Keeps the tile with the least time summed over all of them."""
+    NF4 kernel in each tile shape against bitsandbytes (per layer, as without the kernel), each call
+    captured in a CUDA graph and replayed (device time, as in the engine's graphed steps: timed from the
+    host, bitsandbytes' ~150 us of Python per call swamped run 2's and run 4's figures), median. Keeps
+    the tile with the least time summed over all of them."""
     from mygpt.kernels import nf4
 
     proj = runner._proj[0]
@@ -857,10 +859,10 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
     if not products or runner.device.type != "cuda":
         rows.append(("nf4 kernel", "not used (no Triton or no GPU)"))
         return False
-    from triton.testing import do_bench
+    from triton.testing import do_bench_cudagraph
 
     def timed(fn) -> float:
-        return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3  # microseconds
+        return do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3  # microseconds
 
     default = dict(nf4.TILE)
     results: dict = {"bnb": {}, "tiles": {}}
