@@ -39,7 +39,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens prefilled per step")
     p.add_argument(
         "--graph-prompt-tokens", type=int,
-        help="with CUDA graphs: steps with at most this many prompt tokens run graphed (0: eagerly)",
+        help="experimental: with CUDA graphs, steps with at most this many prompt tokens run graphed (default 0: eagerly)",
     )  # fmt: skip
     p.add_argument("--max-waiting", type=int, help="queued requests before 429")
     p.add_argument("--num-threads", type=int, help="torch CPU threads")

@@ -65,11 +65,12 @@ class Settings(BaseSettings):
         "prefills only the rest; usage.prompt_tokens_details.cached_tokens says how many",
     )
     graph_prompt_tokens: int = Field(
-        64,
+        0,
         ge=0,
-        description="with CUDA graphs, a step whose prompt chunks hold at most this many tokens (new requests' "
-        "short prompts, or the uncached rest of one) runs as a graphed step too, each prompt token one more "
-        "row, instead of an eager step that every running row waits for; 0: such steps run eagerly",
+        description="experimental: with CUDA graphs, a step whose prompt chunks hold at most this many tokens runs as a "
+        "graphed step too, each prompt token one more row, not as an eager step that every running row waits "
+        "for; 2.2x faster for such a step on an H100, but slower end to end there so far (docs/benchmarks.md); "
+        "0: off",
     )
     overlap_steps: bool = Field(
         False,

@@ -341,21 +341,31 @@ def _settle(future: asyncio.Future, error: Exception | None) -> None:
 
 
 def _warm_up(engine: Engine, tokenizer) -> None:
+    """A short generation before /ready, so that first-use costs (kernels loaded, library plans built)
+    fall here and not in a first request. With graph_prompt_tokens, a short prompt's step runs graphed
+    and never touches the eager prompt path: a second prompt, longer than that, runs it too (the H100
+    run of 2026-11-27 had first requests 0.5-1.4 s slower without it; see docs/benchmarks.md)."""
     t0 = time.monotonic()
-    done = threading.Event()
-    result: list = []
-
-    def on_event(ev) -> None:
-        if ev.finish_reason is not None:
-            result.append(ev)
-            done.set()
-
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
-    engine.submit(
-        GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=4, temperature=0.0)), on_event
-    )
-    if not done.wait(300) or result[0].error:
-        raise RuntimeError(f"warm-up generation failed: {result[0].error if result else 'timed out'}")
-    log.info("warm-up generation done in %.2fs", time.monotonic() - t0)
+    prompts = [list(ids)]
+    graphed = getattr(getattr(engine, "runner", None), "graph_prompt_tokens", 0)
+    if graphed and getattr(engine.runner, "decoder", None) is not None:
+        longer = (list(ids) * (graphed // max(len(ids), 1) + 2))[: min(graphed + 16, engine.max_len - 8)]
+        if len(longer) > graphed:
+            prompts.append(longer)
+    for i, prompt in enumerate(prompts):
+        done = threading.Event()
+        result: list = []
+
+        def on_event(ev, result=result, done=done) -> None:
+            if ev.finish_reason is not None:
+                result.append(ev)
+                done.set()
+
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        engine.submit(GenerationRequest(f"warmup-{i}", prompt, params), on_event)
+        if not done.wait(300) or result[0].error:
+            raise RuntimeError(f"warm-up generation failed: {result[0].error if result else 'timed out'}")
+    log.info("warm-up generation (%d prompts) done in %.2fs", len(prompts), time.monotonic() - t0)

@@ -337,3 +337,29 @@ def test_prefix_cache_hits_with_static_decode_give_the_uncached_tokens(tiny_mode
     static = ModelRunner(model, num_slots=8, max_len=300, dtype=torch.float32, static_decode=True)
     prefix_cache_workload(static, tokenizer)
     assert static.decoder.stats.eager > 0  # the decode steps went through the static decoder
+
+
+def test_warm_up_runs_the_eager_prompt_path_too_when_short_prompts_run_graphed(tiny_model_dir, tokenizer):
+    """With graph_prompt_tokens, the start-up warm-up's short prompt runs graphed: a second, longer
+    prompt runs the eager prompt step (its first-use costs before /ready, not in a first request)."""
+    from mygpt.state import _warm_up
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = ModelRunner(model, num_slots=4, max_len=128, dtype=torch.float32, static_decode=True,
+                         graph_prompt_tokens=32)  # fmt: skip
+    chunks = []
+    step = runner.step
+
+    def spy(decode, chunk_list, invariant=False):
+        chunks.extend(len(c.token_ids) for c in chunk_list)
+        return step(decode, chunk_list, invariant)
+
+    runner.step = spy
+    engine = Engine(runner, tokenizer, [])
+    engine.start()
+    try:
+        _warm_up(engine, tokenizer)
+    finally:
+        engine.stop()
+    assert min(chunks) <= 32 < max(chunks)  # one prompt each way
+    assert runner.decoder.stats.prompt_steps == 1
