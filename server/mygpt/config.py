@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         ge=0,
         description="experimental: with CUDA graphs, a step whose prompt chunks hold at most this many tokens runs as a "
         "graphed step too, each prompt token one more row, not as an eager step that every running row waits "
-        "for; 2.2x faster for such a step on an H100, but slower end to end there so far (docs/benchmarks.md); "
+        "for; 2.2x faster for such a step on an H100, not yet shown faster end to end (docs/benchmarks.md); "
         "0: off",
     )
     overlap_steps: bool = Field(

@@ -343,8 +343,7 @@ def _settle(future: asyncio.Future, error: Exception | None) -> None:
 def _warm_up(engine: Engine, tokenizer) -> None:
     """A short generation before /ready, so that first-use costs (kernels loaded, library plans built)
     fall here and not in a first request. With graph_prompt_tokens, a short prompt's step runs graphed
-    and never touches the eager prompt path: a second prompt, longer than that, runs it too (the H100
-    run of 2026-11-27 had first requests 0.5-1.4 s slower without it; see docs/benchmarks.md)."""
+    and never touches the eager prompt path: a second prompt, longer than that, runs it too."""
     t0 = time.monotonic()
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=False
