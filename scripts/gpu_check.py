@@ -13,8 +13,9 @@ adapters on all projections, and in one run:
     bash scripts/gpu-check                                            # the GPU machine (installs wheels)
     PYTHONPATH=server python3 scripts/gpu_check.py --cpu --out DIR    # the same code paths, tiny, on a CPU
 
-Prints one table last and writes DIR/gpu-check.json (and DIR/e2e-bench.json, DIR/e2e-server.log, and
-DIR/e2e-compile-* for the --compile server).
+Prints one table last and writes DIR/gpu-check.json, DIR/<tag>-bench.json for each server end to end
+(e2e, e2e-1, ...; its log DIR/<tag>-server.log only where it failed: the device tool brings back at most
+8 files) and, with --profile, the profiler tables.
 """
 
 from __future__ import annotations
@@ -270,45 +271,6 @@ def mixed_step_ms(runner, prompt: list[int], n: int = 5) -> dict:
     return out
 
 
-def attention_fold(device: str, dtype: torch.dtype, rows: list, report: dict) -> None:
-    """One layer's decode attention of 32 rows over 4,096 positions (8B shape: 32 query heads over 8 KV
-    heads), masked as the runner masks it: with enable_gqa (PyTorch picks its math kernel for a masked
-    grouped-query attention) against the query heads folded onto the KV heads (runner.fold_gqa)."""
-    import torch.nn.functional as F
-
-    b, h, kvh, hd, span = (32, 32, 8, 128, 4096) if device == "cuda" else (4, 4, 2, 16, 256)
-    g = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(b, h, hd, device=device, dtype=dtype, generator=g)
-    k, v = (torch.randn(b, kvh, span, hd, device=device, dtype=dtype, generator=g) for _ in range(2))
-    mask = (torch.arange(span, device=device)[None, :] < torch.randint(1, span, (b, 1), device=device))[
-        :, None, None
-    ]
-
-    def run(fold: bool) -> torch.Tensor:
-        if fold:
-            return F.scaled_dot_product_attention(q.view(b, kvh, -1, hd), k, v, attn_mask=mask).reshape(b, -1)
-        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True).reshape(
-            b, -1
-        )
-
-    out = {}
-    for fold in (False, True):
-        run(fold)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            got = run(fold)
-        sync()
-        out["folded" if fold else "enable_gqa"] = (time.perf_counter() - t0) * 100  # ms per call
-        out[f"{'folded' if fold else 'enable_gqa'}_out"] = got
-    err = float((out.pop("folded_out").float() - out.pop("enable_gqa_out").float()).abs().max())
-    report["attention_fold"] = {**out, "max_abs_diff": err}
-    rows.append((
-        f"decode attention, {b} rows x {span} positions, one layer: enable_gqa / folded (max diff)",
-        f"{out['enable_gqa']:.3f} / {out['folded']:.3f} ms ({err:.1e})",
-    ))  # fmt: skip
-
-
 def static_mode(device: str) -> str:
     """The label of the static decoder's rows: CUDA graphs on a GPU, the uncaptured static step on a CPU."""
     return "graphs" if device == "cuda" else "static"
@@ -457,7 +419,8 @@ def end_to_end(
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent / "server")] + sys.path),
     }
-    log = open(out_dir / f"{tag}-server.log", "w")  # noqa: SIM115 - closed below
+    log_path = work / f"{tag}-server.log"  # into DIR only where the server fails (below)
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
     serve = [
         sys.executable, "-m", "mygpt", "serve", "--model", str(model_dir), "--served-model-name", "e2e",
         "--port", str(port), "--device", device, "--max-num-seqs", "32", "--max-loras", "0", "--no-finetune",
@@ -465,6 +428,7 @@ def end_to_end(
     ]  # fmt: skip
     t0 = time.perf_counter()
     server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
+    ok = False
     try:
         base = f"http://127.0.0.1:{port}"
         while True:
@@ -496,6 +460,7 @@ def end_to_end(
             ))  # fmt: skip
         report[f"{tag}_structured"] = structured_probe(base)
         rows.append((f"{tag}: json_schema, 4 sampled choices, top_p 0.9", report[f"{tag}_structured"]))
+        ok = True
     finally:
         server.terminate()
         try:
@@ -503,6 +468,8 @@ def end_to_end(
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+        if not ok:
+            shutil.copy(log_path, out_dir / log_path.name)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -645,10 +612,9 @@ def main() -> None:
 
     runner = ModelRunner(
         base, num_slots=32, max_len=args.prompt_len + new + 8, dtype=dtype, max_loras=32, nf4_kernel=True,
-        fused_ops=True, graph_prompt_tokens=64,
+        graph_prompt_tokens=64,
     )  # fmt: skip
-    runner.nf4_kernel(False)  # the defaults: bitsandbytes' products, PyTorch's element-wise ops
-    runner.fused_ops(False)
+    runner.nf4_kernel(False)  # the default: bitsandbytes' products
     cache = AdapterCache(runner.lora_layers, 32)
     if args.quick:
         weights = random_adapters(runner, n_adapters, 16)
@@ -676,8 +642,6 @@ def main() -> None:
             f"{statistics.median(loads):.1f} ({min(loads):.1f}-{max(loads):.1f}) ms",
         ))  # fmt: skip
         rows.append(("cold adapter load, packing on the host included", f"{first:.1f} ms"))
-    with section("attention fold"):
-        attention_fold(device, dtype, rows, report)
     static = static_mode(device)
 
     def run_modes(modes: list[str], runner, cache, weights: dict) -> None:
@@ -695,7 +659,6 @@ def main() -> None:
                 continue
             with section(f"engine {mode}"):
                 runner.nf4_kernel(mode.endswith("-nf4"))
-                runner.fused_ops(mode.endswith("-fused"))
                 use_graphs(runner, mode != "eager")
                 if runner.compile_layers("-compile" in mode):  # compiled before the first request
                     first = "compile_warmup_s" not in report  # a later compiled mode reuses the compiles
@@ -726,15 +689,14 @@ def main() -> None:
                 if "-compile" in mode and not runner.compiled:
                     rows.append(("torch.compile", "FAILED: the steps ran uncompiled (see the log)"))
         runner.nf4_kernel(False)
-        runner.fused_ops(False)
         runner.compile_layers(False)
         use_graphs(runner, True)
 
     # In order of what the run is for, so that a run past its --budget skips the least of it: the
     # default (graphs) and the opt-in variants most likely to become the default against it in the same
     # run (the overlapped launch, torch.compile of the layers, both); logits and parity with peft; the
-    # server end to end; then the other variants (fused element-wise kernels, the eager engine, the NF4
-    # kernel's bench), the profile and the server with --compile.
+    # server end to end; then the other variants (the eager engine, the NF4 kernel's bench), the profile
+    # and the server with --compile.
     first_modes = [static, f"{static}-overlap", f"{static}-compile", f"{static}-compile-overlap"]
     picked = args.modes.split(",") if args.modes else None
     run_modes([m for m in first_modes if picked is None or m in picked], runner, cache, weights)
@@ -762,7 +724,7 @@ def main() -> None:
         if not args.skip_e2e and not over_budget(tag):
             with section(tag):
                 end_to_end(args, device, out_dir, rows, report, flags=tuple(flags.split()), tag=tag)
-    later = ([f"{static}-fused"] if runner.fused_ops(False) else []) + ([] if args.quick else ["eager"])
+    later = [] if args.quick else ["eager"]
     later += ["nf4 bench"]
     run_modes([m for m in later if picked is None or m in picked], runner, cache, weights)
 
@@ -911,13 +873,9 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
 
 
 def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows: list) -> None:
-    """Bare decode steps of the runner, eager and static (and static with the fused element-wise kernels
-    where the runner has them), batch 1 and 32; a kernel table of the eager ones."""
-    modes = ["eager", static_mode(device)]
-    if runner.fused_ops(False):
-        modes.append(f"{static_mode(device)}-fused")
-    for mode in modes:
-        runner.fused_ops(mode.endswith("-fused"))
+    """Bare decode steps of the runner, eager and static, batch 1 and 32; a kernel table of the eager
+    ones."""
+    for mode in ("eager", static_mode(device)):
         use_graphs(runner, mode != "eager")
         for b in (1, 32):
             slots = list(range(b))
@@ -959,7 +917,6 @@ def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows
             finally:
                 for i in range(b):
                     cache.release(f"ad{i % 32}")
-    runner.fused_ops(False)
 
 
 if __name__ == "__main__":

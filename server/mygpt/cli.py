@@ -72,7 +72,6 @@ def _serve_parser(sub: Any) -> None:
             "--overlap-steps",
             "experimental: launch each decode step before the host reads the last one's tokens",
         ),
-        ("--fused-ops", "experimental: fused Triton kernels for norms, rotary and the MLP activation"),
         ("--compile", "experimental: torch.compile the decoder layers of the graphed decode steps"),
         ("--nf4-kernel", "experimental: decode-sized NF4 products by mygpt's Triton kernel (slower so far)"),
     ):

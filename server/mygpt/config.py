@@ -77,11 +77,6 @@ class Settings(BaseSettings):
         description="experimental: with CUDA graphs, launch each decode step from the sampled tokens before "
         "the host reads them, so the host's work on a step overlaps the next; not yet measured on a GPU",
     )
-    fused_ops: bool = Field(
-        False,
-        description="experimental: on a GPU, residual add + RMSNorm, rotary embedding and silu * up as one "
-        "Triton kernel each (PyTorch's ops otherwise); not yet measured on a GPU",
-    )
     compile: bool = Field(
         False,
         description="experimental: with CUDA graphs, torch.compile the decoder layers of decode steps (one "

@@ -104,7 +104,7 @@ class ServerState:
                     runner = ModelRunner(
                         loaded.model, s.max_num_seqs, _served_context(s, loaded), loaded.dtype, s.max_loras, s.max_lora_rank,
                         lm_head_dtype=lm_head, exact_attention=loaded.device.type == "cpu",
-                        cuda_graphs=s.cuda_graphs, nf4_kernel=s.nf4_kernel, fused_ops=s.fused_ops,
+                        cuda_graphs=s.cuda_graphs, nf4_kernel=s.nf4_kernel,
                         compile_layers=s.compile, graph_prompt_tokens=s.graph_prompt_tokens,
                     )  # fmt: skip
                     if s.compile and runner.decoder is None:

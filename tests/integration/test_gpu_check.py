@@ -40,7 +40,6 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert set(report["mixed_step_ms static"]) == {"eager", "graphed rows"}
     assert set(report["mixed_step_ms static-compile"]) == {"compiled pieces", "eager", "graphed rows"}
     assert report["parity_float32"]["static"] == [True] * 3  # its prompts' first step: graphed rows
-    assert report["attention_fold"]["max_abs_diff"] < 1e-4  # folded = enable_gqa (float32 on the CPU)
     for mode in ("eager", "static", "static-overlap", "static-compile"):
         figures = report[f"engine_{mode}"]
         assert all(

@@ -13,7 +13,6 @@ and attends over cache[slots, :, :max_pos] with a length mask.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import mmap
@@ -24,7 +23,6 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from mygpt.engine.graphs import StaticDecoder
-from mygpt.kernels import fused
 from mygpt.kernels.nf4 import NF4Product
 from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
 
@@ -34,8 +32,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # the longest attention span at which a step's prompt chunks run as rows of the static decoder: each
 # prompt row copies its slot's keys and values over the span (graphs.py)
 GRAPH_PROMPT_SPAN = 1024
-# the RMSNorm modules whose arithmetic kernels/fused.py reproduces (HF's Llama formula)
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,6 @@ class ModelRunner:
         static_decode: bool = False,
         cuda_graphs: bool = False,
         nf4_kernel: bool = False,
-        fused_ops: bool = False,
         compile_layers: bool = False,
         graph_prompt_tokens: int = 0,
     ):
@@ -119,13 +114,6 @@ class ModelRunner:
         self._layers = list(self._inner.layers)
         s = self.shape
         self._gqa = s.num_kv_heads != s.num_heads  # a plain bool: torch.compile keeps it a constant
-        # fold_gqa (off; for measurement): grouped-query attention with the query heads of one KV head
-        # folded into its query positions, i.e. plain multi-head attention over the KV heads (the same
-        # products). Where PyTorch would take its math kernel for a masked attention with enable_gqa,
-        # that kernel repeats the keys and values for every query head; on the H100 run 1 profiled,
-        # cuDNN took the masked decode attention instead. gpu-check times both; the CPU tests check
-        # both give the same logits
-        self.fold_gqa = False
         # one slot more than handed out: static decode steps park their padding rows there; one position
         # more than served: no attention span is the whole cache, which torch.compile would compile apart
         cache_shape = (s.num_layers, num_slots + 1, s.num_kv_heads, max_len + 1, s.head_dim)
@@ -152,9 +140,6 @@ class ModelRunner:
         # (lora/layers.py FusedLinear)
         # nf4_kernel: decode-sized NF4 products by the Triton kernel (kernels/nf4.py; experimental)
         self._proj = [_Projections.of(layer, nf4_kernel) for layer in self._layers]
-        # fused_ops: residual add + RMSNorm, rotary and silu * up as one Triton kernel each, where Triton
-        # runs (kernels/fused.py; experimental); each checked against PyTorch's ops on first use
-        self._fused = fused.FusedOps(self.device) if fused_ops and self._fusable() else None
         # decode-only steps at bucketed static shapes (graphs.py): captured as CUDA graphs on a GPU
         # (cuda_graphs), or run eagerly (static_decode: the same code path, for tests on a CPU)
         self._compiled_layer = self._compiled_qkv = self._compiled_rest = None
@@ -168,14 +153,6 @@ class ModelRunner:
             self.decoder = StaticDecoder(self, capture=capture)
         # compile_layers: the static decode steps run each decoder layer through torch.compile
         self.compile_layers(compile_layers)
-
-    def fused_ops(self, on: bool) -> bool:
-        """Turns the fused element-wise kernels (kernels/fused.py) on or off where the runner has them;
-        returns whether it has them. As with nf4_kernel: make a new StaticDecoder after switching."""
-        if self._fused is None:
-            return False
-        self._fused.enabled = on
-        return True
 
     def nf4_kernel(self, on: bool) -> int:
         """Turns the Triton NF4 kernel (kernels/nf4.py) on or off for the products that have it; returns
@@ -201,8 +178,8 @@ class ModelRunner:
         chunks (eager: their shapes follow the prompts) run the layer in three pieces, the projections,
         norms and MLP compiled and the attention between them eager: where an eager step of an 8B
         model spent most of its time launching ~70 small kernels a layer from Python, and every new
-        request takes one such step while the running rows wait. The fused Triton kernels and the NF4
-        kernel are bypassed while compiling (inductor does the fusing; bitsandbytes' ops are traced as
+        request takes one such step while the running rows wait. The NF4 kernel is bypassed while
+        compiling (inductor does the fusing; bitsandbytes' ops are traced as
         they are). A step whose compiled run fails runs uncompiled, and compiling is turned off (a
         warning). As with nf4_kernel: make a new StaticDecoder after switching."""
         if not on or self.decoder is None:
@@ -405,65 +382,20 @@ class ModelRunner:
             x = proj.down(self._act_mul(layer.mlp.act_fn, gate, up))[0]
         return self._add_norm(x, hidden, nxt)  # the residual sum, and the next norm of it
 
-    def _fusable(self) -> bool:
-        """Whether kernels/fused.py can stand in for this model's norms, rotary and activation."""
-        norms = [self._inner.norm] + [
-            n for layer in self._layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
-        ]
-        acts = [getattr(layer.mlp, "act_fn", None) for layer in self._layers]
-        return (
-            fused.available(self.device)
-            and all(type(n).__name__ in _RMS_NORMS and hasattr(n, "variance_epsilon") for n in norms)
-            and all(type(a).__name__ in ("SiLU", "SiLUActivation") for a in acts)  # F.silu
-            and fused.supported(self.shape.head_dim, self.model.config.hidden_size)
-        )
-
     def _add_norm(
         self, x: torch.Tensor | None, residual: torch.Tensor, norm: torch.nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x); x None: (norm(residual), residual)."""
-        f = self._fused
-        if f is not None and not torch.compiler.is_compiling():
-            eps = norm.variance_epsilon
-            key = ("add_rms_norm", residual.shape[-1], residual.dtype, x is None)
-            args = (residual, None) if x is None else (x, residual)
-            kernel = functools.partial(fused.add_rms_norm, *args, norm.weight, eps)
-            if f.ok(key, kernel, lambda: self._add_norm_torch(x, residual, norm)):
-                return kernel()
-        return self._add_norm_torch(x, residual, norm)
-
-    @staticmethod
-    def _add_norm_torch(x, residual, norm) -> tuple[torch.Tensor, torch.Tensor]:
         total = residual if x is None else residual + x
         return _norm(norm, total), total
 
-    def _act_mul(self, act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        f = self._fused
-        if (
-            f is not None
-            and not torch.compiler.is_compiling()
-            and f.ok(
-                ("silu_mul", gate.shape[-1], gate.dtype),
-                lambda: fused.silu_mul(gate, up),
-                lambda: act_fn(gate) * up,
-            )
-        ):
-            return fused.silu_mul(gate, up)
+    @staticmethod
+    def _act_mul(act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return act_fn(gate) * up
 
-    def _rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [N, heads, hd] * cos + rotate_half(x) * sin."""
-        f = self._fused
-        if (
-            f is not None
-            and not torch.compiler.is_compiling()
-            and f.ok(
-                ("rotary", x.shape[1:], x.dtype),
-                lambda: fused.rotary(x, cos, sin),
-                lambda: _rope(x, cos, sin),
-            )
-        ):
-            return fused.rotary(x, cos, sin)
         return _rope(x, cos, sin)
 
     def _qkv(self, attn, proj, kv, x, cos, sin, slot_t, pos_t) -> torch.Tensor:
@@ -507,14 +439,9 @@ class ModelRunner:
         elif plan.decode_mask is not None:  # q: [Bd, H, 1, hd] over each row's cache, length-masked
             bd, end = plan.decode_mask.shape[0], plan.decode_mask.shape[-1]  # sizes, not ints (as above)
             keys, values = kc[plan.decode_rows, :, :end], vc[plan.decode_rows, :, :end]
-            if self.fold_gqa:  # [Bd, Hkv, G, hd]: a KV head's G query heads as its G query positions
-                hkv, hd = keys.shape[1], q.shape[-1]
-                qd = q[:bd].view(bd, hkv, -1, hd)
-            else:
-                qd = q[:bd, :, None, :]
             out = F.scaled_dot_product_attention(
-                qd, keys.to(q.dtype), values.to(q.dtype), attn_mask=plan.decode_mask, scale=attn.scaling,
-                enable_gqa=gqa and not self.fold_gqa,
+                q[:bd, :, None, :], keys.to(q.dtype), values.to(q.dtype), attn_mask=plan.decode_mask,
+                scale=attn.scaling, enable_gqa=gqa,
             )  # fmt: skip
             outs.append(out.reshape(bd, -1))
         for c, o, mask in zip(plan.chunks, plan.chunk_offsets, plan.chunk_masks, strict=True):
@@ -524,15 +451,6 @@ class ModelRunner:
                 c.start + len(c.token_ids),
             )
             keys, values = kc[c.slot : c.slot + 1, :, :end], vc[c.slot : c.slot + 1, :, :end]
-            if self.fold_gqa:  # [1, Hkv, G * c, hd], positions (g, t); the mask repeated for each g
-                n, hkv, hd = hi - lo, keys.shape[1], q.shape[-1]
-                qc = q[lo:hi].view(n, hkv, -1, hd).permute(1, 2, 0, 3).reshape(1, hkv, -1, hd)
-                out = F.scaled_dot_product_attention(
-                    qc, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask.repeat(1, 1, qc.shape[2] // n, 1),
-                    scale=attn.scaling,
-                )  # fmt: skip
-                outs.append(out.view(hkv, -1, n, hd).permute(2, 0, 1, 3).reshape(n, -1))
-                continue
             qc = q[lo:hi].transpose(0, 1)[None]  # [1, H, c, hd]
             out = F.scaled_dot_product_attention(
                 qc, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
