@@ -240,6 +240,9 @@ def profile_engine(runner, cache, weights, prompts, out_dir: Path, mode: str) ->
     (out_dir / f"profile-engine-{mode}.txt").write_text(table)
 
 
+PROMPT_ROWS = 64  # graph_prompt_tokens of the "-rows" engine modes (the server's default: 0, off)
+
+
 def mixed_step_ms(runner, prompt: list[int], n: int = 5) -> dict:
     """A step of 31 decode rows and a 64-token prompt chunk (the engine takes one such step for every
     request that arrives while others run), median of n: eager, with the compiled pieces (where
@@ -612,7 +615,6 @@ def main() -> None:
 
     runner = ModelRunner(
         base, num_slots=32, max_len=args.prompt_len + new + 8, dtype=dtype, max_loras=32, nf4_kernel=True,
-        graph_prompt_tokens=64,
     )  # fmt: skip
     runner.nf4_kernel(False)  # the default: bitsandbytes' products
     cache = AdapterCache(runner.lora_layers, 32)
@@ -659,6 +661,7 @@ def main() -> None:
                 continue
             with section(f"engine {mode}"):
                 runner.nf4_kernel(mode.endswith("-nf4"))
+                runner.graph_prompt_tokens = PROMPT_ROWS if "-rows" in mode else 0  # before the decoder
                 use_graphs(runner, mode != "eager")
                 if runner.compile_layers("-compile" in mode):  # compiled before the first request
                     first = "compile_warmup_s" not in report  # a later compiled mode reuses the compiles
@@ -669,7 +672,7 @@ def main() -> None:
                     rows.append(
                         (f"torch.compile at start-up ({mode}: {steps} warm-up steps)", f"{took:.1f} s")
                     )
-                if mode in (static, f"{static}-compile"):  # the step a new request takes among running rows
+                if mode in (f"{static}-rows", f"{static}-compile-rows"):  # a new request's step among rows
                     mixed = mixed_step_ms(runner, prompts[0])
                     report[f"mixed_step_ms {mode}"] = mixed
                     rows.append((
@@ -690,14 +693,23 @@ def main() -> None:
                     rows.append(("torch.compile", "FAILED: the steps ran uncompiled (see the log)"))
         runner.nf4_kernel(False)
         runner.compile_layers(False)
+        runner.graph_prompt_tokens = 0
         use_graphs(runner, True)
 
     # In order of what the run is for, so that a run past its --budget skips the least of it: the
     # default (graphs) and the opt-in variants most likely to become the default against it in the same
-    # run (the overlapped launch, torch.compile of the layers, both); logits and parity with peft; the
+    # run (short prompts as graphed rows, the overlapped launch, torch.compile of the layers, with and
+    # without rows, with the overlapped launch); logits and parity with peft; the
     # server end to end; then the other variants (the eager engine, the NF4 kernel's bench), the profile
     # and the server with --compile.
-    first_modes = [static, f"{static}-overlap", f"{static}-compile", f"{static}-compile-overlap"]
+    first_modes = [
+        static,
+        f"{static}-rows",
+        f"{static}-overlap",
+        f"{static}-compile",
+        f"{static}-compile-rows",
+    ]
+    first_modes.append(f"{static}-compile-overlap")
     picked = args.modes.split(",") if args.modes else None
     run_modes([m for m in first_modes if picked is None or m in picked], runner, cache, weights)
     if ref_logits:
@@ -729,7 +741,7 @@ def main() -> None:
     run_modes([m for m in later if picked is None or m in picked], runner, cache, weights)
 
     tokens = report.pop("_tokens", {})
-    for variant in ("overlap", "compile", "compile-overlap"):
+    for variant in ("rows", "overlap", "compile", "compile-rows", "compile-overlap"):
         for label in ("1 stream + adapter", "32 streams / 32 adapters"):
             ref = tokens.get(f"{static}: {label}")
             got = tokens.get(f"{static}-{variant}: {label}")

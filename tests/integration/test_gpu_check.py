@@ -31,22 +31,24 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert report["device"] == "cpu" and report["shape"] == "tiny"
     assert set(report["section_s"]) >= {"naive baseline", "engine eager", "engine static", "parity", "e2e"}
     assert report["naive_1_stream_tok_s"] > 0 and report["naive_32x8_tok_s"] > 0
-    for variant in ("overlap", "compile"):  # the opt-in variants give the same greedy tokens, every stream
+    for variant in ("rows", "overlap", "compile", "compile-rows"):  # the same greedy tokens, every stream
         assert report[f"{variant}_same_tokens"] == {
             "1 stream + adapter": "1/1",
             "32 streams / 32 adapters": "32/32",
         }
     assert report["compile_warmup_s"] > 0
-    assert set(report["mixed_step_ms static"]) == {"eager", "graphed rows"}
-    assert set(report["mixed_step_ms static-compile"]) == {"compiled pieces", "eager", "graphed rows"}
+    assert set(report["mixed_step_ms static-rows"]) == {"eager", "graphed rows"}
+    assert set(report["mixed_step_ms static-compile-rows"]) == {"compiled pieces", "eager", "graphed rows"}
     assert report["parity_float32"]["static"] == [True] * 3  # its prompts' first step: graphed rows
-    for mode in ("eager", "static", "static-overlap", "static-compile"):
+    for mode in ("eager", "static", "static-rows", "static-overlap", "static-compile", "static-compile-rows"):
         figures = report[f"engine_{mode}"]
         assert all(
             figures[k] > 0
             for k in ("1 stream + adapter", "32 streams / 1 adapter", "32 streams / 32 adapters")
         )
-    assert report["graph_stats"]["static"]["eager"] > 0  # the static decoder ran (no capture on a CPU)
+    stats = report["graph_stats"]
+    assert stats["static"]["eager"] > 0  # the static decoder ran (no capture on a CPU)
+    assert stats["static"]["prompt_steps"] == 0 < stats["static-rows"]["prompt_steps"]
     assert report["parity_float32"] == {
         "eager": [True] * 3,
         "static": [True] * 3,
