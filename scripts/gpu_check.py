@@ -518,6 +518,14 @@ def main() -> None:
     if args.deadline:
         faulthandler.dump_traceback_later(args.deadline, exit=False)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    if device == "cuda":
+        # One CPU thread for torch's own host-side ops, as GPU servers run them (vLLM's workers set
+        # OMP_NUM_THREADS=1). Here it is more: this thread builds the model with an OpenMP pool, and a
+        # second pool in the engine's thread then makes every CPU op wait on futex wake-ups (libgomp
+        # stops spinning once its threads outnumber the cores): measured on the 2-core CPU, small ops
+        # in a second thread took 2x as long as in the first (87 vs 178 us) after the first had run
+        # parallel work. The server has no such first pool (it loads in a thread that ends).
+        torch.set_num_threads(1)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows: list[tuple[str, str]] = Rows()
     report: dict = {
