@@ -524,7 +524,7 @@ def main() -> None:
         # second pool in the engine's thread then makes every CPU op wait on futex wake-ups (libgomp
         # stops spinning once its threads outnumber the cores): measured on the 2-core CPU, small ops
         # in a second thread took 2x as long as in the first (87 vs 178 us) after the first had run
-        # parallel work. The server has no such first pool (it loads in a thread that ends).
+        # parallel work (docs/architecture.md; the server loads in a thread that ends for this reason).
         torch.set_num_threads(1)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows: list[tuple[str, str]] = Rows()
