@@ -41,7 +41,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MYGPT_ADAPTER_DIR=/data/adapters \
     HF_HOME=/var/cache/mygpt/huggingface
 # a C compiler: Triton builds its kernel launchers with it at first use (torch.compile's GPU kernels,
-# --compile, --fused-ops, --nf4-kernel; without it they fail and the server runs PyTorch's ops instead)
+# --compile, --nf4-kernel; without it they fail and the server runs PyTorch's ops instead)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*

@@ -363,7 +363,8 @@ def _warm_up(engine: Engine, tokenizer) -> None:
                 result.append(ev)
                 done.set()
 
-        params = SamplingParams(max_tokens=4, temperature=0.0)
+        # seeded: the prefix cache is skipped, so the longer prompt is prefilled whole (eagerly)
+        params = SamplingParams(max_tokens=4, temperature=0.0, seed=0 if i else None)
         engine.submit(GenerationRequest(f"warmup-{i}", prompt, params), on_event)
         if not done.wait(300) or result[0].error:
             raise RuntimeError(f"warm-up generation failed: {result[0].error if result else 'timed out'}")

@@ -171,6 +171,16 @@ def test_bitsandbytes_nf4_layers_compile_whole(tiny_model_dir):
     assert compiled.compiled
 
 
+def test_warm_compile_warms_the_eager_pieces_with_prompt_rows_on(tiny_model_dir):
+    """With graph_prompt_tokens, warm_compile's short chunk steps would run as graph rows: they run the
+    eager step's compiled pieces as meant, and the setting is back after."""
+    runner = make_runner(tiny_model_dir, True, graph_prompt_tokens=32)
+    calls, rest = [], runner._compiled_rest
+    runner._compiled_rest = lambda *args: calls.append(1) or rest(*args)
+    assert runner.decoder.warm_compile() > 0
+    assert calls and runner.decoder.stats.prompt_steps == 0 and runner.graph_prompt_tokens == 32
+
+
 def test_warm_compile_fits_a_one_slot_server(tiny_model_dir):
     """max_num_seqs 1: the LoRA grouping buffers hold 2 rows per adapter slot; the warm-up stays in them
     (it asked for 4, and the start-up capture failed)."""

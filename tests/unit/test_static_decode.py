@@ -163,6 +163,10 @@ def test_prompt_chunks_as_static_rows_equal_the_eager_step(tiny_model_dir, tmp_p
         for g, w in zip(got_c, want_c, strict=True):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     assert [c.shape[0] for c in got_c] == [1]
+    before = static.decoder.stats.prompt_steps  # a seeded request's step (invariant): eager, as on the CPU
+    for r in (eager, static):
+        r.step([], [PrefillChunk(5, [2, 3], 1)], invariant=True)
+    assert static.decoder.stats.prompt_steps == before
     spare = static.num_slots  # float32: the two attentions differ in the last bits, through the layers
     for k_eager, k_static in zip(eager.k_cache, static.k_cache, strict=True):
         torch.testing.assert_close(k_static[:spare], k_eager[:spare], atol=1e-4, rtol=1e-4)
@@ -240,6 +244,7 @@ def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(
     n = decoder.precapture()
     spans = sorted({s.kv_len for s in captured})
     assert spans == [256, 512] and {s.batch for s in captured} == set(decoder.batch_sizes)
+    assert [s.batch for s in captured[::2]] == [6, 4, 2, 1, 14]  # decode buckets first, largest first
     assert n == len(captured) == len(decoder.batch_sizes) * 2 and all(s.lora_slots == 0 for s in captured)
     assert decoder.stats.failures == 0 and decoder.capture
     spare = static.num_slots
@@ -337,6 +342,21 @@ def test_prefix_cache_hits_with_static_decode_give_the_uncached_tokens(tiny_mode
     static = ModelRunner(model, num_slots=8, max_len=300, dtype=torch.float32, static_decode=True)
     prefix_cache_workload(static, tokenizer)
     assert static.decoder.stats.eager > 0  # the decode steps went through the static decoder
+
+
+def test_prompt_rows_only_at_spans_up_to_the_limit_decode_rows_included(tiny_model_dir):
+    """Prompt rows gather their slot over the step's span, which the longest row sets: a short chunk
+    beside a row past GRAPH_PROMPT_SPAN runs eagerly, as does one that ends past it."""
+    from mygpt.engine.runner import GRAPH_PROMPT_SPAN, DecodeRow, PrefillChunk
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = ModelRunner(model, num_slots=2, max_len=GRAPH_PROMPT_SPAN + 64, dtype=torch.float32,
+                         static_decode=True, graph_prompt_tokens=16)  # fmt: skip
+    fits = runner._prompt_rows_fit
+    assert fits([DecodeRow(0, 1, GRAPH_PROMPT_SPAN - 1)], [PrefillChunk(1, [1, 2], 0)])
+    assert not fits([DecodeRow(0, 1, GRAPH_PROMPT_SPAN)], [PrefillChunk(1, [1, 2], 0)])
+    assert not fits([], [PrefillChunk(1, [1, 2], GRAPH_PROMPT_SPAN - 1)])
+    assert not fits([], [PrefillChunk(1, list(range(17)), 0)])  # more prompt tokens than graph_prompt_tokens
 
 
 def test_warm_up_runs_the_eager_prompt_path_too_when_short_prompts_run_graphed(tiny_model_dir, tokenizer):

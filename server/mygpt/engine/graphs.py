@@ -233,7 +233,11 @@ class StaticDecoder:
         on_gpu = self.runner.device.type == "cuda"
         with torch.cuda.device(self.runner.device) if on_gpu else contextlib.nullcontext():
             self._dev.copy_(self._host)
-            for batch in reversed(self.batch_sizes):  # the largest first, should max_graphs cut the list
+            # the decode rows' buckets first (the largest first), then those of steps with prompt rows,
+            # should max_graphs cut the list
+            b = self.runner.num_slots
+            order = [s for s in reversed(self.batch_sizes) if s <= b] + [s for s in self.batch_sizes if s > b]
+            for batch in order:
                 for span in spans:
                     shape = DecodeShape(batch, span)
                     if not self.capture or len(self._graphs) >= self.max_graphs:
@@ -279,15 +283,19 @@ class StaticDecoder:
                     for s, m in lora:
                         self._forward(DecodeShape(batch, span, s, m))
                         steps += 1
-            spare = self.spare_slot
-            for adapter in [-1] + ([0] if r.lora_batch is not None else []):
-                for length in sorted(
-                    {min(7, r.max_len - 1), min(19, r.max_len - 1)} - {0, 1}
-                ):  # in the cache
-                    chunk = PrefillChunk(spare, [0] * length, 1, adapter)
-                    r.step([], [chunk])
-                    r.step([DecodeRow(spare, 0, 0, adapter)], [chunk])
-                    steps += 2
+            spare, rows = self.spare_slot, r.graph_prompt_tokens
+            r.graph_prompt_tokens = 0  # these steps are for the eager path's compiled pieces
+            try:
+                for adapter in [-1] + ([0] if r.lora_batch is not None else []):
+                    for length in sorted(
+                        {min(7, r.max_len - 1), min(19, r.max_len - 1)} - {0, 1}
+                    ):  # in the cache
+                        chunk = PrefillChunk(spare, [0] * length, 1, adapter)
+                        r.step([], [chunk])
+                        r.step([DecodeRow(spare, 0, 0, adapter)], [chunk])
+                        steps += 2
+            finally:
+                r.graph_prompt_tokens = rows
             if on_gpu:
                 torch.cuda.synchronize(r.device)
         return steps

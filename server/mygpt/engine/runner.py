@@ -215,7 +215,7 @@ class ModelRunner:
         """
         if self.decoder is not None and decode and not chunks:
             return self.decoder.run(decode), []
-        if self.decoder is not None and self._prompt_rows_fit(decode, chunks):
+        if self.decoder is not None and not invariant and self._prompt_rows_fit(decode, chunks):
             return self._static_step(decode, chunks)
         tokens = [r.token for r in decode] + [t for c in chunks for t in c.token_ids]
         positions = [r.position for r in decode] + [
@@ -289,13 +289,14 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- internals
     def _prompt_rows_fit(self, decode: list[DecodeRow], chunks: list[PrefillChunk]) -> bool:
-        """Whether a step with prompt chunks runs in the static decoder (its prompt tokens as rows)."""
+        """Whether a step with prompt chunks runs in the static decoder (its prompt tokens as rows): few
+        enough of them, and a span (every row's: the step's attention gathers each row's slot over the
+        longest) up to GRAPH_PROMPT_SPAN."""
         prompt = sum(len(c.token_ids) for c in chunks)
-        return (
-            0 < prompt <= self.graph_prompt_tokens
-            and len(decode) + prompt <= self.decoder.max_rows
-            and max(c.start + len(c.token_ids) for c in chunks) <= GRAPH_PROMPT_SPAN
-        )
+        if not 0 < prompt <= self.graph_prompt_tokens or len(decode) + prompt > self.decoder.max_rows:
+            return False
+        ends = [c.start + len(c.token_ids) for c in chunks] + [r.position + 1 for r in decode]
+        return max(ends) <= GRAPH_PROMPT_SPAN
 
     def _static_step(
         self, decode: list[DecodeRow], chunks: list[PrefillChunk]
