@@ -125,14 +125,7 @@ class GraphStats:
 class StaticDecoder:
     """Runs a ModelRunner's decode-only steps at bucketed static shapes, as CUDA graphs if `capture`."""
 
-    def __init__(
-        self,
-        runner: ModelRunner,
-        capture: bool,
-        kv_block: int = 256,
-        max_graphs: int = MAX_GRAPHS,
-        max_rows: int | None = None,
-    ):
+    def __init__(self, runner: ModelRunner, capture: bool, kv_block: int = 256, max_graphs: int = MAX_GRAPHS):
         self.runner = runner
         rope = str(getattr(getattr(runner._inner, "rotary_emb", None), "rope_type", "default"))
         if capture and ("dynamic" in rope or rope == "longrope"):
@@ -143,9 +136,7 @@ class StaticDecoder:
         self.max_graphs = max_graphs
         self.stats = GraphStats()
         # rows per step: the slots' decode rows, and prompt tokens as rows (runner.graph_prompt_tokens)
-        if max_rows is None:
-            max_rows = runner.num_slots + getattr(runner, "graph_prompt_tokens", 0)
-        self.max_rows = max(max_rows, runner.num_slots)
+        self.max_rows = runner.num_slots + runner.graph_prompt_tokens
         # decode rows' buckets as ever; past the slot count (prompt rows), multiples of 16
         more = range(16 * (runner.num_slots // 16 + 1), self.max_rows, 16)
         self.batch_sizes = sorted({*batch_buckets(runner.num_slots), *more, self.max_rows})

@@ -380,7 +380,7 @@ class ModelRunner:
             x = layer.mlp(normed)
         else:  # the Llama MLP: down(act(gate(x)) * up(x))
             gate, up = proj.gate_up(normed)
-            x = proj.down(self._act_mul(layer.mlp.act_fn, gate, up))[0]
+            x = proj.down(layer.mlp.act_fn(gate) * up)[0]
         return self._add_norm(x, hidden, nxt)  # the residual sum, and the next norm of it
 
     def _add_norm(
@@ -390,15 +390,6 @@ class ModelRunner:
         total = residual if x is None else residual + x
         return _norm(norm, total), total
 
-    @staticmethod
-    def _act_mul(act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return act_fn(gate) * up
-
-    @staticmethod
-    def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [N, heads, hd] * cos + rotate_half(x) * sin."""
-        return _rope(x, cos, sin)
-
     def _qkv(self, attn, proj, kv, x, cos, sin, slot_t, pos_t) -> torch.Tensor:
         """The queries [N, H, hd] of the step's tokens x [1, N, D]; their keys and values go into the
         layer's cache at (slot_t, pos_t)."""
@@ -406,13 +397,13 @@ class ModelRunner:
         qkv = proj.qkv
         y = None if hasattr(attn, "q_norm") else qkv.joined(x)
         if y is not None:  # q and k side by side: one rotary embedding for both
-            qk = self._rotary(y[0, :, : (heads + self.shape.num_kv_heads) * hd].view(n, -1, hd), cos, sin)
+            qk = _rope(y[0, :, : (heads + self.shape.num_kv_heads) * hd].view(n, -1, hd), cos, sin)
             q, k, v = qk[:, :heads], qk[:, heads:], y[0, :, qk.shape[1] * hd :].view(n, -1, hd)
         else:
             q, k, v = (t.view(n, -1, hd) for t in qkv(x))  # [N, H or Hkv, hd]
             if hasattr(attn, "q_norm"):  # qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = self._rotary(q, cos, sin), self._rotary(k, cos, sin)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         kc, vc, _ = kv
         kc[slot_t, :, pos_t] = k.to(kc.dtype)  # write every token's key/value: [N, Hkv, hd]
         vc[slot_t, :, pos_t] = v.to(vc.dtype)
@@ -571,6 +562,7 @@ def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, hd] * cos + rotate_half(x) * sin."""
     return x * cos + _rotate_half(x) * sin
 
 
