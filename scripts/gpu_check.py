@@ -797,12 +797,23 @@ def main() -> None:
         raise SystemExit(1)
 
 
-NF4_TILES = [  # (BLOCK_N, BLOCK_K, warps, lut: kernels/nf4.py TILE) tried by nf4_bench; the fastest is kept
-    (128, 128, 4, "weight"), (64, 128, 4, "weight"),  # the two best of 2026-11-26's first run
-    (128, 128, 4, "pair"), (64, 128, 4, "pair"), (64, 256, 4, "pair"), (32, 64, 1, "pair"),  # not yet measured
-    (128, 128, 4, "gather"), (64, 128, 4, "gather"), (64, 256, 4, "gather"), (128, 256, 8, "gather"),
-    (32, 128, 2, "gather"),  # not yet measured
-]  # fmt: skip
+NF4_TILES = {  # kernels/nf4.py TILES entries nf4_bench tries, (block_n, block_k, warps, stages, programs,
+    # lut); the fastest of each kind is kept. gemv: one row, no tensor cores; dot: 8 and 32 rows. Chosen
+    # without a GPU (session 10) from scripts/nf4_sass.py: no register spills, the fewest instructions of
+    # the K loop per weight (7.2-7.5 for gemv, 9.8-11.8 for dot; "select" ~2x that, kept as the control),
+    # and one high-occupancy tile of each kind
+    "gemv": [
+        (32, 256, 4, 3, 264, "shared"), (16, 256, 2, 3, 264, "shared"), (32, 128, 2, 3, 264, "shared"),
+        (64, 128, 4, 3, 264, "shared"), (16, 512, 4, 3, 264, "shared"), (16, 128, 4, 3, 264, "shared"),
+        (32, 256, 4, 3, 1, "shared"), (32, 256, 4, 3, 264, "select"),
+    ],
+    "dot": [
+        (128, 128, 8, 3, 512, "shared"), (128, 128, 4, 3, 512, "shared"), (128, 256, 8, 3, 512, "shared"),
+        (64, 128, 4, 3, 512, "shared"), (128, 64, 4, 4, 512, "shared"), (64, 64, 4, 4, 512, "shared"),
+        (128, 128, 8, 3, 132, "shared"), (64, 64, 4, 4, 512, "select"),
+    ],
+}  # fmt: skip
+NF4_ROWS = {"gemv": (1,), "dot": (8, 32)}
 
 
 def random_adapters(runner, n: int, rank: int) -> dict:
@@ -826,10 +837,11 @@ def random_adapters(runner, n: int, rank: int) -> dict:
 
 def nf4_bench(runner, rows: list, report: dict) -> bool:
     """The first decoder layer's four products (q/k/v, o, gate/up, down) at 1, 8 and 32 rows: the Triton
-    NF4 kernel in each tile shape against bitsandbytes (per layer, as without the kernel), each call
-    captured in a CUDA graph and replayed (device time, as in the engine's graphed steps: timed from the
-    host, bitsandbytes' ~150 us of Python per call swamped run 2's and run 4's figures), median. Keeps
-    the tile with the least time summed over all of them."""
+    NF4 kernel in each NF4_TILES entry (gemv at 1 row, dot at 8 and 32) against bitsandbytes (per layer,
+    as without the kernel), each call captured in a CUDA graph and replayed (device time, as in the
+    engine's graphed steps: timed from the host, bitsandbytes' ~150 us of Python per call swamped run 2's
+    and run 4's figures), median. Keeps the fastest entry of each kind (summed over its products); True
+    where the kernel's sum over all rows is under bitsandbytes'."""
     from mygpt.kernels import nf4
 
     proj = runner._proj[0]
@@ -838,16 +850,24 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
         for name, f in (("qkv", proj.qkv), ("o", proj.o), ("gate_up", proj.gate_up), ("down", proj.down))
         if f is not None and isinstance(f._fused_base, nf4.NF4Product)
     }
-    if not products or runner.device.type != "cuda":
-        rows.append(("nf4 kernel", "not used (no Triton or no GPU)"))
+    if not products:
+        rows.append(("nf4 kernel", "not used (no Triton, or no GPU and no TRITON_INTERPRET=1)"))
         return False
-    from triton.testing import do_bench_cudagraph
 
-    def timed(fn) -> float:
-        return do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3  # microseconds
+    def timed(fn) -> float:  # microseconds
+        if runner.device.type == "cuda":
+            from triton.testing import do_bench_cudagraph
 
-    default = dict(nf4.TILE)
-    results: dict = {"bnb": {}, "tiles": {}}
+            return do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+        times = []  # the interpreter on a CPU (tests): the host's time, median of 3
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+
+    default = {kind: dict(t) for kind, t in nf4.TILES.items()}
+    results: dict = {"bnb": {}, "gemv": {}, "dot": {}, "best": {}}
     g = torch.Generator(device=runner.device).manual_seed(7)
     inputs = {  # (name, rows) -> an input of the product's width
         (name, m): torch.randn(m, p.packed.shape[1] * 2, generator=g, device=runner.device).to(runner.dtype)
@@ -856,40 +876,44 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
     }
     for (name, m), x in inputs.items():
         results["bnb"][f"{name} m{m}"] = timed(lambda p=products[name], x=x: p._bnb(x))
-    for tile in NF4_TILES:
-        nf4.TILE.update(block_n=tile[0], block_k=tile[1], num_warps=tile[2], lut=tile[3])
-        times = {}
-        try:
-            for (name, m), x in inputs.items():
-                p = products[name]
-                if not p._kernel_ok(x):
-                    raise RuntimeError(f"disagrees with bitsandbytes at {name} m{m}")
-                times[f"{name} m{m}"] = timed(
-                    lambda p=p, x=x: nf4.nf4_matmul(x, p.packed, p.scale, p.code, p.pairs)
-                )
-        except Exception as exc:  # a tile that fails is reported and skipped
-            results["tiles"][str(tile)] = repr(exc)[:200]
-            continue
-        results["tiles"][str(tile)] = times
-    measured = {t: v for t, v in results["tiles"].items() if isinstance(v, dict)}
-    nf4.TILE.update(default)
-    if not measured:
-        rows.append(("nf4 kernel", "every tile failed: bitsandbytes runs"))
-        report["nf4_bench"] = results
-        return False
-    best = min(measured, key=lambda t: sum(measured[t].values()))
-    bn, bk, warps, lut = next(t for t in NF4_TILES if str(t) == best)
-    nf4.TILE.update(block_n=bn, block_k=bk, num_warps=warps, lut=lut)
-    results["best"] = best
+    keys = ("block_n", "block_k", "num_warps", "num_stages", "programs", "lut")
+    for kind, tiles in NF4_TILES.items():
+        for tile in tiles:
+            nf4.TILES[kind].update(zip(keys, tile, strict=True))
+            times = {}
+            try:
+                for (name, m), x in inputs.items():
+                    if m not in NF4_ROWS[kind]:
+                        continue
+                    p = products[name]
+                    if not p._kernel_ok(x):
+                        raise RuntimeError(f"disagrees with bitsandbytes at {name} m{m}")
+                    times[f"{name} m{m}"] = timed(
+                        lambda p=p, x=x: nf4.nf4_matmul(x, p.words, p.scale, p.code)
+                    )
+            except Exception as exc:  # a tile that fails is reported and skipped
+                results[kind][str(tile)] = repr(exc)[:200]
+                continue
+            results[kind][str(tile)] = times
+        nf4.TILES[kind].update(default[kind])
     report["nf4_bench"] = results
-    for m in (1, 8, 32):
-        ours = sum(v for k, v in measured[best].items() if k.endswith(f"m{m}"))
-        theirs = sum(v for k, v in results["bnb"].items() if k.endswith(f"m{m}"))
-        rows.append((f"one layer's 4-bit products, {m} rows: kernel {best} vs bitsandbytes",
-                     f"{ours:.0f} vs {theirs:.0f} us ({theirs / ours:.2f}x)"))  # fmt: skip
-    ours = sum(measured[best].values())
-    theirs = sum(results["bnb"].values())
-    return ours < theirs
+    won = {}
+    for kind in NF4_TILES:
+        measured = {t: v for t, v in results[kind].items() if isinstance(v, dict)}
+        if not measured:
+            rows.append((f"nf4 kernel ({kind})", "every tile failed: bitsandbytes runs"))
+            return False
+        best = min(measured, key=lambda t: sum(measured[t].values()))
+        tile = next(t for t in NF4_TILES[kind] if str(t) == best)
+        nf4.TILES[kind].update(zip(keys, tile, strict=True))
+        results["best"][kind] = best
+        for m in NF4_ROWS[kind]:
+            ours = sum(v for k, v in measured[best].items() if k.endswith(f" m{m}"))
+            theirs = sum(v for k, v in results["bnb"].items() if k.endswith(f" m{m}"))
+            won[m] = (ours, theirs)
+            rows.append((f"one layer's 4-bit products, {m} rows: kernel {kind} {best} vs bitsandbytes",
+                         f"{ours:.0f} vs {theirs:.0f} us ({theirs / ours:.2f}x)"))  # fmt: skip
+    return sum(o for o, _ in won.values()) < sum(t for _, t in won.values())
 
 
 def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows: list) -> None:

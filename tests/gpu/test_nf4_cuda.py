@@ -19,14 +19,15 @@ def layer(n: int, k: int, dtype: torch.dtype, seed: int):
     return q.cuda()
 
 
-@pytest.mark.parametrize("lut", ["weight", "pair", "gather"])
+@pytest.mark.parametrize("lut", ["shared", "select"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("n", "k"), [(1024, 4096), (4096, 14336), (6144, 4096)])
 def test_kernel_equals_bitsandbytes(dtype, n, k, lut, monkeypatch):
     from mygpt.kernels import nf4
     from mygpt.kernels.nf4 import nf4_matmul, nf4_scales
 
-    monkeypatch.setitem(nf4.TILE, "lut", lut)
+    for kind in nf4.TILES:
+        monkeypatch.setitem(nf4.TILES, kind, {**nf4.TILES[kind], "lut": lut})
 
     q = layer(n, k, dtype, seed=n)
     w = q.weight

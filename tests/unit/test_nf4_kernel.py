@@ -31,14 +31,20 @@ class _Weight:  # what nf4_scales reads from a Params4bit
         self.quant_state = qs
 
 
-@pytest.mark.parametrize("lut", ["weight", "pair", "gather"])
-@pytest.mark.parametrize("m", [1, 5, 16, 32])
-@pytest.mark.parametrize(("n", "k"), [(96, 256), (64, 1024)])
-def test_kernel_equals_the_dequantized_product(m, n, k, lut, monkeypatch):
+@pytest.mark.parametrize("lut", ["shared", "select"])
+@pytest.mark.parametrize(("m", "gemv_rows"), [(1, 1), (3, 4), (5, 1), (16, 1), (32, 1)])
+@pytest.mark.parametrize(("n", "k", "programs"), [(96, 256, 1), (64, 1024, 512)])
+def test_kernel_equals_the_dequantized_product(m, gemv_rows, n, k, programs, lut, monkeypatch):
+    """Both kernels (gemv: multiply and sum; dot: tl.dot), both table readings, with and without
+    split-K (programs 1: one program per N block, the output written by the kernel)."""
     from mygpt.kernels import nf4
     from mygpt.kernels.nf4 import nf4_matmul, nf4_scales
 
-    monkeypatch.setitem(nf4.TILE, "lut", lut)
+    monkeypatch.setattr(nf4, "GEMV_ROWS", gemv_rows)
+    for kind in ("gemv", "dot"):
+        monkeypatch.setitem(nf4.TILES, kind, {**nf4.TILES[kind], "lut": lut, "programs": programs})
+    kind, _, _, _, split = nf4._config(m, n, k, 64)
+    assert kind == ("gemv" if m <= gemv_rows else "dot") and (split == 1) == (programs == 1)
 
     _, packed, qs = quantized(n, k, seed=m + n)
     w = bnb_f.dequantize_4bit(packed, qs).float()  # bitsandbytes' own reading of its bytes
@@ -48,6 +54,24 @@ def test_kernel_equals_the_dequantized_product(m, n, k, lut, monkeypatch):
     want = x @ w.T
     assert got.shape == (m, n) and got.dtype == x.dtype
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_half_precision_input(m):
+    """float16 input: the dot kernel (16 rows) multiplies each weight rounded to float16 (bitsandbytes'
+    dequantization in the compute dtype), the one-row kernel the float32 weight; the sums are float32,
+    the output float16."""
+    from mygpt.kernels.nf4 import nf4_matmul, nf4_scales
+
+    n, k = 64, 512
+    _, packed, qs = quantized(n, k, seed=5)
+    w = bnb_f.dequantize_4bit(packed, qs).float()
+    if m > 1:
+        w = w.half().float()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).half()
+    got = nf4_matmul(x, packed.view(n, k // 2), nf4_scales(_Weight(qs)), qs.code.float())
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), x.float() @ w.T, rtol=2e-3, atol=2e-3)
 
 
 def test_scales_undo_the_double_quantization_as_bitsandbytes_does():
@@ -119,17 +143,12 @@ def test_available_on_a_cpu_only_in_the_interpreter(monkeypatch):
     assert not nf4.available(torch.device("cpu"))
 
 
-def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
-    """A tiny NF4 Llama through the ModelRunner with the kernel in every projection (q/k/v and gate/up
-    concatenated) gives the logits of the same model with its weights dequantized: prefill (more rows
-    than MAX_ROWS: bitsandbytes) and decode steps (the kernel), with and without adapters."""
+def nf4_llama():
+    """A tiny random Llama with NF4 projections (bitsandbytes' GPU layout, float32 compute) and the same
+    model with those weights dequantized: (quantized, dense)."""
     import bitsandbytes as bnb
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mygpt.engine.runner import ModelRunner
-    from mygpt.kernels import nf4
-
-    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
     config = LlamaConfig(
         vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -151,6 +170,18 @@ def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
                     w = bnb_f.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
                     getattr(pd, name).weight.data.copy_(w)
     dense.load_state_dict({k: v for k, v in quant.state_dict().items() if "proj" not in k}, strict=False)
+    return quant, dense
+
+
+def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
+    """A tiny NF4 Llama through the ModelRunner with the kernel in every projection (q/k/v and gate/up
+    concatenated) gives the logits of the same model with its weights dequantized: prefill (more rows
+    than MAX_ROWS: bitsandbytes) and decode steps (the kernel), with and without adapters."""
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    quant, dense = nf4_llama()
     runners = [
         ModelRunner(m, num_slots=4, max_len=64, dtype=torch.float32, max_loras=2, nf4_kernel=True)
         for m in (quant, dense)
@@ -181,3 +212,68 @@ def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
     assert (
         ModelRunner(quant, num_slots=4, max_len=64, dtype=torch.float32).nf4_kernel(True) == 0
     )  # opt-in only
+
+
+def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
+    """scripts/gpu_check.py's nf4_bench on the CPU (host-timed, the interpreter): every tile checked
+    against bitsandbytes and timed, the fastest of each kind left in TILES, a row per row count."""
+    import importlib.util
+    from pathlib import Path
+
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import nf4
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    for kind in nf4.TILES:
+        monkeypatch.setitem(nf4.TILES, kind, dict(nf4.TILES[kind]))
+    tiles = {
+        "gemv": [(16, 256, 4, 3, 264, "shared"), (32, 256, 2, 3, 1, "select")],
+        "dot": [(64, 256, 4, 3, 512, "select"), (32, 128, 4, 3, 1, "shared")],
+    }
+    monkeypatch.setattr(gpu_check, "NF4_TILES", tiles)
+    runner = ModelRunner(nf4_llama()[0], num_slots=2, max_len=64, dtype=torch.float32, nf4_kernel=True)
+    rows, report = [], {}
+    gpu_check.nf4_bench(runner, rows, report)
+    got = report["nf4_bench"]
+    assert set(got["bnb"]) == {f"{p} m{m}" for p in ("qkv", "o", "gate_up", "down") for m in (1, 8, 32)}
+    for kind, rows_of in (("gemv", (1,)), ("dot", (8, 32))):
+        assert set(got[kind]) == {str(t) for t in tiles[kind]}
+        for times in got[kind].values():  # every tile agreed with bitsandbytes and was timed
+            assert set(times) == {f"{p} m{m}" for p in ("qkv", "o", "gate_up", "down") for m in rows_of}
+        best = min(got[kind], key=lambda t: sum(got[kind][t].values()))
+        assert got["best"][kind] == best
+        kept = tuple(
+            nf4.TILES[kind][k] for k in ("block_n", "block_k", "num_warps", "num_stages", "programs", "lut")
+        )
+        assert str(kept) == best
+    assert [r[0].split(":")[0] for r in rows] == [f"one layer's 4-bit products, {m} rows" for m in (1, 8, 32)]
+
+
+def test_every_tile_compiles_for_an_h100_without_spilling():
+    """scripts/nf4_sass.py --check: the default tiles and gpu_check's sweep, compiled for sm_90 by
+    Triton's own ptxas (no GPU needed; in a process of its own, Triton picks compiled or interpreted
+    when it is imported), in bfloat16 as the engine runs them: none spills registers to local memory,
+    and the shared-memory table costs at most MAX_PER_WEIGHT instructions of the K loop per weight."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no ptxas")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root / "server")
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "nf4_sass.py"), "--check"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith(("gemv", "dot"))]
+    assert len(table) >= 20  # 9 gemv tiles at 1 row, 8 dot tiles at 16 and 32 rows

@@ -1,29 +1,48 @@
 """A Triton kernel for the small-batch products with bitsandbytes NF4 weights on a GPU.
 
-On the H100, a decode step of 32 rows of the 8B-shaped model spent 8.6 of its 19 GPU milliseconds in
-bitsandbytes' 4-bit products (docs/benchmarks.md, 2026-11-26): for most shapes at 32 rows its dispatch
-dequantizes the whole weight to bfloat16 (writes and reads 4x the packed bytes) and then calls cuBLAS;
-one row takes its GEMV at about a third of the card's bandwidth. Decode steps are bound by reading the
-weights once, so this kernel reads the packed 4-bit weight once per step for up to MAX_ROWS rows:
+On the H100, a decode step of 32 rows of the 8B-shaped model spends about 11.8 of its 21 device
+milliseconds in bitsandbytes' 4-bit products (docs/benchmarks.md): at 32 rows its dispatch dequantizes
+most weights to a bfloat16 copy (writes and reads 4x the packed bytes) and calls cuBLAS, and its own
+MMA kernel reads gate/up at ~0.4 TB/s; one row runs its GEMV at ~0.9 TB/s of the card's ~3. Decode
+steps are bound by reading the weights, so this kernel reads the packed 4-bit weight once per step for
+up to MAX_ROWS rows:
 
-    out[m, n] = sum_k x[m, k] * bf16(code[nibble(n, k)] * scale[n, k // 64])
+    out[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = code[nibble(n, k)] * scale[n, k // blocksize]
 
-    packed   uint8 [N, K/2], bitsandbytes' own bytes (element 2j in the high nibble, 2j+1 in the low)
+    words    int32 [N, K/8], bitsandbytes' own bytes read four at a time (a byte holds element 2j in
+             its high nibble and 2j+1 in its low one; little-endian words: nibble t of word i is
+             element 8i + t at shift 8 * (t // 2) + 4 * (1 - t % 2))
     scale    float32 [N, K/blocksize], its absmax with the double quantization undone once at load
              (4 bytes per 64 weights: 1/8 more than the packed bytes; bitsandbytes keeps 1 byte)
     code     float32 [16], the NF4 table
 
-Each program computes BLOCK_N outputs for all rows over one K range (split-K for parallelism: the
-partial sums go to a float32 buffer, summed by one torch call, never atomically, so the result is the
-same on every run). The even and odd columns of x meet the high and low nibbles in two tl.dot calls.
-Products with more rows (prefill) and shapes it does not cover call bitsandbytes as before.
+Two ways of turning a nibble into its table value (TILES[...]["lut"]): "shared", the 16 values read with
+tl.gather along one axis, which Triton stages in shared memory (one shared load a weight, as bitsandbytes'
+own GEMV does), and "select", a branch-free tree of 15 selects between the 16 values held in registers
+(no memory, ~19 ALU operations a weight). `scripts/nf4_sass.py` compiles each tile for sm_90 without a
+GPU and counts the instructions of its K loop: a gather from a [BLOCK_N, 16] table broadcast in registers
+(run 4's "gather") compiled to a compare-and-select tree, ~37 instructions a weight, the shared-memory
+gather to ~11.
+
+Two kernels' settings (TILES). "gemv", for products of up to GEMV_ROWS rows (one stream's decode step):
+multiply and add without tensor cores (tl.dot would pad the row to 16 and move every weight through
+shared memory into its operand layout), each column lane its own float32 sum, reduced once after the K
+loop; its weights stay float32 (code x scale, not rounded to the input's dtype: a conversion runs at a
+quarter of the FMA rate and cost more than the rest of a weight's work; bitsandbytes' own GEMV rounds
+its products differently again). "dot", for more rows: tl.dot on the dequantized tile, each weight
+rounded once to the input's dtype, as bitsandbytes' dequantization does. A product whose N blocks do
+not fill the card (fewer than "programs" programs) splits K: the partial sums go to a float32 buffer
+summed by one torch call, never atomically, so the result is the same on every run; without a split the
+kernel writes the output in the input's dtype. Products with more rows (prefill) and shapes it does not cover call
+bitsandbytes as before.
 
 Projections that read the same input (q/k/v, gate/up) run as one product over their concatenated
 weights (lora/layers.py concat_base): the layers' packed weights become views of the concatenation.
 
 Tested on the CPU through Triton's interpreter (TRITON_INTERPRET=1) against the dequantized product;
 on a GPU each product shape is checked once against bitsandbytes before it is used (a mismatch or a
-compile error turns the kernel off, with a warning).
+compile error turns the kernel off, with a warning). scripts/gpu_check.py sweeps TILES on the device
+(each product timed inside a CUDA graph) and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -33,122 +52,156 @@ import torch
 from mygpt.kernels import available, check_once, jitted, triton  # noqa: F401 - available: re-exported
 
 MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' dequantize + GEMM
+GEMV_ROWS = 1  # rows up to which the "gemv" settings (no tensor cores) run; more: "dot"
+LUTS = {"shared": 0, "select": 1}
+# not measured on a GPU yet in this form (run 4's kernel lost to bitsandbytes in the engine): no register
+# spills and the fewest K-loop instructions per weight in scripts/nf4_sass.py; gpu_check's sweep keeps its
+# fastest
+TILES = {
+    "gemv": {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3, "programs": 264, "lut": "shared"},
+    "dot": {"block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3, "programs": 512, "lut": "shared"},
+}  # fmt: skip
 
 if triton is not None:
     import triton.language as tl
 
     def _nf4_kernel(
-        x_ptr, q_ptr, s_ptr, code_ptr, lut_ptr, out_ptr,
-        M, N, K, k_split,
-        stride_xm, stride_om,
+        x_ptr, w_ptr, s_ptr, code_ptr, out_ptr,
+        M, N, k_split,
+        stride_xm, stride_wn, stride_sn, stride_om, stride_os,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
-        PRECISION: tl.constexpr, LUT: tl.constexpr,
+        PRECISION: tl.constexpr, LUT: tl.constexpr, DOT: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
-        half = tl.arange(0, BLOCK_K // 2)
+        rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         m_ok = rm < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if LUT == 2:  # the 16 values loaded once; each weight's value gathered from them (tl.gather)
-            table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
+        t = tl.arange(0, 8)  # nibble t of a word: element 8i + t
+        shifts = 8 * (t // 2) + 4 * (1 - t % 2)
+        words = tl.arange(0, BLOCK_K // 8)
+        blocks = tl.arange(0, BLOCK_K // QBLOCK)
+        if LUT == 0:  # gathered along one axis of 16: Triton stages it in shared memory, one load a weight
+            table = tl.load(code_ptr + tl.arange(0, 16))
+        else:  # the 16 values as scalars (registers)
+            c0 = tl.load(code_ptr + 0)
+            c1 = tl.load(code_ptr + 1)
+            c2 = tl.load(code_ptr + 2)
+            c3 = tl.load(code_ptr + 3)
+            c4 = tl.load(code_ptr + 4)
+            c5 = tl.load(code_ptr + 5)
+            c6 = tl.load(code_ptr + 6)
+            c7 = tl.load(code_ptr + 7)
+            c8 = tl.load(code_ptr + 8)
+            c9 = tl.load(code_ptr + 9)
+            c10 = tl.load(code_ptr + 10)
+            c11 = tl.load(code_ptr + 11)
+            c12 = tl.load(code_ptr + 12)
+            c13 = tl.load(code_ptr + 13)
+            c14 = tl.load(code_ptr + 14)
+            c15 = tl.load(code_ptr + 15)
+        if DOT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:  # one float32 sum per row, output and column lane: reduced across the lanes once, at the end
+            acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         k_begin = pid_k * k_split
         for step in range(0, k_split, BLOCK_K):
             k0 = k_begin + step
-            kk = k0 + 2 * half  # the even columns of this K block
             packed = tl.load(
-                q_ptr + rn[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=n_ok[:, None], other=0
+                w_ptr + rn[:, None] * stride_wn + (k0 // 8 + words)[None, :], mask=n_ok[:, None], other=0
             )
-            if LUT != 0:  # one scale per block, broadcast
-                blocks = k0 // QBLOCK + tl.arange(0, BLOCK_K // QBLOCK)
-                per_block = tl.load(
-                    s_ptr + rn[:, None] * (K // QBLOCK) + blocks[None, :], mask=n_ok[:, None], other=0.0
+            nib = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_N, BLOCK_K))
+            if LUT == 0:
+                value = tl.reshape(
+                    tl.gather(table, tl.reshape(nib, (BLOCK_N * BLOCK_K,)), axis=0), (BLOCK_N, BLOCK_K)
                 )
-                scale = tl.reshape(
-                    tl.broadcast_to(per_block[:, :, None], (BLOCK_N, BLOCK_K // QBLOCK, QBLOCK // 2)),
-                    (BLOCK_N, BLOCK_K // 2),
-                )
-                if LUT == 1:  # one load per byte for both of its weights (int64: the high nibble's low)
-                    pair = tl.load(lut_ptr + packed.to(tl.int32))
-                    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale
-                    lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale
-                else:  # no global load for the table (Triton may stage the gather in shared memory)
-                    hi = tl.gather(table, (packed >> 4).to(tl.int32), axis=1) * scale
-                    lo = tl.gather(table, (packed & 15).to(tl.int32), axis=1) * scale
-            else:  # a scale and a table lookup per weight
-                scale = tl.load(
-                    s_ptr + rn[:, None] * (K // QBLOCK) + (kk // QBLOCK)[None, :],
-                    mask=n_ok[:, None],
-                    other=0.0,
-                )
-                hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale
-                lo = tl.load(code_ptr + (packed & 15).to(tl.int32)) * scale
-            x_even = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None], other=0.0)
-            x_odd = tl.load(
-                x_ptr + rm[:, None] * stride_xm + (kk + 1)[None, :], mask=m_ok[:, None], other=0.0
+            else:  # bit 0 picks within pairs, bit 1 within fours, bit 2 within eights, bit 3 the half
+                b = (nib & 1) != 0
+                p0 = tl.where(b, c1, c0)
+                p1 = tl.where(b, c3, c2)
+                p2 = tl.where(b, c5, c4)
+                p3 = tl.where(b, c7, c6)
+                p4 = tl.where(b, c9, c8)
+                p5 = tl.where(b, c11, c10)
+                p6 = tl.where(b, c13, c12)
+                p7 = tl.where(b, c15, c14)
+                b = (nib & 2) != 0
+                q0 = tl.where(b, p1, p0)
+                q1 = tl.where(b, p3, p2)
+                q2 = tl.where(b, p5, p4)
+                q3 = tl.where(b, p7, p6)
+                b = (nib & 4) != 0
+                r0 = tl.where(b, q1, q0)
+                r1 = tl.where(b, q3, q2)
+                value = tl.where((nib & 8) != 0, r1, r0)
+            per_block = tl.load(
+                s_ptr + rn[:, None] * stride_sn + (k0 // QBLOCK + blocks)[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
             )
-            acc += tl.dot(x_even, tl.trans(hi.to(x_even.dtype)), input_precision=PRECISION)
-            acc += tl.dot(x_odd, tl.trans(lo.to(x_odd.dtype)), input_precision=PRECISION)
-        out = out_ptr + pid_k * M * N + rm[:, None] * stride_om + rn[None, :]
-        tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+            scale = tl.reshape(
+                tl.broadcast_to(per_block[:, :, None], (BLOCK_N, BLOCK_K // QBLOCK, QBLOCK)),
+                (BLOCK_N, BLOCK_K),
+            )
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
+            w = value * scale
+            if (
+                DOT
+            ):  # the tensor cores' operand in x's dtype: as bitsandbytes dequantizes, float32 rounded once
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+            else:  # float32 weights, not rounded (a rounding costs more than the rest of a weight's work)
+                acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+        if not DOT:
+            acc = tl.sum(acc, axis=2)
+        out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-# scripts/gpu_check.py measures the other tiles and the ways of reading the table (lut): "weight", a table
-# load and a scale load per weight; "pair", one table load per byte (both weights) and a scale per block;
-# "gather", the table loaded once and read with tl.gather, and a scale per block
-TILE = {"block_n": 64, "block_k": 256, "num_warps": 4, "lut": "weight"}
-LUTS = {"weight": 0, "pair": 1, "gather": 2}
-
-
-def pair_table(code: torch.Tensor) -> torch.Tensor:
-    """int64 [256]: for each byte, the float32 bits of its high nibble's value (low word) and of its low
-    nibble's (high word)."""
-    bits = code.detach().float().cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    b = torch.arange(256)
-    return (bits[b & 15] << 32) | bits[b >> 4]
-
-
-def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product: enough programs to fill an
-    H100's 132 SMs a few times over, each K range a whole number of BLOCK_K columns."""
-    block_m = 16 if m <= 16 else 32
-    block_n, block_k = TILE["block_n"], TILE["block_k"]
+def _config(m: int, n: int, k: int, qblock: int) -> tuple[str, int, int, int, int]:
+    """(which TILES entry, BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product: split K
+    until the programs reach the entry's "programs" (an H100 has 132 SMs), each K range a whole number
+    of BLOCK_K columns, each BLOCK_K a whole number of scale blocks."""
+    kind = "gemv" if m <= GEMV_ROWS else "dot"
+    tile = TILES[kind]
+    block_m = triton.next_power_of_2(m) if kind == "gemv" else (16 if m <= 16 else 32)
+    block_n, block_k = tile["block_n"], max(tile["block_k"], qblock)
+    while k % block_k:  # k is a multiple of 256 and of qblock (supported)
+        block_k //= 2
     n_blocks = triton.cdiv(n, block_n)
     split = 1
-    while n_blocks * split < 512 and k % (block_k * split * 2) == 0:
+    while n_blocks * split < tile["programs"] and k % (block_k * split * 2) == 0:
         split *= 2
-    return block_m, block_n, block_k, split
+    return kind, block_m, block_n, block_k, split
 
 
 def nf4_matmul(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    code: torch.Tensor,
-    pairs: torch.Tensor | None = None,
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, code: torch.Tensor
 ) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, K a multiple of 256) times the NF4 weight [N, K]^T: [M, N] in x's dtype.
-    float32 inputs multiply in full float32 (no TF32), as bitsandbytes' float32 path does. pairs: the
-    code's pair_table on the device (made here when not given)."""
+    packed: bitsandbytes' bytes as uint8 [N, K/2], or the same memory as int32 [N, K/8]. float32 inputs
+    multiply in full float32 (no TF32), as bitsandbytes' float32 path does."""
     m, k = x.shape
-    n = packed.shape[0]
+    words = packed if packed.dtype == torch.int32 else packed.view(torch.int32)
+    n = words.shape[0]
     qblock = k // scale.shape[1]
-    block_m, block_n, block_k, split = _config(m, n, k)
+    kind, block_m, block_n, block_k, split = _config(m, n, k, qblock)
+    tile = TILES[kind]
     if x.stride(1) != 1:
         x = x.contiguous()
-    lut = LUTS[TILE["lut"]] if block_k % qblock == 0 else 0  # a scale per block: whole blocks per step
-    if lut == 1 and pairs is None:
-        pairs = pair_table(code).to(x.device)
-    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    if split == 1:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_n), split)
     jitted(_nf4_kernel)[grid](
-        x, packed, scale, code, pairs if lut == 1 else code, partial, m, n, k, k // split, x.stride(0), n,
+        x, words, scale, code, out, m, n, k // split, x.stride(0), words.stride(0), scale.stride(0), n, m * n,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, QBLOCK=qblock,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LUT=lut, num_warps=TILE["num_warps"],
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LUT=LUTS[tile["lut"]],
+        DOT=kind == "dot", num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip
-    return (partial[0] if split == 1 else partial.sum(0)).to(x.dtype)
+    return out if split == 1 else out.sum(0).to(x.dtype)
 
 
 def nf4_scales(weight) -> torch.Tensor:
@@ -208,9 +261,9 @@ class NF4Product:
             layer.weight.data = packed[off : off + n].view(-1, 1)
             off += n
         self.packed = packed
+        self.words = packed.view(torch.int32)  # the same memory, four bytes at a time (the kernel's)
         self.scale = torch.cat([nf4_scales(layer.weight) for layer in layers])
         self.code = layers[0].weight.quant_state.code.float().to(packed.device)
-        self.pairs = pair_table(self.code).to(packed.device)
         self.compute_dtype = layers[0].compute_dtype  # None: the input's, as bitsandbytes' layer does
         self.enabled = True
 
@@ -222,11 +275,12 @@ class NF4Product:
         """Once per product shape: the kernel against bitsandbytes on this input (not during a CUDA
         graph capture: the first call of a shape is always eager, graphs.py warms up before capturing)."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
-        key = (str(x2.device), n, k, x2.dtype, _config(x2.shape[0], n, k), TILE["num_warps"], TILE["lut"])
+        config = _config(x2.shape[0], n, k, k // self.scale.shape[1])
+        key = (str(x2.device), n, k, x2.dtype, config, tuple(TILES[config[0]].values()))
         return check_once(
             NF4Product._checked,
             ("nf4", *key),
-            lambda: nf4_matmul(x2, self.packed, self.scale, self.code, self.pairs),
+            lambda: nf4_matmul(x2, self.words, self.scale, self.code),
             lambda: self._bnb(x2),
         )
 
@@ -236,7 +290,7 @@ class NF4Product:
             x2 = x2.to(self.compute_dtype)
         compiling = torch.compiler.is_compiling()  # runner.compile_layers: bitsandbytes' traced ops
         if self.enabled and not compiling and x2.shape[0] <= MAX_ROWS and self._kernel_ok(x2):
-            y = nf4_matmul(x2, self.packed, self.scale, self.code, self.pairs)
+            y = nf4_matmul(x2, self.words, self.scale, self.code)
         else:
             y = self._bnb(x2)
         if y.dtype != x.dtype:

@@ -1,0 +1,156 @@
+"""Compiles kernels/nf4.py's kernel for an H100 (sm_90) on any machine, no GPU needed (Triton's own
+ptxas), and reports what the machine code of each tile does per K step: registers, spill stack, and
+the loads and instructions that decide a memory-bound product's speed. The tiles of gpu_check's
+sweep (NF4_TILES) and the defaults (TILES), in bfloat16 as the engine runs them.
+
+    PYTHONPATH=server python3 scripts/nf4_sass.py [--check]   # a table; --check: exit 1 on a bad tile
+    tests/unit/test_nf4_kernel.py runs the check: every tile compiles, none spills
+
+The GPU machine's Triton may be another version than this one (run 4: 3.6.0), so its code can differ.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+# the shared-memory table's K loop, instructions per weight, at most (7.2-13.2 when written, the most for
+# the one tile of few registers; a gather from a table broadcast in registers compiled to ~37)
+MAX_PER_WEIGHT = 14
+
+
+@dataclass
+class Sass:
+    kind: str
+    tile: tuple
+    block_m: int
+    registers: int
+    stack: int  # bytes of local memory a thread spills to: 0 wanted
+    shared: int
+    loop: dict[str, int]  # the K loop's body (its longest backward branch): opcode -> count
+    weights: int  # weights a thread dequantizes per K step (block_n x block_k / threads)
+
+    @property
+    def per_weight(self) -> float:
+        """Instructions of the K loop per weight a thread dequantizes."""
+        return sum(self.loop.values()) / self.weights
+
+
+def compile_tile(kind: str, tile: tuple, block_m: int, dtype: str = "bf16", split: bool = False) -> Sass:
+    """One tile of TILES[kind] ((block_n, block_k, warps, stages, programs, lut)) compiled for sm_90 as a
+    launch with these block_m rows would be, pointers and sizes divisible by 16 (Triton's launch-time
+    specialization for the engine's shapes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mygpt.kernels import nf4
+
+    block_n, block_k, warps, stages, _programs, lut = tile
+    fn = triton.jit(nf4._nf4_kernel)
+    names = fn.arg_names
+    ints = ("M", "N", "k_split", "stride_xm", "stride_wn", "stride_sn", "stride_om", "stride_os")
+    pointers = {"x_ptr": dtype, "w_ptr": "i32", "s_ptr": "fp32", "code_ptr": "fp32"}
+    pointers["out_ptr"] = "fp32" if split else dtype
+    signature = {
+        n: f"*{pointers[n]}" if n in pointers else ("i32" if n in ints else "constexpr") for n in names
+    }
+    constants = {
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "QBLOCK": 64,
+        "PRECISION": "ieee" if dtype == "fp32" else "tf32", "LUT": nf4.LUTS[lut], "DOT": kind == "dot",
+    }  # fmt: skip
+    aligned = [n for n in names if n in pointers or (n in ints and n != "M")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    compiled = triton.compile(
+        ASTSource(fn, signature, constants, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps, "num_stages": stages},
+    )
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True, check=True
+        )
+        sass = subprocess.run(
+            [tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True
+        )
+    found = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", usage.stdout)
+    assert found, usage.stdout
+    return Sass(
+        kind, tile, block_m, int(found[1]), int(found[2]), int(found[3]), loop_body(sass.stdout),
+        block_n * block_k // (32 * warps),
+    )  # fmt: skip
+
+
+def loop_body(sass: str) -> dict[str, int]:
+    """Opcode counts (without modifiers: LDG.E.128 counts as LDG) between the target of the code's
+    longest backward branch and that branch: the K loop."""
+    code = []  # (address, opcode, branch target or None)
+    for line in sass.splitlines():
+        found = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if found:
+            target = re.search(r"0x([0-9a-f]+)", found[3]) if found[2].startswith("BRA") else None
+            code.append((int(found[1], 16), found[2].split(".")[0], int(target[1], 16) if target else None))
+    best = (0, -1)
+    for i, (address, _, target) in enumerate(code):
+        if target is not None and target < address:
+            start = next(j for j, c in enumerate(code) if c[0] >= target)
+            if i - start > best[1] - best[0]:
+                best = (start, i)
+    counts: dict[str, int] = {}
+    for _, op, _ in code[best[0] : best[1] + 1]:
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def all_tiles() -> list[tuple[str, tuple, int]]:
+    """(kind, tile, block_m) for the defaults and gpu_check's sweep: gemv at one row, dot at 8 and 32
+    rows (block_m 16 and 32)."""
+    import gpu_check
+
+    from mygpt.kernels import nf4
+
+    keys = ("block_n", "block_k", "num_warps", "num_stages", "programs", "lut")
+    out = []
+    for kind in ("gemv", "dot"):
+        tiles = [tuple(nf4.TILES[kind][k] for k in keys)] + list(gpu_check.NF4_TILES[kind])
+        for tile in dict.fromkeys(tiles):
+            for block_m in (1,) if kind == "gemv" else (16, 32):
+                out.append((kind, tile, block_m))
+    return out
+
+
+def main() -> None:
+    """The table; with --check, exit 1 where a tile spills or a shared-table tile takes more than
+    MAX_PER_WEIGHT instructions of its K loop per weight (tests/unit/test_nf4_kernel.py)."""
+    check = "--check" in sys.argv[1:]
+    os.environ.pop("TRITON_INTERPRET", None)  # compiled: Triton reads it when it is imported
+    print(f"{'kind':5} {'tile (n, k, warps, stages, programs, lut)':42} {'m':>3} {'regs':>4} {'spill':>5} "
+          f"{'per weight':>10}  the K loop's most frequent instructions")  # fmt: skip
+    bad = []
+    for kind, tile, block_m in all_tiles():
+        s = compile_tile(kind, tile, block_m)
+        top = ", ".join(f"{op} {n}" for op, n in sorted(s.loop.items(), key=lambda x: -x[1])[:9])
+        print(
+            f"{kind:5} {str(tile):42} {block_m:>3} {s.registers:>4} {s.stack:>5} {s.per_weight:>10.1f}  {top}"
+        )
+        if s.stack or not s.loop or (tile[-1] == "shared" and s.per_weight > MAX_PER_WEIGHT):
+            bad.append((kind, tile, block_m))
+    if check and bad:
+        print("spills, no K loop found, or over", MAX_PER_WEIGHT, "instructions a weight:", bad)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
