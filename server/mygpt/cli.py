@@ -73,7 +73,10 @@ def _serve_parser(sub: Any) -> None:
             "experimental: launch each decode step before the host reads the last one's tokens",
         ),
         ("--compile", "experimental: torch.compile the decoder layers of the graphed decode steps"),
-        ("--nf4-kernel", "experimental: decode-sized NF4 products by mygpt's Triton kernel (slower so far)"),
+        (
+            "--nf4-kernel",
+            "experimental: decode-sized NF4 products by mygpt's Triton kernel (not yet faster on an H100)",
+        ),
     ):
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     p.add_argument(

@@ -75,18 +75,20 @@ class Settings(BaseSettings):
     overlap_steps: bool = Field(
         False,
         description="experimental: with CUDA graphs, launch each decode step from the sampled tokens before "
-        "the host reads them, so the host's work on a step overlaps the next; not yet measured on a GPU",
+        "the host reads them, so the host's work on a step overlaps the next; no gain measured on an H100 "
+        "(docs/benchmarks.md)",
     )
     compile: bool = Field(
         False,
         description="experimental: with CUDA graphs, torch.compile the decoder layers of decode steps (one "
-        "compiled layer serves all; inductor fuses the element-wise ops); compiles at start-up; not yet "
-        "measured on a GPU",
+        "compiled layer serves all; inductor fuses the element-wise ops); compiles at start-up; "
+        "1.1-1.5x the tokens/s of the plain graphs on an H100 for 30-45 s more start-up (docs/benchmarks.md)",
     )
     nf4_kernel: bool = Field(
         False,
         description="experimental: on a GPU, decode-sized NF4 products by mygpt's Triton kernel instead of "
-        "bitsandbytes; measured 2-5x slower than bitsandbytes on an H100 (docs/benchmarks.md)",
+        "bitsandbytes; its earlier form lost to bitsandbytes in the engine on an H100, the current one is not yet "
+        "measured (docs/benchmarks.md)",
     )
     warmup: bool = Field(True, description="run one generation before reporting ready")
     stall_timeout_s: float = Field(120.0, description="engine busy without progress this long: /ready 503")
