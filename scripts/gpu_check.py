@@ -800,17 +800,17 @@ def main() -> None:
 NF4_TILES = {  # kernels/nf4.py TILES entries nf4_bench tries, (block_n, block_k, warps, stages, programs,
     # lut); the fastest of each kind is kept. gemv: one row, no tensor cores; dot: 8 and 32 rows. Chosen
     # without a GPU (session 10) from scripts/nf4_sass.py: no register spills, the fewest instructions of
-    # the K loop per weight (7.2-7.5 for gemv, 9.8-11.8 for dot; "select" ~2x that, kept as the control),
-    # and one high-occupancy tile of each kind
+    # the K loop per weight (6.8-6.9 for gemv, 6.8-9.3 for dot; "select" ~2.5x that, kept as the control);
+    # with and without split-K and the pipelined loads
     "gemv": [
-        (32, 256, 4, 3, 264, "shared"), (16, 256, 2, 3, 264, "shared"), (32, 128, 2, 3, 264, "shared"),
-        (64, 128, 4, 3, 264, "shared"), (16, 512, 4, 3, 264, "shared"), (16, 128, 4, 3, 264, "shared"),
-        (32, 256, 4, 3, 1, "shared"), (32, 256, 4, 3, 264, "select"),
+        (32, 256, 4, 3, 264, "shared"), (16, 256, 2, 3, 264, "shared"), (64, 128, 4, 3, 264, "shared"),
+        (16, 512, 4, 3, 264, "shared"), (64, 256, 8, 4, 264, "shared"), (32, 256, 4, 3, 1, "shared"),
+        (32, 256, 4, 1, 264, "shared"), (32, 256, 4, 3, 264, "select"),
     ],
     "dot": [
         (128, 128, 8, 3, 512, "shared"), (128, 128, 4, 3, 512, "shared"), (128, 256, 8, 3, 512, "shared"),
-        (64, 128, 4, 3, 512, "shared"), (128, 64, 4, 4, 512, "shared"), (64, 64, 4, 4, 512, "shared"),
-        (128, 128, 8, 3, 132, "shared"), (64, 64, 4, 4, 512, "select"),
+        (64, 128, 4, 3, 512, "shared"), (64, 256, 4, 3, 512, "shared"), (128, 128, 8, 4, 512, "shared"),
+        (128, 128, 8, 3, 132, "shared"), (64, 128, 4, 3, 512, "select"),
     ],
 }  # fmt: skip
 NF4_ROWS = {"gemv": (1,), "dot": (8, 32)}

@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-# the shared-memory table's K loop, instructions per weight, at most (7.2-13.2 when written, the most for
-# the one tile of few registers; a gather from a table broadcast in registers compiled to ~37)
-MAX_PER_WEIGHT = 14
+# the shared-memory table's K loop, instructions per weight, at most (6.8-9.3 when written; the table
+# broadcast in registers, run 4's "gather", compiled to ~37, reshaping the nibbles to [BLOCK_N, BLOCK_K]
+# to 9.8-12.5)
+MAX_PER_WEIGHT = 10
 
 
 @dataclass
@@ -56,6 +57,8 @@ def compile_tile(kind: str, tile: tuple, block_m: int, dtype: str = "bf16", spli
     from mygpt.kernels import nf4
 
     block_n, block_k, warps, stages, _programs, lut = tile
+    if kind == "dot":  # as nf4._config: a plane's K (block_k / 8) is at least 16
+        block_k = max(block_k, 128)
     fn = triton.jit(nf4._nf4_kernel)
     names = fn.arg_names
     ints = ("M", "N", "k_split", "stride_xm", "stride_wn", "stride_sn", "stride_om", "stride_os")
@@ -67,6 +70,7 @@ def compile_tile(kind: str, tile: tuple, block_m: int, dtype: str = "bf16", spli
     constants = {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "QBLOCK": 64,
         "PRECISION": "ieee" if dtype == "fp32" else "tf32", "LUT": nf4.LUTS[lut], "DOT": kind == "dot",
+        "STAGES": stages,
     }  # fmt: skip
     aligned = [n for n in names if n in pointers or (n in ints and n != "M")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}

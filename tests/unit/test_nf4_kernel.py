@@ -43,7 +43,7 @@ def test_kernel_equals_the_dequantized_product(m, gemv_rows, n, k, programs, lut
     monkeypatch.setattr(nf4, "GEMV_ROWS", gemv_rows)
     for kind in ("gemv", "dot"):
         monkeypatch.setitem(nf4.TILES, kind, {**nf4.TILES[kind], "lut": lut, "programs": programs})
-    kind, _, _, _, split = nf4._config(m, n, k, 64)
+    kind, _, _, _, split = nf4._config(m, n, k)
     assert kind == ("gemv" if m <= gemv_rows else "dot") and (split == 1) == (programs == 1)
 
     _, packed, qs = quantized(n, k, seed=m + n)

@@ -16,25 +16,34 @@ up to MAX_ROWS rows:
              (4 bytes per 64 weights: 1/8 more than the packed bytes; bitsandbytes keeps 1 byte)
     code     float32 [16], the NF4 table
 
-Two ways of turning a nibble into its table value (TILES[...]["lut"]): "shared", the 16 values read with
-tl.gather along one axis, which Triton stages in shared memory (one shared load a weight, as bitsandbytes'
-own GEMV does), and "select", a branch-free tree of 15 selects between the 16 values held in registers
-(no memory, ~19 ALU operations a weight). `scripts/nf4_sass.py` compiles each tile for sm_90 without a
-GPU and counts the instructions of its K loop: a gather from a [BLOCK_N, 16] table broadcast in registers
-(run 4's "gather") compiled to a compare-and-select tree, ~37 instructions a weight, the shared-memory
-gather to ~11.
+The K loop works on eight planes per step: plane t holds the weights k = 8i + t of every loaded word
+([BLOCK_N, BLOCK_K / 8], the words' own layout), with its own strided x columns. Reshaping the nibbles to
+[BLOCK_N, BLOCK_K] instead cost Triton layout conversions through shared memory. Two ways of turning a
+nibble into its table value (TILES[...]["lut"]):
+- "shared": the 16 values read with tl.gather along their one axis. Triton stages them in shared memory,
+  one shared load a weight, as bitsandbytes' own GEMV does; 16 four-byte entries sit in 16 banks, so no
+  access pattern conflicts.
+- "select": a branch-free tree of 15 selects between the 16 values held in registers. It touches no
+  memory, at ~18 instructions a weight; it is kept as the control.
+`scripts/nf4_sass.py` compiles each tile for sm_90 without a GPU and counts the instructions of its K
+loop per weight: the shared table takes 6.8-9.3. Run 4's "gather", a table broadcast to [BLOCK_N, 16] in
+registers, compiled to a compare-and-select tree of ~37.
 
-Two kernels' settings (TILES). "gemv", for products of up to GEMV_ROWS rows (one stream's decode step):
-multiply and add without tensor cores (tl.dot would pad the row to 16 and move every weight through
-shared memory into its operand layout), each column lane its own float32 sum, reduced once after the K
-loop; its weights stay float32 (code x scale, not rounded to the input's dtype: a conversion runs at a
-quarter of the FMA rate and cost more than the rest of a weight's work; bitsandbytes' own GEMV rounds
-its products differently again). "dot", for more rows: tl.dot on the dequantized tile, each weight
-rounded once to the input's dtype, as bitsandbytes' dequantization does. A product whose N blocks do
-not fill the card (fewer than "programs" programs) splits K: the partial sums go to a float32 buffer
-summed by one torch call, never atomically, so the result is the same on every run; without a split the
-kernel writes the output in the input's dtype. Products with more rows (prefill) and shapes it does not cover call
-bitsandbytes as before.
+Two kernels' settings (TILES):
+- "gemv", for products of up to GEMV_ROWS rows (one stream's decode step): multiply and add without
+  tensor cores (tl.dot would pad the row to 16 and move every weight through shared memory into its
+  operand layout). Each word lane keeps its own float32 sum, reduced once after the K loop. Its
+  weights stay float32 (code x scale, not rounded to the input's dtype: a conversion runs at a quarter
+  of the FMA rate and cost more than the rest of a weight's work; bitsandbytes' own GEMV rounds its
+  products differently again).
+- "dot", for more rows: one tl.dot per plane, each weight rounded once to the input's dtype, as
+  bitsandbytes' dequantization does.
+Loads are pipelined (tl.range's num_stages: cp.async into shared memory, which Triton does only for
+loads that feed a tl.dot unless asked). A product whose N blocks do not fill the card (fewer than
+"programs" programs) splits K: the partial sums go to a float32 buffer summed by one torch call, never
+atomically, so the result is the same on every run. Without a split the kernel writes the output in the
+input's dtype. Products with more rows (prefill) and shapes it does not cover call bitsandbytes as
+before.
 
 Projections that read the same input (q/k/v, gate/up) run as one product over their concatenated
 weights (lora/layers.py concat_base): the layers' packed weights become views of the concatenation.
@@ -70,20 +79,16 @@ if triton is not None:
         M, N, k_split,
         stride_xm, stride_wn, stride_sn, stride_om, stride_os,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
-        PRECISION: tl.constexpr, LUT: tl.constexpr, DOT: tl.constexpr,
+        PRECISION: tl.constexpr, LUT: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
-        rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         m_ok = rm < M
-        t = tl.arange(0, 8)  # nibble t of a word: element 8i + t
-        shifts = 8 * (t // 2) + 4 * (1 - t % 2)
-        words = tl.arange(0, BLOCK_K // 8)
-        blocks = tl.arange(0, BLOCK_K // QBLOCK)
-        if LUT == 0:  # gathered along one axis of 16: Triton stages it in shared memory, one load a weight
+        words = tl.arange(0, BLOCK_K // 8)  # a K step's words: word i holds elements 8i .. 8i + 7
+        if LUT == 0:  # gathered along its one axis: Triton stages it in shared memory, one load a weight
             table = tl.load(code_ptr + tl.arange(0, 16))
         else:  # the 16 values as scalars (registers)
             c0 = tl.load(code_ptr + 0)
@@ -104,70 +109,69 @@ if triton is not None:
             c15 = tl.load(code_ptr + 15)
         if DOT:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:  # one float32 sum per row, output and column lane: reduced across the lanes once, at the end
-            acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:  # one float32 sum per row, output and word lane: reduced across the lanes once, at the end
+            acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         k_begin = pid_k * k_split
-        for step in range(0, k_split, BLOCK_K):
-            k0 = k_begin + step
-            packed = tl.load(
-                w_ptr + rn[:, None] * stride_wn + (k0 // 8 + words)[None, :], mask=n_ok[:, None], other=0
+        # STAGES > 1: the loads of the next K steps go out (cp.async into shared memory) while this one
+        # computes; Triton pipelines loads that feed a tl.dot on its own, the gemv's only when asked
+        for step in tl.range(0, k_split, BLOCK_K, num_stages=STAGES):
+            col = (k_begin + step) // 8 + words  # the words' columns in the packed weight
+            packed = tl.load(w_ptr + rn[:, None] * stride_wn + col[None, :], mask=n_ok[:, None], other=0)
+            # a word's 8 weights share a scale block (QBLOCK is a multiple of 8)
+            scale = tl.load(
+                s_ptr + rn[:, None] * stride_sn + (col * 8 // QBLOCK)[None, :], mask=n_ok[:, None], other=0.0
             )
-            nib = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_N, BLOCK_K))
-            if LUT == 0:
-                value = tl.reshape(
-                    tl.gather(table, tl.reshape(nib, (BLOCK_N * BLOCK_K,)), axis=0), (BLOCK_N, BLOCK_K)
+            # one plane per nibble position t: [BLOCK_N, BLOCK_K / 8] weights k = 8i + t, all in the
+            # packed words' own layout (no reshape to [BLOCK_N, BLOCK_K], which cost Triton layout
+            # conversions through shared memory: scripts/nf4_sass.py), each with its strided x columns
+            for t in tl.static_range(8):
+                nib = (packed >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
+                if LUT == 0:
+                    flat = tl.gather(table, tl.reshape(nib, (BLOCK_N * BLOCK_K // 8,)), axis=0)
+                    value = tl.reshape(flat, (BLOCK_N, BLOCK_K // 8))
+                else:  # bit 0 picks within pairs, bit 1 within fours, bit 2 within eights, bit 3 the half
+                    b = (nib & 1) != 0
+                    p0 = tl.where(b, c1, c0)
+                    p1 = tl.where(b, c3, c2)
+                    p2 = tl.where(b, c5, c4)
+                    p3 = tl.where(b, c7, c6)
+                    p4 = tl.where(b, c9, c8)
+                    p5 = tl.where(b, c11, c10)
+                    p6 = tl.where(b, c13, c12)
+                    p7 = tl.where(b, c15, c14)
+                    b = (nib & 2) != 0
+                    q0 = tl.where(b, p1, p0)
+                    q1 = tl.where(b, p3, p2)
+                    q2 = tl.where(b, p5, p4)
+                    q3 = tl.where(b, p7, p6)
+                    b = (nib & 4) != 0
+                    r0 = tl.where(b, q1, q0)
+                    r1 = tl.where(b, q3, q2)
+                    value = tl.where((nib & 8) != 0, r1, r0)
+                w = value * scale
+                x = tl.load(
+                    x_ptr + rm[:, None] * stride_xm + (col * 8 + t)[None, :], mask=m_ok[:, None], other=0.0
                 )
-            else:  # bit 0 picks within pairs, bit 1 within fours, bit 2 within eights, bit 3 the half
-                b = (nib & 1) != 0
-                p0 = tl.where(b, c1, c0)
-                p1 = tl.where(b, c3, c2)
-                p2 = tl.where(b, c5, c4)
-                p3 = tl.where(b, c7, c6)
-                p4 = tl.where(b, c9, c8)
-                p5 = tl.where(b, c11, c10)
-                p6 = tl.where(b, c13, c12)
-                p7 = tl.where(b, c15, c14)
-                b = (nib & 2) != 0
-                q0 = tl.where(b, p1, p0)
-                q1 = tl.where(b, p3, p2)
-                q2 = tl.where(b, p5, p4)
-                q3 = tl.where(b, p7, p6)
-                b = (nib & 4) != 0
-                r0 = tl.where(b, q1, q0)
-                r1 = tl.where(b, q3, q2)
-                value = tl.where((nib & 8) != 0, r1, r0)
-            per_block = tl.load(
-                s_ptr + rn[:, None] * stride_sn + (k0 // QBLOCK + blocks)[None, :],
-                mask=n_ok[:, None],
-                other=0.0,
-            )
-            scale = tl.reshape(
-                tl.broadcast_to(per_block[:, :, None], (BLOCK_N, BLOCK_K // QBLOCK, QBLOCK)),
-                (BLOCK_N, BLOCK_K),
-            )
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
-            w = value * scale
-            if (
-                DOT
-            ):  # the tensor cores' operand in x's dtype: as bitsandbytes dequantizes, float32 rounded once
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
-            else:  # float32 weights, not rounded (a rounding costs more than the rest of a weight's work)
-                acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+                if DOT:  # the tensor cores' operand in x's dtype: as bitsandbytes dequantizes, rounded once
+                    acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+                else:  # float32 weights, not rounded (a conversion costs more than the rest of a weight's work)
+                    acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
         if not DOT:
             acc = tl.sum(acc, axis=2)
         out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _config(m: int, n: int, k: int, qblock: int) -> tuple[str, int, int, int, int]:
+def _config(m: int, n: int, k: int) -> tuple[str, int, int, int, int]:
     """(which TILES entry, BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product: split K
     until the programs reach the entry's "programs" (an H100 has 132 SMs), each K range a whole number
-    of BLOCK_K columns, each BLOCK_K a whole number of scale blocks."""
+    of BLOCK_K columns."""
     kind = "gemv" if m <= GEMV_ROWS else "dot"
     tile = TILES[kind]
     block_m = triton.next_power_of_2(m) if kind == "gemv" else (16 if m <= 16 else 32)
-    block_n, block_k = tile["block_n"], max(tile["block_k"], qblock)
-    while k % block_k:  # k is a multiple of 256 and of qblock (supported)
+    # a dot's K (a plane's BLOCK_K / 8 columns) is at least 16
+    block_n, block_k = tile["block_n"], max(tile["block_k"], 128 if kind == "dot" else 8)
+    while k % block_k:  # k is a multiple of 256 (supported)
         block_k //= 2
     n_blocks = triton.cdiv(n, block_n)
     split = 1
@@ -186,7 +190,7 @@ def nf4_matmul(
     words = packed if packed.dtype == torch.int32 else packed.view(torch.int32)
     n = words.shape[0]
     qblock = k // scale.shape[1]
-    kind, block_m, block_n, block_k, split = _config(m, n, k, qblock)
+    kind, block_m, block_n, block_k, split = _config(m, n, k)
     tile = TILES[kind]
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -199,7 +203,7 @@ def nf4_matmul(
         x, words, scale, code, out, m, n, k // split, x.stride(0), words.stride(0), scale.stride(0), n, m * n,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, QBLOCK=qblock,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LUT=LUTS[tile["lut"]],
-        DOT=kind == "dot", num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        DOT=kind == "dot", STAGES=tile["num_stages"], num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip
     return out if split == 1 else out.sum(0).to(x.dtype)
 
@@ -230,7 +234,7 @@ def supported(layers: list) -> bool:
         if qs is None or qs.quant_type != "nf4" or getattr(qs, "packing_format_for_cpu", False):
             return False
         n, k = qs.shape
-        if k % 256 or k % qs.blocksize or qs.blocksize > 256 or layer.weight.dtype != torch.uint8:
+        if k % 256 or k % qs.blocksize or qs.blocksize % 8 or layer.weight.dtype != torch.uint8:
             return False
         if layer.weight.numel() * 2 != n * k:
             return False
@@ -275,7 +279,7 @@ class NF4Product:
         """Once per product shape: the kernel against bitsandbytes on this input (not during a CUDA
         graph capture: the first call of a shape is always eager, graphs.py warms up before capturing)."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
-        config = _config(x2.shape[0], n, k, k // self.scale.shape[1])
+        config = _config(x2.shape[0], n, k)
         key = (str(x2.device), n, k, x2.dtype, config, tuple(TILES[config[0]].values()))
         return check_once(
             NF4Product._checked,
