@@ -877,6 +877,9 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
     for (name, m), x in inputs.items():
         results["bnb"][f"{name} m{m}"] = timed(lambda p=products[name], x=x: p._bnb(x))
     keys = ("block_n", "block_k", "num_warps", "num_stages", "programs", "lut")
+    # what one layer's products must read: the packed weights and the kernel's float32 scales
+    layer_bytes = sum(p.packed.numel() + p.scale.numel() * 4 for p in products.values())
+    results["layer_bytes"] = layer_bytes
     for kind, tiles in NF4_TILES.items():
         for tile in tiles:
             nf4.TILES[kind].update(zip(keys, tile, strict=True))
@@ -912,7 +915,8 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
             theirs = sum(v for k, v in results["bnb"].items() if k.endswith(f" m{m}"))
             won[m] = (ours, theirs)
             rows.append((f"one layer's 4-bit products, {m} rows: kernel {kind} {best} vs bitsandbytes",
-                         f"{ours:.0f} vs {theirs:.0f} us ({theirs / ours:.2f}x)"))  # fmt: skip
+                         f"{ours:.0f} vs {theirs:.0f} us ({theirs / ours:.2f}x); "
+                         f"{layer_bytes / ours / 1e3:.2f} vs {layer_bytes / theirs / 1e3:.2f} TB/s"))  # fmt: skip
     return sum(o for o, _ in won.values()) < sum(t for _, t in won.values())
 
 

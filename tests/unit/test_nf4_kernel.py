@@ -251,6 +251,7 @@ def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
         )
         assert str(kept) == best
     assert [r[0].split(":")[0] for r in rows] == [f"one layer's 4-bit products, {m} rows" for m in (1, 8, 32)]
+    assert all(r[1].endswith("TB/s") for r in rows) and got["layer_bytes"] > 0
 
 
 def test_every_tile_compiles_for_an_h100_without_spilling():
