@@ -90,6 +90,65 @@ def test_changed_files_make_a_new_version(registry, store, tiny_model_dir):
     assert newer.version == entry.version + 1 and w2 is not w1 and registry.retired == [entry.key]
 
 
+def _copy_over(tiny_model_dir, store, seed: int) -> None:
+    """A new adapter copied over t/two's files, in place (as an external tool would write it)."""
+    time.sleep(0.01)  # a later modification time
+    make_adapter(tiny_model_dir, store / "t" / f"new{seed}", 8, ["q_proj", "v_proj"], seed=seed)
+    for file in (store / "t" / f"new{seed}").iterdir():
+        shutil.copy(file, store / "t" / "two" / file.name)
+
+
+def _same(w1, w2) -> bool:
+    return w1.modules.keys() == w2.modules.keys() and all(
+        torch.equal(m.a, w2.modules[p].a) and torch.equal(m.b, w2.modules[p].b) for p, m in w1.modules.items()
+    )
+
+
+def test_files_changed_during_a_read_never_go_under_the_old_version(
+    registry, store, tiny_model_dir, monkeypatch
+):
+    """A version's weights are read again after the host cache dropped them, and the files are replaced
+    while that read runs: the new files make a new version (the old key never maps to new weights: a
+    prefix cached under it, or its device copy, would disagree with them)."""
+    entry, w1 = registry.weights(registry.get("t", "two"))
+    entry.weights = None  # dropped from the host cache (the device copy is the engine's)
+    real, calls = registry._read, []
+
+    def read_while_copied(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            _copy_over(tiny_model_dir, store, seed=9)
+        return real(*args)
+
+    monkeypatch.setattr(registry, "_read", read_while_copied)
+    newer, w2 = registry.weights(entry)
+    fresh = real("t", "new9", store / "t" / "new9")
+    assert newer.version == entry.version + 1 and registry.retired == [entry.key]
+    assert _same(w2, fresh) and not _same(w2, w1)
+    assert len(calls) == 2  # read again once the files stood still
+
+
+def test_a_load_records_the_files_it_read(registry, store, tiny_model_dir, monkeypatch):
+    """Files replaced right after a replacing load() read them: the load reads again once they stand
+    still, so its version holds the new files under their own stamp (before, it kept the old weights
+    under the new files' stamp, and served them for good)."""
+    real, calls = registry._read, []
+
+    def read_then_copied(*args):
+        calls.append(args)
+        weights = real(*args)
+        if len(calls) == 1:
+            _copy_over(tiny_model_dir, store, seed=11)
+        return weights
+
+    monkeypatch.setattr(registry, "_read", read_then_copied)
+    entry, _ = registry.load("t", "two", replace=True)
+    fresh = real("t", "new11", store / "t" / "new11")
+    current, weights = registry.weights(registry.get("t", "two"))
+    assert _same(weights, fresh)
+    assert current is entry and len(calls) == 2
+
+
 def test_concurrent_loads_of_one_adapter_make_one_read(registry, monkeypatch):
     reads = []
     real = registry._read

@@ -23,6 +23,7 @@ from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError, LoRAWeights, read_
 
 log = logging.getLogger(__name__)
 
+READ_TRIES = 5  # reads of an adapter whose files change while read, before it is refused
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # fullmatch (no trailing newline)
 
 
@@ -159,7 +160,7 @@ class AdapterRegistry:
                     if entry.key in self._host_lru:
                         self._host_lru.move_to_end(entry.key)
                 return entry, entry.weights
-            weights = self._read(entry.tenant, entry.name, entry.path)
+            weights, stamp = self._read_settled(entry.tenant, entry.name, entry.path)
             with self._lock:
                 current = self._entries.get((entry.tenant, entry.name))
                 if current is not entry:  # unloaded or replaced while we read: serve what was asked
@@ -169,6 +170,17 @@ class AdapterRegistry:
                 entry.weights, entry.stamp = weights, stamp
                 self._remember(entry)
             return entry, weights
+
+    def _read_settled(self, tenant: str, name: str, path: Path) -> tuple[LoRAWeights, int | None]:
+        """The files' weights and the stamp they were read under: read again when the files changed
+        during the read (a copy in progress), so that a stamp never stands for other weights than its
+        own (a version's key would then map to the new files' weights, or a new stamp to the old ones)."""
+        for _ in range(READ_TRIES):
+            stamp = _stamp(path)
+            weights = self._read(tenant, name, path)
+            if _stamp(path) == stamp:
+                return weights, stamp
+        raise AdapterError(f"adapter '{name}': its files kept changing while they were read")
 
     def _read(self, tenant: str, name: str, path: Path) -> LoRAWeights:
         weights = read_adapter(name, path, self.module_shapes, self.max_rank, root=self.store_of(tenant))
@@ -212,7 +224,8 @@ class AdapterRegistry:
                     f"adapter '{name}' of tenant '{tenant}' already exists (from {current.path}); "
                     "set replace to load a new version under this name"
                 )
-            weights = self._read(tenant, name, where)  # validation: AdapterError names the problem
+            # validation: AdapterError names the problem
+            weights, stamp = self._read_settled(tenant, name, where)
             with self._lock:
                 if current is not None:
                     entry = self._new_version(current, where, source)
@@ -221,7 +234,7 @@ class AdapterRegistry:
                     self._entries[(tenant, name)] = entry
                 entry.weights, entry.stamp, entry.pinned = (
                     weights,
-                    _stamp(where),
+                    stamp,
                     pinned or (current is not None and current.pinned),
                 )
                 self._hidden.discard((tenant, name))
