@@ -61,7 +61,10 @@ import torch
 from mygpt.kernels import available, check_once, jitted, triton  # noqa: F401 - available: re-exported
 
 MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' dequantize + GEMM
-GEMV_ROWS = 1  # rows up to which the "gemv" settings (no tensor cores) run; more: "dot"
+# rows up to which the "gemv" settings (no tensor cores) run; more: "dot". From 2 rows the dot costs fewer
+# instructions a weight (scripts/nf4_sass.py, one 32 x 256 gemv tile: 6.8 at 1 row, 8.5 at 2, 10.4 at 4;
+# the dot, padded to 16 rows: 7.6)
+GEMV_ROWS = 1
 LUTS = {"shared": 0, "select": 1}
 # not measured on a GPU yet in this form (run 4's kernel lost to bitsandbytes in the engine): no register
 # spills and the fewest K-loop instructions per weight in scripts/nf4_sass.py; gpu_check's sweep keeps its
