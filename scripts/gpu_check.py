@@ -360,6 +360,26 @@ def write_served_model(path: Path, tiny: bool, device: str = "cpu") -> None:
     tokenizer.save_pretrained(path)
 
 
+def engine_metrics(base: str) -> dict:
+    """The server's engine counters from /metrics: its steps, busy seconds and tokens, so a slow server
+    shows whether its engine steps were slow or the time went elsewhere (queues, HTTP, the host)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    samples = {
+        s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels
+    }
+    steps = samples.get("mygpt_batch_size_count", 0.0)
+    busy = samples.get("mygpt_engine_busy_seconds_total", 0.0)
+    tokens = samples.get("mygpt_engine_step_tokens_total", 0.0)
+    return {
+        "steps": steps, "busy_s": busy, "tokens": tokens,
+        "step_ms": busy / steps * 1e3 if steps else 0.0, "tokens_per_step": tokens / steps if steps else 0.0,
+    }  # fmt: skip
+
+
 PROBE_SCHEMA = {
     "type": "object",
     "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}},
@@ -461,6 +481,12 @@ def end_to_end(
                 f"{r['tokens_per_s']:.1f}, {r['ttft_p95'] * 1e3:.0f} ms, "
                 f"{r['itl_p50'] * 1e3:.1f} / {r['itl_p95'] * 1e3:.1f} ms",
             ))  # fmt: skip
+        report[f"{tag}_engine"] = engine_metrics(base)
+        e = report[f"{tag}_engine"]
+        rows.append((
+            f"{tag}: engine since start (warm-up and bench): steps, busy s, mean step ms, tokens a step",
+            f"{e['steps']:.0f}, {e['busy_s']:.1f}, {e['step_ms']:.1f}, {e['tokens_per_step']:.1f}",
+        ))  # fmt: skip
         report[f"{tag}_structured"] = structured_probe(base)
         rows.append((f"{tag}: json_schema, 4 sampled choices, top_p 0.9", report[f"{tag}_structured"]))
         ok = True

@@ -59,4 +59,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     levels = {r["concurrency"]: r for r in report["e2e_bench"]}
     assert set(levels) == {1, 32} and all(r["errors"] == 0 and r["tokens_per_s"] > 0 for r in levels.values())
     assert report["e2e_structured"] == "4 of 4 valid"
+    engine = report["e2e_engine"]  # the server's /metrics: its engine took every bench token
+    assert engine["steps"] > 0 and engine["step_ms"] > 0
+    assert engine["tokens"] >= sum(r["output_tokens"] for r in levels.values())
     assert "mygpt engine (static), 32 streams / 32 adapters" in done.stdout  # the table, printed last
