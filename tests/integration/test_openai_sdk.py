@@ -325,6 +325,54 @@ def test_a_forced_tool_call_comes_back_as_tool_calls(client):
     assert r.choices[0].message.content and r.choices[0].message.tool_calls is None
 
 
+def test_the_deprecated_function_calling_is_served(client):
+    """functions / function_call, which older clients still send (LangChain's OpenAI-functions agents):
+    a named call comes back as message.function_call with finish_reason "function_call" (no tool_calls);
+    the conversation goes on with the assistant's function_call and a role "function" result; "auto"
+    answers with one call or with text; streamed, the call arrives whole in one delta."""
+    functions = [t["function"] for t in TOOLS]
+    named = {"name": "get_time"}
+    r = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, functions=functions, function_call=named, temperature=0, max_tokens=80
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.content is None
+    assert choice.message.tool_calls is None
+    call = choice.message.function_call
+    assert call.name == "get_time" and set(json.loads(call.arguments)) == {"city"}
+    follow = [
+        *WEATHER,
+        {"role": "assistant", "content": None, "function_call": call.model_dump()},
+        {"role": "function", "name": "get_time", "content": "It is 14:05 in Paris."},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL, messages=follow, functions=functions, function_call="none", temperature=0, max_tokens=20
+    )
+    assert r.choices[0].message.content and r.choices[0].message.function_call is None
+    assert r.choices[0].finish_reason in ("stop", "length")
+    r = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, functions=functions, temperature=0, max_tokens=60
+    )  # "auto" by default
+    auto = r.choices[0]
+    assert auto.message.tool_calls is None
+    assert (auto.finish_reason == "function_call") == (auto.message.function_call is not None)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=WEATHER,
+            functions=functions,
+            function_call=named,
+            temperature=0,
+            max_tokens=80,
+            stream=True,
+        )  # fmt: skip
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [d.function_call for d in deltas if d.function_call]
+    assert len(calls) == 1 and calls[0].name == "get_time" and calls[0].arguments == call.arguments
+    assert not any(d.tool_calls for d in deltas) and chunks[-1].choices[0].finish_reason == "function_call"
+
+
 def test_a_streamed_tool_call_arrives_whole_in_one_delta(client):
     chunks = list(
         client.chat.completions.create(

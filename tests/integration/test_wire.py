@@ -14,6 +14,7 @@ from conftest import ServerProcess
 
 MODEL = "tiny"
 HI = [{"role": "user", "content": "Hi"}]
+F = {"name": "f", "parameters": {"type": "object", "properties": {}}}  # a function of the deprecated API
 
 
 def post(server, body, **kw):
@@ -162,8 +163,27 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
             "messages.[0].role",
         ),
         ({"messages": HI}, "model"),
-        ({"model": MODEL, "messages": HI, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        # the deprecated function calling: served as tools, its own mistakes named by its own params
+        (
+            {
+                "model": MODEL,
+                "messages": HI,
+                "functions": [F],
+                "tools": [{"type": "function", "function": F}],
+            },
+            "functions",
+        ),
         ({"model": MODEL, "messages": HI, "function_call": "auto"}, "function_call"),
+        ({"model": MODEL, "messages": HI, "functions": [F], "function_call": {"name": "g"}}, "function_call"),
+        ({"model": MODEL, "messages": HI, "functions": [F], "function_call": "always"}, "function_call"),
+        (
+            {"model": MODEL, "messages": HI, "functions": [{"name": "f", "parameters": {"type": "string"}}]},
+            "functions.[0].parameters",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "function", "name": "f", "content": "x"}]},
+            "messages.[0].role",
+        ),
         ({"model": MODEL, "messages": HI, "modalities": ["text", "audio"]}, "modalities"),
         ({"model": MODEL, "messages": HI, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ],

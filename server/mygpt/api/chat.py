@@ -97,7 +97,7 @@ class ChatService:
         arrival = time.monotonic()
         adapter = await self.resolve_model(principal, req.model)
         self._refuse_unsupported(req)
-        calls = tools.plan(req)  # tools: the grammar of a call (or of a call or text: "auto")
+        calls, _ = self._plan(req)  # tools: the grammar of a call (or of a call or text: "auto")
         messages = self._messages(req.messages)
         if calls is not None and not self.renders_tools:
             messages = tools.with_tools(messages, calls)
@@ -197,12 +197,6 @@ class ChatService:
         self.refuse_unsupported_common(req)
         if req.top_logprobs and not req.logprobs:
             raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
-        for name in ("functions", "function_call"):
-            if getattr(req, name) is not None:
-                raise invalid(
-                    f"{name} (deprecated function calling) is not supported; use tools and tool_choice.",
-                    param=name,
-                )
         if req.audio is not None or any(m != "text" for m in req.modalities or ()):
             raise invalid(
                 "This model produces text only: modalities must be ['text'], without audio.",
@@ -248,24 +242,44 @@ class ChatService:
         except GrammarError as exc:
             raise invalid(f"Invalid schema for {what or param}: {exc}", param=param) from exc
 
+    @staticmethod
+    def _plan(req: ChatCompletionRequest) -> tuple[tools.ToolPlan | None, bool]:
+        """The request's tool plan, and whether it came from the deprecated functions (its answer is then
+        a function_call)."""
+        legacy = tools.legacy_functions(req)
+        return tools.plan(legacy or req), legacy is not None
+
     def _messages(self, messages: list[Any]) -> list[dict[str, Any]]:
-        """The chat template's messages; a tool message must answer an assistant's tool_calls."""
-        out, called = [], False
+        """The chat template's messages; a tool message must answer an assistant's tool_calls, a
+        function message (deprecated) an assistant's function_call, whose call it then answers."""
+        out, called, legacy_call = [], False, None
         for i, m in enumerate(messages):
             if m.role == "tool" and not called:
                 raise invalid(
                     "a message with role 'tool' must answer a preceding assistant message's tool_calls.",
                     param=f"messages.[{i}].role",
                 )
+            if m.role == "function" and legacy_call is None:
+                raise invalid(
+                    "a message with role 'function' must answer a preceding assistant message's function_call.",
+                    param=f"messages.[{i}].role",
+                )
+            if m.role == "assistant" and m.function_call is not None and not m.tool_calls:
+                legacy_call = (
+                    f"call_{i}"  # the deprecated call as a tool call, answered by the next function message
+                )
+                m = m.model_copy(
+                    update={
+                        "tool_calls": [{"id": legacy_call, "type": "function", "function": m.function_call}]
+                    }
+                )
+            if m.role == "function":
+                m = m.model_copy(update={"role": "tool", "tool_call_id": legacy_call})
             out.append(self._message(i, m))
             called = called or bool(m.tool_calls)
         return out
 
     def _message(self, i: int, m: Any) -> dict[str, Any]:
-        if m.role == "function":
-            raise invalid(
-                "role 'function' (deprecated) is not supported; use 'tool'.", param=f"messages.[{i}].role"
-            )
         content = m.content
         if isinstance(content, list):
             other = [p.type for p in content if not isinstance(p, TextPart)]
@@ -366,17 +380,21 @@ class ChatService:
     ) -> ChatCompletion:
         """Runs a request to the end and returns the whole completion."""
         done = await collect(gen, self.submit(gen, ticket))
-        calls = tools.plan(req)
+        calls, legacy = self._plan(req)
         choices = []
         for i in range(gen.params.n):
             made, finish = (
                 tools.answer(calls, done.texts[i], done.reasons[i]) if calls else (None, done.reasons[i])
             )
-            message = (
-                AssistantMessage(content=None, tool_calls=made)
-                if made
-                else AssistantMessage(content=done.texts[i])
-            )
+            if made and legacy:  # one call at most (the plan allows no more)
+                message, finish = (
+                    AssistantMessage(content=None, function_call=made[0].function),
+                    "function_call",
+                )
+            elif made:
+                message = AssistantMessage(content=None, tool_calls=made)
+            else:
+                message = AssistantMessage(content=done.texts[i])
             lps = ChoiceLogprobs(content=self._logprobs(done.logprobs[i])) if gen.params.logprobs else None
             choices.append(Choice(index=i, message=message, logprobs=lps, finish_reason=finish))
         return ChatCompletion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
@@ -394,8 +412,8 @@ class ChatService:
             )
             return c.model_dump_json(exclude_none=False)
 
-        calls = tools.plan(req)
-        held = [""] * gen.params.n  # a call's text, sent as tool_calls once whole
+        calls, legacy = self._plan(req)
+        held = [""] * gen.params.n  # a call's text, sent as tool_calls (or function_call) once whole
         # per choice: a call (True), text (False), or not known yet (None: "auto", only whitespace so far)
         kind = [None if calls is not None and calls.auto else calls is not None] * gen.params.n
 
@@ -411,11 +429,12 @@ class ChatService:
                     return None
                 else:
                     made, finish = tools.answer(calls, held[ev.index], finish)
-                    delta = (
-                        Delta(content=held[ev.index])
-                        if made is None
-                        else Delta(tool_calls=[{"index": k, **c.model_dump()} for k, c in enumerate(made)])
-                    )
+                    if made is None:
+                        delta = Delta(content=held[ev.index])
+                    elif legacy:
+                        delta, finish = Delta(function_call=made[0].function.model_dump()), "function_call"
+                    else:
+                        delta = Delta(tool_calls=[{"index": k, **c.model_dump()} for k, c in enumerate(made)])
             lps = ChoiceLogprobs(content=self._logprobs(logprobs)) if gen.params.logprobs else None
             return chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)])
 

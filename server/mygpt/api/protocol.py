@@ -32,6 +32,7 @@ class ChatMessage(_Lenient):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None  # deprecated function calling: an assistant's call
 
 
 class ToolFunction(_Lenient):
@@ -84,10 +85,11 @@ class ChatCompletionRequest(_Lenient):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
-    # declared to be refused by name (B2), not silently ignored: the deprecated function calling and
-    # audio output
-    functions: list[Any] | None = None
+    # the deprecated function calling (older clients: LangChain's OpenAI-functions agents), served as
+    # tools (api/tools.py legacy_functions); its answers come back as function_call
+    functions: list[ToolFunction] | None = None
     function_call: str | dict[str, Any] | None = None
+    # declared to be refused by name (B2), not silently ignored: audio output
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
 
@@ -172,16 +174,18 @@ class AssistantMessage(BaseModel):
     content: str | None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None  # left out when None, as OpenAI does
+    function_call: ToolCallFunction | None = None  # the deprecated function calling's answer; left out too
 
     @model_serializer(mode="wrap")
     def _no_null_calls(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        if out.get("tool_calls") is None:
-            out.pop("tool_calls", None)
+        for key in ("tool_calls", "function_call"):
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
 
-FinishReasonOut = Literal["stop", "length", "tool_calls"]
+FinishReasonOut = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class Choice(BaseModel):
@@ -205,6 +209,7 @@ class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # {"index", "id", "type", "function": {name, arguments}}
+    function_call: dict[str, Any] | None = None  # the deprecated function calling: {name, arguments}
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

@@ -11,6 +11,13 @@ answer carries it as `tool_calls` with finish_reason "tool_calls".
   --tool-call-parser has one per family): a call from such a model is held to the JSON form above.
 - "none": a text answer; the tools are ignored.
 
+The deprecated function calling (`functions`, `function_call`, which older clients such as LangChain's
+OpenAI-functions agents still send) is served as tools (legacy_functions): `function_call` "auto",
+"none" or {"name": ...} is the matching tool_choice, one call at most; the answer carries it as
+`function_call` with finish_reason "function_call", and a conversation's earlier calls (an assistant
+message's `function_call`) and results (role "function") reach the template as tool calls and tool
+messages.
+
 The tools reach the model through its chat template when the template renders them (`tools`), else as
 a system message that lists them and the call format. A follow-up conversation (an assistant message
 with `tool_calls`, then `tool` messages with the results) is passed to the template the same way.
@@ -110,6 +117,46 @@ def plan(req: Any) -> ToolPlan | None:
     if not named:
         raise invalid(f"tool_choice names no tool of this request: {choice!r}.", param="tool_choice")
     return ToolPlan(named)
+
+
+def legacy_functions(req: Any) -> Any | None:
+    """The request with its deprecated `functions` / `function_call` as tools / tool_choice (one call at
+    most, as that API had), or None when it uses neither; 400s name the problem."""
+    if req.functions is None and req.function_call is None:
+        return None
+    if req.tools is not None or req.tool_choice is not None:
+        raise invalid("functions cannot be combined with tools; use one or the other.", param="functions")
+    choice = req.function_call
+    if isinstance(choice, dict):
+        name = choice.get("name")
+        if not isinstance(name, str):
+            raise invalid(
+                "function_call must be 'auto', 'none' or {\"name\": <a function>}.", param="function_call"
+            )
+        choice = {"type": "function", "function": {"name": name}}
+    elif choice not in (None, "auto", "none"):
+        raise invalid(
+            "function_call must be 'auto', 'none' or {\"name\": <a function>}.", param="function_call"
+        )
+    if choice is not None and choice != "none" and not req.functions:
+        raise invalid("function_call is only allowed when functions are given.", param="function_call")
+    names = [f.name for f in req.functions or []]
+    if len(set(names)) < len(names):
+        raise invalid("functions have to have different names.", param="functions")
+    for i, f in enumerate(req.functions or []):
+        if (f.parameters or {}).get("type", "object") != "object":
+            raise invalid(
+                "a function's parameters must be a JSON Schema of an object.",
+                param=f"functions.[{i}].parameters",
+            )
+    if isinstance(choice, dict) and choice["function"]["name"] not in names:
+        raise invalid(
+            f"function_call names no function of this request: {req.function_call!r}.", param="function_call"
+        )
+    functions = [Tool(type="function", function=f) for f in req.functions or []]
+    return req.model_copy(
+        update={"tools": functions or None, "tool_choice": choice, "parallel_tool_calls": False}
+    )
 
 
 def with_tools(messages: list[dict[str, Any]], calls: ToolPlan) -> list[dict[str, Any]]:
