@@ -149,6 +149,37 @@ def test_a_load_records_the_files_it_read(registry, store, tiny_model_dir, monke
     assert current is entry and len(calls) == 2
 
 
+def test_a_torn_read_of_a_copy_in_progress_is_read_again(registry, store, tiny_model_dir, monkeypatch):
+    """The first read meets a half-written file (an AdapterError) while the copy goes on: the files
+    changed under it, so it is read again once they stand still, not refused with a 400; files that
+    did not change under a failed read are bad files, refused at once."""
+    from mygpt.lora import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "READ_WAIT_S", 0.001)
+    real, calls = registry._read, []
+
+    def torn(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            _copy_over(tiny_model_dir, store, seed=13)
+            raise AdapterError("adapter_model.safetensors is corrupt (incomplete metadata)")
+        return real(*args)
+
+    monkeypatch.setattr(registry, "_read", torn)
+    _, weights = registry.weights(registry.get("t", "two"))
+    assert _same(weights, real("t", "new13", store / "t" / "new13")) and len(calls) == 2
+
+    def bad(*args):
+        calls.append(args)
+        raise AdapterError("adapter_config.json: no target modules")
+
+    calls.clear()
+    monkeypatch.setattr(registry, "_read", bad)
+    with pytest.raises(AdapterError, match="no target modules"):
+        registry.weights(registry.get("t", "three"))
+    assert len(calls) == 1
+
+
 def test_concurrent_loads_of_one_adapter_make_one_read(registry, monkeypatch):
     reads = []
     real = registry._read

@@ -23,7 +23,10 @@ from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError, LoRAWeights, read_
 
 log = logging.getLogger(__name__)
 
-READ_TRIES = 5  # reads of an adapter whose files change while read, before it is refused
+# reads of an adapter whose files change while read (a copy in progress), the waits between them doubling
+# from READ_WAIT_S (0.05 + 0.1 + 0.2 + 0.4 + 0.8 s), before it is refused
+READ_TRIES = 6
+READ_WAIT_S = 0.05
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # fullmatch (no trailing newline)
 
 
@@ -163,8 +166,15 @@ class AdapterRegistry:
             weights, stamp = self._read_settled(entry.tenant, entry.name, entry.path)
             with self._lock:
                 current = self._entries.get((entry.tenant, entry.name))
-                if current is not entry:  # unloaded or replaced while we read: serve what was asked
-                    return entry, weights
+                if current is not entry:  # removed or rediscovered while we read (get(), set_tenants)
+                    if entry.stamp is None or entry.stamp == stamp:
+                        return entry, weights  # what was asked: that version's own files
+                    if current is not None and current.path == entry.path and current.weights is None:
+                        current.weights, current.stamp = weights, stamp  # the new files' version
+                        self._remember(current)
+                        return current, weights
+                    # never the old version's key with the new files' weights
+                    raise AdapterError(f"adapter '{entry.name}' changed while it was read; retry")
                 if entry.stamp is not None and entry.stamp != stamp:  # changed on disk: a new version
                     entry = self._new_version(entry, entry.path, entry.source)
                 entry.weights, entry.stamp = weights, stamp
@@ -175,11 +185,19 @@ class AdapterRegistry:
         """The files' weights and the stamp they were read under: read again when the files changed
         during the read (a copy in progress), so that a stamp never stands for other weights than its
         own (a version's key would then map to the new files' weights, or a new stamp to the old ones)."""
-        for _ in range(READ_TRIES):
+        wait = READ_WAIT_S
+        for attempt in range(READ_TRIES):
             stamp = _stamp(path)
-            weights = self._read(tenant, name, path)
-            if _stamp(path) == stamp:
+            try:
+                weights = self._read(tenant, name, path)
+            except AdapterError:
+                if _stamp(path) == stamp or attempt == READ_TRIES - 1:
+                    raise  # bad files, not a copy in progress
+                weights = None  # torn: a file read half-written
+            if weights is not None and _stamp(path) == stamp:
                 return weights, stamp
+            time.sleep(wait)  # let the copy finish
+            wait *= 2
         raise AdapterError(f"adapter '{name}': its files kept changing while they were read")
 
     def _read(self, tenant: str, name: str, path: Path) -> LoRAWeights:
