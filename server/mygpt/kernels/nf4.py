@@ -171,6 +171,9 @@ def _config(m: int, n: int, k: int) -> tuple[str, int, int, int, int]:
     of BLOCK_K columns."""
     kind = "gemv" if m <= GEMV_ROWS else "dot"
     tile = TILES[kind]
+    for key in ("block_n", "block_k"):  # the halving below and tl.arange take powers of two only
+        if tile[key] < 1 or tile[key] & (tile[key] - 1):
+            raise ValueError(f"TILES[{kind!r}][{key!r}] must be a power of two, got {tile[key]}")
     block_m = triton.next_power_of_2(m) if kind == "gemv" else (16 if m <= 16 else 32)
     # a dot's K (a plane's BLOCK_K / 8 columns) is at least 16
     block_n, block_k = tile["block_n"], max(tile["block_k"], 128 if kind == "dot" else 8)
@@ -192,6 +195,8 @@ def nf4_matmul(
     m, k = x.shape
     words = packed if packed.dtype == torch.int32 else packed.view(torch.int32)
     n = words.shape[0]
+    if m == 0:
+        return torch.empty(0, n, dtype=x.dtype, device=x.device)
     qblock = k // scale.shape[1]
     kind, block_m, block_n, block_k, split = _config(m, n, k)
     tile = TILES[kind]
@@ -283,7 +288,8 @@ class NF4Product:
         graph capture: the first call of a shape is always eager, graphs.py warms up before capturing)."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
         config = _config(x2.shape[0], n, k)
-        key = (str(x2.device), n, k, x2.dtype, config, tuple(TILES[config[0]].values()))
+        qblock = k // self.scale.shape[1]
+        key = (str(x2.device), n, k, qblock, x2.dtype, config, tuple(TILES[config[0]].values()))
         return check_once(
             NF4Product._checked,
             ("nf4", *key),
