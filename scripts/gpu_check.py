@@ -645,6 +645,7 @@ def main() -> None:
 
     # (2) mygpt's engine on the same base and the same adapter tensors, eager then with graphs
     from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import available as kernels_available
     from mygpt.lora.cache import AdapterCache
 
     runner = ModelRunner(
@@ -696,6 +697,7 @@ def main() -> None:
             with section(f"engine {mode}"):
                 runner.nf4_kernel(mode.endswith("-nf4"))
                 runner.graph_prompt_tokens = PROMPT_ROWS if "-rows" in mode else 0  # before the decoder
+                runner.lora_kernel = "-lora" in mode and kernels_available(runner.device)
                 use_graphs(runner, mode != "eager")
                 if runner.compile_layers("-compile" in mode):  # compiled before the first request
                     first = "compile_warmup_s" not in report  # a later compiled mode reuses the compiles
@@ -744,6 +746,7 @@ def main() -> None:
         f"{static}-compile-rows",
     ]
     first_modes.append(f"{static}-compile-overlap")
+    first_modes.append(f"{static}-lora")  # the LoRA kernels (kernels/lora.py), with the graphs
     picked = args.modes.split(",") if args.modes else None
     run_modes([m for m in first_modes if picked is None or m in picked], runner, cache, weights)
     if ref_logits:
@@ -775,7 +778,7 @@ def main() -> None:
     run_modes([m for m in later if picked is None or m in picked], runner, cache, weights)
 
     tokens = report.pop("_tokens", {})
-    for variant in ("rows", "overlap", "compile", "compile-rows", "compile-overlap"):
+    for variant in ("rows", "overlap", "compile", "compile-rows", "compile-overlap", "lora"):
         for label in ("1 stream + adapter", "32 streams / 32 adapters"):
             ref = tokens.get(f"{static}: {label}")
             got = tokens.get(f"{static}-{variant}: {label}")
@@ -825,7 +828,7 @@ def main() -> None:
 
 NF4_TILES = {  # kernels/nf4.py TILES entries nf4_bench tries, (block_n, block_k, warps, stages, programs,
     # lut); the fastest of each kind is kept. gemv: one row, no tensor cores; dot: 8 and 32 rows. Chosen
-    # without a GPU (session 10) from scripts/nf4_sass.py: no register spills, the fewest instructions of
+    # without a GPU (session 10) from scripts/kernel_sass.py: no register spills, the fewest instructions of
     # the K loop per weight (6.8-6.9 for gemv, 6.8-9.3 for dot; "select" ~2.5x that, kept as the control);
     # with and without split-K and the pipelined loads
     "gemv": [

@@ -90,6 +90,13 @@ class Settings(BaseSettings):
         "bitsandbytes; its earlier form lost to bitsandbytes in the engine on an H100, the current one is not yet "
         "measured (docs/benchmarks.md)",
     )
+    lora_kernel: bool = Field(
+        False,
+        description="experimental: with CUDA graphs, the LoRA terms of decode steps by mygpt's Triton kernels "
+        "(each row read from its own adapter slot: 11 kernels a layer instead of ~35, one graph for any "
+        "grouping of the rows by adapter), not the grouped batched products; not yet measured on a GPU "
+        "(docs/benchmarks.md)",
+    )
     warmup: bool = Field(True, description="run one generation before reporting ready")
     stall_timeout_s: float = Field(120.0, description="engine busy without progress this long: /ready 503")
 

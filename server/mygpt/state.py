@@ -106,6 +106,7 @@ class ServerState:
                         lm_head_dtype=lm_head, exact_attention=loaded.device.type == "cpu",
                         cuda_graphs=s.cuda_graphs, nf4_kernel=s.nf4_kernel,
                         compile_layers=s.compile, graph_prompt_tokens=s.graph_prompt_tokens,
+                        lora_kernel=s.lora_kernel,
                     )  # fmt: skip
                     if s.compile and runner.decoder is None:
                         log.warning("--compile applies to CUDA-graphed decode steps (a GPU): it is off here")

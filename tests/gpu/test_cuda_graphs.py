@@ -40,13 +40,13 @@ def model(nf4: bool = False):
     return m
 
 
-def runners(nf4: bool = False, graph_prompt_tokens: int = 0):
+def runners(nf4: bool = False, graph_prompt_tokens: int = 0, lora_kernel: bool = False):
     """The same model and adapters under an eager runner and a graph runner."""
     out = []
     for graphs in (False, True):
         r = ModelRunner(
             model(nf4), num_slots=8, max_len=300, dtype=torch.float32, max_loras=3, cuda_graphs=graphs,
-            graph_prompt_tokens=graph_prompt_tokens if graphs else 0,
+            graph_prompt_tokens=graph_prompt_tokens if graphs else 0, lora_kernel=lora_kernel and graphs,
         )  # fmt: skip
         g = torch.Generator().manual_seed(1)
         for slot in range(3):
@@ -58,12 +58,14 @@ def runners(nf4: bool = False, graph_prompt_tokens: int = 0):
     return out
 
 
-@pytest.mark.parametrize("nf4", [False, True])
-def test_graph_replay_equals_eager_steps(nf4):
+@pytest.mark.parametrize(("nf4", "lora_kernel"), [(False, False), (True, False), (False, True)])
+def test_graph_replay_equals_eager_steps(nf4, lora_kernel):
+    """Captured and replayed decode steps give the eager steps' logits and cache: plain and NF4 layers,
+    and with the LoRA kernels (kernels/lora.py) in the graphs."""
     if nf4:
         pytest.importorskip("bitsandbytes")
-    eager, graphs = runners(nf4)
-    assert graphs.decoder is not None and graphs.decoder.capture
+    eager, graphs = runners(nf4, lora_kernel=lora_kernel)
+    assert graphs.decoder is not None and graphs.decoder.capture and graphs.lora_kernel == lora_kernel
     prompts = {0: [5, 6, 7], 3: [9] * 40, 5: [1, 2], 6: list(range(30, 90))}
     loras = {0: 0, 3: -1, 5: 2, 6: 1}
     for r in (eager, graphs):

@@ -258,7 +258,7 @@ def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
 
 
 def test_every_tile_compiles_for_an_h100_without_spilling():
-    """scripts/nf4_sass.py --check: the default tiles and gpu_check's sweep, compiled for sm_90 by
+    """scripts/kernel_sass.py --check: the default tiles and gpu_check's sweep, compiled for sm_90 by
     Triton's own ptxas (no GPU needed; in a process of its own, Triton picks compiled or interpreted
     when it is imported), in bfloat16 as the engine runs them: none spills registers to local memory,
     and the shared-memory table costs at most MAX_PER_WEIGHT instructions of the K loop per weight."""
@@ -275,7 +275,7 @@ def test_every_tile_compiles_for_an_h100_without_spilling():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root / "server")
     done = subprocess.run(
-        [sys.executable, str(root / "scripts" / "nf4_sass.py"), "--check"],
+        [sys.executable, str(root / "scripts" / "kernel_sass.py"), "--check"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

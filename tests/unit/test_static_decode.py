@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from mygpt.engine.engine import Engine
 from mygpt.engine.graphs import batch_buckets, kv_bucket, plan_lora
-from mygpt.engine.runner import ModelRunner
+from mygpt.engine.runner import DecodeRow, ModelRunner
 from mygpt.engine.types import AdapterRef
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.layers import LoRABatch, LoRALinear
@@ -73,7 +73,7 @@ def test_plan_lora_without_adapters_is_none():
     assert plan_lora([-1, -1], 4, 2) is None
 
 
-def runner_pair(tiny_model_dir, root, graph_prompt_tokens: int = 0):
+def runner_pair(tiny_model_dir, root, graph_prompt_tokens: int = 0, lora_kernel: bool = False):
     """Two runners over identical copies of the tiny model, one eager, one static, same adapters."""
     make_adapter(tiny_model_dir, root / "t" / "a", 8, ["q_proj", "v_proj", "down_proj"], seed=1)
     make_adapter(tiny_model_dir, root / "t" / "b", 16, ["q_proj", "k_proj", "o_proj", "up_proj"], seed=2)
@@ -90,6 +90,7 @@ def runner_pair(tiny_model_dir, root, graph_prompt_tokens: int = 0):
                 max_lora_rank=16,
                 static_decode=static,
                 graph_prompt_tokens=graph_prompt_tokens if static else 0,
+                lora_kernel=lora_kernel and static,
             )  # fmt: skip
         )
     shapes = {p: (m.in_features, m.out_features) for p, m in runners[0].lora_layers.items()}
@@ -98,9 +99,17 @@ def runner_pair(tiny_model_dir, root, graph_prompt_tokens: int = 0):
     return runners, weights
 
 
-def test_static_decode_equals_eager_decode(tiny_model_dir, tmp_path):
-    (eager, static), weights = runner_pair(tiny_model_dir, tmp_path)
+@pytest.mark.parametrize("lora_kernel", [False, True], ids=["grouped-lora", "lora-kernels"])
+def test_static_decode_equals_eager_decode(tiny_model_dir, tmp_path, lora_kernel, monkeypatch):
+    """The static step (a graph on a GPU) gives the eager step's logits and cache: with the grouped
+    LoRA products, or with the LoRA kernels (kernels/lora.py, through Triton's interpreter here), which
+    read each row's slot and make one shape for any grouping of the rows by adapter."""
+    if lora_kernel:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (eager, static), weights = runner_pair(tiny_model_dir, tmp_path, lora_kernel=lora_kernel)
     assert eager.decoder is None and static.decoder is not None
+    assert static.lora_kernel == lora_kernel and not eager.lora_kernel
     for r in (eager, static):
         cache = AdapterCache(r.lora_layers, 3)
         assert cache.acquire("a", weights["a"]) == 0 and cache.acquire("b", weights["b"]) == 1
@@ -130,17 +139,31 @@ def test_static_decode_equals_eager_decode(tiny_model_dir, tmp_path):
         torch.testing.assert_close(k_static[:spare], k_eager[:spare], atol=1e-5, rtol=1e-5)
     assert not torch.equal(static.k_cache[0][spare], spare_before)
     assert static.decoder.stats.eager == 3
+    shape, plan = static.decoder.shape_of([DecodeRow(s, 1, 4, lo) for s, _, lo in rows])
+    if lora_kernel:  # one shape whatever the grouping
+        assert (shape.lora_slots, shape.lora_rows, plan) == (1, 0, None)
+    else:  # S x M groups: 2 slots, rows per slot doubled for the base row's empty position
+        assert (shape.lora_slots, shape.lora_rows) == (plan.slots, plan.rows) == (2, 4)
+    assert static.lora_batch.rows is None  # reset after the step: the eager steps group as before
 
 
-def test_prompt_chunks_as_static_rows_equal_the_eager_step(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora_kernel", [False, True], ids=["grouped-lora", "lora-kernels"])
+def test_prompt_chunks_as_static_rows_equal_the_eager_step(
+    tiny_model_dir, tmp_path, lora_kernel, monkeypatch
+):
     """graph_prompt_tokens: a step's short prompt chunks run in the static decoder, each token a row at
     its own position (a graph on a GPU); the same logits and cache as the eager chunk attention, for
     chunks from 0 and from a cached prefix, beside decode rows, with adapters, and with every
     position's logits (prompt logprobs). A step with more prompt tokens runs eagerly."""
-    from mygpt.engine.runner import DecodeRow, PrefillChunk
+    from mygpt.engine.runner import PrefillChunk
 
-    (eager, static), weights = runner_pair(tiny_model_dir, tmp_path, graph_prompt_tokens=16)
-    assert static.decoder.max_rows == 6 + 16
+    if lora_kernel:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (eager, static), weights = runner_pair(
+        tiny_model_dir, tmp_path, graph_prompt_tokens=16, lora_kernel=lora_kernel
+    )
+    assert static.decoder.max_rows == 6 + 16 and static.lora_kernel == lora_kernel
     for r in (eager, static):
         cache = AdapterCache(r.lora_layers, 3)
         assert cache.acquire("a", weights["a"]) == 0 and cache.acquire("b", weights["b"]) == 1

@@ -56,7 +56,7 @@ class DecodeShape:
     batch: int  # rows, padding included
     kv_len: int  # attention span
     lora_slots: int = 0  # S: adapter slots in the grouped LoRA product (0: no adapter)
-    lora_rows: int = 0  # M: rows per adapter slot
+    lora_rows: int = 0  # M: rows per adapter slot; 0 with lora_slots 1: the LoRA kernels (any grouping)
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,11 @@ class StaticDecoder:
         b = self.max_rows
         self._max_lora_slots = runner.max_loras
         g = max(runner.max_loras, 1) * 2 * _pow2(b)  # the largest S*M plan_lora can produce
-        # every input in one int64 buffer: ids | positions | slots | scatter | gather | valid
+        # every input in one int64 buffer: ids | positions | slots | scatter | gather | valid | each row's
+        # adapter slot (the LoRA kernels', -1: none)
         self._layout = {"ids": (0, b), "pos": (b, b), "slots": (2 * b, b), "scatter": (3 * b, b)}
-        self._layout |= {"gather": (4 * b, g), "valid": (4 * b + g, g)}
-        n = 4 * b + 2 * g
+        self._layout |= {"gather": (4 * b, g), "valid": (4 * b + g, g), "lora": (4 * b + 2 * g, b)}
+        n = 5 * b + 2 * g
         on_gpu = runner.device.type == "cuda"
         self._host = torch.zeros(n, dtype=torch.long, pin_memory=on_gpu)
         self._dev = torch.zeros(n, dtype=torch.long, device=runner.device)
@@ -166,11 +167,19 @@ class StaticDecoder:
         batch = next(b for b in self.batch_sizes if b >= len(rows))
         kv_len = kv_bucket(max(r.position for r in rows) + 1, self.kv_block, self.runner.max_len)
         lora = None
+        if self._lora_kernel():  # one shape with adapters, whatever their grouping: no plan
+            return DecodeShape(batch, kv_len, int(any(r.lora_slot >= 0 for r in rows)), 0), None
         if self.runner.lora_batch is not None:
             at_least = 2 if self.runner.compiled else 1
             lora = plan_lora([r.lora_slot for r in rows], batch, self._max_lora_slots, at_least)
         shape = DecodeShape(batch, kv_len, lora.slots if lora else 0, lora.rows if lora else 0)
         return shape, lora
+
+    def _lora_kernel(self) -> bool:
+        """Whether steps with adapters take the LoRA kernels (runner.lora_kernel; not in compiled layers,
+        which trace the grouped products)."""
+        r = self.runner
+        return r.lora_batch is not None and r.lora_kernel and not r.compiled
 
     def run(self, rows: list[DecodeRow], ids: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step for `rows`; returns their logits [len(rows), V] (float32). ids: the rows'
@@ -182,6 +191,7 @@ class StaticDecoder:
             "ids": [r.token for r in rows] + [0] * pad,
             "pos": [r.position for r in rows] + [0] * pad,
             "slots": [r.slot for r in rows] + [self.spare_slot] * pad,
+            "lora": [r.lora_slot for r in rows] + [-1] * pad,
         }
         if lora is not None:
             host |= {"scatter": lora.scatter, "gather": lora.gather, "valid": lora.valid}
@@ -220,6 +230,7 @@ class StaticDecoder:
         self._buf("ids", on_device=False).zero_()
         self._buf("pos", on_device=False).zero_()
         self._buf("slots", on_device=False).fill_(self.spare_slot)
+        self._buf("lora", on_device=False).fill_(-1)
         before = self.stats.captures
         on_gpu = self.runner.device.type == "cuda"
         with torch.cuda.device(self.runner.device) if on_gpu else contextlib.nullcontext():
@@ -305,7 +316,9 @@ class StaticDecoder:
             chunks=[], chunk_offsets=[], chunk_masks=[], slot_t=slots, pos_t=pos,
         )  # fmt: skip
         batch = r.lora_batch
-        if batch is not None and shape.lora_slots:
+        if batch is not None and shape.lora_slots and not shape.lora_rows:  # the LoRA kernels
+            batch.rows = self._buf("lora")[:b]
+        elif batch is not None and shape.lora_slots:
             s, m = shape.lora_slots, shape.lora_rows
             batch.slots = s
             batch.gather = self._buf("gather")[: s * m]
@@ -324,7 +337,7 @@ class StaticDecoder:
                 hidden = r._forward(ids[None], pos[None], plan)[0]
         finally:  # the LoRA layers are shared with the eager path
             if batch is not None:
-                batch.slots, batch.gather, batch.valid, batch.scatter = 0, None, None, None
+                batch.slots, batch.gather, batch.valid, batch.scatter, batch.rows = 0, None, None, None, None
         return r._logits(hidden)
 
     def _replay(self, shape: DecodeShape) -> torch.Tensor | None:

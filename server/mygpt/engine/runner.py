@@ -23,6 +23,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from mygpt.engine.graphs import StaticDecoder
+from mygpt.kernels import available as kernels_available
 from mygpt.kernels.nf4 import NF4Product
 from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
 
@@ -97,6 +98,7 @@ class ModelRunner:
         nf4_kernel: bool = False,
         compile_layers: bool = False,
         graph_prompt_tokens: int = 0,
+        lora_kernel: bool = False,
     ):
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -147,6 +149,9 @@ class ModelRunner:
         # spans up to GRAPH_PROMPT_SPAN) runs through the static decoder too, each prompt token a row
         # (graphs.py), not eagerly; 0: every step with a prompt chunk runs eagerly
         self.graph_prompt_tokens = graph_prompt_tokens
+        # lora_kernel: the static decoder's steps with adapters take the LoRA kernels (kernels/lora.py),
+        # each row on its own slot, not the grouped batched products (experimental)
+        self.lora_kernel = lora_kernel and self.lora_batch is not None and kernels_available(self.device)
         self.decoder: StaticDecoder | None = None
         capture = cuda_graphs and self.device.type == "cuda"
         if (capture or static_decode) and not exact_attention:

@@ -51,6 +51,9 @@ class LoRABatch:
     gather: torch.Tensor | None = None  # [S*M] token index at (slot, j); padding points at token 0
     valid: torch.Tensor | None = None  # [S, M, 1] 1 where (slot, j) holds a token, 0 for padding
     scatter: torch.Tensor | None = None  # [N] flat position slot*M + j of each token (base: a padding one)
+    # the LoRA kernels' steps (kernels/lora.py; the static decoder with runner.lora_kernel): each token's
+    # slot [N] (-1: none), read by the kernels instead of the grouping above
+    rows: torch.Tensor | None = None
 
 
 class LoRALinear(nn.Module):
@@ -72,6 +75,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.batch.rows is not None:
+            from mygpt.kernels.lora import add_lora
+
+            add_lora(x, self.lora_at, [self.lora_bt], [y], self.batch.rows)
+            return y
         o = lora_delta(self.batch, x, self.lora_at, [self.lora_bt])
         if o is not None:
             _add(y, o[0])  # y is the base layer's fresh output
@@ -159,7 +167,11 @@ class FusedLinear(nn.Module):
         return y
 
     def _add_lora(self, x: torch.Tensor, outs: list[torch.Tensor]) -> None:
-        if self.batch is not None and (deltas := lora_delta(self.batch, x, self.lora_at, self._bts)):
+        if self.batch is not None and self.batch.rows is not None:
+            from mygpt.kernels.lora import add_lora
+
+            add_lora(x, self.lora_at, self._bts, outs, self.batch.rows)
+        elif self.batch is not None and (deltas := lora_delta(self.batch, x, self.lora_at, self._bts)):
             for out, o in zip(outs, deltas, strict=True):
                 _add(out, o)
 

@@ -1,10 +1,11 @@
-"""Compiles kernels/nf4.py's kernel for an H100 (sm_90) on any machine, no GPU needed (Triton's own
-ptxas), and reports what the machine code of each tile does per K step: registers, spill stack, and
-the loads and instructions that decide a memory-bound product's speed. The tiles of gpu_check's
-sweep (NF4_TILES) and the defaults (TILES), in bfloat16 as the engine runs them.
+"""Compiles mygpt's Triton kernels for an H100 (sm_90) on any machine, no GPU needed (Triton's own
+ptxas), and reports what their machine code does: registers, spill stack, and the instructions of the
+main loop. For kernels/nf4.py, each tile of gpu_check's sweep (NF4_TILES) and the defaults (TILES), in
+bfloat16 as the engine runs them, with the K loop's instructions per weight; for kernels/lora.py, the
+shrink and expand kernels at the 8B shape's ranks.
 
-    PYTHONPATH=server python3 scripts/nf4_sass.py [--check]   # a table; --check: exit 1 on a bad tile
-    tests/unit/test_nf4_kernel.py runs the check: every tile compiles, none spills
+    PYTHONPATH=server python3 scripts/kernel_sass.py [--check]   # a table; --check: exit 1 on a bad one
+    tests/unit/test_nf4_kernel.py runs the check: every kernel compiles, none spills
 
 The GPU machine's Triton may be another version than this one (run 4: 3.6.0), so its code can differ.
 """
@@ -118,6 +119,72 @@ def loop_body(sass: str) -> dict[str, int]:
     return counts
 
 
+def _compile(
+    fn, signature: dict, constants: dict, warps: int, stages: int, unaligned=("M",)
+) -> tuple[int, int, str]:
+    """(registers, spill stack bytes, SASS text) of one kernel compiled for sm_90; pointers and integer
+    arguments other than `unaligned` specialized as divisible by 16, as launches with such sizes are."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = triton.jit(fn)
+    names = jit.arg_names
+    attrs = {
+        (names.index(n),): [["tt.divisibility", 16]]
+        for n, kind in signature.items()
+        if kind != "constexpr" and n not in unaligned
+    }
+    compiled = triton.compile(
+        ASTSource(jit, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps, "num_stages": stages},
+    )  # fmt: skip
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True, check=True
+        )
+        sass = subprocess.run(
+            [tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True
+        )
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage.stdout)
+    assert found, usage.stdout
+    return int(found[1]), int(found[2]), sass.stdout
+
+
+def lora_kernels(rank: int = 16, parts: int = 3) -> list[tuple[str, int, int, dict[str, int]]]:
+    """(name, registers, spill bytes, main loop opcodes) of kernels/lora.py's shrink and expand, bf16,
+    at a q/k/v group's rank (parts x rank columns of h)."""
+    import triton
+
+    from mygpt.kernels import lora
+
+    out = []
+    shrink = {
+        "x_ptr": "*bf16", "a_ptr": "*bf16", "slot_ptr": "*i32", "h_ptr": "*fp32", "K": "i32", "R_ALL": "i32",
+        "stride_xm": "i32", "stride_as": "i32", "stride_hs": "i32",
+        "K_SPLIT": "constexpr", "BLOCK_K": "constexpr", "BLOCK_R": "constexpr",
+    }  # fmt: skip
+    consts = {
+        "K_SPLIT": lora.SHRINK_K,
+        "BLOCK_K": lora.SHRINK_BLOCK,
+        "BLOCK_R": triton.next_power_of_2(parts * rank),
+    }
+    regs, stack, sass = _compile(lora._shrink_kernel, shrink, consts, 4, 3, unaligned=())
+    out.append(("lora shrink", regs, stack, loop_body(sass)))
+    expand = {
+        "h_ptr": "*fp32", "b_ptr": "*bf16", "slot_ptr": "*i32", "y_ptr": "*bf16", "N_OUT": "i32", "R": "i32",
+        "R_ALL": "i32", "r_off": "i32", "stride_hs": "i32", "stride_bs": "i32", "stride_ym": "i32",
+        "SPLIT": "constexpr", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr",
+    }  # fmt: skip
+    consts = {"SPLIT": 8, "BLOCK_N": lora.EXPAND_N, "BLOCK_R": triton.next_power_of_2(rank)}
+    regs, stack, sass = _compile(lora._expand_kernel, expand, consts, 4, 3, unaligned=("R_ALL", "r_off"))
+    out.append(("lora expand", regs, stack, loop_body(sass)))
+    return out
+
+
 def all_tiles() -> list[tuple[str, tuple, int]]:
     """(kind, tile, block_m) for the defaults and gpu_check's sweep: gemv at one row, dot at 8 and 32
     rows (block_m 16 and 32)."""
@@ -151,6 +218,11 @@ def main() -> None:
         )
         if s.stack or not s.loop or (tile[-1] == "shared" and s.per_weight > MAX_PER_WEIGHT):
             bad.append((kind, tile, block_m))
+    for name, regs, stack, loop in lora_kernels():
+        top = ", ".join(f"{op} {n}" for op, n in sorted(loop.items(), key=lambda x: -x[1])[:9])
+        print(f"{name:48} {'':>3} {regs:>4} {stack:>5} {'':>10}  {top}")
+        if stack:
+            bad.append((name, regs, stack))
     if check and bad:
         print("spills, no K loop found, or over", MAX_PER_WEIGHT, "instructions a weight:", bad)
         raise SystemExit(1)

@@ -1,0 +1,123 @@
+"""Triton kernels for the LoRA terms of a graphed decode step: every row on its own adapter slot, read
+straight from the stacked slots (lora/layers.py: A^T [S, in, P*R], each part's B^T [S, R, out_p]).
+
+    h[t, :]            = x[t, :] @ A^T[slot(t)]                 shrink: [N, P*R]
+    y_p[t, :]         += h[t, p*R : (p+1)*R] @ B^T_p[slot(t)]   expand, into the part's output in place
+
+A row whose slot is -1 (the base model, or a padding row) adds nothing. The grouped products they
+replace (lora_delta: rows gathered into [S, M] slot groups, two batched matmuls, the padding masked,
+the rows scattered back, then added) take about eleven small kernels a projection group, 35 a decoder
+layer; on the H100 the LoRA terms took 1.3 of an 8.1 ms one-row step and 3.3 of a 21 ms 32-row step
+(docs/benchmarks.md, run 4). These take one shrink and one expand a part: 11 a layer, no gather,
+scatter, mask or add, and the step no longer depends on how the rows group by adapter.
+
+The shrink splits K (SHRINK_K columns a program) for parallelism: a row's A is in x P*R values (393 KB
+for q/k/v at rank 16 on the 8B shape), too much for one program; the partial sums go to a float32
+buffer that the expand adds up (in a fixed order: the same result on every run, no atomics). h and
+the expanded term are rounded to the model's dtype where the batched matmuls round them (their
+outputs), so the two paths differ only in their sums' order.
+
+Tested on the CPU through Triton's interpreter against lora_delta; compiled for sm_90 without a GPU by
+scripts/kernel_sass.py (no spills). Not yet run on a GPU: experimental, off (--lora-kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mygpt.kernels import jitted, triton
+
+SHRINK_K = 512  # columns of x (rows of A^T) per shrink program; a multiple of SHRINK_BLOCK
+SHRINK_BLOCK = 128  # its K step
+EXPAND_N = 128  # output columns per expand program
+
+if triton is not None:
+    import triton.language as tl
+
+    def _shrink_kernel(
+        x_ptr, a_ptr, slot_ptr, h_ptr,
+        K, R_ALL, stride_xm, stride_as, stride_hs,
+        K_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        s = tl.load(slot_ptr + t)
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R_ALL
+        acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)  # one sum per K lane, reduced at the end
+        if s >= 0:
+            for k0 in tl.range(pid_k * K_SPLIT, tl.minimum(pid_k * K_SPLIT + K_SPLIT, K), BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = rk < K
+                x = tl.load(x_ptr + t * stride_xm + rk, mask=k_ok, other=0.0).to(tl.float32)
+                a = tl.load(
+                    a_ptr + s.to(tl.int64) * stride_as + rk[:, None] * R_ALL + rr[None, :],
+                    mask=k_ok[:, None] & r_ok[None, :],
+                    other=0.0,
+                )
+                acc += x[:, None] * a.to(tl.float32)
+        tl.store(h_ptr + pid_k * stride_hs + t * R_ALL + rr, tl.sum(acc, axis=0), mask=r_ok)
+
+    def _expand_kernel(
+        h_ptr, b_ptr, slot_ptr, y_ptr,
+        N_OUT, R, R_ALL, r_off, stride_hs, stride_bs, stride_ym,
+        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        s = tl.load(slot_ptr + t)
+        if s >= 0:
+            rr = tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            h = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for sp in tl.static_range(SPLIT):  # the shrink's partial sums, in order
+                h += tl.load(h_ptr + sp * stride_hs + t * R_ALL + r_off + rr, mask=r_ok, other=0.0)
+            y_dtype = y_ptr.dtype.element_ty
+            h = h.to(y_dtype).to(tl.float32)  # where the batched matmul rounds its output
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < N_OUT
+            b = tl.load(
+                b_ptr + s.to(tl.int64) * stride_bs + rr[:, None] * N_OUT + rn[None, :],
+                mask=r_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            o = tl.sum(h[:, None] * b.to(tl.float32), axis=0).to(y_dtype)  # the term, rounded as bmm's
+            y = tl.load(y_ptr + t * stride_ym + rn, mask=n_ok)
+            tl.store(y_ptr + t * stride_ym + rn, (y.to(tl.float32) + o.to(tl.float32)).to(y_dtype), mask=n_ok)
+
+
+def add_lora(
+    x: torch.Tensor,
+    at_all: torch.Tensor,
+    bts: list[torch.Tensor],
+    outs: list[torch.Tensor],
+    rows: torch.Tensor,
+) -> None:
+    """outs[p] += each row's LoRA term of part p, in place. x [..., in] (N rows); at_all [S, in, P*R]
+    contiguous; bts[p] [S, R, out_p] contiguous; outs[p] [..., out_p] with unit column stride (a column
+    block of a wider output is fine); rows [N] each row's adapter slot (-1: none)."""
+    s_all, k, r_all = at_all.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if x2.dtype != at_all.dtype:
+        x2 = x2.to(at_all.dtype)
+    n = x2.shape[0]
+    if n == 0:
+        return
+    split = triton.cdiv(k, SHRINK_K)
+    h = torch.empty(split, n, r_all, dtype=torch.float32, device=x.device)
+    block_r = triton.next_power_of_2(r_all)
+    jitted(_shrink_kernel)[(n, split)](
+        x2, at_all, rows, h, k, r_all, x2.stride(0), at_all.stride(0), n * r_all,
+        K_SPLIT=SHRINK_K, BLOCK_K=SHRINK_BLOCK, BLOCK_R=block_r,
+    )  # fmt: skip
+    r = bts[0].shape[1]
+    for p, (bt, out) in enumerate(zip(bts, outs, strict=True)):
+        n_out = bt.shape[2]
+        y = out.reshape(-1, n_out) if out.is_contiguous() else out.view(n, n_out)
+        assert y.stride(1) == 1 and y.shape[0] == n, "each output a [rows, out] block with unit column stride"
+        jitted(_expand_kernel)[(n, triton.cdiv(n_out, EXPAND_N))](
+            h, bt, rows, y, n_out, r, r_all, p * r, n * r_all, bt.stride(0), y.stride(0),
+            SPLIT=split, BLOCK_N=EXPAND_N, BLOCK_R=triton.next_power_of_2(r),
+        )  # fmt: skip

@@ -1,0 +1,88 @@
+"""The LoRA kernels (kernels/lora.py) on the CPU, through Triton's interpreter: each row's term from its
+own adapter slot equals the grouped batched products (lora_delta), added in place."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it without a GPU, before Triton loads
+        pytest.skip("Triton's interpreter is off (a GPU is there: tests/gpu runs the kernels)")
+
+
+def stacked(slots: int, d_in: int, rank: int, outs: list[int], seed: int):
+    """Random stacked adapter slots as lora/layers.py keeps them: A^T [S, in, P*R], B^T_p [S, R, out_p]."""
+    g = torch.Generator().manual_seed(seed)
+    at_all = torch.randn(slots, d_in, len(outs) * rank, generator=g) * 0.1
+    bts = [torch.randn(slots, rank, o, generator=g) * 0.1 for o in outs]
+    return at_all, bts
+
+
+@pytest.mark.parametrize("rows", [[0, -1, 2, 2, 1], [1], [-1, -1], [3, 0, 1, 2, 3, 2, 1, 0, -1] * 4])
+@pytest.mark.parametrize(("d_in", "outs"), [(256, [64, 32, 32]), (1200, [96]), (640, [128, 200])])
+def test_kernels_equal_the_grouped_products(rows, d_in, outs):
+    """Base rows (-1) and several rows on one slot, one to three parts, K split or not (SHRINK_K 512: 256
+    is one program, 1200 three with a partial one), outputs wider than one expand block."""
+    from mygpt.kernels.lora import add_lora
+    from mygpt.lora.layers import LoRABatch, lora_delta, set_rows
+
+    at_all, bts = stacked(4, d_in, 8, outs, seed=len(rows) + d_in)
+    x = torch.randn(len(rows), d_in, generator=torch.Generator().manual_seed(3))
+    base = [torch.randn(len(rows), o) for o in outs]
+    batch = LoRABatch()
+    set_rows(batch, rows, 8, torch.float32, torch.device("cpu"))
+    deltas = lora_delta(batch, x, at_all, bts)
+    want = [b + d for b, d in zip(base, deltas, strict=True)] if deltas else base
+    got = [b.clone() for b in base]
+    add_lora(x, at_all, bts, got, torch.tensor(rows, dtype=torch.int32))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_terms_go_into_column_blocks_of_one_output():
+    """The joined base product's output [1, N, sum of out] split into column blocks (FusedLinear.joined):
+    each block gets its part's term, in place, nothing else changes."""
+    from mygpt.kernels.lora import add_lora
+    from mygpt.lora.layers import LoRABatch, lora_delta, set_rows
+
+    outs, rows = [64, 32, 32], [2, 0, -1]
+    at_all, bts = stacked(3, 256, 16, outs, seed=5)
+    x = torch.randn(1, 3, 256)
+    y = torch.randn(1, 3, sum(outs))
+    batch = LoRABatch()
+    set_rows(batch, rows, 16, torch.float32, torch.device("cpu"))
+    want = torch.cat(
+        [
+            b + d.view(b.shape)
+            for b, d in zip(y.split(outs, -1), lora_delta(batch, x, at_all, bts), strict=True)
+        ],
+        -1,
+    )
+    ptr = y.data_ptr()
+    add_lora(x, at_all, bts, list(y.split(outs, dim=-1)), torch.tensor(rows, dtype=torch.int32))
+    assert y.data_ptr() == ptr
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_rounds_where_the_batched_products_do():
+    """float16: h and the term rounded to the dtype (the batched matmuls' outputs), then added."""
+    from mygpt.kernels.lora import add_lora
+
+    at_all, bts = stacked(2, 256, 8, [64], seed=9)
+    at_all, bts = at_all.half(), [b.half() for b in bts]
+    x = torch.randn(2, 256).half()
+    y = torch.randn(2, 64).half()
+    rows = [1, 0]
+    h = torch.stack([(x[i].float() @ at_all[s].float()).half() for i, s in enumerate(rows)])
+    term = torch.stack([(h[i].float() @ bts[0][s].float()).half() for i, s in enumerate(rows)])
+    want = (y.float() + term.float()).half()
+    got = y.clone()
+    add_lora(x, at_all, bts, [got], torch.tensor(rows, dtype=torch.int32))
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
