@@ -25,7 +25,7 @@ nibble into its table value (TILES[...]["lut"]):
   access pattern conflicts.
 - "select": a branch-free tree of 15 selects between the 16 values held in registers. It touches no
   memory, at ~18 instructions a weight; it is kept as the control.
-`scripts/nf4_sass.py` compiles each tile for sm_90 without a GPU and counts the instructions of its K
+`scripts/kernel_sass.py` compiles each tile for sm_90 without a GPU and counts the instructions of its K
 loop per weight: the shared table takes 6.8-9.3. Run 4's "gather", a table broadcast to [BLOCK_N, 16] in
 registers, compiled to a compare-and-select tree of ~37.
 
@@ -62,12 +62,12 @@ from mygpt.kernels import available, check_once, jitted, triton  # noqa: F401 - 
 
 MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' dequantize + GEMM
 # rows up to which the "gemv" settings (no tensor cores) run; more: "dot". From 2 rows the dot costs fewer
-# instructions a weight (scripts/nf4_sass.py, one 32 x 256 gemv tile: 6.8 at 1 row, 8.5 at 2, 10.4 at 4;
+# instructions a weight (scripts/kernel_sass.py, one 32 x 256 gemv tile: 6.8 at 1 row, 8.5 at 2, 10.4 at 4;
 # the dot, padded to 16 rows: 7.6)
 GEMV_ROWS = 1
 LUTS = {"shared": 0, "select": 1}
 # not measured on a GPU yet in this form (run 4's kernel lost to bitsandbytes in the engine): no register
-# spills and the fewest K-loop instructions per weight in scripts/nf4_sass.py; gpu_check's sweep keeps its
+# spills and the fewest K-loop instructions per weight in scripts/kernel_sass.py; gpu_check's sweep keeps its
 # fastest
 TILES = {
     "gemv": {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3, "programs": 264, "lut": "shared"},
@@ -126,7 +126,7 @@ if triton is not None:
             )
             # one plane per nibble position t: [BLOCK_N, BLOCK_K / 8] weights k = 8i + t, all in the
             # packed words' own layout (no reshape to [BLOCK_N, BLOCK_K], which cost Triton layout
-            # conversions through shared memory: scripts/nf4_sass.py), each with its strided x columns
+            # conversions through shared memory: scripts/kernel_sass.py), each with its strided x columns
             for t in tl.static_range(8):
                 nib = (packed >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
                 if LUT == 0:
