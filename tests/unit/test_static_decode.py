@@ -276,6 +276,38 @@ def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(
     assert decoder.precapture() == 0  # all there already
 
 
+def test_precapture_takes_the_adapter_shape_too_with_the_lora_kernels(tiny_model_dir, monkeypatch):
+    """With the LoRA kernels, a step with adapters has one shape per batch and span (any grouping): it is
+    captured at start-up beside the base model's, and a later step on adapters replays it."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from mygpt.engine.graphs import StaticDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    static = ModelRunner(
+        model, num_slots=2, max_len=300, dtype=torch.float32, max_loras=2, static_decode=True, lora_kernel=True
+    )  # fmt: skip
+    captured = []
+
+    class Graph:
+        def replay(self):
+            pass
+
+    def fake_capture(self, shape):
+        captured.append(shape)
+        self._graphs[shape] = (Graph(), self._forward(shape))
+        self.stats.captures += 1
+        return self._graphs[shape]
+
+    monkeypatch.setattr(StaticDecoder, "_capture", fake_capture)
+    decoder = static.decoder
+    decoder.capture = True
+    assert decoder.precapture() == len(captured) == len(decoder.batch_sizes) * 2 * 2  # 2 spans, 2 kinds
+    assert {(s.lora_slots, s.lora_rows) for s in captured} == {(0, 0), (1, 0)}
+    shape, _ = decoder.shape_of([DecodeRow(0, 3, 5, 1), DecodeRow(1, 4, 9, 0)])
+    assert shape in decoder._graphs  # replayed, not captured inside a request
+
+
 def test_precapture_stops_once_capturing_is_turned_off(tiny_model_dir, monkeypatch):
     from mygpt.engine.graphs import StaticDecoder
 

@@ -217,8 +217,8 @@ class StaticDecoder:
     @torch.inference_mode()  # as the runner's steps, which run the captured graphs
     def precapture(self, max_end: int = 512) -> int:
         """Captures the graph of every batch bucket (decode rows, and the larger ones of steps with prompt
-        rows), for base-model rows (no adapter) at each attention span up to max_end positions, before
-        the first request. A bucket met for the first time inside
+        rows), for base-model rows (no adapter; with the LoRA kernels, also with adapters, one shape for
+        any of them) at each attention span up to max_end positions, before the first request. A bucket met for the first time inside
         requests costs an eager warm-up, a capture and an instantiation while every row waits: the
         H100 end-to-end run (docs/benchmarks.md) had inter-token p99 of 627 ms at 32 streams against a
         median of 11.5 ms. Every padding row writes only the spare KV slot. Returns the number captured
@@ -239,13 +239,17 @@ class StaticDecoder:
             # should max_graphs cut the list
             b = self.runner.num_slots
             order = [s for s in reversed(self.batch_sizes) if s <= b] + [s for s in self.batch_sizes if s > b]
+            # with the LoRA kernels, steps with adapters have one shape per batch and span: captured too
+            # (their rows here are all on the base model: the kernels read slots from the buffer)
+            loras = [0, 1] if self._lora_kernel() else [0]
             for batch in order:
                 for span in spans:
-                    shape = DecodeShape(batch, span)
-                    if not self.capture or len(self._graphs) >= self.max_graphs:
-                        break  # capturing failed three times (turned off), or the cache is full
-                    if shape not in self._failed:
-                        self._replay(shape)
+                    for lora in loras:
+                        shape = DecodeShape(batch, span, lora)
+                        if not self.capture or len(self._graphs) >= self.max_graphs:
+                            break  # capturing failed three times (turned off), or the cache is full
+                        if shape not in self._failed:
+                            self._replay(shape)
             if on_gpu:
                 torch.cuda.synchronize(self.runner.device)
         return self.stats.captures - before
