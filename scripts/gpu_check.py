@@ -646,6 +646,7 @@ def main() -> None:
     # (2) mygpt's engine on the same base and the same adapter tensors, eager then with graphs
     from mygpt.engine.runner import ModelRunner
     from mygpt.kernels import available as kernels_available
+    from mygpt.kernels import lora as lora_kernels
     from mygpt.lora.cache import AdapterCache
 
     runner = ModelRunner(
@@ -698,6 +699,8 @@ def main() -> None:
                 runner.nf4_kernel(mode.endswith("-nf4"))
                 runner.graph_prompt_tokens = PROMPT_ROWS if "-rows" in mode else 0  # before the decoder
                 runner.lora_kernel = "-lora" in mode and kernels_available(runner.device)
+                if runner.lora_kernel and not lora_kernels.verified(runner._lora_groups()):
+                    runner.lora_kernel = False  # disagreed or failed: the grouped products (a warning)
                 use_graphs(runner, mode != "eager")
                 if runner.compile_layers("-compile" in mode):  # compiled before the first request
                     first = "compile_warmup_s" not in report  # a later compiled mode reuses the compiles
@@ -730,6 +733,7 @@ def main() -> None:
         runner.nf4_kernel(False)
         runner.compile_layers(False)
         runner.graph_prompt_tokens = 0
+        runner.lora_kernel = False
         use_graphs(runner, True)
 
     # In order of what the run is for, so that a run past its --budget skips the least of it: the

@@ -154,34 +154,35 @@ def _compile(
     return int(found[1]), int(found[2]), sass.stdout
 
 
-def lora_kernels(rank: int = 16, parts: int = 3) -> list[tuple[str, int, int, dict[str, int]]]:
+def lora_kernels() -> list[tuple[str, int, int, dict[str, int]]]:
     """(name, registers, spill bytes, main loop opcodes) of kernels/lora.py's shrink and expand, bf16,
-    at a q/k/v group's rank (parts x rank columns of h)."""
+    int64 slots (the static decoder's buffer): the shrink for q/k/v (3 parts) at ranks 16 and 64, the
+    expand at 8 and 28 K splits (K 4,096 and 14,336)."""
     import triton
 
     from mygpt.kernels import lora
 
     out = []
     shrink = {
-        "x_ptr": "*bf16", "a_ptr": "*bf16", "slot_ptr": "*i32", "h_ptr": "*fp32", "K": "i32", "R_ALL": "i32",
+        "x_ptr": "*bf16", "a_ptr": "*bf16", "slot_ptr": "*i64", "h_ptr": "*fp32", "K": "i32", "R_ALL": "i32",
         "stride_xm": "i32", "stride_as": "i32", "stride_hs": "i32",
         "K_SPLIT": "constexpr", "BLOCK_K": "constexpr", "BLOCK_R": "constexpr",
     }  # fmt: skip
-    consts = {
-        "K_SPLIT": lora.SHRINK_K,
-        "BLOCK_K": lora.SHRINK_BLOCK,
-        "BLOCK_R": triton.next_power_of_2(parts * rank),
-    }
-    regs, stack, sass = _compile(lora._shrink_kernel, shrink, consts, 4, 3, unaligned=())
-    out.append(("lora shrink", regs, stack, loop_body(sass)))
+    for rank in (16, 64):
+        block_r = triton.next_power_of_2(3 * rank)
+        block_k = max(16, min(128, lora.SHRINK_TILE // block_r))  # as add_lora chooses
+        consts = {"K_SPLIT": lora.SHRINK_K, "BLOCK_K": block_k, "BLOCK_R": block_r}
+        regs, stack, sass = _compile(lora._shrink_kernel, shrink, consts, 4, 3, unaligned=())
+        out.append((f"lora shrink, q/k/v at rank {rank}", regs, stack, loop_body(sass)))
     expand = {
-        "h_ptr": "*fp32", "b_ptr": "*bf16", "slot_ptr": "*i32", "y_ptr": "*bf16", "N_OUT": "i32", "R": "i32",
+        "h_ptr": "*fp32", "b_ptr": "*bf16", "slot_ptr": "*i64", "y_ptr": "*bf16", "N_OUT": "i32", "R": "i32",
         "R_ALL": "i32", "r_off": "i32", "stride_hs": "i32", "stride_bs": "i32", "stride_ym": "i32",
         "SPLIT": "constexpr", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr",
     }  # fmt: skip
-    consts = {"SPLIT": 8, "BLOCK_N": lora.EXPAND_N, "BLOCK_R": triton.next_power_of_2(rank)}
-    regs, stack, sass = _compile(lora._expand_kernel, expand, consts, 4, 3, unaligned=("R_ALL", "r_off"))
-    out.append(("lora expand", regs, stack, loop_body(sass)))
+    for split in (8, 28):
+        consts = {"SPLIT": split, "BLOCK_N": lora.EXPAND_N, "BLOCK_R": 16}
+        regs, stack, sass = _compile(lora._expand_kernel, expand, consts, 4, 3, unaligned=("R_ALL", "r_off"))
+        out.append((f"lora expand, {split} K splits", regs, stack, loop_body(sass)))
     return out
 
 

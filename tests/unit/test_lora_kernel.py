@@ -86,3 +86,35 @@ def test_half_precision_rounds_where_the_batched_products_do():
     got = y.clone()
     add_lora(x, at_all, bts, [got], torch.tensor(rows, dtype=torch.int32))
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_a_runner_turns_the_kernels_off_where_they_disagree(tiny_model_dir, monkeypatch, caplog):
+    """ModelRunner(lora_kernel=True) checks the kernels at its own shapes against the grouped products
+    first: kernels that compute something else (here: nothing) stay off, with a warning, and the
+    grouped products run."""
+    from transformers import AutoModelForCausalLM
+
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import lora
+
+    def runner():
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        return ModelRunner(model, num_slots=2, max_len=64, dtype=torch.float32, max_loras=2, static_decode=True,
+                           lora_kernel=True)  # fmt: skip
+
+    monkeypatch.setattr(lora, "_checked", {})
+    assert runner().lora_kernel and len(lora._checked) == 4 and all(lora._checked.values())  # 4 groups
+    monkeypatch.setattr(lora, "_checked", {})
+    monkeypatch.setattr(lora, "add_lora", lambda *args: None)
+    assert not runner().lora_kernel
+    assert "disagrees" in caplog.text and not any(lora._checked.values())
+
+
+def test_strided_adapter_stacks_are_refused():
+    """A FusedLinear part's A^T is a column view of the group's: the kernels read whole stacks."""
+    from mygpt.kernels.lora import add_lora
+
+    at_all, bts = stacked(2, 256, 8, [64, 32], seed=1)
+    part = at_all[:, :, :8]
+    with pytest.raises(ValueError, match="contiguous"):
+        add_lora(torch.randn(1, 256), part, bts[:1], [torch.zeros(1, 64)], torch.tensor([0]))

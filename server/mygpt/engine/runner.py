@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from mygpt.engine.graphs import StaticDecoder
 from mygpt.kernels import available as kernels_available
+from mygpt.kernels import lora as lora_kernels
 from mygpt.kernels.nf4 import NF4Product
 from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
 
@@ -150,14 +151,27 @@ class ModelRunner:
         # (graphs.py), not eagerly; 0: every step with a prompt chunk runs eagerly
         self.graph_prompt_tokens = graph_prompt_tokens
         # lora_kernel: the static decoder's steps with adapters take the LoRA kernels (kernels/lora.py),
-        # each row on its own slot, not the grouped batched products (experimental)
-        self.lora_kernel = lora_kernel and self.lora_batch is not None and kernels_available(self.device)
+        # each row on its own slot, not the grouped batched products (experimental); checked here, at
+        # this model's shapes, against those products (off, with a warning, where they fail or disagree)
+        self.lora_kernel = bool(
+            lora_kernel
+            and self.lora_batch is not None
+            and kernels_available(self.device)
+            and lora_kernels.verified(self._lora_groups())
+        )
         self.decoder: StaticDecoder | None = None
         capture = cuda_graphs and self.device.type == "cuda"
         if (capture or static_decode) and not exact_attention:
             self.decoder = StaticDecoder(self, capture=capture)
         # compile_layers: the static decode steps run each decoder layer through torch.compile
         self.compile_layers(compile_layers)
+
+    def _lora_groups(self) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """One layer's projection groups with adapter slots: (A^T stack, the parts' B^T stacks); every
+        layer has the same shapes."""
+        p = self._proj[0]
+        groups = [f for f in (p.qkv, p.o, p.gate_up, p.down) if f is not None and f.batch is not None]
+        return [(f.lora_at, f._bts) for f in groups]
 
     def nf4_kernel(self, on: bool) -> int:
         """Turns the Triton NF4 kernel (kernels/nf4.py) on or off for the products that have it; returns

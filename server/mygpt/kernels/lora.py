@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from mygpt.kernels import jitted, triton
+from mygpt.kernels import check_once, jitted, triton
 
-SHRINK_K = 512  # columns of x (rows of A^T) per shrink program; a multiple of SHRINK_BLOCK
-SHRINK_BLOCK = 128  # its K step
+SHRINK_K = 512  # columns of x (rows of A^T) per shrink program; a multiple of its K step
+SHRINK_TILE = 8192  # the shrink's K step x its P*R columns (padded to a power of two): 64 float32 sums a
+# thread at 4 warps, whatever the rank (a fixed K step of 128 spilled at rank 64 on q/k/v)
 EXPAND_N = 128  # output columns per expand program
 
 if triton is not None:
@@ -73,7 +74,8 @@ if triton is not None:
             for sp in tl.static_range(SPLIT):  # the shrink's partial sums, in order
                 h += tl.load(h_ptr + sp * stride_hs + t * R_ALL + r_off + rr, mask=r_ok, other=0.0)
             y_dtype = y_ptr.dtype.element_ty
-            h = h.to(y_dtype).to(tl.float32)  # where the batched matmul rounds its output
+            lora_dtype = b_ptr.dtype.element_ty  # the batched matmuls' dtype: the adapters'
+            h = h.to(lora_dtype).to(tl.float32)  # where the batched matmul rounds its output
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = rn < N_OUT
             b = tl.load(
@@ -81,7 +83,7 @@ if triton is not None:
                 mask=r_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-            o = tl.sum(h[:, None] * b.to(tl.float32), axis=0).to(y_dtype)  # the term, rounded as bmm's
+            o = tl.sum(h[:, None] * b.to(tl.float32), axis=0).to(lora_dtype)  # the term, rounded as bmm's
             y = tl.load(y_ptr + t * stride_ym + rn, mask=n_ok)
             tl.store(y_ptr + t * stride_ym + rn, (y.to(tl.float32) + o.to(tl.float32)).to(y_dtype), mask=n_ok)
 
@@ -96,6 +98,10 @@ def add_lora(
     """outs[p] += each row's LoRA term of part p, in place. x [..., in] (N rows); at_all [S, in, P*R]
     contiguous; bts[p] [S, R, out_p] contiguous; outs[p] [..., out_p] with unit column stride (a column
     block of a wider output is fine); rows [N] each row's adapter slot (-1: none)."""
+    if not (at_all.is_contiguous() and all(bt.is_contiguous() for bt in bts)):
+        raise ValueError(
+            "add_lora reads contiguous adapter stacks (a FusedLinear part's A^T is a view: use the FusedLinear)"
+        )
     s_all, k, r_all = at_all.shape
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1:
@@ -108,9 +114,10 @@ def add_lora(
     split = triton.cdiv(k, SHRINK_K)
     h = torch.empty(split, n, r_all, dtype=torch.float32, device=x.device)
     block_r = triton.next_power_of_2(r_all)
+    block_k = max(16, min(128, SHRINK_TILE // block_r))
     jitted(_shrink_kernel)[(n, split)](
         x2, at_all, rows, h, k, r_all, x2.stride(0), at_all.stride(0), n * r_all,
-        K_SPLIT=SHRINK_K, BLOCK_K=SHRINK_BLOCK, BLOCK_R=block_r,
+        K_SPLIT=SHRINK_K, BLOCK_K=block_k, BLOCK_R=block_r,
     )  # fmt: skip
     r = bts[0].shape[1]
     for p, (bt, out) in enumerate(zip(bts, outs, strict=True)):
@@ -121,3 +128,40 @@ def add_lora(
             h, bt, rows, y, n_out, r, r_all, p * r, n * r_all, bt.stride(0), y.stride(0),
             SPLIT=split, BLOCK_N=EXPAND_N, BLOCK_R=triton.next_power_of_2(r),
         )  # fmt: skip
+
+
+def verified(groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> bool:
+    """Whether the kernels may run for these projection groups (each: its A^T stack and its parts' B^T
+    stacks): once per group shape, the kernels' terms against the grouped products' (lora_delta) on
+    random adapters in two slots and three rows (one on the base model), compiled for this device and
+    dtype. A kernel that fails or disagrees is never used (a warning; the grouped products run)."""
+    from mygpt.lora.layers import LoRABatch, lora_delta, set_rows
+
+    ok = True
+    for at_all, bts in groups:
+        device, dtype, (_, d_in, r_all) = at_all.device, at_all.dtype, at_all.shape
+        key = ("lora", str(device), dtype, d_in, r_all, bts[0].shape[1], tuple(bt.shape[2] for bt in bts))
+        if key in _checked:
+            ok &= _checked[key]
+            continue
+        g = torch.Generator(device=device).manual_seed(0)
+        a = (torch.randn(2, d_in, r_all, generator=g, device=device) * 0.05).to(dtype)
+        b = [(torch.randn(2, *bt.shape[1:], generator=g, device=device) * 0.05).to(dtype) for bt in bts]
+        x = torch.randn(3, d_in, generator=g, device=device).to(dtype)
+        rows = [1, -1, 0]
+
+        def kernels(a=a, b=b, x=x, rows=rows) -> tuple[torch.Tensor, ...]:
+            terms = [torch.zeros(3, bt.shape[2], dtype=bt.dtype, device=bt.device) for bt in b]
+            add_lora(x, a, b, terms, torch.tensor(rows, device=x.device))
+            return tuple(terms)
+
+        def grouped(a=a, b=b, x=x, rows=rows) -> tuple[torch.Tensor, ...]:
+            batch = LoRABatch()
+            set_rows(batch, rows, a.shape[2], a.dtype, a.device)
+            return tuple(lora_delta(batch, x, a, b))
+
+        ok &= check_once(_checked, key, kernels, grouped)
+    return ok
+
+
+_checked: dict[tuple, bool] = {}  # group shape -> the kernels agreed with the grouped products
