@@ -12,6 +12,7 @@ from mygpt.engine.engine import Engine
 from mygpt.engine.graphs import batch_buckets, kv_bucket, plan_lora
 from mygpt.engine.runner import DecodeRow, ModelRunner
 from mygpt.engine.types import AdapterRef
+from mygpt.kernels import available as kernels_available
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.layers import LoRABatch, LoRALinear
 from mygpt.lora.registry import AdapterRegistry
@@ -195,16 +196,28 @@ def test_prompt_chunks_as_static_rows_equal_the_eager_step(
         torch.testing.assert_close(k_static[:spare], k_eager[:spare], atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(scope="module", params=[0, 8], ids=["chunks-eager", "chunks-as-rows"])
+@pytest.fixture(
+    scope="module",
+    params=[(0, False), (8, False), (8, True)],
+    ids=["chunks-eager", "chunks-as-rows", "rows-lora-kernels-overlapped"],
+)
 def engines(tiny_model_dir, tokenizer, tmp_path_factory, request):
+    """An eager engine and a static one: prompt chunks eager or as rows; the last with the LoRA kernels
+    (through Triton's interpreter) and each decode step launched before the last one's tokens are read."""
+    prompt_rows, kernels = request.param
+    if kernels and not kernels_available(torch.device("cpu")):
+        pytest.skip("no Triton interpreter here")
     (eager, static), weights = runner_pair(
-        tiny_model_dir, tmp_path_factory.mktemp("static-adapters"), graph_prompt_tokens=request.param
-    )
+        tiny_model_dir, tmp_path_factory.mktemp("static-adapters"), graph_prompt_tokens=prompt_rows,
+        lora_kernel=kernels,
+    )  # fmt: skip
+    assert static.lora_kernel == kernels
     out = []
     for runner in (eager, static):
         engine = Engine(
-            runner, tokenizer, [], max_num_batched_tokens=32, adapters=AdapterCache(runner.lora_layers, 3)
-        )
+            runner, tokenizer, [], max_num_batched_tokens=32, adapters=AdapterCache(runner.lora_layers, 3),
+            overlap=kernels and runner is static,
+        )  # fmt: skip
         engine.start()
         out.append(engine)
     refs = {n: AdapterRef(n, weights[n]) for n in "ab"} | {None: None}
@@ -228,6 +241,8 @@ def test_engine_with_static_decode_gives_the_eager_tokens(engines):
     stats = static.runner.decoder.stats
     assert stats.eager > 0 and stats.captures == stats.replays == 0  # CPU: static steps, no capture
     assert (stats.prompt_steps > 0) == (static.runner.graph_prompt_tokens > 0)
+    assert static.overlap == static.runner.lora_kernel  # the kernels' variant launches steps ahead
+    assert not static.overlap or static.stats.ahead_used > 0
 
 
 def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(
