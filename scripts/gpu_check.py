@@ -694,6 +694,7 @@ def main() -> None:
                     kernel_wins = nf4_bench(runner, rows, report)
                 if runner.nf4_kernel(False) and (kernel_wins or not args.quick):
                     modes.append(f"{static}-nf4")
+                    modes.append(f"{static}-lora-nf4")  # both kernels: what would become the default
                 continue
             with section(f"engine {mode}"):
                 runner.nf4_kernel(mode.endswith("-nf4"))
