@@ -37,7 +37,6 @@ class Sass:
     block_m: int
     registers: int
     stack: int  # bytes of local memory a thread spills to: 0 wanted
-    shared: int
     loop: dict[str, int]  # the K loop's body (its longest backward branch): opcode -> count
     weights: int  # weights a thread dequantizes per K step (block_n x block_k / threads)
 
@@ -52,16 +51,13 @@ def compile_tile(kind: str, tile: tuple, block_m: int, dtype: str = "bf16", spli
     launch with these block_m rows would be, pointers and sizes divisible by 16 (Triton's launch-time
     specialization for the engine's shapes)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from mygpt.kernels import nf4
 
     block_n, block_k, warps, stages, _programs, lut = tile
     if kind == "dot":  # as nf4._config: a plane's K (block_k / 8) is at least 16
         block_k = max(block_k, 128)
-    fn = triton.jit(nf4._nf4_kernel)
-    names = fn.arg_names
+    names = triton.jit(nf4._nf4_kernel).arg_names
     ints = ("M", "N", "k_split", "stride_xm", "stride_wn", "stride_sn", "stride_om", "stride_os")
     pointers = {"x_ptr": dtype, "w_ptr": "i32", "s_ptr": "fp32", "code_ptr": "fp32"}
     pointers["out_ptr"] = "fp32" if split else dtype
@@ -73,29 +69,8 @@ def compile_tile(kind: str, tile: tuple, block_m: int, dtype: str = "bf16", spli
         "PRECISION": "ieee" if dtype == "fp32" else "tf32", "LUT": nf4.LUTS[lut], "DOT": kind == "dot",
         "STAGES": stages,
     }  # fmt: skip
-    aligned = [n for n in names if n in pointers or (n in ints and n != "M")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    compiled = triton.compile(
-        ASTSource(fn, signature, constants, attrs),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": warps, "num_stages": stages},
-    )
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run(
-            [tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True, check=True
-        )
-        sass = subprocess.run(
-            [tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True
-        )
-    found = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", usage.stdout)
-    assert found, usage.stdout
-    return Sass(
-        kind, tile, block_m, int(found[1]), int(found[2]), int(found[3]), loop_body(sass.stdout),
-        block_n * block_k // (32 * warps),
-    )  # fmt: skip
+    registers, stack, sass = _compile(nf4._nf4_kernel, signature, constants, warps, stages)
+    return Sass(kind, tile, block_m, registers, stack, loop_body(sass), block_n * block_k // (32 * warps))
 
 
 def loop_body(sass: str) -> dict[str, int]:

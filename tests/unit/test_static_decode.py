@@ -245,6 +245,27 @@ def test_engine_with_static_decode_gives_the_eager_tokens(engines):
     assert not static.overlap or static.stats.ahead_used > 0
 
 
+def fake_captures(monkeypatch) -> list:
+    """StaticDecoder captures faked (a CPU has none): each is one eager run of the static step, kept as
+    the graph's output; returns the list of shapes captured."""
+    from mygpt.engine.graphs import StaticDecoder
+
+    captured = []
+
+    class Graph:
+        def replay(self):
+            pass
+
+    def fake_capture(self, shape):
+        captured.append(shape)
+        self._graphs[shape] = (Graph(), self._forward(shape))
+        self.stats.captures += 1
+        return self._graphs[shape]
+
+    monkeypatch.setattr(StaticDecoder, "_capture", fake_capture)
+    return captured
+
+
 def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -252,7 +273,6 @@ def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(
     of steps with prompt rows too) at the spans up to 512 positions, base rows only; its padding rows
     touch no KV slot but the spare one. The
     capture itself is faked here (one eager run of the static step); tests/gpu captures for real."""
-    from mygpt.engine.graphs import StaticDecoder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     static = ModelRunner(
@@ -262,20 +282,7 @@ def test_precapture_takes_every_batch_bucket_and_writes_only_the_spare_slot(
     assert static.decoder.batch_sizes == [1, 2, 4, 6, 14]  # the slots' buckets, then 6 + 8 prompt rows
     static.prefill(0, [5, 6, 7, 8], 0)
     before = [k.clone() for k in static.k_cache]
-    captured = []
-
-    class Graph:
-        def replay(self):
-            pass
-
-    def fake_capture(self, shape):
-        captured.append(shape)
-        out = self._forward(shape)
-        self._graphs[shape] = (Graph(), out)
-        self.stats.captures += 1
-        return self._graphs[shape]
-
-    monkeypatch.setattr(StaticDecoder, "_capture", fake_capture)
+    captured = fake_captures(monkeypatch)
     decoder = static.decoder
     assert decoder.precapture() == 0  # no capture on a CPU: nothing to do
     decoder.capture = True
@@ -296,25 +303,12 @@ def test_precapture_takes_the_adapter_shape_too_with_the_lora_kernels(tiny_model
     captured at start-up beside the base model's, and a later step on adapters replays it."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from mygpt.engine.graphs import StaticDecoder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     static = ModelRunner(
         model, num_slots=2, max_len=300, dtype=torch.float32, max_loras=2, static_decode=True, lora_kernel=True
     )  # fmt: skip
-    captured = []
-
-    class Graph:
-        def replay(self):
-            pass
-
-    def fake_capture(self, shape):
-        captured.append(shape)
-        self._graphs[shape] = (Graph(), self._forward(shape))
-        self.stats.captures += 1
-        return self._graphs[shape]
-
-    monkeypatch.setattr(StaticDecoder, "_capture", fake_capture)
+    captured = fake_captures(monkeypatch)
     decoder = static.decoder
     decoder.capture = True
     assert decoder.precapture() == len(captured) == len(decoder.batch_sizes) * 2 * 2  # 2 spans, 2 kinds
