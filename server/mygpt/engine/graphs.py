@@ -13,9 +13,12 @@ address. So a decode step is padded to a bucket:
               2,048, then of an eighth of the next power of two: 2560, 3072, 3584, 4096, 5120, ...,
               so four spans per doubling of the context, padding at most kv_block or a quarter.
     lora      S adapter slots x M rows per slot of the grouped LoRA product (lora/layers.py): powers
-              of two (S capped at the slot count); 0 x 0 when no row uses an adapter.
+              of two (S capped at the slot count); 0 x 0 when no row uses an adapter. With the LoRA
+              kernels (runner.lora_kernel, kernels/lora.py), 1 x 0 for any step with an adapter: the
+              kernels read each row's slot from the input buffer, so one graph serves every grouping.
 
-The server captures every batch bucket's graph for base-model rows up to 512 positions at start-up,
+The server captures every batch bucket's graph for base-model rows up to 512 positions at start-up
+(with the LoRA kernels, also the one shape with adapters),
 with its warm-up (precapture); the first step of any other bucket captures its graph (after one eager warm-up run on a
 side stream, as CUDA graphs require); later steps copy their inputs into fixed buffers (one host-to-device copy) and
 replay it. At most max_graphs graphs are kept (least recently used out), all in one memory pool.
