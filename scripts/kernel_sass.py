@@ -194,7 +194,18 @@ def main() -> None:
         )
         if s.stack or not s.loop or (tile[-1] == "shared" and s.per_weight > MAX_PER_WEIGHT):
             bad.append((kind, tile, block_m))
-    for name, regs, stack, loop in lora_kernels():
+    from mygpt.kernels import nf4
+
+    sums = {
+        "partial_ptr": "*fp32",
+        "out_ptr": "*bf16",
+        "size": "i32",
+        "SPLIT": "constexpr",
+        "BLOCK": "constexpr",
+    }
+    regs, stack, _ = _compile(nf4._sum_splits_kernel, sums, {"SPLIT": 8, "BLOCK": nf4.SUM_BLOCK}, 4, 1)
+    others = [("nf4 split-K sum, 8 splits", regs, stack, {})]
+    for name, regs, stack, loop in others + lora_kernels():
         top = ", ".join(f"{op} {n}" for op, n in sorted(loop.items(), key=lambda x: -x[1])[:9])
         print(f"{name:48} {'':>3} {regs:>4} {stack:>5} {'':>10}  {top}")
         if stack:

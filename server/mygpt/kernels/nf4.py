@@ -40,9 +40,10 @@ Two kernels' settings (TILES):
   bitsandbytes' dequantization does.
 Loads are pipelined (tl.range's num_stages: cp.async into shared memory, which Triton does only for
 loads that feed a tl.dot unless asked). A product whose N blocks do not fill the card (fewer than
-"programs" programs) splits K: the partial sums go to a float32 buffer summed by one torch call, never
-atomically, so the result is the same on every run. Without a split the kernel writes the output in the
-input's dtype. Products with more rows (prefill) and shapes it does not cover call bitsandbytes as
+"programs" programs) splits K: the partial sums go to a float32 buffer that one more small kernel adds
+up in order and writes in the input's dtype (never atomically, so the result is the same on every run;
+torch's sum and cast were two kernels, each a node of a CUDA graph, whose launch time grows with its
+nodes). Without a split the kernel writes the output in the input's dtype. Products with more rows (prefill) and shapes it does not cover call bitsandbytes as
 before.
 
 Projections that read the same input (q/k/v, gate/up) run as one product over their concatenated
@@ -66,6 +67,7 @@ MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' 
 # the dot, padded to 16 rows: 7.6)
 GEMV_ROWS = 1
 LUTS = {"shared": 0, "select": 1}
+SUM_BLOCK = 1024  # outputs per program of the split-K sum
 # not measured on a GPU yet in this form (run 4's kernel lost to bitsandbytes in the engine): no register
 # spills and the fewest K-loop instructions per weight in scripts/kernel_sass.py; gpu_check's sweep keeps its
 # fastest
@@ -164,6 +166,16 @@ if triton is not None:
         out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+    def _sum_splits_kernel(partial_ptr, out_ptr, size, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        """out = the sum of the split-K partial sums [SPLIT, size], in order, in out's dtype: one kernel
+        where torch takes two (the sum, then the cast), one node fewer in a CUDA graph."""
+        at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = at < size
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for sp in tl.static_range(SPLIT):
+            acc += tl.load(partial_ptr + sp * size + at, mask=ok, other=0.0)
+        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
 
 def _config(m: int, n: int, k: int) -> tuple[str, int, int, int, int]:
     """(which TILES entry, BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product: split K
@@ -213,7 +225,13 @@ def nf4_matmul(
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LUT=LUTS[tile["lut"]],
         DOT=kind == "dot", STAGES=tile["num_stages"], num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip
-    return out if split == 1 else out.sum(0).to(x.dtype)
+    if split == 1:
+        return out
+    summed = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    jitted(_sum_splits_kernel)[(triton.cdiv(m * n, SUM_BLOCK),)](
+        out, summed, m * n, SPLIT=split, BLOCK=SUM_BLOCK
+    )
+    return summed
 
 
 def nf4_scales(weight) -> torch.Tensor:
