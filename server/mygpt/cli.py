@@ -77,7 +77,10 @@ def _serve_parser(sub: Any) -> None:
             "--nf4-kernel",
             "experimental: decode-sized NF4 products by mygpt's Triton kernel (not yet faster on an H100)",
         ),
-        ("--lora-kernel", "experimental: the LoRA terms of graphed decode steps by mygpt's Triton kernels"),
+        (
+            "--lora-kernel",
+            "experimental: the LoRA terms of uncompiled steps by mygpt's Triton kernels (a GPU)",
+        ),
     ):
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     p.add_argument(

@@ -92,10 +92,10 @@ class Settings(BaseSettings):
     )
     lora_kernel: bool = Field(
         False,
-        description="experimental: with CUDA graphs, the LoRA terms of decode steps by mygpt's Triton kernels "
-        "(each row read from its own adapter slot: 11 kernels a layer instead of ~35, one graph for any "
-        "grouping of the rows by adapter), not the grouped batched products; not yet measured on a GPU "
-        "(docs/benchmarks.md)",
+        description="experimental: on a GPU, the LoRA terms of every uncompiled step by mygpt's Triton kernels "
+        "(each row read from its own adapter slot: 11 kernels a layer instead of ~35; with CUDA graphs, one "
+        "graph for any grouping of the rows by adapter), not the grouped batched products; not yet measured "
+        "on a GPU (docs/benchmarks.md)",
     )
     warmup: bool = Field(True, description="run one generation before reporting ready")
     stall_timeout_s: float = Field(120.0, description="engine busy without progress this long: /ready 503")

@@ -110,14 +110,15 @@ class ServerState:
                     )  # fmt: skip
                     if s.compile and runner.decoder is None:
                         log.warning("--compile applies to CUDA-graphed decode steps (a GPU): it is off here")
-                    if s.lora_kernel and (not runner.lora_kernel or runner.decoder is None):
+                    if s.lora_kernel and not runner.lora_kernel:
                         log.warning(
-                            "--lora-kernel is off: it needs CUDA-graphed decode steps on a GPU with Triton, "
-                            "adapter slots, and kernels that agree with the grouped products"
+                            "--lora-kernel is off: it needs a GPU with Triton, adapter slots, and kernels "
+                            "that agree with the grouped products"
                         )
                     elif s.lora_kernel and s.compile:
                         log.warning(
-                            "--lora-kernel does not apply with --compile (its layers keep the grouped products)"
+                            "--lora-kernel: the compiled decode steps (--compile) keep the grouped products; "
+                            "the other steps take the kernels"
                         )
                     context = runner.max_len
                     cache = AdapterCache(runner.lora_layers, s.max_loras) if s.max_loras else None

@@ -337,9 +337,17 @@ class ModelRunner:
     def _set_lora(self, lora_slots: list[int], compiled: bool = False, invariant: bool = False) -> None:
         """The step's adapter grouping; compiled: for the compiled pieces, always as index tensors and
         at least 2 x 2 (sizes torch.compile takes as dynamic, not one compile each: _dynamic);
-        invariant: lora.layers' batch-invariant layout."""
+        invariant: lora.layers' batch-invariant layout. With the LoRA kernels (lora_kernel), uncompiled
+        steps hand the layers each token's slot instead: an eager step is bound by its launches, and
+        they take 11 a layer where the grouped products take ~35; each row's term depends on that row
+        alone, so the step is batch-invariant as it is."""
         b = self.lora_batch
         if b is None:
+            return
+        b.rows = None
+        if self.lora_kernel and not compiled and any(s >= 0 for s in lora_slots):
+            b.slots, b.gather, b.valid, b.scatter = 0, None, None, None
+            b.rows = torch.tensor(lora_slots, dtype=torch.int32, device=self.device)
             return
         at_least = 2 if compiled else 1
         invariant = invariant and self.device.type == "cpu"  # measured there; B5 is not claimed on CUDA

@@ -1,5 +1,6 @@
-"""Triton kernels for the LoRA terms of a graphed decode step: every row on its own adapter slot, read
-straight from the stacked slots (lora/layers.py: A^T [S, in, P*R], each part's B^T [S, R, out_p]).
+"""Triton kernels for the LoRA terms of a step: every row (token) on its own adapter slot, read straight
+from the stacked slots (lora/layers.py: A^T [S, in, P*R], each part's B^T [S, R, out_p]). The runner uses
+them (lora_kernel) in graphed decode steps and in its eager steps, not in compiled layers.
 
     h[t, :]            = x[t, :] @ A^T[slot(t)]                 shrink: [N, P*R]
     y_p[t, :]         += h[t, p*R : (p+1)*R] @ B^T_p[slot(t)]   expand, into the part's output in place
