@@ -184,6 +184,41 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
             {"model": MODEL, "messages": [{"role": "function", "name": "f", "content": "x"}]},
             "messages.[0].role",
         ),
+        (
+            {
+                "model": MODEL,
+                "messages": HI,
+                "function_call": "auto",
+                "tools": [{"type": "function", "function": F}],
+            },
+            "function_call",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x", "function_call": {"name": "f"}}]},
+            "messages.[0].function_call",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [
+                    *HI,
+                    {"role": "assistant", "function_call": {"name": "f", "arguments": "{oops"}},
+                ],
+            },
+            "messages.[1].function_call",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [
+                    *HI,
+                    {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+                    {"role": "function", "name": "f", "content": "1"},
+                    {"role": "function", "name": "f", "content": "2"},
+                ],
+            },
+            "messages.[3].role",
+        ),  # one result a call
         ({"model": MODEL, "messages": HI, "modalities": ["text", "audio"]}, "modalities"),
         ({"model": MODEL, "messages": HI, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ],

@@ -216,14 +216,38 @@ def test_eager_steps_with_the_lora_kernels_equal_the_grouped_products(tiny_model
         ([DecodeRow(0, 11, 40, 0), DecodeRow(1, 12, 3)], [PrefillChunk(2, [7, 7, 8, 9], 0, 1, all_logits=True)]),
         ([DecodeRow(0, 13, 41, 0), DecodeRow(1, 14, 4), DecodeRow(2, 15, 4, 1)], []),
     ]  # fmt: skip
-    for decode, chunks in steps:
+    from mygpt.engine import runner as runner_module
+    from mygpt.kernels import lora
+
+    calls, real = [], lora.add_lora
+    monkeypatch.setattr(lora, "add_lora", lambda *args: (calls.append(len(args[-1])), real(*args))[1])
+    long_step = ([DecodeRow(0, 16, 42, 0)], [PrefillChunk(3, [2, 3, 4, 5, 6], 0, 1)])  # 6 tokens: over 4
+    for decode, chunks in [*steps, long_step]:
+        if (decode, chunks) == long_step:  # past the limit: the grouped products (long chunks re-read A, B)
+            monkeypatch.setattr(runner_module, "LORA_KERNEL_TOKENS", 4)
+        before = len(calls)
         (want_d, want_c), (got_d, got_c) = grouped.step(decode, chunks), kernels.step(decode, chunks)
         torch.testing.assert_close(got_d, want_d, atol=1e-4, rtol=1e-4)
         for g, w in zip(got_c, want_c, strict=True):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
         assert kernels.lora_batch.rows is None and kernels.lora_batch.slots == 0
+        tokens = len(decode) + sum(len(c.token_ids) for c in chunks)
+        assert (len(calls) > before) == (tokens <= runner_module.LORA_KERNEL_TOKENS)
     for k_g, k_k in zip(grouped.k_cache, kernels.k_cache, strict=True):
         torch.testing.assert_close(k_k, k_g, atol=1e-4, rtol=1e-4)  # float32 sums in another order
+
+
+def test_a_static_step_clears_what_another_step_left(tiny_model_dir, tmp_path, monkeypatch):
+    """A step that failed before its own reset could leave adapter rows or a grouping on the layers: the
+    static step clears them before it sets its own, so a base-model step is the base model's."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (eager, static), _ = runner_pair(tiny_model_dir, tmp_path, lora_kernel=True)
+    for r in (eager, static):
+        r.prefill(3, [5, 6, 7], 0)
+    static.lora_batch.rows = torch.zeros(4, dtype=torch.int32)  # another step's, on slot 0
+    static.lora_batch.slots = 1
+    torch.testing.assert_close(static.decode([3], [9], [3], [-1]), eager.decode([3], [9], [3], [-1]))
 
 
 @pytest.fixture(

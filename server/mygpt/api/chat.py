@@ -247,7 +247,7 @@ class ChatService:
         """The request's tool plan, and whether it came from the deprecated functions (its answer is then
         a function_call)."""
         legacy = tools.legacy_functions(req)
-        return tools.plan(legacy or req), legacy is not None
+        return tools.plan(legacy or req, legacy=legacy is not None), legacy is not None
 
     def _messages(self, messages: list[Any]) -> list[dict[str, Any]]:
         """The chat template's messages; a tool message must answer an assistant's tool_calls, a
@@ -264,17 +264,20 @@ class ChatService:
                     "a message with role 'function' must answer a preceding assistant message's function_call.",
                     param=f"messages.[{i}].role",
                 )
-            if m.role == "assistant" and m.function_call is not None and not m.tool_calls:
-                legacy_call = (
-                    f"call_{i}"  # the deprecated call as a tool call, answered by the next function message
+            if m.function_call is not None and (m.role != "assistant" or m.tool_calls):
+                raise invalid(
+                    "function_call belongs to an assistant message without tool_calls.",
+                    param=f"messages.[{i}].function_call",
                 )
-                m = m.model_copy(
-                    update={
-                        "tool_calls": [{"id": legacy_call, "type": "function", "function": m.function_call}]
-                    }
-                )
+            if m.function_call is not None:  # the deprecated call as a tool call, answered by the next
+                # function message (one result a call: a second one has nothing left to answer)
+                tools.legacy_call(i, m.function_call)  # a 400 naming function_call if malformed
+                legacy_call = f"call_legacy_{i}"
+                call = {"id": legacy_call, "type": "function", "function": m.function_call}
+                m = m.model_copy(update={"tool_calls": [call]})
             if m.role == "function":
                 m = m.model_copy(update={"role": "tool", "tool_call_id": legacy_call})
+                legacy_call = None
             out.append(self._message(i, m))
             called = called or bool(m.tool_calls)
         return out

@@ -83,8 +83,10 @@ def _rebased(schema: Any, at: str) -> Any:
     return schema
 
 
-def plan(req: Any) -> ToolPlan | None:
-    """The request's tool plan, None for a plain answer (no tools, or "none"); 400s name the problem."""
+def plan(req: Any, legacy: bool = False) -> ToolPlan | None:
+    """The request's tool plan, None for a plain answer (no tools, or "none"); 400s name the problem
+    (legacy: in the words of the deprecated functions API the request used)."""
+    choice_name, call_name = ("function_call", "function call") if legacy else ("tool_choice", "tool call")
     choice, tools = req.tool_choice, req.tools or []
     if choice is None and not tools or choice == "none":
         return None
@@ -93,7 +95,8 @@ def plan(req: Any) -> ToolPlan | None:
     auto = choice in (None, "auto")
     if req.response_format is not None and req.response_format.type != "text":
         raise invalid(
-            "response_format cannot be combined with tools (use tool_choice 'none' for a structured answer).",
+            f"response_format cannot be combined with {'functions' if legacy else 'tools'} "
+            f"(use {choice_name} 'none' for a structured answer).",
             param="response_format",
         )
     names = [t.function.name for t in tools]
@@ -108,7 +111,7 @@ def plan(req: Any) -> ToolPlan | None:
     if auto:  # stop strings end a text answer; one inside a call cuts it, which then comes back as text
         return ToolPlan(tools, auto=True, many=req.parallel_tool_calls is not False)
     if req.stop:
-        raise invalid("stop strings would cut a forced tool call; leave stop out.", param="stop")
+        raise invalid(f"stop strings would cut a forced {call_name}; leave stop out.", param="stop")
     if choice == "required":
         return ToolPlan(tools)
     function = choice.get("function") if isinstance(choice, dict) else None
@@ -125,7 +128,10 @@ def legacy_functions(req: Any) -> Any | None:
     if req.functions is None and req.function_call is None:
         return None
     if req.tools is not None or req.tool_choice is not None:
-        raise invalid("functions cannot be combined with tools; use one or the other.", param="functions")
+        raise invalid(
+            "functions and function_call cannot be combined with tools or tool_choice; use one or the other.",
+            param="functions" if req.functions is not None else "function_call",
+        )
     choice = req.function_call
     if isinstance(choice, dict):
         name = choice.get("name")
@@ -157,6 +163,20 @@ def legacy_functions(req: Any) -> Any | None:
     return req.model_copy(
         update={"tools": functions or None, "tool_choice": choice, "parallel_tool_calls": False}
     )
+
+
+def legacy_call(i: int, call: Any) -> None:
+    """An assistant message's deprecated function_call: a 400 naming it unless it has a name and JSON
+    arguments."""
+    where = f"messages.[{i}].function_call"
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise invalid("a function_call needs a name.", param=where)
+    arguments = call.get("arguments") or "{}"
+    if isinstance(arguments, str):
+        try:
+            json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise invalid(f"function_call arguments are not JSON: {exc}", param=where) from exc
 
 
 def with_tools(messages: list[dict[str, Any]], calls: ToolPlan) -> list[dict[str, Any]]:

@@ -323,6 +323,10 @@ class StaticDecoder:
             chunks=[], chunk_offsets=[], chunk_masks=[], slot_t=slots, pos_t=pos,
         )  # fmt: skip
         batch = r.lora_batch
+        if (
+            batch is not None
+        ):  # nothing of another step's adapters (say, one that failed before its own reset)
+            batch.slots, batch.gather, batch.valid, batch.scatter, batch.rows = 0, None, None, None, None
         if batch is not None and shape.lora_slots and not shape.lora_rows:  # the LoRA kernels
             batch.rows = self._buf("lora")[:b]
         elif batch is not None and shape.lora_slots:

@@ -34,6 +34,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # the longest attention span at which a step's prompt chunks run as rows of the static decoder: each
 # prompt row copies its slot's keys and values over the span (graphs.py)
 GRAPH_PROMPT_SPAN = 1024
+# the most tokens of an eager step whose LoRA terms the kernels compute (runner.lora_kernel): each token
+# reads its adapter's A and B (2.6 MB a layer at rank 16 on the 8B shape, mostly from L2), where the
+# grouped products read each adapter once a step; a short step is bound by its launches, a long prompt
+# chunk by those reads
+LORA_KERNEL_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -244,7 +249,6 @@ class ModelRunner:
         # compiled pieces (_layer_pieces); a step of one token (a lone 1-token chunk) would compile apart
         pieces = bool(chunks) and self._compiled_qkv is not None and len(tokens) > 1
         layer_fn = self._layer_pieces if pieces else None
-        self._set_lora(loras, pieces, invariant)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, N]
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, N]
         plan = _AttentionPlan.build(decode, chunks, self.device)
@@ -255,6 +259,7 @@ class ModelRunner:
                 for r in decode
             ]  # fmt: skip
         try:
+            self._set_lora(loras, pieces, invariant)  # inside: the finally clears it whatever fails
             try:
                 hidden = self._forward(ids, pos, plan, layer_fn)[0]  # [N, hidden]
             except Exception as exc:
@@ -345,7 +350,8 @@ class ModelRunner:
         if b is None:
             return
         b.rows = None
-        if self.lora_kernel and not compiled and any(s >= 0 for s in lora_slots):
+        few = len(lora_slots) <= LORA_KERNEL_TOKENS
+        if self.lora_kernel and not compiled and few and any(s >= 0 for s in lora_slots):
             b.slots, b.gather, b.valid, b.scatter = 0, None, None, None
             b.rows = torch.tensor(lora_slots, dtype=torch.int32, device=self.device)
             return
