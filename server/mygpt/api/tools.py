@@ -86,27 +86,30 @@ def _rebased(schema: Any, at: str) -> Any:
 def plan(req: Any, legacy: bool = False) -> ToolPlan | None:
     """The request's tool plan, None for a plain answer (no tools, or "none"); 400s name the problem
     (legacy: in the words of the deprecated functions API the request used)."""
-    choice_name, call_name = ("function_call", "function call") if legacy else ("tool_choice", "tool call")
+    # the request's own words: its tools and choice, or the deprecated functions and function_call
+    tools_name, choice_name, call_name = (
+        ("functions", "function_call", "function call") if legacy else ("tools", "tool_choice", "tool call")
+    )
     choice, tools = req.tool_choice, req.tools or []
     if choice is None and not tools or choice == "none":
         return None
     if not tools:
-        raise invalid("tool_choice is only allowed when tools are given.", param="tool_choice")
+        raise invalid(f"{choice_name} is only allowed when {tools_name} are given.", param=choice_name)
     auto = choice in (None, "auto")
     if req.response_format is not None and req.response_format.type != "text":
         raise invalid(
-            f"response_format cannot be combined with {'functions' if legacy else 'tools'} "
+            f"response_format cannot be combined with {tools_name} "
             f"(use {choice_name} 'none' for a structured answer).",
             param="response_format",
         )
     names = [t.function.name for t in tools]
     if len(set(names)) < len(names):
-        raise invalid("tools have to have different names.", param="tools")
+        raise invalid(f"{tools_name} have to have different names.", param=tools_name)
     for i, t in enumerate(tools):
         if parameters(t).get("type", "object") != "object":
             raise invalid(
-                "a tool's parameters must be a JSON Schema of an object.",
-                param=f"tools.[{i}].function.parameters",
+                f"a {'function' if legacy else 'tool'}'s parameters must be a JSON Schema of an object.",
+                param=f"functions.[{i}].parameters" if legacy else f"tools.[{i}].function.parameters",
             )
     if auto:  # stop strings end a text answer; one inside a call cuts it, which then comes back as text
         return ToolPlan(tools, auto=True, many=req.parallel_tool_calls is not False)
@@ -118,7 +121,11 @@ def plan(req: Any, legacy: bool = False) -> ToolPlan | None:
     name = function.get("name") if isinstance(function, dict) else None
     named = [t for t in tools if t.function.name == name]
     if not named:
-        raise invalid(f"tool_choice names no tool of this request: {choice!r}.", param="tool_choice")
+        shown = repr(req.function_call if legacy else choice)  # as the client wrote it
+        raise invalid(
+            f"{choice_name} names no {'function' if legacy else 'tool'} of this request: {shown}.",
+            param=choice_name,
+        )
     return ToolPlan(named)
 
 
@@ -144,21 +151,7 @@ def legacy_functions(req: Any) -> Any | None:
         raise invalid(
             "function_call must be 'auto', 'none' or {\"name\": <a function>}.", param="function_call"
         )
-    if choice is not None and choice != "none" and not req.functions:
-        raise invalid("function_call is only allowed when functions are given.", param="function_call")
-    names = [f.name for f in req.functions or []]
-    if len(set(names)) < len(names):
-        raise invalid("functions have to have different names.", param="functions")
-    for i, f in enumerate(req.functions or []):
-        if (f.parameters or {}).get("type", "object") != "object":
-            raise invalid(
-                "a function's parameters must be a JSON Schema of an object.",
-                param=f"functions.[{i}].parameters",
-            )
-    if isinstance(choice, dict) and choice["function"]["name"] not in names:
-        raise invalid(
-            f"function_call names no function of this request: {req.function_call!r}.", param="function_call"
-        )
+    # the rest (names, parameters, the named function) plan(legacy=True) checks, in these words
     functions = [Tool(type="function", function=f) for f in req.functions or []]
     return req.model_copy(
         update={"tools": functions or None, "tool_choice": choice, "parallel_tool_calls": False}
@@ -168,15 +161,25 @@ def legacy_functions(req: Any) -> Any | None:
 def legacy_call(i: int, call: Any) -> None:
     """An assistant message's deprecated function_call: a 400 naming it unless it has a name and JSON
     arguments."""
-    where = f"messages.[{i}].function_call"
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        raise invalid("a function_call needs a name.", param=where)
-    arguments = call.get("arguments") or "{}"
-    if isinstance(arguments, str):
-        try:
-            json.loads(arguments)
-        except json.JSONDecodeError as exc:
-            raise invalid(f"function_call arguments are not JSON: {exc}", param=where) from exc
+    _called_function(call, f"messages.[{i}].function_call", "function_call")
+
+
+def _called_function(function: Any, where: str, what: str = "tool call") -> dict[str, Any]:
+    """A call's function as chat templates take it ({name, arguments as an object}); a 400 naming
+    `where` unless it has a name and JSON arguments."""
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        need = (
+            "a function_call needs a name"
+            if what == "function_call"
+            else "each tool call needs a function with a name"
+        )
+        raise invalid(f"{need}.", param=where)
+    arguments = function.get("arguments") or "{}"
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError as exc:
+        raise invalid(f"{what} arguments are not JSON: {exc}", param=where) from exc
+    return {"name": function["name"], "arguments": parsed}
 
 
 def with_tools(messages: list[dict[str, Any]], calls: ToolPlan) -> list[dict[str, Any]]:
@@ -213,24 +216,8 @@ def assistant_calls(i: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]
     out = []
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise invalid(
-                "each tool call needs a function with a name.", param=f"messages.[{i}].tool_calls.[{j}]"
-            )
-        arguments = function.get("arguments") or "{}"
-        try:
-            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except json.JSONDecodeError as exc:
-            raise invalid(
-                f"tool call arguments are not JSON: {exc}", param=f"messages.[{i}].tool_calls.[{j}]"
-            ) from exc
-        out.append(
-            {
-                "id": call.get("id"),
-                "type": "function",
-                "function": {"name": function["name"], "arguments": parsed},
-            }
-        )
+        parsed = _called_function(function, f"messages.[{i}].tool_calls.[{j}]")
+        out.append({"id": call.get("id"), "type": "function", "function": parsed})
     return out
 
 

@@ -194,8 +194,9 @@ class StaticDecoder:
             "ids": [r.token for r in rows] + [0] * pad,
             "pos": [r.position for r in rows] + [0] * pad,
             "slots": [r.slot for r in rows] + [self.spare_slot] * pad,
-            "lora": [r.lora_slot for r in rows] + [-1] * pad,
         }
+        if shape.lora_slots and not shape.lora_rows:  # the LoRA kernels' shape: they read each row's slot
+            host["lora"] = [r.lora_slot for r in rows] + [-1] * pad
         if lora is not None:
             host |= {"scatter": lora.scatter, "gather": lora.gather, "valid": lora.valid}
         on_gpu = self.runner.device.type == "cuda"
@@ -323,10 +324,8 @@ class StaticDecoder:
             chunks=[], chunk_offsets=[], chunk_masks=[], slot_t=slots, pos_t=pos,
         )  # fmt: skip
         batch = r.lora_batch
-        if (
-            batch is not None
-        ):  # nothing of another step's adapters (say, one that failed before its own reset)
-            batch.slots, batch.gather, batch.valid, batch.scatter, batch.rows = 0, None, None, None, None
+        if batch is not None:  # nothing of another step's adapters (say, one that failed before its reset)
+            batch.clear()
         if batch is not None and shape.lora_slots and not shape.lora_rows:  # the LoRA kernels
             batch.rows = self._buf("lora")[:b]
         elif batch is not None and shape.lora_slots:
@@ -348,7 +347,7 @@ class StaticDecoder:
                 hidden = r._forward(ids[None], pos[None], plan)[0]
         finally:  # the LoRA layers are shared with the eager path
             if batch is not None:
-                batch.slots, batch.gather, batch.valid, batch.scatter, batch.rows = 0, None, None, None, None
+                batch.clear()
         return r._logits(hidden)
 
     def _replay(self, shape: DecodeShape) -> torch.Tensor | None:

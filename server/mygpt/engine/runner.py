@@ -349,10 +349,9 @@ class ModelRunner:
         b = self.lora_batch
         if b is None:
             return
-        b.rows = None
+        b.clear()
         few = len(lora_slots) <= LORA_KERNEL_TOKENS
         if self.lora_kernel and not compiled and few and any(s >= 0 for s in lora_slots):
-            b.slots, b.gather, b.valid, b.scatter = 0, None, None, None
             b.rows = torch.tensor(lora_slots, dtype=torch.int32, device=self.device)
             return
         at_least = 2 if compiled else 1

@@ -55,6 +55,10 @@ class LoRABatch:
     # slot [N] (-1: none), read by the kernels instead of the grouping above
     rows: torch.Tensor | None = None
 
+    def clear(self) -> None:
+        """No token on an adapter: the state between steps (the layers are the model's own)."""
+        self.slots, self.gather, self.valid, self.scatter, self.rows = 0, None, None, None, None
+
 
 class LoRALinear(nn.Module):
     """Wraps a base projection (nn.Linear or bitsandbytes Linear4bit) with stacked adapter slots."""
@@ -316,7 +320,7 @@ def set_rows(
     adapted = slot_t >= 0
     n_adapted = int(adapted.sum())
     if n_adapted == 0:
-        batch.slots, batch.gather, batch.valid, batch.scatter = 0, None, None, None
+        batch.clear()
         return
     n = len(slots)
     s = int(slot_t.max()) + 1
