@@ -82,7 +82,8 @@ class Settings(BaseSettings):
         False,
         description="experimental: with CUDA graphs, torch.compile the decoder layers of decode steps (one "
         "compiled layer serves all; inductor fuses the element-wise ops); compiles at start-up; "
-        "1.1-1.5x the tokens/s of the plain graphs on an H100 for 30-45 s more start-up (docs/benchmarks.md)",
+        "1.1-1.5x the tokens/s of the plain graphs on an H100 for 30-45 s more start-up (docs/benchmarks.md); "
+        "with --nf4-kernel or --lora-kernel, the compiled layers call those kernels (not yet run on a GPU)",
     )
     nf4_kernel: bool = Field(
         False,
@@ -92,7 +93,7 @@ class Settings(BaseSettings):
     )
     lora_kernel: bool = Field(
         False,
-        description="experimental: on a GPU, the LoRA terms of every uncompiled step by mygpt's Triton kernels "
+        description="experimental: on a GPU, the LoRA terms of every step of up to 128 tokens by mygpt's Triton kernels "
         "(each row read from its own adapter slot: 11 kernels a layer instead of ~35; with CUDA graphs, one "
         "graph for any grouping of the rows by adapter), not the grouped batched products; not yet measured "
         "on a GPU (docs/benchmarks.md)",

@@ -115,11 +115,6 @@ class ServerState:
                             "--lora-kernel is off: it needs a GPU with Triton, adapter slots, and kernels "
                             "that agree with the grouped products"
                         )
-                    elif s.lora_kernel and s.compile:
-                        log.warning(
-                            "--lora-kernel: the compiled decode steps (--compile) keep the grouped products; "
-                            "the other steps take the kernels"
-                        )
                     context = runner.max_len
                     cache = AdapterCache(runner.lora_layers, s.max_loras) if s.max_loras else None
                     engine = Engine(

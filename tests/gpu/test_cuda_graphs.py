@@ -40,13 +40,17 @@ def model(nf4: bool = False):
     return m
 
 
-def runners(nf4: bool = False, graph_prompt_tokens: int = 0, lora_kernel: bool = False):
-    """The same model and adapters under an eager runner and a graph runner."""
+def runners(
+    nf4: bool = False, graph_prompt_tokens: int = 0, lora_kernel: bool = False, compiled: bool = False
+):
+    """The same model and adapters under an eager runner and a graph runner (compiled: its layers
+    through torch.compile, with the NF4 kernel too)."""
     out = []
     for graphs in (False, True):
         r = ModelRunner(
             model(nf4), num_slots=8, max_len=300, dtype=torch.float32, max_loras=3, cuda_graphs=graphs,
             graph_prompt_tokens=graph_prompt_tokens if graphs else 0, lora_kernel=lora_kernel and graphs,
+            compile_layers=compiled and graphs, nf4_kernel=compiled and graphs,
         )  # fmt: skip
         g = torch.Generator().manual_seed(1)
         for slot in range(3):
@@ -58,15 +62,28 @@ def runners(nf4: bool = False, graph_prompt_tokens: int = 0, lora_kernel: bool =
     return out
 
 
-@pytest.mark.parametrize(("nf4", "lora_kernel"), [(False, False), (True, False), (False, True), (True, True)])
-def test_graph_replay_equals_eager_steps(nf4, lora_kernel):
+@pytest.mark.parametrize(
+    ("nf4", "lora_kernel", "compiled"),
+    [
+        (False, False, False),
+        (True, False, False),
+        (False, True, False),
+        (True, True, False),
+        (True, True, True),
+    ],
+)
+def test_graph_replay_equals_eager_steps(nf4, lora_kernel, compiled):
     """Captured and replayed decode steps give the eager steps' logits and cache: plain and NF4 layers,
     and with the LoRA kernels (kernels/lora.py) in the graphs, whose steps on adapters replay graphs
-    captured at start-up with every row on the base model (the kernels read the rows' slots)."""
+    captured at start-up with every row on the base model (the kernels read the rows' slots); and with
+    torch.compile's layers calling both kernels (NF4 and LoRA) as ops inside the graphs."""
     if nf4:
         pytest.importorskip("bitsandbytes")
-    eager, graphs = runners(nf4, lora_kernel=lora_kernel)
+    eager, graphs = runners(nf4, lora_kernel=lora_kernel, compiled=compiled)
     assert graphs.decoder is not None and graphs.decoder.capture and graphs.lora_kernel == lora_kernel
+    assert graphs.compiled == compiled
+    if compiled:  # every product's kernel checked in its three configurations before compiling
+        assert graphs._nf4_products() and all(p.compiled_ok for p in graphs._nf4_products())
     precaptured = graphs.decoder.precapture() if lora_kernel else 0
     prompts = {0: [5, 6, 7], 3: [9] * 40, 5: [1, 2], 6: list(range(30, 90))}
     loras = {0: 0, 3: -1, 5: 2, 6: 1}
@@ -92,6 +109,7 @@ def test_graph_replay_equals_eager_steps(nf4, lora_kernel):
         assert stats.captures == precaptured  # every step replayed a start-up graph
     for k_e, k_g in zip(eager.k_cache, graphs.k_cache, strict=True):
         torch.testing.assert_close(k_g[:8], k_e[:8], atol=2e-3, rtol=2e-3)
+    assert graphs.compiled == compiled  # no compiled step failed
 
 
 def test_least_recently_used_graphs_are_dropped():

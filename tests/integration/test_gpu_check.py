@@ -40,9 +40,10 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert set(report["mixed_step_ms static-rows"]) == {"eager", "graphed rows"}
     assert set(report["mixed_step_ms static-compile-rows"]) == {"compiled pieces", "eager", "graphed rows"}
     assert report["parity_float32"]["static"] == [True] * 3  # its prompts' first step: graphed rows
-    # static-lora: the LoRA kernels where Triton compiles; here (no GPU, no interpreter) the grouped products
+    # static-lora, static-compile-lora: the LoRA kernels where Triton compiles; here (no GPU, no
+    # interpreter) the grouped products
     modes = ("eager", "static", "static-rows", "static-overlap", "static-compile", "static-compile-rows")
-    for mode in (*modes, "static-lora"):
+    for mode in (*modes, "static-lora", "static-compile-lora"):
         figures = report[f"engine_{mode}"]
         assert all(
             figures[k] > 0

@@ -101,11 +101,13 @@ def test_no_compile_without_the_static_decoder(tiny_model_dir):
     assert exact.decoder is None and exact._compiled_layer is None
 
 
-def test_warm_compile_leaves_nothing_to_compile_for_requests(tiny_model_dir):
+@pytest.mark.parametrize("lora_kernel", [False, True], ids=["grouped-lora", "lora-kernels"])
+def test_warm_compile_leaves_nothing_to_compile_for_requests(tiny_model_dir, lora_kernel):
     """After the start-up warm-up, steps of any batch, span and adapter mix compile nothing more."""
     import random
 
-    runner = make_runner(tiny_model_dir, True)
+    runner = make_runner(tiny_model_dir, True, lora_kernel=lora_kernel)
+    assert runner.lora_kernel == lora_kernel
     assert runner.decoder.warm_compile() > 0
     before, rng = graphs_compiled(), random.Random(0)
     for slot in range(SLOTS):
@@ -192,13 +194,17 @@ def test_warm_compile_fits_a_one_slot_server(tiny_model_dir):
     assert graphs_compiled() == before and runner.compiled
 
 
-def test_steps_with_prompt_chunks_run_compiled_pieces_with_the_same_results(tiny_model_dir):
+@pytest.mark.parametrize("lora_kernel", [False, True], ids=["grouped-lora", "lora-kernels"])
+def test_steps_with_prompt_chunks_run_compiled_pieces_with_the_same_results(tiny_model_dir, lora_kernel):
     """With compile_layers, a step with prompt chunks (and decode rows beside them) runs the projections
     and MLP compiled and the attention eager: the same logits and cache writes, one compile for any
-    chunk lengths, counts and adapter mixes."""
-    from mygpt.engine.runner import PrefillChunk
+    chunk lengths, counts and adapter mixes. With the LoRA kernels: their op in the compiled pieces up
+    to LORA_KERNEL_TOKENS tokens, the grouped products past them (a compile of its own, warmed too)."""
+    from mygpt.engine.runner import LORA_KERNEL_TOKENS, PrefillChunk
 
-    plain, compiled = make_runner(tiny_model_dir, False), make_runner(tiny_model_dir, True)
+    plain = make_runner(tiny_model_dir, False)
+    compiled = make_runner(tiny_model_dir, True, lora_kernel=lora_kernel)
+    assert compiled.lora_kernel == lora_kernel
     assert compiled.decoder.warm_compile() > 0
     before, calls, rest = graphs_compiled(), [], compiled._compiled_rest
     compiled._compiled_rest = lambda *args: calls.append(1) or rest(*args)  # counts the compiled pieces
@@ -207,14 +213,16 @@ def test_steps_with_prompt_chunks_run_compiled_pieces_with_the_same_results(tiny
         ([], [PrefillChunk(1, [5, 6, 7], 0, -1), PrefillChunk(2, list(range(9, 30)), 0, 2, all_logits=True)]),
         ([DecodeRow(0, 7, 37, 1)], [PrefillChunk(3, list(range(50, 61)), 0, 0)]),
         ([DecodeRow(0, 8, 38, 1), DecodeRow(1, 9, 3, -1)], [PrefillChunk(2, [4] * 5, 21, 2)]),
+        ([], [PrefillChunk(4, [5] * (LORA_KERNEL_TOKENS + 12), 0, 2)]),
     ]
     for decode, chunks in steps:
         want, got = plain.step(decode, chunks), compiled.step(decode, chunks)
         torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
         for g, w in zip(got[1], want[1], strict=True):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    tol = 1e-4 if lora_kernel else 1e-5  # the kernels' float32 sums, in another order than the bmm's
     for k_plain, k_compiled in zip(plain.k_cache, compiled.k_cache, strict=True):
-        torch.testing.assert_close(k_compiled[:SLOTS], k_plain[:SLOTS], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(k_compiled[:SLOTS], k_plain[:SLOTS], atol=tol, rtol=tol)
     assert graphs_compiled() == before and compiled.compiled  # all warmed at start-up, none failed
     assert len(calls) == len(steps) * len(compiled._layers)  # every layer of every step, compiled
 
@@ -231,3 +239,37 @@ def test_a_failing_compiled_piece_runs_the_step_uncompiled(tiny_model_dir, caplo
     chunk = [PrefillChunk(0, [5, 6, 7, 8], 0, 1)]
     torch.testing.assert_close(broken.step([], chunk)[1][0], plain.step([], chunk)[1][0])
     assert not broken.compiled and "run uncompiled" in caplog.text
+
+
+def test_the_lora_kernels_run_in_compiled_decode_steps(tiny_model_dir, monkeypatch):
+    """lora_kernel with compile_layers: the compiled layer calls the kernels as one opaque op (new
+    outputs, kernels/lora.py lora_added) with each row's slot, for any adapter mix; the logits and cache
+    writes of the uncompiled static steps with the same kernels, and no graph break."""
+    from mygpt.kernels import lora
+
+    calls, add_lora = [], lora.add_lora
+
+    def counted(x, at_all, bts, outs, rows, into=None):  # True: into new outputs (the op)
+        calls.append(into is not None)
+        add_lora(x, at_all, bts, outs, rows, into)
+
+    monkeypatch.setattr(lora, "add_lora", counted)
+    plain = make_runner(tiny_model_dir, False, lora_kernel=True)
+    compiled = make_runner(tiny_model_dir, True, lora_kernel=True)
+    assert plain.lora_kernel and compiled.lora_kernel and compiled.decoder._lora_kernel()
+    for r in (plain, compiled):
+        for slot in range(SLOTS):
+            r.prefill(slot, [(5 * slot + j) % 90 + 3 for j in range(4 + 30 * slot)], 0, slot % 4 - 1)
+    torch._dynamo.reset()
+    breaks = sum(counters["graph_break"].values())
+    calls.clear()
+    for rows in ([(0, 0), (1, 1), (2, 2), (3, -1), (4, 0)], [(5, 1)], [(1, 2), (4, 2), (2, -1)]):
+        decode = [DecodeRow(slot, 11 + slot, 4 + 30 * slot, lo) for slot, lo in rows]
+        want, got = plain.step(decode, [])[0], compiled.step(decode, [])[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for k_plain, k_compiled in zip(plain.k_cache, compiled.k_cache, strict=True):
+        torch.testing.assert_close(k_compiled[:SLOTS], k_plain[:SLOTS], atol=1e-5, rtol=1e-5)
+    assert sum(counters["graph_break"].values()) == breaks and compiled.compiled
+    # 4 groups a layer, each step: in place (uncompiled), into new outputs (the compiled op)
+    per_step = 4 * len(plain._layers)
+    assert calls.count(True) == calls.count(False) == 3 * per_step

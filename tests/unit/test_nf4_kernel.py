@@ -214,6 +214,59 @@ def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
     )  # opt-in only
 
 
+def test_compiled_layers_call_the_kernel_as_one_op(monkeypatch):
+    """nf4_kernel with compile_layers (and the LoRA kernels): every product shape is checked in its three
+    configurations before anything compiles (NF4Product.verify); compiled decode steps (1 row: gemv, 3:
+    dot) and compiled prompt pieces up to MAX_ROWS tokens call the kernel as one opaque op, longer
+    prompts bitsandbytes; the logits of the dequantized model, uncompiled, and no graph break."""
+    from bitsandbytes.nn import Linear4bit
+    from torch._dynamo.utils import counters
+
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    quant, dense = nf4_llama()
+    for m in quant.modules():
+        if isinstance(m, Linear4bit):
+            m.support_avx512bf16_for_cpu = False  # keep the GPU layout the kernel reads (no CPU repacking)
+    kw = {"num_slots": 4, "max_len": 64, "dtype": torch.float32, "max_loras": 2}
+    compiled = ModelRunner(
+        quant, nf4_kernel=True, static_decode=True, compile_layers=True, lora_kernel=True, **kw
+    )
+    plain = ModelRunner(dense, **kw)
+    assert compiled.compiled and compiled.lora_kernel
+    products = compiled._nf4_products()
+    assert len(products) == 8 and all(p.compiled_ok for p in products)
+    checked = nf4.NF4Product._checked
+    assert len(checked) == 4 * 3 and all(checked.values())  # q/k/v, o, gate/up, down x 3 configurations
+    g = torch.Generator().manual_seed(1)
+    for layer_q, layer_d in zip(compiled.lora_layers.values(), plain.lora_layers.values(), strict=True):
+        a = torch.randn(4, layer_q.in_features, generator=g) * 0.1
+        b = torch.randn(layer_q.out_features, 4, generator=g) * 0.1
+        layer_q.set_slot(1, a, b)
+        layer_d.set_slot(1, a, b)
+    rows, real = [], nf4.nf4_matmul
+    monkeypatch.setattr(nf4, "nf4_matmul", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    torch._dynamo.reset()
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    prompt = torch.randint(0, 128, (40,), generator=g).tolist()
+    for slot, n, lora in ((0, 20, 1), (1, 7, -1)):  # compiled pieces, the kernel
+        got, want = (r.prefill(slot, prompt[:n], 0, lora) for r in (compiled, plain))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for args in (([0], [5], [20], [1]), ([0, 1, 3], [5, 9, 2], [21, 7, 0], [1, -1, 1])):
+        got, want = compiled.decode(*args), plain.decode(*args)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sorted(set(rows)) == [1, 4, 7, 20] and compiled.decoder.stats.eager == 2  # 3 rows: bucket 4
+    # one compile serves both layers (no product is guarded as its own): the pieces (q/k/v, the rest),
+    # with and without an adapter, and the decode layer at 1 row and at 4
+    assert counters["stats"]["unique_graphs"] - graphs == 2 * 2 + 2
+    rows.clear()
+    got, want = (r.prefill(2, prompt, 0, 1) for r in (compiled, plain))  # 40 rows: bitsandbytes (bfloat16)
+    assert float((got - want).norm() / want.norm()) < 1e-2 and not rows
+    assert sum(counters["graph_break"].values()) == breaks and compiled.compiled
+
+
 def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
     """scripts/gpu_check.py's nf4_bench on the CPU (host-timed, the interpreter): every tile checked
     against bitsandbytes and timed, the fastest of each kind left in TILES, a row per row count."""

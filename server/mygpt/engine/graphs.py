@@ -179,10 +179,9 @@ class StaticDecoder:
         return shape, lora
 
     def _lora_kernel(self) -> bool:
-        """Whether steps with adapters take the LoRA kernels (runner.lora_kernel; not in compiled layers,
-        which trace the grouped products)."""
+        """Whether steps with adapters take the LoRA kernels (runner.lora_kernel), compiled or not."""
         r = self.runner
-        return r.lora_batch is not None and r.lora_kernel and not r.compiled
+        return r.lora_batch is not None and r.lora_kernel
 
     def run(self, rows: list[DecodeRow], ids: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step for `rows`; returns their logits [len(rows), V] (float32). ids: the rows'
@@ -264,12 +263,16 @@ class StaticDecoder:
         shape torch.compile compiles separately, so that it compiles before the first request and not
         inside one (each compile of a layer takes seconds). The varying sizes are dynamic from the first
         compile (runner._forward) and adapter groups are at least 2 x 2 (plan_lora), so the kinds are:
-        batch 1 or more, with or without adapters. Each is run at two sizes of everything that varies,
-        so a size compiled as a constant would show here. Then the compiled pieces of steps with prompt
-        chunks (runner._layer_pieces): chunks of two lengths, alone and beside a decode row, with and
-        without an adapter. Padding rows and chunks only: they write the spare KV slot, and their LoRA
-        positions are all empty. Returns the number of steps run (0 without compile_layers)."""
-        from mygpt.engine.runner import DecodeRow, PrefillChunk
+        batch 1 or more, with or without adapters (grouped, or the LoRA kernels' one shape), and with
+        the NF4 kernel, up to its MAX_ROWS rows or more. Each is run at two sizes of everything that
+        varies, so a size compiled as a constant would show here, and at the most rows a step takes.
+        Then the compiled pieces of steps with prompt chunks (runner._layer_pieces): chunks of two
+        lengths (and one past each kernel's rows), alone and beside a decode row, with and without an
+        adapter. Padding rows and chunks only: they write the spare KV slot, and their LoRA positions
+        are all empty (the kernels' rows: -1). Returns the number of steps run (0 without
+        compile_layers)."""
+        from mygpt.engine.runner import LORA_KERNEL_TOKENS, DecodeRow, PrefillChunk
+        from mygpt.kernels.nf4 import MAX_ROWS
 
         r = self.runner
         if not r.compiled:
@@ -277,9 +280,16 @@ class StaticDecoder:
         b = r.num_slots
         spans = sorted({kv_bucket(end, self.kv_block, r.max_len) for end in (1, self.kv_block + 1)})
         lora = [(0, 0)]
-        if r.lora_batch is not None:  # S x M within the buffers: S up to the slots, M up to 2 x the batch
+        if self._lora_kernel():
+            lora.append((1, 0))
+        elif r.lora_batch is not None:  # S x M within the buffers: S up to the slots, M up to 2 x the batch
             cap, most = self._max_lora_slots, 2 * _pow2(b)
             lora += [(s, m) for s in sorted({min(2, cap), min(4, cap)}) for m in sorted({2, min(4, most)})]
+        lengths = {7, 19}
+        if any(p.enabled and p.compiled_ok for p in r._nf4_products()):
+            lengths.add(MAX_ROWS + 8)  # bitsandbytes' products, past the kernel's rows
+        if r.lora_kernel:
+            lengths.add(LORA_KERNEL_TOKENS + 8)  # the grouped products, past the kernels' tokens
         on_gpu = r.device.type == "cuda"
         steps = 0
         with torch.cuda.device(r.device) if on_gpu else contextlib.nullcontext():
@@ -287,8 +297,9 @@ class StaticDecoder:
                 self._copied.synchronize()  # a step's input copy has read _host
             self._host.zero_()
             self._buf("slots", on_device=False).fill_(self.spare_slot)
+            self._buf("lora", on_device=False).fill_(-1)
             self._dev.copy_(self._host)
-            for batch in sorted({b, min(2, b), 1}, reverse=True):
+            for batch in sorted({self.max_rows, b, min(2, b), 1}, reverse=True):
                 for span in spans:
                     for s, m in lora:
                         self._forward(DecodeShape(batch, span, s, m))
@@ -297,9 +308,7 @@ class StaticDecoder:
             r.graph_prompt_tokens = 0  # these steps are for the eager path's compiled pieces
             try:
                 for adapter in [-1] + ([0] if r.lora_batch is not None else []):
-                    for length in sorted(
-                        {min(7, r.max_len - 1), min(19, r.max_len - 1)} - {0, 1}
-                    ):  # in the cache
+                    for length in sorted({min(n, r.max_len - 1) for n in lengths} - {0, 1}):  # in the cache
                         chunk = PrefillChunk(spare, [0] * length, 1, adapter)
                         r.step([], [chunk])
                         r.step([DecodeRow(spare, 0, 0, adapter)], [chunk])

@@ -181,16 +181,33 @@ class ModelRunner:
     def nf4_kernel(self, on: bool) -> int:
         """Turns the Triton NF4 kernel (kernels/nf4.py) on or off for the products that have it; returns
         how many have it. Captured decode graphs keep the kernels they were captured with: make a new
-        StaticDecoder after switching."""
-        products = [
+        StaticDecoder after switching (and with compile_layers, compiled code is guarded on the switch:
+        the next steps compile again)."""
+        products = self._nf4_products()
+        for product in products:
+            product.enabled = on
+        if on and self.compiled:
+            self._verify_nf4()
+        return len(products)
+
+    def _nf4_products(self) -> list[NF4Product]:
+        return [
             f._fused_base
             for p in self._proj
             for f in (p.qkv, p.o, p.gate_up, p.down)
             if f is not None and isinstance(f._fused_base, NF4Product)
         ]
-        for product in products:
-            product.enabled = on
-        return len(products)
+
+    def _verify_nf4(self) -> None:
+        """Each NF4 product shape's kernel checked in all its configurations before compiled code calls it
+        (NF4Product.verify); a product whose check fails runs bitsandbytes there (a warning)."""
+        checked: dict[tuple, bool] = {}
+        for product in self._nf4_products():
+            if product.enabled:
+                key = (tuple(product.packed.shape), tuple(product.scale.shape))
+                if key not in checked:
+                    checked[key] = product.verify(self.dtype)
+                product.compiled_ok = checked[key]
 
     def compile_layers(self, on: bool) -> bool:
         """Turns torch.compile (inductor) of the decoder layers on or off; returns whether it is on
@@ -202,14 +219,16 @@ class ModelRunner:
         chunks (eager: their shapes follow the prompts) run the layer in three pieces, the projections,
         norms and MLP compiled and the attention between them eager: where an eager step of an 8B
         model spent most of its time launching ~70 small kernels a layer from Python, and every new
-        request takes one such step while the running rows wait. The NF4 kernel is bypassed while
-        compiling (inductor does the fusing; bitsandbytes' ops are traced as
-        they are). A step whose compiled run fails runs uncompiled, and compiling is turned off (a
-        warning). As with nf4_kernel: make a new StaticDecoder after switching."""
+        request takes one such step while the running rows wait. bitsandbytes' ops are traced as they
+        are; mygpt's kernels (nf4_kernel, lora_kernel) are called as opaque ops, each NF4 product shape
+        checked first in all its configurations (NF4Product.verify). A step whose compiled run fails
+        runs uncompiled, and compiling is turned off (a warning). As with nf4_kernel: make a new
+        StaticDecoder after switching."""
         if not on or self.decoder is None:
             self._compiled_layer = self._compiled_qkv = self._compiled_rest = None
             return False
         if self._compiled_layer is None:
+            self._verify_nf4()
             config = torch._dynamo.config
             # a kind of step (batch, span, adapter grouping) may compile a few times before its sizes
             # go dynamic: past this limit torch.compile would silently run eagerly
@@ -342,16 +361,16 @@ class ModelRunner:
     def _set_lora(self, lora_slots: list[int], compiled: bool = False, invariant: bool = False) -> None:
         """The step's adapter grouping; compiled: for the compiled pieces, always as index tensors and
         at least 2 x 2 (sizes torch.compile takes as dynamic, not one compile each: _dynamic);
-        invariant: lora.layers' batch-invariant layout. With the LoRA kernels (lora_kernel), uncompiled
-        steps hand the layers each token's slot instead: an eager step is bound by its launches, and
-        they take 11 a layer where the grouped products take ~35; each row's term depends on that row
-        alone, so the step is batch-invariant as it is."""
+        invariant: lora.layers' batch-invariant layout. With the LoRA kernels (lora_kernel), steps of up
+        to LORA_KERNEL_TOKENS tokens, compiled pieces too, hand the layers each token's slot instead: an
+        eager step is bound by its launches, and they take 11 a layer where the grouped products take
+        ~35; each row's term depends on that row alone, so the step is batch-invariant as it is."""
         b = self.lora_batch
         if b is None:
             return
         b.clear()
         few = len(lora_slots) <= LORA_KERNEL_TOKENS
-        if self.lora_kernel and not compiled and few and any(s >= 0 for s in lora_slots):
+        if self.lora_kernel and few and any(s >= 0 for s in lora_slots):
             b.rows = torch.tensor(lora_slots, dtype=torch.int32, device=self.device)
             return
         at_least = 2 if compiled else 1
@@ -380,6 +399,8 @@ class ModelRunner:
             b = self.lora_batch
             if b is not None and b.valid is not None:  # the adapter grouping (always tensors then)
                 _dynamic(b.gather, 0), _dynamic(b.valid, 0, 1), _dynamic(b.scatter, 0)
+            if b is not None:  # each token's adapter slot (the LoRA kernels)
+                _dynamic(b.rows, 0)
         for i, layer in enumerate(layers):
             # the next layer's input norm (the model's final norm after the last layer)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self._inner.norm

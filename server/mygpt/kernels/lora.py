@@ -1,6 +1,7 @@
 """Triton kernels for the LoRA terms of a step: every row (token) on its own adapter slot, read straight
 from the stacked slots (lora/layers.py: A^T [S, in, P*R], each part's B^T [S, R, out_p]). The runner uses
-them (lora_kernel) in graphed decode steps and in its eager steps, not in compiled layers.
+them (lora_kernel) in graphed decode steps and in its eager steps, compiled or not (torch.compile calls
+them as one opaque op, mygpt::lora_added, which returns new outputs where the eager steps add in place).
 
     h[t, :]            = x[t, :] @ A^T[slot(t)]                 shrink: [N, P*R]
     y_p[t, :]         += h[t, p*R : (p+1)*R] @ B^T_p[slot(t)]   expand, into the part's output in place
@@ -61,13 +62,16 @@ if triton is not None:
         tl.store(h_ptr + pid_k * stride_hs + t * R_ALL + rr, tl.sum(acc, axis=0), mask=r_ok)
 
     def _expand_kernel(
-        h_ptr, b_ptr, slot_ptr, y_ptr,
-        N_OUT, R, R_ALL, r_off, stride_hs, stride_bs, stride_ym,
-        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        h_ptr, b_ptr, slot_ptr, y_ptr, o_ptr,
+        N_OUT, R, R_ALL, r_off, stride_hs, stride_bs, stride_ym, stride_om,
+        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, COPY: tl.constexpr,
     ):  # fmt: skip
+        # o = y + the term; COPY: o is another tensor, which rows without an adapter copy y into
         t = tl.program_id(0)
         pid_n = tl.program_id(1)
         s = tl.load(slot_ptr + t)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N_OUT
         if s >= 0:
             rr = tl.arange(0, BLOCK_R)
             r_ok = rr < R
@@ -77,8 +81,6 @@ if triton is not None:
             y_dtype = y_ptr.dtype.element_ty
             lora_dtype = b_ptr.dtype.element_ty  # the batched matmuls' dtype: the adapters'
             h = h.to(lora_dtype).to(tl.float32)  # where the batched matmul rounds its output
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = rn < N_OUT
             b = tl.load(
                 b_ptr + s.to(tl.int64) * stride_bs + rr[:, None] * N_OUT + rn[None, :],
                 mask=r_ok[:, None] & n_ok[None, :],
@@ -86,19 +88,24 @@ if triton is not None:
             )
             o = tl.sum(h[:, None] * b.to(tl.float32), axis=0).to(lora_dtype)  # the term, rounded as bmm's
             y = tl.load(y_ptr + t * stride_ym + rn, mask=n_ok)
-            tl.store(y_ptr + t * stride_ym + rn, (y.to(tl.float32) + o.to(tl.float32)).to(y_dtype), mask=n_ok)
+            tl.store(o_ptr + t * stride_om + rn, (y.to(tl.float32) + o.to(tl.float32)).to(y_dtype), mask=n_ok)
+        elif COPY:
+            tl.store(o_ptr + t * stride_om + rn, tl.load(y_ptr + t * stride_ym + rn, mask=n_ok), mask=n_ok)
 
 
+@torch.compiler.disable  # compiled code calls lora_added; a frame torch.compile runs eagerly, this as it is
 def add_lora(
     x: torch.Tensor,
     at_all: torch.Tensor,
     bts: list[torch.Tensor],
     outs: list[torch.Tensor],
     rows: torch.Tensor,
+    into: list[torch.Tensor] | None = None,
 ) -> None:
-    """outs[p] += each row's LoRA term of part p, in place. x [..., in] (N rows); at_all [S, in, P*R]
-    contiguous; bts[p] [S, R, out_p] contiguous; outs[p] [..., out_p] with unit column stride (a column
-    block of a wider output is fine); rows [N] each row's adapter slot (-1: none)."""
+    """outs[p] += each row's LoRA term of part p, in place; or into[p] = outs[p] + that term, outs left as
+    they are. x [..., in] (N rows); at_all [S, in, P*R] contiguous; bts[p] [S, R, out_p] contiguous;
+    outs[p] and into[p] [..., out_p] with unit column stride (a column block of a wider output is fine);
+    rows [N] each row's adapter slot (-1: none)."""
     if not (at_all.is_contiguous() and all(bt.is_contiguous() for bt in bts)):
         raise ValueError(
             "add_lora reads contiguous adapter stacks (a FusedLinear part's A^T is a view: use the FusedLinear)"
@@ -123,12 +130,45 @@ def add_lora(
     r = bts[0].shape[1]
     for p, (bt, out) in enumerate(zip(bts, outs, strict=True)):
         n_out = bt.shape[2]
-        y = out.reshape(-1, n_out) if out.is_contiguous() else out.view(n, n_out)
-        assert y.stride(1) == 1 and y.shape[0] == n, "each output a [rows, out] block with unit column stride"
+        y = _rows(out, n, n_out)
+        o = y if into is None else _rows(into[p], n, n_out)
         jitted(_expand_kernel)[(n, triton.cdiv(n_out, EXPAND_N))](
-            h, bt, rows, y, n_out, r, r_all, p * r, n * r_all, bt.stride(0), y.stride(0),
-            SPLIT=split, BLOCK_N=EXPAND_N, BLOCK_R=triton.next_power_of_2(r),
+            h, bt, rows, y, o, n_out, r, r_all, p * r, n * r_all, bt.stride(0), y.stride(0), o.stride(0),
+            SPLIT=split, BLOCK_N=EXPAND_N, BLOCK_R=triton.next_power_of_2(r), COPY=into is not None,
         )  # fmt: skip
+
+
+def _rows(out: torch.Tensor, n: int, n_out: int) -> torch.Tensor:
+    """An output [..., out] as [rows, out] (a view: the kernels write into it)."""
+    y = out.reshape(-1, n_out) if out.is_contiguous() else out.view(n, n_out)
+    assert y.stride(1) == 1 and y.shape[0] == n, "each output a [rows, out] block with unit column stride"
+    return y
+
+
+@torch.library.custom_op("mygpt::lora_added", mutates_args=())
+def lora_added(
+    ys: list[torch.Tensor], x: torch.Tensor, at_all: torch.Tensor, bts: list[torch.Tensor], rows: torch.Tensor
+) -> list[torch.Tensor]:
+    """add_lora as torch.compile takes it (runner.compile_layers): new tensors ys + each row's LoRA terms,
+    ys unchanged. ys: one output per part, or one output whose column blocks are the parts
+    (FusedLinear.joined). One opaque op: inductor neither traces into the kernels nor fuses around them."""
+    results = [torch.empty_like(y, memory_format=torch.contiguous_format) for y in ys]
+    add_lora(x, at_all, bts, parts(ys, bts), rows, parts(results, bts))
+    return results
+
+
+@lora_added.register_fake
+def _(ys, x, at_all, bts, rows):
+    return [torch.empty_like(y, memory_format=torch.contiguous_format) for y in ys]
+
+
+def parts(ys: list[torch.Tensor], bts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each part's output: ys itself, or the column blocks of its one tensor."""
+    if len(ys) == len(bts):
+        return ys
+    if len(ys) != 1:
+        raise ValueError(f"{len(ys)} outputs for {len(bts)} parts: one output or one a part")
+    return list(ys[0].split([bt.shape[2] for bt in bts], dim=-1))
 
 
 def verified(groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> bool:

@@ -198,6 +198,7 @@ def _config(m: int, n: int, k: int) -> tuple[str, int, int, int, int]:
     return kind, block_m, block_n, block_k, split
 
 
+@torch.compiler.disable  # compiled code calls nf4_matmul_op; a frame torch.compile runs eagerly, this as it is
 def nf4_matmul(
     x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, code: torch.Tensor
 ) -> torch.Tensor:
@@ -232,6 +233,19 @@ def nf4_matmul(
         out, summed, m * n, SPLIT=split, BLOCK=SUM_BLOCK
     )
     return summed
+
+
+@torch.library.custom_op("mygpt::nf4_matmul", mutates_args=())
+def nf4_matmul_op(
+    x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, code: torch.Tensor
+) -> torch.Tensor:
+    """nf4_matmul as torch.compile takes it (runner.compile_layers): one opaque op."""
+    return nf4_matmul(x, words, scale, code)
+
+
+@nf4_matmul_op.register_fake
+def _(x, words, scale, code):
+    return x.new_empty(x.shape[0], words.shape[0])
 
 
 def nf4_scales(weight) -> torch.Tensor:
@@ -296,6 +310,7 @@ class NF4Product:
         self.code = layers[0].weight.quant_state.code.float().to(packed.device)
         self.compute_dtype = layers[0].compute_dtype  # None: the input's, as bitsandbytes' layer does
         self.enabled = True
+        self.compiled_ok = False  # verify(): the kernel may run in compiled layers
 
     def _bnb(self, x2: torch.Tensor) -> torch.Tensor:
         outs = [layer(x2) for layer in self.layers]
@@ -315,12 +330,29 @@ class NF4Product:
             lambda: self._bnb(x2),
         )
 
+    def verify(self, dtype: torch.dtype) -> bool:
+        """Checks the kernel for inputs of `dtype` (the model's; the layers' compute dtype where they set
+        one) in each of its configurations (1 row: gemv; up to 16 and up to MAX_ROWS rows: dot), on
+        random rows, against bitsandbytes; returns whether all agree (compiled_ok). Called before
+        torch.compile traces the product (runner.compile_layers): compiled code calls the kernel as one
+        op, and its first call of a shape may run inside a CUDA graph capture, where no check can."""
+        k = self.packed.shape[1] * 2
+        dtype = self.compute_dtype or dtype
+        g = torch.Generator(device=self.packed.device).manual_seed(0)
+        ok = True
+        for m in (1, 16, MAX_ROWS):
+            ok &= self._kernel_ok(torch.randn(m, k, generator=g, device=self.packed.device).to(dtype))
+        self.compiled_ok = ok
+        return ok
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if self.compute_dtype is not None and x2.dtype != self.compute_dtype:
             x2 = x2.to(self.compute_dtype)
-        compiling = torch.compiler.is_compiling()  # runner.compile_layers: bitsandbytes' traced ops
-        if self.enabled and not compiling and x2.shape[0] <= MAX_ROWS and self._kernel_ok(x2):
+        if torch.compiler.is_compiling():  # runner.compile_layers: verified, or bitsandbytes' traced ops
+            kernel = self.enabled and self.compiled_ok and x2.shape[0] <= MAX_ROWS
+            y = nf4_matmul_op(x2, self.words, self.scale, self.code) if kernel else self._bnb(x2)
+        elif self.enabled and x2.shape[0] <= MAX_ROWS and self._kernel_ok(x2):
             y = nf4_matmul(x2, self.words, self.scale, self.code)
         else:
             y = self._bnb(x2)

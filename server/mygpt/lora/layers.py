@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mygpt.kernels import lora as lora_kernels
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The batch-invariant layout (set_rows(invariant=True)): torch's CPU bmm rounds a row in one of a few
 # ways, by the product's shape: one batch entry (S = 1) or more, fewer than 4 rows per entry or more
@@ -156,9 +158,7 @@ class FusedLinear(nn.Module):
         y = self.joined(x)
         if y is not None:
             return list(y.split(self.sizes, dim=-1))
-        outs = [base(x) for base in self._bases]
-        self._add_lora(x, outs)
-        return outs
+        return self._with_lora(x, [base(x) for base in self._bases])
 
     def joined(self, x: torch.Tensor) -> torch.Tensor | None:
         """The parts' outputs side by side in one tensor [..., sum of out], where the base runs as one
@@ -166,18 +166,24 @@ class FusedLinear(nn.Module):
         parts run one by one exactly as without it)."""
         if self._fused_base is None or not getattr(self._fused_base, "enabled", True):
             return None
-        y = self._fused_base(x)
-        self._add_lora(x, y.split(self.sizes, dim=-1))  # column blocks: added in place into y
-        return y
+        return self._with_lora(x, [self._fused_base(x)])[0]
 
-    def _add_lora(self, x: torch.Tensor, outs: list[torch.Tensor]) -> None:
-        if self.batch is not None and self.batch.rows is not None:
-            from mygpt.kernels.lora import add_lora
-
-            add_lora(x, self.lora_at, self._bts, outs, self.batch.rows)
-        elif self.batch is not None and (deltas := lora_delta(self.batch, x, self.lora_at, self._bts)):
+    def _with_lora(self, x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        """ys (the parts' outputs, or one output whose column blocks are the parts) with the step's LoRA
+        terms added: in place, except for the LoRA kernels under torch.compile (new tensors)."""
+        if self.batch is None:
+            return ys
+        if self.batch.rows is not None:  # the LoRA kernels (kernels/lora.py): each row its own slot
+            if torch.compiler.is_compiling():
+                return lora_kernels.lora_added(ys, x, self.lora_at, self._bts, self.batch.rows)
+            lora_kernels.add_lora(
+                x, self.lora_at, self._bts, lora_kernels.parts(ys, self._bts), self.batch.rows
+            )
+        elif deltas := lora_delta(self.batch, x, self.lora_at, self._bts):
+            outs = ys if len(ys) == len(deltas) else list(ys[0].split(self.sizes, dim=-1))
             for out, o in zip(outs, deltas, strict=True):
                 _add(out, o)
+        return ys
 
 
 def _add(y: torch.Tensor, o: torch.Tensor) -> None:
