@@ -46,6 +46,7 @@ async def test_models_lists_adapters_with_their_parent(aclient, adapter_server):
     """B3: adapters appear with parent/root = the base; one added at runtime appears at once."""
     models = {m.id: m for m in (await aclient.models.list()).data}
     assert {BASE, "style-a", "style-b"} <= set(models)
+    assert "broken" not in models  # its weights are corrupt: a request gets a 400, the list leaves it out
     assert models["style-a"].model_extra["parent"] == BASE and models["style-a"].model_extra["root"] == BASE
     shutil.copytree(adapter_server.root / "style-a", adapter_server.root / "style-c")
     assert "style-c" in {m.id for m in (await aclient.models.list()).data}

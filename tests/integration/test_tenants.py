@@ -268,11 +268,15 @@ def test_bad_adapters_are_a_400_naming_the_problem(server, bad_adapters, name):
     )
     error = assert_openai_error(r, 400, code="invalid_adapter")
     assert BAD[name][1] in error["message"], error["message"]
-    assert f"new-{name}" not in {m.id for m in client(server, "acme").models.list().data}
+    listed = {m.id for m in client(server, "acme").models.list().data}
+    assert "support" in listed and f"new-{name}" not in listed
+    assert name not in listed  # B3/D5: what a request cannot use is not listed
     if name not in ("links-out", "no-config"):  # found in the store: a request is the same 400, not a 500
         with pytest.raises(openai.BadRequestError) as err:
             ask(client(server, "acme"), name)
         assert err.value.code == "invalid_adapter" and BAD[name][1] in err.value.body["message"]
+        errors = {a["name"]: a["error"] for a in admin(server, "GET", "/v1/admin/adapters").json()["data"]}
+        assert errors["support"] is None and BAD[name][1] in errors[name]  # the admin list says why
     assert ask(client(server, "acme"), "support").choices[0].finish_reason == "length"
 
 

@@ -57,6 +57,59 @@ def test_found_in_the_store_and_scoped_by_tenant(registry, store):
     ]
 
 
+def test_problem_is_what_a_load_would_refuse_without_reading_tensors(
+    registry, store, tiny_model_dir, monkeypatch
+):
+    """registry.problem: None for servable files, else the AdapterError message a load gives; from
+    the files' headers (no tensor read), checked again only once the files change."""
+    from safetensors.torch import load_file, save_file
+
+    from mygpt.lora import registry as registry_module
+    from mygpt.lora import weights
+
+    t = store / "t"
+    shutil.copytree(t / "one", t / "corrupt")
+    (t / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    shutil.copytree(t / "one", t / "truncated")
+    data = (t / "one" / "adapter_model.safetensors").read_bytes()
+    (t / "truncated" / "adapter_model.safetensors").write_bytes(data[:-8])
+    shutil.copytree(t / "one", t / "pickled")
+    (t / "pickled" / "adapter_model.safetensors").rename(t / "pickled" / "adapter_model.bin")
+    make_adapter(tiny_model_dir, t / "wide", 32, ["q_proj"], seed=3)
+    shutil.copytree(t / "one", t / "elsewhere")
+    file = t / "elsewhere" / "adapter_model.safetensors"
+    save_file({k.replace("layers.0.", "layers.9."): v for k, v in load_file(file).items()}, file)
+    bad = ["corrupt", "elsewhere", "pickled", "truncated", "wide"]
+    wanted = {}
+    for name in bad:  # what a load says
+        with pytest.raises(AdapterError) as err:
+            registry.weights(registry.get("t", name))
+        wanted[name] = str(err.value)
+    fresh = AdapterRegistry(store, ["t"], registry.module_shapes, max_rank=16)
+
+    def no_tensors(*args):
+        raise AssertionError("problem() read the tensors")
+
+    monkeypatch.setattr(weights, "_read_tensors", no_tensors)
+    checks = []
+    check = registry_module.check_adapter
+    monkeypatch.setattr(
+        registry_module, "check_adapter", lambda *a, **kw: checks.append(a[0]) or check(*a, **kw)
+    )
+    problems = {e.name: fresh.problem(e) for e in fresh.list("t")}
+    assert problems == {"one": None, "two": None, "three": None} | wanted
+    assert "corrupt" in wanted["truncated"] and "rank 32 exceeds" in wanted["wide"]
+    assert "layers.9" in wanted["elsewhere"] and "pickle" in wanted["pickled"]
+    assert sorted(checks) == sorted(problems)
+    for e in fresh.list("t"):  # kept until the files change
+        fresh.problem(e)
+    assert len(checks) == len(problems)
+    time.sleep(0.01)
+    shutil.copy(t / "one" / "adapter_model.safetensors", t / "corrupt" / "adapter_model.safetensors")
+    assert fresh.problem(fresh.get("t", "corrupt")) is None and checks[-1] == "corrupt"
+    assert len(checks) == len(problems) + 1
+
+
 def test_load_replace_unload_and_versions(registry, store, tiny_model_dir):
     entry, changed = registry.load("t", "one")
     assert not changed and entry.version == 1 and entry.weights is not None  # found already: validated only

@@ -37,7 +37,7 @@ async def list_adapters(request: Request, _: Principal = Depends(admin)) -> dict
     current = {e.key for e in entries}
     return {
         "object": "list",
-        "data": [_describe(e, cache) for e in entries],
+        "data": [{**_describe(e, cache), "error": state.registry.problem(e)} for e in entries],
         "retiring": sorted(k for k in cache if k not in current),  # old versions finishing requests
     }
 

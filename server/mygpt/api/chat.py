@@ -156,7 +156,8 @@ class ChatService:
         """The base model, then the adapters the caller may use (an admin sees "<tenant>/<name>")."""
         if self.adapters is None:
             return [self.model_name]
-        entries = self.adapters.list(principal.tenant)
+        # adapters a request can use: not those whose files a load would refuse (registry.problem)
+        entries = [e for e in self.adapters.list(principal.tenant) if self.adapters.problem(e) is None]
         return [self.model_name] + [e.name if principal.tenant else f"{e.tenant}/{e.name}" for e in entries]
 
     async def resolve_model(self, principal: Principal, model: str) -> AdapterRef | None:

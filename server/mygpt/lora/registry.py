@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError, LoRAWeights, read_adapter
+from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError, LoRAWeights, check_adapter, read_adapter
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class AdapterEntry:
     created: int = field(default_factory=lambda: int(time.time()))
     stamp: int | None = None  # the files' change times when `weights` was read
     weights: LoRAWeights | None = None  # host copy, validated; dropped when the host cache is full
+    checked: tuple[int | None, str | None] | None = None  # (stamp, problem) of the last problem() check
 
     @property
     def key(self) -> str:
@@ -137,6 +138,26 @@ class AdapterRegistry:
                 names |= {p.name for p in store.iterdir() if ADAPTER_NAME.fullmatch(p.name)}
             out += [e for n in sorted(names) if (e := self.get(t, n)) is not None]
         return out
+
+    def problem(self, entry: AdapterEntry) -> str | None:
+        """Why a request on `entry` would be refused (the AdapterError a load would raise), or None.
+        Weights read from the current files have none; otherwise the load's checks run on the files'
+        headers (check_adapter: no tensor read), once per change of the files. A store directory with
+        an adapter_config.json is found by get() whatever its weights hold: GET /v1/models lists only
+        the adapters without a problem, as a request would find them."""
+        stamp = _stamp(entry.path)
+        if entry.weights is not None and entry.stamp == stamp:
+            return None
+        checked = entry.checked
+        if checked is None or checked[0] != stamp:  # (None: a file missing, until it appears)
+            try:
+                root = self.store_of(entry.tenant)
+                check_adapter(entry.name, entry.path, self.module_shapes, self.max_rank, root=root)
+                checked = (stamp, None)
+            except AdapterError as exc:
+                checked = (stamp, str(exc))
+            entry.checked = checked
+        return checked[1]
 
     def _discover(self, tenant: str, name: str) -> AdapterEntry | None:
         path = self.store_of(tenant) / name

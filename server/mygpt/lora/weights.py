@@ -78,6 +78,38 @@ def read_adapter(
     root: the adapter store; the directory (symlinks resolved) must stay inside it.
     """
     path = Path(path)
+    config = _check_files(name, path, root)
+    tensors = _read_tensors(name, path / WEIGHTS)
+    plan = _plan(name, config, {k: tuple(t.shape) for k, t in tensors.items()}, module_shapes, max_rank)
+    modules = {
+        module: ModuleLoRA(a=tensors[a].float().contiguous(), b=(tensors[b].float() * scaling).contiguous())
+        for module, (a, b, scaling) in plan.items()
+    }
+    return LoRAWeights(
+        name=name,
+        path=path,
+        rank=max(m.a.shape[0] for m in modules.values()),
+        modules=modules,
+        base_model=config.get("base_model_name_or_path"),
+    )
+
+
+def check_adapter(
+    name: str,
+    path: Path,
+    module_shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+    root: Path | None = None,
+) -> None:
+    """Every check read_adapter makes, from the weights file's header (no tensor is read): AdapterError
+    names the problem. For listings: GET /v1/models shows only adapters a request can use."""
+    path = Path(path)
+    config = _check_files(name, path, root)
+    _plan(name, config, _header_shapes(name, path / WEIGHTS), module_shapes, max_rank)
+
+
+def _check_files(name: str, path: Path, root: Path | None) -> dict:
+    """The directory inside the store, safetensors weights there, and a config we serve: the config."""
     if root is not None:
         real, real_root = path.resolve(), Path(root).resolve()
         if real != real_root and real_root not in real.parents:
@@ -96,55 +128,58 @@ def read_adapter(
                 f"adapter '{name}': pickle weights ({pickled[0]}) are refused; use safetensors"
             )
         raise AdapterError(f"adapter '{name}': {WEIGHTS} is missing")
-    config = _read_config(name, path)
-    tensors = _read_tensors(name, path / WEIGHTS)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    return _read_config(name, path)
+
+
+def _plan(
+    name: str,
+    config: dict,
+    shapes: dict[str, tuple[int, ...]],
+    module_shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+) -> dict[str, tuple[str, str, float]]:
+    """The served modules from the weights' names and shapes: module -> (its lora_A key, its lora_B key,
+    the scaling folded into B); AdapterError for anything the server cannot serve as peft would."""
+    pairs: dict[str, dict[str, str]] = {}
+    for key in shapes:
         m = _KEY.match(key)
         if not m:
             raise AdapterError(
                 f"adapter '{name}': unexpected tensor {key!r} (only LoRA A/B weights are served)"
             )
-        pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+        pairs.setdefault(m["module"], {})[m["ab"]] = key
     if not pairs:
         raise AdapterError(f"adapter '{name}': no LoRA weights found")
     alpha = config.get("lora_alpha", config.get("r", 8))
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not -1e30 < alpha < 1e30:
         raise AdapterError(f"adapter '{name}': lora_alpha {repr(alpha)[:40]} is not a usable number")
-    modules: dict[str, ModuleLoRA] = {}
+    plan: dict[str, tuple[str, str, float]] = {}
     for module, ab in sorted(pairs.items()):
         if module not in module_shapes:
             raise AdapterError(f"adapter '{name}': target module {module!r} does not exist in the base model")
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"adapter '{name}': {module} has lora_{next(iter(ab))} without its pair")
-        a, b = ab["A"], ab["B"]
+        a, b = shapes[ab["A"]], shapes[ab["B"]]
         in_f, out_f = module_shapes[module]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] == 0:
+        if len(a) != 2 or len(b) != 2 or a[0] == 0:
             raise AdapterError(
-                f"adapter '{name}': {module} has lora_A of shape {tuple(a.shape)} and lora_B of shape "
-                f"{tuple(b.shape)}: each must be a matrix of rank 1 or more"
+                f"adapter '{name}': {module} has lora_A of shape {a} and lora_B of shape "
+                f"{b}: each must be a matrix of rank 1 or more"
             )
-        r = a.shape[0]
-        if a.shape != (r, in_f) or b.shape != (out_f, r):
+        r = a[0]
+        if a != (r, in_f) or b != (out_f, r):
             trained_on = config.get("base_model_name_or_path") or "another base model"
             raise AdapterError(
-                f"adapter '{name}': base model mismatch: {module} has shapes A{tuple(a.shape)} "
-                f"B{tuple(b.shape)}, the served base model needs A(r, {in_f}) B({out_f}, r) "
+                f"adapter '{name}': base model mismatch: {module} has shapes A{a} "
+                f"B{b}, the served base model needs A(r, {in_f}) B({out_f}, r) "
                 f"(the adapter was trained on {trained_on})"
             )
         if r > max_rank:
             raise AdapterError(
                 f"adapter '{name}': rank {r} exceeds the server's maximum LoRA rank {max_rank}"
             )
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        modules[module] = ModuleLoRA(a=a.float().contiguous(), b=(b.float() * scaling).contiguous())
-    return LoRAWeights(
-        name=name,
-        path=path,
-        rank=max(m.a.shape[0] for m in modules.values()),
-        modules=modules,
-        base_model=config.get("base_model_name_or_path"),
-    )
+        plan[module] = (ab["A"], ab["B"], alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+    return plan
 
 
 def _read_config(name: str, path: Path) -> dict:
@@ -178,5 +213,16 @@ def _read_tensors(name: str, file: Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"adapter '{name}': {WEIGHTS} is corrupt ({exc})") from None
+
+
+def _header_shapes(name: str, file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors header (the file's size checked against it), no data read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - safe_open is no dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"adapter '{name}': {WEIGHTS} is corrupt ({exc})") from None
