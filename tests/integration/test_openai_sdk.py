@@ -236,6 +236,33 @@ def test_penalties_and_logit_bias_are_honoured(client, tokenizer):
     assert forced.choices[0].message.content == " banana" * 3
 
 
+def test_vllms_sampling_extras_are_honoured(client):
+    """top_k, min_p and repetition_penalty (vLLM's, which Open WebUI and LiteLLM send in extra_body):
+    top_k 1 and min_p 1 keep only the likeliest token, so they draw the greedy answer at temperature
+    1.5; repetition_penalty changes the greedy answer; the completions endpoint takes them too."""
+    kw = dict(model=MODEL, messages=ASK, max_tokens=30)
+    greedy = client.chat.completions.create(**kw, temperature=0).choices[0].message.content
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        drawn = client.chat.completions.create(**kw, temperature=1.5, seed=3, extra_body=extra)
+        assert drawn.choices[0].message.content == greedy, extra
+    wild = client.chat.completions.create(**kw, temperature=1.5, seed=3).choices[0].message.content
+    assert wild != greedy  # what the two above would have drawn without them
+    repeated = client.chat.completions.create(**kw, temperature=0, extra_body={"repetition_penalty": 1.5})
+    assert repeated.choices[0].message.content != greedy
+    text = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    top1 = client.completions.create(
+        model=MODEL,
+        prompt="The capital of France is",
+        max_tokens=8,
+        temperature=1.5,
+        seed=3,
+        extra_body={"top_k": 1},
+    )
+    assert top1.choices[0].text == text.choices[0].text
+
+
 def test_unknown_fields_are_ignored(default_server):
     """B1: at the top level and inside messages."""
     body = {

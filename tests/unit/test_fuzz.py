@@ -139,6 +139,9 @@ OPTIONAL = {
     | junk,
     "presence_penalty": st.floats(-3, 3) | junk,
     "frequency_penalty": st.floats(-3, 3) | junk,
+    "top_k": st.integers(-3, 300) | junk,
+    "min_p": st.floats(-0.5, 1.5) | junk,
+    "repetition_penalty": st.floats(-1, 3) | junk,
     "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"]) | junk})
     | st.fixed_dictionaries(
         {

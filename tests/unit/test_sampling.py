@@ -123,3 +123,67 @@ def test_top_p_zero_keeps_the_most_likely_token_on_both_paths():
     for batched in (False, True):
         rows = [RowSampler(SamplingParams(max_tokens=8, top_p=0.0), seed) for seed in range(3)]
         assert _sample_random(logits, rows, batched_sort=batched).tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_k_draws_only_the_k_likeliest_tokens():
+    """vLLM's top_k: 1 is greedy at any temperature; k draws each of the k likeliest, nothing else."""
+    torch.manual_seed(3)
+    logits = torch.randn(4, 200)
+    tokens, _ = sample(logits, rows(4, temperature=1.8, top_k=1))
+    assert tokens == logits.argmax(-1).tolist()
+    best3 = set(logits[0].topk(3).indices.tolist())
+    drawn = {sample(logits[:1], [RowSampler(SamplingParams(max_tokens=8, temperature=2.0, top_k=3), s)])[0][0]
+             for s in range(300)}  # fmt: skip
+    assert drawn == best3  # flat at temperature 2: all three come up in 300 draws
+
+
+def test_min_p_drops_tokens_under_its_share_of_the_likeliest():
+    """min_p 0.5: only tokens at least half as likely as the likeliest (after temperature)."""
+    logits = torch.log(torch.tensor([[0.40, 0.25, 0.19, 0.16]]))
+    drawn = {
+        sample(logits, [RowSampler(SamplingParams(max_tokens=8, min_p=0.5), s)])[0][0] for s in range(300)
+    }
+    assert drawn == {0, 1}
+    both = {
+        sample(logits, [RowSampler(SamplingParams(max_tokens=8, min_p=0.45, top_k=1), s)])[0][0]
+        for s in range(50)
+    }
+    assert both == {0}
+
+
+def test_repetition_penalty_is_transformers_own():
+    """The prompt's and the output's tokens, a positive logit divided and a negative one multiplied:
+    the logits transformers' RepetitionPenaltyLogitsProcessor gives, as the greedy choice shows; the
+    mask of seen tokens follows the output as it grows."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from mygpt.engine.sampling import _adjust
+
+    torch.manual_seed(4)
+    logits = torch.randn(1, 50) * 3
+    prompt, out = [int(logits.argmax()), 7, 7, 9], [int(logits[0].topk(2).indices[1])]
+    r = RowSampler(
+        SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.7), 0, prompt_ids=prompt
+    )
+    r.output_ids.extend(out)
+    want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + out]), logits.clone())
+    torch.testing.assert_close(_adjust(logits, [r]), want)
+    assert sample(logits, [r])[0] == want.argmax(-1).tolist() and want.argmax() not in (*prompt, *out)
+    r.output_ids.append(int(want.argmax()))  # the next step sees it too
+    want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + r.output_ids]), logits.clone())
+    torch.testing.assert_close(_adjust(logits, [r]), want)
+    plain = RowSampler(SamplingParams(max_tokens=8, temperature=0.0), 0, prompt_ids=prompt)
+    assert torch.equal(_adjust(logits, [plain]), logits)  # 1.0: off
+
+
+def test_top_k_and_min_p_rows_do_not_change_the_others_draws():
+    torch.manual_seed(5)
+    logits = torch.randn(3, 300) * 2
+    params = [
+        SamplingParams(max_tokens=8),
+        SamplingParams(max_tokens=8, top_k=5),
+        SamplingParams(max_tokens=8, min_p=0.1),
+    ]
+    for seed in range(10):
+        alone = [sample(logits[i : i + 1], [RowSampler(p, seed)])[0][0] for i, p in enumerate(params)]
+        assert alone == sample(logits, [RowSampler(p, seed) for p in params])[0]

@@ -520,7 +520,7 @@ class Engine(EngineThread):
             index=index,
             slot=slot,
             lora_slot=lora_slot,
-            sampler=RowSampler(request.params, seed),
+            sampler=RowSampler(request.params, seed, prompt_ids=request.prompt_ids),
             detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
             stops=StopStringMatcher(request.params.stop),
             guide=None if request.params.grammar is None else request.params.grammar.start(),

@@ -1,5 +1,5 @@
-"""Batched sampling: logit bias, presence/frequency penalties, grammar masks, temperature, top-p, per-row
-seeds."""
+"""Batched sampling: logit bias, repetition/presence/frequency penalties, grammar masks, temperature,
+top-k, min-p, top-p, per-row seeds."""
 
 from __future__ import annotations
 
@@ -21,12 +21,28 @@ class RowSampler:
     params: SamplingParams
     seed: int | None  # this choice's seed (params.seed + index), None = random
     output_ids: list[int] = field(default_factory=list)  # tokens generated so far (for penalties)
+    prompt_ids: list[int] = field(default_factory=list, repr=False)  # (repetition_penalty)
     generator: torch.Generator = field(init=False)
+    # repetition_penalty: the tokens seen (prompt and output) as a mask [V] on the logits' device, and
+    # how many of output_ids it holds (updated with the new ones each step, not rebuilt)
+    _seen: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _seen_outputs: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
         # any integer: torch takes 0..2**64-1 (the API bounds seeds to int64; seed + choice may pass it)
         self.generator.manual_seed(self.seed % 2**64 if self.seed is not None else random.getrandbits(63))
+
+    def seen(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """The tokens of the prompt and the output so far, as a bool mask [vocab] on `device`."""
+        if self._seen is None:
+            self._seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self._seen[device_index([t for t in self.prompt_ids if 0 <= t < vocab], device)] = True
+        new = [t for t in self.output_ids[self._seen_outputs :] if 0 <= t < vocab]
+        if new:
+            self._seen[device_index(new, device)] = True
+        self._seen_outputs = len(self.output_ids)
+        return self._seen
 
 
 def sample(
@@ -83,7 +99,12 @@ def device_index(index: list[int], device: torch.device) -> torch.Tensor:
 
 
 def _adjust(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
-    if not any(r.params.logit_bias or r.params.presence_penalty or r.params.frequency_penalty for r in rows):
+    """Logit bias, then the penalties in vLLM's order: repetition (prompt and output tokens), then
+    presence and frequency (output tokens)."""
+    if not any(
+        p.logit_bias or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        for p in (r.params for r in rows)
+    ):
         return logits
     logits = logits.clone()
     vocab = logits.shape[-1]
@@ -92,6 +113,10 @@ def _adjust(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=logits.device)
             logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        if p.repetition_penalty != 1.0:  # as transformers' and vLLM's: divides a positive logit
+            row, penalty = logits[i], p.repetition_penalty
+            seen = r.seen(vocab, logits.device)
+            logits[i] = torch.where(seen, torch.where(row > 0, row / penalty, row * penalty), row)
         if (p.presence_penalty or p.frequency_penalty) and r.output_ids:
             counts = torch.bincount(torch.tensor(r.output_ids), minlength=vocab).to(logits.device)
             logits[i] -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
@@ -106,6 +131,9 @@ def _sample_random(
     batched_sort: top_p by one sort of every row (default: off the CPU), else row by row."""
     temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=logits.device)
     probs = torch.softmax(logits / temps[:, None], dim=-1)  # [B, V]
+    for i, r in enumerate(rows):  # decided on the host: no sync
+        if r.params.top_k > 0 or r.params.min_p > 0.0:
+            probs[i] = _top_k_min_p(probs[i], r.params.top_k, r.params.min_p)
     u = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(logits.device)
     tokens = _draw(probs, u)[:, 0]  # every row from its whole distribution (top_p 1)
     nucleus = [i for i, r in enumerate(rows) if r.params.top_p < 1.0]  # decided on the host: no sync
@@ -122,6 +150,19 @@ def _sample_random(
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     nucleus_tokens = order.gather(1, _draw(_nucleus(sorted_probs, top_p[:, None]), u))[:, 0]
     return torch.where(top_p < 1.0, nucleus_tokens, tokens)
+
+
+def _top_k_min_p(probs: torch.Tensor, top_k: int, min_p: float) -> torch.Tensor:
+    """One row's probabilities [V] with all but its top_k likeliest (0: all) and all under min_p times
+    the likeliest's (0: none) zeroed, renormalized (top_p then applies to what is left, as in vLLM). A
+    tie at the k-th probability keeps every token of that probability."""
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if 0 < top_k < probs.shape[-1]:
+        keep &= probs >= torch.topk(probs, top_k).values[-1]
+    if min_p > 0.0:
+        keep &= probs >= min_p * probs.max()
+    kept = probs.masked_fill(~keep, 0.0)
+    return kept / kept.sum()
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, excluded from the output
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's and llama.cpp's extra parameters (Open WebUI, LiteLLM send them): the k most likely tokens
+    # (0: all), those at least min_p x the likeliest's probability (0: all), and logits of tokens seen
+    # in the prompt or output divided (positive) or multiplied (negative) by repetition_penalty (1: off)
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20, needs logprobs
