@@ -263,6 +263,32 @@ def test_vllms_sampling_extras_are_honoured(client):
     assert top1.choices[0].text == text.choices[0].text
 
 
+def test_vllms_ending_extras_are_honoured(client, tokenizer):
+    """ignore_eos (vLLM's benchmarks send it), min_tokens and stop_token_ids, with EOS or a word made the
+    only likely token by logit_bias; min_tokens over max_tokens is a 400 naming it."""
+    eos = tokenizer.eos_token_id
+    kw = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=6, logit_bias={str(eos): 100})
+
+    def ends(**extra):
+        r = client.chat.completions.create(**kw, extra_body=extra)
+        return r.usage.completion_tokens, r.choices[0].finish_reason, r.choices[0].message.content
+
+    assert ends() == (1, "stop", "")
+    assert ends(ignore_eos=True)[:2] == (6, "length")
+    assert ends(min_tokens=3)[:2] == (4, "stop")  # three other tokens, then EOS
+    (banana,) = tokenizer.encode(" banana", add_special_tokens=False)
+    word = {**kw, "logit_bias": {str(banana): 100}}
+    r = client.chat.completions.create(**word, extra_body={"stop_token_ids": [banana]})
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason, r.choices[0].message.content) == (
+        1,
+        "stop",
+        "",
+    )
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**kw, extra_body={"min_tokens": 7})
+    assert err.value.body["param"] == "min_tokens"
+
+
 def test_unknown_fields_are_ignored(default_server):
     """B1: at the top level and inside messages."""
     body = {

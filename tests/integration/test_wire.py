@@ -154,6 +154,7 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
         ({"model": MODEL, "messages": HI, "min_p": 1.5}, "min_p"),
         ({"model": MODEL, "messages": HI, "top_k": -2}, "top_k"),
         ({"model": MODEL, "messages": HI, "repetition_penalty": 0}, "repetition_penalty"),
+        ({"model": MODEL, "messages": HI, "min_tokens": -1}, "min_tokens"),
         (
             {
                 "model": MODEL,

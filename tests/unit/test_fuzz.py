@@ -142,6 +142,9 @@ OPTIONAL = {
     "top_k": st.integers(-3, 300) | junk,
     "min_p": st.floats(-0.5, 1.5) | junk,
     "repetition_penalty": st.floats(-1, 3) | junk,
+    "min_tokens": st.integers(-2, 40) | junk,
+    "ignore_eos": st.booleans() | junk,
+    "stop_token_ids": st.lists(st.integers(-3, 60000), max_size=3) | junk,
     "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"]) | junk})
     | st.fixed_dictionaries(
         {

@@ -187,3 +187,21 @@ def test_top_k_and_min_p_rows_do_not_change_the_others_draws():
     for seed in range(10):
         alone = [sample(logits[i : i + 1], [RowSampler(p, seed)])[0][0] for i, p in enumerate(params)]
         assert alone == sample(logits, [RowSampler(p, seed) for p in params])[0]
+
+
+def test_min_tokens_holds_the_ending_tokens_back():
+    """Until min_tokens outputs, no ending token (EOS, stop_token_ids) can be drawn, greedy or not;
+    then they can; a grammar's row is left alone (it may have only EOS left)."""
+    logits = torch.zeros(1, 20)
+    logits[0, 2], logits[0, 5] = 10.0, 9.0
+    r = RowSampler(SamplingParams(max_tokens=8, temperature=0.0, min_tokens=2), 0, end_ids=frozenset({2, 5}))
+    assert sample(logits, [r])[0] not in ([2], [5])
+    r.output_ids.extend([7, 8])
+    assert sample(logits, [r])[0] == [2]
+    drawn = RowSampler(
+        SamplingParams(max_tokens=8, temperature=1.0, min_tokens=1), 3, end_ids=frozenset({2, 5})
+    )
+    assert all(sample(logits, [drawn])[0][0] not in (2, 5) for _ in range(20))
+    guided = RowSampler(SamplingParams(max_tokens=8, temperature=0.0, min_tokens=2, grammar=object()), 0,
+                        end_ids=frozenset({2}))  # fmt: skip
+    assert sample(logits, [guided])[0] == [2]

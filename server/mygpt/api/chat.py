@@ -336,6 +336,10 @@ class ChatService:
                 code="context_length_exceeded",
             )
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if requested and (req.min_tokens or 0) > requested:
+            raise invalid(
+                f"min_tokens ({req.min_tokens}) must be at most {param} ({requested}).", param="min_tokens"
+            )
         return SamplingParams(
             max_tokens=requested or ctx - prompt_len,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -347,6 +351,9 @@ class ChatService:
             top_k=max(req.top_k or 0, 0),
             min_p=req.min_p or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=bool(req.ignore_eos),
+            min_tokens=req.min_tokens or 0,
             logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
             logprobs=logprobs,
             top_logprobs=top_logprobs,

@@ -520,11 +520,18 @@ class Engine(EngineThread):
             index=index,
             slot=slot,
             lora_slot=lora_slot,
-            sampler=RowSampler(request.params, seed, prompt_ids=request.prompt_ids),
+            sampler=RowSampler(
+                request.params, seed, prompt_ids=request.prompt_ids, end_ids=self._end_ids(request)
+            ),
             detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
             stops=StopStringMatcher(request.params.stop),
             guide=None if request.params.grammar is None else request.params.grammar.start(),
         )
+
+    def _end_ids(self, request: GenerationRequest) -> frozenset[int]:
+        """The tokens that end a choice: EOS (not with ignore_eos) and the request's stop_token_ids."""
+        p = request.params
+        return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
 
     def _plan_prefill(self, budget: int) -> list[tuple[Group, PrefillChunk]]:
         """The next prompt chunks, oldest request first, at most `budget` tokens in all.
@@ -621,7 +628,7 @@ class Engine(EngineThread):
         t.finished = now
         finish: FinishReason | None = None
         error = None
-        if token in self.eos_token_ids and (row.guide is None or row.guide.accepting):
+        if token in row.sampler.end_ids and (row.guide is None or row.guide.accepting):
             text, finish = row.stops.flush(), FinishReason.STOP
         elif row.guide is not None and not row.guide.advance(token):  # past llguidance's limits, say
             error = f"The response_format schema could not be followed: {row.guide.error}"

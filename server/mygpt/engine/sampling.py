@@ -22,6 +22,7 @@ class RowSampler:
     seed: int | None  # this choice's seed (params.seed + index), None = random
     output_ids: list[int] = field(default_factory=list)  # tokens generated so far (for penalties)
     prompt_ids: list[int] = field(default_factory=list, repr=False)  # (repetition_penalty)
+    end_ids: frozenset[int] = frozenset()  # the tokens that end this choice (min_tokens holds them back)
     generator: torch.Generator = field(init=False)
     # repetition_penalty: the tokens seen (prompt and output) as a mask [V] on the logits' device, and
     # how many of output_ids it holds (updated with the new ones each step, not rebuilt)
@@ -102,7 +103,11 @@ def _adjust(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     """Logit bias, then the penalties in vLLM's order: repetition (prompt and output tokens), then
     presence and frequency (output tokens)."""
     if not any(
-        p.logit_bias or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        p.logit_bias
+        or p.presence_penalty
+        or p.frequency_penalty
+        or p.repetition_penalty != 1.0
+        or p.min_tokens
         for p in (r.params for r in rows)
     ):
         return logits
@@ -120,6 +125,11 @@ def _adjust(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
         if (p.presence_penalty or p.frequency_penalty) and r.output_ids:
             counts = torch.bincount(torch.tensor(r.output_ids), minlength=vocab).to(logits.device)
             logits[i] -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
+        # min_tokens: no ending token yet (not against a grammar, which may have only EOS left)
+        if len(r.output_ids) < p.min_tokens and p.grammar is None and r.end_ids:
+            logits[i, device_index(sorted(t for t in r.end_ids if 0 <= t < vocab), logits.device)] = float(
+                "-inf"
+            )
     return logits
 
 

@@ -29,6 +29,11 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # vLLM's: more token ids that end a choice as EOS does (not in the text); EOS does not end it; the
+    # ending tokens (EOS and stop_token_ids) cannot be drawn before min_tokens tokens
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20, needs logprobs
