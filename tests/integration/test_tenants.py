@@ -513,4 +513,21 @@ def test_rejected_and_cancelled_requests_are_counted(server):
         time.sleep(0.1)
     else:
         raise AssertionError("the disconnected stream was not counted as cancelled")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def metrics() -> dict:  # (name, tenant, outcome) -> value
+        text = httpx.get(server.base_url + "/metrics", timeout=10).text
+        return {
+            (s.name, s.labels.get("tenant"), s.labels.get("outcome")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    deadline = time.monotonic() + 10
+    while (m := metrics())[("mygpt_num_requests_running", None, None)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert m[("mygpt_num_requests_running", None, None)] == 0  # F1: its row was freed
+    cancelled = sum(v for (name, tenant, outcome), v in m.items()
+                    if name == "mygpt_requests_total" and tenant == "acme" and outcome == "cancelled")  # fmt: skip
+    assert cancelled >= 1  # G3: the outcome on /metrics too
     assert ask(c2, MODEL, 2).choices

@@ -299,6 +299,7 @@ class Engine(EngineThread):
         torch.set_grad_enabled(False)
         while not self._stopping:
             self._drain_inbox()
+            self._record_counts()
             if not (self._waiting or self._prefilling or self._running):
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
@@ -317,6 +318,15 @@ class Engine(EngineThread):
                 self._busy_since = None
         self._drain_inbox()  # requests submitted during the last step get their final event too
         self._fail_all("the server is shutting down")
+
+    def _record_counts(self) -> None:
+        """The running and waiting counts where something outside a step changed them (an abort, new
+        requests while idle): the gauges would otherwise keep the last step's until the next one."""
+        running, waiting = self.num_running, self._num_waiting
+        if (running, waiting) != (self.stats.running, self.stats.waiting):
+            self.stats.running, self.stats.waiting = running, waiting
+            if self.metrics is not None:
+                self.metrics.record_step(running, waiting, 0, 0, 0.0)
 
     def _drain_inbox(self) -> None:
         while True:
