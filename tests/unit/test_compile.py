@@ -106,6 +106,7 @@ def test_warm_compile_leaves_nothing_to_compile_for_requests(tiny_model_dir, lor
     """After the start-up warm-up, steps of any batch, span and adapter mix compile nothing more."""
     import random
 
+    torch._dynamo.reset()  # nothing compiled by an earlier test counts as warmed
     runner = make_runner(tiny_model_dir, True, lora_kernel=lora_kernel)
     assert runner.lora_kernel == lora_kernel
     assert runner.decoder.warm_compile() > 0
@@ -202,6 +203,7 @@ def test_steps_with_prompt_chunks_run_compiled_pieces_with_the_same_results(tiny
     to LORA_KERNEL_TOKENS tokens, the grouped products past them (a compile of its own, warmed too)."""
     from mygpt.engine.runner import LORA_KERNEL_TOKENS, PrefillChunk
 
+    torch._dynamo.reset()  # nothing compiled by an earlier test counts as warmed
     plain = make_runner(tiny_model_dir, False)
     compiled = make_runner(tiny_model_dir, True, lora_kernel=lora_kernel)
     assert compiled.lora_kernel == lora_kernel

@@ -214,12 +214,21 @@ def test_runner_with_the_kernel_equals_the_dequantized_model(monkeypatch):
     )  # opt-in only
 
 
+def keep_gpu_layout(model) -> None:
+    """bitsandbytes repacks a layer's weight for its CPU kernel on its first forward where the CPU has
+    AVX512-BF16, in the middle of compiled code; keep the GPU layout, the one the kernel reads."""
+    from bitsandbytes.nn import Linear4bit
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
 def test_compiled_layers_call_the_kernel_as_one_op(monkeypatch):
     """nf4_kernel with compile_layers (and the LoRA kernels): every product shape is checked in its three
     configurations before anything compiles (NF4Product.verify); compiled decode steps (1 row: gemv, 3:
     dot) and compiled prompt pieces up to MAX_ROWS tokens call the kernel as one opaque op, longer
     prompts bitsandbytes; the logits of the dequantized model, uncompiled, and no graph break."""
-    from bitsandbytes.nn import Linear4bit
     from torch._dynamo.utils import counters
 
     from mygpt.engine.runner import ModelRunner
@@ -227,9 +236,7 @@ def test_compiled_layers_call_the_kernel_as_one_op(monkeypatch):
 
     monkeypatch.setattr(nf4.NF4Product, "_checked", {})
     quant, dense = nf4_llama()
-    for m in quant.modules():
-        if isinstance(m, Linear4bit):
-            m.support_avx512bf16_for_cpu = False  # keep the GPU layout the kernel reads (no CPU repacking)
+    keep_gpu_layout(quant)
     kw = {"num_slots": 4, "max_len": 64, "dtype": torch.float32, "max_loras": 2}
     compiled = ModelRunner(
         quant, nf4_kernel=True, static_decode=True, compile_layers=True, lora_kernel=True, **kw
@@ -265,6 +272,35 @@ def test_compiled_layers_call_the_kernel_as_one_op(monkeypatch):
     got, want = (r.prefill(2, prompt, 0, 1) for r in (compiled, plain))  # 40 rows: bitsandbytes (bfloat16)
     assert float((got - want).norm() / want.norm()) < 1e-2 and not rows
     assert sum(counters["graph_break"].values()) == breaks and compiled.compiled
+    # settings changed after the check (gpu_check's sweep does): compiled code takes bitsandbytes
+    monkeypatch.setitem(nf4.TILES, "gemv", {**nf4.TILES["gemv"], "block_k": 128})
+    assert not any(p.compiled_ok for p in products)
+    got, want = compiled.decode([1], [3], [7], [-1]), plain.decode([1], [3], [7], [-1])
+    assert float((got - want).norm() / want.norm()) < 1e-2 and not rows and compiled.compiled
+
+
+def test_warm_compile_covers_the_nf4_kernels_rows(monkeypatch):
+    """With the NF4 kernel in compiled layers, the start-up warm-up compiles the kinds of step on both
+    sides of MAX_ROWS: afterwards decode steps and prompts of any length compile nothing (without the
+    LoRA kernels, whose warm-up past their 128 tokens would cover it here)."""
+    from torch._dynamo.utils import counters
+
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    torch._dynamo.reset()
+    quant, _ = nf4_llama()
+    keep_gpu_layout(quant)
+    runner = ModelRunner(quant, num_slots=4, max_len=64, dtype=torch.float32, max_loras=2, nf4_kernel=True,
+                         static_decode=True, compile_layers=True)  # fmt: skip
+    assert runner.decoder.warm_compile() > 0
+    graphs = counters["stats"]["unique_graphs"]
+    for slot, n, lora in ((0, 40, 1), (1, 20, -1), (2, 50, -1), (3, 9, 0)):
+        runner.prefill(slot, [5] * n, 0, lora)
+    runner.decode([0], [6], [40], [1])
+    runner.decode([0, 1, 2], [6, 7, 8], [41, 20, 50], [1, -1, 0])
+    assert counters["stats"]["unique_graphs"] == graphs and runner.compiled
 
 
 def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):

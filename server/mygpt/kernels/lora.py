@@ -175,7 +175,8 @@ def verified(groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> bool:
     """Whether the kernels may run for these projection groups (each: its A^T stack and its parts' B^T
     stacks): once per group shape, the kernels' terms against the grouped products' (lora_delta) on
     random adapters in two slots and three rows (one on the base model), compiled for this device and
-    dtype. A kernel that fails or disagrees is never used (a warning; the grouped products run)."""
+    dtype, added in place (eager steps) and into new outputs (lora_added: compiled layers). A kernel
+    that fails or disagrees is never used (a warning; the grouped products run)."""
     from mygpt.lora.layers import LoRABatch, lora_delta, set_rows
 
     ok = True
@@ -191,15 +192,20 @@ def verified(groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> bool:
         x = torch.randn(3, d_in, generator=g, device=device).to(dtype)
         rows = [1, -1, 0]
 
-        def kernels(a=a, b=b, x=x, rows=rows) -> tuple[torch.Tensor, ...]:
-            terms = [torch.zeros(3, bt.shape[2], dtype=bt.dtype, device=bt.device) for bt in b]
-            add_lora(x, a, b, terms, torch.tensor(rows, device=x.device))
-            return tuple(terms)
+        # small outputs to add to: the check weighs the terms, and the row on the base model its copy
+        base = [(torch.randn(3, bt.shape[2], generator=g, device=device) * 0.01).to(dtype) for bt in bts]
 
-        def grouped(a=a, b=b, x=x, rows=rows) -> tuple[torch.Tensor, ...]:
+        def kernels(a=a, b=b, x=x, rows=rows, base=base) -> tuple[torch.Tensor, ...]:
+            slots = torch.tensor(rows, device=x.device)
+            in_place = [y.clone() for y in base]
+            add_lora(x, a, b, in_place, slots)
+            return (*in_place, *lora_added(base, x, a, b, slots))
+
+        def grouped(a=a, b=b, x=x, rows=rows, base=base) -> tuple[torch.Tensor, ...]:
             batch = LoRABatch()
             set_rows(batch, rows, a.shape[2], a.dtype, a.device)
-            return tuple(lora_delta(batch, x, a, b))
+            want = [y + d.to(y.dtype) for y, d in zip(base, lora_delta(batch, x, a, b), strict=True)]
+            return (*want, *want)
 
         ok &= check_once(_checked, key, kernels, grouped)
     return ok

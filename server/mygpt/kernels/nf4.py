@@ -248,6 +248,12 @@ def _(x, words, scale, code):
     return x.new_empty(x.shape[0], words.shape[0])
 
 
+def _settings() -> tuple:
+    """The module's kernel settings as they stand (gpu_check's sweep and tests change them)."""
+    tiles = tuple((kind, tuple(sorted(tile.items()))) for kind, tile in sorted(TILES.items()))
+    return MAX_ROWS, GEMV_ROWS, tiles
+
+
 def nf4_scales(weight) -> torch.Tensor:
     """A bitsandbytes Params4bit's absmax as float32 [N, K/blocksize], its double quantization undone
     exactly as bitsandbytes does before it dequantizes."""
@@ -310,7 +316,8 @@ class NF4Product:
         self.code = layers[0].weight.quant_state.code.float().to(packed.device)
         self.compute_dtype = layers[0].compute_dtype  # None: the input's, as bitsandbytes' layer does
         self.enabled = True
-        self.compiled_ok = False  # verify(): the kernel may run in compiled layers
+        # verify(): the input dtype and kernel settings the kernel was checked with for compiled layers
+        self.verified_for: tuple | None = None
 
     def _bnb(self, x2: torch.Tensor) -> torch.Tensor:
         outs = [layer(x2) for layer in self.layers]
@@ -332,25 +339,35 @@ class NF4Product:
 
     def verify(self, dtype: torch.dtype) -> bool:
         """Checks the kernel for inputs of `dtype` (the model's; the layers' compute dtype where they set
-        one) in each of its configurations (1 row: gemv; up to 16 and up to MAX_ROWS rows: dot), on
-        random rows, against bitsandbytes; returns whether all agree (compiled_ok). Called before
-        torch.compile traces the product (runner.compile_layers): compiled code calls the kernel as one
-        op, and its first call of a shape may run inside a CUDA graph capture, where no check can."""
-        k = self.packed.shape[1] * 2
+        one) in each configuration its products of 1 to MAX_ROWS rows take (_config: with GEMV_ROWS 1,
+        the gemv at 1 row and the dot's two row blocks), each at its most rows, on random rows, against
+        bitsandbytes; returns whether all agree. Called before torch.compile traces the product
+        (runner.compile_layers): compiled code calls the kernel as one opaque op, where the per-shape
+        check of eager steps (a host read of the result) cannot run. Compiled code calls the kernel
+        only for the dtype and settings verified here (verified_for), bitsandbytes otherwise."""
+        n, k = self.packed.shape[0], self.packed.shape[1] * 2
         dtype = self.compute_dtype or dtype
+        most = {_config(m, n, k): m for m in range(1, MAX_ROWS + 1)}  # each configuration's last m
         g = torch.Generator(device=self.packed.device).manual_seed(0)
         ok = True
-        for m in (1, 16, MAX_ROWS):
+        for m in sorted(most.values()):
             ok &= self._kernel_ok(torch.randn(m, k, generator=g, device=self.packed.device).to(dtype))
-        self.compiled_ok = ok
+        self.verified_for = (dtype, _settings()) if ok else None
         return ok
+
+    @property
+    def compiled_ok(self) -> bool:
+        """Whether compiled layers may call the kernel, for verify()'s dtype."""
+        return self.verified_for is not None and self.verified_for[1] == _settings()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if self.compute_dtype is not None and x2.dtype != self.compute_dtype:
             x2 = x2.to(self.compute_dtype)
         if torch.compiler.is_compiling():  # runner.compile_layers: verified, or bitsandbytes' traced ops
-            kernel = self.enabled and self.compiled_ok and x2.shape[0] <= MAX_ROWS
+            # (compared while torch.compile traces: guards, nothing at run time)
+            verified = self.verified_for == (x2.dtype, _settings())
+            kernel = self.enabled and verified and x2.shape[0] <= MAX_ROWS
             y = nf4_matmul_op(x2, self.words, self.scale, self.code) if kernel else self._bnb(x2)
         elif self.enabled and x2.shape[0] <= MAX_ROWS and self._kernel_ok(x2):
             y = nf4_matmul(x2, self.words, self.scale, self.code)
