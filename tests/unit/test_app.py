@@ -42,6 +42,23 @@ def served_state(tiny_model_dir, tokenizer):
     engine.stop()
 
 
+def test_a_failed_warm_up_generation_is_a_start_up_failure(served_state, tokenizer, monkeypatch):
+    """G1: the warm-up generation before /ready fails with the engine's error (here: a step that
+    raises, as a device out of memory would), which start-up turns into /ready's 503 and its message;
+    a working engine's warm-up passes."""
+    from mygpt.state import _warm_up
+
+    engine = served_state.engine
+    _warm_up(engine, tokenizer)
+
+    def fails(*args, **kw):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(engine.runner, "step", fails)
+    with pytest.raises(RuntimeError, match="warm-up generation failed.*out of memory"):
+        _warm_up(engine, tokenizer)
+
+
 @pytest.mark.anyio
 async def test_not_ready_while_loading():
     state = ServerState(Settings(), Tenants(load_tenancy(None)))  # nothing loaded yet
