@@ -63,7 +63,20 @@ class ResponseFormat(_Lenient):
     json_schema: JSONSchemaFormat | None = None
 
 
-class ChatCompletionRequest(_Lenient):
+class VLLMSampling(_Lenient):
+    """vLLM's sampling extras, on chat and text completions (Open WebUI, LiteLLM and llama.cpp's
+    clients send them, vLLM's benchmarks ignore_eos): honoured, not ignored. top_k -1 or 0 and min_p
+    0 keep every token, repetition_penalty 1 is off."""
+
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0)
+
+
+class ChatCompletionRequest(VLLMSampling):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -81,15 +94,6 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, ge=0.0, le=1.0)
-    # vLLM's sampling extras (Open WebUI, LiteLLM and llama.cpp's clients send them, and vLLM's
-    # benchmarks ignore_eos): honoured, not ignored; top_k -1 or 0 and min_p 0 keep every token,
-    # repetition_penalty 1 is off
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
-    ignore_eos: bool | None = None
-    min_tokens: int | None = Field(None, ge=0)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -113,7 +117,7 @@ class ChatCompletionRequest(_Lenient):
         return v
 
 
-class CompletionRequest(_Lenient):
+class CompletionRequest(VLLMSampling):
     """POST /v1/completions (OpenAI's legacy text completions)."""
 
     model: str
@@ -134,14 +138,6 @@ class CompletionRequest(_Lenient):
     suffix: str | None = None
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, ge=0.0, le=1.0)
-    # vLLM's sampling extras (Open WebUI, LiteLLM and llama.cpp's clients send them): as in chat
-    # completions; top_k -1 or 0 and min_p 0 keep every token, repetition_penalty 1 is off
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
-    ignore_eos: bool | None = None
-    min_tokens: int | None = Field(None, ge=0)
     user: str | None = None
 
     _bias_range = field_validator("logit_bias")(ChatCompletionRequest._bias_range.__func__)
