@@ -81,10 +81,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.batch.rows is not None:
-            from mygpt.kernels.lora import add_lora
-
-            add_lora(x, self.lora_at, [self.lora_bt], [y], self.batch.rows)
+        if self.batch.rows is not None:  # the LoRA kernels, as FusedLinear._with_lora calls them
+            if torch.compiler.is_compiling():
+                return lora_kernels.lora_added([y], x, self.lora_at, [self.lora_bt], self.batch.rows)[0]
+            lora_kernels.add_lora(x, self.lora_at, [self.lora_bt], [y], self.batch.rows)
             return y
         o = lora_delta(self.batch, x, self.lora_at, [self.lora_bt])
         if o is not None:
