@@ -155,6 +155,15 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
         ({"model": MODEL, "messages": HI, "top_k": -2}, "top_k"),
         ({"model": MODEL, "messages": HI, "repetition_penalty": 0}, "repetition_penalty"),
         ({"model": MODEL, "messages": HI, "min_tokens": -1}, "min_tokens"),
+        ({"model": MODEL, "messages": HI, "min_tokens": 10**6}, "min_tokens"),  # past the context
+        (
+            {"model": MODEL, "messages": HI, "ignore_eos": True, "response_format": {"type": "json_object"}},
+            "ignore_eos",
+        ),
+        (
+            {"model": MODEL, "messages": HI, "min_tokens": 2, "response_format": {"type": "json_object"}},
+            "min_tokens",
+        ),
         (
             {
                 "model": MODEL,
@@ -230,6 +239,18 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
 def test_bad_input_is_a_400_naming_the_param(tiny_server, body, param):
     for stream in (False, True):  # C2: a stream that fails before its first byte is a real 400
         assert_openai_error(post(tiny_server, {**body, "stream": stream}), 400, param=param)
+
+
+@pytest.mark.parametrize("value", ["Infinity", "1e309", "NaN"])
+def test_a_repetition_penalty_that_is_no_number_is_a_400(tiny_server, value):
+    """Python's JSON reader takes Infinity, NaN and 1e309 (inf); a penalty of inf turned a seen token's
+    logit of 0 into NaN."""
+    body = f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "repetition_penalty": {value}}}'
+    r = httpx.post(
+        tiny_server.base_url + "/v1/chat/completions", content=body,
+        headers={"Content-Type": "application/json"}, timeout=60,
+    )  # fmt: skip
+    assert_openai_error(r, 400, param="repetition_penalty")
 
 
 def test_stream_options_without_stream_is_a_400(tiny_server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -104,8 +105,12 @@ def test_problem_is_what_a_load_would_refuse_without_reading_tensors(
     for e in fresh.list("t"):  # kept until the files change
         fresh.problem(e)
     assert len(checks) == len(problems)
-    time.sleep(0.01)
-    shutil.copy(t / "one" / "adapter_model.safetensors", t / "corrupt" / "adapter_model.safetensors")
+    # good files copied over, keeping the old modification time (as cp -p or rsync -a would)
+    file = t / "corrupt" / "adapter_model.safetensors"
+    before = file.stat()
+    shutil.copy(t / "one" / "adapter_model.safetensors", file)
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert file.stat().st_mtime_ns == before.st_mtime_ns
     assert fresh.problem(fresh.get("t", "corrupt")) is None and checks[-1] == "corrupt"
     assert len(checks) == len(problems) + 1
 

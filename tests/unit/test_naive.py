@@ -56,3 +56,41 @@ def test_top_p_zero_is_the_most_likely_token(naive):
     c.submit(naive, "top_p0", PROMPTS[2], max_tokens=6, temperature=1.0, top_p=0.0, seed=3)
     c.wait()
     assert c.tokens("greedy") == c.tokens("top_p0")
+
+
+def test_vllms_extras_give_the_same_tokens_in_both_engines(naive, tiny_model_dir, tokenizer):
+    """repetition_penalty, top_k, ignore_eos, min_tokens and stop_token_ids: the engine (its own
+    sampler) and the baseline (transformers' processors) give the same tokens and finish reasons."""
+    from transformers import AutoModelForCausalLM
+
+    from mygpt.engine.engine import Engine
+    from mygpt.engine.runner import ModelRunner
+
+    eos = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    engine = Engine(ModelRunner(model, 4, 512, torch.float32), tokenizer, [eos])
+    engine.start()
+    cases = {
+        "plain": dict(max_tokens=12, temperature=0.0),
+        "repeat": dict(max_tokens=12, temperature=0.0, repetition_penalty=1.8),
+        "top1": dict(max_tokens=12, temperature=1.5, top_k=1, seed=2),
+        "ignore": dict(max_tokens=5, temperature=0.0, logit_bias={eos: 100.0}, ignore_eos=True),
+        "least": dict(max_tokens=6, temperature=0.0, logit_bias={eos: 100.0}, min_tokens=3),
+        "stopid": dict(max_tokens=6, temperature=0.0, logit_bias={7: 100.0}, stop_token_ids=(7,)),
+    }
+    got = {}
+    try:
+        for name, e in (("engine", engine), ("naive", naive)):
+            c = Collector()
+            for case, params in cases.items():
+                c.submit(e, case, PROMPTS[4], **params)
+                c.wait()  # one at a time: the naive engine runs them so anyway
+            got[name] = {case: (c.tokens(case), c.finish(case)) for case in cases}
+    finally:
+        engine.stop()
+    assert got["engine"] == got["naive"]
+    out = got["engine"]
+    assert out["repeat"][0] != out["plain"][0] and out["top1"] == out["plain"]
+    assert out["ignore"] == ([eos] * 5, FinishReason.LENGTH)
+    assert out["least"][1] == FinishReason.STOP and len(out["least"][0]) == 4 and out["least"][0][3] == eos
+    assert out["stopid"] == ([7], FinishReason.STOP)

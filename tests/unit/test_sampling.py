@@ -177,13 +177,21 @@ def test_repetition_penalty_is_transformers_own():
 
 
 def test_top_k_and_min_p_rows_do_not_change_the_others_draws():
+    """The rows that ask for top_k or min_p are filtered together (one topk at the largest k): each
+    row draws what it draws alone, and only from its own k likeliest."""
     torch.manual_seed(5)
-    logits = torch.randn(3, 300) * 2
+    logits = torch.randn(6, 300) * 2
     params = [
         SamplingParams(max_tokens=8),
         SamplingParams(max_tokens=8, top_k=5),
         SamplingParams(max_tokens=8, min_p=0.1),
+        SamplingParams(max_tokens=8, top_k=40, temperature=2.0),
+        SamplingParams(max_tokens=8, top_k=3, min_p=0.3, temperature=2.0),
+        SamplingParams(max_tokens=8, top_k=300),  # the whole vocabulary: no filter
     ]
+    for seed in range(30):
+        batch = sample(logits, [RowSampler(p, seed) for p in params])[0]
+        assert batch[1] in logits[1].topk(5).indices and batch[4] in logits[4].topk(3).indices
     for seed in range(10):
         alone = [sample(logits[i : i + 1], [RowSampler(p, seed)])[0][0] for i, p in enumerate(params)]
         assert alone == sample(logits, [RowSampler(p, seed) for p in params])[0]

@@ -35,9 +35,10 @@ async def list_adapters(request: Request, _: Principal = Depends(admin)) -> dict
     entries = state.registry.list()
     cache = state.adapter_cache_snapshot()
     current = {e.key for e in entries}
+    problems = await asyncio.to_thread(lambda: [state.registry.problem(e) for e in entries])  # file reads
     return {
         "object": "list",
-        "data": [{**_describe(e, cache), "error": state.registry.problem(e)} for e in entries],
+        "data": [{**_describe(e, cache), "error": p} for e, p in zip(entries, problems, strict=True)],
         "retiring": sorted(k for k in cache if k not in current),  # old versions finishing requests
     }
 

@@ -336,10 +336,18 @@ class ChatService:
                 code="context_length_exceeded",
             )
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        if requested and (req.min_tokens or 0) > requested:
-            raise invalid(
-                f"min_tokens ({req.min_tokens}) must be at most {param} ({requested}).", param="min_tokens"
-            )
+        room = requested or ctx - prompt_len
+        if (req.min_tokens or 0) > room:
+            limit = f"{param} ({requested})" if requested else f"the {room} tokens left in the context"
+            raise invalid(f"min_tokens ({req.min_tokens}) must be at most {limit}.", param="min_tokens")
+        if grammar is not None:  # structured output and tools end where the grammar lets them
+            for name in ("ignore_eos", "min_tokens"):
+                if getattr(req, name):
+                    raise invalid(
+                        f"{name} cannot be combined with response_format or tools: the structured output "
+                        "ends where its grammar does.",
+                        param=name,
+                    )
         return SamplingParams(
             max_tokens=requested or ctx - prompt_len,
             temperature=1.0 if req.temperature is None else req.temperature,

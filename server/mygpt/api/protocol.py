@@ -70,7 +70,7 @@ class VLLMSampling(_Lenient):
 
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(None, ge=0)

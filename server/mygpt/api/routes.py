@@ -81,13 +81,14 @@ async def chat_page_file(name: str) -> FileResponse:
 @router.get("/v1/models")
 async def list_models(request: Request, principal: Principal = Depends(caller)) -> ModelList:
     chat = _chat(request)
-    return ModelList(data=[_card(request, chat, m) for m in chat.model_ids(principal)])
+    ids = await asyncio.to_thread(chat.model_ids, principal)  # checks adapters' files: off the loop
+    return ModelList(data=[_card(request, chat, m) for m in ids])
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request, principal: Principal = Depends(caller)) -> ModelCard:
     chat = _chat(request)
-    if model not in chat.model_ids(principal):
+    if model not in await asyncio.to_thread(chat.model_ids, principal):
         raise model_not_found(model)
     return _card(request, chat, model)
 

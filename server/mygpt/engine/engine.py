@@ -644,7 +644,11 @@ class Engine(EngineThread):
             error = f"The response_format schema could not be followed: {row.guide.error}"
             text, finish = "", FinishReason.ERROR
         else:
-            text, stopped = row.stops.push(row.detok.push(token))
+            piece = row.detok.push(token)
+            if len(row.output_ids) < row.request.params.min_tokens:  # no stop string before (vLLM's rule)
+                text, stopped = piece, False
+            else:
+                text, stopped = row.stops.push(piece)
             if stopped:
                 finish = FinishReason.STOP
             elif (

@@ -17,9 +17,13 @@ import torch
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -105,6 +109,8 @@ class NaiveEngine(EngineThread):
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(p.stop)
         guide = None if p.grammar is None else p.grammar.start()
+        # the tokens that end a choice (the engine's _end_ids): EOS unless ignore_eos, and stop_token_ids
+        ends = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos_token_ids)]
         state: dict = {"n": 0, "done": None, "logprobs": None}
         ids = torch.tensor([request.prompt_ids], device=self.model.device)
         prompt_lps = None
@@ -118,13 +124,14 @@ class NaiveEngine(EngineThread):
                 return  # sees the token: one token more comes after our finish
             state["n"] += 1
             finish, error = None, None
-            if token in self.eos_token_ids and (guide is None or guide.accepting):
+            if token in ends and (guide is None or guide.accepting):
                 text, finish = stops.flush(), FinishReason.STOP
             elif guide is not None and not guide.advance(token):
                 error = f"The response_format schema could not be followed: {guide.error}"
                 text, finish = "", FinishReason.ERROR
             else:
-                text, stopped = stops.push(detok.push(token))
+                piece = detok.push(token)  # no stop string before min_tokens (vLLM's rule)
+                text, stopped = stops.push(piece) if state["n"] >= p.min_tokens else (piece, False)
                 if stopped:
                     finish = FinishReason.STOP
                 elif (complete := guide is not None and guide.done) or state["n"] >= p.max_tokens:
@@ -168,9 +175,19 @@ class NaiveEngine(EngineThread):
         # top_p (generate() would put its own warpers before ours, so it gets 1.0 and no top_k)
         processors = [_Record(state)] if p.logprobs else []
         processors += [_Bias(p.logit_bias)] if p.logit_bias else []
+        if p.repetition_penalty != 1.0:  # over the prompt and the output, as the engine's
+            processors.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+        if p.min_tokens and ends and guide is None:
+            processors.append(
+                MinNewTokensLengthLogitsProcessor(ids.shape[1], p.min_tokens, ends, device=str(ids.device))
+            )
         processors += [_Guided(guide, self.eos_token_ids)] if guide else []
         if sampling and p.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(max(p.temperature, 1e-5)))
+        if sampling and p.top_k > 0:  # then min_p, then top_p, as the engine's
+            processors.append(TopKLogitsWarper(p.top_k))
+        if sampling and p.min_p > 0.0:
+            processors.append(MinPLogitsWarper(p.min_p))
         if sampling and p.top_p < 1.0:
             processors.append(TopPLogitsWarper(max(p.top_p, 1e-8)))  # top_p 0: the most likely token
         with torch.inference_mode():
@@ -182,7 +199,7 @@ class NaiveEngine(EngineThread):
                 temperature=1.0,
                 top_p=1.0,
                 top_k=0,
-                eos_token_id=self.eos_token_ids or None,
+                eos_token_id=ends or None,
                 pad_token_id=self.tokenizer.pad_token_id or 0,
                 streamer=Streamer(),
                 stopping_criteria=StoppingCriteriaList([Stop()]),

@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mygpt.engine.guided import mask_logits
@@ -36,9 +37,12 @@ class RowSampler:
 
     def seen(self, vocab: int, device: torch.device) -> torch.Tensor:
         """The tokens of the prompt and the output so far, as a bool mask [vocab] on `device`."""
-        if self._seen is None:
-            self._seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self._seen[device_index([t for t in self.prompt_ids if 0 <= t < vocab], device)] = True
+        if self._seen is None:  # once per row, on the host: the prompt through numpy, not a Python loop
+            ids = torch.from_numpy(np.fromiter(self.prompt_ids, dtype=np.int64, count=len(self.prompt_ids)))
+            seen = torch.bincount(ids[(ids >= 0) & (ids < vocab)], minlength=vocab) > 0
+            if device.type == "cuda":  # a pinned copy: the host does not wait for the device's queue
+                seen = seen.pin_memory()
+            self._seen = seen.to(device, non_blocking=True)
         new = [t for t in self.output_ids[self._seen_outputs :] if 0 <= t < vocab]
         if new:
             self._seen[device_index(new, device)] = True
@@ -141,9 +145,7 @@ def _sample_random(
     batched_sort: top_p by one sort of every row (default: off the CPU), else row by row."""
     temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=logits.device)
     probs = torch.softmax(logits / temps[:, None], dim=-1)  # [B, V]
-    for i, r in enumerate(rows):  # decided on the host: no sync
-        if r.params.top_k > 0 or r.params.min_p > 0.0:
-            probs[i] = _top_k_min_p(probs[i], r.params.top_k, r.params.min_p)
+    probs = _top_k_min_p(probs, rows)
     u = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(logits.device)
     tokens = _draw(probs, u)[:, 0]  # every row from its whole distribution (top_p 1)
     nucleus = [i for i, r in enumerate(rows) if r.params.top_p < 1.0]  # decided on the host: no sync
@@ -162,17 +164,30 @@ def _sample_random(
     return torch.where(top_p < 1.0, nucleus_tokens, tokens)
 
 
-def _top_k_min_p(probs: torch.Tensor, top_k: int, min_p: float) -> torch.Tensor:
-    """One row's probabilities [V] with all but its top_k likeliest (0: all) and all under min_p times
-    the likeliest's (0: none) zeroed, renormalized (top_p then applies to what is left, as in vLLM). A
-    tie at the k-th probability keeps every token of that probability."""
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    if 0 < top_k < probs.shape[-1]:
-        keep &= probs >= torch.topk(probs, top_k).values[-1]
-    if min_p > 0.0:
-        keep &= probs >= min_p * probs.max()
-    kept = probs.masked_fill(~keep, 0.0)
-    return kept / kept.sum()
+def _top_k_min_p(probs: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    """probs [B, V] with, in each row that asks, all but its top_k likeliest tokens (0: all) and all
+    under min_p times its likeliest's probability (0: none) zeroed, renormalized (top_p then applies to
+    what is left, as in vLLM). A tie at the k-th probability keeps every token of it. The rows that
+    ask go together (one topk at their largest k); each row's result depends on that row alone."""
+    vocab = probs.shape[-1]
+    asks = [i for i, r in enumerate(rows) if r.params.top_k > 0 or r.params.min_p > 0.0]  # on the host
+    if not asks:
+        return probs
+    device = probs.device
+    ks = [rows[i].params.top_k if 0 < rows[i].params.top_k < vocab else 0 for i in asks]
+    index = device_index(asks, device)
+    sub = probs.index_select(0, index)
+    keep = torch.ones_like(sub, dtype=torch.bool)
+    if any(ks):  # each row's k-th probability (0 for a row without top_k: it keeps everything)
+        top = torch.topk(sub, max(ks), dim=-1).values
+        kth = top.gather(1, device_index([max(k - 1, 0) for k in ks], device)[:, None])
+        keep &= sub >= torch.where(device_index(ks, device)[:, None] > 0, kth, 0.0)
+    min_p = [rows[i].params.min_p for i in asks]
+    if any(min_p):
+        floor = torch.tensor(min_p, device=device)[:, None] * sub.amax(dim=-1, keepdim=True)
+        keep &= sub >= floor
+    sub = sub.masked_fill(~keep, 0.0)
+    return probs.index_copy(0, index, sub / sub.sum(dim=-1, keepdim=True))
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

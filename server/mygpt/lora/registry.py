@@ -52,9 +52,9 @@ class AdapterEntry:
     source: str  # "store" (found on disk), "config" or "api"
     pinned: bool = False  # resident at all times (never evicted)
     created: int = field(default_factory=lambda: int(time.time()))
-    stamp: int | None = None  # the files' change times when `weights` was read
+    stamp: tuple[int, ...] | None = None  # the files' _stamp when `weights` was read
     weights: LoRAWeights | None = None  # host copy, validated; dropped when the host cache is full
-    checked: tuple[int | None, str | None] | None = None  # (stamp, problem) of the last problem() check
+    checked: tuple[tuple[int, ...] | None, str | None] | None = None  # (stamp, problem): problem()
 
     @property
     def key(self) -> str:
@@ -202,7 +202,7 @@ class AdapterRegistry:
                 self._remember(entry)
             return entry, weights
 
-    def _read_settled(self, tenant: str, name: str, path: Path) -> tuple[LoRAWeights, int | None]:
+    def _read_settled(self, tenant: str, name: str, path: Path) -> tuple[LoRAWeights, tuple[int, ...] | None]:
         """The files' weights and the stamp they were read under: read again when the files changed
         during the read (a copy in progress), so that a stamp never stands for other weights than its
         own (a version's key would then map to the new files' weights, or a new stamp to the old ones)."""
@@ -336,8 +336,11 @@ class AdapterRegistry:
         self.on_retire(entry.key)
 
 
-def _stamp(path: Path) -> int | None:
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """What changes when the adapter's files do: each file's modification and status-change times, size
+    and inode (a copy that keeps the modification times, cp -p or rsync -a, still changes the others)."""
     try:
-        return (path / WEIGHTS).stat().st_mtime_ns + (path / CONFIG).stat().st_mtime_ns
+        stats = [(path / WEIGHTS).stat(), (path / CONFIG).stat()]
     except OSError:
         return None
+    return tuple(v for st in stats for v in (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
