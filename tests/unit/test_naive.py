@@ -59,8 +59,9 @@ def test_top_p_zero_is_the_most_likely_token(naive):
 
 
 def test_vllms_extras_give_the_same_tokens_in_both_engines(naive, tiny_model_dir, tokenizer):
-    """repetition_penalty, top_k, ignore_eos, min_tokens and stop_token_ids: the engine (its own
-    sampler) and the baseline (transformers' processors) give the same tokens and finish reasons."""
+    """repetition_penalty, top_k, ignore_eos, min_tokens and stop_token_ids, and OpenAI's presence and
+    frequency penalties: the engine (its own sampler) and the baseline (transformers' processors, and
+    one of its own for the penalties) give the same tokens and finish reasons."""
     from transformers import AutoModelForCausalLM
 
     from mygpt.engine.engine import Engine
@@ -73,6 +74,7 @@ def test_vllms_extras_give_the_same_tokens_in_both_engines(naive, tiny_model_dir
     cases = {
         "plain": dict(max_tokens=12, temperature=0.0),
         "repeat": dict(max_tokens=12, temperature=0.0, repetition_penalty=1.8),
+        "penalised": dict(max_tokens=12, temperature=0.0, presence_penalty=1.5, frequency_penalty=1.0),
         "top1": dict(max_tokens=12, temperature=1.5, top_k=1, seed=2),
         "ignore": dict(max_tokens=5, temperature=0.0, logit_bias={eos: 100.0}, ignore_eos=True),
         "least": dict(max_tokens=6, temperature=0.0, logit_bias={eos: 100.0}, min_tokens=3),
@@ -91,6 +93,7 @@ def test_vllms_extras_give_the_same_tokens_in_both_engines(naive, tiny_model_dir
     assert got["engine"] == got["naive"]
     out = got["engine"]
     assert out["repeat"][0] != out["plain"][0] and out["top1"] == out["plain"]
+    assert out["penalised"][0] != out["plain"][0]
     assert out["ignore"] == ([eos] * 5, FinishReason.LENGTH)
     assert out["least"][1] == FinishReason.STOP and len(out["least"][0]) == 4 and out["least"][0][3] == eos
     assert out["stopid"] == ([7], FinishReason.STOP)

@@ -177,6 +177,8 @@ class NaiveEngine(EngineThread):
         processors += [_Bias(p.logit_bias)] if p.logit_bias else []
         if p.repetition_penalty != 1.0:  # over the prompt and the output, as the engine's
             processors.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+        if p.presence_penalty or p.frequency_penalty:  # over the output, as the engine's
+            processors.append(_Penalties(ids.shape[1], p.presence_penalty, p.frequency_penalty))
         if p.min_tokens and ends and guide is None:
             processors.append(
                 MinNewTokensLengthLogitsProcessor(ids.shape[1], p.min_tokens, ends, device=str(ids.device))
@@ -247,6 +249,21 @@ class _Bias(LogitsProcessor):
     def __call__(self, input_ids, scores):
         scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
         return scores
+
+
+class _Penalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties over the generated tokens (transformers has neither)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        counts = torch.zeros_like(scores).scatter_add_(
+            1,
+            input_ids[:, self.prompt_len :],
+            torch.ones_like(input_ids[:, self.prompt_len :], dtype=scores.dtype),
+        )
+        return scores - self.presence * (counts > 0) - self.frequency * counts
 
 
 class _Record(LogitsProcessor):
