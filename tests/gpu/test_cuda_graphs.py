@@ -69,7 +69,7 @@ def runners(
         (True, False, False),
         (False, True, False),
         (True, True, False),
-        (True, True, True),
+        pytest.param(True, True, True, marks=pytest.mark.compile),
     ],
 )
 def test_graph_replay_equals_eager_steps(nf4, lora_kernel, compiled):
