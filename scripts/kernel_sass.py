@@ -151,15 +151,18 @@ def lora_kernels() -> list[tuple[str, int, int, dict[str, int]]]:
         out.append((f"lora shrink, q/k/v at rank {rank}", regs, stack, loop_body(sass)))
     expand = {
         "h_ptr": "*fp32", "b_ptr": "*bf16", "slot_ptr": "*i64", "y_ptr": "*bf16", "o_ptr": "*bf16",
-        "N_OUT": "i32", "R": "i32", "R_ALL": "i32", "r_off": "i32", "stride_hs": "i32", "stride_bs": "i32",
-        "stride_ym": "i32", "stride_om": "i32",
-        "SPLIT": "constexpr", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr", "COPY": "constexpr",
+        "N_OUT": "i32", "R": "i32", "R_ALL": "i32", "r_off": "i32", "OFF1": "i32", "OFF2": "i32",
+        "stride_hs": "i32", "stride_bs": "i32", "stride_br": "i32", "stride_ym": "i32", "stride_om": "i32",
+        "SPLIT": "constexpr", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr", "PARTS": "constexpr",
+        "COPY": "constexpr",
     }  # fmt: skip
-    for split, copy in ((8, False), (28, False), (8, True)):  # in place (eager), or new outputs (compiled)
-        consts = {"SPLIT": split, "BLOCK_N": lora.EXPAND_N, "BLOCK_R": 16, "COPY": copy}
-        regs, stack, sass = _compile(lora._expand_kernel, expand, consts, 4, 3, unaligned=("R_ALL", "r_off"))
+    # in place (eager) or into new outputs (compiled); one part, or q/k/v's three side by side
+    for split, parts, copy in ((8, 1, False), (28, 1, False), (8, 1, True), (8, 3, False), (28, 3, True)):
+        consts = {"SPLIT": split, "BLOCK_N": lora.EXPAND_N, "BLOCK_R": 16, "PARTS": parts, "COPY": copy}
+        unaligned = ("R_ALL", "r_off", "OFF1", "OFF2")
+        regs, stack, sass = _compile(lora._expand_kernel, expand, consts, 4, 3, unaligned=unaligned)
         into = ", into new outputs" if copy else ""
-        out.append((f"lora expand, {split} K splits{into}", regs, stack, loop_body(sass)))
+        out.append((f"lora expand, {parts} part(s), {split} K splits{into}", regs, stack, loop_body(sass)))
     return out
 
 

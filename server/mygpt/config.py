@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     lora_kernel: bool = Field(
         False,
         description="experimental: on a GPU, the LoRA terms of graphed steps and of other steps of up to 128 tokens by mygpt's Triton kernels "
-        "(each row read from its own adapter slot: 11 kernels a layer instead of ~35; with CUDA graphs, one "
+        "(each row read from its own adapter slot: 8-11 kernels a layer instead of ~35; with CUDA graphs, one "
         "graph for any grouping of the rows by adapter), not the grouped batched products; not yet measured "
         "on a GPU (docs/benchmarks.md)",
     )

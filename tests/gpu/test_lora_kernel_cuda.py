@@ -21,11 +21,16 @@ def stacked(slots: int, d_in: int, rank: int, outs: list[int], dtype):
     ("d_in", "outs"), [(4096, [4096, 1024, 1024]), (4096, [14336, 14336]), (14336, [4096])]
 )
 @pytest.mark.parametrize("n", [1, 7, 32])
-def test_kernels_equal_the_grouped_products(dtype, d_in, outs, n):
+@pytest.mark.parametrize("side_by_side", [False, True], ids=["apart", "side-by-side"])
+def test_kernels_equal_the_grouped_products(dtype, d_in, outs, n, side_by_side):
+    """Each part's stack and output apart (one expand a part), or side by side in one stack and one
+    output as FusedLinear keeps them (one expand for every part)."""
     from mygpt.kernels.lora import add_lora
     from mygpt.lora.layers import LoRABatch, lora_delta, set_rows
 
     at_all, bts = stacked(8, d_in, 16, outs, dtype)
+    if side_by_side:
+        bts = list(torch.cat(bts, dim=2).split(outs, dim=2))
     rows = [(i * 5) % 9 - 1 for i in range(n)]  # slots 0..7 and -1 (the base model)
     x = torch.randn(n, d_in, device="cuda", dtype=dtype)
     base = [torch.randn(n, o, device="cuda", dtype=dtype) for o in outs]
@@ -33,7 +38,7 @@ def test_kernels_equal_the_grouped_products(dtype, d_in, outs, n):
     set_rows(batch, rows, 16, dtype, x.device)
     deltas = lora_delta(batch, x, at_all, bts)
     want = [b + d.to(dtype) for b, d in zip(base, deltas, strict=True)] if deltas else base
-    got = [b.clone() for b in base]
+    got = list(torch.cat(base, dim=-1).split(outs, dim=-1)) if side_by_side else [b.clone() for b in base]
     add_lora(x, at_all, bts, got, torch.tensor(rows, dtype=torch.int32, device="cuda"))
     for g, w, b in zip(got, want, base, strict=True):
         term_err = float(((g.float() - b.float()) - (w.float() - b.float())).norm())

@@ -116,5 +116,41 @@ def test_strided_adapter_stacks_are_refused():
 
     at_all, bts = stacked(2, 256, 8, [64, 32], seed=1)
     part = at_all[:, :, :8]
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="whole adapter stacks"):
         add_lora(torch.randn(1, 256), part, bts[:1], [torch.zeros(1, 64)], torch.tensor([0]))
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["in-place", "new-outputs"])
+def test_parts_side_by_side_take_one_expand(monkeypatch, into):
+    """FusedLinear's layout: the parts' B^T column blocks of one stack and the output one tensor: one
+    expand for all parts (each column from its part's rows of h), the same terms as the grouped
+    products; outputs apart take one expand a part, from the same strided stacks."""
+    from mygpt import kernels
+    from mygpt.kernels import lora
+    from mygpt.lora.layers import LoRABatch, lora_delta, set_rows
+
+    outs, rows, rank = [192, 64, 64], [2, 0, -1, 1], 8
+    at_all, bts = stacked(3, 256, rank, outs, seed=7)
+    bt_all = torch.cat(bts, dim=2)
+    views = list(bt_all.split(outs, dim=2))
+    x = torch.randn(len(rows), 256, generator=torch.Generator().manual_seed(8))
+    y = torch.randn(len(rows), sum(outs), generator=torch.Generator().manual_seed(9))
+    batch = LoRABatch()
+    set_rows(batch, rows, rank, torch.float32, torch.device("cpu"))
+    want = y + torch.cat(lora_delta(batch, x, at_all, bts), dim=-1)
+    launches = []
+    jitted = kernels.jitted
+    monkeypatch.setattr(lora, "jitted", lambda fn: launches.append(fn.__name__) or jitted(fn))
+    slots = torch.tensor(rows, dtype=torch.int32)
+    if into:
+        (got,) = lora.lora_added([y], x, at_all, views, slots)
+    else:
+        got = y.clone()
+        lora.add_lora(x, at_all, views, list(got.split(outs, dim=-1)), slots)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert launches == ["_shrink_kernel", "_expand_kernel"]
+    launches.clear()
+    apart = [t.clone() for t in y.split(outs, dim=-1)]
+    lora.add_lora(x, at_all, views, apart, slots)
+    torch.testing.assert_close(torch.cat(apart, dim=-1), want, rtol=1e-5, atol=1e-5)
+    assert launches == ["_shrink_kernel"] + ["_expand_kernel"] * 3

@@ -364,7 +364,7 @@ class ModelRunner:
         at least 2 x 2 (sizes torch.compile takes as dynamic, not one compile each: _dynamic);
         invariant: lora.layers' batch-invariant layout. With the LoRA kernels (lora_kernel), steps of up
         to LORA_KERNEL_TOKENS tokens, compiled pieces too, hand the layers each token's slot instead: an
-        eager step is bound by its launches, and they take 11 a layer where the grouped products take
+        eager step is bound by its launches, and they take 8-11 a layer where the grouped products take
         ~35; each row's term depends on that row alone, so the step is batch-invariant as it is."""
         b = self.lora_batch
         if b is None:

@@ -10,8 +10,10 @@ A row whose slot is -1 (the base model, or a padding row) adds nothing. The grou
 replace (lora_delta: rows gathered into [S, M] slot groups, two batched matmuls, the padding masked,
 the rows scattered back, then added) take about eleven small kernels a projection group, 35 a decoder
 layer; on the H100 the LoRA terms took 1.3 of an 8.1 ms one-row step and 3.3 of a 21 ms 32-row step
-(docs/benchmarks.md, run 4). These take one shrink and one expand a part: 11 a layer, no gather,
-scatter, mask or add, and the step no longer depends on how the rows group by adapter.
+(docs/benchmarks.md, run 4). These take one shrink and one expand a group where its parts' B^T and
+outputs lie side by side (FusedLinear's stacks, and its joined output: q/k/v, gate/up), one a part
+otherwise: 8 kernels a layer (11), no gather, scatter, mask or add, and the step no longer depends on
+how the rows group by adapter.
 
 The shrink splits K (SHRINK_K columns a program) for parallelism: a row's A is in x P*R values (393 KB
 for q/k/v at rank 16 on the 8B shape), too much for one program; the partial sums go to a float32
@@ -63,10 +65,13 @@ if triton is not None:
 
     def _expand_kernel(
         h_ptr, b_ptr, slot_ptr, y_ptr, o_ptr,
-        N_OUT, R, R_ALL, r_off, stride_hs, stride_bs, stride_ym, stride_om,
-        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, COPY: tl.constexpr,
+        N_OUT, R, R_ALL, r_off, OFF1, OFF2, stride_hs, stride_bs, stride_br, stride_ym, stride_om,
+        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PARTS: tl.constexpr,
+        COPY: tl.constexpr,
     ):  # fmt: skip
-        # o = y + the term; COPY: o is another tensor, which rows without an adapter copy y into
+        # o = y + the term; COPY: o is another tensor, which rows without an adapter copy y into.
+        # PARTS > 1: the N_OUT columns are the parts side by side (part 1 from column OFF1, part 2 from
+        # OFF2), each column's term from its part's R columns of h
         t = tl.program_id(0)
         pid_n = tl.program_id(1)
         s = tl.load(slot_ptr + t)
@@ -75,18 +80,30 @@ if triton is not None:
         if s >= 0:
             rr = tl.arange(0, BLOCK_R)
             r_ok = rr < R
-            h = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            h0 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            h1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            h2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for sp in tl.static_range(SPLIT):  # the shrink's partial sums, in order
-                h += tl.load(h_ptr + sp * stride_hs + t * R_ALL + r_off + rr, mask=r_ok, other=0.0)
+                at = h_ptr + sp * stride_hs + t * R_ALL + r_off + rr
+                h0 += tl.load(at, mask=r_ok, other=0.0)
+                if PARTS > 1:
+                    h1 += tl.load(at + R, mask=r_ok, other=0.0)
+                if PARTS > 2:
+                    h2 += tl.load(at + 2 * R, mask=r_ok, other=0.0)
             y_dtype = y_ptr.dtype.element_ty
             lora_dtype = b_ptr.dtype.element_ty  # the batched matmuls' dtype: the adapters'
-            h = h.to(lora_dtype).to(tl.float32)  # where the batched matmul rounds its output
+            # rounded where the batched matmul rounds its output, then each column's part
+            h = tl.broadcast_to(h0.to(lora_dtype).to(tl.float32)[:, None], (BLOCK_R, BLOCK_N))
+            if PARTS > 1:
+                h = tl.where((rn >= OFF1)[None, :], h1.to(lora_dtype).to(tl.float32)[:, None], h)
+            if PARTS > 2:
+                h = tl.where((rn >= OFF2)[None, :], h2.to(lora_dtype).to(tl.float32)[:, None], h)
             b = tl.load(
-                b_ptr + s.to(tl.int64) * stride_bs + rr[:, None] * N_OUT + rn[None, :],
+                b_ptr + s.to(tl.int64) * stride_bs + rr[:, None] * stride_br + rn[None, :],
                 mask=r_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-            o = tl.sum(h[:, None] * b.to(tl.float32), axis=0).to(lora_dtype)  # the term, rounded as bmm's
+            o = tl.sum(h * b.to(tl.float32), axis=0).to(lora_dtype)  # the term, rounded as bmm's
             y = tl.load(y_ptr + t * stride_ym + rn, mask=n_ok)
             tl.store(o_ptr + t * stride_om + rn, (y.to(tl.float32) + o.to(tl.float32)).to(y_dtype), mask=n_ok)
         elif COPY:
@@ -103,12 +120,14 @@ def add_lora(
     into: list[torch.Tensor] | None = None,
 ) -> None:
     """outs[p] += each row's LoRA term of part p, in place; or into[p] = outs[p] + that term, outs left as
-    they are. x [..., in] (N rows); at_all [S, in, P*R] contiguous; bts[p] [S, R, out_p] contiguous;
-    outs[p] and into[p] [..., out_p] with unit column stride (a column block of a wider output is fine);
-    rows [N] each row's adapter slot (-1: none)."""
-    if not (at_all.is_contiguous() and all(bt.is_contiguous() for bt in bts)):
+    they are. x [..., in] (N rows); at_all [S, in, P*R] contiguous; bts[p] [S, R, out_p] with unit
+    column stride (a column block of a wider stack, as FusedLinear keeps them, is fine); outs[p] and
+    into[p] [..., out_p] with unit column stride (a column block of a wider output is fine); rows [N]
+    each row's adapter slot (-1: none). Where the parts' stacks, outputs and results each lie side by
+    side in one tensor (FusedLinear's), one expand covers every part; otherwise one a part."""
+    if not at_all.is_contiguous() or any(bt.stride(2) != 1 for bt in bts):
         raise ValueError(
-            "add_lora reads contiguous adapter stacks (a FusedLinear part's A^T is a view: use the FusedLinear)"
+            "add_lora reads whole adapter stacks (a FusedLinear part's A^T is a view: use the FusedLinear)"
         )
     s_all, k, r_all = at_all.shape
     x2 = x.reshape(-1, k)
@@ -128,14 +147,39 @@ def add_lora(
         K_SPLIT=SHRINK_K, BLOCK_K=block_k, BLOCK_R=block_r,
     )  # fmt: skip
     r = bts[0].shape[1]
-    for p, (bt, out) in enumerate(zip(bts, outs, strict=True)):
+    ys = [_rows(out, n, bt.shape[2]) for bt, out in zip(bts, outs, strict=True)]
+    results = ys if into is None else [_rows(o, n, bt.shape[2]) for bt, o in zip(bts, into, strict=True)]
+
+    def expand(bt, y, o, first: int, parts: int, offs: tuple[int, int]) -> None:
         n_out = bt.shape[2]
-        y = _rows(out, n, n_out)
-        o = y if into is None else _rows(into[p], n, n_out)
         jitted(_expand_kernel)[(n, triton.cdiv(n_out, EXPAND_N))](
-            h, bt, rows, y, o, n_out, r, r_all, p * r, n * r_all, bt.stride(0), y.stride(0), o.stride(0),
-            SPLIT=split, BLOCK_N=EXPAND_N, BLOCK_R=triton.next_power_of_2(r), COPY=into is not None,
+            h, bt, rows, y, o, n_out, r, r_all, first * r, *offs, n * r_all, bt.stride(0), bt.stride(1),
+            y.stride(0), o.stride(0), SPLIT=split, BLOCK_N=EXPAND_N, BLOCK_R=triton.next_power_of_2(r),
+            PARTS=parts, COPY=into is not None,
         )  # fmt: skip
+
+    joined = [_side_by_side(ts) for ts in (bts, ys, results)] if 1 < len(bts) <= 3 else [None]
+    if all(j is not None for j in joined):  # one expand for every part (FusedLinear's joined output)
+        widths = [bt.shape[2] for bt in bts]
+        total = sum(widths)
+        expand(*joined, 0, len(bts), (widths[0], widths[0] + widths[1] if len(bts) > 2 else total))
+    else:
+        for p, (bt, y, o) in enumerate(zip(bts, ys, results, strict=True)):
+            expand(bt, y, o, p, 1, (bt.shape[2], bt.shape[2]))
+
+
+def _side_by_side(ts: list[torch.Tensor]) -> torch.Tensor | None:
+    """ts (each [..., w_i], unit column stride) as one tensor [..., sum w_i] where they are consecutive
+    column blocks of one (FusedLinear's stacks and outputs); None otherwise."""
+    first, width = ts[0], sum(t.shape[-1] for t in ts)
+    at = first.data_ptr()
+    for t in ts:
+        if t.stride() != first.stride() or t.shape[:-1] != first.shape[:-1] or t.data_ptr() != at:
+            return None
+        at += t.shape[-1] * t.element_size()
+    if first.dim() >= 2 and first.shape[-2] > 1 and width > first.stride(-2):
+        return None  # the blocks' rows would overlap: not one tensor's columns
+    return first.as_strided((*first.shape[:-1], width), first.stride())
 
 
 def _rows(out: torch.Tensor, n: int, n_out: int) -> torch.Tensor:
@@ -188,24 +232,30 @@ def verified(groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> bool:
             continue
         g = torch.Generator(device=device).manual_seed(0)
         a = (torch.randn(2, d_in, r_all, generator=g, device=device) * 0.05).to(dtype)
-        b = [(torch.randn(2, *bt.shape[1:], generator=g, device=device) * 0.05).to(dtype) for bt in bts]
+        widths = [bt.shape[2] for bt in bts]
+        # the parts' B^T side by side, as FusedLinear keeps them
+        b_all = (torch.randn(2, bts[0].shape[1], sum(widths), generator=g, device=device) * 0.05).to(dtype)
+        b = list(b_all.split(widths, dim=2))
         x = torch.randn(3, d_in, generator=g, device=device).to(dtype)
         rows = [1, -1, 0]
-
         # small outputs to add to: the check weighs the terms, and the row on the base model its copy
-        base = [(torch.randn(3, bt.shape[2], generator=g, device=device) * 0.01).to(dtype) for bt in bts]
+        base = (torch.randn(3, sum(widths), generator=g, device=device) * 0.01).to(dtype)
 
-        def kernels(a=a, b=b, x=x, rows=rows, base=base) -> tuple[torch.Tensor, ...]:
+        def kernels(a=a, b=b, x=x, rows=rows, base=base, widths=widths) -> tuple[torch.Tensor, ...]:
             slots = torch.tensor(rows, device=x.device)
-            in_place = [y.clone() for y in base]
-            add_lora(x, a, b, in_place, slots)
-            return (*in_place, *lora_added(base, x, a, b, slots))
+            joined = base.clone()  # one output, the parts its column blocks: one expand for all
+            add_lora(x, a, b, list(joined.split(widths, dim=-1)), slots)
+            apart = [y.clone() for y in base.split(widths, dim=-1)]  # one output a part: one expand each
+            add_lora(x, a, b, apart, slots)
+            (compiled,) = lora_added([base], x, a, b, slots)  # new outputs (compiled layers)
+            return joined, torch.cat(apart, dim=-1), compiled
 
         def grouped(a=a, b=b, x=x, rows=rows, base=base) -> tuple[torch.Tensor, ...]:
             batch = LoRABatch()
             set_rows(batch, rows, a.shape[2], a.dtype, a.device)
-            want = [y + d.to(y.dtype) for y, d in zip(base, lora_delta(batch, x, a, b), strict=True)]
-            return (*want, *want)
+            deltas = lora_delta(batch, x, a, b)
+            want = base + torch.cat([d.to(base.dtype) for d in deltas], dim=-1)
+            return want, want, want
 
         ok &= check_once(_checked, key, kernels, grouped)
     return ok

@@ -149,9 +149,15 @@ class FusedLinear(nn.Module):
             self.batch = first.batch
             r = first.lora_at.shape[2]
             at_all = torch.cat([p.lora_at for p in parts], dim=2)  # [S, in, P*R]
-            for i, p in enumerate(parts):
-                p.lora_at = at_all[:, :, i * r : (i + 1) * r]  # set_slot on a part writes here
+            bt_all = torch.cat([p.lora_bt for p in parts], dim=2)  # [S, R, sum of out]
+            off = 0
+            for i, p in enumerate(parts):  # set_slot on a part writes into these views
+                p.lora_at = at_all[:, :, i * r : (i + 1) * r]
+                p.lora_bt = bt_all[:, :, off : off + p.out_features]
+                off += p.out_features
             self.register_buffer("lora_at", at_all)
+            # the parts' B^T side by side: the LoRA kernels expand every part of a joined output at once
+            self.register_buffer("lora_bt", bt_all)
             self._bts = [p.lora_bt for p in parts]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
