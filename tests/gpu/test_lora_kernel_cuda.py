@@ -22,11 +22,16 @@ def stacked(slots: int, d_in: int, rank: int, outs: list[int], dtype):
 )
 @pytest.mark.parametrize("n", [1, 7, 32])
 @pytest.mark.parametrize("side_by_side", [False, True], ids=["apart", "side-by-side"])
-def test_kernels_equal_the_grouped_products(dtype, d_in, outs, n, side_by_side):
+def test_kernels_equal_the_grouped_products(dtype, d_in, outs, n, side_by_side, monkeypatch):
     """Each part's stack and output apart (one expand a part), or side by side in one stack and one
     output as FusedLinear keeps them (one expand for every part)."""
+    from mygpt import kernels
+    from mygpt.kernels import lora
     from mygpt.kernels.lora import add_lora
     from mygpt.lora.layers import LoRABatch, lora_delta, set_rows
+
+    launches, jitted = [], kernels.jitted
+    monkeypatch.setattr(lora, "jitted", lambda fn: launches.append(fn.__name__) or jitted(fn))
 
     at_all, bts = stacked(8, d_in, 16, outs, dtype)
     if side_by_side:
@@ -40,6 +45,7 @@ def test_kernels_equal_the_grouped_products(dtype, d_in, outs, n, side_by_side):
     want = [b + d.to(dtype) for b, d in zip(base, deltas, strict=True)] if deltas else base
     got = list(torch.cat(base, dim=-1).split(outs, dim=-1)) if side_by_side else [b.clone() for b in base]
     add_lora(x, at_all, bts, got, torch.tensor(rows, dtype=torch.int32, device="cuda"))
+    assert launches.count("_expand_kernel") == (1 if side_by_side else len(outs))
     for g, w, b in zip(got, want, base, strict=True):
         term_err = float(((g.float() - b.float()) - (w.float() - b.float())).norm())
         term = float((w.float() - b.float()).norm()) or 1.0

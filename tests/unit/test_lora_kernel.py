@@ -120,8 +120,9 @@ def test_strided_adapter_stacks_are_refused():
         add_lora(torch.randn(1, 256), part, bts[:1], [torch.zeros(1, 64)], torch.tensor([0]))
 
 
+@pytest.mark.parametrize("rows", [[2, 0, -1, 1], [1]], ids=["4-rows", "1-row"])
 @pytest.mark.parametrize("into", [False, True], ids=["in-place", "new-outputs"])
-def test_parts_side_by_side_take_one_expand(monkeypatch, into):
+def test_parts_side_by_side_take_one_expand(monkeypatch, into, rows):
     """FusedLinear's layout: the parts' B^T column blocks of one stack and the output one tensor: one
     expand for all parts (each column from its part's rows of h), the same terms as the grouped
     products; outputs apart take one expand a part, from the same strided stacks."""
@@ -129,15 +130,17 @@ def test_parts_side_by_side_take_one_expand(monkeypatch, into):
     from mygpt.kernels import lora
     from mygpt.lora.layers import LoRABatch, lora_delta, set_rows
 
-    outs, rows, rank = [192, 64, 64], [2, 0, -1, 1], 8
+    outs, rank = [192, 64, 64], 8
     at_all, bts = stacked(3, 256, rank, outs, seed=7)
     bt_all = torch.cat(bts, dim=2)
     views = list(bt_all.split(outs, dim=2))
     x = torch.randn(len(rows), 256, generator=torch.Generator().manual_seed(8))
-    y = torch.randn(len(rows), sum(outs), generator=torch.Generator().manual_seed(9))
+    # the joined product's output as FusedLinear has it: [1, N, W] (one row: each part's block is
+    # contiguous on its own, its row stride meaningless)
+    y = torch.randn(1, len(rows), sum(outs), generator=torch.Generator().manual_seed(9))
     batch = LoRABatch()
     set_rows(batch, rows, rank, torch.float32, torch.device("cpu"))
-    want = y + torch.cat(lora_delta(batch, x, at_all, bts), dim=-1)
+    want = y + torch.cat(lora_delta(batch, x, at_all, bts), dim=-1).view(y.shape)
     launches = []
     jitted = kernels.jitted
     monkeypatch.setattr(lora, "jitted", lambda fn: launches.append(fn.__name__) or jitted(fn))

@@ -172,9 +172,14 @@ def _side_by_side(ts: list[torch.Tensor]) -> torch.Tensor | None:
     """ts (each [..., w_i], unit column stride) as one tensor [..., sum w_i] where they are consecutive
     column blocks of one (FusedLinear's stacks and outputs); None otherwise."""
     first, width = ts[0], sum(t.shape[-1] for t in ts)
+
+    def strides(t: torch.Tensor) -> list[int]:  # the leading dimensions'; a size-1 one's means nothing
+        return [st for st, size in zip(t.stride()[:-1], t.shape[:-1], strict=True) if size != 1]
+
     at = first.data_ptr()
     for t in ts:
-        if t.stride() != first.stride() or t.shape[:-1] != first.shape[:-1] or t.data_ptr() != at:
+        same = (t.dtype, t.device, t.shape[:-1]) == (first.dtype, first.device, first.shape[:-1])
+        if not same or strides(t) != strides(first) or t.stride(-1) != 1 or t.data_ptr() != at:
             return None
         at += t.shape[-1] * t.element_size()
     if first.dim() >= 2 and first.shape[-2] > 1 and width > first.stride(-2):
