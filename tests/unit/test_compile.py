@@ -195,6 +195,24 @@ def test_warm_compile_fits_a_one_slot_server(tiny_model_dir):
     assert graphs_compiled() == before and runner.compiled
 
 
+def test_warm_compile_covers_steps_longer_than_a_short_context(tiny_model_dir):
+    """A 64-position context with the LoRA kernels: a step of three requests' chunks passes the
+    kernels' 128 tokens (the grouped products then) though no one chunk can; the warm-up makes such
+    a step of several chunks, so it compiles nothing in a request."""
+    from mygpt.engine.runner import LORA_KERNEL_TOKENS, PrefillChunk
+
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = ModelRunner(model, num_slots=3, max_len=64, dtype=torch.float32, max_loras=3, max_lora_rank=8,
+                         static_decode=True, compile_layers=True, lora_kernel=True)  # fmt: skip
+    assert runner.lora_kernel and runner.decoder.warm_compile() > 0
+    before = graphs_compiled()
+    chunks = [PrefillChunk(slot, [5] * 50, 0, slot) for slot in range(3)]
+    assert sum(len(c.token_ids) for c in chunks) > LORA_KERNEL_TOKENS
+    runner.step([], chunks)
+    assert graphs_compiled() == before and runner.compiled
+
+
 @pytest.mark.parametrize("lora_kernel", [False, True], ids=["grouped-lora", "lora-kernels"])
 def test_steps_with_prompt_chunks_run_compiled_pieces_with_the_same_results(tiny_model_dir, lora_kernel):
     """With compile_layers, a step with prompt chunks (and decode rows beside them) runs the projections

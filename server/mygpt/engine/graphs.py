@@ -307,11 +307,19 @@ class StaticDecoder:
             spare, rows = self.spare_slot, r.graph_prompt_tokens
             r.graph_prompt_tokens = 0  # these steps are for the eager path's compiled pieces
             try:
+                room = r.max_len - 1  # positions 1.. of the spare slot
                 for adapter in [-1] + ([0] if r.lora_batch is not None else []):
-                    for length in sorted({min(n, r.max_len - 1) for n in lengths} - {0, 1}):  # in the cache
-                        chunk = PrefillChunk(spare, [0] * length, 1, adapter)
-                        r.step([], [chunk])
-                        r.step([DecodeRow(spare, 0, 0, adapter)], [chunk])
+                    for length in sorted(lengths):
+                        # a step longer than one chunk can be (a short context): several chunks, as
+                        # several requests' make such a step; all on the spare slot, the same positions
+                        chunks = [
+                            PrefillChunk(spare, [0] * min(room, length - at), 1, adapter)
+                            for at in range(0, length, room)
+                        ]
+                        if sum(len(c.token_ids) for c in chunks) < 2:
+                            continue  # a one-token step compiles apart, and is not a prompt piece
+                        r.step([], chunks)
+                        r.step([DecodeRow(spare, 0, 0, adapter)], chunks)
                         steps += 2
             finally:
                 r.graph_prompt_tokens = rows
