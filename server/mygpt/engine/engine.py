@@ -531,17 +531,15 @@ class Engine(EngineThread):
             slot=slot,
             lora_slot=lora_slot,
             sampler=RowSampler(
-                request.params, seed, prompt_ids=request.prompt_ids, end_ids=self._end_ids(request)
+                request.params,
+                seed,
+                prompt_ids=request.prompt_ids,
+                end_ids=request.params.end_ids(self.eos_token_ids),
             ),
             detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
             stops=StopStringMatcher(request.params.stop),
             guide=None if request.params.grammar is None else request.params.grammar.start(),
         )
-
-    def _end_ids(self, request: GenerationRequest) -> frozenset[int]:
-        """The tokens that end a choice: EOS (not with ignore_eos) and the request's stop_token_ids."""
-        p = request.params
-        return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
 
     def _plan_prefill(self, budget: int) -> list[tuple[Group, PrefillChunk]]:
         """The next prompt chunks, oldest request first, at most `budget` tokens in all.

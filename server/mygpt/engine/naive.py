@@ -109,8 +109,7 @@ class NaiveEngine(EngineThread):
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(p.stop)
         guide = None if p.grammar is None else p.grammar.start()
-        # the tokens that end a choice (the engine's _end_ids): EOS unless ignore_eos, and stop_token_ids
-        ends = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos_token_ids)]
+        ends = sorted(p.end_ids(self.eos_token_ids))  # EOS unless ignore_eos, and stop_token_ids
         state: dict = {"n": 0, "done": None, "logprobs": None}
         ids = torch.tensor([request.prompt_ids], device=self.model.device)
         prompt_lps = None

@@ -201,14 +201,9 @@ class ModelRunner:
     def _verify_nf4(self) -> None:
         """Each NF4 product shape's kernel checked in all its configurations before compiled code calls it
         (NF4Product.verify); a product whose check fails runs bitsandbytes there (a warning)."""
-        verified: dict[tuple, tuple | None] = {}
         for product in self._nf4_products():
             if product.enabled:
-                key = (tuple(product.packed.shape), tuple(product.scale.shape))
-                if key not in verified:
-                    product.verify(self.dtype)
-                    verified[key] = product.verified_for
-                product.verified_for = verified[key]  # the same shape's products share the check
+                product.verify(self.dtype)  # a shape checked already: NF4Product._checked answers
 
     def compile_layers(self, on: bool) -> bool:
         """Turns torch.compile (inductor) of the decoder layers on or off; returns whether it is on

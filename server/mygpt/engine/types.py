@@ -46,6 +46,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def end_ids(self, eos_token_ids) -> frozenset[int]:
+        """The tokens that end a choice: the model's EOS (not with ignore_eos) and stop_token_ids."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_token_ids))
+
 
 @dataclass(frozen=True)
 class AdapterRef:

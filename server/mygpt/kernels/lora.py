@@ -211,6 +211,17 @@ def _(ys, x, at_all, bts, rows):
     return [torch.empty_like(y, memory_format=torch.contiguous_format) for y in ys]
 
 
+def with_lora(
+    ys: list[torch.Tensor], x: torch.Tensor, at_all: torch.Tensor, bts: list[torch.Tensor], rows: torch.Tensor
+) -> list[torch.Tensor]:
+    """ys (one output a part, or one whose column blocks are the parts) with each row's LoRA terms: added
+    in place (add_lora), or under torch.compile as new tensors (lora_added, one opaque op)."""
+    if torch.compiler.is_compiling():
+        return lora_added(ys, x, at_all, bts, rows)
+    add_lora(x, at_all, bts, parts(ys, bts), rows)
+    return ys
+
+
 def parts(ys: list[torch.Tensor], bts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each part's output: ys itself, or the column blocks of its one tensor."""
     if len(ys) == len(bts):

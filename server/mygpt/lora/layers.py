@@ -81,11 +81,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.batch.rows is not None:  # the LoRA kernels, as FusedLinear._with_lora calls them
-            if torch.compiler.is_compiling():
-                return lora_kernels.lora_added([y], x, self.lora_at, [self.lora_bt], self.batch.rows)[0]
-            lora_kernels.add_lora(x, self.lora_at, [self.lora_bt], [y], self.batch.rows)
-            return y
+        if self.batch.rows is not None:  # the LoRA kernels
+            return lora_kernels.with_lora([y], x, self.lora_at, [self.lora_bt], self.batch.rows)[0]
         o = lora_delta(self.batch, x, self.lora_at, [self.lora_bt])
         if o is not None:
             _add(y, o[0])  # y is the base layer's fresh output
@@ -180,14 +177,9 @@ class FusedLinear(nn.Module):
         if self.batch is None:
             return ys
         if self.batch.rows is not None:  # the LoRA kernels (kernels/lora.py): each row its own slot
-            if torch.compiler.is_compiling():
-                return lora_kernels.lora_added(ys, x, self.lora_at, self._bts, self.batch.rows)
-            lora_kernels.add_lora(
-                x, self.lora_at, self._bts, lora_kernels.parts(ys, self._bts), self.batch.rows
-            )
-        elif deltas := lora_delta(self.batch, x, self.lora_at, self._bts):
-            outs = ys if len(ys) == len(deltas) else list(ys[0].split(self.sizes, dim=-1))
-            for out, o in zip(outs, deltas, strict=True):
+            return lora_kernels.with_lora(ys, x, self.lora_at, self._bts, self.batch.rows)
+        if deltas := lora_delta(self.batch, x, self.lora_at, self._bts):
+            for out, o in zip(lora_kernels.parts(ys, self._bts), deltas, strict=True):
                 _add(out, o)
         return ys
 
