@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -88,12 +90,21 @@ async def test_a_schema_that_fails_while_generating_is_the_requests_fault(served
     response_format, or after the first byte an invalid_request_error event; not a server error."""
     from mygpt.engine.guided import Guide
 
-    monkeypatch.setattr(Guide, "advance", lambda self, token: False)  # at the first token already
+    advanced = {"n": 0, "until": 0}  # tokens the guide takes before it breaks down
+
+    def advance(self, token):
+        advanced["n"] += 1
+        return advanced["n"] <= advanced["until"]
+
+    monkeypatch.setattr(Guide, "advance", advance)
     body = {"model": "tiny", "messages": HI, "max_tokens": 20, "response_format": {"type": "json_object"}}
     async with client_for(served_state) as c:
-        r = await c.post("/v1/chat/completions", json=body)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
-        assert "could not be followed" in r.json()["error"]["message"]
+        for stream in (False, True):  # at the first token: nothing was sent, so a real 400 (C2)
+            advanced["n"] = 0
+            r = await c.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+            assert "could not be followed" in r.json()["error"]["message"]
+        advanced.update(n=0, until=1)  # at the second token, after the first was sent
         r = await c.post("/v1/chat/completions", json={**body, "stream": True})
     assert r.status_code == 200
     data = [line.removeprefix("data: ") for line in r.text.split("\n") if line.startswith("data: ")]
@@ -142,6 +153,104 @@ async def test_failure_after_first_byte_sends_an_error_event(served_state, monke
     async with client_for(served_state) as c:
         r = await c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
     assert r.status_code == 200
+
+
+def failing_steps(monkeypatch, runner, failing: set[int], delay_s: float = 0.0) -> dict:
+    """Makes the runner's steps numbered in `failing` (from 1) raise as a lost device would; each step
+    first sleeps `delay_s`. Returns the step counter (reset it to start again)."""
+    real = runner.step
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        time.sleep(delay_s)
+        if calls["n"] in failing:
+            raise RuntimeError("CUDA error: out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "step", step)
+    return calls
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_stream_that_fails_before_its_first_token_is_a_real_error_status(
+    served_state, monkeypatch, path
+):
+    """C2: the first step fails (the prefill, out of device memory): the stream had sent nothing, so
+    the answer is a 500 in OpenAI's shape, not a 200 carrying an error event; the SDK raises its
+    InternalServerError before iterating. The request counts as an error, and the server carries on."""
+    import openai
+
+    calls = failing_steps(monkeypatch, served_state.engine.runner, {1})
+    body = {"model": "tiny", "max_tokens": 5, "stream": True, "temperature": 0}
+    body |= {"messages": HI} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    async with client_for(served_state) as c:
+        r = await c.post(path, json=body)
+    assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "out of memory" in error["message"]
+    assert [row["requests"]["error"] for row in served_state.tenants.usage.report()] == [1]
+
+    calls["n"] = 0
+    transport = httpx.ASGITransport(app=build_app(served_state.settings, served_state))
+    sdk = openai.AsyncOpenAI(
+        base_url="http://test/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=transport),
+    )
+    create = sdk.chat.completions.create if path.endswith("chat/completions") else sdk.completions.create
+    with pytest.raises(openai.InternalServerError, match="out of memory"):
+        await create(**body)
+    async with client_for(served_state) as c:  # the engine carries on
+        r = await c.post(path, json=body)
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.anyio
+async def test_a_stream_whose_first_token_is_slow_opens_with_a_keep_alive(served_state, monkeypatch):
+    """A9 with C2: a stream waits for its first token before answering 200, but no longer than the
+    keep-alive interval; past it the stream opens with a keep-alive comment. A failure after that is
+    an error event."""
+    served_state.settings = Settings(keepalive_s=0.05)
+    calls = failing_steps(monkeypatch, served_state.engine.runner, set(), delay_s=0.2)
+    body = {"model": "tiny", "messages": HI, "max_tokens": 3, "stream": True, "temperature": 0}
+    async with client_for(served_state) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        lines = [line for line in r.text.split("\n") if line]
+        assert lines[0] == ": keep-alive" and '"role":"assistant"' in lines[1]
+        assert lines[-1] == "data: [DONE]" and calls["n"] >= 3
+
+        calls = failing_steps(monkeypatch, served_state.engine.runner, {1}, delay_s=0.2)
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200  # committed before the failure
+    data = [line.removeprefix("data: ") for line in r.text.split("\n") if line.startswith("data: ")]
+    assert "out of memory" in json.loads(data[-1])["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_leaving_while_a_stream_waits_for_its_first_event_aborts_it():
+    """A client that leaves before the first byte (the route cancels opened()) ends the request's
+    event stream, which is what aborts it in the engine."""
+    from mygpt.api.chat import opened
+
+    closed = asyncio.Event()
+
+    async def events():
+        try:
+            await asyncio.sleep(3600)  # a long queue
+            yield None
+        finally:
+            closed.set()
+
+    waiting = asyncio.ensure_future(opened(events(), wait_s=3600))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert closed.is_set()
 
 
 @pytest.mark.anyio

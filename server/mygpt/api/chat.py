@@ -422,10 +422,12 @@ class ChatService:
         return ChatCompletion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
 
     async def stream(
-        self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket
-    ) -> AsyncIterator[str]:
-        """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10)."""
-        events = self.submit(gen, ticket)  # before the first byte: overload is still a real 429
+        self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket, wait_s: float
+    ) -> AsyncIterator[str | None]:
+        """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10). Returns
+        once the first event came or `wait_s` passed (see opened())."""
+        # before the first byte: overload is still a real 429, a failed first step a real 500 (C2)
+        events, waited = await opened(self.submit(gen, ticket), wait_s)
         created = int(time.time())
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
@@ -466,7 +468,8 @@ class ChatService:
             for i in range(gen.params.n)
         ]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return stream_payloads(gen, events, head, piece, (lambda u: chunk([], u)) if include_usage else None)
+        usage_chunk = (lambda u: chunk([], u)) if include_usage else None
+        return stream_payloads(gen, events, head, piece, usage_chunk, waited)
 
     def _logprobs(self, lps: list[TokenLogprob] | None) -> list[TokenLogprobOut]:
         out = []
@@ -519,9 +522,7 @@ async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> 
     async with contextlib.aclosing(events):
         async for ev in events:
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                if ev.error_param is not None:  # the request's own fault, found while generating
-                    raise invalid(ev.error or "invalid request", param=ev.error_param)
-                raise APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
+                raise failure(ev)
             texts[ev.index].append(ev.text)
             logprobs[ev.index] += ev.logprobs or []
             prompt_logprobs[ev.index] += ev.prompt_logprobs or []
@@ -533,22 +534,80 @@ async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> 
     return Collected(["".join(t) for t in texts], logprobs, reasons, usage, prompt_logprobs)
 
 
+def failure(ev: TokenEvent) -> APIError:
+    """The HTTP error of a request the engine failed or aborted, before any of its output was sent."""
+    if ev.error_param is not None:  # the request's own fault, found while generating
+        return invalid(ev.error or "invalid request", param=ev.error_param)
+    return APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
+
+
+async def opened(events: AsyncIterator[TokenEvent], wait_s: float) -> tuple[AsyncIterator[TokenEvent], bool]:
+    """C2: waits up to `wait_s` for a stream's first event before the response commits to its 200, so
+    that a request that fails before any output (a prefill out of device memory, a schema that breaks at
+    the first token) gets a real HTTP status, not a 200 stream that carries an error. The first token
+    then leaves with the headers: the client's time to first token is the same.
+
+    Returns the events, that first one included, and whether it is still awaited: the wait ran out (a
+    long queue or prefill), and the stream opens without it, with a keep-alive comment first (A9).
+    Cancelled while waiting (the client left), it aborts the request."""
+    first = asyncio.ensure_future(anext(events))
+    try:
+        await asyncio.wait({first}, timeout=wait_s)
+    except BaseException:
+        await _close(first, events)
+        raise
+    if first.done() and not first.cancelled() and first.exception() is None:
+        ev = first.result()
+        if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+            await events.aclose()
+            raise failure(ev)
+    return _replay(first, events), not first.done()
+
+
+async def _replay(first: asyncio.Future, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    try:
+        try:
+            ev = await first
+        except StopAsyncIteration:
+            return
+        yield ev
+        async for ev in events:
+            yield ev
+    finally:  # left early (a disconnect): the request is aborted
+        await _close(first, events)
+
+
+async def _close(first: asyncio.Future, events: AsyncIterator[TokenEvent]) -> None:
+    """Stops waiting for `first` (the next event of `events`) and closes `events`, which aborts a
+    request still running."""
+    if not first.done():
+        first.cancel()  # raised inside the event stream, whose exit aborts the request
+        await asyncio.wait({first})
+    await events.aclose()
+
+
 async def stream_payloads(
     gen: GenerationRequest,
     events: AsyncIterator[TokenEvent],
     head: list[str],
     piece: Callable[[TokenEvent, list[TokenLogprob], str | None], str | None],
     usage_chunk: Callable[[Usage], str] | None,
-) -> AsyncIterator[str]:
+    waited: bool = False,
+) -> AsyncIterator[str | None]:
     """The streaming loop of chat and text completions: `head`, then piece(event, its logprobs,
     finish reason) for each event with text or a finish, the usage chunk if asked, [DONE]. A token
     whose text is held back (a partial character or stop string) sends its logprob with the next
-    piece of its choice. After the first byte a failure is an error event, not a hang (A10)."""
+    piece of its choice. After the first byte a failure is an error event, not a hang (A10).
+
+    None stands for a keep-alive comment: the first thing sent where opened() `waited` in vain (the
+    client has then heard nothing for a keep-alive interval, A9)."""
     completion = [0] * gen.params.n
     pending: list[list[TokenLogprob]] = [[] for _ in range(gen.params.n)]
     cached = [0] * gen.params.n
     async with contextlib.aclosing(events):
         try:
+            if waited:
+                yield None
             for payload in head:
                 yield payload
             async for ev in events:

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from mygpt.api.chat import ChatService, collect, stream_payloads
+from mygpt.api.chat import ChatService, collect, opened, stream_payloads
 from mygpt.api.errors import invalid
 from mygpt.api.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
 from mygpt.engine.types import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
@@ -247,9 +247,11 @@ async def complete(chat: ChatService, req: CompletionRequest, batch: Prompts) ->
     return Completion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
 
 
-async def stream(chat: ChatService, req: CompletionRequest, batch: Prompts) -> AsyncIterator[str]:
-    """SSE data payloads: text chunks, an optional usage chunk, then [DONE]."""
-    events = _submit(chat, batch)  # before the first byte: overload is still a real 429
+async def stream(
+    chat: ChatService, req: CompletionRequest, batch: Prompts, wait_s: float
+) -> AsyncIterator[str | None]:
+    """SSE data payloads: text chunks, an optional usage chunk, then [DONE]; as ChatService.stream."""
+    events, waited = await opened(_submit(chat, batch), wait_s)  # a real 429, or 500 (C2)
     gen, echoes = batch.whole, _echoes(chat, req, batch)
     created = int(time.time())
     offsets = [_TextOffsets(len(echo)) for echo in echoes]
@@ -266,4 +268,5 @@ async def stream(chat: ChatService, req: CompletionRequest, batch: Prompts) -> A
 
     head = [chunk([CompletionChoice(text=echo, index=i)]) for i, echo in enumerate(echoes) if echo]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return stream_payloads(gen, events, head, piece, (lambda u: chunk([], u)) if include_usage else None)
+    usage_chunk = (lambda u: chunk([], u)) if include_usage else None
+    return stream_payloads(gen, events, head, piece, usage_chunk, waited)

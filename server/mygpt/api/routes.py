@@ -114,7 +114,7 @@ async def chat_completions(
     chat = _chat(request)
     gen, ticket = await chat.prepare(principal, body)
     if body.stream:
-        return _sse(request, await chat.stream(body, gen, ticket))
+        return await _sse(request, chat.stream(body, gen, ticket, _keepalive(request)))
     return await _until_disconnected(request, chat.complete(body, gen, ticket))
 
 
@@ -125,22 +125,34 @@ async def text_completions(
     chat = _chat(request)
     prompts = await completions.prepare(chat, principal, body)
     if body.stream:
-        return _sse(request, await completions.stream(chat, body, prompts))
+        return await _sse(request, completions.stream(chat, body, prompts, _keepalive(request)))
     return await _until_disconnected(request, completions.complete(chat, body, prompts))
 
 
-def _sse(request: Request, payloads) -> EventSourceResponse:
-    keepalive = _state(request).settings.keepalive_s
+def _keepalive(request: Request) -> float:
+    return _state(request).settings.keepalive_s
+
+
+async def _sse(request: Request, opening) -> Response:
+    """The stream that `opening` returns once its first event came (or a keep-alive interval passed);
+    an error before then is its HTTP status (C2), a client that leaves meanwhile aborts it."""
+    payloads = await _until_disconnected(request, opening)
+    if isinstance(payloads, Response):  # the client left before the first byte
+        return payloads
     return EventSourceResponse(
-        _as_events(payloads), sep="\n", ping=keepalive,
-        ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
+        _as_events(payloads), sep="\n", ping=_keepalive(request),
+        ping_message_factory=_keep_alive,
     )  # fmt: skip
+
+
+def _keep_alive() -> ServerSentEvent:
+    return ServerSentEvent(comment="keep-alive", sep="\n")
 
 
 async def _as_events(payloads):
     async with contextlib.aclosing(payloads):
         async for p in payloads:
-            yield {"data": p}
+            yield _keep_alive() if p is None else {"data": p}
 
 
 async def _until_disconnected(request: Request, work):
