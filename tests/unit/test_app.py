@@ -444,3 +444,20 @@ async def test_closed_api_equivalents_price_the_prefix_cache_hits_as_cached_inpu
     prompt, cached = usages[0]["prompt_tokens"], usages[1]["prompt_tokens_details"]["cached_tokens"]
     assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0 and cached >= 64
     assert ledger["closed_api_equivalent_usd"]["x/caching"] == pytest.approx((2 * prompt - cached) / 1e6)
+
+
+def test_a_request_ended_by_shutdown_before_any_output_is_a_503_to_retry():
+    """G2 with C2: a request the engine ends because it stops (the shutdown timeout passed), before
+    anything was sent, gets the 503 with Retry-After that new requests get, not a 500: nothing is
+    wrong with it, another replica can take it. Other failures stay 500s, and 4xx name the parameter."""
+    from mygpt.api.chat import failure
+    from mygpt.engine.types import SHUTTING_DOWN, FinishReason, TokenEvent
+
+    def ended(**kw):
+        return failure(TokenEvent("r", 0, [], "", FinishReason.ERROR, **kw))
+
+    e = ended(error=SHUTTING_DOWN)
+    assert (e.status, e.headers["Retry-After"], e.info.code) == (503, "5", "not_ready")
+    assert ended(error="engine error: RuntimeError: boom").status == 500
+    e = ended(error="schema", error_param="response_format")
+    assert (e.status, e.info.param) == (400, "response_format")

@@ -34,6 +34,7 @@ from mygpt.api.protocol import (
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.guided import Grammar, GrammarError, Grammars
 from mygpt.engine.types import (
+    SHUTTING_DOWN,
     AdapterRef,
     EngineNotRunning,
     EngineOverloaded,
@@ -538,6 +539,8 @@ def failure(ev: TokenEvent) -> APIError:
     """The HTTP error of a request the engine failed or aborted, before any of its output was sent."""
     if ev.error_param is not None:  # the request's own fault, found while generating
         return invalid(ev.error or "invalid request", param=ev.error_param)
+    if ev.error == SHUTTING_DOWN:  # nothing was sent: another replica can take it, as G2's new requests
+        return APIError(503, f"{ev.error}; retry shortly.", code="not_ready", headers={"Retry-After": "5"})
     return APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
 
 

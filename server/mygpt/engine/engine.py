@@ -27,6 +27,7 @@ from mygpt.engine.prefix import Key, Match, SlotPrefixes
 from mygpt.engine.runner import DecodeRow, ModelRunner, PrefillChunk
 from mygpt.engine.sampling import RowSampler, device_index, sample, score_tokens
 from mygpt.engine.types import (
+    SHUTTING_DOWN,
     AdapterRef,
     EngineNotRunning,
     EngineOverloaded,
@@ -317,7 +318,7 @@ class Engine(EngineThread):
             finally:
                 self._busy_since = None
         self._drain_inbox()  # requests submitted during the last step get their final event too
-        self._fail_all("the server is shutting down")
+        self._fail_all(SHUTTING_DOWN)
 
     def _record_counts(self) -> None:
         """The running and waiting counts where something outside a step changed them (an abort, new

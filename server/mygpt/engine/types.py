@@ -91,6 +91,9 @@ class Timings:
     engine_s: float = 0.0  # this choice's share of the steps it was in (by tokens computed)
 
 
+SHUTTING_DOWN = "the server is shutting down"  # the error of requests still open when the engine stops
+
+
 @dataclass
 class TokenEvent:
     request_id: str
