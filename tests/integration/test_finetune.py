@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from conftest import ServerProcess
+from mygpt.lora.synthetic import make_adapter
 from mygpt.tenancy.config import hash_key
 
 KEYS = {"acme": "sk-ft-acme-0123456789abcdef", "globex": "sk-ft-globex-0123456789abcdef"}
@@ -112,6 +113,40 @@ def test_the_whole_loop(server):
         globex.fine_tuning.jobs.retrieve(job.id)
 
 
+def test_a_tenant_deletes_its_fine_tuned_model_and_reads_its_files(server, tiny_model_dir, store):
+    """OpenAI's models.delete on a fine-tuned model: only its tenant's, only fine-tuned ones (not the
+    base, not what the operator loaded), gone from /v1/models, from routing and from the store (a
+    restart would not find it again); files.content returns an uploaded file."""
+    acme, globex = client(server, "acme"), client(server, "globex")
+    raw = examples(8)
+    train = acme.files.create(file=("short.jsonl", io.BytesIO(raw)), purpose="fine-tune")
+    assert acme.files.content(train.id).content == raw
+    with pytest.raises(openai.NotFoundError):
+        globex.files.content(train.id)
+    job = acme.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters={"n_epochs": 1})
+    job = wait_for(acme, job.id)
+    assert job.status == "succeeded", job.error
+    model = job.fine_tuned_model
+    make_adapter(tiny_model_dir, store / "adapters" / "acme" / "operators", 4, ["q_proj"], seed=5)
+    assert {model, "operators"} <= {m.id for m in acme.models.list().data}
+
+    with pytest.raises(openai.NotFoundError):  # another tenant's: as if it did not exist
+        globex.models.delete(model)
+    for other in (BASE, "operators"):
+        with pytest.raises(openai.PermissionDeniedError):
+            acme.models.delete(other)
+    deleted = acme.models.delete(model)
+    assert (deleted.id, deleted.deleted) == (model, True)
+    assert model not in {m.id for m in acme.models.list().data}
+    assert "operators" in {m.id for m in acme.models.list().data}
+    assert not (store / "adapters" / "acme" / model).exists()
+    with pytest.raises(openai.NotFoundError):
+        acme.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        acme.models.delete(model)
+    assert acme.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == model  # the job's record stays
+
+
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
@@ -179,7 +214,8 @@ def test_cancel_and_restart_lose_nothing(server, tiny_model_dir, store):
     )
     wait_for(acme, long_job.id, statuses=("running",), timeout=60)
     queued = acme.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters={"n_epochs": 1})
-    done_before = [j.fine_tuned_model for j in acme.fine_tuning.jobs.list().data if j.status == "succeeded"]
+    trained = {j.fine_tuned_model for j in acme.fine_tuning.jobs.list().data if j.status == "succeeded"}
+    served = {m.id for m in acme.models.list().data}  # the trained ones less those deleted
     server.stop()
     again = start(tiny_model_dir, store, name="ft-restart")
     try:
@@ -189,7 +225,8 @@ def test_cancel_and_restart_lose_nothing(server, tiny_model_dir, store):
         assert train.id in {f.id for f in acme.files.list().data}
         assert wait_for(acme, queued.id).status == "succeeded"
         models = {m.id for m in acme.models.list().data}
-        assert set(done_before) <= models  # adapters trained before the restart are still served
+        assert trained & served <= models  # adapters trained before the restart are still served
+        assert not (trained - served) & models  # and deleted ones stay deleted
     finally:
         again.stop()
 

@@ -45,7 +45,7 @@ from mygpt.engine.types import (
     TokenEvent,
     TokenLogprob,
 )
-from mygpt.lora.registry import AdapterRegistry
+from mygpt.lora.registry import AdapterEntry, AdapterRegistry
 from mygpt.lora.weights import AdapterError
 from mygpt.tenancy.auth import Principal
 from mygpt.tenancy.limits import RateLimited
@@ -167,15 +167,22 @@ class ChatService:
         adapter included (D3: never a silent base-model answer)."""
         if model == self.model_name:
             return None
-        tenant, name = (principal.tenant, model) if principal.tenant else (model.partition("/")[::2])
-        entry = self.adapters.get(tenant, name) if self.adapters is not None and tenant and name else None
+        entry = self.adapter_of(principal, model)
         if entry is None:
             raise model_not_found(model)
         try:
             entry, weights = await asyncio.to_thread(self.adapters.weights, entry)
         except AdapterError as exc:
+            if self.adapter_of(principal, model) is None:  # deleted or unloaded while it was read
+                raise model_not_found(model) from exc
             raise invalid(str(exc), param="model", code="invalid_adapter") from exc
         return AdapterRef(entry.key, weights)
+
+    def adapter_of(self, principal: Principal, model: str) -> AdapterEntry | None:
+        """The routable adapter `model` names for the caller: a tenant's own by name, any by
+        "<tenant>/<name>" for an admin; None for anything else."""
+        tenant, name = (principal.tenant, model) if principal.tenant else (model.partition("/")[::2])
+        return self.adapters.get(tenant, name) if self.adapters is not None and tenant and name else None
 
     def refuse_unsupported_common(self, req: Any) -> None:
         """The checks chat and text completions share: n, stop strings, logit_bias token ids,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from mygpt.api.auth import caller
@@ -102,6 +104,19 @@ async def get_file(file_id: str, request: Request, principal: Principal = Depend
     if row is None:
         raise _no_file(file_id)
     return _file(row)
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(file_id: str, request: Request, principal: Principal = Depends(caller)) -> Response:
+    """The file as it was uploaded (at most --max-file-bytes)."""
+    state = _state(request)
+    if state.finetune_store.get_file(_tenant(principal), file_id) is None:
+        raise _no_file(file_id)
+    try:
+        raw = await asyncio.to_thread(state.finetune_store.file_path(file_id).read_bytes)
+    except FileNotFoundError:  # deleted meanwhile
+        raise _no_file(file_id) from None
+    return Response(raw, media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}")

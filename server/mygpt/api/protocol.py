@@ -283,6 +283,12 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
 
 
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -21,6 +21,7 @@ from mygpt.api.protocol import (
     Completion,
     CompletionRequest,
     ModelCard,
+    ModelDeleted,
     ModelList,
 )
 from mygpt.state import ServerState
@@ -91,6 +92,25 @@ async def get_model(model: str, request: Request, principal: Principal = Depends
     if model not in await asyncio.to_thread(chat.model_ids, principal):
         raise model_not_found(model)
     return _card(request, chat, model)
+
+
+@router.delete("/v1/models/{model:path}")
+async def delete_model(model: str, request: Request, principal: Principal = Depends(caller)) -> ModelDeleted:
+    """OpenAI's deletion of a fine-tuned model: the caller's own, made by its fine-tuning jobs."""
+    chat = _chat(request)
+    if model == chat.model_name:
+        raise APIError(403, f"The base model '{model}' cannot be deleted.", code="insufficient_permissions")
+    entry = chat.adapter_of(principal, model)
+    if entry is None:
+        raise model_not_found(model)
+    jobs = _state(request).jobs
+    if jobs is None or not await asyncio.to_thread(jobs.delete_model, entry.tenant, entry.name):
+        raise APIError(
+            403, f"'{model}' is not a fine-tuned model: adapters that the server's operator loaded are "
+            "unloaded with an admin key (DELETE /v1/admin/adapters/{tenant}/{name}).",
+            code="insufficient_permissions",
+        )  # fmt: skip
+    return ModelDeleted(id=model)
 
 
 def _card(request: Request, chat: ChatService, model: str) -> ModelCard:

@@ -79,6 +79,15 @@ class JobManager:
         elif proc is not None and proc.poll() is None:
             proc.terminate()  # the worker sees the flag and ends the job as cancelled
 
+    def delete_model(self, tenant: str, name: str) -> bool:
+        """OpenAI's DELETE /v1/models/{model}: a fine-tuned model of `tenant`'s jobs stops routing at
+        once (requests using it finish on it) and its files leave the store. False for any other
+        adapter (one the operator loaded is unloaded with an admin key); the job keeps its record."""
+        if not any(j["fine_tuned_model"] == name for j in self.store.list_jobs(tenant)):
+            return False
+        self.registry.delete(tenant, name)
+        return True
+
     def adapter_name(self, job: dict) -> str:
         base = self.base_name.replace("/", "-")
         return f"ft:{base}:{job['tenant']}:{job['suffix'] or 'ft'}:{job['id']}"

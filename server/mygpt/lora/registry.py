@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -290,6 +291,19 @@ class AdapterRegistry:
             self._remove(entry)
             self._hidden.add((tenant, name))
         log.info("adapter %s unloaded", entry.key)
+        return entry
+
+    def delete(self, tenant: str, name: str) -> AdapterEntry | None:
+        """unload(), then the adapter's directory in the tenant's store is removed, so that it is gone
+        after a restart too (a store directory is found again). Requests using it finish on it: their
+        weights are in memory. A request that read no weights yet waits for this (the adapter's
+        flight lock), then finds it gone."""
+        with self._flights[(tenant, name)]:
+            entry = self.unload(tenant, name)
+            path = self.store_of(tenant) / name
+            if path.is_dir() and not path.is_symlink() and self._inside(tenant, path):
+                shutil.rmtree(path)
+        log.info("adapter %s/%s deleted from the store", tenant, name)
         return entry
 
     def resolve_path(self, tenant: str, name: str, path: str | None) -> Path:
