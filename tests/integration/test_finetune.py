@@ -3,6 +3,7 @@ events, the adapter served at once to its tenant only; bad input; cancel; a rest
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import time
@@ -92,6 +93,15 @@ def test_the_whole_loop(server):
     )
     base_loss = next(e.data["valid_loss"] for e in events if (e.data or {}).get("type") == "base_valid_loss")
     assert epochs[-1]["valid_loss"] < base_loss  # it learned the style
+    # OpenAI's result file: a CSV row per step, each epoch's validation loss on its last step
+    (results,) = job.result_files
+    assert acme.files.retrieve(results).purpose == "fine-tune-results"
+    rows = list(csv.DictReader(io.StringIO(acme.files.content(results).text)))
+    assert [int(r["step"]) for r in rows] == sorted(e.data["step"] for e in metrics)
+    assert [float(r["valid_loss"]) for r in rows if r["valid_loss"]] == [e["valid_loss"] for e in epochs]
+    with pytest.raises(openai.BadRequestError) as err:  # not a training file
+        acme.fine_tuning.jobs.create(model=BASE, training_file=results)
+    assert err.value.body["param"] == "training_file"
     # served at once, to its tenant only
     assert job.fine_tuned_model in {m.id for m in acme.models.list().data}
     assert job.fine_tuned_model not in {m.id for m in globex.models.list().data}

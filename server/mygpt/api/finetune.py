@@ -150,8 +150,12 @@ async def create_job(body: CreateJob, request: Request, principal: Principal = D
         raise invalid(f"The model '{body.model}' cannot be fine-tuned here: this server fine-tunes '{base}'.",
                       param="model", code="model_not_available")  # fmt: skip
     for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
-        if file_id is not None and state.finetune_store.get_file(tenant, file_id) is None:
+        row = state.finetune_store.get_file(tenant, file_id) if file_id is not None else None
+        if file_id is not None and row is None:
             raise _no_file(file_id, param)
+        if row is not None and row["purpose"] != "fine-tune":
+            raise invalid(f"File '{file_id}' has purpose '{row['purpose']}': training and validation "
+                          "files are uploaded with purpose 'fine-tune'.", param=param, code="invalid_file")  # fmt: skip
     if body.suffix is not None and not SUFFIX.fullmatch(body.suffix):
         raise invalid("suffix: up to 40 lowercase letters, digits and '-'.", param="suffix")
     hp = {}
@@ -244,7 +248,8 @@ def _job(job: dict) -> dict:
         "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"],
         "finished_at": job["finished_at"], "model": job["model"], "fine_tuned_model": job["fine_tuned_model"],
         "organization_id": job["tenant"], "status": job["status"], "training_file": job["training_file"],
-        "validation_file": job["validation_file"], "result_files": [], "trained_tokens": job["trained_tokens"],
+        "validation_file": job["validation_file"], "result_files": job["result_files"],
+        "trained_tokens": job["trained_tokens"],
         "error": job["error"], "seed": job["seed"], "user_provided_suffix": job["suffix"],
         "estimated_finish": None, "integrations": [],
         "hyperparameters": {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},

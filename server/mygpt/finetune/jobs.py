@@ -8,6 +8,8 @@ running when the server stopped ends `failed` with that reason.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from mygpt.finetune.store import Store
@@ -26,6 +29,26 @@ from mygpt.lora.weights import AdapterError
 
 log = logging.getLogger(__name__)
 SUFFIX = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")  # fullmatch
+
+
+RESULTS = "fine-tune-results"  # the purpose of a job's result file, as OpenAI names it
+
+
+def results_csv(curve: list[dict]) -> bytes:
+    """OpenAI's result file of a job: a CSV row per training step (its loss and the tokens trained so
+    far); the step that ends an epoch also has that epoch's validation loss (empty without a
+    validation file)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "epoch", "train_loss", "valid_loss", "trained_tokens"])
+    rows: list[list] = []
+    for event in curve:
+        if event["event"] == "step":
+            rows.append([event["step"], event["epoch"], event["train_loss"], "", event["trained_tokens"]])
+        elif rows and event.get("valid_loss") is not None:  # the epoch just ended
+            rows[-1][3] = event["valid_loss"]
+    writer.writerows(rows)
+    return out.getvalue().encode()
 
 
 class JobManager:
@@ -141,6 +164,7 @@ class JobManager:
                 proc.terminate()
         last: dict = {}
         error = None
+        curve: list[dict] = []  # the steps' and epochs' metrics: the job's result file
         for line in proc.stdout:
             try:
                 event = json.loads(line)
@@ -148,6 +172,8 @@ class JobManager:
                 continue
             last = event
             self._record(job_id, event)
+            if event["event"] in ("step", "epoch"):
+                curve.append(event)
             if event["event"] == "error":
                 error = event["message"]
         proc.wait()
@@ -183,7 +209,15 @@ class JobManager:
                 job_id, "failed", error={"code": "invalid_adapter", "param": None, "message": str(exc)}
             )
             return
-        self.store.update_job(job_id, fine_tuned_model=name, trained_tokens=last.get("trained_tokens"))
+        results = self.store.add_file(
+            f"file-{uuid.uuid4().hex[:24]}", job["tenant"], "step_metrics.csv", RESULTS, results_csv(curve), 0
+        )
+        self.store.update_job(
+            job_id,
+            fine_tuned_model=name,
+            trained_tokens=last.get("trained_tokens"),
+            result_files=[results["id"]],
+        )
         self._finish(job_id, "succeeded")
 
     def _record(self, job_id: str, event: dict) -> None:

@@ -17,7 +17,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, training_file TEXT NOT NULL,
     validation_file TEXT, suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL,
     status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, fine_tuned_model TEXT,
-    trained_tokens INTEGER, error TEXT);
+    trained_tokens INTEGER, error TEXT, result_files TEXT);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
     level TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
@@ -36,6 +36,9 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "result_files" not in columns:  # a store written before result files
+            self._db.execute("ALTER TABLE jobs ADD COLUMN result_files TEXT")
         self._lock = threading.Lock()
 
     def _q(self, sql: str, *args: Any) -> list[sqlite3.Row]:
@@ -122,6 +125,8 @@ class Store:
     def update_job(self, job_id: str, **fields: Any) -> None:
         if "error" in fields and fields["error"] is not None:
             fields["error"] = json.dumps(fields["error"])
+        if "result_files" in fields:
+            fields["result_files"] = json.dumps(fields["result_files"])
         sets = ", ".join(f"{k}=?" for k in fields)
         self._q(f"UPDATE jobs SET {sets} WHERE id=?", *fields.values(), job_id)
 
@@ -146,4 +151,5 @@ def _job(row: sqlite3.Row) -> dict:
     job = dict(row)
     job["hyperparameters"] = json.loads(job["hyperparameters"])
     job["error"] = json.loads(job["error"]) if job["error"] else None
+    job["result_files"] = json.loads(job["result_files"]) if job["result_files"] else []
     return job

@@ -1,0 +1,50 @@
+"""The fine-tuning store's SQLite schema across versions, and a job's result file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+
+from mygpt.finetune.jobs import results_csv
+from mygpt.finetune.store import Store
+
+OLD_JOBS = """CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, training_file TEXT NOT NULL,
+    validation_file TEXT, suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL,
+    status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, fine_tuned_model TEXT,
+    trained_tokens INTEGER, error TEXT)"""
+
+
+def test_a_store_written_before_result_files_opens_with_its_jobs(tmp_path):
+    """An upgraded server opens the store an older one wrote: its jobs come back, with no result
+    files, and new results are recorded."""
+    db = sqlite3.connect(tmp_path / "mygpt.sqlite3")
+    db.execute(OLD_JOBS)
+    db.execute(
+        "INSERT INTO jobs VALUES ('ftjob-1','acme','tiny','file-1',NULL,NULL,'{}',7,'succeeded',1,2,'ft:x',10,NULL)"
+    )
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    job = store.get_job("acme", "ftjob-1")
+    assert (job["fine_tuned_model"], job["result_files"]) == ("ft:x", [])
+    store.update_job("ftjob-1", result_files=["file-2"])
+    assert Store(tmp_path).get_job("acme", "ftjob-1")["result_files"] == ["file-2"]
+
+
+def test_the_result_file_has_a_row_per_step_and_each_epochs_validation_loss():
+    step = {"event": "step", "total_steps": 4, "tokens_per_s": 1.0}
+    curve = [
+        {**step, "step": 1, "epoch": 1, "train_loss": 2.5, "trained_tokens": 10},
+        {**step, "step": 2, "epoch": 1, "train_loss": 2.0, "trained_tokens": 20},
+        {"event": "epoch", "epoch": 1, "valid_loss": 1.75},
+        {**step, "step": 3, "epoch": 2, "train_loss": 1.5, "trained_tokens": 30},
+        {"event": "epoch", "epoch": 2, "valid_loss": None},  # no validation file
+    ]
+    rows = list(csv.DictReader(io.StringIO(results_csv(curve).decode())))
+    assert [(r["step"], r["epoch"], r["train_loss"], r["valid_loss"], r["trained_tokens"]) for r in rows] == [
+        ("1", "1", "2.5", "", "10"),
+        ("2", "1", "2.0", "1.75", "20"),
+        ("3", "2", "1.5", "", "30"),
+    ]
