@@ -411,6 +411,9 @@ def test_requests_per_minute(server):
         ask(c, MODEL, 2)
     assert err.value.code == "rate_limit_exceeded" and "3 requests per minute" in err.value.message
     assert 1 <= int(err.value.response.headers["retry-after"]) <= 20
+    headers = err.value.response.headers  # OpenAI's rate-limit headers, on the 429 too
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("3", "0")
+    assert "x-ratelimit-limit-tokens" not in headers  # this tenant has no tokens-per-minute limit
     assert ask(client(server, "acme"), MODEL, 2).choices  # other tenants unaffected
 
 
@@ -430,8 +433,20 @@ def test_concurrent_requests(server):
 
 def test_tokens_per_minute(server):
     c = client(server, "tpm")
-    r = ask(c, MODEL, 100)
+    with c.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=HI, max_tokens=2, stream=True
+    ) as streamed:  # a stream's headers: its prompt charged, before any completion token
+        assert int(streamed.headers["x-ratelimit-remaining-tokens"]) < 120
+        streamed.read()
+    raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=HI, max_tokens=100)
+    r = raw.parse()
     assert r.usage.total_tokens > 120
+    # after the answer: its tokens charged, the bucket in debt; whole again within a minute or two
+    assert (raw.headers["x-ratelimit-limit-tokens"], raw.headers["x-ratelimit-remaining-tokens"]) == (
+        "120",
+        "0",
+    )
+    assert raw.headers["x-ratelimit-reset-tokens"].startswith(("1m", "2m"))
     with pytest.raises(openai.RateLimitError) as err:
         ask(c, MODEL, 2)
     assert (

@@ -126,6 +126,30 @@ def test_tokens_per_minute_charges_prompt_and_completion():
     limiter.admit()
 
 
+def test_rate_limit_headers_say_the_limit_what_is_left_and_when_it_is_whole():
+    """OpenAI's x-ratelimit-* headers: the per-minute limits, what is left (0 in debt), and the wait
+    until each bucket is full again, written as OpenAI does ("6m0s", "1s", "120ms")."""
+    from mygpt.tenancy.limits import duration
+
+    clock = Clock()
+    limiter = TenantLimiter("a", Limits(requests_per_minute=6, tokens_per_minute=600), clock)
+    limiter.admit()
+    limiter.charge(700)  # 100 tokens in debt
+    assert limiter.headers() == {
+        "x-ratelimit-limit-requests": "6",
+        "x-ratelimit-remaining-requests": "5",
+        "x-ratelimit-reset-requests": "10s",  # one request back at 6 a minute
+        "x-ratelimit-limit-tokens": "600",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "1m10s",  # 700 tokens at 10 a second
+    }
+    clock.now += 10
+    assert limiter.headers()["x-ratelimit-remaining-requests"] == "6"
+    assert limiter.headers()["x-ratelimit-reset-requests"] == "0ms"
+    assert TenantLimiter("b", Limits(max_concurrent=2)).headers() == {}  # no per-minute limit
+    assert [duration(s) for s in (0.1204, 1.0, 59.5, 360.0)] == ["121ms", "1s", "1m0s", "6m0s"]
+
+
 def test_concurrency_limit_counts_admitted_requests():
     limiter = TenantLimiter("a", Limits(max_concurrent=2))
     limiter.admit()

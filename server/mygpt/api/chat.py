@@ -133,9 +133,8 @@ class ChatService:
         try:
             ticket = self.tenants.admit(principal, model, None if adapter is None else model)
         except RateLimited as exc:
-            raise APIError(
-                429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": exc.retry_after}
-            ) from exc
+            headers = {"Retry-After": exc.retry_after, **self.tenants.rate_headers(principal)}
+            raise APIError(429, str(exc), code="rate_limit_exceeded", headers=headers) from exc
         try:
             prompt_ids = await asyncio.to_thread(render)
             sampling = params(len(prompt_ids))

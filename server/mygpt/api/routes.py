@@ -129,39 +129,55 @@ def _json_or_sse(model) -> dict:
 
 @router.post("/v1/chat/completions", response_model=None, responses=_json_or_sse(ChatCompletion))
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, principal: Principal = Depends(caller)
+    body: ChatCompletionRequest, request: Request, response: Response, principal: Principal = Depends(caller)
 ) -> ChatCompletion | Response:
     chat = _chat(request)
     gen, ticket = await chat.prepare(principal, body)
     if body.stream:
-        return await _sse(request, chat.stream(body, gen, ticket, _keepalive(request)))
-    return await _until_disconnected(request, chat.complete(body, gen, ticket))
+        return await _sse(request, chat.stream(body, gen, ticket, _keepalive(request)), chat, principal)
+    return _with_rate_headers(
+        response, chat, principal, await _until_disconnected(request, chat.complete(body, gen, ticket))
+    )
 
 
 @router.post("/v1/completions", response_model=None, responses=_json_or_sse(Completion))
 async def text_completions(
-    body: CompletionRequest, request: Request, principal: Principal = Depends(caller)
+    body: CompletionRequest, request: Request, response: Response, principal: Principal = Depends(caller)
 ) -> Completion | Response:
     chat = _chat(request)
     prompts = await completions.prepare(chat, principal, body)
     if body.stream:
-        return await _sse(request, completions.stream(chat, body, prompts, _keepalive(request)))
-    return await _until_disconnected(request, completions.complete(chat, body, prompts))
+        opening = completions.stream(chat, body, prompts, _keepalive(request))
+        return await _sse(request, opening, chat, principal)
+    return _with_rate_headers(
+        response,
+        chat,
+        principal,
+        await _until_disconnected(request, completions.complete(chat, body, prompts)),
+    )
+
+
+def _with_rate_headers(response: Response, chat: ChatService, principal: Principal, answer):
+    """The answer, with the tenant's x-ratelimit-* headers as they stand after it (its tokens charged)."""
+    if not isinstance(answer, Response):  # (a Response: the client left, nobody reads it)
+        response.headers.update(chat.tenants.rate_headers(principal))
+    return answer
 
 
 def _keepalive(request: Request) -> float:
     return _state(request).settings.keepalive_s
 
 
-async def _sse(request: Request, opening) -> Response:
+async def _sse(request: Request, opening, chat: ChatService, principal: Principal) -> Response:
     """The stream that `opening` returns once its first event came (or a keep-alive interval passed);
-    an error before then is its HTTP status (C2), a client that leaves meanwhile aborts it."""
+    an error before then is its HTTP status (C2), a client that leaves meanwhile aborts it. Its headers
+    carry the tenant's x-ratelimit-* (its prompt charged)."""
     payloads = await _until_disconnected(request, opening)
     if isinstance(payloads, Response):  # the client left before the first byte
         return payloads
     return EventSourceResponse(
-        _as_events(payloads), sep="\n", ping=_keepalive(request),
-        ping_message_factory=_keep_alive,
+        _as_events(payloads), sep="\n", ping=_keepalive(request), ping_message_factory=_keep_alive,
+        headers=chat.tenants.rate_headers(principal),
     )  # fmt: skip
 
 

@@ -114,3 +114,26 @@ class TenantLimiter:
     def release(self) -> None:
         with self._lock:
             self.active -= 1
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* response headers for the per-minute limits as they stand: each limit,
+        what is left of it (0 while in debt) and the time until it is whole again (LiteLLM's router
+        and other clients read them to pace themselves)."""
+        out = {}
+        with self._lock:
+            for kind, bucket in (("requests", self._requests), ("tokens", self._tokens)):
+                if bucket is None:
+                    continue
+                bucket._refill()
+                out[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
+                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
+                out[f"x-ratelimit-reset-{kind}"] = duration((bucket.capacity - bucket.level) / bucket.rate)
+        return out
+
+
+def duration(seconds: float) -> str:
+    """A wait as OpenAI's headers write it: "120ms", "1s", "6m0s" (rounded up)."""
+    if seconds < 1:
+        return f"{math.ceil(max(seconds, 0.0) * 1000)}ms"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"

@@ -166,6 +166,11 @@ class Tenants:
             self._in_flight += 1
         return Ticket(self, principal, model, adapter, limiter)
 
+    def rate_headers(self, principal: Principal) -> dict[str, str]:
+        """The x-ratelimit-* headers of the caller's tenant (none without per-minute limits)."""
+        limiter = self.limiters.get(principal.tenant) if principal.tenant else None
+        return limiter.headers() if limiter is not None else {}
+
     def reject(self, principal: Principal, model: str, adapter: str | None = None) -> None:
         self.usage.record(principal.label, model, "rejected", 0, 0)
         if self.metrics is not None:
