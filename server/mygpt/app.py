@@ -11,6 +11,7 @@ from mygpt import __version__
 from mygpt.api.admin import router as admin_router
 from mygpt.api.errors import document_errors, install_error_handlers
 from mygpt.api.finetune import router as finetune_router
+from mygpt.api.request_ids import RequestIds
 from mygpt.api.routes import router
 from mygpt.config import Settings
 from mygpt.cost import CLOSED_API_PRICES, CostModel, load_price_table
@@ -42,6 +43,7 @@ def build_app(
 
     app = FastAPI(title="mygpt", version=__version__, lifespan=lifespan)
     app.state.mygpt = state
+    app.add_middleware(RequestIds)
     install_error_handlers(app)
     document_errors(app)
     app.include_router(router)

@@ -140,14 +140,17 @@ def _keygen_parser(sub: Any) -> None:
 
 
 def serve(settings: Settings) -> None:
+    from mygpt.api.request_ids import RequestIdLogFilter
     from mygpt.app import build_app
     from mygpt.tenancy.config import ConfigError, load_tenancy_from
 
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s",  # request: " [<X-Request-Id>]"
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdLogFilter())
     try:
         tenancy = load_tenancy_from(settings, os.environ)
     except ConfigError as exc:

@@ -154,10 +154,13 @@ def test_load_no_op_conflict_replace_and_unload(server):
     shutil.copytree(store / "acme" / "support", store / "acme" / "rt-v1")
     shutil.copytree(store / "spare" / "v2", store / "acme" / "rt-v2")
     acme = client(server, "acme")
-    r = admin(
-        server, "POST", "/v1/admin/adapters", json={"tenant": "acme", "name": "runtime", "path": "rt-v1"}
-    )
+    r = httpx.post(  # with the caller's X-Request-Id, which the server's log lines of it name
+        server.base_url + "/v1/admin/adapters", json={"tenant": "acme", "name": "runtime", "path": "rt-v1"},
+        headers={"Authorization": f"Bearer {ADMIN}", "X-Request-Id": "ops-4711"}, timeout=60,
+    )  # fmt: skip
     assert r.status_code == 200 and r.json()["changed"] and r.json()["version"] == 1, r.text
+    assert r.headers["x-request-id"] == "ops-4711"
+    assert any("[ops-4711]" in line and "loaded" in line for line in server.log().splitlines())
     assert (
         r.json()["rank"] == 8
         and r.json()["size_bytes"] > 0

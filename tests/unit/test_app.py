@@ -254,6 +254,50 @@ async def test_leaving_while_a_stream_waits_for_its_first_event_aborts_it():
 
 
 @pytest.mark.anyio
+async def test_every_response_carries_a_request_id(served_state, monkeypatch, caplog):
+    """As OpenAI's: X-Request-Id on every answer (200, stream, 4xx, an unexpected 500), the client's
+    own when usable, else a new one; the log lines written while handling it name it."""
+    import logging
+
+    from mygpt.api.request_ids import RequestIdLogFilter
+
+    body = {"model": "tiny", "messages": HI, "max_tokens": 2}
+    async with client_for(served_state) as c:
+        answers = [
+            await c.get("/live"),
+            await c.post("/v1/chat/completions", json=body),
+            await c.post("/v1/chat/completions", json={**body, "stream": True}),
+            await c.post("/v1/chat/completions", json={**body, "max_tokens": -1}),
+            await c.get("/nowhere"),
+        ]
+        assert [r.status_code for r in answers] == [200, 200, 200, 400, 404]
+        ids = [r.headers["x-request-id"] for r in answers]
+        assert all(i.startswith("req_") for i in ids) and len(set(ids)) == len(ids)
+        r = await c.get("/live", headers={"X-Request-Id": "trace-42.a:b"})
+        assert r.headers["x-request-id"] == "trace-42.a:b"
+        for unusable in ("two words", "x" * 129, "bad\tid"):  # never copied into headers or the log
+            r = await c.get("/live", headers={"X-Request-Id": unusable})
+            assert r.headers["x-request-id"].startswith("req_")
+
+        def broken(*args, **kw):
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(served_state.chat, "prepare", broken)
+    caplog.handler.addFilter(RequestIdLogFilter())
+    caplog.handler.setFormatter(logging.Formatter("%(name)s%(request)s: %(message)s"))
+    # Starlette answers the 500, then raises the error on to the server (which logs it too)
+    transport = httpx.ASGITransport(
+        app=build_app(served_state.settings, served_state), raise_app_exceptions=False
+    )
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        with caplog.at_level(logging.ERROR):
+            r = await c.post("/v1/chat/completions", json=body, headers={"X-Request-Id": "trace-500"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert r.headers["x-request-id"] == "trace-500"
+    assert "mygpt.api.errors [trace-500]: unhandled error" in caplog.text
+
+
+@pytest.mark.anyio
 async def test_fine_tuning_routes_when_off_or_starting():
     off = ServerState(Settings(finetune=False), Tenants(load_tenancy(None)))
     async with client_for(off) as c:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mygpt.api.protocol import ErrorInfo, ErrorResponse
+from mygpt.api.request_ids import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
+        rid = REQUEST_ID.get()  # answered outside the request id middleware (Starlette's last resort)
         return APIError(
-            500, "The server had an error while processing your request.", type="server_error"
-        ).response()
+            500, "The server had an error while processing your request.", type="server_error",
+            headers={"x-request-id": rid} if rid else None,
+        ).response()  # fmt: skip
 
 
 def document_errors(app: FastAPI) -> None:
