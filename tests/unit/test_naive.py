@@ -35,6 +35,27 @@ def test_every_choice_ends_once_with_a_stop_string(naive):
         assert finals[0].completion_tokens == len(c.tokens("s", i))
 
 
+def test_a_failure_ends_every_choice_not_yet_ended(naive, monkeypatch):
+    """A failure in choice 1 of 3: choice 0 ended as it did, choices 1 and 2 get an error final each
+    (the request's accounting, a tenant's concurrency slot included, waits for every choice's)."""
+    real, calls = naive._generate, {"n": 0}
+
+    def fails_second(request, index, on_event):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA error: out of memory")
+        return real(request, index, on_event)
+
+    monkeypatch.setattr(naive, "_generate", fails_second)
+    c = Collector()
+    c.submit(naive, "f", PROMPTS[0], max_tokens=4, n=3, temperature=1.0, seed=1)
+    c.wait()
+    finals = {e.index: e for e in c.events["f"] if e.finish_reason is not None}
+    assert finals[0].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+    assert [finals[i].finish_reason for i in (1, 2)] == [FinishReason.ERROR] * 2
+    assert "out of memory" in finals[2].error
+
+
 def test_seeds_repeat_and_logprobs_come_back(naive):
     runs = []
     for rid in ("a", "b"):

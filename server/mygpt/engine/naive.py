@@ -90,12 +90,15 @@ class NaiveEngine(EngineThread):
                 continue
             request, on_event = item
             self._busy_since = time.monotonic()
+            index = 0
             try:
                 for index in range(request.params.n):
                     self._generate(request, index, on_event)
             except Exception as exc:
                 log.exception("naive generation failed")
-                on_event(_final(request, 0, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
+                for rest in range(index, request.params.n):  # the failed choice and those not begun:
+                    # every choice gets its final event (the request's accounting waits for all of them)
+                    on_event(_final(request, rest, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
             finally:
                 self._busy_since = None
                 self._aborted.discard(request.request_id)
