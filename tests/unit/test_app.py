@@ -254,6 +254,66 @@ async def test_leaving_while_a_stream_waits_for_its_first_event_aborts_it():
 
 
 @pytest.mark.anyio
+async def test_an_event_stream_that_fails_before_its_first_event_is_a_500():
+    """C2: the event stream itself raising (a merged stream of several prompts passes its streams'
+    errors on) before anything was sent is a real 500, not a 200 that carries an error."""
+    from mygpt.api.chat import opened
+    from mygpt.api.errors import APIError
+
+    async def events():
+        raise RuntimeError("a stream broke")
+        yield None
+
+    with pytest.raises(APIError) as err:
+        await opened(events(), wait_s=5)
+    assert err.value.status == 500 and "a stream broke" in err.value.info.message
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stuck", ["the response's start", "the keep-alive"])
+async def test_a_stream_the_client_leaves_before_its_body_began_aborts_the_request(stuck):
+    """The wait for the first event ran out, the stream opened, and the client left while the first
+    bytes were still being sent (a stuck socket): the payloads were never read, and closing them
+    still ends the request's event stream, which is what aborts it in the engine."""
+    from mygpt.api.chat import opened, stream_payloads
+    from mygpt.api.routes import _EventStream
+    from mygpt.engine.types import GenerationRequest, SamplingParams
+
+    closed = asyncio.Event()
+
+    async def events():
+        try:
+            await asyncio.sleep(3600)  # a long queue
+            yield None
+        finally:
+            closed.set()
+
+    replayed, waited = await opened(events(), wait_s=0.01)
+    assert waited
+    gen = GenerationRequest("r", [1, 2], SamplingParams(max_tokens=4))
+    response = _EventStream(stream_payloads(gen, replayed, [], None, None, waited), sep="\n", ping=3600)
+    sent = []
+
+    async def send(message):
+        sent.append(message["type"])
+        if stuck == "the response's start" or message.get("body"):
+            await asyncio.sleep(3600)
+
+    async def receive():
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "method": "POST",
+        "headers": [],
+    }
+    await asyncio.wait_for(response(scope, receive, send), 10)
+    assert closed.is_set() and sent[0] == "http.response.start"
+
+
+@pytest.mark.anyio
 async def test_every_response_carries_a_request_id(served_state, monkeypatch, caplog):
     """As OpenAI's: X-Request-Id on every answer (200, stream, 4xx, an unexpected 500), the client's
     own when usable, else a new one; the log lines written while handling it name it."""

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -430,7 +430,7 @@ class ChatService:
 
     async def stream(
         self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket, wait_s: float
-    ) -> AsyncIterator[str | None]:
+    ) -> Closing:
         """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10). Returns
         once the first event came or `wait_s` passed (see opened())."""
         # before the first byte: overload is still a real 429, a failed first step a real 500 (C2)
@@ -550,7 +550,26 @@ def failure(ev: TokenEvent) -> APIError:
     return APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
 
 
-async def opened(events: AsyncIterator[TokenEvent], wait_s: float) -> tuple[AsyncIterator[TokenEvent], bool]:
+class Closing:
+    """An async iterator whose aclose() also runs `close`, even where the iterator never started: an
+    async generator that never ran closes nothing, and here closing is what aborts a request (the
+    client left before the response's body began)."""
+
+    def __init__(self, it: AsyncGenerator, close: Callable[[], Awaitable[None]]):
+        self._it, self._close = it, close
+
+    def __aiter__(self) -> Closing:
+        return self
+
+    def __anext__(self) -> Awaitable:
+        return self._it.__anext__()
+
+    async def aclose(self) -> None:
+        await self._it.aclose()
+        await self._close()
+
+
+async def opened(events: AsyncIterator[TokenEvent], wait_s: float) -> tuple[Closing, bool]:
     """C2: waits up to `wait_s` for a stream's first event before the response commits to its 200, so
     that a request that fails before any output (a prefill out of device memory, a schema that breaks at
     the first token) gets a real HTTP status, not a 200 stream that carries an error. The first token
@@ -565,12 +584,15 @@ async def opened(events: AsyncIterator[TokenEvent], wait_s: float) -> tuple[Asyn
     except BaseException:
         await _close(first, events)
         raise
-    if first.done() and not first.cancelled() and first.exception() is None:
-        ev = first.result()
-        if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+    if first.done() and not first.cancelled():
+        exc = first.exception()
+        if exc is None and first.result().finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
             await events.aclose()
-            raise failure(ev)
-    return _replay(first, events), not first.done()
+            raise failure(first.result())
+        if exc is not None and not isinstance(exc, StopAsyncIteration):  # the event stream itself failed
+            await events.aclose()
+            raise APIError(500, f"{type(exc).__name__}: {exc}", type="server_error") from exc
+    return Closing(_replay(first, events), lambda: _close(first, events)), not first.done()
 
 
 async def _replay(first: asyncio.Future, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
@@ -595,21 +617,33 @@ async def _close(first: asyncio.Future, events: AsyncIterator[TokenEvent]) -> No
     await events.aclose()
 
 
-async def stream_payloads(
+def stream_payloads(
     gen: GenerationRequest,
-    events: AsyncIterator[TokenEvent],
+    events: Closing,
     head: list[str],
     piece: Callable[[TokenEvent, list[TokenLogprob], str | None], str | None],
     usage_chunk: Callable[[Usage], str] | None,
     waited: bool = False,
-) -> AsyncIterator[str | None]:
+) -> Closing:
     """The streaming loop of chat and text completions: `head`, then piece(event, its logprobs,
     finish reason) for each event with text or a finish, the usage chunk if asked, [DONE]. A token
     whose text is held back (a partial character or stop string) sends its logprob with the next
     piece of its choice. After the first byte a failure is an error event, not a hang (A10).
 
     None stands for a keep-alive comment: the first thing sent where opened() `waited` in vain (the
-    client has then heard nothing for a keep-alive interval, A9)."""
+    client has then heard nothing for a keep-alive interval, A9). Closing the payloads, read or not,
+    closes the events (which aborts the request if it is still running)."""
+    return Closing(_payloads(gen, events, head, piece, usage_chunk, waited), events.aclose)
+
+
+async def _payloads(
+    gen: GenerationRequest,
+    events: Closing,
+    head: list[str],
+    piece: Callable[[TokenEvent, list[TokenLogprob], str | None], str | None],
+    usage_chunk: Callable[[Usage], str] | None,
+    waited: bool,
+) -> AsyncIterator[str | None]:
     completion = [0] * gen.params.n
     pending: list[list[TokenLogprob]] = [[] for _ in range(gen.params.n)]
     cached = [0] * gen.params.n

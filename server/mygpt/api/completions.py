@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from mygpt.api.chat import ChatService, collect, opened, stream_payloads
+from mygpt.api.chat import ChatService, Closing, collect, opened, stream_payloads
 from mygpt.api.errors import invalid
 from mygpt.api.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
 from mygpt.engine.types import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
@@ -247,9 +247,7 @@ async def complete(chat: ChatService, req: CompletionRequest, batch: Prompts) ->
     return Completion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
 
 
-async def stream(
-    chat: ChatService, req: CompletionRequest, batch: Prompts, wait_s: float
-) -> AsyncIterator[str | None]:
+async def stream(chat: ChatService, req: CompletionRequest, batch: Prompts, wait_s: float) -> Closing:
     """SSE data payloads: text chunks, an optional usage chunk, then [DONE]; as ChatService.stream."""
     events, waited = await opened(_submit(chat, batch), wait_s)  # a real 429, or 500 (C2)
     gen, echoes = batch.whole, _echoes(chat, req, batch)

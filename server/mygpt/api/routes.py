@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from mygpt.api import completions
 from mygpt.api.auth import caller
-from mygpt.api.chat import ChatService
+from mygpt.api.chat import ChatService, Closing
 from mygpt.api.errors import APIError, model_not_found
 from mygpt.api.protocol import (
     ChatCompletion,
@@ -175,10 +175,25 @@ async def _sse(request: Request, opening, chat: ChatService, principal: Principa
     payloads = await _until_disconnected(request, opening)
     if isinstance(payloads, Response):  # the client left before the first byte
         return payloads
-    return EventSourceResponse(
-        _as_events(payloads), sep="\n", ping=_keepalive(request), ping_message_factory=_keep_alive,
+    return _EventStream(
+        payloads, sep="\n", ping=_keepalive(request), ping_message_factory=_keep_alive,
         headers=chat.tenants.rate_headers(principal),
     )  # fmt: skip
+
+
+class _EventStream(EventSourceResponse):
+    """Closes its payloads however the response ends, even before its body began (the client left
+    as it opened): that aborts the request."""
+
+    def __init__(self, payloads: Closing, **kw):
+        super().__init__(_as_events(payloads), **kw)
+        self._payloads = payloads
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._payloads.aclose()
 
 
 def _keep_alive() -> ServerSentEvent:
