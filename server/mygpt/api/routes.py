@@ -103,13 +103,19 @@ async def delete_model(model: str, request: Request, principal: Principal = Depe
     entry = chat.adapter_of(principal, model)
     if entry is None:
         raise model_not_found(model)
-    jobs = _state(request).jobs
-    if jobs is None or not await asyncio.to_thread(jobs.delete_model, entry.tenant, entry.name):
+    state = _state(request)
+    if state.jobs is None and state.settings.finetune:
+        raise APIError(503, "The server is not ready: fine-tuning is starting.", code="not_ready",
+                       headers={"Retry-After": "5"})  # fmt: skip
+    if state.jobs is None or not await asyncio.to_thread(state.jobs.made, entry.tenant, entry.name):
         raise APIError(
-            403, f"'{model}' is not a fine-tuned model: adapters that the server's operator loaded are "
-            "unloaded with an admin key (DELETE /v1/admin/adapters/{tenant}/{name}).",
+            403, f"'{model}' is not a model of this tenant's fine-tuning jobs: adapters that the server's "
+            "operator loaded are unloaded with an admin key (DELETE /v1/admin/adapters/{tenant}/{name}).",
             code="insufficient_permissions",
         )  # fmt: skip
+    # the adapter leaves routing at once (requests using it finish on it) and its files the store
+    if await asyncio.to_thread(state.registry.delete, entry.tenant, entry.name) is None:
+        raise model_not_found(model)  # deleted meanwhile (by another request)
     return ModelDeleted(id=model)
 
 

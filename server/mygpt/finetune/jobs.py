@@ -102,14 +102,9 @@ class JobManager:
         elif proc is not None and proc.poll() is None:
             proc.terminate()  # the worker sees the flag and ends the job as cancelled
 
-    def delete_model(self, tenant: str, name: str) -> bool:
-        """OpenAI's DELETE /v1/models/{model}: a fine-tuned model of `tenant`'s jobs stops routing at
-        once (requests using it finish on it) and its files leave the store. False for any other
-        adapter (one the operator loaded is unloaded with an admin key); the job keeps its record."""
-        if not any(j["fine_tuned_model"] == name for j in self.store.list_jobs(tenant)):
-            return False
-        self.registry.delete(tenant, name)
-        return True
+    def made(self, tenant: str, name: str) -> bool:
+        """Whether one of `tenant`'s jobs made the adapter `name` (which the tenant may then delete)."""
+        return any(j["fine_tuned_model"] == name for j in self.store.list_jobs(tenant))
 
     def adapter_name(self, job: dict) -> str:
         base = self.base_name.replace("/", "-")
@@ -198,26 +193,33 @@ class JobManager:
                 job_id, "failed", error={"code": "training_failed", "param": None, "message": reason}
             )
             return
-        final = store_dir / name
-        (work / "adapter").rename(final)
-        shutil.rmtree(work, ignore_errors=True)
         try:
+            results = self.store.add_file(
+                f"file-{uuid.uuid4().hex[:24]}",
+                job["tenant"],
+                "step_metrics.csv",
+                RESULTS,
+                results_csv(curve),
+                0,
+            )
+            self.store.update_job(
+                job_id, result_files=[results["id"]], trained_tokens=last.get("trained_tokens")
+            )
+            # in the store the adapter is routable: from here on it is either its job's model, recorded
+            # (which its tenant can delete), or gone
+            (work / "adapter").rename(store_dir / name)
             self.registry.load(job["tenant"], name, source="finetune")  # validated like any adapter
-        except AdapterError as exc:
-            shutil.rmtree(final, ignore_errors=True)
+            self.store.update_job(job_id, fine_tuned_model=name)
+        except BaseException as exc:
+            self.registry.delete(job["tenant"], name)
+            if not isinstance(exc, AdapterError):
+                raise  # the job fails with the error (_loop)
             self._finish(
                 job_id, "failed", error={"code": "invalid_adapter", "param": None, "message": str(exc)}
             )
             return
-        results = self.store.add_file(
-            f"file-{uuid.uuid4().hex[:24]}", job["tenant"], "step_metrics.csv", RESULTS, results_csv(curve), 0
-        )
-        self.store.update_job(
-            job_id,
-            fine_tuned_model=name,
-            trained_tokens=last.get("trained_tokens"),
-            result_files=[results["id"]],
-        )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         self._finish(job_id, "succeeded")
 
     def _record(self, job_id: str, event: dict) -> None:

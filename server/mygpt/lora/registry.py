@@ -303,7 +303,7 @@ class AdapterRegistry:
             path = self.store_of(tenant) / name
             if path.is_dir() and not path.is_symlink() and self._inside(tenant, path):
                 shutil.rmtree(path)
-        log.info("adapter %s/%s deleted from the store", tenant, name)
+                log.info("adapter %s/%s deleted from the store", tenant, name)
         return entry
 
     def resolve_path(self, tenant: str, name: str, path: str | None) -> Path:
