@@ -139,6 +139,21 @@ def _keygen_parser(sub: Any) -> None:
     p.add_argument("--hash", metavar="KEY", help="print only the hash of this existing key")
 
 
+def _quiet_known_noise() -> None:
+    """What a server log should not carry at every start: bitsandbytes' warning that its optional CPU
+    kernel (fetched from the Hugging Face hub, which this server never does) is missing, and, in a log
+    that is not a terminal, transformers' progress bars (a line of carriage returns per model load)."""
+
+    def not_the_hub_kernel(record: logging.LogRecord) -> bool:
+        return "from kernels-community" not in record.getMessage()
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(not_the_hub_kernel)
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def serve(settings: Settings) -> None:
     from mygpt.api.request_ids import RequestIdLogFilter
     from mygpt.app import build_app
@@ -151,6 +166,7 @@ def serve(settings: Settings) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdLogFilter())
+    _quiet_known_noise()
     try:
         tenancy = load_tenancy_from(settings, os.environ)
     except ConfigError as exc:
