@@ -12,6 +12,7 @@ from mygpt.api.admin import router as admin_router
 from mygpt.api.errors import document_errors, install_error_handlers
 from mygpt.api.finetune import router as finetune_router
 from mygpt.api.request_ids import RequestIds
+from mygpt.api.responses import router as responses_router
 from mygpt.api.routes import router
 from mygpt.config import Settings
 from mygpt.cost import CLOSED_API_PRICES, CostModel, load_price_table
@@ -49,4 +50,5 @@ def build_app(
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(finetune_router)
+    app.include_router(responses_router)
     return app

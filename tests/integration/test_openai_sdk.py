@@ -492,3 +492,28 @@ def test_stray_tool_messages_are_400s(client):
         model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice="none", max_tokens=5
     )
     assert r.choices[0].message.content and r.choices[0].message.tool_calls is None
+
+
+def test_the_responses_api_on_a_real_server(client):
+    """client.responses (what the Agents SDK and newer clients call): an answer, a conversation
+    continued by previous_response_id, and the stream the SDK accumulates, on the default model."""
+    r = client.responses.create(
+        model=MODEL, instructions="You are a helpful assistant.", input="What is the capital of France?",
+        max_output_tokens=60, temperature=0,
+    )  # fmt: skip
+    assert r.status == "completed" and "Paris" in r.output_text
+    chat = client.chat.completions.create(
+        model=MODEL, max_tokens=60, temperature=0,
+        messages=[{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": "What is the capital of France?"}],
+    )  # fmt: skip
+    assert r.output_text == chat.choices[0].message.content
+    follow = client.responses.create(
+        model=MODEL, previous_response_id=r.id, input="And of Italy?", max_output_tokens=40, temperature=0
+    )
+    assert follow.status == "completed" and follow.output_text
+    with client.responses.stream(model=MODEL, input="What is the capital of France?", max_output_tokens=60,
+                                 temperature=0) as stream:  # fmt: skip
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text and final.usage.output_tokens > 0

@@ -209,7 +209,8 @@ def _keep_alive() -> ServerSentEvent:
 async def _as_events(payloads):
     async with contextlib.aclosing(payloads):
         async for p in payloads:
-            yield _keep_alive() if p is None else {"data": p}
+            # None: a keep-alive comment; a dict: a named event (the Responses API's)
+            yield _keep_alive() if p is None else p if isinstance(p, dict) else {"data": p}
 
 
 async def _until_disconnected(request: Request, work):

@@ -1,0 +1,463 @@
+"""OpenAI's Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}) over the chat
+completions path: a Responses request becomes a ChatCompletionRequest (instructions, input items, the
+stored turns of previous_response_id, function tools, text.format), runs through ChatService as any
+chat request does (tenants, limits, adapters, grammars, usage), and its answer or chunks become a
+Response or the Responses stream's events (response.created ... response.completed), which the openai
+SDK's `responses.create` and `responses.stream` read.
+
+Honoured: model, input (text, messages with input_text/output_text parts, function_call and
+function_call_output items), instructions, max_output_tokens, temperature, top_p, tools (function
+tools), tool_choice, parallel_tool_calls, text.format (text, json_object, json_schema), stream,
+store, previous_response_id, metadata, user. Refused with a 400 naming them (B2): what this server
+cannot do (built-in tools, images and files, reasoning, background mode, conversations, prompt
+templates, include, top_logprobs, truncation "auto", max_tool_calls). Stored responses live in this
+process's memory, the newest STORED_RESPONSES of them, each visible to its own tenant only.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mygpt.api import routes
+from mygpt.api.auth import caller
+from mygpt.api.chat import ChatService, Closing
+from mygpt.api.errors import APIError, invalid
+from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest
+from mygpt.tenancy.auth import Principal
+
+router = APIRouter()
+STORED_RESPONSES = 1024  # per process, oldest forgotten first
+# fields refused by name when set to anything but their "off" value (what this server cannot do)
+REFUSED = {
+    "background": (None, False), "conversation": (None,), "prompt": (None,), "include": (None, []),
+    "reasoning": (None,), "top_logprobs": (None, 0), "truncation": (None, "disabled"), "max_tool_calls": (None,),
+}  # fmt: skip
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # B1: unknown fields are ignored (REFUSED ones are checked)
+
+    model: str
+    input: str | list[dict[str, Any]] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    stream: bool | None = False
+    store: bool | None = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True
+
+
+class ResponseStore:
+    """Stored responses: id -> (tenant, the response, the conversation so far as chat messages)."""
+
+    def __init__(self, limit: int = STORED_RESPONSES):
+        self.limit = limit
+        self._items: collections.OrderedDict[str, tuple[str, dict, list[dict]]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, tenant: str, response: dict, messages: list[dict]) -> None:
+        with self._lock:
+            self._items[response["id"]] = (tenant, response, messages)
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def get(self, tenant: str, response_id: str) -> tuple[dict, list[dict]] | None:
+        with self._lock:
+            item = self._items.get(response_id)
+        return None if item is None or item[0] != tenant else (item[1], item[2])
+
+    def delete(self, tenant: str, response_id: str) -> bool:
+        with self._lock:
+            if self._items.get(response_id, ("",))[0] != tenant:
+                return False
+            del self._items[response_id]
+            return True
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+@router.post("/v1/responses", response_model=None)
+async def create_response(
+    body: ResponsesRequest, request: Request, response: Response, principal: Principal = Depends(caller)
+) -> dict | Response:
+    chat = routes._chat(request)
+    store = _store(request)
+    history = _history(store, principal, body)
+    chat_req = _as_chat(body, history)
+    turn = Turn(body, history, chat_req.messages, _tenant(principal))
+    try:
+        gen, ticket = await chat.prepare(principal, chat_req)
+    except APIError as exc:
+        raise _renamed(exc) from None
+    if body.stream:
+        opening = _events(chat, chat_req, gen, ticket, turn, store, routes._keepalive(request))
+        return await routes._sse(request, opening, chat, principal)
+    done = await routes._until_disconnected(request, chat.complete(chat_req, gen, ticket))
+    if isinstance(done, Response):  # the client left
+        return done
+    answer = turn.response(_output(done), done.usage.model_dump(), done.choices[0].finish_reason)
+    turn.keep(store, answer)
+    return routes._with_rate_headers(response, chat, principal, answer)
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+    found = _store(request).get(_tenant(principal), response_id)
+    if found is None:
+        raise _not_found(response_id)
+    return found[0]
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(
+    response_id: str, request: Request, principal: Principal = Depends(caller)
+) -> DeletedResponse:
+    if not _store(request).delete(_tenant(principal), response_id):
+        raise _not_found(response_id)
+    return DeletedResponse(id=response_id)
+
+
+def _store(request: Request) -> ResponseStore:
+    state = request.app.state.mygpt
+    if getattr(state, "responses", None) is None:
+        state.responses = ResponseStore()
+    return state.responses
+
+
+def _tenant(principal: Principal) -> str:
+    return principal.tenant or ""  # admin keys share one space
+
+
+def _not_found(response_id: str) -> APIError:
+    return APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
+                    code="not_found")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- request -> chat request
+
+
+def _history(store: ResponseStore, principal: Principal, body: ResponsesRequest) -> list[dict]:
+    """The refusals (B2), then the conversation of previous_response_id (its input and output)."""
+    extra = body.model_extra or {}
+    for name, off in REFUSED.items():
+        if extra.get(name, None) not in off:
+            raise invalid(
+                f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter"
+            )
+    if body.previous_response_id is None:
+        return []
+    found = store.get(_tenant(principal), body.previous_response_id)
+    if found is None:
+        raise invalid(
+            f"Previous response with id '{body.previous_response_id}' not found.",
+            param="previous_response_id",
+        )
+    return found[1]
+
+
+def _as_chat(body: ResponsesRequest, history: list[dict]) -> ChatCompletionRequest:
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    messages += history + _input_messages(body.input)
+    chat: dict[str, Any] = {
+        "model": body.model, "messages": messages, "max_tokens": body.max_output_tokens,
+        "temperature": body.temperature, "top_p": body.top_p, "stream": body.stream, "user": body.user,
+        "parallel_tool_calls": body.parallel_tool_calls,
+    }  # fmt: skip
+    if body.stream:
+        chat["stream_options"] = {"include_usage": True}  # response.completed carries the usage
+    if body.tools is not None:
+        chat["tools"] = [_tool(i, t) for i, t in enumerate(body.tools)]
+    if body.tool_choice is not None:
+        chat["tool_choice"] = _tool_choice(body.tool_choice)
+    fmt = (body.text or {}).get("format")
+    if fmt is not None:
+        chat["response_format"] = _format(fmt)
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise invalid(f"Invalid value: {err['msg']} ({loc})", param=_param(loc)) from None
+
+
+def _input_messages(items: str | list[dict[str, Any]]) -> list[dict]:
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    out: list[dict] = []
+    for i, item in enumerate(items):
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise invalid(
+                    f"input[{i}].role must be user, system, developer or assistant.", param=f"input[{i}].role"
+                )
+            out.append({"role": role, "content": _text(item.get("content"), f"input[{i}].content")})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}  # fmt: skip
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
+                out[-1]["tool_calls"].append(call)  # one assistant turn's parallel calls
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            content = output if isinstance(output, str) else _text(output, f"input[{i}].output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
+        else:
+            raise invalid(f"input[{i}]: items of type '{kind}' are not supported by this server.",
+                          param=f"input[{i}].type", code="unsupported_value")  # fmt: skip
+    return out
+
+
+def _text(content: Any, param: str) -> str:
+    """A message's content as text: a string, or input_text/output_text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{param} must be a string or a list of text parts.", param=param)
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise invalid(f"{param}[{j}]: content of type '{kind}' is not supported (text only).",
+                          param=f"{param}[{j}]", code="unsupported_value")  # fmt: skip
+        texts.append(str(part.get("text", "")))
+    return "".join(texts)
+
+
+def _tool(i: int, tool: dict) -> dict:
+    if tool.get("type") != "function":
+        raise invalid(f"tools[{i}]: tools of type '{tool.get('type')}' are not supported (function tools only).",
+                      param=f"tools[{i}].type", code="unsupported_value")  # fmt: skip
+    fields = ("name", "description", "parameters", "strict")
+    return {"type": "function", "function": {k: tool[k] for k in fields if tool.get(k) is not None}}
+
+
+def _tool_choice(choice: str | dict) -> str | dict:
+    if isinstance(choice, str):
+        return choice
+    if choice.get("type") == "function" and choice.get("name"):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise invalid(f"tool_choice of type '{choice.get('type')}' is not supported.", param="tool_choice")
+
+
+def _format(fmt: dict) -> dict:
+    if fmt.get("type") != "json_schema":
+        return {"type": fmt.get("type")}
+    fields = ("name", "description", "schema", "strict")
+    return {"type": "json_schema", "json_schema": {k: fmt[k] for k in fields if fmt.get(k) is not None}}
+
+
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+def _param(param: str | None) -> str | None:
+    """A chat request's parameter as this request named it."""
+    if param is None:
+        return None
+    head, dot, rest = param.partition(".")
+    if head == "response_format":
+        return "text.format" + (("." + rest.removeprefix("json_schema.")) if rest else "")
+    return _PARAMS.get(head, head) + dot + rest
+
+
+def _renamed(exc: APIError) -> APIError:
+    exc.info.param = _param(exc.info.param)
+    for chat_name, name in _PARAMS.items():
+        exc.info.message = exc.info.message.replace(f"'{chat_name}'", f"'{name}'")
+    return exc
+
+
+# ----------------------------------------------------------------------------- chat answer -> response
+
+
+class Turn:
+    """One response: its request's settings (echoed in the response), and the conversation it continues."""
+
+    def __init__(self, body: ResponsesRequest, history: list[dict], messages: list, tenant: str):
+        self.body, self.tenant = body, tenant
+        self.id = f"resp_{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        # the conversation a later previous_response_id continues: without the instructions (each
+        # request gives its own, as OpenAI's do)
+        skip = 1 if body.instructions else 0
+        self.messages = [m.model_dump(exclude_none=True) for m in messages[skip:]]
+
+    def response(self, output: list[dict], usage: dict | None, finish: str | None, status: str | None = None,
+                 error: dict | None = None) -> dict:  # fmt: skip
+        b = self.body
+        incomplete = finish == "length"
+        status = status or ("incomplete" if incomplete else "completed")
+        details = usage.get("prompt_tokens_details") or {} if usage else {}
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "error": error, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "model": b.model,
+            "output": output, "parallel_tool_calls": b.parallel_tool_calls is not False,
+            "previous_response_id": b.previous_response_id, "reasoning": None, "store": b.store is not False,
+            "temperature": 1.0 if b.temperature is None else b.temperature,
+            "text": b.text or {"format": {"type": "text"}}, "tool_choice": b.tool_choice or "auto",
+            "tools": b.tools or [], "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled",
+            "usage": None if usage is None else {
+                "input_tokens": usage["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0)},
+                "output_tokens": usage["completion_tokens"],
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["total_tokens"],
+            },
+            "user": b.user, "metadata": b.metadata or {}, "background": False,
+        }  # fmt: skip
+
+    def keep(self, store: ResponseStore, response: dict) -> None:
+        """Stores a finished response (store: true, OpenAI's default) with its conversation."""
+        if self.body.store is False or response["status"] == "failed":
+            return
+        answer: list[dict] = []
+        for item in response["output"]:
+            if item["type"] == "message":
+                answer.append({"role": "assistant", "content": item["content"][0]["text"]})
+            else:
+                call = {"id": item["call_id"], "type": "function",
+                        "function": {"name": item["name"], "arguments": item["arguments"]}}  # fmt: skip
+                if answer and answer[-1].get("tool_calls"):
+                    answer[-1]["tool_calls"].append(call)
+                else:
+                    answer.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        store.put(self.tenant, response, self.messages + answer)
+
+
+def _message_item(text: str, status: str) -> dict:
+    return {
+        "type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }  # fmt: skip
+
+
+def _call_item(call_id: str, name: str, arguments: str) -> dict:
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call_id, "name": name,
+            "arguments": arguments, "status": "completed"}  # fmt: skip
+
+
+def _output(done: ChatCompletion) -> list[dict]:
+    choice = done.choices[0]
+    message = choice.message
+    if message.tool_calls:
+        return [_call_item(c.id, c.function.name, c.function.arguments) for c in message.tool_calls]
+    status = "incomplete" if choice.finish_reason == "length" else "completed"
+    return [_message_item(message.content or "", status)]
+
+
+async def _events(
+    chat: ChatService,
+    chat_req: ChatCompletionRequest,
+    gen,
+    ticket,
+    turn: Turn,
+    store: ResponseStore,
+    wait_s: float,
+) -> Closing:
+    """The Responses stream's events, from the chat stream's chunks (opened as it opens: C2)."""
+    payloads = await chat.stream(chat_req, gen, ticket, wait_s)
+    return Closing(_translate(payloads, turn, store), payloads.aclose)
+
+
+async def _translate(payloads: Closing, turn: Turn, store: ResponseStore):
+    seq = 0
+
+    def event(kind: str, **data: Any) -> dict:
+        nonlocal seq
+        seq += 1
+        return {"event": kind, "data": json.dumps({"type": kind, "sequence_number": seq - 1, **data})}
+
+    yield event("response.created", response=turn.response([], None, None, status="in_progress"))
+    yield event("response.in_progress", response=turn.response([], None, None, status="in_progress"))
+    output: list[dict] = []
+    message: dict | None = None  # the message item being streamed
+    text: list[str] = []
+    finish, usage = None, None
+    async for p in payloads:
+        if p is None:  # a keep-alive comment
+            yield None
+            continue
+        if p == "[DONE]":
+            break
+        chunk = json.loads(p)
+        if "error" in chunk:  # after the first byte (A10): the error, then the failed response
+            error = chunk["error"]
+            yield event("error", code=error.get("code"), message=error["message"], param=error.get("param"))
+            failed = turn.response(output, None, None, status="failed",
+                                   error={"code": error.get("code") or "server_error", "message": error["message"]})  # fmt: skip
+            yield event("response.failed", response=failed)
+            return
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices", []):
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if message is None:
+                    message = _message_item("", "in_progress")
+                    message["content"] = []
+                    yield event("response.output_item.added", output_index=len(output), item=message)
+                    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                    yield event("response.content_part.added", item_id=message["id"], output_index=len(output),
+                                content_index=0, part=part)  # fmt: skip
+                text.append(delta["content"])
+                yield event("response.output_text.delta", item_id=message["id"], output_index=len(output),
+                            content_index=0, delta=delta["content"], logprobs=[])  # fmt: skip
+            for call in delta.get("tool_calls") or []:  # a call comes whole (held back until complete)
+                item = _call_item(call["id"], call["function"]["name"], call["function"]["arguments"])
+                at = len(output)
+                yield event("response.output_item.added", output_index=at, item={**item, "arguments": "",
+                                                                                  "status": "in_progress"})  # fmt: skip
+                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=at,
+                            delta=item["arguments"])  # fmt: skip
+                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                            name=item["name"], arguments=item["arguments"])  # fmt: skip
+                yield event("response.output_item.done", output_index=at, item=item)
+                output.append(item)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+    if message is not None:
+        status = "incomplete" if finish == "length" else "completed"
+        whole = "".join(text)
+        part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": []}
+        at = len(output)
+        yield event("response.output_text.done", item_id=message["id"], output_index=at, content_index=0,
+                    text=whole, logprobs=[])  # fmt: skip
+        yield event(
+            "response.content_part.done", item_id=message["id"], output_index=at, content_index=0, part=part
+        )
+        done = {**message, "status": status, "content": [part]}
+        yield event("response.output_item.done", output_index=at, item=done)
+        output.append(done)
+    elif not output:  # an empty answer is still one message
+        output.append(_message_item("", "completed"))
+    final = turn.response(output, usage, finish)
+    turn.keep(store, final)
+    yield event(
+        "response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final
+    )

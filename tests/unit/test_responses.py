@@ -1,0 +1,188 @@
+"""The Responses API through the openai SDK (in process, the tiny model): each answer equals the chat
+completion of the same conversation; the stream's events are what the SDK's responses.stream reads;
+stored responses continue conversations (previous_response_id); function tools, text.format; what
+this server cannot do is a 400 naming it."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from test_app import served_state  # noqa: F401 - the fixture
+
+from mygpt.api.responses import ResponseStore
+from mygpt.app import build_app
+
+pytestmark = pytest.mark.anyio
+TOOLS = [{
+    "type": "function", "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+                   "additionalProperties": False},
+}]  # fmt: skip
+
+
+@pytest.fixture
+def sdk(served_state):  # noqa: F811
+    transport = httpx.ASGITransport(app=build_app(served_state.settings, served_state))
+    return openai.AsyncOpenAI(
+        base_url="http://test/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=transport),
+    )
+
+
+async def test_an_answer_is_the_chat_completion_of_the_same_conversation(sdk):
+    r = await sdk.responses.create(
+        model="tiny", instructions="Be brief.", input="Hello there", max_output_tokens=12, temperature=0
+    )
+    chat = await sdk.chat.completions.create(
+        model="tiny", max_tokens=12, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+    )  # fmt: skip
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == "tiny"
+    assert r.output_text == chat.choices[0].message.content
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (
+        chat.usage.prompt_tokens,
+        chat.usage.completion_tokens,
+    )
+    assert r.usage.total_tokens == chat.usage.total_tokens
+    (message,) = r.output
+    assert (
+        message.type == "message" and message.role == "assistant" and message.content[0].type == "output_text"
+    )
+    if chat.choices[0].finish_reason == "length":  # the tiny model's random weights rarely end early
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    else:
+        assert r.status == "completed" and r.incomplete_details is None
+    assert r.instructions == "Be brief." and r.max_output_tokens == 12 and r.temperature == 0
+
+
+async def test_the_stream_is_what_the_sdk_accumulates_and_equals_the_answer(sdk):
+    whole = await sdk.responses.create(model="tiny", input="Hi", max_output_tokens=40, temperature=0)
+    kinds, seqs = [], []
+    async with sdk.responses.stream(model="tiny", input="Hi", max_output_tokens=40, temperature=0) as stream:
+        async for ev in stream:
+            kinds.append(ev.type)
+            seqs.append(ev.sequence_number)
+        # the SDK's final response is a completed one's; an incomplete one is the last event's
+        final = await stream.get_final_response() if ev.type == "response.completed" else ev.response
+    assert seqs == list(range(len(seqs)))
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]  # fmt: skip
+    assert "response.output_text.delta" in kinds
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed" if whole.status == "completed" else "response.incomplete"]  # fmt: skip
+    assert final.status == whole.status and final.output_text == whole.output_text
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+async def test_a_stream_cut_by_max_output_tokens_ends_incomplete(sdk):
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 3, "temperature": 0, "stream": True}
+    events = [ev async for ev in await sdk.responses.create(**body)]
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"
+    assert events[-1].response.usage.output_tokens == 3
+
+
+async def test_previous_response_id_continues_the_stored_conversation(sdk):
+    first = await sdk.responses.create(model="tiny", input="Hello", max_output_tokens=6, temperature=0)
+    second = await sdk.responses.create(
+        model="tiny", previous_response_id=first.id, input="And then?", max_output_tokens=6, temperature=0
+    )
+    chat = await sdk.chat.completions.create(
+        model="tiny", max_tokens=6, temperature=0,
+        messages=[{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first.output_text},
+                  {"role": "user", "content": "And then?"}],
+    )  # fmt: skip
+    assert second.output_text == chat.choices[0].message.content
+    assert second.previous_response_id == first.id
+    assert (await sdk.responses.retrieve(first.id)).output_text == first.output_text
+    await sdk.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.responses.create(model="tiny", previous_response_id=first.id, input="x")
+    assert err.value.body["param"] == "previous_response_id"
+    unstored = await sdk.responses.create(model="tiny", input="Hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.retrieve(unstored.id)
+
+
+async def test_function_tools_call_and_take_their_output(sdk):
+    r = await sdk.responses.create(
+        model="tiny",
+        input="Weather in Paris?",
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_output_tokens=80,
+    )
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id
+    assert isinstance(json.loads(call.arguments)["city"], str)
+    answer = await sdk.responses.create(
+        model="tiny", previous_response_id=r.id, tools=TOOLS, max_output_tokens=5,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}],
+    )  # fmt: skip
+    assert answer.output[0].type in ("message", "function_call")
+    streamed = [e async for e in await sdk.responses.create(model="tiny", input="Weather?", tools=TOOLS,
+                                                            tool_choice="required", stream=True, temperature=0,
+                                                            max_output_tokens=80)]  # fmt: skip
+    done = [e.item for e in streamed if e.type == "response.output_item.done"]
+    assert [i.type for i in done] == ["function_call"] and json.loads(done[0].arguments)
+    assert (
+        streamed[-1].type == "response.completed"
+        and streamed[-1].response.output[0].call_id == done[0].call_id
+    )
+
+
+async def test_text_format_json_schema_is_followed(sdk):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}  # fmt: skip
+    r = await sdk.responses.create(
+        model="tiny", input="A number", max_output_tokens=40,
+        text={"format": {"type": "json_schema", "name": "num", "schema": schema, "strict": True}},
+    )  # fmt: skip
+    if r.status == "completed":
+        assert isinstance(json.loads(r.output_text)["n"], int)
+    assert r.text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"background": True}, "background"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}
+                ]
+            },
+            "input[0].content[0]",
+        ),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+        ({"max_output_tokens": 10**6}, "max_output_tokens"),
+        ({"tool_choice": {"type": "function", "name": "nope"}, "tools": TOOLS}, "tool_choice"),
+        ({"temperature": 3}, "temperature"),
+    ],
+)
+async def test_what_this_server_cannot_do_is_a_400_naming_it(sdk, body, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.responses.create(**{"model": "tiny", "input": "Hi", **body})
+    assert err.value.body["param"] == param, err.value.body
+
+
+def test_stored_responses_are_per_tenant_and_bounded():
+    store = ResponseStore(limit=2)
+    for i in range(3):
+        store.put("acme", {"id": f"resp_{i}"}, [])
+    assert store.get("acme", "resp_0") is None and store.get("acme", "resp_2") is not None
+    assert store.get("globex", "resp_2") is None and not store.delete("globex", "resp_2")
+    assert store.delete("acme", "resp_2") and store.get("acme", "resp_2") is None
