@@ -171,6 +171,19 @@ async def test_text_format_json_schema_is_followed(sdk):
         ({"max_output_tokens": 10**6}, "max_output_tokens"),
         ({"tool_choice": {"type": "function", "name": "nope"}, "tools": TOOLS}, "tool_choice"),
         ({"temperature": 3}, "temperature"),
+        ({"text": {"verbosity": "low"}}, "text.verbosity"),
+        ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"tools": [{**TOOLS[0], "name": "bad name!"}]}, "tools[0].name"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "call_1", "output": "21 C"}]},
+            "input[0].call_id",
+        ),
+        (
+            {"input": [{"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{oops"}]},
+            "input[0].arguments",
+        ),
+        ({"input": [{"type": "function_call", "call_id": "call_1", "arguments": "{}"}]}, "input[0].name"),
     ],
 )
 async def test_what_this_server_cannot_do_is_a_400_naming_it(sdk, body, param):
@@ -180,9 +193,44 @@ async def test_what_this_server_cannot_do_is_a_400_naming_it(sdk, body, param):
 
 
 def test_stored_responses_are_per_tenant_and_bounded():
-    store = ResponseStore(limit=2)
+    """Each tenant's newest within a count and a byte budget: one tenant's flood forgets its own
+    oldest, never another's; another tenant's id (or an admin's unknown one) is not found."""
+    store = ResponseStore(limit=2, budget=10_000)
+    store.put("globex", {"id": "resp_g"}, [])
     for i in range(3):
         store.put("acme", {"id": f"resp_{i}"}, [])
     assert store.get("acme", "resp_0") is None and store.get("acme", "resp_2") is not None
+    assert store.get("globex", "resp_g") is not None  # acme's flood left it alone
     assert store.get("globex", "resp_2") is None and not store.delete("globex", "resp_2")
+    assert not store.delete("", "resp_missing")  # an admin key's space
     assert store.delete("acme", "resp_2") and store.get("acme", "resp_2") is None
+    big = [{"role": "user", "content": "x" * 6_000}]
+    store.put("acme", {"id": "resp_big1"}, big)
+    store.put("acme", {"id": "resp_big2"}, big)  # past the 10,000 bytes: the oldest goes
+    assert store.get("acme", "resp_big1") is None and store.get("acme", "resp_big2") is not None
+
+
+async def test_a_grammar_that_breaks_while_generating_names_text_format_or_tools(sdk, monkeypatch):
+    """A 400 found after the request was accepted (the engine's grammar failing at the first token)
+    names the Responses parameter, not the chat one it became: text.format, or tools."""
+    from mygpt.engine.guided import Guide
+
+    monkeypatch.setattr(Guide, "advance", lambda self, token: False)
+    fmt = {"format": {"type": "json_object"}}
+    for extra, param in (
+        ({"text": fmt}, "text.format"),
+        ({"tools": TOOLS, "tool_choice": "required"}, "tools"),
+    ):
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as err:
+                await sdk.responses.create(
+                    model="tiny", input="Hi", max_output_tokens=8, stream=stream, **extra
+                )
+            assert err.value.body["param"] == param and "response_format" not in err.value.message
+
+
+async def test_retrieving_a_stored_response_as_a_stream_is_refused(sdk):
+    r = await sdk.responses.create(model="tiny", input="Hi", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.responses.retrieve(r.id, stream=True)
+    assert err.value.body["param"] == "stream"

@@ -8,20 +8,23 @@ SDK's `responses.create` and `responses.stream` read.
 Honoured: model, input (text, messages with input_text/output_text parts, function_call and
 function_call_output items), instructions, max_output_tokens, temperature, top_p, tools (function
 tools), tool_choice, parallel_tool_calls, text.format (text, json_object, json_schema), stream,
-store, previous_response_id, metadata, user. Refused with a 400 naming them (B2): what this server
-cannot do (built-in tools, images and files, reasoning, background mode, conversations, prompt
-templates, include, top_logprobs, truncation "auto", max_tool_calls). Stored responses live in this
-process's memory, the newest STORED_RESPONSES of them, each visible to its own tenant only.
+store, previous_response_id, metadata, user, max_tool_calls (it bounds built-in tools' calls: there
+are none). Refused with a 400 naming them (B2): what this server cannot do (built-in tools, images
+and files, reasoning, background mode, conversations, prompt templates, include, top_logprobs,
+truncation "auto", text.verbosity other than "medium", context management, moderation). Stored
+responses live in this process's memory, each tenant's newest STORED_RESPONSES within STORED_BYTES,
+each visible to its own tenant only.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import re
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,11 +37,13 @@ from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest
 from mygpt.tenancy.auth import Principal
 
 router = APIRouter()
-STORED_RESPONSES = 1024  # per process, oldest forgotten first
+STORED_RESPONSES = 1024  # per tenant, oldest forgotten first
+STORED_BYTES = 64 * 2**20  # per tenant (their JSON's size), oldest forgotten first
 # fields refused by name when set to anything but their "off" value (what this server cannot do)
 REFUSED = {
     "background": (None, False), "conversation": (None,), "prompt": (None,), "include": (None, []),
-    "reasoning": (None,), "top_logprobs": (None, 0), "truncation": (None, "disabled"), "max_tool_calls": (None,),
+    "reasoning": (None,), "top_logprobs": (None, 0), "truncation": (None, "disabled"),
+    "context_management": (None, []), "moderation": (None,),
 }  # fmt: skip
 
 
@@ -57,9 +62,13 @@ class ResponsesRequest(BaseModel):
     text: dict[str, Any] | None = None
     stream: bool | None = False
     store: bool | None = True
+    stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing to obfuscate here
     previous_response_id: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
+        Field(None, max_length=16)
+    )  # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512
     user: str | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
 
 
 class DeletedResponse(BaseModel):
@@ -69,30 +78,35 @@ class DeletedResponse(BaseModel):
 
 
 class ResponseStore:
-    """Stored responses: id -> (tenant, the response, the conversation so far as chat messages)."""
+    """Stored responses, per tenant: id -> (the response, the conversation so far as chat messages, its
+    size). Each tenant's newest `limit` within `budget` bytes: one tenant cannot push out another's."""
 
-    def __init__(self, limit: int = STORED_RESPONSES):
-        self.limit = limit
-        self._items: collections.OrderedDict[str, tuple[str, dict, list[dict]]] = collections.OrderedDict()
+    def __init__(self, limit: int = STORED_RESPONSES, budget: int = STORED_BYTES):
+        self.limit, self.budget = limit, budget
+        self._tenants: dict[str, collections.OrderedDict[str, tuple[dict, list[dict], int]]] = {}
+        self._bytes: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
     def put(self, tenant: str, response: dict, messages: list[dict]) -> None:
+        size = len(json.dumps(response)) + len(json.dumps(messages))
         with self._lock:
-            self._items[response["id"]] = (tenant, response, messages)
-            while len(self._items) > self.limit:
-                self._items.popitem(last=False)
+            items = self._tenants.setdefault(tenant, collections.OrderedDict())
+            items[response["id"]] = (response, messages, size)
+            self._bytes[tenant] += size
+            while items and (len(items) > self.limit or self._bytes[tenant] > self.budget):
+                self._bytes[tenant] -= items.popitem(last=False)[1][2]
 
     def get(self, tenant: str, response_id: str) -> tuple[dict, list[dict]] | None:
         with self._lock:
-            item = self._items.get(response_id)
-        return None if item is None or item[0] != tenant else (item[1], item[2])
+            item = self._tenants.get(tenant, {}).get(response_id)
+        return None if item is None else (item[0], item[1])
 
     def delete(self, tenant: str, response_id: str) -> bool:
         with self._lock:
-            if self._items.get(response_id, ("",))[0] != tenant:
-                return False
-            del self._items[response_id]
-            return True
+            item = self._tenants.get(tenant, {}).pop(response_id, None)
+            if item is not None:
+                self._bytes[tenant] -= item[2]
+            return item is not None
 
 
 # ----------------------------------------------------------------------------- routes
@@ -106,15 +120,15 @@ async def create_response(
     store = _store(request)
     history = _history(store, principal, body)
     chat_req = _as_chat(body, history)
-    turn = Turn(body, history, chat_req.messages, _tenant(principal))
+    turn = Turn(body, chat_req.messages, _tenant(principal))
     try:
         gen, ticket = await chat.prepare(principal, chat_req)
-    except APIError as exc:
-        raise _renamed(exc) from None
-    if body.stream:
-        opening = _events(chat, chat_req, gen, ticket, turn, store, routes._keepalive(request))
-        return await routes._sse(request, opening, chat, principal)
-    done = await routes._until_disconnected(request, chat.complete(chat_req, gen, ticket))
+        if body.stream:
+            opening = _events(chat, chat_req, gen, ticket, turn, store, routes._keepalive(request))
+            return await routes._sse(request, opening, chat, principal)
+        done = await routes._until_disconnected(request, chat.complete(chat_req, gen, ticket))
+    except APIError as exc:  # named as this request names its parameters
+        raise _renamed(exc, body) from None
     if isinstance(done, Response):  # the client left
         return done
     answer = turn.response(_output(done), done.usage.model_dump(), done.choices[0].finish_reason)
@@ -123,7 +137,13 @@ async def create_response(
 
 
 @router.get("/v1/responses/{response_id}")
-async def get_response(response_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+async def get_response(
+    response_id: str, request: Request, stream: bool = False, principal: Principal = Depends(caller)
+) -> dict:
+    if stream:  # replaying a stored response's events: not kept
+        raise invalid(
+            "Streaming a stored response again is not supported; retrieve it whole.", param="stream"
+        )
     found = _store(request).get(_tenant(principal), response_id)
     if found is None:
         raise _not_found(response_id)
@@ -179,7 +199,14 @@ def _history(store: ResponseStore, principal: Principal, body: ResponsesRequest)
 
 def _as_chat(body: ResponsesRequest, history: list[dict]) -> ChatCompletionRequest:
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    messages += history + _input_messages(body.input)
+    messages += history + _input_messages(body.input, history)
+    verbosity = (body.text or {}).get("verbosity")
+    if verbosity not in (None, "medium"):
+        raise invalid(
+            "text.verbosity other than 'medium' is not supported by this server.", param="text.verbosity"
+        )
+    if body.stream_options is not None and not body.stream:
+        raise invalid("stream_options is only allowed when stream is true.", param="stream_options")
     chat: dict[str, Any] = {
         "model": body.model, "messages": messages, "max_tokens": body.max_output_tokens,
         "temperature": body.temperature, "top_p": body.top_p, "stream": body.stream, "user": body.user,
@@ -198,14 +225,15 @@ def _as_chat(body: ResponsesRequest, history: list[dict]) -> ChatCompletionReque
         return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise invalid(f"Invalid value: {err['msg']} ({loc})", param=_param(loc)) from None
+        param = _param(".".join(str(p) for p in err["loc"]))
+        raise invalid(f"Invalid value for '{param}': {err['msg']}", param=param) from None
 
 
-def _input_messages(items: str | list[dict[str, Any]]) -> list[dict]:
+def _input_messages(items: str | list[dict[str, Any]], history: list[dict]) -> list[dict]:
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     out: list[dict] = []
+    called = {c["id"] for m in history for c in m.get("tool_calls") or []}  # call ids an output may answer
     for i, item in enumerate(items):
         kind = item.get("type", "message")
         if kind == "message":
@@ -216,13 +244,31 @@ def _input_messages(items: str | list[dict[str, Any]]) -> list[dict]:
                 )
             out.append({"role": role, "content": _text(item.get("content"), f"input[{i}].content")})
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}  # fmt: skip
+            for field in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(field), str) or not item[field]:
+                    raise invalid(
+                        f"input[{i}].{field} must be a non-empty string.", param=f"input[{i}].{field}"
+                    )
+            try:
+                json.loads(item["arguments"])
+            except ValueError as exc:
+                raise invalid(
+                    f"input[{i}].arguments are not JSON: {exc}", param=f"input[{i}].arguments"
+                ) from None
+            called.add(item["call_id"])
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}  # fmt: skip
             if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
                 out[-1]["tool_calls"].append(call)  # one assistant turn's parallel calls
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
+            if item.get("call_id") not in called:
+                raise invalid(
+                    f"input[{i}]: no function call with call_id {item.get('call_id')!r} precedes this output "
+                    "(in this input or the conversation of previous_response_id).",
+                    param=f"input[{i}].call_id",
+                )  # fmt: skip
             output = item.get("output")
             content = output if isinstance(output, str) else _text(output, f"input[{i}].output")
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
@@ -274,20 +320,27 @@ def _format(fmt: dict) -> dict:
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
-def _param(param: str | None) -> str | None:
-    """A chat request's parameter as this request named it."""
+def _param(param: str | None, body: ResponsesRequest | None = None) -> str | None:
+    """A chat request's parameter as this request named it: response_format.json_schema.x is
+    text.format.x, tools.[i].function.x (or tools.i.function.x) is tools[i].x; a grammar that failed
+    while generating (response_format) is the tools' where the request has tools."""
     if param is None:
         return None
+    if param == "response_format" and body is not None and body.tools:
+        return "tools"
     head, dot, rest = param.partition(".")
     if head == "response_format":
         return "text.format" + (("." + rest.removeprefix("json_schema.")) if rest else "")
+    if head == "tools" and (m := re.fullmatch(r"\[?(\d+)\]?(?:\.function)?(\..+)?", rest)):
+        return f"tools[{m[1]}]{m[2] or ''}"
     return _PARAMS.get(head, head) + dot + rest
 
 
-def _renamed(exc: APIError) -> APIError:
-    exc.info.param = _param(exc.info.param)
-    for chat_name, name in _PARAMS.items():
-        exc.info.message = exc.info.message.replace(f"'{chat_name}'", f"'{name}'")
+def _renamed(exc: APIError, body: ResponsesRequest) -> APIError:
+    exc.info.param = _param(exc.info.param, body)
+    names = {**_PARAMS, "response_format": "tools" if exc.info.param == "tools" else "text.format"}
+    for chat_name, name in names.items():
+        exc.info.message = re.sub(rf"\b{chat_name}\b", name, exc.info.message)
     return exc
 
 
@@ -297,7 +350,7 @@ def _renamed(exc: APIError) -> APIError:
 class Turn:
     """One response: its request's settings (echoed in the response), and the conversation it continues."""
 
-    def __init__(self, body: ResponsesRequest, history: list[dict], messages: list, tenant: str):
+    def __init__(self, body: ResponsesRequest, messages: list, tenant: str):
         self.body, self.tenant = body, tenant
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -324,7 +377,7 @@ class Turn:
             "tools": b.tools or [], "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled",
             "usage": None if usage is None else {
                 "input_tokens": usage["prompt_tokens"],
-                "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0)},
+                "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0), "cache_write_tokens": 0},
                 "output_tokens": usage["completion_tokens"],
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": usage["total_tokens"],
@@ -408,9 +461,18 @@ async def _translate(payloads: Closing, turn: Turn, store: ResponseStore):
         chunk = json.loads(p)
         if "error" in chunk:  # after the first byte (A10): the error, then the failed response
             error = chunk["error"]
-            yield event("error", code=error.get("code"), message=error["message"], param=error.get("param"))
-            failed = turn.response(output, None, None, status="failed",
-                                   error={"code": error.get("code") or "server_error", "message": error["message"]})  # fmt: skip
+            param = _param(error.get("param"), turn.body)
+            message_text = re.sub(r"\bresponse_format\b", param or "text.format", error["message"])
+            yield event("error", code=error.get("code"), message=message_text, param=param)
+            if message is not None:  # the answer so far, cut
+                part = {"type": "output_text", "text": "".join(text), "annotations": [], "logprobs": []}
+                cut = {**message, "status": "incomplete", "content": [part]}
+                yield event("response.output_item.done", output_index=len(output), item=cut)
+                output.append(cut)
+            code = "invalid_prompt" if param is not None else "server_error"  # ResponseError's codes
+            failed = turn.response(
+                output, None, None, status="failed", error={"code": code, "message": message_text}
+            )
             yield event("response.failed", response=failed)
             return
         if chunk.get("usage"):
@@ -455,7 +517,7 @@ async def _translate(payloads: Closing, turn: Turn, store: ResponseStore):
         yield event("response.output_item.done", output_index=at, item=done)
         output.append(done)
     elif not output:  # an empty answer is still one message
-        output.append(_message_item("", "completed"))
+        output.append(_message_item("", "incomplete" if finish == "length" else "completed"))
     final = turn.response(output, usage, finish)
     turn.keep(store, final)
     yield event(

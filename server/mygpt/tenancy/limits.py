@@ -133,7 +133,7 @@ class TenantLimiter:
 
 def duration(seconds: float) -> str:
     """A wait as OpenAI's headers write it: "120ms", "1s", "6m0s" (rounded up)."""
-    if seconds < 1:
+    if math.ceil(max(seconds, 0.0) * 1000) < 1000:
         return f"{math.ceil(max(seconds, 0.0) * 1000)}ms"
     minutes, secs = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
