@@ -28,6 +28,19 @@ def client_for(state: ServerState) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
+def sdk_for(state: ServerState):
+    """The openai SDK's async client on the app in process (no retries: each error is seen)."""
+    import openai
+
+    transport = httpx.ASGITransport(app=build_app(state.settings, state))
+    return openai.AsyncOpenAI(
+        base_url="http://test/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=transport),
+    )
+
+
 @pytest.fixture
 def served_state(tiny_model_dir, tokenizer):
     """A ready ServerState around a real engine on the tiny model."""
@@ -138,13 +151,7 @@ async def test_failure_after_first_byte_sends_an_error_event(served_state, monke
     # the SDK turns it into an exception
     import openai
 
-    transport = httpx.ASGITransport(app=build_app(served_state.settings, served_state))
-    sdk = openai.AsyncOpenAI(
-        base_url="http://test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=httpx.AsyncClient(transport=transport),
-    )
+    sdk = sdk_for(served_state)
     calls["n"] = 0
     with pytest.raises(openai.APIError, match="device lost"):
         async for _ in await sdk.chat.completions.create(**body):
@@ -193,13 +200,7 @@ async def test_a_stream_that_fails_before_its_first_token_is_a_real_error_status
     assert [row["requests"]["error"] for row in served_state.tenants.usage.report()] == [1]
 
     calls["n"] = 0
-    transport = httpx.ASGITransport(app=build_app(served_state.settings, served_state))
-    sdk = openai.AsyncOpenAI(
-        base_url="http://test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=httpx.AsyncClient(transport=transport),
-    )
+    sdk = sdk_for(served_state)
     create = sdk.chat.completions.create if path.endswith("chat/completions") else sdk.completions.create
     with pytest.raises(openai.InternalServerError, match="out of memory"):
         await create(**body)
@@ -230,22 +231,29 @@ async def test_a_stream_whose_first_token_is_slow_opens_with_a_keep_alive(served
     assert "out of memory" in json.loads(data[-1])["error"]["message"]
 
 
+def queued_for_ever():
+    """An engine request's event stream that waits for ever (a long queue), and the event that is set
+    once it is closed (which is what aborts a request in the engine)."""
+    closed = asyncio.Event()
+
+    async def events():
+        try:
+            await asyncio.sleep(3600)
+            yield None
+        finally:
+            closed.set()
+
+    return events(), closed
+
+
 @pytest.mark.anyio
 async def test_leaving_while_a_stream_waits_for_its_first_event_aborts_it():
     """A client that leaves before the first byte (the route cancels opened()) ends the request's
     event stream, which is what aborts it in the engine."""
     from mygpt.api.chat import opened
 
-    closed = asyncio.Event()
-
-    async def events():
-        try:
-            await asyncio.sleep(3600)  # a long queue
-            yield None
-        finally:
-            closed.set()
-
-    waiting = asyncio.ensure_future(opened(events(), wait_s=3600))
+    events, closed = queued_for_ever()
+    waiting = asyncio.ensure_future(opened(events, wait_s=3600))
     await asyncio.sleep(0.01)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -279,16 +287,8 @@ async def test_a_stream_the_client_leaves_before_its_body_began_aborts_the_reque
     from mygpt.api.routes import _EventStream
     from mygpt.engine.types import GenerationRequest, SamplingParams
 
-    closed = asyncio.Event()
-
-    async def events():
-        try:
-            await asyncio.sleep(3600)  # a long queue
-            yield None
-        finally:
-            closed.set()
-
-    replayed, waited = await opened(events(), wait_s=0.01)
+    events, closed = queued_for_ever()
+    replayed, waited = await opened(events, wait_s=0.01)
     assert waited
     gen = GenerationRequest("r", [1, 2], SamplingParams(max_tokens=4))
     response = _EventStream(stream_payloads(gen, replayed, [], None, None, waited), sep="\n", ping=3600)

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
-from test_app import served_state  # noqa: F401 - the fixture
+from test_app import sdk_for, served_state  # noqa: F401 - served_state: the fixture
 
 from mygpt.api.responses import ResponseStore
-from mygpt.app import build_app
 
 pytestmark = pytest.mark.anyio
 TOOLS = [{
@@ -25,13 +23,7 @@ TOOLS = [{
 
 @pytest.fixture
 def sdk(served_state):  # noqa: F811
-    transport = httpx.ASGITransport(app=build_app(served_state.settings, served_state))
-    return openai.AsyncOpenAI(
-        base_url="http://test/v1",
-        api_key="x",
-        max_retries=0,
-        http_client=httpx.AsyncClient(transport=transport),
-    )
+    return sdk_for(served_state)
 
 
 async def test_an_answer_is_the_chat_completion_of_the_same_conversation(sdk):
