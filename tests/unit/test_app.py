@@ -126,6 +126,29 @@ async def test_a_schema_that_fails_while_generating_is_the_requests_fault(served
 
 
 @pytest.mark.anyio
+async def test_a_choice_that_fails_at_its_first_token_is_a_real_status_whatever_came_before(
+    served_state, monkeypatch
+):
+    """C2 with n > 1: the stream waits for every choice's first event, so a choice whose schema breaks
+    at its first token is a 400 even when another choice's first token came before its failure."""
+    from mygpt.engine.guided import Guide
+
+    guides = []
+
+    def advance(self, token):  # the first guide (choice 0) follows; the others break at once
+        if not guides:
+            guides.append(self)
+        return self is guides[0]
+
+    monkeypatch.setattr(Guide, "advance", advance)
+    body = {"model": "tiny", "messages": HI, "max_tokens": 4, "n": 2, "stream": True,
+            "response_format": {"type": "json_object"}}  # fmt: skip
+    async with client_for(served_state) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
+@pytest.mark.anyio
 async def test_failure_after_first_byte_sends_an_error_event(served_state, monkeypatch):
     """A10: the stream carries data: {"error": ...} and ends, so the SDK raises instead of hanging."""
     runner = served_state.engine.runner

@@ -434,7 +434,7 @@ class ChatService:
         """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10). Returns
         once the first event came or `wait_s` passed (see opened())."""
         # before the first byte: overload is still a real 429, a failed first step a real 500 (C2)
-        events, waited = await opened(self.submit(gen, ticket), wait_s)
+        events, waited = await opened(self.submit(gen, ticket), wait_s, gen.params.n)
         created = int(time.time())
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
@@ -569,52 +569,81 @@ class Closing:
         await self._close()
 
 
-async def opened(events: AsyncIterator[TokenEvent], wait_s: float) -> tuple[Closing, bool]:
-    """C2: waits up to `wait_s` for a stream's first event before the response commits to its 200, so
-    that a request that fails before any output (a prefill out of device memory, a schema that breaks at
-    the first token) gets a real HTTP status, not a 200 stream that carries an error. The first token
-    then leaves with the headers: the client's time to first token is the same.
+async def opened(events: AsyncIterator[TokenEvent], wait_s: float, choices: int = 1) -> tuple[Closing, bool]:
+    """C2: waits up to `wait_s` for the first event of each of a stream's `choices` before the response
+    commits to its 200, so that a request that fails before any output (a prefill out of device memory,
+    a schema that breaks at a choice's first token) gets a real HTTP status, not a 200 stream that
+    carries an error. The first tokens then leave with the headers (the choices' first tokens come
+    from one prefill): the client's time to first token is the same.
 
-    Returns the events, that first one included, and whether it is still awaited: the wait ran out (a
-    long queue or prefill), and the stream opens without it, with a keep-alive comment first (A9).
+    Returns the events, those already come included, and whether none came: the wait ran out (a long
+    queue or prefill), and the stream opens without them, with a keep-alive comment first (A9).
     Cancelled while waiting (the client left), it aborts the request."""
-    first = asyncio.ensure_future(anext(events))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    came: list[TokenEvent] = []
+    seen: set[int] = set()
+    wait = Waiting(events)
     try:
-        await asyncio.wait({first}, timeout=wait_s)
+        while len(seen) < choices:
+            await asyncio.wait({wait.next()}, timeout=max(0.0, deadline - loop.time()))
+            if not wait.pending.done():
+                break  # the wait ran out: the stream opens with what came
+            exc = wait.pending.exception()
+            if isinstance(exc, StopAsyncIteration):
+                break
+            if exc is not None:  # the event stream itself failed
+                raise APIError(500, f"{type(exc).__name__}: {exc}", type="server_error") from exc
+            ev = wait.take()
+            if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                raise failure(ev)
+            came.append(ev)
+            seen.add(ev.index)
     except BaseException:
-        await _close(first, events)
+        await wait.close()
         raise
-    if first.done() and not first.cancelled():
-        exc = first.exception()
-        if exc is None and first.result().finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-            await events.aclose()
-            raise failure(first.result())
-        if exc is not None and not isinstance(exc, StopAsyncIteration):  # the event stream itself failed
-            await events.aclose()
-            raise APIError(500, f"{type(exc).__name__}: {exc}", type="server_error") from exc
-    return Closing(_replay(first, events), lambda: _close(first, events)), not first.done()
+    return Closing(_replay(came, wait), wait.close), not came
 
 
-async def _replay(first: asyncio.Future, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+class Waiting:
+    """An event stream and the read of its next event that may be under way (a task that the
+    wait for the first events started)."""
+
+    def __init__(self, events: AsyncIterator[TokenEvent]):
+        self.events = events
+        self.pending: asyncio.Future | None = None
+
+    def next(self) -> asyncio.Future:
+        self.pending = asyncio.ensure_future(anext(self.events))
+        return self.pending
+
+    def take(self) -> TokenEvent:
+        ev, self.pending = self.pending.result(), None
+        return ev
+
+    async def close(self) -> None:
+        """Stops the read under way and closes the events, which aborts a request still running."""
+        if self.pending is not None and not self.pending.done():
+            self.pending.cancel()  # raised inside the event stream, whose exit aborts the request
+            await asyncio.wait({self.pending})
+        await self.events.aclose()
+
+
+async def _replay(came: list[TokenEvent], wait: Waiting) -> AsyncIterator[TokenEvent]:
     try:
-        try:
-            ev = await first
-        except StopAsyncIteration:
-            return
-        yield ev
-        async for ev in events:
+        for ev in came:
+            yield ev
+        if wait.pending is not None:  # the read the wait left under way
+            try:
+                ev = await wait.pending
+            except StopAsyncIteration:
+                return
+            wait.pending = None
+            yield ev
+        async for ev in wait.events:
             yield ev
     finally:  # left early (a disconnect): the request is aborted
-        await _close(first, events)
-
-
-async def _close(first: asyncio.Future, events: AsyncIterator[TokenEvent]) -> None:
-    """Stops waiting for `first` (the next event of `events`) and closes `events`, which aborts a
-    request still running."""
-    if not first.done():
-        first.cancel()  # raised inside the event stream, whose exit aborts the request
-        await asyncio.wait({first})
-    await events.aclose()
+        await wait.close()
 
 
 def stream_payloads(

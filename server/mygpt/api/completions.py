@@ -249,7 +249,8 @@ async def complete(chat: ChatService, req: CompletionRequest, batch: Prompts) ->
 
 async def stream(chat: ChatService, req: CompletionRequest, batch: Prompts, wait_s: float) -> Closing:
     """SSE data payloads: text chunks, an optional usage chunk, then [DONE]; as ChatService.stream."""
-    events, waited = await opened(_submit(chat, batch), wait_s)  # a real 429, or 500 (C2)
+    choices = len(batch.gens) * batch.gens[0].params.n
+    events, waited = await opened(_submit(chat, batch), wait_s, choices)  # a real 429, or 500 (C2)
     gen, echoes = batch.whole, _echoes(chat, req, batch)
     created = int(time.time())
     offsets = [_TextOffsets(len(echo)) for echo in echoes]
