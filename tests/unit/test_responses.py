@@ -91,6 +91,8 @@ async def test_previous_response_id_continues_the_stored_conversation(sdk):
     )  # fmt: skip
     assert second.output_text == chat.choices[0].message.content
     assert second.previous_response_id == first.id
+    items = (await sdk.responses.input_items.list(second.id)).data  # its own input, not the history's
+    assert [(i.type, i.role, i.content[0].text) for i in items] == [("message", "user", "And then?")]
     assert (await sdk.responses.retrieve(first.id)).output_text == first.output_text
     await sdk.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
@@ -120,6 +122,18 @@ async def test_function_tools_call_and_take_their_output(sdk):
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}],
     )  # fmt: skip
     assert answer.output[0].type in ("message", "function_call")
+    (item,) = (await sdk.responses.input_items.list(answer.id)).data
+    assert (item.type, item.call_id, item.output) == ("function_call_output", call.call_id, "sunny, 21 C")
+    asked = await sdk.responses.create(
+        model="tiny", max_output_tokens=2,
+        input=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+               {"type": "function_call", "call_id": "call_9", "name": "get_weather", "arguments": "{}"},
+               {"type": "function_call_output", "call_id": "call_9", "output": "rain"}],
+    )  # fmt: skip
+    items = (await sdk.responses.input_items.list(asked.id, order="asc")).data
+    assert [i.type for i in items] == ["message", "message", "function_call", "function_call_output"]
+    page = await sdk.responses.input_items.list(asked.id, order="asc", limit=2, after=items[0].id)
+    assert [i.id for i in page.data] == [items[1].id, items[2].id] and page.has_more
     streamed = [e async for e in await sdk.responses.create(model="tiny", input="Weather?", tools=TOOLS,
                                                             tool_choice="required", stream=True, temperature=0,
                                                             max_output_tokens=80)]  # fmt: skip

@@ -1,4 +1,5 @@
-"""OpenAI's Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}) over the chat
+"""OpenAI's Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}, GET
+/v1/responses/{id}/input_items) over the chat
 completions path: a Responses request becomes a ChatCompletionRequest (instructions, input items, the
 stored turns of previous_response_id, function tools, text.format), runs through ChatService as any
 chat request does (tenants, limits, adapters, grammars, usage), and its answer or chunks become a
@@ -26,7 +27,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mygpt.api import routes
@@ -87,11 +88,12 @@ class ResponseStore:
         self._bytes: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
-    def put(self, tenant: str, response: dict, messages: list[dict]) -> None:
-        size = len(json.dumps(response)) + len(json.dumps(messages))
+    def put(self, tenant: str, response: dict, messages: list[dict], inputs: list[dict] = ()) -> None:
+        """messages: the conversation a later turn continues; inputs: this request's input items."""
+        size = len(json.dumps(response)) + len(json.dumps(messages)) + len(json.dumps(inputs))
         with self._lock:
             items = self._tenants.setdefault(tenant, collections.OrderedDict())
-            items[response["id"]] = (response, messages, size)
+            items[response["id"]] = (response, messages, size, list(inputs))
             self._bytes[tenant] += size
             while items and (len(items) > self.limit or self._bytes[tenant] > self.budget):
                 self._bytes[tenant] -= items.popitem(last=False)[1][2]
@@ -100,6 +102,11 @@ class ResponseStore:
         with self._lock:
             item = self._tenants.get(tenant, {}).get(response_id)
         return None if item is None else (item[0], item[1])
+
+    def inputs(self, tenant: str, response_id: str) -> list[dict] | None:
+        with self._lock:
+            item = self._tenants.get(tenant, {}).get(response_id)
+        return None if item is None else item[3]
 
     def delete(self, tenant: str, response_id: str) -> bool:
         with self._lock:
@@ -120,7 +127,7 @@ async def create_response(
     store = _store(request)
     history = _history(store, principal, body)
     chat_req = _as_chat(body, history)
-    turn = Turn(body, chat_req.messages, _tenant(principal))
+    turn = Turn(body, chat_req.messages, len(history), _tenant(principal))
     try:
         gen, ticket = await chat.prepare(principal, chat_req)
         if body.stream:
@@ -148,6 +155,24 @@ async def get_response(
     if found is None:
         raise _not_found(response_id)
     return found[0]
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str, request: Request, order: Literal["asc", "desc"] = "desc", after: str | None = None,
+    limit: int = Query(20, ge=1, le=100), principal: Principal = Depends(caller),
+) -> dict:  # fmt: skip
+    """The request's own input items (those of previous_response_id are that response's)."""
+    items = _store(request).inputs(_tenant(principal), response_id)
+    if items is None:
+        raise _not_found(response_id)
+    items = items[::-1] if order == "desc" else items
+    if after is not None:
+        ids = [i["id"] for i in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}  # fmt: skip
 
 
 @router.delete("/v1/responses/{response_id}")
@@ -350,7 +375,7 @@ def _renamed(exc: APIError, body: ResponsesRequest) -> APIError:
 class Turn:
     """One response: its request's settings (echoed in the response), and the conversation it continues."""
 
-    def __init__(self, body: ResponsesRequest, messages: list, tenant: str):
+    def __init__(self, body: ResponsesRequest, messages: list, history: int, tenant: str):
         self.body, self.tenant = body, tenant
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -358,6 +383,7 @@ class Turn:
         # request gives its own, as OpenAI's do)
         skip = 1 if body.instructions else 0
         self.messages = [m.model_dump(exclude_none=True) for m in messages[skip:]]
+        self.history = history  # of those, the conversation of previous_response_id
 
     def response(self, output: list[dict], usage: dict | None, finish: str | None, status: str | None = None,
                  error: dict | None = None) -> dict:  # fmt: skip
@@ -400,7 +426,28 @@ class Turn:
                     answer[-1]["tool_calls"].append(call)
                 else:
                     answer.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        store.put(self.tenant, response, self.messages + answer)
+        inputs = _as_items(self.messages[self.history :], response["id"])
+        store.put(self.tenant, response, self.messages + answer, inputs)
+
+
+def _as_items(messages: list[dict], response_id: str) -> list[dict]:
+    """Chat messages as the Responses API's input items, with ids stable within their response."""
+    tag = response_id.removeprefix("resp_")
+    items: list[dict] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            items.append({"id": f"fco_{tag}_{i}", "type": "function_call_output", "call_id": m.get("tool_call_id"),
+                          "output": m.get("content") or "", "status": "completed"})  # fmt: skip
+            continue
+        for j, call in enumerate(m.get("tool_calls") or []):
+            items.append({"id": f"fc_{tag}_{i}_{j}", "type": "function_call", "call_id": call["id"],
+                          "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                          "status": "completed"})  # fmt: skip
+        if m.get("content"):
+            kind = "output_text" if m["role"] == "assistant" else "input_text"
+            items.append({"id": f"msg_{tag}_{i}", "type": "message", "role": m["role"], "status": "completed",
+                          "content": [{"type": kind, "text": m["content"]}]})  # fmt: skip
+    return items
 
 
 def _message_item(text: str, status: str) -> dict:
