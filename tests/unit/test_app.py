@@ -285,6 +285,28 @@ async def test_leaving_while_a_stream_waits_for_its_first_event_aborts_it():
 
 
 @pytest.mark.anyio
+async def test_once_a_first_event_came_the_other_choices_get_a_short_grace():
+    """Choices whose first tokens do not come together (a list of prompts prefilled in several steps,
+    the naive engine's choices one after another) cannot hold the stream back for the keep-alive
+    interval: it opens with what came, FIRST_EVENTS_GRACE_S after the first."""
+    import time
+
+    from mygpt.api.chat import FIRST_EVENTS_GRACE_S, opened
+    from mygpt.engine.types import TokenEvent
+
+    async def events():
+        yield TokenEvent("r", 0, [5], "a")
+        await asyncio.sleep(30)  # choice 1, much later
+        yield TokenEvent("r", 1, [6], "b")
+
+    t0 = time.monotonic()
+    stream, waited = await opened(events(), wait_s=3600, choices=2)
+    assert not waited and time.monotonic() - t0 < FIRST_EVENTS_GRACE_S + 5
+    assert (await anext(stream)).text == "a"
+    await stream.aclose()
+
+
+@pytest.mark.anyio
 async def test_an_event_stream_that_fails_before_its_first_event_is_a_500():
     """C2: the event stream itself raising (a merged stream of several prompts passes its streams'
     errors on) before anything was sent is a real 500, not a 200 that carries an error."""

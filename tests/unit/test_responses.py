@@ -132,6 +132,10 @@ async def test_function_tools_call_and_take_their_output(sdk):
     )  # fmt: skip
     items = (await sdk.responses.input_items.list(asked.id, order="asc")).data
     assert [i.type for i in items] == ["message", "message", "function_call", "function_call_output"]
+    empty = await sdk.responses.create(
+        model="tiny", max_output_tokens=2, input=[{"role": "user", "content": ""}]
+    )
+    assert [i.content[0].text for i in (await sdk.responses.input_items.list(empty.id)).data] == [""]
     page = await sdk.responses.input_items.list(asked.id, order="asc", limit=2, after=items[0].id)
     assert [i.id for i in page.data] == [items[1].id, items[2].id] and page.has_more
     streamed = [e async for e in await sdk.responses.create(model="tiny", input="Weather?", tools=TOOLS,

@@ -432,7 +432,7 @@ class ChatService:
         self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket, wait_s: float
     ) -> Closing:
         """Yields SSE data payloads: chunks, an optional usage chunk, then [DONE] (A1-A6, A10). Returns
-        once the first event came or `wait_s` passed (see opened())."""
+        once each choice's first event came or `wait_s` passed (see opened())."""
         # before the first byte: overload is still a real 429, a failed first step a real 500 (C2)
         events, waited = await opened(self.submit(gen, ticket), wait_s, gen.params.n)
         created = int(time.time())
@@ -550,6 +550,9 @@ def failure(ev: TokenEvent) -> APIError:
     return APIError(500 if ev.error else 499, ev.error or "cancelled", type="server_error")
 
 
+FIRST_EVENTS_GRACE_S = 0.1  # opened(): how long the other choices' first events may lag the first's
+
+
 class Closing:
     """An async iterator whose aclose() also runs `close`, even where the iterator never started: an
     async generator that never ran closes nothing, and here closing is what aborts a request (the
@@ -573,8 +576,10 @@ async def opened(events: AsyncIterator[TokenEvent], wait_s: float, choices: int 
     """C2: waits up to `wait_s` for the first event of each of a stream's `choices` before the response
     commits to its 200, so that a request that fails before any output (a prefill out of device memory,
     a schema that breaks at a choice's first token) gets a real HTTP status, not a 200 stream that
-    carries an error. The first tokens then leave with the headers (the choices' first tokens come
-    from one prefill): the client's time to first token is the same.
+    carries an error. The first tokens then leave with the headers: the client's time to first token
+    is the same where its choices sample their first tokens together (one prompt's n choices share one
+    prefill, in the same step). Once a first event came, the others get at most FIRST_EVENTS_GRACE_S
+    more (a list of prompts prefills in several steps; the naive engine runs choices one by one).
 
     Returns the events, those already come included, and whether none came: the wait ran out (a long
     queue or prefill), and the stream opens without them, with a keep-alive comment first (A9).
@@ -597,6 +602,8 @@ async def opened(events: AsyncIterator[TokenEvent], wait_s: float, choices: int 
             ev = wait.take()
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
                 raise failure(ev)
+            if not came:
+                deadline = min(deadline, loop.time() + FIRST_EVENTS_GRACE_S)
             came.append(ev)
             seen.add(ev.index)
     except BaseException:
@@ -626,6 +633,8 @@ class Waiting:
         if self.pending is not None and not self.pending.done():
             self.pending.cancel()  # raised inside the event stream, whose exit aborts the request
             await asyncio.wait({self.pending})
+        if self.pending is not None and not self.pending.cancelled():
+            self.pending.exception()  # retrieved: nobody reads it now (asyncio would log it)
         await self.events.aclose()
 
 

@@ -80,11 +80,12 @@ class DeletedResponse(BaseModel):
 
 class ResponseStore:
     """Stored responses, per tenant: id -> (the response, the conversation so far as chat messages, its
-    size). Each tenant's newest `limit` within `budget` bytes: one tenant cannot push out another's."""
+    size, the request's own input items). Each tenant's newest `limit` within `budget` bytes: one
+    tenant cannot push out another's."""
 
     def __init__(self, limit: int = STORED_RESPONSES, budget: int = STORED_BYTES):
         self.limit, self.budget = limit, budget
-        self._tenants: dict[str, collections.OrderedDict[str, tuple[dict, list[dict], int]]] = {}
+        self._tenants: dict[str, collections.OrderedDict[str, tuple[dict, list[dict], int, list[dict]]]] = {}
         self._bytes: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
@@ -443,10 +444,11 @@ def _as_items(messages: list[dict], response_id: str) -> list[dict]:
             items.append({"id": f"fc_{tag}_{i}_{j}", "type": "function_call", "call_id": call["id"],
                           "name": call["function"]["name"], "arguments": call["function"]["arguments"],
                           "status": "completed"})  # fmt: skip
-        if m.get("content"):
-            kind = "output_text" if m["role"] == "assistant" else "input_text"
+        if m.get("content") is not None:  # (None: an assistant turn of tool calls only)
+            part = ({"type": "output_text", "text": m["content"], "annotations": [], "logprobs": []}
+                    if m["role"] == "assistant" else {"type": "input_text", "text": m["content"]})  # fmt: skip
             items.append({"id": f"msg_{tag}_{i}", "type": "message", "role": m["role"], "status": "completed",
-                          "content": [{"type": kind, "text": m["content"]}]})  # fmt: skip
+                          "content": [part]})  # fmt: skip
     return items
 
 

@@ -175,7 +175,7 @@ def _keepalive(request: Request) -> float:
 
 
 async def _sse(request: Request, opening, chat: ChatService, principal: Principal) -> Response:
-    """The stream that `opening` returns once its first event came (or a keep-alive interval passed);
+    """The stream that `opening` returns once its choices' first events came (see chat.opened());
     an error before then is its HTTP status (C2), a client that leaves meanwhile aborts it. Its headers
     carry the tenant's x-ratelimit-* (its prompt charged)."""
     payloads = await _until_disconnected(request, opening)
