@@ -9,6 +9,8 @@ from fastapi import FastAPI
 
 from mygpt import __version__
 from mygpt.api.admin import router as admin_router
+from mygpt.api.batches import router as batches_router
+from mygpt.api.batches import runner as batch_runner
 from mygpt.api.errors import document_errors, install_error_handlers
 from mygpt.api.finetune import router as finetune_router
 from mygpt.api.request_ids import RequestIds
@@ -39,7 +41,11 @@ def build_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if state.chat is None:
             state.start()
+        if settings.finetune:  # batches a restart interrupted resume once the model is loaded
+            batch_runner(state)
         yield
+        if state.batches is not None:
+            await state.batches.stop()  # running requests run again when the batch resumes
         state.stop()
 
     app = FastAPI(title="mygpt", version=__version__, lifespan=lifespan)
@@ -51,4 +57,5 @@ def build_app(
     app.include_router(admin_router)
     app.include_router(finetune_router)
     app.include_router(responses_router)
+    app.include_router(batches_router)
     return app

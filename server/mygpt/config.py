@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     default_tenant: str = Field("default", description="the tenant of a server without a config")
 
     # --- fine-tuning ---
-    finetune: bool = Field(True, description="serve the files and fine-tuning APIs (QLoRA jobs)")
+    finetune: bool = Field(True, description="serve the files, fine-tuning (QLoRA jobs) and batch APIs")
     finetune_dir: Path | None = Field(
         None, description="uploaded files and the jobs database; default: <adapter_dir>/_finetune"
     )

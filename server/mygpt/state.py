@@ -14,6 +14,7 @@ import torch
 
 from mygpt.api.chat import ChatLimits, ChatService
 from mygpt.api.errors import APIError
+from mygpt.batches import BatchRunner
 from mygpt.config import Settings
 from mygpt.engine.async_engine import AsyncEngine
 from mygpt.engine.engine import Engine
@@ -57,6 +58,7 @@ class ServerState:
     metrics: Metrics | None = None
     finetune_store: Store | None = None
     jobs: JobManager | None = None
+    batches: BatchRunner | None = None  # started in the event loop (api/batches.py runner())
     _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def not_ready_reason(self) -> str | None:

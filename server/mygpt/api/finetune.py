@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mygpt.api.auth import caller
 from mygpt.api.errors import APIError, invalid
+from mygpt.batches import validate_batch
 from mygpt.finetune.data import DataError, validate_jsonl
 from mygpt.finetune.jobs import SUFFIX
 from mygpt.state import ServerState
@@ -47,8 +48,10 @@ BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 64), "learning_rate_multiplier"
 def _state(request: Request) -> ServerState:
     state: ServerState = request.app.state.mygpt
     if not state.settings.finetune:  # a 404, not a 503: the SDK would retry a 503
-        raise APIError(404, "Fine-tuning is turned off on this server.", code="not_available")
-    if state.jobs is None:
+        raise APIError(
+            404, "Files, fine-tuning and batches are turned off on this server.", code="not_available"
+        )
+    if state.finetune_store is None or state.jobs is None:  # made together at start-up
         reason = state.not_ready_reason() or "fine-tuning is starting"
         raise APIError(
             503, f"The server is not ready: {reason}.", code="not_ready", headers={"Retry-After": "5"}
@@ -75,17 +78,18 @@ async def upload_file(
 ) -> dict:
     state = _state(request)
     tenant = _tenant(principal)
-    if purpose != "fine-tune":
-        raise invalid(f"purpose '{purpose}' is not supported; only 'fine-tune'.", param="purpose")
+    if purpose not in ("fine-tune", "batch"):
+        raise invalid(f"purpose '{purpose}' is not supported; 'fine-tune' or 'batch'.", param="purpose")
     limit = state.settings.max_file_bytes
     raw = await file.read(limit + 1)
     if len(raw) > limit:
         raise APIError(413, f"The file is larger than this server's limit of {limit} bytes.", param="file",
                        code="file_too_large")  # fmt: skip
     try:
-        examples = validate_jsonl(raw)
+        examples = validate_jsonl(raw) if purpose == "fine-tune" else validate_batch(raw)[0]
     except DataError as exc:
-        raise invalid(f"Invalid training file: {exc}", param="file", code="invalid_file") from exc
+        kind = "training" if purpose == "fine-tune" else "batch"
+        raise invalid(f"Invalid {kind} file: {exc}", param="file", code="invalid_file") from exc
     row = state.finetune_store.add_file(
         f"file-{uuid.uuid4().hex[:24]}", tenant, file.filename or "upload.jsonl", purpose, raw, examples
     )

@@ -22,6 +22,13 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
     level TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
+    completion_window TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER,
+    in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
+    expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER, output_file_id TEXT,
+    error_file_id TEXT, total INTEGER NOT NULL, completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0, metadata TEXT, errors TEXT);
 """
 
 
@@ -136,6 +143,48 @@ class Store:
             job_id, int(time.time()), level, message, json.dumps(data) if data is not None else None,
         )  # fmt: skip
 
+    # ------------------------------------------------------------------ batches
+    def batch_dir(self) -> Path:
+        """Where running batches append their results (partial output and error files)."""
+        path = self.root / "batches"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def add_batch(self, batch: dict) -> dict:
+        self._q(
+            "INSERT INTO batches (id, tenant, endpoint, input_file_id, completion_window, status, created_at,"
+            " expires_at, total, metadata) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            batch["id"], batch["tenant"], batch["endpoint"], batch["input_file_id"], batch["completion_window"],
+            "validating", batch["created_at"], batch["expires_at"], batch["total"],
+            json.dumps(batch["metadata"]) if batch.get("metadata") is not None else None,
+        )  # fmt: skip
+        return self.get_batch(batch["tenant"], batch["id"])
+
+    def get_batch(self, tenant: str | None, batch_id: str) -> dict | None:
+        rows = self._q("SELECT * FROM batches WHERE id=?", batch_id)
+        if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
+            return None
+        return _batch(rows[0])
+
+    def list_batches(self, tenant: str) -> list[dict]:
+        rows = self._q("SELECT * FROM batches WHERE tenant=? ORDER BY created_at DESC, id DESC", tenant)
+        return [_batch(r) for r in rows]
+
+    def batches_with_status(self, *statuses: str) -> list[dict]:
+        marks = ",".join("?" * len(statuses))
+        sql = f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY created_at, id"
+        return [_batch(r) for r in self._q(sql, *statuses)]
+
+    def update_batch(self, batch_id: str, if_status: str | None = None, **fields: Any) -> None:
+        """if_status: only a batch in that status changes (a cancel between a read and this write wins)."""
+        for key in ("metadata", "errors"):
+            if fields.get(key) is not None:
+                fields[key] = json.dumps(fields[key])
+        sets = ", ".join(f"{k}=?" for k in fields)
+        where = "id=?" + (" AND status=?" if if_status is not None else "")
+        args = [batch_id] + ([if_status] if if_status is not None else [])
+        self._q(f"UPDATE batches SET {sets} WHERE {where}", *fields.values(), *args)
+
     def events(self, job_id: str, limit: int, after: int | None = None) -> list[dict]:
         """Newest first (as OpenAI lists them); `after` = an event seq to page past."""
         sql = (
@@ -145,6 +194,13 @@ class Store:
         )
         rows = self._q(sql, job_id, *([after] if after else []), limit)
         return [{**dict(r), "data": json.loads(r["data"]) if r["data"] else None} for r in rows]
+
+
+def _batch(row: sqlite3.Row) -> dict:
+    batch = dict(row)
+    for key in ("metadata", "errors"):
+        batch[key] = json.loads(batch[key]) if batch[key] else None
+    return batch
 
 
 def _job(row: sqlite3.Row) -> dict:

@@ -1,0 +1,129 @@
+"""OpenAI's Batch API routes (/v1/batches): thin routes over the store and the batch runner
+(mygpt/batches.py). Batches belong to tenants, as their files do."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from mygpt.api.auth import caller
+from mygpt.api.errors import APIError, invalid
+from mygpt.api.finetune import _no_file, _state, _tenant
+from mygpt.batches import ENDPOINTS, WINDOW_S, BatchRunner, validate_batch
+from mygpt.finetune.data import DataError
+from mygpt.tenancy.auth import Principal
+
+router = APIRouter()
+
+
+class CreateBatch(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
+        Field(None, max_length=16)
+    )
+
+
+def runner(state: Any) -> BatchRunner:
+    """The server's batch runner, started in this event loop (app.py starts it at start-up, to resume
+    the batches a restart interrupted)."""
+    if state.batches is None:
+        state.batches = BatchRunner(state, concurrency=state.settings.max_num_seqs // 4)
+    state.batches.ensure_started()
+    return state.batches
+
+
+@router.post("/v1/batches")
+async def create_batch(body: CreateBatch, request: Request, principal: Principal = Depends(caller)) -> dict:
+    state = _state(request)
+    tenant = _tenant(principal)
+    if body.endpoint not in ENDPOINTS:
+        raise invalid(
+            f"endpoint must be one of {', '.join(ENDPOINTS)}.", param="endpoint", code="unsupported_value"
+        )
+    if body.completion_window not in WINDOW_S:
+        raise invalid("completion_window must be '24h'.", param="completion_window")
+    store = state.finetune_store
+    row = store.get_file(tenant, body.input_file_id)
+    if row is None:
+        raise _no_file(body.input_file_id, "input_file_id")
+    if row["purpose"] != "batch":
+        raise invalid(f"File '{body.input_file_id}' has purpose '{row['purpose']}': a batch's input file is "
+                      "uploaded with purpose 'batch'.", param="input_file_id", code="invalid_file")  # fmt: skip
+    try:
+        raw = await asyncio.to_thread(store.file_path(body.input_file_id).read_bytes)
+        total, urls = validate_batch(raw)
+    except (OSError, DataError) as exc:
+        raise invalid(f"Invalid input file: {exc}", param="input_file_id", code="invalid_file") from None
+    if urls != {body.endpoint}:
+        other = sorted(urls - {body.endpoint})[0]
+        raise invalid(f"The input file's requests go to {other}, not to the batch's endpoint {body.endpoint}.",
+                      param="endpoint")  # fmt: skip
+    now = int(time.time())
+    batch = store.add_batch({
+        "id": f"batch_{uuid.uuid4().hex}", "tenant": tenant, "endpoint": body.endpoint,
+        "input_file_id": body.input_file_id, "completion_window": body.completion_window, "created_at": now,
+        "expires_at": now + WINDOW_S[body.completion_window], "total": total, "metadata": body.metadata,
+    })  # fmt: skip
+    runner(state)
+    return _batch(batch)
+
+
+@router.get("/v1/batches")
+async def list_batches(
+    request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+    principal: Principal = Depends(caller),
+) -> dict:  # fmt: skip
+    batches = _state(request).finetune_store.list_batches(_tenant(principal))
+    if after:
+        ids = [b["id"] for b in batches]
+        batches = batches[ids.index(after) + 1 :] if after in ids else []
+    page = [_batch(b) for b in batches[:limit]]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(batches) > limit}  # fmt: skip
+
+
+@router.get("/v1/batches/{batch_id}")
+async def get_batch(batch_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+    return _batch(_find(request, principal, batch_id))
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+async def cancel_batch(batch_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+    """Stops starting its requests; those running finish, then it ends "cancelled" with what it did."""
+    batch = _find(request, principal, batch_id)
+    if batch["status"] not in ("validating", "in_progress"):
+        raise invalid(f"The batch is {batch['status']}.", param="batch_id", code="batch_not_cancellable")
+    store = _state(request).finetune_store
+    for status in ("validating", "in_progress"):  # not one that ended meanwhile
+        store.update_batch(batch_id, if_status=status, status="cancelling", cancelling_at=int(time.time()))
+    runner(_state(request))
+    return _batch(store.get_batch(None, batch_id))
+
+
+def _find(request: Request, principal: Principal, batch_id: str) -> dict:
+    batch = _state(request).finetune_store.get_batch(_tenant(principal), batch_id)
+    if batch is None:
+        raise APIError(404, f"No such batch: '{batch_id}'.", param="batch_id", code="not_found")
+    return batch
+
+
+def _batch(b: dict) -> dict:
+    return {
+        "id": b["id"], "object": "batch", "endpoint": b["endpoint"], "errors": b["errors"],
+        "input_file_id": b["input_file_id"], "completion_window": b["completion_window"], "status": b["status"],
+        "output_file_id": b["output_file_id"], "error_file_id": b["error_file_id"], "created_at": b["created_at"],
+        "in_progress_at": b["in_progress_at"], "expires_at": b["expires_at"], "finalizing_at": b["finalizing_at"],
+        "completed_at": b["completed_at"], "failed_at": b["failed_at"], "expired_at": b["expired_at"],
+        "cancelling_at": b["cancelling_at"], "cancelled_at": b["cancelled_at"],
+        "request_counts": {"total": b["total"], "completed": b["completed"], "failed": b["failed"]},
+        "metadata": b["metadata"] or {},
+    }  # fmt: skip

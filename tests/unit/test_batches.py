@@ -1,0 +1,207 @@
+"""The Batch API through the openai SDK (in process, the tiny model): a batch's answers equal the same
+requests sent one by one; bad lines are refused at upload naming the line; a request's own error is
+its result in the error file; cancelling keeps what finished; a resumed batch (after a restart) runs
+only what it had not finished; capacity refusals wait instead of failing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+
+import openai
+import pytest
+from test_app import sdk_for, served_state  # noqa: F401 - served_state: the fixture
+
+from mygpt.api.batches import runner
+from mygpt.batches import BatchRunner
+from mygpt.finetune.jobs import JobManager
+from mygpt.finetune.store import Store
+
+pytestmark = pytest.mark.anyio
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture
+async def state(served_state, tmp_path):  # noqa: F811
+    served_state.finetune_store = Store(tmp_path / "store")
+    served_state.jobs = JobManager(served_state.finetune_store, None, "tiny", {}, 1)  # never started
+    yield served_state
+    if served_state.batches is not None:
+        await served_state.batches.stop()
+
+
+def lines(*requests: dict) -> io.BytesIO:
+    return io.BytesIO("".join(json.dumps(r) + "\n" for r in requests).encode())
+
+
+def chat_line(custom_id: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": HI, "max_tokens": 4, "temperature": 0, **body}}  # fmt: skip
+
+
+async def finished(sdk, batch_id: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = await sdk.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled", "expired"):
+            return batch
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"batch still {batch.status}")
+
+
+async def results(sdk, file_id: str | None) -> dict[str, dict]:
+    if file_id is None:
+        return {}
+    text = (await sdk.files.content(file_id)).text
+    return {r["custom_id"]: r for r in map(json.loads, text.splitlines())}
+
+
+async def test_a_batch_answers_as_its_requests_sent_one_by_one(state):
+    sdk = sdk_for(state)
+    requests = [chat_line(f"r{i}", messages=[{"role": "user", "content": f"Count to {i}"}]) for i in range(3)]
+    requests.append(chat_line("bad", temperature=5))  # its own error: a result, not the batch's failure
+    upload = await sdk.files.create(file=("b.jsonl", lines(*requests)), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"team": "qa"},
+    )
+    assert batch.object == "batch" and batch.request_counts.total == 4 and batch.metadata == {"team": "qa"}
+    batch = await finished(sdk, batch.id)
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (
+        3,
+        1,
+    )
+    out, err = await results(sdk, batch.output_file_id), await results(sdk, batch.error_file_id)
+    for i in range(3):
+        alone = await sdk.chat.completions.create(**requests[i]["body"])
+        body = out[f"r{i}"]["response"]["body"]
+        assert out[f"r{i}"]["response"]["status_code"] == 200
+        assert body["choices"][0]["message"]["content"] == alone.choices[0].message.content
+        assert (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]) == (
+            alone.usage.prompt_tokens,
+            alone.usage.completion_tokens,
+        )
+    assert err["bad"]["response"]["status_code"] == 400
+    assert err["bad"]["response"]["body"]["error"]["param"] == "temperature"
+    assert batch.id in [b.id for b in (await sdk.batches.list()).data]
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ({"custom_id": "a", "method": "GET", "url": "/v1/chat/completions", "body": {}}, "line 1: method"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}, "line 1: url"),
+        ({"method": "POST", "url": "/v1/chat/completions", "body": {}}, "line 1: custom_id"),
+        (
+            {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"stream": True}},
+            "stream",
+        ),
+    ],
+)
+async def test_bad_lines_are_refused_at_upload_naming_the_line(state, line, needle):
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk_for(state).files.create(file=("b.jsonl", lines(line)), purpose="batch")
+    assert needle in err.value.message and err.value.body["code"] == "invalid_file"
+
+
+async def test_a_batch_refuses_a_training_file_and_another_endpoint(state):
+    sdk = sdk_for(state)
+    upload = await sdk.files.create(file=("b.jsonl", lines(chat_line("a"))), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    assert err.value.body["param"] == "endpoint"
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="1h"
+        )
+    assert err.value.body["param"] == "completion_window"
+    with pytest.raises(openai.NotFoundError):
+        await sdk.batches.retrieve("batch_nope")
+
+
+async def test_cancelling_keeps_what_finished(state):
+    sdk = sdk_for(state)
+    requests = [chat_line(f"r{i}", max_tokens=40, logit_bias={"2": -100}) for i in range(12)]
+    upload = await sdk.files.create(file=("b.jsonl", lines(*requests)), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while (await sdk.batches.retrieve(batch.id)).request_counts.completed < 1:
+        await asyncio.sleep(0.02)
+    assert (await sdk.batches.cancel(batch.id)).status == "cancelling"
+    batch = await finished(sdk, batch.id)
+    done = await results(sdk, batch.output_file_id)
+    assert batch.status == "cancelled" and 1 <= len(done) < 12 == batch.request_counts.total
+    assert batch.request_counts.completed == len(done) and batch.cancelled_at is not None
+    with pytest.raises(openai.BadRequestError):
+        await sdk.batches.cancel(batch.id)
+
+
+async def test_a_resumed_batch_runs_only_what_it_had_not_finished(state):
+    """A restart in the middle: the results already appended stay, the others run, none twice."""
+    sdk = sdk_for(state)
+    store = state.finetune_store
+    upload = await sdk.files.create(
+        file=("b.jsonl", lines(*[chat_line(f"r{i}") for i in range(3)])), purpose="batch"
+    )
+    now = int(time.time())
+    store.add_batch({"id": "batch_resumed", "tenant": "default", "endpoint": "/v1/chat/completions",
+                     "input_file_id": upload.id, "completion_window": "24h", "created_at": now,
+                     "expires_at": now + 3600, "total": 3})  # fmt: skip
+    store.update_batch("batch_resumed", status="in_progress", in_progress_at=now, completed=1)
+    earlier = {
+        "id": "batch_req_x",
+        "custom_id": "r1",
+        "response": {"status_code": 200, "body": {"earlier": True}},
+    }
+    (store.batch_dir() / "batch_resumed.out.jsonl").write_text(
+        json.dumps(earlier) + "\n" + '{"custom_id": "r2", "resp'
+    )
+    runner(state)  # as app.py starts it at start-up
+    batch = await finished(sdk, "batch_resumed")
+    out = await results(sdk, batch.output_file_id)
+    assert (
+        batch.status == "completed"
+        and set(out) == {"r0", "r1", "r2"}
+        and out["r1"]["response"]["body"] == {"earlier": True}
+    )
+    assert batch.request_counts.completed == 3
+
+
+async def test_capacity_refusals_wait_and_an_expired_batch_ends_with_what_it_did(state, monkeypatch):
+    """A 429 (the tenant's limits, a full queue) is waited out, not a failed request; a batch past its
+    window ends "expired"."""
+    from mygpt.api.errors import APIError
+
+    sdk = sdk_for(state)
+    real, refusals = state.chat.prepare, {"n": 0}
+
+    async def busy_once(principal, req):
+        if refusals["n"] < 2:
+            refusals["n"] += 1
+            raise APIError(429, "busy", code="rate_limit_exceeded", headers={"Retry-After": "0"})
+        return await real(principal, req)
+
+    monkeypatch.setattr(state.chat, "prepare", busy_once)
+    upload = await sdk.files.create(file=("b.jsonl", lines(chat_line("a"), chat_line("b"))), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    batch = await finished(sdk, batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 2 and refusals["n"] == 2
+
+    store = state.finetune_store
+    store.add_batch({"id": "batch_old", "tenant": "default", "endpoint": "/v1/chat/completions",
+                     "input_file_id": upload.id, "completion_window": "24h", "created_at": 0, "expires_at": 1,
+                     "total": 2})  # fmt: skip
+    runner(state)
+    batch = await finished(sdk, "batch_old")
+    assert batch.status == "expired" and batch.request_counts.completed == 0 and batch.expired_at is not None
+
+
+def test_the_runner_keeps_room_for_interactive_requests():
+    assert BatchRunner(None, concurrency=0).concurrency == 1
