@@ -149,7 +149,7 @@ class BatchRunner:
             principal = Principal(batch["tenant"])
             workers = [
                 self._work(store, chat, batch, principal, todo, counts, out_path, err_path)
-                for _ in range(min(self.concurrency, len(todo)))
+                for _ in range(min(self._concurrency(chat, batch["tenant"]), len(todo)))
             ]
             await asyncio.gather(*workers)
         current = store.get_batch(None, batch_id)
@@ -179,6 +179,13 @@ class BatchRunner:
                 f.write(json.dumps(result) + "\n")
             counts["completed" if status == 200 else "failed"] += 1
             store.update_batch(batch["id"], **counts)
+
+    def _concurrency(self, chat: Any, tenant: str) -> int:
+        """Requests at a time: the runner's, and at most half of a tenant's concurrency limit, so that
+        its batch never takes the slots of its interactive requests."""
+        limiter = chat.tenants.limiters.get(tenant)
+        most = limiter.limits.max_concurrent if limiter is not None else None
+        return self.concurrency if not most else max(1, min(self.concurrency, most // 2))
 
     def _going(self, store: Store, batch: dict) -> bool:
         """Whether to start another request: not cancelled, not expired, the server not stopping."""

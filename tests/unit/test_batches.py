@@ -204,4 +204,18 @@ async def test_capacity_refusals_wait_and_an_expired_batch_ends_with_what_it_did
 
 
 def test_the_runner_keeps_room_for_interactive_requests():
+    """At most the runner's concurrency, and half of a tenant's concurrency limit: its batch never
+    takes every slot its interactive requests need."""
+    from types import SimpleNamespace
+
+    from mygpt.tenancy.config import Limits
+    from mygpt.tenancy.limits import TenantLimiter
+
+    limiters = {
+        "two": TenantLimiter("two", Limits(max_concurrent=2)),
+        "free": TenantLimiter("free", Limits()),
+    }
+    chat = SimpleNamespace(tenants=SimpleNamespace(limiters=limiters))
+    runner_ = BatchRunner(None, concurrency=4)
+    assert [runner_._concurrency(chat, t) for t in ("two", "free", "unknown")] == [1, 4, 4]
     assert BatchRunner(None, concurrency=0).concurrency == 1
