@@ -81,55 +81,105 @@ def validate_batch(raw: bytes) -> tuple[int, set[str]]:
     return len(ids), urls
 
 
+class BatchFailed(Exception):
+    """A batch that cannot go on (its input file gone, its tenant removed): it ends failed, with the
+    results it has."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 class BatchRunner:
-    """Runs the store's open batches one after another, in the server's event loop."""
+    """Runs the store's open batches in the server's event loop: up to MAX_ACTIVE at once, one per
+    tenant, their requests `concurrency` at a time in all (each tenant's at most half of its own
+    concurrency limit, and only while half of its per-minute budgets is left). A batch is claimed
+    in the store for LEASE_S seconds, renewed while it runs, so that replicas sharing the store never
+    run one batch twice."""
+
+    MAX_ACTIVE = 4
+    LEASE_S = 60.0
 
     def __init__(self, state: Any, concurrency: int):
         self.state = state  # the ServerState: its store and ChatService once the model is loaded
         self.concurrency = max(1, concurrency)
+        self.owner = f"runner-{uuid.uuid4().hex}"
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._active: dict[str, tuple[str, asyncio.Task]] = {}  # batch id -> (tenant, its task)
 
     def ensure_started(self) -> None:
         """Starts the runner in the running event loop (once), and wakes it for new work."""
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.concurrency)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="mygpt-batches")
         self._wake.set()
 
     async def stop(self) -> None:
-        """Stops at once: running requests are aborted and run again when a runner resumes the batch."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stops at once: running requests are aborted and run again when the batch resumes."""
+        tasks = [t for t in (self._task, *(task for _, task in self._active.values())) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
         while True:
-            store, chat = self.state.finetune_store, self.state.chat
-            if store is None or chat is None or not self.state.ready or self.state.draining:
-                await asyncio.sleep(0.5)
-                continue
-            open_batches = await asyncio.to_thread(store.batches_with_status, *OPEN)
-            if not open_batches:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 5.0)
-                continue
-            batch = open_batches[0]
             try:
-                await self._process(store, chat, batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # never a batch lost silently: it ends failed, with the reason
+                await self._schedule()
+            except Exception:  # the store unreachable a moment, say: the runner goes on
+                log.exception("the batch runner could not look for work")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 2.0)
+
+    async def _schedule(self) -> None:
+        state = self.state
+        store, chat = state.finetune_store, state.chat
+        if store is None or chat is None or not state.ready or state.draining:
+            return
+        self._active = {b: (t, task) for b, (t, task) in self._active.items() if not task.done()}
+        for batch in await asyncio.to_thread(store.batches_with_status, *OPEN):
+            busy = {tenant for tenant, _ in self._active.values()}
+            runs = batch["status"] in ("validating", "in_progress") and time.time() < batch["expires_at"]
+            if batch["id"] in self._active or (
+                runs and (batch["tenant"] in busy or len(self._active) >= self.MAX_ACTIVE)
+            ):
+                continue  # (one that only ends, cancelled or expired, does not wait its turn)
+            if not await asyncio.to_thread(store.claim_batch, batch["id"], self.owner, self.LEASE_S):
+                continue  # another replica's
+            task = asyncio.get_running_loop().create_task(self._guarded(store, chat, batch))
+            task.add_done_callback(lambda _: self._wake.set())
+            self._active[batch["id"]] = (batch["tenant"], task)
+
+    async def _guarded(self, store: Store, chat: Any, batch: dict) -> None:
+        """_process, the batch's claim renewed meanwhile; a failure ends the batch failed, with what it did."""
+        renew = asyncio.get_running_loop().create_task(self._renew(store, batch["id"]))
+        try:
+            await self._process(store, chat, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, BatchFailed):
+                code, message = exc.code, str(exc)
+            else:
                 log.exception("batch %s failed", batch["id"])
-                error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "param": None,
-                         "line": None}  # fmt: skip
-                store.update_batch(
-                    batch["id"],
-                    status="failed",
-                    failed_at=int(time.time()),
-                    errors={"object": "list", "data": [error]},
-                )
+                code, message = "internal_error", "The server had an error while running this batch."
+            error = {"code": code, "message": message, "param": None, "line": None}
+            await asyncio.to_thread(
+                self._finalize, store, batch["id"], "failed", {"object": "list", "data": [error]}
+            )
+        finally:
+            renew.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(store.release_batch, batch["id"], self.owner)
+
+    async def _renew(self, store: Store, batch_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.LEASE_S / 3)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(store.claim_batch, batch_id, self.owner, self.LEASE_S)
 
     async def _process(self, store: Store, chat: Any, batch: dict) -> None:
         batch_id = batch["id"]
@@ -137,23 +187,27 @@ class BatchRunner:
             store.update_batch(
                 batch_id, if_status="validating", status="in_progress", in_progress_at=int(time.time())
             )
-        out_path, err_path = (store.batch_dir() / f"{batch_id}.{kind}.jsonl" for kind in ("out", "err"))
-        if batch["status"] in ("validating", "in_progress"):
-            for path in (out_path, err_path):
-                _cut_torn_line(path)
-            raw = await asyncio.to_thread(store.file_path(batch["input_file_id"]).read_bytes)
-            requests = [json.loads(line) for line in _lines(raw.decode("utf-8")) if line.strip()]
-            done = {r["custom_id"] for path in (out_path, err_path) for r in _results(path)}
-            todo = collections.deque(r for r in requests if r["custom_id"] not in done)
-            counts = {"completed": len(_results(out_path)), "failed": len(_results(err_path))}
-            principal = Principal(batch["tenant"])
-            workers = [
-                self._work(store, chat, batch, principal, todo, counts, out_path, err_path)
-                for _ in range(min(self._concurrency(chat, batch["tenant"]), len(todo)))
-            ]
-            await asyncio.gather(*workers)
+        out_path, err_path = _partials(store, batch_id)
         current = store.get_batch(None, batch_id)
-        if current["status"] == "cancelling":
+        if current["status"] == "in_progress" and time.time() < batch["expires_at"]:
+            requests = await asyncio.to_thread(_requests, store, batch)
+            done = await asyncio.to_thread(_finished_ids, out_path, err_path)
+            todo = collections.deque(r for r in requests if r["custom_id"] not in done)
+            counts = await asyncio.to_thread(_counts, out_path, err_path)  # (a torn last line cut)
+            principal = Principal(batch["tenant"])
+            async with asyncio.TaskGroup() as workers:  # one failing: the others stop, the batch fails
+                for _ in range(min(self._concurrency(chat, batch["tenant"]), len(todo))):
+                    workers.create_task(
+                        self._work(store, chat, batch, principal, todo, counts, out_path, err_path)
+                    )
+            if self.state.draining:
+                return  # the server stops: the batch stays in progress and resumes after the restart
+            if batch["tenant"] not in self.state.tenants.names:
+                raise BatchFailed(
+                    "tenant_removed", f"Tenant '{batch['tenant']}' no longer exists on this server."
+                )
+        current = store.get_batch(None, batch_id)
+        if current["cancelling_at"] is not None:
             end = "cancelled"
         elif (
             time.time() >= batch["expires_at"] and current["completed"] + current["failed"] < current["total"]
@@ -161,15 +215,20 @@ class BatchRunner:
             end = "expired"
         else:
             end = "completed"
-        await asyncio.to_thread(self._finalize, store, current, end, out_path, err_path)
+        await asyncio.to_thread(self._finalize, store, batch_id, end)
 
     async def _work(
         self, store, chat, batch, principal, todo, counts, out_path: Path, err_path: Path
     ) -> None:
+        limiter = chat.tenants.limiters.get(batch["tenant"])
         while todo and self._going(store, batch):
+            if limiter is not None and (wait := limiter.wait_s(reserve=0.5)) > 0:
+                await asyncio.sleep(min(wait, 5.0))  # half of the tenant's budgets stays for its others
+                continue
             request = todo.popleft()
-            status, body, request_id = await self._call(chat, principal, request, store, batch)
-            if status is None:  # cancelled or expired while it waited for capacity
+            async with self._slots:
+                status, body, request_id = await self._call(chat, principal, request, store, batch)
+            if status is None:  # the batch stopped while the request waited for capacity: not run
                 return
             result = {
                 "id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request["custom_id"],
@@ -188,14 +247,17 @@ class BatchRunner:
         return self.concurrency if not most else max(1, min(self.concurrency, most // 2))
 
     def _going(self, store: Store, batch: dict) -> bool:
-        """Whether to start another request: not cancelled, not expired, the server not stopping."""
+        """Whether to start another request: not cancelled, not expired, the server not stopping, the
+        tenant still there."""
         if self.state.draining or time.time() >= batch["expires_at"]:
+            return False
+        if batch["tenant"] not in self.state.tenants.names:
             return False
         return store.get_batch(None, batch["id"])["status"] == "in_progress"
 
     async def _call(self, chat, principal: Principal, request: dict, store: Store, batch: dict):
         """(status, body, request id) of one request; (None, None, None) if the batch stopped while it
-        waited for capacity."""
+        waited for capacity. Any error of the request's own is its result (a 500 for the server's)."""
         request_id = f"{batch['id']}-{request['custom_id']}"[:128]
         url, body = request["url"], {**request["body"], "stream": False}
         while True:
@@ -221,29 +283,87 @@ class BatchRunner:
                 await asyncio.sleep(float((exc.headers or {}).get("Retry-After", RETRY_S)))
                 if not self._going(store, batch):
                     return None, None, None
+            except Exception:
+                log.exception("batch %s: request %s failed", batch["id"], request["custom_id"])
+                error = {"message": "The server had an error while processing the request.", "type": "server_error",
+                         "param": None, "code": None}  # fmt: skip
+                return 500, {"error": error}, request_id
 
-    def _finalize(self, store: Store, batch: dict, end: str, out_path: Path, err_path: Path) -> None:
-        """The partial files become the batch's output and error files; then the batch ends `end`."""
+    def _finalize(self, store: Store, batch_id: str, end: str, errors: dict | None = None) -> None:
+        """The partial files become the batch's output and error files (each made once: a restart
+        during this finds it made), then the batch ends `end`. An expired batch's unrun requests are
+        in its error file, as OpenAI's are."""
+        batch = store.get_batch(None, batch_id)
+        if batch["status"] in FINAL:
+            return
         now = int(time.time())
-        store.update_batch(batch["id"], status="finalizing", finalizing_at=batch["finalizing_at"] or now)
+        store.update_batch(batch_id, if_status="in_progress", status="finalizing", finalizing_at=now)
+        out_path, err_path = _partials(store, batch_id)
+        for path in (out_path, err_path):
+            _cut_torn_line(path)
+        if end == "expired" and store.file_path(batch["input_file_id"]).is_file():
+            done = _finished_ids(out_path, err_path)
+            with open(err_path, "a", encoding="utf-8") as f:
+                for request in _requests(store, batch):
+                    if request["custom_id"] not in done:
+                        f.write(json.dumps({
+                            "id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request["custom_id"], "response": None,
+                            "error": {"code": "batch_expired",
+                                      "message": "This request could not be executed before the completion window expired."},
+                        }) + "\n")  # fmt: skip
         files = {}
-        for key, path, purpose in (
-            ("output_file_id", out_path, "batch_output"),
-            ("error_file_id", err_path, "batch_output"),
-        ):
-            results = _results(path)
-            if results and batch[key] is None:
-                raw = "".join(json.dumps(r) + "\n" for r in results).encode()
-                name = f"{batch['id']}_{'output' if key == 'output_file_id' else 'error'}.jsonl"
-                row = store.add_file(
-                    f"file-{uuid.uuid4().hex[:24]}", batch["tenant"], name, purpose, raw, len(results)
+        for key, path, kind in (("output_file_id", out_path, "output"), ("error_file_id", err_path, "error")):
+            file_id = f"file-{batch_id.removeprefix('batch_')[:24]}-{kind}"
+            if store.get_file(None, file_id) is not None:
+                files[key] = file_id  # made before a restart
+            elif path.is_file() and path.stat().st_size:
+                raw = path.read_bytes()
+                store.add_file(
+                    file_id,
+                    batch["tenant"],
+                    f"{batch_id}_{kind}.jsonl",
+                    "batch_output",
+                    raw,
+                    raw.count(b"\n"),
                 )
-                files[key] = row["id"]
-                store.update_batch(batch["id"], **files)  # recorded at once: a restart does not make it twice
-        counts = {"completed": len(_results(out_path)), "failed": len(_results(err_path))}
-        store.update_batch(batch["id"], status=end, **{f"{end}_at": now}, **counts)
+                files[key] = file_id
+        counts = dict(zip(("completed", "failed"), _line_counts(out_path, err_path), strict=True))
+        if end == "expired":  # its unrun requests count as failed
+            counts["failed"] = batch["total"] - counts["completed"]
+        store.update_batch(batch_id, status=end, **{f"{end}_at": now}, **files, **counts, errors=errors)
         out_path.unlink(missing_ok=True)
         err_path.unlink(missing_ok=True)
+
+
+FINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def _partials(store: Store, batch_id: str) -> tuple[Path, Path]:
+    return store.batch_dir() / f"{batch_id}.out.jsonl", store.batch_dir() / f"{batch_id}.err.jsonl"
+
+
+def _requests(store: Store, batch: dict) -> list[dict]:
+    try:
+        raw = store.file_path(batch["input_file_id"]).read_bytes()
+    except FileNotFoundError:
+        raise BatchFailed(
+            "input_file_missing", f"The input file {batch['input_file_id']} was deleted."
+        ) from None
+    return [json.loads(line) for line in _lines(raw.decode("utf-8")) if line.strip()]
+
+
+def _finished_ids(*paths: Path) -> set[str]:
+    return {r["custom_id"] for path in paths for r in _results(path)}
+
+
+def _counts(out_path: Path, err_path: Path) -> dict[str, int]:
+    for path in (out_path, err_path):
+        _cut_torn_line(path)
+    return dict(zip(("completed", "failed"), _line_counts(out_path, err_path), strict=True))
+
+
+def _line_counts(*paths: Path) -> list[int]:
+    return [path.read_bytes().count(b"\n") if path.is_file() else 0 for path in paths]
 
 
 def _cut_torn_line(path: Path) -> None:

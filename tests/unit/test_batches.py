@@ -201,6 +201,9 @@ async def test_capacity_refusals_wait_and_an_expired_batch_ends_with_what_it_did
     runner(state)
     batch = await finished(sdk, "batch_old")
     assert batch.status == "expired" and batch.request_counts.completed == 0 and batch.expired_at is not None
+    unrun = await results(sdk, batch.error_file_id)  # as OpenAI's: each unrun request, batch_expired
+    assert {r["error"]["code"] for r in unrun.values()} == {"batch_expired"} and set(unrun) == {"a", "b"}
+    assert batch.request_counts.failed == 2
 
 
 def test_the_runner_keeps_room_for_interactive_requests():
@@ -219,3 +222,112 @@ def test_the_runner_keeps_room_for_interactive_requests():
     runner_ = BatchRunner(None, concurrency=4)
     assert [runner_._concurrency(chat, t) for t in ("two", "free", "unknown")] == [1, 4, 4]
     assert BatchRunner(None, concurrency=0).concurrency == 1
+
+
+async def test_a_draining_server_leaves_its_batch_to_resume(state):
+    """SIGTERM: no new request starts, the batch stays in progress (not "completed" with what it
+    did), and the next runner finishes it with every request run once."""
+    sdk = sdk_for(state)
+    upload = await sdk.files.create(file=("b.jsonl", lines(*[chat_line(f"r{i}", max_tokens=12) for i in range(10)])),
+                                    purpose="batch")  # fmt: skip
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while (await sdk.batches.retrieve(batch.id)).request_counts.completed < 1:
+        await asyncio.sleep(0.01)
+    state.draining = True
+    await asyncio.sleep(1.0)  # the requests running finish
+    paused = await sdk.batches.retrieve(batch.id)
+    assert paused.status == "in_progress" and paused.request_counts.completed < 10
+    await state.batches.stop()  # the process ends
+    state.draining, state.batches = False, None
+    runner(state)  # the next process
+    batch = await finished(sdk, batch.id)
+    out = await results(sdk, batch.output_file_id)
+    assert batch.status == "completed" and sorted(out) == sorted(f"r{i}" for i in range(10))
+    assert batch.request_counts.completed == 10
+
+
+async def test_one_request_that_breaks_the_server_is_its_own_500(state, monkeypatch):
+    sdk = sdk_for(state)
+    real = state.chat.complete
+
+    async def breaks_on_b(req, gen, ticket):
+        if req.messages[0].content == "b":
+            raise RuntimeError("a bug")
+        return await real(req, gen, ticket)
+
+    monkeypatch.setattr(state.chat, "complete", breaks_on_b)
+    requests = [chat_line(x, messages=[{"role": "user", "content": x}]) for x in "abc"]
+    upload = await sdk.files.create(file=("b.jsonl", lines(*requests)), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    batch = await finished(sdk, batch.id)
+    err = await results(sdk, batch.error_file_id)
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (
+        2,
+        1,
+    )
+    assert err["b"]["response"]["status_code"] == 500 and "a bug" not in json.dumps(err["b"])
+
+
+async def test_an_input_file_in_use_cannot_be_deleted_and_a_vanished_one_fails_the_batch(state, monkeypatch):
+    sdk = sdk_for(state)
+    store = state.finetune_store
+    upload = await sdk.files.create(file=("b.jsonl", lines(chat_line("a"), chat_line("b"))), purpose="batch")
+    now = int(time.time())
+    store.add_batch({"id": "batch_waiting", "tenant": "default", "endpoint": "/v1/chat/completions",
+                     "input_file_id": upload.id, "completion_window": "24h", "created_at": now,
+                     "expires_at": now + 3600, "total": 2})  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.files.delete(upload.id)
+    assert err.value.body["code"] == "file_in_use"
+    store.file_path(upload.id).unlink()  # gone anyway (the disk, an operator)
+    runner(state)
+    batch = await finished(sdk, "batch_waiting")
+    assert batch.status == "failed" and batch.errors.data[0].code == "input_file_missing"
+
+
+async def test_the_runner_survives_a_store_error_and_replicas_never_run_a_batch_twice(state, monkeypatch):
+    """Two runners on one store (two replicas): each request runs once. A store error while looking
+    for work does not stop a runner."""
+    sdk = sdk_for(state)
+    store = state.finetune_store
+    real, failures = store.batches_with_status, {"n": 0}
+
+    def flaky(*statuses):
+        if failures["n"] < 1:
+            failures["n"] += 1
+            raise RuntimeError("database is locked")
+        return real(*statuses)
+
+    monkeypatch.setattr(store, "batches_with_status", flaky)
+    other = BatchRunner(state, concurrency=2)  # the other replica's
+    other.ensure_started()
+    upload = await sdk.files.create(
+        file=("b.jsonl", lines(*[chat_line(f"r{i}") for i in range(6)])), purpose="batch"
+    )
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    try:
+        batch = await finished(sdk, batch.id)
+    finally:
+        await other.stop()
+    text = (await sdk.files.content(batch.output_file_id)).text
+    assert sorted(json.loads(line)["custom_id"] for line in text.splitlines()) == [f"r{i}" for i in range(6)]
+    assert failures["n"] == 1 and batch.request_counts.completed == 6
+
+
+def test_a_batch_leaves_half_of_its_tenants_per_minute_budgets():
+    from mygpt.tenancy.config import Limits
+    from mygpt.tenancy.limits import TenantLimiter
+
+    clock = type("Clock", (), {"now": 0.0, "__call__": lambda self: self.now})()
+    limiter = TenantLimiter("a", Limits(requests_per_minute=10), clock)
+    for _ in range(5):
+        assert limiter.wait_s(reserve=0.5) == 0
+        limiter.admit()
+    assert limiter.wait_s(reserve=0.5) == pytest.approx(6.0)  # one request back at 10 a minute
+    assert limiter.wait_s() == 0  # interactive requests still pass

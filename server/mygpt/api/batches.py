@@ -60,7 +60,7 @@ async def create_batch(body: CreateBatch, request: Request, principal: Principal
                       "uploaded with purpose 'batch'.", param="input_file_id", code="invalid_file")  # fmt: skip
     try:
         raw = await asyncio.to_thread(store.file_path(body.input_file_id).read_bytes)
-        total, urls = validate_batch(raw)
+        total, urls = await asyncio.to_thread(validate_batch, raw)
     except (OSError, DataError) as exc:
         raise invalid(f"Invalid input file: {exc}", param="input_file_id", code="invalid_file") from None
     if urls != {body.endpoint}:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mygpt.api.auth import caller
 from mygpt.api.errors import APIError, invalid
-from mygpt.batches import validate_batch
+from mygpt.batches import OPEN, validate_batch
 from mygpt.finetune.data import DataError, validate_jsonl
 from mygpt.finetune.jobs import SUFFIX
 from mygpt.state import ServerState
@@ -125,7 +125,12 @@ async def file_content(file_id: str, request: Request, principal: Principal = De
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
-    if not _state(request).finetune_store.delete_file(_tenant(principal), file_id):
+    store = _state(request).finetune_store
+    running = [b["id"] for b in store.batches_with_status(*OPEN) if b["input_file_id"] == file_id]
+    if running and store.get_file(_tenant(principal), file_id) is not None:
+        raise invalid(f"File '{file_id}' is the input of batch {running[0]}, which has not ended; cancel it first.",
+                      param="file_id", code="file_in_use")  # fmt: skip
+    if not store.delete_file(_tenant(principal), file_id):
         raise _no_file(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 

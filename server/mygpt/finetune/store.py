@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS batches (
     in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
     expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER, output_file_id TEXT,
     error_file_id TEXT, total INTEGER NOT NULL, completed INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0, metadata TEXT, errors TEXT);
+    failed INTEGER NOT NULL DEFAULT 0, metadata TEXT, errors TEXT, owner TEXT, lease_until REAL);
 """
 
 
@@ -159,6 +159,20 @@ class Store:
             json.dumps(batch["metadata"]) if batch.get("metadata") is not None else None,
         )  # fmt: skip
         return self.get_batch(batch["tenant"], batch["id"])
+
+    def claim_batch(self, batch_id: str, owner: str, lease_s: float) -> bool:
+        """Takes (or renews) the batch for `owner` for lease_s seconds, unless another runner holds it
+        (replicas sharing the store): True if it is `owner`'s now."""
+        now = time.time()
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE batches SET owner=?, lease_until=? WHERE id=? AND (owner IS NULL OR owner=? OR lease_until<?)",
+                (owner, now + lease_s, batch_id, owner, now),
+            )
+            return cursor.rowcount == 1
+
+    def release_batch(self, batch_id: str, owner: str) -> None:
+        self._q("UPDATE batches SET owner=NULL, lease_until=NULL WHERE id=? AND owner=?", batch_id, owner)
 
     def get_batch(self, tenant: str | None, batch_id: str) -> dict | None:
         rows = self._q("SELECT * FROM batches WHERE id=?", batch_id)

@@ -98,6 +98,20 @@ class TenantLimiter:
                 self._requests.take(1)
             self.active += 1
 
+    def wait_s(self, reserve: float = 0.0) -> float:
+        """Seconds until admit() would take a request while `reserve` (a share) of each per-minute
+        budget stays for other requests; 0: now. The batch runner waits here, as its requests would
+        otherwise be refusals, each counted."""
+        with self._lock:
+            waits = [0.0]
+            max_concurrent = self.limits.max_concurrent
+            if max_concurrent is not None and self.active >= max_concurrent:
+                waits.append(1.0)  # until one finishes: not known
+            for bucket, least in ((self._requests, 1.0), (self._tokens, 1e-9)):
+                if bucket is not None:
+                    waits.append(bucket.wait_for(min(bucket.capacity, least + reserve * bucket.capacity)))
+            return max(waits)
+
     def refund(self, tokens: int) -> None:
         """Gives back one admitted request and `tokens` charged for it (it never ran)."""
         with self._lock:
