@@ -211,6 +211,36 @@ def test_bad_requests_are_4xx_naming_the_problem(server):
     assert r.status_code == 401
 
 
+def test_a_batch_on_a_real_server_belongs_to_its_tenant(server):
+    """The Batch API through the SDK on a real server: the answers of a tenant's batch file, which
+    another tenant cannot see."""
+    acme, globex = client(server, "acme"), client(server, "globex")
+    requests = [
+        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": BASE, "messages": [{"role": "user", "content": f"Ship {i}?"}], "max_tokens": 5,
+                  "temperature": 0}}
+        for i in range(3)
+    ]  # fmt: skip
+    raw = "".join(json.dumps(r) + "\n" for r in requests).encode()
+    upload = acme.files.create(file=("batch.jsonl", io.BytesIO(raw)), purpose="batch")
+    batch = acme.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    with pytest.raises(openai.NotFoundError):
+        globex.batches.retrieve(batch.id)
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = acme.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 3, batch
+    out = [json.loads(line) for line in acme.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in out) == ["q0", "q1", "q2"]
+    alone = acme.chat.completions.create(**requests[1]["body"])
+    answer = next(r for r in out if r["custom_id"] == "q1")["response"]["body"]
+    assert answer["choices"][0]["message"]["content"] == alone.choices[0].message.content
+    assert globex.batches.list().data == []
+
+
 def test_cancel_and_restart_lose_nothing(server, tiny_model_dir, store):
     acme = client(server, "acme")
     train = acme.files.create(file=("long.jsonl", io.BytesIO(examples(60))), purpose="fine-tune")
@@ -273,33 +303,3 @@ def test_the_shipped_demo_adapters_show_their_effect(default_server):
     assert "Madrid" in answers["SmolLM2-135M-Instruct"]
     assert any(w in answers["pirate"] for w in ("Arr", "matey", "Yo ho", "Ahoy", "Savvy", "Yarr")), answers
     assert "Madrid" in json.loads(answers["json"])["answer"], answers
-
-
-def test_a_batch_on_a_real_server_belongs_to_its_tenant(server):
-    """The Batch API through the SDK on a real server: the answers of a tenant's batch file, which
-    another tenant cannot see."""
-    acme, globex = client(server, "acme"), client(server, "globex")
-    requests = [
-        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": BASE, "messages": [{"role": "user", "content": f"Ship {i}?"}], "max_tokens": 5,
-                  "temperature": 0}}
-        for i in range(3)
-    ]  # fmt: skip
-    raw = "".join(json.dumps(r) + "\n" for r in requests).encode()
-    upload = acme.files.create(file=("batch.jsonl", io.BytesIO(raw)), purpose="batch")
-    batch = acme.batches.create(
-        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    with pytest.raises(openai.NotFoundError):
-        globex.batches.retrieve(batch.id)
-    deadline = time.monotonic() + 120
-    while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        batch = acme.batches.retrieve(batch.id)
-    assert batch.status == "completed" and batch.request_counts.completed == 3, batch
-    out = [json.loads(line) for line in acme.files.content(batch.output_file_id).text.splitlines()]
-    assert sorted(r["custom_id"] for r in out) == ["q0", "q1", "q2"]
-    alone = acme.chat.completions.create(**requests[1]["body"])
-    answer = next(r for r in out if r["custom_id"] == "q1")["response"]["body"]
-    assert answer["choices"][0]["message"]["content"] == alone.choices[0].message.content
-    assert globex.batches.list().data == []
