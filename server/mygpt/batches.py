@@ -20,6 +20,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,31 @@ class BatchFailed(Exception):
         self.code = code
 
 
+@dataclass
+class _Run:
+    """One batch being run by this runner: lost once another runner holds its claim."""
+
+    batch: dict
+    lost: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.batch["id"]
+
+
 class BatchRunner:
     """Runs the store's open batches in the server's event loop: up to MAX_ACTIVE at once, one per
     tenant, their requests `concurrency` at a time in all (each tenant's at most half of its own
-    concurrency limit, and only while half of its per-minute budgets is left). A batch is claimed
-    in the store for LEASE_S seconds, renewed while it runs, so that replicas sharing the store never
-    run one batch twice."""
+    concurrency limit, at least one, and only while half of its per-minute budgets is left: a batch
+    that waits THROTTLED_S for them gives its place up to others and comes back). A batch is claimed
+    in the store for LEASE_S seconds and the claim renewed while it runs, so that replicas sharing
+    the store never run one batch at once; a runner that loses the claim stops. An unexpected error
+    (the store busy, say) is retried with backoff, RETRIES times, before the batch ends failed."""
 
     MAX_ACTIVE = 4
     LEASE_S = 60.0
+    THROTTLED_S = 30.0
+    RETRIES = 5
 
     def __init__(self, state: Any, concurrency: int):
         self.state = state  # the ServerState: its store and ChatService once the model is loaded
@@ -108,6 +125,8 @@ class BatchRunner:
         self._wake: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._active: dict[str, tuple[str, asyncio.Task]] = {}  # batch id -> (tenant, its task)
+        self._errors: collections.Counter[str] = collections.Counter()  # batch id -> unexpected errors
+        self._not_before: dict[str, float] = {}  # batch id -> when to try it again
 
     def ensure_started(self) -> None:
         """Starts the runner in the running event loop (once), and wakes it for new work."""
@@ -126,11 +145,11 @@ class BatchRunner:
 
     async def _run(self) -> None:
         while True:
+            self._wake.clear()  # before looking: a wake while it looks is not lost
             try:
                 await self._schedule()
             except Exception:  # the store unreachable a moment, say: the runner goes on
                 log.exception("the batch runner could not look for work")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 2.0)
 
@@ -140,125 +159,169 @@ class BatchRunner:
         if store is None or chat is None or not state.ready or state.draining:
             return
         self._active = {b: (t, task) for b, (t, task) in self._active.items() if not task.done()}
+        now = time.time()
         for batch in await asyncio.to_thread(store.batches_with_status, *OPEN):
-            busy = {tenant for tenant, _ in self._active.values()}
-            runs = batch["status"] in ("validating", "in_progress") and time.time() < batch["expires_at"]
-            if batch["id"] in self._active or (
-                runs and (batch["tenant"] in busy or len(self._active) >= self.MAX_ACTIVE)
-            ):
-                continue  # (one that only ends, cancelled or expired, does not wait its turn)
+            if batch["id"] in self._active or now < self._not_before.get(batch["id"], 0.0):
+                continue
+            if (
+                batch["status"] in ("validating", "in_progress") and now < batch["expires_at"]
+            ):  # it runs requests
+                busy = {tenant for tenant, _ in self._active.values()}
+                if batch["tenant"] in busy or len(self._active) >= self.MAX_ACTIVE:
+                    continue
+                limiter = chat.tenants.limiters.get(batch["tenant"])
+                if limiter is not None and limiter.wait_s(reserve=0.5) > 0:
+                    continue  # its tenant's budgets are low: other tenants' batches first
             if not await asyncio.to_thread(store.claim_batch, batch["id"], self.owner, self.LEASE_S):
-                continue  # another replica's
-            task = asyncio.get_running_loop().create_task(self._guarded(store, chat, batch))
+                continue  # another runner's (a replica's)
+            run = _Run(batch)
+            task = asyncio.get_running_loop().create_task(self._guarded(store, chat, run))
             task.add_done_callback(lambda _: self._wake.set())
             self._active[batch["id"]] = (batch["tenant"], task)
 
-    async def _guarded(self, store: Store, chat: Any, batch: dict) -> None:
-        """_process, the batch's claim renewed meanwhile; a failure ends the batch failed, with what it did."""
-        renew = asyncio.get_running_loop().create_task(self._renew(store, batch["id"]))
+    async def _guarded(self, store: Store, chat: Any, run: _Run) -> None:
+        """_process with its claim renewed; a BatchFailed ends the batch failed with what it did; an
+        unexpected error is retried later, and ends it failed after RETRIES."""
+        renew = asyncio.get_running_loop().create_task(self._renew(store, run))
         try:
-            await self._process(store, chat, batch)
+            try:
+                await self._process(store, chat, run)
+                self._errors.pop(run.id, None)
+            except BatchFailed as exc:
+                await self._finalized(store, run, "failed", _errors(exc.code, str(exc)))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._errors[run.id] += 1
+                log.exception("batch %s: error %d of %d", run.id, self._errors[run.id], self.RETRIES)
+                if self._errors[run.id] < self.RETRIES:
+                    self._not_before[run.id] = time.time() + 2.0 ** self._errors[run.id]
+                else:
+                    message = "The server had an error while running this batch."
+                    await self._finalized(store, run, "failed", _errors("internal_error", message))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            if isinstance(exc, BatchFailed):
-                code, message = exc.code, str(exc)
-            else:
-                log.exception("batch %s failed", batch["id"])
-                code, message = "internal_error", "The server had an error while running this batch."
-            error = {"code": code, "message": message, "param": None, "line": None}
-            await asyncio.to_thread(
-                self._finalize, store, batch["id"], "failed", {"object": "list", "data": [error]}
-            )
+        except Exception:  # finalizing failed too: tried again later
+            log.exception("batch %s could not be finalized", run.id)
+            self._not_before[run.id] = time.time() + 30.0
         finally:
             renew.cancel()
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(store.release_batch, batch["id"], self.owner)
+                await asyncio.to_thread(store.release_batch, run.id, self.owner)
 
-    async def _renew(self, store: Store, batch_id: str) -> None:
+    async def _renew(self, store: Store, run: _Run) -> None:
+        """Renews the claim; lost when another runner holds it, or the store has refused the renewal
+        for half the lease (the other runner may take it soon)."""
+        failing_since = None
         while True:
-            await asyncio.sleep(self.LEASE_S / 3)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(store.claim_batch, batch_id, self.owner, self.LEASE_S)
+            await asyncio.sleep(self.LEASE_S / 4)
+            try:
+                held = await asyncio.to_thread(store.claim_batch, run.id, self.owner, self.LEASE_S)
+                failing_since = None
+            except Exception:
+                failing_since = failing_since or time.time()
+                held = time.time() - failing_since < self.LEASE_S / 2
+            if not held:
+                log.warning("batch %s: another runner holds it now; this one stops", run.id)
+                run.lost = True
+                return
 
-    async def _process(self, store: Store, chat: Any, batch: dict) -> None:
-        batch_id = batch["id"]
+    async def _process(self, store: Store, chat: Any, run: _Run) -> None:
+        batch = run.batch
         if batch["status"] == "validating":  # (a cancel that came meanwhile stays)
             store.update_batch(
-                batch_id, if_status="validating", status="in_progress", in_progress_at=int(time.time())
+                run.id, if_status="validating", status="in_progress", in_progress_at=int(time.time())
             )
-        out_path, err_path = _partials(store, batch_id)
-        current = store.get_batch(None, batch_id)
-        if current["status"] == "in_progress" and time.time() < batch["expires_at"]:
-            requests = await asyncio.to_thread(_requests, store, batch)
+        out_path, err_path = _partials(store, run.id)
+        if store.get_batch(None, run.id)["status"] == "in_progress" and time.time() < batch["expires_at"]:
+            counts = await asyncio.to_thread(_counts, out_path, err_path)  # (a torn last line cut first)
             done = await asyncio.to_thread(_finished_ids, out_path, err_path)
+            requests = await asyncio.to_thread(_requests, store, batch)
             todo = collections.deque(r for r in requests if r["custom_id"] not in done)
-            counts = await asyncio.to_thread(_counts, out_path, err_path)  # (a torn last line cut)
             principal = Principal(batch["tenant"])
-            async with asyncio.TaskGroup() as workers:  # one failing: the others stop, the batch fails
+            async with asyncio.TaskGroup() as workers:
                 for _ in range(min(self._concurrency(chat, batch["tenant"]), len(todo))):
                     workers.create_task(
-                        self._work(store, chat, batch, principal, todo, counts, out_path, err_path)
+                        self._work(store, chat, run, principal, todo, counts, out_path, err_path)
                     )
-            if self.state.draining:
-                return  # the server stops: the batch stays in progress and resumes after the restart
             if batch["tenant"] not in self.state.tenants.names:
                 raise BatchFailed(
                     "tenant_removed", f"Tenant '{batch['tenant']}' no longer exists on this server."
                 )
-        current = store.get_batch(None, batch_id)
-        if current["cancelling_at"] is not None:
-            end = "cancelled"
-        elif (
-            time.time() >= batch["expires_at"] and current["completed"] + current["failed"] < current["total"]
-        ):
-            end = "expired"
-        else:
-            end = "completed"
-        await asyncio.to_thread(self._finalize, store, batch_id, end)
+            if run.lost or self.state.draining:
+                return  # another runner has it, or the server stops: it resumes as it stood
+            still = (
+                store.get_batch(None, run.id)["status"] == "in_progress" and time.time() < batch["expires_at"]
+            )
+            if todo and still:
+                return  # gave its place up (its tenant's budgets): scheduled again later
+        await self._finalized(store, run, None)
+
+    async def _finalized(self, store: Store, run: _Run, end: str | None, errors: dict | None = None) -> None:
+        """_finalize in a thread, waited for even when the runner stops meanwhile (its claim is released
+        only after)."""
+        job = asyncio.ensure_future(asyncio.to_thread(self._finalize, store, run, end, errors))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            await asyncio.wait({job})
+            raise
 
     async def _work(
-        self, store, chat, batch, principal, todo, counts, out_path: Path, err_path: Path
+        self, store, chat, run: _Run, principal, todo, counts, out_path: Path, err_path: Path
     ) -> None:
-        limiter = chat.tenants.limiters.get(batch["tenant"])
-        while todo and self._going(store, batch):
+        limiter = chat.tenants.limiters.get(run.batch["tenant"])
+        waited = 0.0
+        while todo and self._going(store, run):
             if limiter is not None and (wait := limiter.wait_s(reserve=0.5)) > 0:
-                await asyncio.sleep(min(wait, 5.0))  # half of the tenant's budgets stays for its others
+                if waited >= self.THROTTLED_S:
+                    return  # its place goes to another batch; this one comes back
+                await asyncio.sleep(min(wait, 2.0))  # half of the tenant's budgets stays for its others
+                waited += min(wait, 2.0)
                 continue
+            waited = 0.0
             request = todo.popleft()
             async with self._slots:
-                status, body, request_id = await self._call(chat, principal, request, store, batch)
-            if status is None:  # the batch stopped while the request waited for capacity: not run
+                result = (
+                    await self._call(chat, principal, request, store, run)
+                    if self._going(store, run)
+                    else None
+                )
+            if result is None:  # not run: stopped meanwhile
+                todo.appendleft(request)
                 return
-            result = {
+            status, body, request_id = result
+            line = {
                 "id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request["custom_id"],
                 "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None,
             }  # fmt: skip
             with open(out_path if status == 200 else err_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(result) + "\n")
+                f.write(json.dumps(line) + "\n")
             counts["completed" if status == 200 else "failed"] += 1
-            store.update_batch(batch["id"], **counts)
+            if not store.update_batch(run.id, if_owner=self.owner, **counts):
+                run.lost = True  # another runner holds it: this one stops
 
     def _concurrency(self, chat: Any, tenant: str) -> int:
-        """Requests at a time: the runner's, and at most half of a tenant's concurrency limit, so that
-        its batch never takes the slots of its interactive requests."""
+        """Requests at a time: the runner's, and at most half of a tenant's concurrency limit (at least
+        one), so that its batch does not take the slots of its interactive requests."""
         limiter = chat.tenants.limiters.get(tenant)
         most = limiter.limits.max_concurrent if limiter is not None else None
         return self.concurrency if not most else max(1, min(self.concurrency, most // 2))
 
-    def _going(self, store: Store, batch: dict) -> bool:
-        """Whether to start another request: not cancelled, not expired, the server not stopping, the
-        tenant still there."""
-        if self.state.draining or time.time() >= batch["expires_at"]:
+    def _going(self, store: Store, run: _Run) -> bool:
+        """Whether to start another request: the claim held, not cancelled, not expired, the server not
+        stopping, the tenant still there."""
+        batch = run.batch
+        if run.lost or self.state.draining or time.time() >= batch["expires_at"]:
             return False
         if batch["tenant"] not in self.state.tenants.names:
             return False
-        return store.get_batch(None, batch["id"])["status"] == "in_progress"
+        return store.get_batch(None, run.id)["status"] == "in_progress"
 
-    async def _call(self, chat, principal: Principal, request: dict, store: Store, batch: dict):
-        """(status, body, request id) of one request; (None, None, None) if the batch stopped while it
-        waited for capacity. Any error of the request's own is its result (a 500 for the server's)."""
-        request_id = f"{batch['id']}-{request['custom_id']}"[:128]
+    async def _call(self, chat, principal: Principal, request: dict, store: Store, run: _Run):
+        """(status, body, request id) of one request; None if the batch stopped while it waited for
+        capacity. Any error of the request's own is its result (a 500 for the server's)."""
+        request_id = f"{run.id}-{request['custom_id']}"[:128]
         url, body = request["url"], {**request["body"], "stream": False}
         while True:
             try:
@@ -280,27 +343,44 @@ class BatchRunner:
             except APIError as exc:
                 if exc.status not in (429, 503):
                     return exc.status, {"error": exc.info.model_dump()}, request_id
-                await asyncio.sleep(float((exc.headers or {}).get("Retry-After", RETRY_S)))
-                if not self._going(store, batch):
-                    return None, None, None
+                until = time.time() + float((exc.headers or {}).get("Retry-After", RETRY_S))
+                while True:  # the wait it asks for, a cancel seen within 2 s
+                    await asyncio.sleep(max(0.0, min(2.0, until - time.time())))
+                    if not self._going(store, run):
+                        return None
+                    if time.time() >= until:
+                        break
             except Exception:
-                log.exception("batch %s: request %s failed", batch["id"], request["custom_id"])
+                log.exception("batch %s: request %s failed", run.id, request["custom_id"])
                 error = {"message": "The server had an error while processing the request.", "type": "server_error",
                          "param": None, "code": None}  # fmt: skip
                 return 500, {"error": error}, request_id
 
-    def _finalize(self, store: Store, batch_id: str, end: str, errors: dict | None = None) -> None:
-        """The partial files become the batch's output and error files (each made once: a restart
-        during this finds it made), then the batch ends `end`. An expired batch's unrun requests are
+    def _finalize(self, store: Store, run: _Run, end: str | None, errors: dict | None = None) -> None:
+        """The partial files become the batch's output and error files, then it ends: `end` (failed),
+        or what it came to (cancelled, expired, completed). The end is recorded first, so a restart
+        during this ends it the same; each file is made once. An expired batch's unrun requests are
         in its error file, as OpenAI's are."""
-        batch = store.get_batch(None, batch_id)
-        if batch["status"] in FINAL:
+        batch = store.get_batch(None, run.id)
+        if batch["status"] in FINAL or batch["owner"] not in (None, self.owner) or run.lost:
             return
-        now = int(time.time())
-        store.update_batch(batch_id, if_status="in_progress", status="finalizing", finalizing_at=now)
-        out_path, err_path = _partials(store, batch_id)
+        out_path, err_path = _partials(store, run.id)
         for path in (out_path, err_path):
             _cut_torn_line(path)
+        now = int(time.time())
+        if batch["ending"] is not None:  # decided before a restart
+            end, errors = batch["ending"], batch["errors"]
+        else:
+            if batch["status"] in ("validating", "in_progress"):
+                store.update_batch(run.id, if_status=batch["status"], status="finalizing", finalizing_at=now)
+                batch = store.get_batch(None, run.id)  # a cancel may have come first
+            if end is None:
+                finished = sum(_line_counts(out_path, err_path))
+                expired = time.time() >= batch["expires_at"] and finished < batch["total"]
+                end = (
+                    "cancelled" if batch["status"] == "cancelling" else "expired" if expired else "completed"
+                )
+            store.update_batch(run.id, ending=end, errors=errors)
         if end == "expired" and store.file_path(batch["input_file_id"]).is_file():
             done = _finished_ids(out_path, err_path)
             with open(err_path, "a", encoding="utf-8") as f:
@@ -313,26 +393,27 @@ class BatchRunner:
                         }) + "\n")  # fmt: skip
         files = {}
         for key, path, kind in (("output_file_id", out_path, "output"), ("error_file_id", err_path, "error")):
-            file_id = f"file-{batch_id.removeprefix('batch_')[:24]}-{kind}"
+            file_id = f"file-{run.id.removeprefix('batch_')[:24]}-{kind}"
             if store.get_file(None, file_id) is not None:
                 files[key] = file_id  # made before a restart
             elif path.is_file() and path.stat().st_size:
                 raw = path.read_bytes()
                 store.add_file(
-                    file_id,
-                    batch["tenant"],
-                    f"{batch_id}_{kind}.jsonl",
-                    "batch_output",
-                    raw,
-                    raw.count(b"\n"),
+                    file_id, batch["tenant"], f"{run.id}_{kind}.jsonl", "batch_output", raw, raw.count(b"\n")
                 )
                 files[key] = file_id
         counts = dict(zip(("completed", "failed"), _line_counts(out_path, err_path), strict=True))
         if end == "expired":  # its unrun requests count as failed
             counts["failed"] = batch["total"] - counts["completed"]
-        store.update_batch(batch_id, status=end, **{f"{end}_at": now}, **files, **counts, errors=errors)
+        store.update_batch(
+            run.id, if_status=batch["status"], status=end, **{f"{end}_at": now}, **files, **counts
+        )
         out_path.unlink(missing_ok=True)
         err_path.unlink(missing_ok=True)
+
+
+def _errors(code: str, message: str) -> dict:
+    return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}
 
 
 FINAL = ("completed", "failed", "expired", "cancelled")

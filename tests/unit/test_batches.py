@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import time
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -209,8 +210,6 @@ async def test_capacity_refusals_wait_and_an_expired_batch_ends_with_what_it_did
 def test_the_runner_keeps_room_for_interactive_requests():
     """At most the runner's concurrency, and half of a tenant's concurrency limit: its batch never
     takes every slot its interactive requests need."""
-    from types import SimpleNamespace
-
     from mygpt.tenancy.config import Limits
     from mygpt.tenancy.limits import TenantLimiter
 
@@ -331,3 +330,181 @@ def test_a_batch_leaves_half_of_its_tenants_per_minute_budgets():
         limiter.admit()
     assert limiter.wait_s(reserve=0.5) == pytest.approx(6.0)  # one request back at 10 a minute
     assert limiter.wait_s() == 0  # interactive requests still pass
+
+
+# ----------------------------------------------------------------------------- the runner on its own
+# (a fake ChatService that answers with the request's text: the runner's bookkeeping, fast)
+
+
+class FakeChat:
+    def __init__(self, delay: float = 0.02, limiters: dict | None = None):
+        self.delay, self.calls = delay, []
+        self.tenants = SimpleNamespace(limiters=limiters or {})
+
+    async def prepare(self, principal, req):
+        return req, None
+
+    async def complete(self, req, gen, ticket):
+        await asyncio.sleep(self.delay)
+        self.calls.append(req.messages[0].content)
+        return SimpleNamespace(model_dump=lambda mode=None: {"content": req.messages[0].content})
+
+
+def fake_state(tmp_path, tenants=("t",), **chat) -> SimpleNamespace:
+    return SimpleNamespace(finetune_store=Store(tmp_path), chat=FakeChat(**chat), ready=True, draining=False,
+                           tenants=SimpleNamespace(names=list(tenants)), batches=None)  # fmt: skip
+
+
+def add_batch(state, batch_id: str, n: int, tenant: str = "t", status: str | None = None) -> None:
+    store = state.finetune_store
+    raw = "".join(
+        json.dumps(chat_line(f"r{i}", messages=[{"role": "user", "content": f"r{i}"}])) + "\n"
+        for i in range(n)
+    )
+    store.add_file(f"file-{batch_id}", tenant, "in.jsonl", "batch", raw.encode(), n)
+    now = int(time.time())
+    store.add_batch({"id": batch_id, "tenant": tenant, "endpoint": "/v1/chat/completions", "input_file_id": f"file-{batch_id}",
+                     "completion_window": "24h", "created_at": now, "expires_at": now + 3600, "total": n})  # fmt: skip
+    if status:
+        store.update_batch(batch_id, status=status)
+
+
+async def ended(state, batch_id: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = state.finetune_store.get_batch(None, batch_id)
+        if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{batch_id} still {batch['status']}")
+
+
+def ids_in_files(state, batch: dict) -> list[str]:
+    store = state.finetune_store
+    return [json.loads(line)["custom_id"] for key in ("output_file_id", "error_file_id") if batch[key]
+            for line in store.file_path(batch[key]).read_text().splitlines()]  # fmt: skip
+
+
+async def test_a_line_cut_before_its_newline_runs_again(tmp_path):
+    state = fake_state(tmp_path)
+    add_batch(state, "batch_torn", 3, status="in_progress")
+    r1 = {"custom_id": "r1", "response": {"status_code": 200, "body": {}}, "error": None}
+    (state.finetune_store.batch_dir() / "batch_torn.out.jsonl").write_text(
+        json.dumps(r1)
+    )  # no "\n": cut by a crash
+    runner_ = BatchRunner(state, 2)
+    runner_.ensure_started()
+    batch = await ended(state, "batch_torn")
+    await runner_.stop()
+    assert sorted(ids_in_files(state, batch)) == ["r0", "r1", "r2"] and sorted(state.chat.calls) == [
+        "r0",
+        "r1",
+        "r2",
+    ]
+
+
+async def test_a_runner_that_loses_its_claim_stops_and_no_request_runs_twice(tmp_path):
+    """Renewals failing for a moment (the store busy): the other replica takes the batch over; the
+    first stops instead of running on beside it."""
+    state = fake_state(tmp_path, delay=0.1)
+    add_batch(state, "batch_l", 20)
+    store = state.finetune_store
+    a, b = BatchRunner(state, 1), BatchRunner(state, 1)
+    a.LEASE_S = b.LEASE_S = 0.6
+    real, t0 = store.claim_batch, time.monotonic()
+
+    def claim(batch_id, owner, lease_s):
+        if owner == a.owner and 0.3 < time.monotonic() - t0 < 1.2:
+            raise RuntimeError("database is locked")
+        return real(batch_id, owner, lease_s)
+
+    store.claim_batch = claim
+    a.ensure_started()
+    await asyncio.sleep(1.0)
+    b.ensure_started()
+    batch = await ended(state, "batch_l")
+    await a.stop()
+    await b.stop()
+    assert batch["status"] == "completed" and sorted(ids_in_files(state, batch)) == sorted(
+        f"r{i}" for i in range(20)
+    )
+    assert len(state.chat.calls) == len(set(state.chat.calls)) == 20
+
+
+async def test_a_transient_store_error_is_retried_not_the_end_of_the_batch(tmp_path):
+    state = fake_state(tmp_path)
+    add_batch(state, "batch_e", 6)
+    store, errors = state.finetune_store, {"n": 0}
+    real = store.update_batch
+
+    def update(batch_id, if_status=None, if_owner=None, **fields):
+        if "completed" in fields and "status" not in fields and errors["n"] < 1:
+            errors["n"] += 1
+            raise RuntimeError("database is locked")
+        return real(batch_id, if_status=if_status, if_owner=if_owner, **fields)
+
+    store.update_batch = update
+    runner_ = BatchRunner(state, 2)
+    runner_.ensure_started()
+    batch = await ended(state, "batch_e")
+    await runner_.stop()
+    assert batch["status"] == "completed" and batch["completed"] == 6 and errors["n"] == 1
+
+
+async def test_batches_waiting_on_their_tenants_budgets_do_not_hold_the_others_back(tmp_path):
+    throttled = SimpleNamespace(limits=SimpleNamespace(max_concurrent=None), wait_s=lambda reserve=0.0: 60.0)
+    names = ["a", "b", "c", "d", "e"]
+    state = fake_state(tmp_path, tenants=names, limiters={n: throttled for n in "abcd"})
+    for n in names:
+        add_batch(state, f"batch_{n}", 2, tenant=n)
+    runner_ = BatchRunner(state, 4)
+    runner_.ensure_started()
+    batch = await ended(state, "batch_e")
+    await runner_.stop()
+    assert batch["status"] == "completed"
+    assert {state.finetune_store.get_batch(None, f"batch_{n}")["status"] for n in "abcd"} == {"validating"}
+
+
+async def test_a_cancel_that_comes_as_the_batch_ends_makes_it_cancelled(tmp_path, monkeypatch):
+    state = fake_state(tmp_path)
+    add_batch(state, "batch_c", 3)
+    store = state.finetune_store
+    real = BatchRunner._finalize
+
+    def cancelled_first(self, store_, run, end, errors=None):  # what the cancel route does, just then
+        for status in ("validating", "in_progress"):
+            store_.update_batch(run.id, if_status=status, status="cancelling", cancelling_at=int(time.time()))
+        return real(self, store_, run, end, errors)
+
+    monkeypatch.setattr(BatchRunner, "_finalize", cancelled_first)
+    runner_ = BatchRunner(state, 2)
+    runner_.ensure_started()
+    batch = await ended(state, "batch_c")
+    await runner_.stop()
+    assert (
+        batch["status"] == "cancelled"
+        and batch["cancelled_at"] is not None
+        and store.get_batch(None, "batch_c")
+    )
+
+
+async def test_stopping_waits_for_a_finalize_under_way(tmp_path, monkeypatch):
+    """stop() while the output files are being made: the claim is released only once they are."""
+    state = fake_state(tmp_path)
+    add_batch(state, "batch_s", 2)
+    store = state.finetune_store
+    real = BatchRunner._finalize
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.5)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BatchRunner, "_finalize", slow)
+    runner_ = BatchRunner(state, 2)
+    runner_.ensure_started()
+    while store.get_batch(None, "batch_s")["completed"] < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    await runner_.stop()
+    batch = store.get_batch(None, "batch_s")
+    assert batch["status"] == "completed" and batch["owner"] is None

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS batches (
     in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
     expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER, output_file_id TEXT,
     error_file_id TEXT, total INTEGER NOT NULL, completed INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0, metadata TEXT, errors TEXT, owner TEXT, lease_until REAL);
+    failed INTEGER NOT NULL DEFAULT 0, metadata TEXT, errors TEXT, owner TEXT, lease_until REAL,
+    ending TEXT);
 """
 
 
@@ -43,9 +44,12 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        if "result_files" not in columns:  # a store written before result files
-            self._db.execute("ALTER TABLE jobs ADD COLUMN result_files TEXT")
+        for table, column, kind in (
+            ("jobs", "result_files", "TEXT"), ("batches", "owner", "TEXT"), ("batches", "lease_until", "REAL"),
+            ("batches", "ending", "TEXT"),
+        ):  # columns a store written by an older version lacks  # fmt: skip
+            if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
 
     def _q(self, sql: str, *args: Any) -> list[sqlite3.Row]:
@@ -189,15 +193,26 @@ class Store:
         sql = f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY created_at, id"
         return [_batch(r) for r in self._q(sql, *statuses)]
 
-    def update_batch(self, batch_id: str, if_status: str | None = None, **fields: Any) -> None:
-        """if_status: only a batch in that status changes (a cancel between a read and this write wins)."""
+    def update_batch(
+        self, batch_id: str, if_status: str | None = None, if_owner: str | None = None, **fields: Any
+    ) -> bool:
+        """if_status: only a batch in that status changes (a cancel between a read and this write
+        wins); if_owner: only one that runner holds (claim_batch). Returns whether it changed."""
         for key in ("metadata", "errors"):
             if fields.get(key) is not None:
                 fields[key] = json.dumps(fields[key])
         sets = ", ".join(f"{k}=?" for k in fields)
-        where = "id=?" + (" AND status=?" if if_status is not None else "")
-        args = [batch_id] + ([if_status] if if_status is not None else [])
-        self._q(f"UPDATE batches SET {sets} WHERE {where}", *fields.values(), *args)
+        where, args = "id=?", [batch_id]
+        for column, value in (("status", if_status), ("owner", if_owner)):
+            if value is not None:
+                where, args = f"{where} AND {column}=?", [*args, value]
+        with self._lock:
+            return (
+                self._db.execute(
+                    f"UPDATE batches SET {sets} WHERE {where}", (*fields.values(), *args)
+                ).rowcount
+                == 1
+            )
 
     def events(self, job_id: str, limit: int, after: int | None = None) -> list[dict]:
         """Newest first (as OpenAI lists them); `after` = an event seq to page past."""
