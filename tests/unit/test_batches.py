@@ -42,6 +42,15 @@ def chat_line(custom_id: str, **body) -> dict:
             "body": {"model": "tiny", "messages": HI, "max_tokens": 4, "temperature": 0, **body}}  # fmt: skip
 
 
+async def until(read, done, timeout: float = 60):
+    """Reads (await read()) until done(value); fails after `timeout` seconds, with the last value."""
+    deadline = time.monotonic() + timeout
+    while not done(value := await read()):
+        assert time.monotonic() < deadline, value
+        await asyncio.sleep(0.01)
+    return value
+
+
 async def finished(sdk, batch_id: str, timeout: float = 60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -131,8 +140,7 @@ async def test_cancelling_keeps_what_finished(state):
     batch = await sdk.batches.create(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    while (await sdk.batches.retrieve(batch.id)).request_counts.completed < 1:
-        await asyncio.sleep(0.02)
+    await until(lambda: sdk.batches.retrieve(batch.id), lambda b: b.request_counts.completed >= 1)
     assert (await sdk.batches.cancel(batch.id)).status == "cancelling"
     batch = await finished(sdk, batch.id)
     done = await results(sdk, batch.output_file_id)
@@ -232,8 +240,7 @@ async def test_a_draining_server_leaves_its_batch_to_resume(state):
     batch = await sdk.batches.create(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    while (await sdk.batches.retrieve(batch.id)).request_counts.completed < 1:
-        await asyncio.sleep(0.01)
+    await until(lambda: sdk.batches.retrieve(batch.id), lambda b: b.request_counts.completed >= 1)
     state.draining = True
     await asyncio.sleep(1.0)  # the requests running finish
     paused = await sdk.batches.retrieve(batch.id)
@@ -468,7 +475,6 @@ async def test_batches_waiting_on_their_tenants_budgets_do_not_hold_the_others_b
 async def test_a_cancel_that_comes_as_the_batch_ends_makes_it_cancelled(tmp_path, monkeypatch):
     state = fake_state(tmp_path)
     add_batch(state, "batch_c", 3)
-    store = state.finetune_store
     real = BatchRunner._finalize
 
     def cancelled_first(self, store_, run, end, errors=None):  # what the cancel route does, just then
@@ -481,11 +487,7 @@ async def test_a_cancel_that_comes_as_the_batch_ends_makes_it_cancelled(tmp_path
     runner_.ensure_started()
     batch = await ended(state, "batch_c")
     await runner_.stop()
-    assert (
-        batch["status"] == "cancelled"
-        and batch["cancelled_at"] is not None
-        and store.get_batch(None, "batch_c")
-    )
+    assert batch["status"] == "cancelled" and batch["cancelled_at"] is not None
 
 
 async def test_stopping_waits_for_a_finalize_under_way(tmp_path, monkeypatch):
@@ -502,8 +504,7 @@ async def test_stopping_waits_for_a_finalize_under_way(tmp_path, monkeypatch):
     monkeypatch.setattr(BatchRunner, "_finalize", slow)
     runner_ = BatchRunner(state, 2)
     runner_.ensure_started()
-    while store.get_batch(None, "batch_s")["completed"] < 2:
-        await asyncio.sleep(0.01)
+    await until(lambda: asyncio.to_thread(store.get_batch, None, "batch_s"), lambda b: b["completed"] >= 2)
     await asyncio.sleep(0.1)
     await runner_.stop()
     batch = store.get_batch(None, "batch_s")
