@@ -30,7 +30,7 @@ async def state(served_state, tmp_path):  # noqa: F811
     served_state.jobs = JobManager(served_state.finetune_store, None, "tiny", {}, 1)  # never started
     yield served_state
     if served_state.batches is not None:
-        await served_state.batches.stop()
+        await asyncio.wait_for(served_state.batches.stop(), 60)  # (a stop that hangs: an error here, at once)
 
 
 def lines(*requests: dict) -> io.BytesIO:
