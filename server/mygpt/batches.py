@@ -42,15 +42,16 @@ OPEN = ("validating", "in_progress", "finalizing", "cancelling")  # a runner's w
 RETRY_S = 1.0  # a refusal for capacity without Retry-After
 
 
-def validate_batch(raw: bytes) -> tuple[int, set[str]]:
-    """Checks every line of an uploaded batch file; returns the number of requests and their urls.
-    The error names the line."""
+def validate_batch(raw: bytes) -> tuple[int, set[str], set[str]]:
+    """Checks every line of an uploaded batch file; returns the number of requests, their urls and
+    their models. The error names the line."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"the file is not UTF-8 text (byte {exc.start})") from None
     ids: set[str] = set()
     urls: set[str] = set()
+    models: set[str] = set()
     for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
@@ -73,13 +74,14 @@ def validate_batch(raw: bytes) -> tuple[int, set[str]]:
             raise DataError(f"line {number}: a batch request cannot stream")
         ids.add(custom_id)
         urls.add(item["url"])
+        models.add(str(body.get("model")))
         if len(ids) > MAX_REQUESTS:
             raise DataError(f"more than {MAX_REQUESTS} requests")
     if not ids:
         raise DataError(
             'the file has no requests: one JSON object per line, {"custom_id", "method", "url", "body"}'
         )
-    return len(ids), urls
+    return len(ids), urls, models
 
 
 class BatchFailed(Exception):
@@ -298,6 +300,8 @@ class BatchRunner:
             with open(out_path if status == 200 else err_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
             counts["completed" if status == 200 else "failed"] += 1
+            if status == 200:
+                _add_usage(counts, body)
             if not store.update_batch(run.id, if_owner=self.owner, **counts):
                 run.lost = True  # another runner holds it: this one stops
 
@@ -402,7 +406,7 @@ class BatchRunner:
                     file_id, batch["tenant"], f"{run.id}_{kind}.jsonl", "batch_output", raw, raw.count(b"\n")
                 )
                 files[key] = file_id
-        counts = dict(zip(("completed", "failed"), _line_counts(out_path, err_path), strict=True))
+        counts = _counts(out_path, err_path)
         if end == "expired":  # its unrun requests count as failed
             counts["failed"] = batch["total"] - counts["completed"]
         store.update_batch(
@@ -438,9 +442,22 @@ def _finished_ids(*paths: Path) -> set[str]:
 
 
 def _counts(out_path: Path, err_path: Path) -> dict[str, int]:
+    """The batch's request counts and token usage, from its partial files (a torn last line cut)."""
     for path in (out_path, err_path):
         _cut_torn_line(path)
-    return dict(zip(("completed", "failed"), _line_counts(out_path, err_path), strict=True))
+    counts = dict(zip(("completed", "failed"), _line_counts(out_path, err_path), strict=True))
+    counts.update(input_tokens=0, cached_tokens=0, output_tokens=0)
+    for result in _results(out_path):
+        _add_usage(counts, (result.get("response") or {}).get("body") or {})
+    return counts
+
+
+def _add_usage(counts: dict[str, int], body: dict) -> None:
+    """Adds an answer's usage (chat and text completions' shape) to the batch's totals."""
+    usage = body.get("usage") or {}
+    counts["input_tokens"] += usage.get("prompt_tokens") or 0
+    counts["cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    counts["output_tokens"] += usage.get("completion_tokens") or 0
 
 
 def _line_counts(*paths: Path) -> list[int]:

@@ -86,6 +86,10 @@ async def test_a_batch_answers_as_its_requests_sent_one_by_one(state):
         1,
     )
     out, err = await results(sdk, batch.output_file_id), await results(sdk, batch.error_file_id)
+    usages = [out[f"r{i}"]["response"]["body"]["usage"] for i in range(3)]
+    assert batch.model == "tiny" and batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usages)
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in usages) > 0
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
     for i in range(3):
         alone = await sdk.chat.completions.create(**requests[i]["body"])
         body = out[f"r{i}"]["response"]["body"]

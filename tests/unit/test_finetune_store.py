@@ -48,3 +48,24 @@ def test_the_result_file_has_a_row_per_step_and_each_epochs_validation_loss():
         ("2", "1", "2.0", "1.75", "20"),
         ("3", "2", "1.5", "", "30"),
     ]
+
+
+def test_a_batches_table_without_the_later_columns_gains_them(tmp_path):
+    """A store whose batches table lacks the claim, ending, model and usage columns opens with them."""
+    db = sqlite3.connect(tmp_path / "mygpt.sqlite3")
+    db.execute(
+        "CREATE TABLE batches (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, endpoint TEXT NOT NULL, input_file_id TEXT"
+        " NOT NULL, completion_window TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL, expires_at"
+        " INTEGER, in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,"
+        " expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER, output_file_id TEXT, error_file_id TEXT,"
+        " total INTEGER NOT NULL, completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,"
+        " metadata TEXT, errors TEXT)"
+    )
+    db.execute("INSERT INTO batches (id, tenant, endpoint, input_file_id, completion_window, status, created_at, total)"
+               " VALUES ('batch_1','acme','/v1/chat/completions','file-1','24h','in_progress',1,2)")  # fmt: skip
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    assert store.claim_batch("batch_1", "runner-a", 60)
+    batch = store.get_batch("acme", "batch_1")
+    assert (batch["owner"], batch["input_tokens"], batch["ending"]) == ("runner-a", 0, None)

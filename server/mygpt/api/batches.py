@@ -60,7 +60,7 @@ async def create_batch(body: CreateBatch, request: Request, principal: Principal
                       "uploaded with purpose 'batch'.", param="input_file_id", code="invalid_file")  # fmt: skip
     try:
         raw = await asyncio.to_thread(store.file_path(body.input_file_id).read_bytes)
-        total, urls = await asyncio.to_thread(validate_batch, raw)
+        total, urls, models = await asyncio.to_thread(validate_batch, raw)
     except (OSError, DataError) as exc:
         raise invalid(f"Invalid input file: {exc}", param="input_file_id", code="invalid_file") from None
     if urls != {body.endpoint}:
@@ -72,6 +72,7 @@ async def create_batch(body: CreateBatch, request: Request, principal: Principal
         "id": f"batch_{uuid.uuid4().hex}", "tenant": tenant, "endpoint": body.endpoint,
         "input_file_id": body.input_file_id, "completion_window": body.completion_window, "created_at": now,
         "expires_at": now + WINDOW_S[body.completion_window], "total": total, "metadata": body.metadata,
+        "model": next(iter(models)) if len(models) == 1 else None,
     })  # fmt: skip
     runner(state)
     return _batch(batch)
@@ -125,5 +126,10 @@ def _batch(b: dict) -> dict:
         "completed_at": b["completed_at"], "failed_at": b["failed_at"], "expired_at": b["expired_at"],
         "cancelling_at": b["cancelling_at"], "cancelled_at": b["cancelled_at"],
         "request_counts": {"total": b["total"], "completed": b["completed"], "failed": b["failed"]},
-        "metadata": b["metadata"] or {},
+        "metadata": b["metadata"] or {}, "model": b["model"],
+        "usage": {
+            "input_tokens": b["input_tokens"], "input_tokens_details": {"cached_tokens": b["cached_tokens"]},
+            "output_tokens": b["output_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": b["input_tokens"] + b["output_tokens"],
+        },
     }  # fmt: skip

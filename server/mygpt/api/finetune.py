@@ -86,7 +86,7 @@ async def upload_file(
         raise APIError(413, f"The file is larger than this server's limit of {limit} bytes.", param="file",
                        code="file_too_large")  # fmt: skip
     try:
-        examples = validate_jsonl(raw) if purpose == "fine-tune" else validate_batch(raw)[0]
+        examples = validate_jsonl(raw) if purpose == "fine-tune" else validate_batch(raw)[0]  # (requests)
     except DataError as exc:
         kind = "training" if purpose == "fine-tune" else "batch"
         raise invalid(f"Invalid {kind} file: {exc}", param="file", code="invalid_file") from exc

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS batches (
     expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER, output_file_id TEXT,
     error_file_id TEXT, total INTEGER NOT NULL, completed INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0, metadata TEXT, errors TEXT, owner TEXT, lease_until REAL,
-    ending TEXT);
+    ending TEXT, model TEXT, input_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0);
 """
 
 
@@ -46,7 +47,10 @@ class Store:
         self._db.executescript(SCHEMA)
         for table, column, kind in (
             ("jobs", "result_files", "TEXT"), ("batches", "owner", "TEXT"), ("batches", "lease_until", "REAL"),
-            ("batches", "ending", "TEXT"),
+            ("batches", "ending", "TEXT"), ("batches", "model", "TEXT"),
+            ("batches", "input_tokens", "INTEGER NOT NULL DEFAULT 0"),
+            ("batches", "cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
+            ("batches", "output_tokens", "INTEGER NOT NULL DEFAULT 0"),
         ):  # columns a store written by an older version lacks  # fmt: skip
             if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -157,10 +161,10 @@ class Store:
     def add_batch(self, batch: dict) -> dict:
         self._q(
             "INSERT INTO batches (id, tenant, endpoint, input_file_id, completion_window, status, created_at,"
-            " expires_at, total, metadata) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " expires_at, total, metadata, model) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             batch["id"], batch["tenant"], batch["endpoint"], batch["input_file_id"], batch["completion_window"],
             "validating", batch["created_at"], batch["expires_at"], batch["total"],
-            json.dumps(batch["metadata"]) if batch.get("metadata") is not None else None,
+            json.dumps(batch["metadata"]) if batch.get("metadata") is not None else None, batch.get("model"),
         )  # fmt: skip
         return self.get_batch(batch["tenant"], batch["id"])
 
