@@ -69,3 +69,20 @@ def test_a_batches_table_without_the_later_columns_gains_them(tmp_path):
     assert store.claim_batch("batch_1", "runner-a", 60)
     batch = store.get_batch("acme", "batch_1")
     assert (batch["owner"], batch["input_tokens"], batch["ending"]) == ("runner-a", 0, None)
+
+
+def test_a_queued_job_starts_once_across_servers_sharing_the_store(tmp_path):
+    """Replicas sharing the store: the first claim of a queued job wins; the others (and a job
+    cancelled meanwhile) are not started again."""
+    from mygpt.finetune.jobs import JobManager
+
+    store = Store(tmp_path)
+    for job_id in ("ftjob-1", "ftjob-2"):
+        store.add_job({"id": job_id, "tenant": "acme", "model": "tiny", "training_file": "file-1",
+                       "validation_file": None, "suffix": None, "hyperparameters": {}, "seed": 1})  # fmt: skip
+    assert store.claim_job("ftjob-1") and not store.claim_job("ftjob-1")
+    store.update_job("ftjob-2", status="cancelled")
+    assert not store.claim_job("ftjob-2")
+    other = JobManager(store, None, "tiny", {}, 1)  # no registry: it would fail if it went on
+    other._run(store.get_job(None, "ftjob-1"))  # the other replica's worker, one step behind: returns
+    assert store.get_job(None, "ftjob-1")["status"] == "running" and other._current is None

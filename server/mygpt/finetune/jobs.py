@@ -132,6 +132,8 @@ class JobManager:
         with self._lock:
             if job_id in self._cancel or self._stopping:
                 return
+            if not self.store.claim_job(job_id):  # a replica sharing the store runs it (or it was cancelled)
+                return
             self._current = job_id
         name = self.adapter_name(job)
         store_dir = self.registry.store_of(job["tenant"])
@@ -145,7 +147,6 @@ class JobManager:
             "out_dir": str(work / "adapter"),
         }  # fmt: skip
         (work / "spec.json").write_text(json.dumps(spec))
-        self.store.update_job(job_id, status="running")
         self.store.add_event(job_id, "Fine-tuning job started.", data={"type": "status", "status": "running"})
         stderr = open(work / "stderr.log", "w+")  # noqa: SIM115 - closed below
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -145,6 +145,15 @@ class Store:
         sets = ", ".join(f"{k}=?" for k in fields)
         self._q(f"UPDATE jobs SET {sets} WHERE id=?", *fields.values(), job_id)
 
+    def claim_job(self, job_id: str) -> bool:
+        """queued -> running, atomically: False when another server process sharing the store took it
+        first, or it was cancelled meanwhile."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status='running' WHERE id=? AND status='queued'", (job_id,)
+            )
+            return cursor.rowcount == 1
+
     def add_event(self, job_id: str, message: str, level: str = "info", data: dict | None = None) -> None:
         self._q(
             "INSERT INTO events (job_id, created_at, level, message, data) VALUES (?,?,?,?,?)",
