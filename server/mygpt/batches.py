@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from mygpt.api import completions
 from mygpt.api.errors import APIError
 from mygpt.api.protocol import ChatCompletionRequest, CompletionRequest
-from mygpt.finetune.data import DataError, _lines, _parse
+from mygpt.finetune.data import DataError, json_lines
 from mygpt.finetune.store import Store
 from mygpt.tenancy.auth import Principal
 
@@ -45,17 +45,10 @@ RETRY_S = 1.0  # a refusal for capacity without Retry-After
 def validate_batch(raw: bytes) -> tuple[int, set[str], set[str]]:
     """Checks every line of an uploaded batch file; returns the number of requests, their urls and
     their models. The error names the line."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"the file is not UTF-8 text (byte {exc.start})") from None
     ids: set[str] = set()
     urls: set[str] = set()
     models: set[str] = set()
-    for number, line in enumerate(_lines(text), start=1):
-        if not line.strip():
-            continue
-        item = _parse(line, number)
+    for number, item in json_lines(raw):
         if not isinstance(item, dict):
             raise DataError(f"line {number}: expected an object with custom_id, method, url and body")
         custom_id = item.get("custom_id")
@@ -236,8 +229,7 @@ class BatchRunner:
             )
         out_path, err_path = _partials(store, run.id)
         if store.get_batch(None, run.id)["status"] == "in_progress" and time.time() < batch["expires_at"]:
-            counts = await asyncio.to_thread(_counts, out_path, err_path)  # (a torn last line cut first)
-            done = await asyncio.to_thread(_finished_ids, out_path, err_path)
+            counts, done = await asyncio.to_thread(_tally, out_path, err_path)  # (a torn last line cut first)
             requests = await asyncio.to_thread(_requests, store, batch)
             todo = collections.deque(r for r in requests if r["custom_id"] not in done)
             principal = Principal(batch["tenant"])
@@ -406,7 +398,7 @@ class BatchRunner:
                     file_id, batch["tenant"], f"{run.id}_{kind}.jsonl", "batch_output", raw, raw.count(b"\n")
                 )
                 files[key] = file_id
-        counts = _counts(out_path, err_path)
+        counts, _ = _tally(out_path, err_path)
         if end == "expired":  # its unrun requests count as failed
             counts["failed"] = batch["total"] - counts["completed"]
         store.update_batch(
@@ -434,22 +426,24 @@ def _requests(store: Store, batch: dict) -> list[dict]:
         raise BatchFailed(
             "input_file_missing", f"The input file {batch['input_file_id']} was deleted."
         ) from None
-    return [json.loads(line) for line in _lines(raw.decode("utf-8")) if line.strip()]
+    return [item for _, item in json_lines(raw)]
 
 
 def _finished_ids(*paths: Path) -> set[str]:
     return {r["custom_id"] for path in paths for r in _results(path)}
 
 
-def _counts(out_path: Path, err_path: Path) -> dict[str, int]:
-    """The batch's request counts and token usage, from its partial files (a torn last line cut)."""
+def _tally(out_path: Path, err_path: Path) -> tuple[dict[str, int], set[str]]:
+    """The batch's request counts and token usage, and the custom ids it has finished, from its
+    partial files (a torn last line cut first), each read once."""
     for path in (out_path, err_path):
         _cut_torn_line(path)
+    answers, failures = _results(out_path), _results(err_path)
     counts = dict(zip(("completed", "failed"), _line_counts(out_path, err_path), strict=True))
     counts.update(input_tokens=0, cached_tokens=0, output_tokens=0)
-    for result in _results(out_path):
+    for result in answers:
         _add_usage(counts, (result.get("response") or {}).get("body") or {})
-    return counts
+    return counts, {r["custom_id"] for r in answers + failures}
 
 
 def _add_usage(counts: dict[str, int], body: dict) -> None:

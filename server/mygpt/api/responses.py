@@ -445,17 +445,26 @@ def _as_items(messages: list[dict], response_id: str) -> list[dict]:
                           "name": call["function"]["name"], "arguments": call["function"]["arguments"],
                           "status": "completed"})  # fmt: skip
         if m.get("content") is not None:  # (None: an assistant turn of tool calls only)
-            part = ({"type": "output_text", "text": m["content"], "annotations": [], "logprobs": []}
+            part = (_text_part(m["content"])
                     if m["role"] == "assistant" else {"type": "input_text", "text": m["content"]})  # fmt: skip
             items.append({"id": f"msg_{tag}_{i}", "type": "message", "role": m["role"], "status": "completed",
                           "content": [part]})  # fmt: skip
     return items
 
 
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _status(finish: str | None) -> str:
+    """An answer's status: cut by max_output_tokens, or whole."""
+    return "incomplete" if finish == "length" else "completed"
+
+
 def _message_item(text: str, status: str) -> dict:
     return {
         "type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+        "content": [_text_part(text)],
     }  # fmt: skip
 
 
@@ -469,7 +478,7 @@ def _output(done: ChatCompletion) -> list[dict]:
     message = choice.message
     if message.tool_calls:
         return [_call_item(c.id, c.function.name, c.function.arguments) for c in message.tool_calls]
-    status = "incomplete" if choice.finish_reason == "length" else "completed"
+    status = _status(choice.finish_reason)
     return [_message_item(message.content or "", status)]
 
 
@@ -514,7 +523,7 @@ async def _translate(payloads: Closing, turn: Turn, store: ResponseStore):
             message_text = re.sub(r"\bresponse_format\b", param or "text.format", error["message"])
             yield event("error", code=error.get("code"), message=message_text, param=param)
             if message is not None:  # the answer so far, cut
-                part = {"type": "output_text", "text": "".join(text), "annotations": [], "logprobs": []}
+                part = _text_part("".join(text))
                 cut = {**message, "status": "incomplete", "content": [part]}
                 yield event("response.output_item.done", output_index=len(output), item=cut)
                 output.append(cut)
@@ -533,7 +542,7 @@ async def _translate(payloads: Closing, turn: Turn, store: ResponseStore):
                     message = _message_item("", "in_progress")
                     message["content"] = []
                     yield event("response.output_item.added", output_index=len(output), item=message)
-                    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                    part = _text_part("")
                     yield event("response.content_part.added", item_id=message["id"], output_index=len(output),
                                 content_index=0, part=part)  # fmt: skip
                 text.append(delta["content"])
@@ -553,9 +562,9 @@ async def _translate(payloads: Closing, turn: Turn, store: ResponseStore):
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
     if message is not None:
-        status = "incomplete" if finish == "length" else "completed"
+        status = _status(finish)
         whole = "".join(text)
-        part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": []}
+        part = _text_part(whole)
         at = len(output)
         yield event("response.output_text.done", item_id=message["id"], output_index=at, content_index=0,
                     text=whole, logprobs=[])  # fmt: skip
@@ -566,7 +575,7 @@ async def _translate(payloads: Closing, turn: Turn, store: ResponseStore):
         yield event("response.output_item.done", output_index=at, item=done)
         output.append(done)
     elif not output:  # an empty answer is still one message
-        output.append(_message_item("", "incomplete" if finish == "length" else "completed"))
+        output.append(_message_item("", _status(finish)))
     final = turn.response(output, usage, finish)
     turn.keep(store, final)
     yield event(

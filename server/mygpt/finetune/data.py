@@ -4,6 +4,7 @@ with the loss on assistant tokens only."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,17 +15,22 @@ class DataError(ValueError):
     """A training file that cannot be used; the message names the line."""
 
 
-def validate_jsonl(raw: bytes, max_examples: int = 100_000) -> int:
-    """Checks every line of an uploaded file; returns the number of examples."""
+def json_lines(raw: bytes) -> Iterator[tuple[int, Any]]:
+    """An uploaded JSONL file's values with their line numbers (blank lines skipped); DataError names
+    the line that is not JSON, or the byte that is not UTF-8."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"the file is not UTF-8 text (byte {exc.start})") from None
-    count = 0
     for number, line in enumerate(_lines(text), start=1):
-        if not line.strip():
-            continue
-        example = _parse(line, number)
+        if line.strip():
+            yield number, _parse(line, number)
+
+
+def validate_jsonl(raw: bytes, max_examples: int = 100_000) -> int:
+    """Checks every line of an uploaded file; returns the number of examples."""
+    count = 0
+    for number, example in json_lines(raw):
         _check(example, number)
         count += 1
         if count > max_examples:

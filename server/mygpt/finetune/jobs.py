@@ -104,7 +104,7 @@ class JobManager:
 
     def made(self, tenant: str, name: str) -> bool:
         """Whether one of `tenant`'s jobs made the adapter `name` (which the tenant may then delete)."""
-        return any(j["fine_tuned_model"] == name for j in self.store.list_jobs(tenant))
+        return self.store.job_made(tenant, name)
 
     def adapter_name(self, job: dict) -> str:
         base = self.base_name.replace("/", "-")

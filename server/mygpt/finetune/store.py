@@ -145,6 +145,10 @@ class Store:
         sets = ", ".join(f"{k}=?" for k in fields)
         self._q(f"UPDATE jobs SET {sets} WHERE id=?", *fields.values(), job_id)
 
+    def job_made(self, tenant: str, name: str) -> bool:
+        """Whether one of `tenant`'s jobs made the model `name`."""
+        return bool(self._q("SELECT 1 FROM jobs WHERE tenant=? AND fine_tuned_model=? LIMIT 1", tenant, name))
+
     def claim_job(self, job_id: str) -> bool:
         """queued -> running, atomically: False when another server process sharing the store took it
         first, or it was cancelled meanwhile."""

@@ -138,16 +138,17 @@ class TenantLimiter:
             for kind, bucket in (("requests", self._requests), ("tokens", self._tokens)):
                 if bucket is None:
                     continue
-                bucket._refill()
+                whole_in = bucket.wait_for(bucket.capacity)  # (refills it first)
                 out[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
                 out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
-                out[f"x-ratelimit-reset-{kind}"] = duration((bucket.capacity - bucket.level) / bucket.rate)
+                out[f"x-ratelimit-reset-{kind}"] = duration(whole_in)
         return out
 
 
 def duration(seconds: float) -> str:
     """A wait as OpenAI's headers write it: "120ms", "1s", "6m0s" (rounded up)."""
-    if math.ceil(max(seconds, 0.0) * 1000) < 1000:
-        return f"{math.ceil(max(seconds, 0.0) * 1000)}ms"
+    ms = math.ceil(max(seconds, 0.0) * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
     minutes, secs = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
