@@ -93,14 +93,15 @@ def test_the_last_adapter_slot_cannot_be_pinned(lora_engine):
     queued behind it too (the engine admits in order). So one slot always stays unpinned."""
     import threading
 
-    def pin(name):
+    def pin(ref):
         done, result = threading.Event(), []
-        lora_engine.pin_adapter(lora_engine.refs[name], lambda err: (result.append(err), done.set()))
+        lora_engine.pin_adapter(ref, lambda err: (result.append(err), done.set()))
         assert done.wait(30)
         return result[0]
 
-    assert pin("a") is None  # 1 of the 2 slots
-    error = pin("b")
+    pinned = AdapterRef("a@pinned", lora_engine.refs["a"].weights)  # a key of its own: retired below
+    assert pin(pinned) is None  # 1 of the 2 slots
+    error = pin(lora_engine.refs["b"])
     assert error is not None and "at most 1 of the 2 adapter slots" in str(error)
     c = Collector()  # b and c still take turns in the slot that stays unpinned
     for name in "bc":
@@ -108,7 +109,10 @@ def test_the_last_adapter_slot_cannot_be_pinned(lora_engine):
     c.submit(lora_engine, "base", PROMPTS[1], max_tokens=4)
     c.wait(timeout=60)
     assert {c.finish(r) for r in ("b", "c", "base")} == {FinishReason.LENGTH}
-    lora_engine.retire_adapter("a")  # unpinned again for the other tests
+    lora_engine.retire_adapter(pinned.key)  # unpinned (unloaded) for the other tests
+    retired = AdapterRef("a@pinned-again", pinned.weights)
+    lora_engine.retire_adapter(retired.key)  # replaced before its pin reached the engine: refused
+    assert "replaced or unloaded" in str(pin(retired))
 
 
 def test_base_requests_pass_a_request_waiting_for_an_adapter_slot(lora_engine):
@@ -135,15 +139,32 @@ def test_a_version_retired_while_requests_wait_for_it_goes_after_them(lora_engin
     the other if need be, and it does not stay in a slot afterwards as if it were routable."""
     c = Collector()
     refs, cache = lora_engine.refs, lora_engine.adapters
+    old = AdapterRef("c@old", refs["c"].weights)  # keys are never reused once retired
     for name in "ab":  # both slots busy: the c requests wait
         c.submit(lora_engine, f"{name}-long", PROMPTS[0], temperature=0.0, max_tokens=100, adapter=refs[name])
     for i in range(2):
-        c.submit(lora_engine, f"c-{i}", PROMPTS[1], temperature=0.0, max_tokens=4, adapter=refs["c"], n=1)
-    lora_engine.retire_adapter("c")
+        c.submit(lora_engine, f"c-{i}", PROMPTS[1], temperature=0.0, max_tokens=4, adapter=old, n=1)
+    lora_engine.retire_adapter(old.key)
     c.wait()
     assert all(c.finish(rid) == FinishReason.LENGTH for rid in c.events)
     assert c.tokens("c-0") == c.tokens("c-1")
-    assert "c" not in cache.resident and not lora_engine._retired_keys
+    assert old.key not in cache.resident
+
+
+def test_a_version_retired_before_its_request_reached_the_engine_leaves_after_it(lora_engine):
+    """The request read its adapter's weights, then the adapter was unloaded, then the request was
+    submitted: it runs on them (it was accepted), and the version does not stay in a slot after."""
+    ref = AdapterRef("b@unloaded", lora_engine.refs["b"].weights)
+    lora_engine.retire_adapter(ref.key)  # the unload's retire reaches the engine first
+    c = Collector()
+    c.submit(lora_engine, "late", PROMPTS[2], temperature=0.0, max_tokens=4, adapter=ref)
+    c.wait()
+    assert c.finish("late") == FinishReason.LENGTH
+    assert ref.key not in lora_engine.adapters.resident
+    alone = Collector()
+    alone.submit(lora_engine, "b", PROMPTS[2], temperature=0.0, max_tokens=4, adapter=lora_engine.refs["b"])
+    alone.wait()
+    assert c.tokens("late") == alone.tokens("b")  # on the adapter's weights, not the base model's
 
 
 def test_cached_prompts_are_reused_for_the_same_adapter_version_only(lora_engine):

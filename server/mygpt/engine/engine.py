@@ -40,6 +40,7 @@ from mygpt.engine.types import (
 from mygpt.lora.cache import AdapterCache
 
 log = logging.getLogger(__name__)
+RETIRED_KEYS_KEPT = 4096
 EventCallback = Callable[[TokenEvent], None]
 
 
@@ -244,7 +245,10 @@ class Engine(EngineThread):
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._busy_since: float | None = None  # set while a step runs
-        self._retired_keys: set[str] = set()  # retired adapter versions that waiting requests still use
+        # adapter versions that are no longer routable. A key is never reused (registry), so a request
+        # that arrives with one read its weights just before the unload: it runs, and the version leaves
+        # its slot when the request ends. The newest RETIRED_KEYS_KEPT are kept (the race lasts ms).
+        self._retired_keys: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ thread-safe API
     def start(self) -> None:
@@ -347,13 +351,16 @@ class Engine(EngineThread):
                 self._pin(*payload)
             elif kind == "retire" and self.adapters is not None:
                 self.adapters.retire(payload)
-                if self._queued_for(payload):  # they still load it: it goes again once they end
-                    self._retired_keys.add(payload)
+                self._retired_keys[payload] = None
+                while len(self._retired_keys) > RETIRED_KEYS_KEPT:
+                    self._retired_keys.popitem(last=False)
 
     def _pin(self, ref: AdapterRef, done: Callable[[Exception | None], None]) -> None:
         error: Exception | None = None
         if self.adapters is None:
             error = RuntimeError("this server has no adapter slots (max_loras=0)")
+        elif ref.key in self._retired_keys:  # replaced or unloaded meanwhile: pinned, it would never go
+            error = RuntimeError(f"adapter version {ref.key} was replaced or unloaded; load it again")
         elif not self.adapters.can_pin(ref.key):
             n = self.adapters.num_slots
             error = RuntimeError(
@@ -447,10 +454,8 @@ class Engine(EngineThread):
                     continue
                 for _ in range(request.params.n - 1):
                     self.adapters.acquire(ref.key, ref.weights)  # one pin per row
-                if ref.key in self._retired_keys:  # unloaded while this request waited: it goes after
-                    self.adapters.retire(ref.key)
-                    if not self._queued_for(ref.key):
-                        self._retired_keys.discard(ref.key)
+                if ref.key in self._retired_keys:  # unloaded before this request was admitted
+                    self.adapters.retire(ref.key)  # it leaves the slot when its last row ends
             match = self._cached_prefix(request)
             keep = match.slot if match is not None and match.free else None
             slots = self.prefixes.take(self._free_slots, request.params.n, keep)
@@ -477,9 +482,6 @@ class Engine(EngineThread):
     def _uses_cache(self, request: GenerationRequest) -> bool:
         params = request.params
         return self.prefixes.enabled and params.prompt_logprobs is None and params.seed is None
-
-    def _queued_for(self, key: str) -> bool:
-        return any(r.adapter is not None and r.adapter.key == key for r, _ in self._waiting)
 
     @staticmethod
     def _cache_key(request: GenerationRequest) -> Key:
@@ -710,7 +712,6 @@ class Engine(EngineThread):
             with self._lock:
                 self._num_waiting -= 1
             log.info("request %s aborted while waiting", request_id)
-            self._retired_keys = {k for k in self._retired_keys if self._queued_for(k)}
             self._end_request(waiting[0], FinishReason.ABORT, None)
             return
         rows = [r for r in self._running if r.request.request_id == request_id]
@@ -740,7 +741,6 @@ class Engine(EngineThread):
         with self._lock:
             self._num_waiting -= len(self._waiting)
         self._waiting.clear()
-        self._retired_keys.clear()
         self._running, self._prefilling = [], []
         self.prefixes.clear()  # a failed step may have written part of a slot's KV
         for request, rows in requests.values():
