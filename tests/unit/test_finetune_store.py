@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
+import sys
+import time
+
+import pytest
 
 from mygpt.finetune.jobs import results_csv
 from mygpt.finetune.store import Store
@@ -71,18 +75,93 @@ def test_a_batches_table_without_the_later_columns_gains_them(tmp_path):
     assert (batch["owner"], batch["input_tokens"], batch["ending"]) == ("runner-a", 0, None)
 
 
+def add_jobs(store: Store, *ids: str) -> None:
+    for job_id in ids:
+        store.add_job({"id": job_id, "tenant": "acme", "model": "tiny", "training_file": "file-1",
+                       "validation_file": None, "suffix": None, "hyperparameters": {}, "seed": 1})  # fmt: skip
+
+
 def test_a_queued_job_starts_once_across_servers_sharing_the_store(tmp_path):
     """Replicas sharing the store: the first claim of a queued job wins; the others (and a job
     cancelled meanwhile) are not started again."""
     from mygpt.finetune.jobs import JobManager
 
     store = Store(tmp_path)
-    for job_id in ("ftjob-1", "ftjob-2"):
-        store.add_job({"id": job_id, "tenant": "acme", "model": "tiny", "training_file": "file-1",
-                       "validation_file": None, "suffix": None, "hyperparameters": {}, "seed": 1})  # fmt: skip
-    assert store.claim_job("ftjob-1") and not store.claim_job("ftjob-1")
+    add_jobs(store, "ftjob-1", "ftjob-2")
+    assert store.claim_job("ftjob-1", "a", 60) and not store.claim_job("ftjob-1", "b", 60)
     store.update_job("ftjob-2", status="cancelled")
-    assert not store.claim_job("ftjob-2")
+    assert not store.claim_job("ftjob-2", "a", 60)
     other = JobManager(store, None, "tiny", {}, 1)  # no registry: it would fail if it went on
     other._run(store.get_job(None, "ftjob-1"))  # the other replica's worker, one step behind: returns
     assert store.get_job(None, "ftjob-1")["status"] == "running" and other._current is None
+
+
+@pytest.fixture
+def manager(tmp_path):
+    """A JobManager on a store whose trainer sleeps (a job that runs until stopped)."""
+    from mygpt.finetune.jobs import JobManager
+    from mygpt.lora.registry import AdapterRegistry
+
+    store = Store(tmp_path / "store")
+    registry = AdapterRegistry(tmp_path / "adapters", ["acme"], {}, 16)
+    made: list[JobManager] = []
+
+    def make() -> JobManager:
+        jobs = JobManager(store, registry, "tiny", {}, 1)
+        jobs.TRAINER = (sys.executable, "-c", "import time; time.sleep(60)")
+        jobs.BEAT_S = jobs.IDLE_S = 0.05
+        made.append(jobs)
+        return jobs
+
+    yield store, make
+    for jobs in made:
+        if jobs._thread.is_alive():
+            jobs.stop()
+
+
+def wait_until(check, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def status_events(store: Store, job_id: str) -> list[str]:
+    """The job's end events, newest first."""
+    ends = ("succeeded", "failed", "cancelled")
+    return [s for e in store.events(job_id, 100) if (s := (e["data"] or {}).get("status")) in ends]
+
+
+def test_a_job_cancelled_through_another_server_stops_where_it_runs(manager):
+    """Replicas sharing the store: the cancel is in the store at once, and the server running the job
+    stops its trainer at its next renewal; nothing ends the job a second time."""
+    store, make = manager
+    runs, other = make(), make()
+    add_jobs(store, "ftjob-1")
+    runs.start()
+    wait_until(lambda: runs._proc is not None)
+    assert store.get_job(None, "ftjob-1")["owner"] == runs.owner
+    other.cancel("ftjob-1")
+    assert store.get_job(None, "ftjob-1")["status"] == "cancelled"
+    wait_until(lambda: runs._current is None, timeout=5)  # the trainer stopped (it sleeps 60 s)
+    assert store.get_job(None, "ftjob-1")["status"] == "cancelled"
+    assert status_events(store, "ftjob-1") == ["cancelled"]
+
+
+def test_a_server_starting_beside_a_running_job_leaves_it_and_ends_orphans(manager):
+    """A second server that starts leaves the job another one runs (its lease is renewed); a job whose
+    server stopped (its lease ended) ends failed, whichever server finds it."""
+    store, make = manager
+    runs, starts = make(), make()
+    add_jobs(store, "ftjob-live", "ftjob-orphan")
+    assert store.claim_job("ftjob-orphan", "killed-server", lease_s=0.2)
+    runs.start()
+    wait_until(lambda: runs._current == "ftjob-live")
+    starts.start()
+    assert store.get_job(None, "ftjob-live")["status"] == "running"
+    wait_until(lambda: store.get_job(None, "ftjob-orphan")["status"] == "failed")
+    assert store.get_job(None, "ftjob-orphan")["error"]["code"] == "server_restarted"
+    assert store.get_job(None, "ftjob-live")["status"] == "running"
+    runs.stop()  # its lease ends with it: the job is an orphan at once
+    wait_until(lambda: store.get_job(None, "ftjob-live")["status"] == "failed")
+    assert status_events(store, "ftjob-live") == ["failed"]

@@ -17,7 +17,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, training_file TEXT NOT NULL,
     validation_file TEXT, suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL,
     status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, fine_tuned_model TEXT,
-    trained_tokens INTEGER, error TEXT, result_files TEXT);
+    trained_tokens INTEGER, error TEXT, result_files TEXT, owner TEXT, lease_until REAL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
     level TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
@@ -46,7 +46,8 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         for table, column, kind in (
-            ("jobs", "result_files", "TEXT"), ("batches", "owner", "TEXT"), ("batches", "lease_until", "REAL"),
+            ("jobs", "result_files", "TEXT"), ("jobs", "owner", "TEXT"), ("jobs", "lease_until", "REAL"),
+            ("batches", "owner", "TEXT"), ("batches", "lease_until", "REAL"),
             ("batches", "ending", "TEXT"), ("batches", "model", "TEXT"),
             ("batches", "input_tokens", "INTEGER NOT NULL DEFAULT 0"),
             ("batches", "cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
@@ -59,6 +60,14 @@ class Store:
     def _q(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    def _update(self, table: str, row_id: str, fields: dict, where: list[tuple[str, tuple]]) -> bool:
+        """UPDATE one row of `table` where every (clause, its arguments) of `where` holds: whether it did."""
+        sets = ", ".join(f"{k}=?" for k in fields)
+        clauses = " AND ".join(["id=?", *(clause for clause, _ in where)])
+        args = (*fields.values(), row_id, *(a for _, values in where for a in values))
+        with self._lock:
+            return self._db.execute(f"UPDATE {table} SET {sets} WHERE {clauses}", args).rowcount == 1
 
     # ------------------------------------------------------------------ files
     def file_path(self, file_id: str) -> Path:
@@ -137,26 +146,39 @@ class Store:
             )
         ]
 
-    def update_job(self, job_id: str, **fields: Any) -> None:
+    def update_job(
+        self, job_id: str, if_status: tuple[str, ...] = (), if_owner: str | None = None,
+        if_lease_before: float | None = None, **fields: Any,
+    ) -> bool:  # fmt: skip
+        """if_status: only a job in one of these statuses changes (a cancel between a read and this
+        write wins); if_owner: only one that server holds (claim_job); if_lease_before: only one whose
+        lease ended before then (or that has none). Returns whether it changed."""
         if "error" in fields and fields["error"] is not None:
             fields["error"] = json.dumps(fields["error"])
         if "result_files" in fields:
             fields["result_files"] = json.dumps(fields["result_files"])
-        sets = ", ".join(f"{k}=?" for k in fields)
-        self._q(f"UPDATE jobs SET {sets} WHERE id=?", *fields.values(), job_id)
+        where = [(f"status IN ({','.join('?' * len(if_status))})", if_status)] if if_status else []
+        if if_owner is not None:
+            where.append(("owner=?", (if_owner,)))
+        if if_lease_before is not None:
+            where.append(("(lease_until IS NULL OR lease_until<?)", (if_lease_before,)))
+        return self._update("jobs", job_id, fields, where)
 
     def job_made(self, tenant: str, name: str) -> bool:
         """Whether one of `tenant`'s jobs made the model `name`."""
         return bool(self._q("SELECT 1 FROM jobs WHERE tenant=? AND fine_tuned_model=? LIMIT 1", tenant, name))
 
-    def claim_job(self, job_id: str) -> bool:
-        """queued -> running, atomically: False when another server process sharing the store took it
-        first, or it was cancelled meanwhile."""
-        with self._lock:
-            cursor = self._db.execute(
-                "UPDATE jobs SET status='running' WHERE id=? AND status='queued'", (job_id,)
-            )
-            return cursor.rowcount == 1
+    def claim_job(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """queued -> running, held by `owner` for lease_s seconds (renew_job), atomically: False when
+        another server process sharing the store took it first, or it was cancelled meanwhile."""
+        return self.update_job(job_id, if_status=("queued",), status="running", owner=owner,
+                               lease_until=time.time() + lease_s)  # fmt: skip
+
+    def renew_job(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Extends `owner`'s lease on its running job: False once the job is no longer running there
+        (cancelled through another server, or failed by one that found the lease ended)."""
+        return self.update_job(job_id, if_status=("running",), if_owner=owner,
+                               lease_until=time.time() + lease_s)  # fmt: skip
 
     def add_event(self, job_id: str, message: str, level: str = "info", data: dict | None = None) -> None:
         self._q(
@@ -218,18 +240,8 @@ class Store:
         for key in ("metadata", "errors"):
             if fields.get(key) is not None:
                 fields[key] = json.dumps(fields[key])
-        sets = ", ".join(f"{k}=?" for k in fields)
-        where, args = "id=?", [batch_id]
-        for column, value in (("status", if_status), ("owner", if_owner)):
-            if value is not None:
-                where, args = f"{where} AND {column}=?", [*args, value]
-        with self._lock:
-            return (
-                self._db.execute(
-                    f"UPDATE batches SET {sets} WHERE {where}", (*fields.values(), *args)
-                ).rowcount
-                == 1
-            )
+        where = [(f"{column}=?", (value,)) for column, value in (("status", if_status), ("owner", if_owner))]
+        return self._update("batches", batch_id, fields, [w for w in where if w[1][0] is not None])
 
     def events(self, job_id: str, limit: int, after: int | None = None) -> list[dict]:
         """Newest first (as OpenAI lists them); `after` = an event seq to page past."""
