@@ -20,14 +20,14 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from mygpt.api import completions
-from mygpt.api.errors import APIError
+from mygpt.api.errors import APIError, invalid_value
 from mygpt.api.protocol import ChatCompletionRequest, CompletionRequest
 from mygpt.finetune.data import DataError, json_lines
 from mygpt.finetune.store import Store
@@ -92,6 +92,8 @@ class _Run:
 
     batch: dict
     lost: bool = False
+    # its finished requests are recorded one at a time, in order: the stored counts only grow
+    recording: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def id(self) -> str:
@@ -224,11 +226,12 @@ class BatchRunner:
     async def _process(self, store: Store, chat: Any, run: _Run) -> None:
         batch = run.batch
         if batch["status"] == "validating":  # (a cancel that came meanwhile stays)
-            store.update_batch(
-                run.id, if_status="validating", status="in_progress", in_progress_at=int(time.time())
-            )
+            await asyncio.to_thread(
+                store.update_batch,
+                run.id, if_status="validating", status="in_progress", in_progress_at=int(time.time()),
+            )  # fmt: skip
         out_path, err_path = _partials(store, run.id)
-        if store.get_batch(None, run.id)["status"] == "in_progress" and time.time() < batch["expires_at"]:
+        if await self._in_progress(store, run):
             counts, done = await asyncio.to_thread(_tally, out_path, err_path)  # (a torn last line cut first)
             requests = await asyncio.to_thread(_requests, store, batch)
             todo = collections.deque(r for r in requests if r["custom_id"] not in done)
@@ -244,10 +247,7 @@ class BatchRunner:
                 )
             if run.lost or self.state.draining:
                 return  # another runner has it, or the server stops: it resumes as it stood
-            still = (
-                store.get_batch(None, run.id)["status"] == "in_progress" and time.time() < batch["expires_at"]
-            )
-            if todo and still:
+            if todo and await self._in_progress(store, run):
                 return  # gave its place up (its tenant's budgets): scheduled again later
         await self._finalized(store, run, None)
 
@@ -266,7 +266,7 @@ class BatchRunner:
     ) -> None:
         limiter = chat.tenants.limiters.get(run.batch["tenant"])
         waited = 0.0
-        while todo and self._going(store, run):
+        while todo and await self._going(store, run):
             if limiter is not None and (wait := limiter.wait_s(reserve=0.5)) > 0:
                 if waited >= self.THROTTLED_S:
                     return  # its place goes to another batch; this one comes back
@@ -278,7 +278,7 @@ class BatchRunner:
             async with self._slots:
                 result = (
                     await self._call(chat, principal, request, store, run)
-                    if self._going(store, run)
+                    if await self._going(store, run)
                     else None
                 )
             if result is None:  # not run: stopped meanwhile
@@ -289,13 +289,20 @@ class BatchRunner:
                 "id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request["custom_id"],
                 "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None,
             }  # fmt: skip
-            with open(out_path if status == 200 else err_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
             counts["completed" if status == 200 else "failed"] += 1
             if status == 200:
                 _add_usage(counts, body)
-            if not store.update_batch(run.id, if_owner=self.owner, **counts):
-                run.lost = True  # another runner holds it: this one stops
+            async with run.recording:
+                path = out_path if status == 200 else err_path
+                if not await asyncio.to_thread(self._record, store, run, path, line, dict(counts)):
+                    run.lost = True  # another runner holds it: this one stops
+
+    def _record(self, store: Store, run: _Run, path: Path, line: dict, counts: dict) -> bool:
+        """A finished request's line appended to its partial file, and the batch's counts stored (in a
+        thread: a commit waits for the disk). False if another runner holds the batch now."""
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        return store.update_batch(run.id, if_owner=self.owner, **counts)
 
     def _concurrency(self, chat: Any, tenant: str) -> int:
         """Requests at a time: the runner's, and at most half of a tenant's concurrency limit (at least
@@ -304,15 +311,19 @@ class BatchRunner:
         most = limiter.limits.max_concurrent if limiter is not None else None
         return self.concurrency if not most else max(1, min(self.concurrency, most // 2))
 
-    def _going(self, store: Store, run: _Run) -> bool:
+    async def _going(self, store: Store, run: _Run) -> bool:
         """Whether to start another request: the claim held, not cancelled, not expired, the server not
         stopping, the tenant still there."""
-        batch = run.batch
-        if run.lost or self.state.draining or time.time() >= batch["expires_at"]:
+        if run.lost or self.state.draining or run.batch["tenant"] not in self.state.tenants.names:
             return False
-        if batch["tenant"] not in self.state.tenants.names:
+        return await self._in_progress(store, run)
+
+    @staticmethod
+    async def _in_progress(store: Store, run: _Run) -> bool:
+        """In progress in the store (not cancelled, by any replica) and not expired."""
+        if time.time() >= run.batch["expires_at"]:
             return False
-        return store.get_batch(None, run.id)["status"] == "in_progress"
+        return (await asyncio.to_thread(store.get_batch, None, run.id))["status"] == "in_progress"
 
     async def _call(self, chat, principal: Principal, request: dict, store: Store, run: _Run):
         """(status, body, request id) of one request; None if the batch stopped while it waited for
@@ -331,18 +342,14 @@ class BatchRunner:
                     answer = await completions.complete(chat, req, prompts)
                 return 200, answer.model_dump(mode="json"), request_id
             except ValidationError as exc:
-                err = exc.errors()[0]
-                param = ".".join(str(p) for p in err["loc"]) or None
-                error = {"message": f"Invalid value for '{param}': {err['msg']}", "type": "invalid_request_error",
-                         "param": param, "code": "invalid_value"}  # fmt: skip
-                return 400, {"error": error}, request_id
+                return 400, {"error": invalid_value(exc.errors()).info.model_dump()}, request_id
             except APIError as exc:
                 if exc.status not in (429, 503):
                     return exc.status, {"error": exc.info.model_dump()}, request_id
                 until = time.time() + float((exc.headers or {}).get("Retry-After", RETRY_S))
                 while True:  # the wait it asks for, a cancel seen within 2 s
                     await asyncio.sleep(max(0.0, min(2.0, until - time.time())))
-                    if not self._going(store, run):
+                    if not await self._going(store, run):
                         return None
                     if time.time() >= until:
                         break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,6 +70,18 @@ def model_not_found(model: str) -> APIError:
     )  # fmt: skip
 
 
+def invalid_value(errors: list[dict], rename: Callable[[str], str] = str) -> APIError:
+    """The 400 of a request that failed validation (pydantic's errors()): its first error, naming the
+    parameter (`rename` maps it to the caller's name for it, where the request was converted)."""
+    err = errors[0] if errors else {"msg": "invalid value", "loc": ()}
+    param = _param_of(tuple(err.get("loc", ())))
+    msg = err.get("msg", "invalid value")
+    if param is None:
+        return invalid(f"Invalid request: {msg}", code="invalid_value")
+    param = rename(param)
+    return invalid(f"Invalid value for '{param}': {msg}", param=param, code="invalid_value")
+
+
 def _param_of(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body",)]
     # drop pydantic's union-branch names ("str", "list[...]") from the location
@@ -92,10 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return invalid(
                 "The request body must be a JSON object (Content-Type: application/json)."
             ).response()
-        param = _param_of(tuple(err.get("loc", ())))
-        msg = err.get("msg", "invalid value")
-        message = f"Invalid value for '{param}': {msg}" if param else f"Invalid request: {msg}"
-        return invalid(message, param=param, code="invalid_value").response()
+        return invalid_value(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mygpt.api import routes
 from mygpt.api.auth import caller
 from mygpt.api.chat import ChatService, Closing
-from mygpt.api.errors import APIError, invalid
+from mygpt.api.errors import APIError, invalid, invalid_value
 from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest
 from mygpt.tenancy.auth import Principal
 
@@ -250,9 +250,7 @@ def _as_chat(body: ResponsesRequest, history: list[dict]) -> ChatCompletionReque
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = _param(".".join(str(p) for p in err["loc"]))
-        raise invalid(f"Invalid value for '{param}': {err['msg']}", param=param) from None
+        raise invalid_value(exc.errors(), rename=_param) from None
 
 
 def _input_messages(items: str | list[dict[str, Any]], history: list[dict]) -> list[dict]:
