@@ -219,6 +219,28 @@ async def test_capacity_refusals_wait_and_an_expired_batch_ends_with_what_it_did
     assert batch.request_counts.failed == 2
 
 
+async def test_a_batch_waiting_out_a_long_refusal_is_cancelled_at_once(state, monkeypatch):
+    """A request told to come back in a minute (429 Retry-After: 60) does not hold a cancel back."""
+    from mygpt.api.errors import APIError
+
+    sdk = sdk_for(state)
+    refused = asyncio.Event()
+
+    async def busy(principal, req):
+        refused.set()
+        raise APIError(429, "busy", code="rate_limit_exceeded", headers={"Retry-After": "60"})
+
+    monkeypatch.setattr(state.chat, "prepare", busy)
+    upload = await sdk.files.create(file=("b.jsonl", lines(chat_line("a"))), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    await asyncio.wait_for(refused.wait(), 30)
+    await sdk.batches.cancel(batch.id)
+    batch = await finished(sdk, batch.id, timeout=10)  # the runner looks every 2 s while it waits
+    assert batch.status == "cancelled" and batch.request_counts.completed == 0
+
+
 def test_the_runner_keeps_room_for_interactive_requests():
     """At most the runner's concurrency, and half of a tenant's concurrency limit: its batch never
     takes every slot its interactive requests need."""
