@@ -79,3 +79,83 @@ def test_refuses_a_model_already_repacked(tiny_model_dir):
     if _packed(model):
         with pytest.raises(RuntimeError, match="already repacked"):
             no_cpu_weight_packing(model)
+
+
+def _spec(tiny_model_dir, tmp_path, name: str, **extra) -> Path:
+    """A trainer spec on the tiny model (NF4 on CPU): 24 examples, batches of 2, 2 epochs."""
+    import json
+
+    from mygpt.config import Settings
+
+    train = tmp_path / "train.jsonl"
+    if not train.exists():
+        rows = [
+            {"messages": [{"role": "user", "content": f"Tell me about ship {i}."},
+                          {"role": "assistant", "content": f"Arr, ship {i} be a fine vessel!"}]}
+            for i in range(24)
+        ]  # fmt: skip
+        train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = Settings(model=str(tiny_model_dir)).model_dump(
+        mode="json", include={"model", "quantization", "dtype", "device"}
+    )
+    spec = {
+        "settings": settings, "base_name": "tiny", "seed": 7, "cpu_threads": 1,
+        "hyperparameters": {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0, "lora_rank": 4},
+        "train_path": str(train), "valid_path": str(train), "out_dir": str(tmp_path / name / "adapter"),
+        "checkpoint_dir": str(tmp_path / name / "checkpoints"), **extra,
+    }  # fmt: skip
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _train(spec: Path, stop_after_step: int | None = None) -> list[dict]:
+    """Runs the trainer on `spec` as the job manager does; with stop_after_step, SIGTERM once that
+    step's event is read (as a stopping server does). Returns its events."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mygpt.finetune.trainer", str(spec)], stdout=subprocess.PIPE, text=True
+    )
+    events = []
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1]["event"] == "step" and events[-1]["step"] == stop_after_step:
+            proc.terminate()
+    assert proc.wait(timeout=300) == 0, events[-3:]
+    return events
+
+
+def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_runs_adapter(tiny_model_dir, tmp_path):
+    """SIGTERM mid-epoch: the trainer checkpoints at the step's end and exits; resumed from that
+    checkpoint it makes the same adapter, bit for bit, as the run that was never stopped (the same
+    batches in the same order, the same dropout, the same optimizer and schedule states). Resumed
+    from the first epoch's checkpoint too."""
+    from safetensors.torch import load_file
+
+    from mygpt.finetune.trainer import EPOCH_END, checkpoints
+
+    whole = _train(_spec(tiny_model_dir, tmp_path, "whole"))
+    stopped = _train(_spec(tiny_model_dir, tmp_path, "cut"), stop_after_step=3)
+    assert stopped[-1]["event"] == "paused" and 3 <= stopped[-1]["step"] < 12  # within the first epoch
+    found = checkpoints(tmp_path / "cut" / "checkpoints")
+    assert found and not (found[-1] / EPOCH_END).exists()
+    resumed = _train(_spec(tiny_model_dir, tmp_path, "cut", resume=str(found[-1])))
+    assert resumed[1]["event"] == "resumed" and resumed[-1]["event"] == "done"
+
+    def losses(events):
+        return {e["step"]: e["train_loss"] for e in events if e["event"] == "step"}
+
+    assert losses(resumed) == {k: v for k, v in losses(whole).items() if k > stopped[-1]["step"]}
+    assert resumed[-1]["trained_tokens"] == whole[-1]["trained_tokens"]
+    expected = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+    epoch_end = [p for p in checkpoints(tmp_path / "whole" / "checkpoints") if (p / EPOCH_END).exists()]
+    assert [p.name for p in epoch_end] == ["step-00000012"]  # the last epoch's end is the adapter itself
+    again = _train(_spec(tiny_model_dir, tmp_path, "again", resume=str(epoch_end[0])))
+    got = load_file(str(tmp_path / "again" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -6,6 +6,13 @@ LoRA on the same NF4 base the server serves (loaded the same way), loss on assis
 the model's chat template. Progress goes to stdout as one JSON object a line; the adapter is saved in
 peft's format (safetensors) to spec["out_dir"]. On CPU it runs at the lowest priority with one
 thread, so serving keeps its cores; on CUDA it uses bitsandbytes' paged 8-bit AdamW.
+
+Checkpoints (spec["checkpoint_dir"]): at the end of every epoch but the last, every
+spec["checkpoint_s"] seconds within one, and on SIGTERM (then it exits: the server is stopping). Each
+holds the adapter and everything the run's continuation depends on: the optimizer's and the
+schedule's states, the random generators, the epoch and the batch within it. A run started with
+spec["resume"] (a checkpoint) goes on from there and ends with the adapter the uninterrupted run
+makes, bit for bit on the same machine.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +30,9 @@ from typing import Any
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_LR = 2e-4  # learning_rate_multiplier 1.0
+STATE = "trainer_state.pt"  # a checkpoint's state beside its adapter; written last: a complete one has it
+EPOCH_END = "epoch_end"  # an empty file in the checkpoints that end an epoch
+EPOCH_CHECKPOINTS_KEPT = 2  # besides the newest checkpoint (OpenAI keeps those of the last 3 epochs)
 
 
 def emit(event: str, **data: Any) -> None:
@@ -29,6 +41,8 @@ def emit(event: str, **data: Any) -> None:
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    stopping: list[int] = []  # SIGTERM: checkpoint at the next step's end, then exit
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     import torch
 
     from mygpt.config import Settings
@@ -78,9 +92,6 @@ def main(spec_path: str) -> None:
         optimizer = torch.optim.AdamW(params, lr=lr)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def batches(examples, size, shuffle):
-        return make_batches(examples, size, shuffle, pad, device)
-
     def loss_on(examples) -> float | None:
         loss = mean_loss(model, examples, int(hp["batch_size"]), pad, device)
         model.train()
@@ -95,14 +106,50 @@ def main(spec_path: str) -> None:
     )
     emit("started", train_examples=len(train), valid_examples=len(valid), total_steps=steps,
          train_tokens=sum(t.trained_tokens for t in train), device=str(device))  # fmt: skip
-    with model.disable_adapter():
-        base_valid = loss_on(valid)
-    if base_valid is not None:
-        emit("base_valid_loss", valid_loss=base_valid)
+    resume = load_checkpoint(spec.get("resume"), model, optimizer, schedule)
+    if resume is None:
+        with model.disable_adapter():
+            base_valid = loss_on(valid)
+        if base_valid is not None:
+            emit("base_valid_loss", valid_loss=base_valid)
+        first, skip, step, trained, spent, valid_loss = 1, 0, 0, 0, 0.0, None
+    else:
+        base_valid, valid_loss = resume["base_valid"], resume["valid_loss"]
+        first, skip, step, trained, spent = (
+            resume[k] for k in ("epoch", "batch", "step", "trained", "spent")
+        )
+        random.setstate(resume["epoch_random"])  # this epoch's order, as it was drawn
+        emit("resumed", step=step, epoch=first)
+    ckpt_dir = Path(spec["checkpoint_dir"]) if spec.get("checkpoint_dir") else None
+    every_s = float(spec.get("checkpoint_s") or 0)
     model.train()
-    step, trained, t0 = 0, 0, time.monotonic()
-    for epoch in range(1, epochs + 1):
-        for ids, labels, mask, n in batches(train, batch_size, shuffle=True):
+    t0 = time.monotonic() - spent
+    last_saved = time.monotonic()
+
+    def checkpoint(epoch: int, batch: int, epoch_random, epoch_end: bool, train_loss: float | None) -> None:
+        if ckpt_dir is None:
+            return
+        state = {
+            "epoch": epoch, "batch": batch, "step": step, "trained": trained, "spent": time.monotonic() - t0,
+            "base_valid": base_valid, "valid_loss": valid_loss, "epoch_random": epoch_random,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        }  # fmt: skip
+        path = save_checkpoint(ckpt_dir, step, epoch_end, model, spec["base_name"], state)
+        emit("checkpoint", step=step, epoch=epoch - 1 if epoch_end else epoch, epoch_end=epoch_end,
+             path=str(path), train_loss=train_loss, valid_loss=valid_loss if epoch_end else None)  # fmt: skip
+
+    for epoch in range(first, epochs + 1):
+        epoch_random = random.getstate()
+        order = shuffled(len(train))
+        if resume is not None:  # the generators as they were at the checkpoint (dropout)
+            torch.set_rng_state(resume["torch_rng"])
+            if resume["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(resume["cuda_rng"])
+            resume = None
+        loss = None
+        for b, (ids, labels, mask, n) in enumerate(make_batches(train, batch_size, order, pad, device, skip)):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -112,16 +159,84 @@ def main(spec_path: str) -> None:
             step, trained = step + 1, trained + n
             emit("step", step=step, total_steps=steps, epoch=epoch, train_loss=float(loss.detach()),
                  trained_tokens=trained, tokens_per_s=trained / (time.monotonic() - t0))  # fmt: skip
+            last_batch = skip + b + 1 == math.ceil(len(train) / batch_size)
+            if not last_batch and (stopping or (every_s and time.monotonic() - last_saved >= every_s)):
+                checkpoint(epoch, skip + b + 1, epoch_random, False, float(loss.detach()))
+                last_saved = time.monotonic()
+                if stopping:
+                    emit("paused", step=step)
+                    raise SystemExit(0)
+        skip = 0
         valid_loss = loss_on(valid)
         emit("epoch", epoch=epoch, valid_loss=valid_loss)
+        if epoch < epochs:  # the next epoch starts here: its order is drawn from this state
+            checkpoint(
+                epoch + 1, 0, random.getstate(), True, float(loss.detach()) if loss is not None else None
+            )
+            last_saved = time.monotonic()
+            if stopping:
+                emit("paused", step=step)
+                raise SystemExit(0)
     out = Path(spec["out_dir"])
+    save_adapter(model, out, spec["base_name"])
+    emit("done", trained_tokens=trained, valid_loss=valid_loss, base_valid_loss=base_valid,
+         seconds=time.monotonic() - t0, tokens_per_s=trained / max(time.monotonic() - t0, 1e-9))  # fmt: skip
+
+
+def save_adapter(model, out: Path, base_name: str) -> None:
+    """The adapter in peft's format, naming the base it was trained on."""
     model.save_pretrained(out, safe_serialization=True)
     config_path = out / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = spec["base_name"]
+    config["base_model_name_or_path"] = base_name
     config_path.write_text(json.dumps(config, indent=2))
-    emit("done", trained_tokens=trained, valid_loss=valid_loss, base_valid_loss=base_valid,
-         seconds=time.monotonic() - t0, tokens_per_s=trained / max(time.monotonic() - t0, 1e-9))  # fmt: skip
+
+
+def save_checkpoint(root: Path, step: int, epoch_end: bool, model, base_name: str, state: dict) -> Path:
+    """`root`/step-<step>: the adapter and the trainer's state, written aside and renamed, so that a
+    checkpoint that exists is whole. Keeps the newest and the last EPOCH_CHECKPOINTS_KEPT of the epochs'
+    ends; removes the rest."""
+    import torch
+
+    path = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, base_name)
+    torch.save(state, tmp / STATE)
+    if epoch_end:
+        (tmp / EPOCH_END).touch()
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    found = checkpoints(root)
+    ends = [p for p in found if (p / EPOCH_END).is_file()]
+    keep = {found[-1], *ends[-EPOCH_CHECKPOINTS_KEPT:]}
+    for old in found:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def checkpoints(root: Path | None) -> list[Path]:
+    """The whole checkpoints under `root`, oldest first."""
+    if root is None or not Path(root).is_dir():
+        return []
+    return sorted(p for p in Path(root).glob("step-*") if (p / STATE).is_file())
+
+
+def load_checkpoint(path: str | None, model, optimizer, schedule) -> dict | None:
+    """The state of the checkpoint at `path`, its adapter loaded into `model` and its optimizer's and
+    schedule's states into theirs; None without one."""
+    if not path:
+        return None
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = torch.load(Path(path) / STATE, weights_only=False)
+    set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter_model.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return state
 
 
 def device_of(model):
@@ -148,14 +263,19 @@ def no_cpu_weight_packing(model) -> int:
     return changed
 
 
-def make_batches(examples, size: int, shuffle: bool, pad: int, device):
-    """(input_ids, labels, attention_mask, trained tokens) batches, right-padded to their longest."""
+def shuffled(n: int) -> list[int]:
+    order = list(range(n))
+    random.shuffle(order)
+    return order
+
+
+def make_batches(examples, size: int, order: list[int] | None, pad: int, device, skip: int = 0):
+    """(input_ids, labels, attention_mask, trained tokens) batches of `examples` in `order` (as they
+    are when None), right-padded to their longest; the first `skip` batches left out."""
     import torch
 
-    order = list(range(len(examples)))
-    if shuffle:
-        random.shuffle(order)
-    for i in range(0, len(order), size):
+    order = list(range(len(examples))) if order is None else order
+    for i in range(skip * size, len(order), size):
         group = [examples[j] for j in order[i : i + size]]
         width = max(len(t.input_ids) for t in group)
         ids = torch.full((len(group), width), pad, dtype=torch.long)
@@ -177,7 +297,7 @@ def mean_loss(model, examples, batch_size: int, pad: int, device) -> float | Non
     model.eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for ids, labels, mask, n in make_batches(examples, batch_size, False, pad, device):
+        for ids, labels, mask, n in make_batches(examples, batch_size, None, pad, device):
             total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
             tokens += n
     return total / tokens
