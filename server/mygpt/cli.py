@@ -219,6 +219,8 @@ class _DrainingServer(uvicorn.Server):
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.timeout
+        if self.state.jobs is not None:  # a trainer checkpoints while requests finish
+            threading.Thread(target=self.state.jobs.stop, name="mygpt-finetune-stop", daemon=True).start()
         while self.state.tenants.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.state.tenants.in_flight > 0 and self.state.engine is not None:

@@ -121,6 +121,21 @@ def test_the_whole_loop(server):
     assert [j.id for j in acme.fine_tuning.jobs.list().data][0] == job.id
     with pytest.raises(openai.NotFoundError):
         globex.fine_tuning.jobs.retrieve(job.id)
+    # the checkpoints of the epochs before the last (6 steps each), newest first, served as models
+    ckpts = acme.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in ckpts] == [12, 6]
+    assert [c.metrics.valid_loss for c in ckpts] == [e["valid_loss"] for e in epochs[1::-1]]
+    assert ckpts[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-12"
+    assert {c.fine_tuned_model_checkpoint for c in ckpts} <= {m.id for m in acme.models.list().data}
+    early = acme.chat.completions.create(
+        model=ckpts[1].fine_tuned_model_checkpoint, messages=ask, max_tokens=12, temperature=0
+    )
+    assert early.choices[0].message.content != tuned.choices[0].message.content  # one epoch in
+    assert [c.id for c in acme.fine_tuning.jobs.checkpoints.list(job.id, after=ckpts[0].id).data] == [
+        ckpts[1].id
+    ]
+    with pytest.raises(openai.NotFoundError):
+        globex.fine_tuning.jobs.checkpoints.list(job.id)
 
 
 def test_a_tenant_deletes_its_fine_tuned_model_and_reads_its_files(server, tiny_model_dir, store):
@@ -247,21 +262,36 @@ def test_cancel_and_restart_lose_nothing(server, tiny_model_dir, store):
     job = acme.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters={"n_epochs": 50})
     running = wait_for(acme, job.id, statuses=("running",), timeout=60)
     cancelled = acme.fine_tuning.jobs.cancel(running.id)
-    assert wait_for(acme, cancelled.id).status == "cancelled"
-    # a job running when the server stops ends failed with the reason after the restart; a queued one runs
+    assert cancelled.status == "cancelled" and wait_for(acme, cancelled.id).status == "cancelled"
+    # a job running when the server stops checkpoints and resumes after the restart; a queued one runs
     long_job = acme.fine_tuning.jobs.create(
         model=BASE, training_file=train.id, hyperparameters={"n_epochs": 50}
     )
-    wait_for(acme, long_job.id, statuses=("running",), timeout=60)
+    deadline = time.monotonic() + 120
+    while not acme.fine_tuning.jobs.checkpoints.list(long_job.id).data:  # an epoch's end, served
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
     queued = acme.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters={"n_epochs": 1})
     trained = {j.fine_tuned_model for j in acme.fine_tuning.jobs.list().data if j.status == "succeeded"}
     served = {m.id for m in acme.models.list().data}  # the trained ones less those deleted
-    server.stop()
+    server.stop()  # SIGTERM: the trainer checkpoints at its step's end
     again = start(tiny_model_dir, store, name="ft-restart")
     try:
         acme = client(again, "acme")
-        failed = acme.fine_tuning.jobs.retrieve(long_job.id)
-        assert failed.status == "failed" and failed.error.code == "server_restarted"
+        deadline = time.monotonic() + 120
+        while True:
+            events = acme.fine_tuning.jobs.list_events(long_job.id, limit=1000).data  # newest first
+            at = next((i for i, e in enumerate(events) if "resumed from its checkpoint" in e.message), None)
+            if at is not None:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        before = max(e.data["step"] for e in events[at:] if e.type == "metrics")
+        assert events[at].message.endswith(f"at step {before}."), (events[at].message, before)  # lost none
+        ckpt = acme.fine_tuning.jobs.checkpoints.list(long_job.id).data[0].fine_tuned_model_checkpoint
+        assert ckpt in {m.id for m in acme.models.list().data}  # served again after the restart
+        assert acme.fine_tuning.jobs.cancel(long_job.id).status == "cancelled"
+        assert ckpt not in {m.id for m in acme.models.list().data}  # a cancelled job made nothing
         assert train.id in {f.id for f in acme.files.list().data}
         assert wait_for(acme, queued.id).status == "succeeded"
         models = {m.id for m in acme.models.list().data}

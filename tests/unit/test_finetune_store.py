@@ -43,7 +43,8 @@ def test_the_result_file_has_a_row_per_step_and_each_epochs_validation_loss():
         {**step, "step": 1, "epoch": 1, "train_loss": 2.5, "trained_tokens": 10},
         {**step, "step": 2, "epoch": 1, "train_loss": 2.0, "trained_tokens": 20},
         {"event": "epoch", "epoch": 1, "valid_loss": 1.75},
-        {**step, "step": 3, "epoch": 2, "train_loss": 1.5, "trained_tokens": 30},
+        {**step, "step": 3, "epoch": 2, "train_loss": 9.0, "trained_tokens": 30},  # then interrupted
+        {**step, "step": 3, "epoch": 2, "train_loss": 1.5, "trained_tokens": 30},  # resumed at step 2
         {"event": "epoch", "epoch": 2, "valid_loss": None},  # no validation file
     ]
     rows = list(csv.DictReader(io.StringIO(results_csv(curve).decode())))
@@ -148,20 +149,50 @@ def test_a_job_cancelled_through_another_server_stops_where_it_runs(manager):
     assert status_events(store, "ftjob-1") == ["cancelled"]
 
 
-def test_a_server_starting_beside_a_running_job_leaves_it_and_ends_orphans(manager):
-    """A second server that starts leaves the job another one runs (its lease is renewed); a job whose
-    server stopped (its lease ended) ends failed, whichever server finds it."""
+def test_a_job_whose_server_stops_resumes_on_another_and_one_running_is_left_alone(manager):
+    """A second server that starts leaves the job another one runs (its lease is renewed). When that
+    server stops, its lease ends with it, and the job is queued again and runs on the other."""
     store, make = manager
-    runs, starts = make(), make()
-    add_jobs(store, "ftjob-live", "ftjob-orphan")
-    assert store.claim_job("ftjob-orphan", "killed-server", lease_s=0.2)
+    runs, other = make(), make()
+    add_jobs(store, "ftjob-1")
     runs.start()
-    wait_until(lambda: runs._current == "ftjob-live")
-    starts.start()
-    assert store.get_job(None, "ftjob-live")["status"] == "running"
-    wait_until(lambda: store.get_job(None, "ftjob-orphan")["status"] == "failed")
-    assert store.get_job(None, "ftjob-orphan")["error"]["code"] == "server_restarted"
-    assert store.get_job(None, "ftjob-live")["status"] == "running"
-    runs.stop()  # its lease ends with it: the job is an orphan at once
-    wait_until(lambda: store.get_job(None, "ftjob-live")["status"] == "failed")
-    assert status_events(store, "ftjob-live") == ["failed"]
+    wait_until(lambda: runs._current == "ftjob-1")
+    other.start()
+    time.sleep(0.3)  # several of the other's rounds
+    assert store.get_job(None, "ftjob-1")["owner"] == runs.owner and other._current is None
+    runs.stop()
+    wait_until(lambda: other._current == "ftjob-1")
+    job = store.get_job(None, "ftjob-1")
+    assert (job["status"], job["owner"], job["stalls"]) == ("running", other.owner, 1)
+    assert any("starts again from the beginning" in e["message"] for e in store.events("ftjob-1", 100))
+    assert status_events(store, "ftjob-1") == []
+
+
+def test_an_orphan_resumes_from_its_newest_checkpoint_and_fails_after_stalling(manager):
+    """A job whose lease ended is queued again: to resume from its newest checkpoint, or from the
+    start without one. Interrupted MAX_STALLS times in a row without a new checkpoint, it fails."""
+    from mygpt.finetune.trainer import STATE
+
+    store, make = manager
+    finder = make()  # its worker is not started: _end_orphans() is called here
+    add_jobs(store, "ftjob-1")
+
+    def interrupted() -> dict:
+        assert store.claim_job("ftjob-1", "killed-server", lease_s=-1)  # claimed, its lease already over
+        finder._end_orphans()
+        return store.get_job(None, "ftjob-1")
+
+    job = interrupted()
+    assert (job["status"], job["stalls"], job["resume_step"]) == ("queued", 1, 0)
+    ckpt = store.checkpoint_dir("ftjob-1") / "step-00000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / STATE).touch()
+    job = interrupted()  # progress since: the count starts again
+    assert (job["status"], job["stalls"], job["resume_step"]) == ("queued", 0, 5)
+    assert "resumes from its checkpoint at step 5" in store.events("ftjob-1", 1)[0]["message"]
+    for stalls in range(1, finder.MAX_STALLS):
+        job = interrupted()
+        assert (job["status"], job["stalls"]) == ("queued", stalls)
+    job = interrupted()
+    assert job["status"] == "failed" and job["error"]["code"] == "server_restarted"
+    assert "3 times in a row" in job["error"]["message"] and not store.checkpoint_dir("ftjob-1").exists()

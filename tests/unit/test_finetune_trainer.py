@@ -3,6 +3,8 @@ weights for its inference kernel on the first one; the trainer turns that off)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -156,6 +158,6 @@ def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_runs_adapter(tiny
 
     epoch_end = [p for p in checkpoints(tmp_path / "whole" / "checkpoints") if (p / EPOCH_END).exists()]
     assert [p.name for p in epoch_end] == ["step-00000012"]  # the last epoch's end is the adapter itself
-    again = _train(_spec(tiny_model_dir, tmp_path, "again", resume=str(epoch_end[0])))
+    _train(_spec(tiny_model_dir, tmp_path, "again", resume=str(epoch_end[0])))
     got = load_file(str(tmp_path / "again" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(expected[k], got[k]) for k in expected)

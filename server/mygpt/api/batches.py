@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mygpt.api.auth import caller
 from mygpt.api.errors import APIError, invalid
 from mygpt.api.finetune import _no_file, _state, _tenant
+from mygpt.api.protocol import page
 from mygpt.batches import ENDPOINTS, WINDOW_S, BatchRunner, validate_batch
 from mygpt.finetune.data import DataError
 from mygpt.tenancy.auth import Principal
@@ -83,13 +84,8 @@ async def list_batches(
     request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
     principal: Principal = Depends(caller),
 ) -> dict:  # fmt: skip
-    batches = _state(request).finetune_store.list_batches(_tenant(principal))
-    if after:
-        ids = [b["id"] for b in batches]
-        batches = batches[ids.index(after) + 1 :] if after in ids else []
-    page = [_batch(b) for b in batches[:limit]]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(batches) > limit}  # fmt: skip
+    batches = await asyncio.to_thread(_state(request).finetune_store.list_batches, _tenant(principal))
+    return page([_batch(b) for b in batches], after, limit)
 
 
 @router.get("/v1/batches/{batch_id}")

@@ -6,12 +6,13 @@ import asyncio
 import random
 import uuid
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from mygpt.api.auth import caller
 from mygpt.api.errors import APIError, invalid
+from mygpt.api.protocol import page
 from mygpt.batches import OPEN, validate_batch
 from mygpt.finetune.data import DataError, validate_jsonl
 from mygpt.finetune.jobs import SUFFIX
@@ -196,12 +197,8 @@ async def create_job(body: CreateJob, request: Request, principal: Principal = D
 async def list_jobs(
     request: Request, after: str | None = None, limit: int = 20, principal: Principal = Depends(caller)
 ) -> dict:
-    jobs = _state(request).finetune_store.list_jobs(_tenant(principal))
-    if after:
-        ids = [j["id"] for j in jobs]
-        jobs = jobs[ids.index(after) + 1 :] if after in ids else []
-    limit = max(1, min(limit, 100))
-    return {"object": "list", "data": [_job(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+    jobs = await asyncio.to_thread(_state(request).finetune_store.list_jobs, _tenant(principal))
+    return page([_job(j) for j in jobs], after, max(1, min(limit, 100)))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
@@ -238,8 +235,26 @@ async def cancel_job(job_id: str, request: Request, principal: Principal = Depen
     job = _find_job(request, principal, job_id)
     if job["status"] in ("succeeded", "failed", "cancelled"):
         raise invalid(f"The job is already {job['status']}.", param="fine_tuning_job_id", code="job_finished")
-    _state(request).jobs.cancel(job_id)
+    await asyncio.to_thread(_state(request).jobs.cancel, job_id)  # (the store, and a trainer stopped)
     return _job(_find_job(request, principal, job_id))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+async def job_checkpoints(
+    job_id: str, request: Request, after: str | None = None, limit: int = Query(10, ge=1, le=100),
+    principal: Principal = Depends(caller),
+) -> dict:  # fmt: skip
+    """The checkpoints of the job's last epochs, newest first; each is served as its own model (its
+    fine_tuned_model_checkpoint) once made."""
+    job = _find_job(request, principal, job_id)
+    rows = await asyncio.to_thread(_state(request).finetune_store.list_checkpoints, job_id)
+    data = [
+        {"object": "fine_tuning.job.checkpoint", "id": c["id"], "created_at": c["created_at"],
+         "fine_tuned_model_checkpoint": c["model"], "fine_tuning_job_id": job["id"], "step_number": c["step"],
+         "metrics": {k: v for k, v in c["metrics"].items() if v is not None}}
+        for c in rows if c["model"]
+    ]  # fmt: skip
+    return page(data, after, limit)
 
 
 def _find_job(request: Request, principal: Principal, job_id: str) -> dict:

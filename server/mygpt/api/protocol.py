@@ -294,6 +294,17 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def page(items: list[dict], after: str | None, limit: int) -> dict:
+    """OpenAI's cursor page of `items` (in their listed order): the `limit` after the one whose id is
+    `after` (none when no item has it)."""
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    data = items[:limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}  # fmt: skip
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

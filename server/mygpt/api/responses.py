@@ -34,7 +34,7 @@ from mygpt.api import routes
 from mygpt.api.auth import caller
 from mygpt.api.chat import ChatService, Closing
 from mygpt.api.errors import APIError, invalid, invalid_value
-from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest
+from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest, page
 from mygpt.tenancy.auth import Principal
 
 router = APIRouter()
@@ -167,13 +167,7 @@ async def list_input_items(
     items = _store(request).inputs(_tenant(principal), response_id)
     if items is None:
         raise _not_found(response_id)
-    items = items[::-1] if order == "desc" else items
-    if after is not None:
-        ids = [i["id"] for i in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
-    page = items[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}  # fmt: skip
+    return page(items[::-1] if order == "desc" else items, after, limit)
 
 
 @router.delete("/v1/responses/{response_id}")

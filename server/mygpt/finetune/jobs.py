@@ -2,12 +2,17 @@
 
 Status: queued -> running -> succeeded | failed | cancelled. A finished adapter is written into the
 tenant's store, validated like any other (the registry's load) and served at once as
-`ft:<base>:<tenant>:<suffix>:<job-id>`. On start, queued jobs are picked up again.
+`ft:<base>:<tenant>:<suffix>:<job-id>`, and the checkpoints of its last epochs beside it as
+`...:ckpt-step-<step>`. On start, queued jobs are picked up again.
 
-Servers may share the store (replicas): the one that claims a queued job holds a lease on it, renewed
-every BEAT_S while its trainer runs. A job whose lease ended (its server stopped or was killed) ends
-`failed` with that reason, found by any server's worker. A cancel reaches the store at once, through
-any server; the server running the job sees it at its next renewal and stops the trainer.
+A job survives its server: the trainer checkpoints at each epoch's end, every CHECKPOINT_S, and when
+the server stops (SIGTERM: at the end of the step under way). Servers may share the store (replicas):
+the one that claims a queued job holds a lease on it, renewed every BEAT_S while its trainer runs. A
+job whose lease ended (its server stopped, or was killed) is queued again by whichever server finds
+it, and resumes from its newest checkpoint, or starts again without one. Interrupted MAX_STALLS
+times in a row without a new checkpoint, it ends `failed` (`server_restarted`). A cancel reaches the
+store at once, through any server; the server running the job sees it at its next renewal and stops
+the trainer.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import uuid
 from pathlib import Path
 
 from mygpt.finetune.store import Store
-from mygpt.lora.registry import AdapterRegistry
-from mygpt.lora.weights import AdapterError
+from mygpt.finetune.trainer import checkpoints
+from mygpt.lora.registry import ADAPTER_NAME, AdapterRegistry
+from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError
 
 log = logging.getLogger(__name__)
 SUFFIX = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")  # fullmatch
@@ -46,19 +52,31 @@ def results_csv(curve: list[dict]) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["step", "epoch", "train_loss", "valid_loss", "trained_tokens"])
-    rows: list[list] = []
+    rows: dict[int, list] = {}  # by step: a resumed run's steps replace those it ran again
     for event in curve:
         if event["event"] == "step":
-            rows.append([event["step"], event["epoch"], event["train_loss"], "", event["trained_tokens"]])
-        elif rows and event.get("valid_loss") is not None:  # the epoch just ended
-            rows[-1][3] = event["valid_loss"]
-    writer.writerows(rows)
+            rows[event["step"]] = [
+                event["step"],
+                event["epoch"],
+                event["train_loss"],
+                "",
+                event["trained_tokens"],
+            ]
+        elif event.get("valid_loss") is not None:  # on the epoch's last step
+            last = max((k for k, row in rows.items() if row[1] == event["epoch"]), default=None)
+            if last is not None:
+                rows[last][3] = event["valid_loss"]
+    writer.writerows(rows[k] for k in sorted(rows))
     return out.getvalue().encode()
 
 
 class JobManager:
     LEASE_S = 60.0  # how long a claim on a running job lasts unless renewed
     BEAT_S = 2.0  # how often the running job's lease is renewed and its status read (a cancel elsewhere)
+    CHECKPOINT_S = 600.0  # the trainer's checkpoints within an epoch, at most this far apart
+    CHECKPOINTS_SERVED = 2  # the newest epochs' checkpoints served beside a job's model
+    MAX_STALLS = 3  # interruptions in a row without a new checkpoint before a job ends failed
+    STOP_S = 20.0  # how long a stopping server waits for its trainer's checkpoint before killing it
     IDLE_S = 5.0  # how often an idle worker looks for queued jobs and orphans (a submit wakes it at once)
     TRAINER = (sys.executable, "-m", "mygpt.finetune.trainer")  # + the spec's path
 
@@ -85,27 +103,55 @@ class JobManager:
         self._wake.set()
 
     def _end_orphans(self) -> None:
-        """Running jobs whose lease ended end `failed`: the server that ran them stopped."""
+        """Running jobs whose lease ended (the server that ran them stopped) are queued again, to
+        resume from their newest checkpoint; after MAX_STALLS interruptions without progress, failed."""
         now = time.time()
         for job in self.store.jobs_with_status("running"):
             if job["lease_until"] is not None and job["lease_until"] >= now:
                 continue  # a server runs it
-            error = {"code": "server_restarted", "param": None,
-                     "message": "The server stopped while this job was running; create the job again."}  # fmt: skip
-            if self._finish(job["id"], "failed", error=error, if_lease_before=now):
-                log.warning("fine-tuning job %s ended failed: its server stopped while it ran", job["id"])
-                for work in self.registry.store_of(job["tenant"]).glob(f".{job['id']}-*"):
-                    shutil.rmtree(work, ignore_errors=True)  # the stopped trainer's half-written output
+            for work in self.registry.store_of(job["tenant"]).glob(f".{job['id']}-*"):
+                shutil.rmtree(work, ignore_errors=True)  # the stopped trainer's half-written output
+            newest = checkpoints(self.store.checkpoint_dir(job["id"]))
+            step = _step_of(newest[-1]) if newest else 0
+            stalls = 0 if step > job["resume_step"] else job["stalls"] + 1
+            if stalls >= self.MAX_STALLS:
+                error = {"code": "server_restarted", "param": None, "message": (
+                    f"The server running this job stopped {stalls} times in a row before it saved a new "
+                    "checkpoint; create the job again.")}  # fmt: skip
+                if self._finish(job["id"], "failed", error=error, if_lease_before=now):
+                    log.warning(
+                        "fine-tuning job %s failed: interrupted %d times without progress", job["id"], stalls
+                    )
+                continue
+            if self.store.update_job(
+                job["id"], if_status=("running",), if_lease_before=now, status="queued", owner=None,
+                lease_until=None, resume_step=step, stalls=stalls,
+            ):  # fmt: skip
+                where = (
+                    f"resumes from its checkpoint at step {step}"
+                    if step
+                    else "starts again from the beginning"
+                )
+                log.info("fine-tuning job %s was interrupted; it %s", job["id"], where)
+                self.store.add_event(job["id"], f"The server running this job stopped; it {where}.")
+                self._wake.set()
 
     def stop(self) -> None:
+        """Stops the worker. A running trainer checkpoints at the end of its step and exits (SIGTERM);
+        the job stays `running`, its lease ended, and resumes on the next server that starts (or on
+        another replica at once). Past STOP_S the trainer is killed: it resumes from an older one."""
         self._stopping = True
         self._wake.set()
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
         if self._thread.is_alive():
-            # the worker sees the trainer end and leaves the job to the next start
-            self._thread.join(timeout=15)
+            self._thread.join(timeout=self.STOP_S)
+        proc = self._proc
+        if self._thread.is_alive() and proc is not None and proc.poll() is None:
+            log.warning("the fine-tuning trainer did not stop within %.0f s; killing it", self.STOP_S)
+            proc.kill()
+            self._thread.join(timeout=5)
         with self._lock:
             current = self._current
         if current is not None:  # the worker did not get there: the job's lease ends now all the same
@@ -125,7 +171,7 @@ class JobManager:
             self._cancel.add(job_id)
             current, proc = self._current == job_id, self._proc
         if current and proc is not None and proc.poll() is None:
-            proc.terminate()  # the worker sees the flag and leaves the job as the store has it
+            proc.kill()  # (no checkpoint) the worker sees the flag and leaves the job as the store has it
 
     def made(self, tenant: str, name: str) -> bool:
         """Whether one of `tenant`'s jobs made the adapter `name` (which the tenant may then delete)."""
@@ -168,15 +214,21 @@ class JobManager:
         store_dir = self.registry.store_of(job["tenant"])
         store_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{job_id}-", dir=store_dir))  # hidden: not an adapter yet
+        ckpt_dir = self.store.checkpoint_dir(job_id)
+        newest = checkpoints(ckpt_dir)
         spec = {
             "settings": self.settings, "base_name": self.base_name, "seed": job["seed"],
             "hyperparameters": job["hyperparameters"], "cpu_threads": self.cpu_threads,
             "train_path": str(self.store.file_path(job["training_file"])),
             "valid_path": str(self.store.file_path(job["validation_file"])) if job["validation_file"] else None,
-            "out_dir": str(work / "adapter"),
+            "out_dir": str(work / "adapter"), "checkpoint_dir": str(ckpt_dir), "checkpoint_s": self.CHECKPOINT_S,
+            "resume": str(newest[-1]) if newest else None,
         }  # fmt: skip
         (work / "spec.json").write_text(json.dumps(spec))
-        self.store.add_event(job_id, "Fine-tuning job started.", data={"type": "status", "status": "running"})
+        if not newest:
+            self.store.add_event(
+                job_id, "Fine-tuning job started.", data={"type": "status", "status": "running"}
+            )
         stderr = open(work / "stderr.log", "w+")  # noqa: SIM115 - closed below
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
@@ -193,16 +245,13 @@ class JobManager:
         beat.start()
         last: dict = {}
         error = None
-        curve: list[dict] = []  # the steps' and epochs' metrics: the job's result file
         for line in proc.stdout:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue
             last = event
-            self._record(job_id, event)
-            if event["event"] in ("step", "epoch"):
-                curve.append(event)
+            self._record(job, event)
             if event["event"] == "error":
                 error = event["message"]
         proc.wait()
@@ -213,7 +262,7 @@ class JobManager:
         stderr.seek(0)
         tail = stderr.read()[-2000:]
         stderr.close()
-        if self._stopping and job_id not in self._cancel:
+        if (self._stopping or last.get("event") == "paused") and job_id not in self._cancel:
             # the server is stopping and terminated the trainer: the job stays `running` in the store,
             # as it does when the server is killed outright; its lease ends now, and the next start (or
             # another server's worker) ends it `server_restarted`
@@ -236,7 +285,7 @@ class JobManager:
                 job["tenant"],
                 "step_metrics.csv",
                 RESULTS,
-                results_csv(curve),
+                results_csv(self.store.curve(job_id)),  # the steps of every run of the job
                 0,
             )
             self.store.update_job(
@@ -276,8 +325,60 @@ class JobManager:
                 self._stop_trainer(job_id)
                 return
 
-    def _record(self, job_id: str, event: dict) -> None:
+    def _serve_checkpoint(self, job: dict, step: int) -> None:
+        """An epoch's checkpoint served at once beside the job's model, as `<model>:ckpt-step-<step>`:
+        copied into the tenant's store and validated like any adapter. The newest CHECKPOINTS_SERVED
+        stay (OpenAI keeps those of the last 3 epochs, the model included). A name past the adapter
+        names' length is not served."""
+        model = f"{self.adapter_name(job)}:ckpt-step-{step}"
+        source = self.store.checkpoint_dir(job["id"]) / f"step-{step:08d}"
+        if not ADAPTER_NAME.fullmatch(model) or not source.is_dir():
+            return
+        store_dir = self.registry.store_of(job["tenant"])
+        tmp = store_dir / f".{job['id']}-ckpt-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for file in (CONFIG, WEIGHTS):
+            shutil.copy2(source / file, tmp / file)
+        shutil.rmtree(store_dir / model, ignore_errors=True)  # a run resumed past it made it again
+        tmp.rename(store_dir / model)
+        self.store.set_checkpoint_model(job["id"], step, model)  # recorded first: its tenant may delete it
+        try:
+            self.registry.load(job["tenant"], model, source="finetune", replace=True)
+        except AdapterError as exc:
+            log.warning("checkpoint %s of job %s is not served: %s", step, job["id"], exc)
+            self._unserve(job, [step])
+            return
+        older = [c["step"] for c in self.store.list_checkpoints(job["id"])][self.CHECKPOINTS_SERVED :]
+        self._unserve(job, older)
+
+    def _unserve(self, job: dict, steps: list[int]) -> None:
+        """The checkpoints' models deleted (unroutable at once, their files gone) and their records."""
+        for ckpt in self.store.list_checkpoints(job["id"]):
+            if ckpt["step"] in steps:
+                if ckpt["model"]:
+                    self.registry.delete(job["tenant"], ckpt["model"])
+                self.store.delete_checkpoint(job["id"], ckpt["step"])
+
+    def _record(self, job: dict, event: dict) -> None:
+        job_id = job["id"]
         kind = event["event"]
+        if kind == "checkpoint":
+            if event["epoch_end"]:  # listed by the API; the newest within an epoch only resumes a run
+                metrics = {
+                    "step": event["step"],
+                    "train_loss": event["train_loss"],
+                    "valid_loss": event["valid_loss"],
+                }
+                self.store.add_checkpoint(job_id, event["step"], event["epoch"], metrics)
+                self._serve_checkpoint(job, event["step"])
+                self.store.add_event(job_id, f"Checkpoint created at step {event['step']}.",
+                                     data={"type": "message"})  # fmt: skip
+            return
+        if kind == "resumed":
+            message = f"Fine-tuning job resumed from its checkpoint at step {event['step']}."
+            self.store.add_event(job_id, message, data={"type": "status", "status": "running"})
+            return
         if kind == "started":
             message = (
                 f"Training on {event['train_examples']} examples ({event['train_tokens']} assistant tokens), "
@@ -315,9 +416,16 @@ class JobManager:
             status=status, finished_at=int(time.time()), error=error, lease_until=None,
         ):  # fmt: skip
             return False
+        shutil.rmtree(self.store.checkpoint_dir(job_id), ignore_errors=True)
+        if status != "succeeded" and (job := self.store.get_job(None, job_id)) is not None:
+            self._unserve(job, [c["step"] for c in self.store.list_checkpoints(job_id)])  # it made nothing
         text = {"succeeded": "The job has successfully completed.", "cancelled": "The job was cancelled."}
         message = text.get(status) or f"The job failed: {error['message'] if error else 'unknown reason'}"
         self.store.add_event(
             job_id, message, "error" if status == "failed" else "info", {"type": "status", "status": status}
         )
         return True
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))

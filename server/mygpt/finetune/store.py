@@ -17,7 +17,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, training_file TEXT NOT NULL,
     validation_file TEXT, suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL,
     status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, fine_tuned_model TEXT,
-    trained_tokens INTEGER, error TEXT, result_files TEXT, owner TEXT, lease_until REAL);
+    trained_tokens INTEGER, error TEXT, result_files TEXT, owner TEXT, lease_until REAL,
+    resume_step INTEGER NOT NULL DEFAULT 0, stalls INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL, step INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, metrics TEXT NOT NULL, model TEXT, UNIQUE (job_id, step));
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
     level TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
@@ -47,6 +51,7 @@ class Store:
         self._db.executescript(SCHEMA)
         for table, column, kind in (
             ("jobs", "result_files", "TEXT"), ("jobs", "owner", "TEXT"), ("jobs", "lease_until", "REAL"),
+            ("jobs", "resume_step", "INTEGER NOT NULL DEFAULT 0"), ("jobs", "stalls", "INTEGER NOT NULL DEFAULT 0"),
             ("batches", "owner", "TEXT"), ("batches", "lease_until", "REAL"),
             ("batches", "ending", "TEXT"), ("batches", "model", "TEXT"),
             ("batches", "input_tokens", "INTEGER NOT NULL DEFAULT 0"),
@@ -165,8 +170,48 @@ class Store:
         return self._update("jobs", job_id, fields, where)
 
     def job_made(self, tenant: str, name: str) -> bool:
-        """Whether one of `tenant`'s jobs made the model `name`."""
-        return bool(self._q("SELECT 1 FROM jobs WHERE tenant=? AND fine_tuned_model=? LIMIT 1", tenant, name))
+        """Whether one of `tenant`'s jobs made the model `name` (its result or one of its checkpoints)."""
+        return bool(
+            self._q("SELECT 1 FROM jobs WHERE tenant=? AND fine_tuned_model=? LIMIT 1", tenant, name)
+            or self._q(
+                "SELECT 1 FROM checkpoints c JOIN jobs j ON j.id=c.job_id WHERE j.tenant=? AND c.model=? LIMIT 1",
+                tenant, name,
+            )
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_dir(self, job_id: str) -> Path:
+        """Where a job's trainer writes its checkpoints (finetune.trainer.save_checkpoint)."""
+        return self.root / "checkpoints" / job_id
+
+    def add_checkpoint(self, job_id: str, step: int, epoch: int, metrics: dict) -> None:
+        """An epoch's checkpoint, listed by the API (its model is set once it is served)."""
+        self._q(
+            "INSERT OR REPLACE INTO checkpoints (id, job_id, step, epoch, created_at, metrics) VALUES (?,?,?,?,?,?)",
+            f"ftckpt_{job_id.removeprefix('ftjob-')}{step:08d}", job_id, step, epoch, int(time.time()),
+            json.dumps(metrics),
+        )  # fmt: skip
+
+    def set_checkpoint_model(self, job_id: str, step: int, model: str | None) -> None:
+        self._q("UPDATE checkpoints SET model=? WHERE job_id=? AND step=?", model, job_id, step)
+
+    def delete_checkpoint(self, job_id: str, step: int) -> None:
+        self._q("DELETE FROM checkpoints WHERE job_id=? AND step=?", job_id, step)
+
+    def list_checkpoints(self, job_id: str) -> list[dict]:
+        """Newest first, as OpenAI lists them."""
+        rows = self._q("SELECT * FROM checkpoints WHERE job_id=? ORDER BY step DESC", job_id)
+        return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
+
+    def curve(self, job_id: str) -> list[dict]:
+        """The job's step and epoch events (their data, oldest first): its result file's rows."""
+        rows = self._q("SELECT data FROM events WHERE job_id=? AND data IS NOT NULL ORDER BY seq", job_id)
+        out = []
+        for row in rows:
+            data = json.loads(row["data"])
+            if data.get("type") in ("metrics", "epoch"):
+                out.append({**data, "event": "step" if data["type"] == "metrics" else "epoch"})
+        return out
 
     def claim_job(self, job_id: str, owner: str, lease_s: float) -> bool:
         """queued -> running, held by `owner` for lease_s seconds (renew_job), atomically: False when
