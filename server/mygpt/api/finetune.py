@@ -16,6 +16,7 @@ from mygpt.api.protocol import page
 from mygpt.batches import OPEN, validate_batch
 from mygpt.finetune.data import DataError, validate_jsonl
 from mygpt.finetune.jobs import SUFFIX
+from mygpt.lora.registry import ADAPTER_NAME
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
 
@@ -181,8 +182,13 @@ async def create_job(body: CreateJob, request: Request, principal: Principal = D
             raise invalid(f"hyperparameters.{key} must be between {low} and {high}, got {value}.",
                           param=f"hyperparameters.{key}")  # fmt: skip
         hp[key] = value
+    job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
+    name = state.jobs.adapter_name({"id": job_id, "tenant": tenant, "suffix": body.suffix})
+    if not ADAPTER_NAME.fullmatch(name):  # refused now, not after the training
+        raise invalid(f"The fine-tuned model's name would be '{name}', {len(name)} characters: a model name "
+                      "has at most 128. Use a shorter suffix.", param="suffix")  # fmt: skip
     job = state.finetune_store.add_job({
-        "id": f"ftjob-{uuid.uuid4().hex[:24]}", "tenant": tenant, "model": base,
+        "id": job_id, "tenant": tenant, "model": base,
         "training_file": body.training_file, "validation_file": body.validation_file, "suffix": body.suffix,
         "hyperparameters": hp, "seed": body.seed if body.seed is not None else random.randrange(2**31),
     })  # fmt: skip

@@ -178,7 +178,9 @@ class JobManager:
         return self.store.job_made(tenant, name)
 
     def adapter_name(self, job: dict) -> str:
-        base = self.base_name.replace("/", "-")
+        """The job's model: ft:<base>:<tenant>:<suffix>:<job id>, the base's name in adapter-name
+        characters (a served name may hold others: "/", spaces)."""
+        base = re.sub(r"[^A-Za-z0-9._-]", "-", self.base_name)
         return f"ft:{base}:{job['tenant']}:{job['suffix'] or 'ft'}:{job['id']}"
 
     # ------------------------------------------------------------------ worker

@@ -1,0 +1,39 @@
+"""The fine-tuning API's checks at job creation, through the openai SDK (in process, the tiny model)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import openai
+import pytest
+from test_app import sdk_for, served_state  # noqa: F401 - served_state: the fixture
+
+from mygpt.finetune.jobs import JobManager
+from mygpt.finetune.store import Store
+
+pytestmark = pytest.mark.anyio
+LONG_BASE = "a-served-model-name/" + "x" * 40  # "/" is not an adapter name's character
+
+
+@pytest.fixture
+def state(served_state, tmp_path):  # noqa: F811
+    served_state.finetune_store = Store(tmp_path / "store")
+    served_state.jobs = JobManager(served_state.finetune_store, None, LONG_BASE, {}, 1)  # never started
+    return served_state
+
+
+async def test_a_job_whose_model_name_would_be_too_long_is_refused_at_creation(state):
+    """The model's name (ft:<base>:<tenant>:<suffix>:<job>) must be a valid adapter name, or the job
+    would fail after its training; the base's other characters are replaced."""
+    sdk = sdk_for(state)
+    line = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}
+    train = await sdk.files.create(file=("t.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")),
+                                   purpose="fine-tune")  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=train.id, suffix="s" * 40)
+    assert err.value.body["param"] == "suffix" and "at most 128" in err.value.body["message"]
+    job = await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=train.id, suffix="short")
+    assert state.jobs.adapter_name(state.finetune_store.get_job(None, job.id)).startswith(
+        "ft:a-served-model-name-xxxx"
+    )
