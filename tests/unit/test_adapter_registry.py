@@ -58,6 +58,15 @@ def test_found_in_the_store_and_scoped_by_tenant(registry, store):
     ]
 
 
+def test_a_fine_tuned_adapter_deleted_from_the_store_stops_routing(registry, store):
+    """A replica sharing the store deleted it (models.delete there): this one stops routing it too."""
+    shutil.copytree(store / "t" / "one", store / "t" / "ft:tiny:t:ft:ftjob-1")
+    entry, _ = registry.load("t", "ft:tiny:t:ft:ftjob-1", source="finetune")
+    assert registry.get("t", entry.name) is entry
+    shutil.rmtree(store / "t" / entry.name)
+    assert registry.get("t", entry.name) is None and registry.retired[-1] == entry.key
+
+
 def test_problem_is_what_a_load_would_refuse_without_reading_tensors(
     registry, store, tiny_model_dir, monkeypatch
 ):
