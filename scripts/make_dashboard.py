@@ -201,6 +201,22 @@ ROWS = {
             "Closed-API price of the same prompt and completion tokens minus our busy-time cost.",
         ),
     ],
+    "Fine-tuning and batches": [
+        panel(
+            "Fine-tuning jobs",
+            [q(f"sum by (status) (max by (tenant, status) (mygpt_finetune_jobs{{{T}}}))", "{{status}}")],
+            desc="Queued and running jobs in the store (replicas sharing it report the same: max over them).",
+        ),
+        panel(
+            "Fine-tuning: tokens trained per second by tenant",
+            [q(f"sum by (tenant) (rate(mygpt_finetune_trained_tokens_total{{{T}}}[{RI}]))", "{{tenant}}")],
+        ),
+        panel(
+            "Batches",
+            [q(f"sum by (status) (max by (tenant, status) (mygpt_batches{{{T}}}))", "{{status}}")],
+            desc="Batches not ended, in the store (replicas sharing it report the same: max over them).",
+        ),
+    ],
     "Memory": [
         panel("Process resident memory", [q("sum(process_resident_memory_bytes)", "RSS")], "bytes"),
         panel("Device memory", [q("sum by (kind) (mygpt_device_memory_bytes)", "{{kind}}")], "bytes"),

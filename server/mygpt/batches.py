@@ -30,7 +30,7 @@ from mygpt.api import completions
 from mygpt.api.errors import APIError, invalid_value
 from mygpt.api.protocol import ChatCompletionRequest, CompletionRequest
 from mygpt.finetune.data import DataError, json_lines
-from mygpt.finetune.store import Store
+from mygpt.finetune.store import OPEN_BATCHES, Store
 from mygpt.tenancy.auth import Principal
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_REQUESTS = 50_000  # per batch, as OpenAI's
 WINDOW_S = {"24h": 24 * 3600}
-OPEN = ("validating", "in_progress", "finalizing", "cancelling")  # a runner's work, after a restart too
+OPEN = OPEN_BATCHES
 RETRY_S = 1.0  # a refusal for capacity without Retry-After
 
 

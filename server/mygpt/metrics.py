@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -213,6 +214,7 @@ class Metrics:
         self.hourly.set(cost.per_hour_usd)
         self._cache_stats: Callable[[], tuple[object, dict]] | None = None
         self._device_memory: Callable[[], dict[str, int]] | None = None
+        self._background: Callable[[], Background] | None = None
         r.register(_Collected(self))
 
     # ------------------------------------------------------------------ labels
@@ -283,12 +285,28 @@ class Metrics:
     def watch_device_memory(self, read: Callable[[], dict[str, int]]) -> None:
         self._device_memory = read
 
+    def watch_background(self, read: Callable[[], Background]) -> None:
+        """`read()`: the fine-tuning and batch work, read at scrape time (Background)."""
+        self._background = read
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
+@dataclass
+class Background:
+    """Fine-tuning and batch work: open jobs and batches in the store by (tenant, status), the same on
+    every replica sharing the store (dashboards take the max over replicas); tokens trained by this
+    replica's trainer, by tenant. Configured tenants only, each with every open status (zeros too)."""
+
+    jobs: dict[tuple[str, str], int]
+    batches: dict[tuple[str, str], int]
+    trained_tokens: dict[str, int]
+
+
 class _Collected:
-    """Values read at scrape time: the adapter cache's counters and gauges, device memory."""
+    """Values read at scrape time: the adapter cache's counters and gauges, device memory, background
+    work."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -321,3 +339,23 @@ class _Collected:
             for kind, value in m._device_memory().items():
                 g.add_metric([kind], value)
             yield g
+        if m._background is not None:
+            work = m._background()
+            for name, doc, counts in [
+                ("mygpt_finetune_jobs", "Fine-tuning jobs queued or running, in the store (every replica "
+                 "sharing it reports the same).", work.jobs),
+                ("mygpt_batches", "Batches not ended, in the store (every replica sharing it reports the "
+                 "same).", work.batches),
+            ]:  # fmt: skip
+                g = GaugeMetricFamily(name, doc, labels=["tenant", "status"])
+                for (tenant, status), n in sorted(counts.items()):
+                    g.add_metric([tenant, status], n)
+                yield g
+            c = CounterMetricFamily(
+                "mygpt_finetune_trained_tokens",
+                "Assistant tokens trained by this replica.",
+                labels=["tenant"],
+            )
+            for tenant, n in sorted(work.trained_tokens.items()):
+                c.add_metric([tenant], n)
+            yield c

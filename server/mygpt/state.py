@@ -32,11 +32,11 @@ from mygpt.engine.naive import NaiveEngine
 from mygpt.engine.runner import GRAPH_PROMPT_SPAN, ModelRunner, cache_len
 from mygpt.engine.types import AdapterRef, GenerationRequest, SamplingParams
 from mygpt.finetune.jobs import JobManager
-from mygpt.finetune.store import Store
+from mygpt.finetune.store import OPEN_BATCHES, OPEN_JOBS, Store
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.layers import lora_module_shapes
 from mygpt.lora.registry import AdapterRegistry
-from mygpt.metrics import Metrics
+from mygpt.metrics import Background, Metrics
 from mygpt.tenancy.config import load_tenancy_from
 from mygpt.tenancy.tenants import Tenants
 
@@ -202,6 +202,17 @@ class ServerState:
             self.finetune_store, registry, base_name, model_settings, s.finetune_cpu_threads
         )
         self.jobs.start()
+        if self.metrics is not None:
+            self.metrics.watch_background(self._background)
+
+    def _background(self) -> Background:
+        jobs, batches = self.finetune_store.open_counts()
+        tenants = self.tenants.names
+        return Background(
+            jobs={(t, s): jobs.get((t, s), 0) for t in tenants for s in OPEN_JOBS},
+            batches={(t, s): batches.get((t, s), 0) for t in tenants for s in OPEN_BATCHES},
+            trained_tokens={t: self.jobs.trained_tokens[t] for t in tenants},
+        )
 
     def _load_configured_adapters(self, strict: bool = True) -> list[str]:
         """The adapters the config declares: validated now (at start a bad one fails the start: the

@@ -196,3 +196,45 @@ def test_an_orphan_resumes_from_its_newest_checkpoint_and_fails_after_stalling(m
     job = interrupted()
     assert job["status"] == "failed" and job["error"]["code"] == "server_restarted"
     assert "3 times in a row" in job["error"]["message"] and not store.checkpoint_dir("ftjob-1").exists()
+
+
+def test_metrics_show_the_stores_open_work_and_the_tokens_this_replica_trained(manager, tmp_path):
+    """mygpt_finetune_jobs and mygpt_batches: open jobs and batches by tenant and status (zeros for
+    every tenant, nothing of a removed one); mygpt_finetune_trained_tokens_total: the steps' tokens,
+    a resumed run's counted from its checkpoint (not again)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mygpt.config import Settings
+    from mygpt.cost import CostModel
+    from mygpt.metrics import Metrics
+    from mygpt.state import ServerState
+    from mygpt.tenancy.config import load_tenancy
+    from mygpt.tenancy.tenants import Tenants
+
+    store, make = manager
+    add_jobs(store, "ftjob-1", "ftjob-2", "ftjob-3")
+    assert store.claim_job("ftjob-1", "a", 60)
+    store.update_job("ftjob-3", status="succeeded")
+    state = ServerState(Settings(), Tenants(load_tenancy(None)))  # one open tenant: "default"
+    state.finetune_store, state.jobs, state.metrics = store, make(), Metrics(CostModel())
+    state.metrics.watch_background(state._background)
+    store._q("UPDATE jobs SET tenant='default' WHERE id IN ('ftjob-1','ftjob-2')")
+    job = store.get_job(None, "ftjob-1")
+    step = {"event": "step", "step": 1, "total_steps": 9, "epoch": 1, "train_loss": 1.0}
+    state.jobs._record(job, {**step, "trained_tokens": 10})
+    state.jobs._record(job, {**step, "trained_tokens": 25})
+    state.jobs._record(
+        job, {"event": "resumed", "step": 1, "epoch": 1, "trained_tokens": 10}
+    )  # from a checkpoint
+    state.jobs._record(job, {**step, "trained_tokens": 25})  # its step 2 again: counted again, it ran again
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(state.metrics.exposition().decode())
+        for s in f.samples
+        if s.name.startswith(("mygpt_finetune", "mygpt_batches"))
+    }
+    assert values[("mygpt_finetune_jobs", (("status", "queued"), ("tenant", "default")))] == 1
+    assert values[("mygpt_finetune_jobs", (("status", "running"), ("tenant", "default")))] == 1
+    assert values[("mygpt_batches", (("status", "in_progress"), ("tenant", "default")))] == 0
+    assert values[("mygpt_finetune_trained_tokens_total", (("tenant", "default"),))] == 40
+    assert not [k for k in values if ("tenant", "acme") in k[1]]  # ftjob-3's tenant is not configured

@@ -62,8 +62,8 @@ async def ready(request: Request) -> Response:
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     """Prometheus text format; open like the probes (scrapers carry no tenant key)."""
-    m = _state(request).metrics
-    return Response(m.exposition() if m else b"", media_type=CONTENT_TYPE_LATEST)
+    m = _state(request).metrics  # (read off the event loop: some values come from the store)
+    return Response(await asyncio.to_thread(m.exposition) if m else b"", media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", include_in_schema=False)

@@ -17,6 +17,7 @@ the trainer.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import json
@@ -95,6 +96,8 @@ class JobManager:
         self._stopping = False
         self._lock = threading.Lock()  # _current, _proc and _cancel change together
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this server
+        self.trained_tokens: collections.Counter[str] = collections.Counter()  # by tenant, this process
+        self._run_tokens = 0  # the tokens the trainer under way had trained at its last step
         self._thread = threading.Thread(target=self._loop, name="mygpt-finetune", daemon=True)
 
     def start(self) -> None:
@@ -218,6 +221,7 @@ class JobManager:
         work = Path(tempfile.mkdtemp(prefix=f".{job_id}-", dir=store_dir))  # hidden: not an adapter yet
         ckpt_dir = self.store.checkpoint_dir(job_id)
         newest = checkpoints(ckpt_dir)
+        self._run_tokens = 0
         spec = {
             "settings": self.settings, "base_name": self.base_name, "seed": job["seed"],
             "hyperparameters": job["hyperparameters"], "cpu_threads": self.cpu_threads,
@@ -378,6 +382,7 @@ class JobManager:
                                      data={"type": "message"})  # fmt: skip
             return
         if kind == "resumed":
+            self._run_tokens = event["trained_tokens"]  # trained before the checkpoint: counted then
             message = f"Fine-tuning job resumed from its checkpoint at step {event['step']}."
             self.store.add_event(job_id, message, data={"type": "status", "status": "running"})
             return
@@ -391,6 +396,8 @@ class JobManager:
         elif kind == "step":
             message = f"Step {event['step']}/{event['total_steps']}: training loss={event['train_loss']:.4f}"
             self.store.update_job(job_id, trained_tokens=event["trained_tokens"])
+            self.trained_tokens[job["tenant"]] += event["trained_tokens"] - self._run_tokens
+            self._run_tokens = event["trained_tokens"]
         elif kind == "epoch":
             v = event.get("valid_loss")
             message = f"Epoch {event['epoch']} done" + (

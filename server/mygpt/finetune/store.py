@@ -9,6 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+OPEN_JOBS = ("queued", "running")
+OPEN_BATCHES = (
+    "validating",
+    "in_progress",
+    "finalizing",
+    "cancelling",
+)  # a runner's work, after a restart too
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
@@ -178,6 +186,15 @@ class Store:
                 tenant, name,
             )
         )  # fmt: skip
+
+    def open_counts(self) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+        """(jobs, batches) not ended, by (tenant, status)."""
+        out = []
+        for table, statuses in (("jobs", OPEN_JOBS), ("batches", OPEN_BATCHES)):
+            sql = (f"SELECT tenant, status, COUNT(*) n FROM {table} WHERE status IN "
+                   f"({','.join('?' * len(statuses))}) GROUP BY tenant, status")  # fmt: skip
+            out.append({(r["tenant"], r["status"]): r["n"] for r in self._q(sql, *statuses)})
+        return out[0], out[1]
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dir(self, job_id: str) -> Path:

@@ -119,7 +119,7 @@ def main(spec_path: str) -> None:
             resume[k] for k in ("epoch", "batch", "step", "trained", "spent")
         )
         random.setstate(resume["epoch_random"])  # this epoch's order, as it was drawn
-        emit("resumed", step=step, epoch=first)
+        emit("resumed", step=step, epoch=first, trained_tokens=trained)
     ckpt_dir = Path(spec["checkpoint_dir"]) if spec.get("checkpoint_dir") else None
     every_s = float(spec.get("checkpoint_s") or 0)
     model.train()
