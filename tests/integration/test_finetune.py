@@ -124,7 +124,7 @@ def test_the_whole_loop(server):
     # the checkpoints of the epochs before the last (6 steps each), newest first, served as models
     ckpts = acme.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in ckpts] == [12, 6]
-    assert [c.metrics.valid_loss for c in ckpts] == [e["valid_loss"] for e in epochs[1::-1]]
+    assert [c.metrics.full_valid_loss for c in ckpts] == [e["valid_loss"] for e in epochs[1::-1]]
     assert ckpts[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-12"
     assert {c.fine_tuned_model_checkpoint for c in ckpts} <= {m.id for m in acme.models.list().data}
     early = acme.chat.completions.create(
@@ -136,6 +136,8 @@ def test_the_whole_loop(server):
     ]
     with pytest.raises(openai.NotFoundError):
         globex.fine_tuning.jobs.checkpoints.list(job.id)
+    acme.models.delete(ckpts[1].fine_tuned_model_checkpoint)  # the tenant's to delete, like the model
+    assert [c.id for c in acme.fine_tuning.jobs.checkpoints.list(job.id).data] == [ckpts[0].id]
 
 
 def test_a_tenant_deletes_its_fine_tuned_model_and_reads_its_files(server, tiny_model_dir, store):

@@ -107,9 +107,9 @@ def manager(tmp_path):
     registry = AdapterRegistry(tmp_path / "adapters", ["acme"], {}, 16)
     made: list[JobManager] = []
 
-    def make() -> JobManager:
+    def make(trainer: str = "import time; time.sleep(60)") -> JobManager:
         jobs = JobManager(store, registry, "tiny", {}, 1)
-        jobs.TRAINER = (sys.executable, "-c", "import time; time.sleep(60)")
+        jobs.TRAINER = (sys.executable, "-c", trainer)  # + the spec's path
         jobs.BEAT_S = jobs.IDLE_S = 0.05
         made.append(jobs)
         return jobs
@@ -238,3 +238,67 @@ def test_metrics_show_the_stores_open_work_and_the_tokens_this_replica_trained(m
     assert values[("mygpt_batches", (("status", "in_progress"), ("tenant", "default")))] == 0
     assert values[("mygpt_finetune_trained_tokens_total", (("tenant", "default"),))] == 40
     assert not [k for k in values if ("tenant", "acme") in k[1]]  # ftjob-3's tenant is not configured
+
+
+# a trainer that writes a checkpoint every 20 ms until it is killed
+CHECKPOINTING = """
+import json, sys, time
+from pathlib import Path
+spec = json.loads(Path(sys.argv[1]).read_text())
+for step in range(1, 3000):
+    path = Path(spec["checkpoint_dir"]) / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.pt").touch()
+    time.sleep(0.02)
+"""
+
+# a trainer that ends its training when told to stop (SIGTERM in its last step): its adapter is done
+DONE_ON_SIGTERM = """
+import json, signal, sys, time
+def done(*_):
+    print(json.dumps({"event": "done", "trained_tokens": 5, "tokens_per_s": 1.0}), flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, done)
+time.sleep(60)
+"""
+
+
+def test_a_server_that_lost_a_jobs_lease_runs_it_again_once_it_is_queued(manager):
+    """Its renewal fails (another server queued the job again, as after a stall of LEASE_S): the
+    trainer stops, and the job is this server's to claim again like any queued job (no spin on it)."""
+    store, make = manager
+    runs = make()
+    add_jobs(store, "ftjob-1", "ftjob-2")
+    runs.start()
+    wait_until(lambda: runs._current == "ftjob-1")
+    first = runs._proc
+    store.update_job("ftjob-1", status="queued", owner=None, lease_until=None)  # as _end_orphans does
+    wait_until(lambda: runs._current == "ftjob-1" and runs._proc not in (None, first))
+    assert first.poll() is not None and store.get_job(None, "ftjob-1")["owner"] == runs.owner
+    assert store.get_job(None, "ftjob-2")["status"] == "queued"  # next in line, not lost
+
+
+def test_a_cancelled_job_leaves_no_checkpoint_even_one_its_trainer_wrote_after_the_cancel(manager):
+    store, make = manager
+    runs, other = make(CHECKPOINTING), make()
+    add_jobs(store, "ftjob-1")
+    runs.start()
+    wait_until(lambda: len(list(store.checkpoint_dir("ftjob-1").glob("step-*"))) >= 3)
+    other.cancel("ftjob-1")  # through another server: its trainer writes on until the next renewal
+    wait_until(lambda: runs._current is None)
+    assert store.get_job(None, "ftjob-1")["status"] == "cancelled"
+    assert not store.checkpoint_dir("ftjob-1").exists()
+
+
+def test_a_trainer_that_finishes_while_the_server_stops_ends_its_job(manager):
+    """SIGTERM in the last step: nothing is left to checkpoint, the trainer ends its training, and the
+    job ends with it (here failed: the fake trainer wrote no adapter), not queued to run again."""
+    store, make = manager
+    runs = make(DONE_ON_SIGTERM)
+    add_jobs(store, "ftjob-1")
+    runs.start()
+    wait_until(lambda: runs._proc is not None)
+    time.sleep(0.3)  # the fake trainer's signal handler is set
+    runs.stop()
+    job = store.get_job(None, "ftjob-1")
+    assert job["status"] == "failed" and "adapter" in job["error"]["message"], job  # it looked for it

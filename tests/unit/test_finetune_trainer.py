@@ -161,3 +161,14 @@ def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_runs_adapter(tiny
     _train(_spec(tiny_model_dir, tmp_path, "again", resume=str(epoch_end[0])))
     got = load_file(str(tmp_path / "again" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_checkpoint_of_another_base_is_refused(tmp_path):
+    """A restart on another --model: the job's checkpoint holds another base's adapter."""
+    import pytest
+
+    from mygpt.finetune.trainer import STATE, load_checkpoint
+
+    torch.save({"base_name": "other-base"}, tmp_path / STATE)
+    with pytest.raises(SystemExit, match="made on base 'other-base', not 'tiny'"):
+        load_checkpoint(str(tmp_path), "tiny", None, None, None)

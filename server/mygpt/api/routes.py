@@ -116,6 +116,7 @@ async def delete_model(model: str, request: Request, principal: Principal = Depe
     # the adapter leaves routing at once (requests using it finish on it) and its files the store
     if await asyncio.to_thread(state.registry.delete, entry.tenant, entry.name) is None:
         raise model_not_found(model)  # deleted meanwhile (by another request)
+    await asyncio.to_thread(state.jobs.forget_model, entry.tenant, entry.name)
     return ModelDeleted(id=model)
 
 

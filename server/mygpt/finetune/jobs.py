@@ -18,6 +18,7 @@ the trainer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import io
 import json
@@ -90,11 +91,13 @@ class JobManager:
         self.settings = settings  # the model settings the trainer loads the base with
         self.cpu_threads = cpu_threads
         self._wake = threading.Event()
-        self._cancel: set[str] = set()
+        # why the trainer under way was stopped from outside: "ended" (the job ended in the store:
+        # cancelled, through any server) or "lost" (its lease could not be renewed); None while it runs
+        self._halt: str | None = None
         self._proc: subprocess.Popen | None = None
         self._current: str | None = None
         self._stopping = False
-        self._lock = threading.Lock()  # _current, _proc and _cancel change together
+        self._lock = threading.Lock()  # _current, _proc and _halt change together
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this server
         self.trained_tokens: collections.Counter[str] = collections.Counter()  # by tenant, this process
         self._run_tokens = 0  # the tokens the trainer under way had trained at its last step
@@ -112,8 +115,6 @@ class JobManager:
         for job in self.store.jobs_with_status("running"):
             if job["lease_until"] is not None and job["lease_until"] >= now:
                 continue  # a server runs it
-            for work in self.registry.store_of(job["tenant"]).glob(f".{job['id']}-*"):
-                shutil.rmtree(work, ignore_errors=True)  # the stopped trainer's half-written output
             newest = checkpoints(self.store.checkpoint_dir(job["id"]))
             step = _step_of(newest[-1]) if newest else 0
             stalls = 0 if step > job["resume_step"] else job["stalls"] + 1
@@ -136,6 +137,7 @@ class JobManager:
                     else "starts again from the beginning"
                 )
                 log.info("fine-tuning job %s was interrupted; it %s", job["id"], where)
+                self._remove_work(job)  # the stopped trainer's half-written output
                 self.store.add_event(job["id"], f"The server running this job stopped; it {where}.")
                 self._wake.set()
 
@@ -167,14 +169,22 @@ class JobManager:
         """The job ends `cancelled` in the store now. If this server runs it, its trainer stops now;
         if another server does, that one stops it at its next renewal (BEAT_S)."""
         self._finish(job_id, "cancelled")
-        self._stop_trainer(job_id)
+        self._halt_trainer(job_id, "ended")
 
-    def _stop_trainer(self, job_id: str) -> None:
+    def _halt_trainer(self, job_id: str, why: str) -> None:
+        """Kills the trainer of `job_id` if it runs here (no checkpoint: the job is not this server's
+        to run any more); the worker then leaves the job as the store has it."""
         with self._lock:
-            self._cancel.add(job_id)
-            current, proc = self._current == job_id, self._proc
-        if current and proc is not None and proc.poll() is None:
-            proc.kill()  # (no checkpoint) the worker sees the flag and leaves the job as the store has it
+            if self._current != job_id:
+                return
+            self._halt = self._halt or why
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    def forget_model(self, tenant: str, name: str) -> None:
+        """A model of the tenant's jobs was deleted (models.delete): a checkpoint's is no longer listed."""
+        self.store.forget_checkpoint_model(tenant, name)
 
     def made(self, tenant: str, name: str) -> bool:
         """Whether one of `tenant`'s jobs made the adapter `name` (which the tenant may then delete)."""
@@ -189,36 +199,83 @@ class JobManager:
     # ------------------------------------------------------------------ worker
     def _loop(self) -> None:
         while not self._stopping:
+            job = None
             try:
                 self._end_orphans()
-            except Exception:
-                log.exception("ending orphaned fine-tuning jobs failed")
-            queued = self.store.jobs_with_status("queued")
-            if not queued:
-                self._wake.wait(self.IDLE_S)
-                self._wake.clear()
-                continue
-            job = queued[0]
-            try:
+                # this server's base only: replicas of another base (or a restart on another --model)
+                # leave theirs queued
+                queued = [j for j in self.store.jobs_with_status("queued") if j["model"] == self.base_name]
+                if not queued:
+                    self._wake.wait(self.IDLE_S)
+                    self._wake.clear()
+                    continue
+                job = queued[0]
                 self._run(job)
-            except Exception as exc:  # never lose a job silently
+            except Exception as exc:  # never lose a job silently, nor the worker
+                if job is None:
+                    log.exception("the fine-tuning worker's round failed")
+                    self._wake.wait(self.IDLE_S)
+                    continue
                 log.exception("fine-tuning job %s failed", job["id"])
-                self._finish(
-                    job["id"], "failed", error={"code": "internal_error", "param": None, "message": str(exc)}
-                )
+                error = {"code": "internal_error", "param": None, "message": str(exc)}
+                with contextlib.suppress(Exception):
+                    self._finish(job["id"], "failed", error=error)
 
     def _run(self, job: dict) -> None:
         job_id = job["id"]
         with self._lock:
-            if job_id in self._cancel or self._stopping:
-                return
-            if not self.store.claim_job(job_id, self.owner, self.LEASE_S):
+            if self._stopping or not self.store.claim_job(job_id, self.owner, self.LEASE_S):
                 return  # a replica sharing the store runs it (or it was cancelled)
-            self._current = job_id
-        name = self.adapter_name(job)
+            self._current, self._halt = job_id, None
         store_dir = self.registry.store_of(job["tenant"])
         store_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{job_id}-", dir=store_dir))  # hidden: not an adapter yet
+        beating = threading.Event()
+        beat = threading.Thread(
+            target=self._beat, args=(job_id, beating), name="mygpt-finetune-lease", daemon=True
+        )
+        proc = None
+        try:
+            proc = self._start_trainer(job, work)
+            beat.start()
+            last, error = self._follow(job, proc)
+            proc.wait()
+            beating.set()
+            beat.join()
+            with self._lock:
+                halted, self._current = self._halt, None
+            if halted is not None:  # the job is not this server's any more
+                log.info("fine-tuning job %s: its trainer was stopped (%s)", job_id, halted)
+            elif proc.returncode == 0 and last.get("event") == "done":  # (a stopping server too)
+                self._succeed(job, work, last)
+            elif self._stopping or last.get("event") == "paused":
+                # the trainer checkpointed and exited (or was killed): the job stays `running`, its lease
+                # ends now, and the next server that looks (this one after a restart, or a replica at
+                # once) queues it again to resume
+                self.store.update_job(job_id, if_status=("running",), if_owner=self.owner, lease_until=0)
+            else:
+                tail = (work / "stderr.log").read_text(errors="replace")[-2000:]
+                reason = error or (tail.strip().splitlines() or ["the trainer stopped"])[-1]
+                log.warning("fine-tuning job %s failed: %s\n%s", job_id, reason, tail)
+                self._finish(
+                    job_id, "failed", error={"code": "training_failed", "param": None, "message": reason}
+                )
+        finally:
+            beating.set()
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            with self._lock:
+                self._proc, self._current, self._halt = None, None, None
+            shutil.rmtree(work, ignore_errors=True)
+            ended = self.store.get_job(None, job_id)
+            if ended is not None and ended["status"] in ("failed", "cancelled"):
+                self._discard(ended)  # again, now that the trainer is gone: it may have written since
+            else:
+                self._remove_work(job)
+
+    def _start_trainer(self, job: dict, work: Path) -> subprocess.Popen:
+        job_id = job["id"]
         ckpt_dir = self.store.checkpoint_dir(job_id)
         newest = checkpoints(ckpt_dir)
         self._run_tokens = 0
@@ -228,27 +285,29 @@ class JobManager:
             "train_path": str(self.store.file_path(job["training_file"])),
             "valid_path": str(self.store.file_path(job["validation_file"])) if job["validation_file"] else None,
             "out_dir": str(work / "adapter"), "checkpoint_dir": str(ckpt_dir), "checkpoint_s": self.CHECKPOINT_S,
-            "resume": str(newest[-1]) if newest else None,
+            "resume": str(newest[-1]) if newest else None, "parent_pid": os.getpid(),
         }  # fmt: skip
         (work / "spec.json").write_text(json.dumps(spec))
         if not newest:
             self.store.add_event(
                 job_id, "Fine-tuning job started.", data={"type": "status", "status": "running"}
             )
-        stderr = open(work / "stderr.log", "w+")  # noqa: SIM115 - closed below
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
-            [*self.TRAINER, str(work / "spec.json")], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-        )  # fmt: skip
+        with open(work / "stderr.log", "w") as stderr:
+            proc = subprocess.Popen(
+                [*self.TRAINER, str(work / "spec.json")], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                env=env, start_new_session=True,  # a terminal's Ctrl-C is the server's to handle, not its
+            )  # fmt: skip
         with self._lock:
             self._proc = proc
-            if job_id in self._cancel:  # cancelled while the process was starting
+            if self._halt is not None:  # cancelled while the process was starting
+                proc.kill()
+            elif self._stopping:  # the server began to stop meanwhile: checkpoint and exit
                 proc.terminate()
-        beating = threading.Event()
-        beat = threading.Thread(
-            target=self._beat, args=(job_id, beating), name="mygpt-finetune-lease", daemon=True
-        )
-        beat.start()
+        return proc
+
+    def _follow(self, job: dict, proc: subprocess.Popen) -> tuple[dict, str | None]:
+        """Records the trainer's events until it exits: (its last event, its error message)."""
         last: dict = {}
         error = None
         for line in proc.stdout:
@@ -260,49 +319,28 @@ class JobManager:
             self._record(job, event)
             if event["event"] == "error":
                 error = event["message"]
-        proc.wait()
-        beating.set()
-        beat.join()
-        with self._lock:
-            self._proc, self._current = None, None
-        stderr.seek(0)
-        tail = stderr.read()[-2000:]
-        stderr.close()
-        if (self._stopping or last.get("event") == "paused") and job_id not in self._cancel:
-            # the server is stopping and terminated the trainer: the job stays `running` in the store,
-            # as it does when the server is killed outright; its lease ends now, and the next start (or
-            # another server's worker) ends it `server_restarted`
-            self.store.update_job(job_id, if_owner=self.owner, lease_until=0)
-            shutil.rmtree(work, ignore_errors=True)
-            return
-        if job_id in self._cancel:  # ended in the store already (cancel(), or by another server)
-            shutil.rmtree(work, ignore_errors=True)
-            return
-        if proc.returncode != 0 or last.get("event") != "done":
-            reason = error or (tail.strip().splitlines() or ["the trainer stopped"])[-1]
-            log.warning("fine-tuning job %s failed: %s\n%s", job_id, reason, tail)
-            self._finish(
-                job_id, "failed", error={"code": "training_failed", "param": None, "message": reason}
-            )
-            return
+        return last, error
+
+    def _succeed(self, job: dict, work: Path, last: dict) -> None:
+        job_id, name = job["id"], self.adapter_name(job)
+        store_dir = self.registry.store_of(job["tenant"])
         try:
             results = self.store.add_file(
-                f"file-{uuid.uuid4().hex[:24]}",
-                job["tenant"],
-                "step_metrics.csv",
-                RESULTS,
-                results_csv(self.store.curve(job_id)),  # the steps of every run of the job
-                0,
-            )
+                f"file-{uuid.uuid4().hex[:24]}", job["tenant"], "step_metrics.csv", RESULTS,
+                results_csv(self.store.curve(job_id)), 0,  # the steps of every run of the job
+            )  # fmt: skip
             self.store.update_job(
-                job_id, result_files=[results["id"]], trained_tokens=last.get("trained_tokens")
+                job_id,
+                if_status=("running",),
+                result_files=[results["id"]],
+                trained_tokens=last.get("trained_tokens"),
             )
             # in the store the adapter is routable: from here on it is either its job's model, recorded
             # (which its tenant can delete), or gone
             (work / "adapter").rename(store_dir / name)
             self.registry.load(job["tenant"], name, source="finetune")  # validated like any adapter
             self.store.update_job(job_id, fine_tuned_model=name)
-            if not self._finish(job_id, "succeeded"):  # cancelled at the last moment: it made nothing
+            if not self._finish(job_id, "succeeded"):  # ended meanwhile (a cancel): it made nothing
                 self.store.update_job(job_id, fine_tuned_model=None)
                 self.registry.delete(job["tenant"], name)
         except BaseException as exc:
@@ -312,24 +350,42 @@ class JobManager:
             self._finish(
                 job_id, "failed", error={"code": "invalid_adapter", "param": None, "message": str(exc)}
             )
-            return
-        finally:
+
+    def _remove_work(self, job: dict) -> None:
+        """The hidden directories a run of the job leaves in its tenant's store (its trainer's output,
+        a checkpoint's copy on its way to being served)."""
+        for work in self.registry.store_of(job["tenant"]).glob(f".{job['id']}-*"):
             shutil.rmtree(work, ignore_errors=True)
+
+    def _discard(self, job: dict) -> None:
+        """What a job that ended without a model leaves: its checkpoints, their served models, its
+        hidden directories."""
+        shutil.rmtree(self.store.checkpoint_dir(job["id"]), ignore_errors=True)
+        self._unserve(job, [c["step"] for c in self.store.list_checkpoints(job["id"])])
+        self._remove_work(job)
 
     def _beat(self, job_id: str, done: threading.Event) -> None:
         """While the job's trainer runs: renews the lease; stops the trainer once the job is no longer
         this server's to run (cancelled through another server, or failed by one that found the lease
         ended: this process stalled for LEASE_S)."""
+        renewed = time.monotonic()
         while not done.wait(self.BEAT_S):
             try:
                 held = self.store.renew_job(job_id, self.owner, self.LEASE_S)
-            except Exception:  # a store error: the lease lasts LEASE_S; try again
+            except Exception:  # a store error: the lease lasts LEASE_S; try again, short of its end
                 log.warning("renewing the lease of fine-tuning job %s failed", job_id, exc_info=True)
+                if time.monotonic() - renewed > self.LEASE_S - 2 * self.BEAT_S:  # another server may take it
+                    log.error(
+                        "fine-tuning job %s: its lease could not be renewed; stopping its trainer", job_id
+                    )
+                    self._halt_trainer(job_id, "lost")
+                    return
                 continue
             if not held:
                 log.info("fine-tuning job %s ended elsewhere; stopping its trainer", job_id)
-                self._stop_trainer(job_id)
+                self._halt_trainer(job_id, "ended")
                 return
+            renewed = time.monotonic()
 
     def _serve_checkpoint(self, job: dict, step: int) -> None:
         """An epoch's checkpoint served at once beside the job's model, as `<model>:ckpt-step-<step>`:
@@ -371,13 +427,15 @@ class JobManager:
         kind = event["event"]
         if kind == "checkpoint":
             if event["epoch_end"]:  # listed by the API; the newest within an epoch only resumes a run
-                metrics = {
-                    "step": event["step"],
-                    "train_loss": event["train_loss"],
-                    "valid_loss": event["valid_loss"],
-                }
+                # full_valid_loss: the whole validation file's (OpenAI's valid_loss is one batch's)
+                metrics = {"step": event["step"], "train_loss": event["train_loss"],
+                           "full_valid_loss": event["valid_loss"]}  # fmt: skip
                 self.store.add_checkpoint(job_id, event["step"], event["epoch"], metrics)
-                self._serve_checkpoint(job, event["step"])
+                try:
+                    self._serve_checkpoint(job, event["step"])
+                except Exception:  # the run goes on: the checkpoint still resumes it
+                    log.exception("checkpoint %s of job %s could not be served", event["step"], job_id)
+                    self._unserve(job, [event["step"]])
                 self.store.add_event(job_id, f"Checkpoint created at step {event['step']}.",
                                      data={"type": "message"})  # fmt: skip
             return
@@ -395,7 +453,7 @@ class JobManager:
             message = f"Base model validation loss: {event['valid_loss']:.4f}"
         elif kind == "step":
             message = f"Step {event['step']}/{event['total_steps']}: training loss={event['train_loss']:.4f}"
-            self.store.update_job(job_id, trained_tokens=event["trained_tokens"])
+            self.store.update_job(job_id, if_status=("running",), trained_tokens=event["trained_tokens"])
             self.trained_tokens[job["tenant"]] += event["trained_tokens"] - self._run_tokens
             self._run_tokens = event["trained_tokens"]
         elif kind == "epoch":
@@ -425,9 +483,10 @@ class JobManager:
             status=status, finished_at=int(time.time()), error=error, lease_until=None,
         ):  # fmt: skip
             return False
-        shutil.rmtree(self.store.checkpoint_dir(job_id), ignore_errors=True)
-        if status != "succeeded" and (job := self.store.get_job(None, job_id)) is not None:
-            self._unserve(job, [c["step"] for c in self.store.list_checkpoints(job_id)])  # it made nothing
+        if status == "succeeded":
+            shutil.rmtree(self.store.checkpoint_dir(job_id), ignore_errors=True)  # its served copies stay
+        elif (job := self.store.get_job(None, job_id)) is not None:
+            self._discard(job)  # it made nothing
         text = {"succeeded": "The job has successfully completed.", "cancelled": "The job was cancelled."}
         message = text.get(status) or f"The job failed: {error['message'] if error else 'unknown reason'}"
         self.store.add_event(

@@ -212,6 +212,11 @@ class Store:
     def set_checkpoint_model(self, job_id: str, step: int, model: str | None) -> None:
         self._q("UPDATE checkpoints SET model=? WHERE job_id=? AND step=?", model, job_id, step)
 
+    def forget_checkpoint_model(self, tenant: str, model: str) -> None:
+        """A checkpoint's model was deleted: it is no longer listed."""
+        self._q("DELETE FROM checkpoints WHERE model=? AND job_id IN (SELECT id FROM jobs WHERE tenant=?)",
+                model, tenant)  # fmt: skip
+
     def delete_checkpoint(self, job_id: str, step: int) -> None:
         self._q("DELETE FROM checkpoints WHERE job_id=? AND step=?", job_id, step)
 

@@ -43,6 +43,7 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     stopping: list[int] = []  # SIGTERM: checkpoint at the next step's end, then exit
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    die_with_parent(spec.get("parent_pid"))
     import torch
 
     from mygpt.config import Settings
@@ -106,7 +107,7 @@ def main(spec_path: str) -> None:
     )
     emit("started", train_examples=len(train), valid_examples=len(valid), total_steps=steps,
          train_tokens=sum(t.trained_tokens for t in train), device=str(device))  # fmt: skip
-    resume = load_checkpoint(spec.get("resume"), model, optimizer, schedule)
+    resume = load_checkpoint(spec.get("resume"), spec["base_name"], model, optimizer, schedule)
     if resume is None:
         with model.disable_adapter():
             base_valid = loss_on(valid)
@@ -132,6 +133,7 @@ def main(spec_path: str) -> None:
         state = {
             "epoch": epoch, "batch": batch, "step": step, "trained": trained, "spent": time.monotonic() - t0,
             "base_valid": base_valid, "valid_loss": valid_loss, "epoch_random": epoch_random,
+            "base_name": spec["base_name"],
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -183,6 +185,21 @@ def main(spec_path: str) -> None:
          seconds=time.monotonic() - t0, tokens_per_s=trained / max(time.monotonic() - t0, 1e-9))  # fmt: skip
 
 
+def die_with_parent(parent_pid: int | None) -> None:
+    """The trainer ends with the server that started it (SIGKILLed, it cannot stop its trainer): Linux
+    kills it when its parent goes. Otherwise another server could resume the job while it trains."""
+    if parent_pid is None:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the server's own stop is all there is
+        return
+    if os.getppid() != parent_pid:  # it went before the call above
+        raise SystemExit("the server that started this trainer has stopped")
+
+
 def save_adapter(model, out: Path, base_name: str) -> None:
     """The adapter in peft's format, naming the base it was trained on."""
     model.save_pretrained(out, safe_serialization=True)
@@ -199,7 +216,7 @@ def save_checkpoint(root: Path, step: int, epoch_end: bool, model, base_name: st
     import torch
 
     path = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
+    tmp = root / f".step-{step:08d}.{os.getpid()}.tmp"  # (its own, should two trainers ever share a job)
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp, base_name)
     torch.save(state, tmp / STATE)
@@ -223,7 +240,7 @@ def checkpoints(root: Path | None) -> list[Path]:
     return sorted(p for p in Path(root).glob("step-*") if (p / STATE).is_file())
 
 
-def load_checkpoint(path: str | None, model, optimizer, schedule) -> dict | None:
+def load_checkpoint(path: str | None, base_name: str, model, optimizer, schedule) -> dict | None:
     """The state of the checkpoint at `path`, its adapter loaded into `model` and its optimizer's and
     schedule's states into theirs; None without one."""
     if not path:
@@ -233,6 +250,8 @@ def load_checkpoint(path: str | None, model, optimizer, schedule) -> dict | None
     from safetensors.torch import load_file
 
     state = torch.load(Path(path) / STATE, weights_only=False)
+    if state.get("base_name") != base_name:  # a restart on another --model: its weights are not these
+        raise SystemExit(f"checkpoint {path} was made on base '{state.get('base_name')}', not '{base_name}'")
     set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter_model.safetensors")))
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
