@@ -284,10 +284,16 @@ def test_a_cancelled_job_leaves_no_checkpoint_even_one_its_trainer_wrote_after_t
     add_jobs(store, "ftjob-1")
     runs.start()
     wait_until(lambda: len(list(store.checkpoint_dir("ftjob-1").glob("step-*"))) >= 3)
+    # a checkpoint served as the cancel deleted its record (a race): found by its name all the same
+    served = (
+        runs.registry.store_of("acme") / f"{runs.adapter_name(store.get_job(None, 'ftjob-1'))}:ckpt-step-3"
+    )
+    served.mkdir(parents=True)
+    (served / "adapter_config.json").write_text("{}")
     other.cancel("ftjob-1")  # through another server: its trainer writes on until the next renewal
     wait_until(lambda: runs._current is None)
     assert store.get_job(None, "ftjob-1")["status"] == "cancelled"
-    assert not store.checkpoint_dir("ftjob-1").exists()
+    assert not store.checkpoint_dir("ftjob-1").exists() and not served.exists()
 
 
 def test_a_trainer_that_finishes_while_the_server_stops_ends_its_job(manager):

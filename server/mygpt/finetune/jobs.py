@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import glob
 import io
 import json
 import logging
@@ -362,6 +363,9 @@ class JobManager:
         hidden directories."""
         shutil.rmtree(self.store.checkpoint_dir(job["id"]), ignore_errors=True)
         self._unserve(job, [c["step"] for c in self.store.list_checkpoints(job["id"])])
+        prefix = f"{self.adapter_name(job)}:ckpt-step-"  # one served as its record went (a race with this)
+        for path in self.registry.store_of(job["tenant"]).glob(f"{glob.escape(prefix)}*"):
+            self.registry.delete(job["tenant"], path.name)
         self._remove_work(job)
 
     def _beat(self, job_id: str, done: threading.Event) -> None:
