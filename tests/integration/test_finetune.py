@@ -83,6 +83,7 @@ def test_the_whole_loop(server):
     job = wait_for(acme, job.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:{BASE}:acme:pirate:{job.id}" and job.trained_tokens > 0
+    assert job.estimated_finish is None  # (a running job's is estimated)
     events = acme.fine_tuning.jobs.list_events(job.id, limit=100).data
     messages = [e.message for e in events]
     assert any("Base model validation loss" in m for m in messages)
@@ -273,6 +274,8 @@ def test_cancel_and_restart_lose_nothing(server, tiny_model_dir, store):
     while not acme.fine_tuning.jobs.checkpoints.list(long_job.id).data:  # an epoch's end, served
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    estimate = acme.fine_tuning.jobs.retrieve(long_job.id).estimated_finish  # 48 epochs to go
+    assert estimate is not None and estimate > time.time()
     queued = acme.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters={"n_epochs": 1})
     trained = {j.fine_tuned_model for j in acme.fine_tuning.jobs.list().data if j.status == "succeeded"}
     served = {m.id for m in acme.models.list().data}  # the trained ones less those deleted

@@ -37,3 +37,31 @@ async def test_a_job_whose_model_name_would_be_too_long_is_refused_at_creation(s
     assert state.jobs.adapter_name(state.finetune_store.get_job(None, job.id)).startswith(
         "ft:a-served-model-name-xxxx"
     )
+
+
+async def test_method_integrations_and_metadata_are_honoured_or_refused(state):
+    """B2: OpenAI's `method` (supervised: its hyperparameters are used), `metadata` (kept and
+    returned); dpo, reinforcement and integrations are refused naming the parameter."""
+    sdk = sdk_for(state)
+    line = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}
+    train = await sdk.files.create(file=("t.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")),
+                                   purpose="fine-tune")  # fmt: skip
+    supervised = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 1}}}
+    job = await sdk.fine_tuning.jobs.create(
+        model=LONG_BASE, training_file=train.id, method=supervised, metadata={"team": "support"}
+    )
+    assert (job.hyperparameters.n_epochs, job.method.supervised.hyperparameters.batch_size) == (2, 1)
+    assert job.metadata == {"team": "support"}
+    assert (await sdk.fine_tuning.jobs.retrieve(job.id)).metadata == {"team": "support"}
+    refused = [
+        ({"method": {"type": "dpo", "dpo": {}}}, "method.type"),
+        ({"method": supervised, "hyperparameters": {"n_epochs": 3}}, "hyperparameters"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 99}}}},
+         "method.supervised.hyperparameters.n_epochs"),
+        ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ]  # fmt: skip
+    for extra, param in refused:
+        with pytest.raises(openai.BadRequestError) as err:
+            await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=train.id, **extra)
+        assert err.value.body["param"] == param, (extra, err.value.body)

@@ -6,15 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from mygpt.api.auth import caller
 from mygpt.api.errors import APIError, invalid
 from mygpt.api.finetune import _no_file, _state, _tenant
-from mygpt.api.protocol import page
+from mygpt.api.protocol import Metadata, page
 from mygpt.batches import ENDPOINTS, WINDOW_S, BatchRunner, validate_batch
 from mygpt.finetune.data import DataError
 from mygpt.tenancy.auth import Principal
@@ -28,9 +28,7 @@ class CreateBatch(BaseModel):
     input_file_id: str
     endpoint: str
     completion_window: str
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
-        Field(None, max_length=16)
-    )
+    metadata: Metadata | None = None
 
 
 def runner(state: Any) -> BatchRunner:

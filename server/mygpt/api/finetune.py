@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mygpt.api.auth import caller
 from mygpt.api.errors import APIError, invalid
-from mygpt.api.protocol import page
+from mygpt.api.protocol import Metadata, page
 from mygpt.batches import OPEN, validate_batch
 from mygpt.finetune.data import DataError, validate_jsonl
 from mygpt.finetune.jobs import SUFFIX
@@ -32,6 +33,18 @@ class Hyperparameters(BaseModel):
     lora_rank: int | str = "auto"  # ours: the adapter's LoRA rank
 
 
+class Supervised(BaseModel):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    """OpenAI's `method`: supervised only here (its hyperparameters replace the top-level ones, which
+    OpenAI deprecated for it); dpo and reinforcement are refused."""
+
+    type: str
+    supervised: Supervised | None = None
+
+
 class CreateJob(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -39,8 +52,11 @@ class CreateJob(BaseModel):
     training_file: str
     validation_file: str | None = None
     suffix: str | None = None
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    metadata: Metadata | None = None
+    integrations: list[Any] | None = None  # Weights & Biases: not here (refused)
 
 
 DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "lora_rank": 8}
@@ -169,18 +185,30 @@ async def create_job(body: CreateJob, request: Request, principal: Principal = D
                           "files are uploaded with purpose 'fine-tune'.", param=param, code="invalid_file")  # fmt: skip
     if body.suffix is not None and not SUFFIX.fullmatch(body.suffix):
         raise invalid("suffix: up to 40 lowercase letters, digits and '-'.", param="suffix")
+    if body.integrations:
+        raise invalid(
+            "Integrations (Weights & Biases) are not available on this server.", param="integrations"
+        )
+    given, where = body.hyperparameters or Hyperparameters(), "hyperparameters"
+    if body.method is not None:
+        if body.method.type != "supervised":
+            raise invalid(f"Fine-tuning method '{body.method.type}' is not available on this server: only "
+                          "'supervised'.", param="method.type", code="invalid_value")  # fmt: skip
+        if body.method.supervised is not None:
+            if body.hyperparameters is not None:
+                raise invalid("Give hyperparameters in method.supervised.hyperparameters or at the top level "
+                              "(deprecated), not both.", param="hyperparameters")  # fmt: skip
+            given, where = body.method.supervised.hyperparameters, "method.supervised.hyperparameters"
     hp = {}
     for key, default in DEFAULTS.items():
-        value = getattr(body.hyperparameters, key)
+        value = getattr(given, key)
         value = default if value == "auto" else value
         if isinstance(value, str):
-            raise invalid(
-                f"hyperparameters.{key} must be a number or 'auto'.", param=f"hyperparameters.{key}"
-            )
+            raise invalid(f"{where}.{key} must be a number or 'auto'.", param=f"{where}.{key}")
         low, high = (1, state.settings.max_lora_rank) if key == "lora_rank" else BOUNDS[key]
         if not low <= value <= high:
-            raise invalid(f"hyperparameters.{key} must be between {low} and {high}, got {value}.",
-                          param=f"hyperparameters.{key}")  # fmt: skip
+            raise invalid(f"{where}.{key} must be between {low} and {high}, got {value}.",
+                          param=f"{where}.{key}")  # fmt: skip
         hp[key] = value
     job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
     name = state.jobs.adapter_name({"id": job_id, "tenant": tenant, "suffix": body.suffix})
@@ -191,6 +219,7 @@ async def create_job(body: CreateJob, request: Request, principal: Principal = D
         "id": job_id, "tenant": tenant, "model": base,
         "training_file": body.training_file, "validation_file": body.validation_file, "suffix": body.suffix,
         "hyperparameters": hp, "seed": body.seed if body.seed is not None else random.randrange(2**31),
+        "metadata": body.metadata,
     })  # fmt: skip
     state.finetune_store.add_event(
         job["id"], f"Created fine-tuning job: {job['id']}", data={"type": "message"}
@@ -281,7 +310,7 @@ def _job(job: dict) -> dict:
         "validation_file": job["validation_file"], "result_files": job["result_files"],
         "trained_tokens": job["trained_tokens"],
         "error": job["error"], "seed": job["seed"], "user_provided_suffix": job["suffix"],
-        "estimated_finish": None, "integrations": [],
+        "estimated_finish": job["estimated_finish"], "integrations": [], "metadata": job["metadata"] or {},
         "hyperparameters": {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
         "method": {"type": "supervised", "supervised": {"hyperparameters": {**hp}}},
     }  # fmt: skip

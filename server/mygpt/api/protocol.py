@@ -294,6 +294,12 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)
+]
+
+
 def page(items: list[dict], after: str | None, limit: int) -> dict:
     """OpenAI's cursor page of `items` (in their listed order): the `limit` after the one whose id is
     `after` (none when no item has it)."""

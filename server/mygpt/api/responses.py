@@ -25,7 +25,7 @@ import re
 import threading
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,7 +34,7 @@ from mygpt.api import routes
 from mygpt.api.auth import caller
 from mygpt.api.chat import ChatService, Closing
 from mygpt.api.errors import APIError, invalid, invalid_value
-from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest, page
+from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest, Metadata, page
 from mygpt.tenancy.auth import Principal
 
 router = APIRouter()
@@ -65,9 +65,7 @@ class ResponsesRequest(BaseModel):
     store: bool | None = True
     stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing to obfuscate here
     previous_response_id: str | None = None
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
-        Field(None, max_length=16)
-    )  # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512
+    metadata: Metadata | None = None
     user: str | None = None
     max_tool_calls: int | None = Field(None, ge=1)
 

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     validation_file TEXT, suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL,
     status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, fine_tuned_model TEXT,
     trained_tokens INTEGER, error TEXT, result_files TEXT, owner TEXT, lease_until REAL,
-    resume_step INTEGER NOT NULL DEFAULT 0, stalls INTEGER NOT NULL DEFAULT 0);
+    resume_step INTEGER NOT NULL DEFAULT 0, stalls INTEGER NOT NULL DEFAULT 0, metadata TEXT);
 CREATE TABLE IF NOT EXISTS checkpoints (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL, step INTEGER NOT NULL, epoch INTEGER NOT NULL,
     created_at INTEGER NOT NULL, metrics TEXT NOT NULL, model TEXT, UNIQUE (job_id, step));
@@ -60,6 +60,7 @@ class Store:
         for table, column, kind in (
             ("jobs", "result_files", "TEXT"), ("jobs", "owner", "TEXT"), ("jobs", "lease_until", "REAL"),
             ("jobs", "resume_step", "INTEGER NOT NULL DEFAULT 0"), ("jobs", "stalls", "INTEGER NOT NULL DEFAULT 0"),
+            ("jobs", "metadata", "TEXT"),
             ("batches", "owner", "TEXT"), ("batches", "lease_until", "REAL"),
             ("batches", "ending", "TEXT"), ("batches", "model", "TEXT"),
             ("batches", "input_tokens", "INTEGER NOT NULL DEFAULT 0"),
@@ -130,9 +131,10 @@ class Store:
     def add_job(self, job: dict) -> dict:
         self._q(
             "INSERT INTO jobs (id, tenant, model, training_file, validation_file, suffix, hyperparameters, seed,"
-            " status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " status, created_at, metadata) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             job["id"], job["tenant"], job["model"], job["training_file"], job["validation_file"], job["suffix"],
             json.dumps(job["hyperparameters"]), job["seed"], "queued", int(time.time()),
+            json.dumps(job["metadata"]) if job.get("metadata") is not None else None,
         )  # fmt: skip
         return self.get_job(job["tenant"], job["id"])
 
@@ -140,7 +142,22 @@ class Store:
         rows = self._q("SELECT * FROM jobs WHERE id=?", job_id)
         if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
             return None
-        return _job(rows[0])
+        return self._estimated(_job(rows[0]))
+
+    def _estimated(self, job: dict) -> dict:
+        """The job with its estimated_finish (a running job's: its last step's time plus its remaining
+        steps at the tokens per step and per second trained so far; None otherwise)."""
+        job["estimated_finish"] = None
+        if job["status"] != "running":
+            return job
+        rows = self._q("SELECT created_at, data FROM events WHERE job_id=? AND data LIKE '%\"metrics\"%'"
+                       " ORDER BY seq DESC LIMIT 1", job["id"])  # fmt: skip
+        if rows:
+            step = json.loads(rows[0]["data"])
+            per_step = step["trained_tokens"] / max(step["step"], 1)
+            left_s = (step["total_steps"] - step["step"]) * per_step / max(step["tokens_per_s"], 1e-9)
+            job["estimated_finish"] = int(rows[0]["created_at"] + left_s)
+        return job
 
     def list_jobs(self, tenant: str | None) -> list[dict]:
         sql = (
@@ -148,7 +165,7 @@ class Store:
             + ("" if tenant is None else " WHERE tenant=?")
             + " ORDER BY created_at DESC, id DESC"
         )
-        return [_job(r) for r in self._q(sql, *([] if tenant is None else [tenant]))]
+        return [self._estimated(_job(r)) for r in self._q(sql, *([] if tenant is None else [tenant]))]
 
     def jobs_with_status(self, *statuses: str) -> list[dict]:
         marks = ",".join("?" * len(statuses))
@@ -333,4 +350,5 @@ def _job(row: sqlite3.Row) -> dict:
     job["hyperparameters"] = json.loads(job["hyperparameters"])
     job["error"] = json.loads(job["error"]) if job["error"] else None
     job["result_files"] = json.loads(job["result_files"]) if job["result_files"] else []
+    job["metadata"] = json.loads(job["metadata"]) if job["metadata"] else None
     return job
