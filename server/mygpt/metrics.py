@@ -342,7 +342,7 @@ class _Collected:
         if m._background is not None:
             work = m._background()
             for name, doc, counts in [
-                ("mygpt_finetune_jobs", "Fine-tuning jobs queued or running, in the store (every replica "
+                ("mygpt_finetune_jobs", "Fine-tuning jobs queued, running or paused, in the store (every replica "
                  "sharing it reports the same).", work.jobs),
                 ("mygpt_batches", "Batches not ended, in the store (every replica sharing it reports the "
                  "same).", work.batches),

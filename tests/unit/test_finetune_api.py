@@ -11,6 +11,7 @@ from test_app import sdk_for, served_state  # noqa: F401 - served_state: the fix
 
 from mygpt.finetune.jobs import JobManager
 from mygpt.finetune.store import Store
+from mygpt.lora.registry import AdapterRegistry
 
 pytestmark = pytest.mark.anyio
 LONG_BASE = "a-served-model-name/" + "x" * 40  # "/" is not an adapter name's character
@@ -19,7 +20,8 @@ LONG_BASE = "a-served-model-name/" + "x" * 40  # "/" is not an adapter name's ch
 @pytest.fixture
 def state(served_state, tmp_path):  # noqa: F811
     served_state.finetune_store = Store(tmp_path / "store")
-    served_state.jobs = JobManager(served_state.finetune_store, None, LONG_BASE, {}, 1)  # never started
+    registry = AdapterRegistry(tmp_path / "adapters", ["default"], {}, 16)
+    served_state.jobs = JobManager(served_state.finetune_store, registry, LONG_BASE, {}, 1)  # never started
     return served_state
 
 
@@ -65,3 +67,23 @@ async def test_method_integrations_and_metadata_are_honoured_or_refused(state):
         with pytest.raises(openai.BadRequestError) as err:
             await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=train.id, **extra)
         assert err.value.body["param"] == param, (extra, err.value.body)
+
+
+async def test_pause_and_resume_through_the_sdk(state):
+    """client.fine_tuning.jobs.pause / resume: a queued job pauses at once (a running one once its
+    trainer has checkpointed: tests/unit/test_finetune_store.py); only a paused job resumes."""
+    sdk = sdk_for(state)
+    line = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}
+    train = await sdk.files.create(file=("t.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")),
+                                   purpose="fine-tune")  # fmt: skip
+    job = await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=train.id)
+    assert (await sdk.fine_tuning.jobs.pause(job.id)).status == "paused"
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.fine_tuning.jobs.pause(job.id)
+    assert err.value.body["code"] == "invalid_state"
+    assert (await sdk.fine_tuning.jobs.resume(job.id)).status == "queued"
+    with pytest.raises(openai.BadRequestError):
+        await sdk.fine_tuning.jobs.resume(job.id)
+    await sdk.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.BadRequestError):
+        await sdk.fine_tuning.jobs.pause(job.id)

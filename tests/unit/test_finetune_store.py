@@ -308,3 +308,36 @@ def test_a_trainer_that_finishes_while_the_server_stops_ends_its_job(manager):
     runs.stop()
     job = store.get_job(None, "ftjob-1")
     assert job["status"] == "failed" and "adapter" in job["error"]["message"], job  # it looked for it
+
+
+# a trainer that checkpoints and exits on SIGTERM, as the real one does at its step's end
+PAUSES_ON_SIGTERM = """
+import json, signal, sys, time
+def paused(*_):
+    print(json.dumps({"event": "paused", "step": 3}), flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, paused)
+time.sleep(60)
+"""
+
+
+def test_a_job_paused_through_another_server_checkpoints_stops_and_resumes_when_asked(manager):
+    store, make = manager
+    runs, other = make(PAUSES_ON_SIGTERM), make()
+    add_jobs(store, "ftjob-1", "ftjob-2")
+    runs.start()
+    wait_until(lambda: runs._current == "ftjob-1")
+    time.sleep(0.3)  # the fake trainer's signal handler is set
+    other.pause("ftjob-1")
+    assert store.get_job(None, "ftjob-1")["status"] == "running"  # until its trainer has checkpointed
+    wait_until(lambda: store.get_job(None, "ftjob-1")["status"] == "paused")
+    assert store.events("ftjob-1", 1)[0]["message"] == "Fine-tuning job paused at step 3."
+    wait_until(lambda: runs._current == "ftjob-2")  # the device goes to the next job
+    other.pause("ftjob-2")
+    wait_until(lambda: store.get_job(None, "ftjob-2")["status"] == "paused")
+    assert other.resume("ftjob-1") and not other.resume("ftjob-1")  # (queued now, not paused)
+    wait_until(lambda: runs._current == "ftjob-1")
+    job = store.get_job(None, "ftjob-1")
+    assert (job["status"], job["owner"], job["pause_requested"]) == ("running", runs.owner, 0)
+    other.cancel("ftjob-2")  # a paused job can be cancelled
+    assert store.get_job(None, "ftjob-2")["status"] == "cancelled"

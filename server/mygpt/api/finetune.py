@@ -274,6 +274,28 @@ async def cancel_job(job_id: str, request: Request, principal: Principal = Depen
     return _job(_find_job(request, principal, job_id))
 
 
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+async def pause_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+    """A queued job is paused at once; a running one once its trainer has checkpointed (its status
+    says `running` until then). It frees the device for serving; resume goes on from the checkpoint."""
+    job = _find_job(request, principal, job_id)
+    if job["status"] not in ("queued", "running"):
+        raise invalid(f"The job is {job['status']}: only a queued or running job can be paused.",
+                      param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
+    await asyncio.to_thread(_state(request).jobs.pause, job_id)
+    return _job(_find_job(request, principal, job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+async def resume_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+    _find_job(request, principal, job_id)
+    if not await asyncio.to_thread(_state(request).jobs.resume, job_id):
+        status = _find_job(request, principal, job_id)["status"]
+        raise invalid(f"The job is {status}: only a paused job can be resumed.", param="fine_tuning_job_id",
+                      code="invalid_state")  # fmt: skip
+    return _job(_find_job(request, principal, job_id))
+
+
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 async def job_checkpoints(
     job_id: str, request: Request, after: str | None = None, limit: int = Query(10, ge=1, le=100),

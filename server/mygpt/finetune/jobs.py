@@ -1,6 +1,7 @@
 """Fine-tuning jobs: a queue run one at a time by a worker thread, each training in its own process.
 
-Status: queued -> running -> succeeded | failed | cancelled. A finished adapter is written into the
+Status: queued -> running -> succeeded | failed | cancelled; a running or queued job can be paused
+(running: its trainer checkpoints first) and resumed (queued again, to go on from the checkpoint). A finished adapter is written into the
 tenant's store, validated like any other (the registry's load) and served at once as
 `ft:<base>:<tenant>:<suffix>:<job-id>`, and the checkpoints of its last epochs beside it as
 `...:ckpt-step-<step>`. On start, queued jobs are picked up again.
@@ -36,7 +37,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mygpt.finetune.store import Store
+from mygpt.finetune.store import OPEN_JOBS, Store
 from mygpt.finetune.trainer import checkpoints
 from mygpt.lora.registry import ADAPTER_NAME, AdapterRegistry
 from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError
@@ -166,6 +167,28 @@ class JobManager:
     def submitted(self) -> None:
         self._wake.set()
 
+    def pause(self, job_id: str) -> None:
+        """A queued job is paused now; a running one once its trainer has checkpointed (at the end of
+        its step: the server running it, any replica, sees the request at its next renewal)."""
+        if self.store.update_job(job_id, if_status=("queued",), status="paused"):
+            self.store.add_event(
+                job_id, "Fine-tuning job paused.", data={"type": "status", "status": "paused"}
+            )
+        else:
+            self.store.update_job(job_id, if_status=("running",), pause_requested=1)
+
+    def resume(self, job_id: str) -> bool:
+        """A paused job is queued again, to go on from its checkpoint; False if it is not paused."""
+        newest = checkpoints(self.store.checkpoint_dir(job_id))
+        if not self.store.update_job(
+            job_id, if_status=("paused",), status="queued", pause_requested=0, owner=None, lease_until=None,
+            stalls=0, resume_step=_step_of(newest[-1]) if newest else 0,
+        ):  # fmt: skip
+            return False
+        self.store.add_event(job_id, "Fine-tuning job queued to resume.", data={"type": "message"})
+        self._wake.set()
+        return True
+
     def cancel(self, job_id: str) -> None:
         """The job ends `cancelled` in the store now. If this server runs it, its trainer stops now;
         if another server does, that one stops it at its next renewal (BEAT_S)."""
@@ -249,6 +272,11 @@ class JobManager:
                 log.info("fine-tuning job %s: its trainer was stopped (%s)", job_id, halted)
             elif proc.returncode == 0 and last.get("event") == "done":  # (a stopping server too)
                 self._succeed(job, work, last)
+            elif last.get("event") == "paused" and self.store.pause_requested(job_id):
+                if self.store.update_job(job_id, if_status=("running",), if_owner=self.owner, status="paused",
+                                         owner=None, lease_until=None, pause_requested=0):  # fmt: skip
+                    message = f"Fine-tuning job paused at step {last['step']}."
+                    self.store.add_event(job_id, message, data={"type": "status", "status": "paused"})
             elif self._stopping or last.get("event") == "paused":
                 # the trainer checkpointed and exited (or was killed): the job stays `running`, its lease
                 # ends now, and the next server that looks (this one after a restart, or a replica at
@@ -390,6 +418,12 @@ class JobManager:
                 self._halt_trainer(job_id, "ended")
                 return
             renewed = time.monotonic()
+            if self.store.pause_requested(job_id):  # the trainer checkpoints at its step's end and exits
+                with self._lock:
+                    proc = self._proc if self._current == job_id else None
+                if proc is not None and proc.poll() is None:
+                    log.info("fine-tuning job %s: pausing its trainer", job_id)
+                    proc.terminate()
 
     def _serve_checkpoint(self, job: dict, step: int) -> None:
         """An epoch's checkpoint served at once beside the job's model, as `<model>:ckpt-step-<step>`:
@@ -483,7 +517,7 @@ class JobManager:
         """Ends a job that has not ended (the first end wins: a cancel, a failure, a success); adds
         its status event. Returns whether it ended it."""
         if not self.store.update_job(
-            job_id, if_status=("queued", "running"), if_lease_before=if_lease_before,
+            job_id, if_status=OPEN_JOBS, if_lease_before=if_lease_before,
             status=status, finished_at=int(time.time()), error=error, lease_until=None,
         ):  # fmt: skip
             return False

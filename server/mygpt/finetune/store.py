@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-OPEN_JOBS = ("queued", "running")
+OPEN_JOBS = ("queued", "running", "paused")  # not ended
 OPEN_BATCHES = (
     "validating",
     "in_progress",
@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     validation_file TEXT, suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL,
     status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, fine_tuned_model TEXT,
     trained_tokens INTEGER, error TEXT, result_files TEXT, owner TEXT, lease_until REAL,
-    resume_step INTEGER NOT NULL DEFAULT 0, stalls INTEGER NOT NULL DEFAULT 0, metadata TEXT);
+    resume_step INTEGER NOT NULL DEFAULT 0, stalls INTEGER NOT NULL DEFAULT 0, metadata TEXT,
+    pause_requested INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS checkpoints (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL, step INTEGER NOT NULL, epoch INTEGER NOT NULL,
     created_at INTEGER NOT NULL, metrics TEXT NOT NULL, model TEXT, UNIQUE (job_id, step));
@@ -60,7 +61,7 @@ class Store:
         for table, column, kind in (
             ("jobs", "result_files", "TEXT"), ("jobs", "owner", "TEXT"), ("jobs", "lease_until", "REAL"),
             ("jobs", "resume_step", "INTEGER NOT NULL DEFAULT 0"), ("jobs", "stalls", "INTEGER NOT NULL DEFAULT 0"),
-            ("jobs", "metadata", "TEXT"),
+            ("jobs", "metadata", "TEXT"), ("jobs", "pause_requested", "INTEGER NOT NULL DEFAULT 0"),
             ("batches", "owner", "TEXT"), ("batches", "lease_until", "REAL"),
             ("batches", "ending", "TEXT"), ("batches", "model", "TEXT"),
             ("batches", "input_tokens", "INTEGER NOT NULL DEFAULT 0"),
@@ -257,6 +258,9 @@ class Store:
         another server process sharing the store took it first, or it was cancelled meanwhile."""
         return self.update_job(job_id, if_status=("queued",), status="running", owner=owner,
                                lease_until=time.time() + lease_s)  # fmt: skip
+
+    def pause_requested(self, job_id: str) -> bool:
+        return bool(self._q("SELECT 1 FROM jobs WHERE id=? AND pause_requested=1", job_id))
 
     def renew_job(self, job_id: str, owner: str, lease_s: float) -> bool:
         """Extends `owner`'s lease on its running job: False once the job is no longer running there
