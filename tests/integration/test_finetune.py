@@ -295,6 +295,21 @@ def test_cancel_and_restart_lose_nothing(server, tiny_model_dir, store):
         assert events[at].message.endswith(f"at step {before}."), (events[at].message, before)  # lost none
         ckpt = acme.fine_tuning.jobs.checkpoints.list(long_job.id).data[0].fine_tuned_model_checkpoint
         assert ckpt in {m.id for m in acme.models.list().data}  # served again after the restart
+        # paused: the trainer checkpoints and stops; resumed: it goes on from that step
+        acme.fine_tuning.jobs.pause(long_job.id)
+        paused = wait_for(acme, long_job.id, statuses=("paused",), timeout=60)
+        message = acme.fine_tuning.jobs.list_events(paused.id, limit=1).data[0].message
+        assert message.startswith("Fine-tuning job paused at step"), message
+        step = int(message.removeprefix("Fine-tuning job paused at step ").rstrip("."))
+        assert acme.fine_tuning.jobs.resume(long_job.id).status == "queued"
+        deadline = time.monotonic() + 60
+        while True:  # newest first: the pause's event, and newer ones once it runs again
+            messages = [e.message for e in acme.fine_tuning.jobs.list_events(long_job.id, limit=1000).data]
+            newer = messages[: messages.index(message)]
+            if f"Fine-tuning job resumed from its checkpoint at step {step}." in newer:
+                break
+            assert time.monotonic() < deadline, newer
+            time.sleep(0.5)
         assert acme.fine_tuning.jobs.cancel(long_job.id).status == "cancelled"
         assert ckpt not in {m.id for m in acme.models.list().data}  # a cancelled job made nothing
         assert train.id in {f.id for f in acme.files.list().data}
