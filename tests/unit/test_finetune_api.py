@@ -57,6 +57,7 @@ async def test_method_integrations_and_metadata_are_honoured_or_refused(state):
     assert (await sdk.fine_tuning.jobs.retrieve(job.id)).metadata == {"team": "support"}
     refused = [
         ({"method": {"type": "dpo", "dpo": {}}}, "method.type"),
+        ({"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.5}}}}, "method.dpo"),
         ({"method": supervised, "hyperparameters": {"n_epochs": 3}}, "hyperparameters"),
         ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 99}}}},
          "method.supervised.hyperparameters.n_epochs"),

@@ -270,7 +270,7 @@ def test_a_server_that_lost_a_jobs_lease_runs_it_again_once_it_is_queued(manager
     runs = make()
     add_jobs(store, "ftjob-1", "ftjob-2")
     runs.start()
-    wait_until(lambda: runs._current == "ftjob-1")
+    wait_until(lambda: runs._current == "ftjob-1" and runs._proc is not None)
     first = runs._proc
     store.update_job("ftjob-1", status="queued", owner=None, lease_until=None)  # as _end_orphans does
     wait_until(lambda: runs._current == "ftjob-1" and runs._proc not in (None, first))
@@ -293,6 +293,8 @@ def test_a_cancelled_job_leaves_no_checkpoint_even_one_its_trainer_wrote_after_t
     other.cancel("ftjob-1")  # through another server: its trainer writes on until the next renewal
     wait_until(lambda: runs._current is None)
     assert store.get_job(None, "ftjob-1")["status"] == "cancelled"
+    wait_until(lambda: not store.checkpoint_dir("ftjob-1").exists() and not served.exists(), timeout=5)
+    time.sleep(0.2)  # the trainer is gone: nothing comes back
     assert not store.checkpoint_dir("ftjob-1").exists() and not served.exists()
 
 
@@ -313,7 +315,11 @@ def test_a_trainer_that_finishes_while_the_server_stops_ends_its_job(manager):
 # a trainer that checkpoints and exits on SIGTERM, as the real one does at its step's end
 PAUSES_ON_SIGTERM = """
 import json, signal, sys, time
+from pathlib import Path
 def paused(*_):
+    path = Path(json.loads(Path(sys.argv[1]).read_text())["checkpoint_dir"]) / "step-00000003"
+    path.mkdir(parents=True)
+    (path / "trainer_state.pt").touch()
     print(json.dumps({"event": "paused", "step": 3}), flush=True)
     sys.exit(0)
 signal.signal(signal.SIGTERM, paused)
@@ -341,3 +347,25 @@ def test_a_job_paused_through_another_server_checkpoints_stops_and_resumes_when_
     assert (job["status"], job["owner"], job["pause_requested"]) == ("running", runs.owner, 0)
     other.cancel("ftjob-2")  # a paused job can be cancelled
     assert store.get_job(None, "ftjob-2")["status"] == "cancelled"
+
+
+def test_a_pause_that_could_not_finish_where_it_ran_still_pauses_the_job(manager):
+    """The trainer died on the pause's SIGTERM before it could checkpoint (its handler not set yet),
+    or the server running it stopped: the job is paused all the same (from its newest checkpoint),
+    not failed, nor queued to run again."""
+    store, make = manager
+    runs, other = make(), make()  # this fake trainer dies on SIGTERM, as the real one would at its start
+    add_jobs(store, "ftjob-1", "ftjob-2")
+    runs.start()
+    wait_until(lambda: runs._current == "ftjob-1")
+    assert other.pause("ftjob-1")
+    wait_until(lambda: store.get_job(None, "ftjob-1")["status"] == "paused")
+    assert store.events("ftjob-1", 1)[0]["message"] == "Fine-tuning job paused."
+    runs.stop()
+    add_jobs(store, "ftjob-3")
+    assert store.claim_job("ftjob-3", "killed-server", lease_s=-1)  # its server died: an orphan
+    store.update_job("ftjob-3", pause_requested=1)  # after a pause was asked for
+    other._end_orphans()
+    job = store.get_job(None, "ftjob-3")
+    assert (job["status"], job["pause_requested"], job["owner"]) == ("paused", 0, None)
+    assert not other.pause("ftjob-3")  # (already paused)

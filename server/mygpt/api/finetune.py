@@ -43,6 +43,8 @@ class Method(BaseModel):
 
     type: str
     supervised: Supervised | None = None
+    dpo: Any = None
+    reinforcement: Any = None
 
 
 class CreateJob(BaseModel):
@@ -194,6 +196,11 @@ async def create_job(body: CreateJob, request: Request, principal: Principal = D
         if body.method.type != "supervised":
             raise invalid(f"Fine-tuning method '{body.method.type}' is not available on this server: only "
                           "'supervised'.", param="method.type", code="invalid_value")  # fmt: skip
+        for other in ("dpo", "reinforcement"):
+            if getattr(body.method, other) is not None:
+                raise invalid(
+                    f"method.{other} does not go with method.type 'supervised'.", param=f"method.{other}"
+                )
         if body.method.supervised is not None:
             if body.hyperparameters is not None:
                 raise invalid("Give hyperparameters in method.supervised.hyperparameters or at the top level "
@@ -278,11 +285,11 @@ async def cancel_job(job_id: str, request: Request, principal: Principal = Depen
 async def pause_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     """A queued job is paused at once; a running one once its trainer has checkpointed (its status
     says `running` until then). It frees the device for serving; resume goes on from the checkpoint."""
-    job = _find_job(request, principal, job_id)
-    if job["status"] not in ("queued", "running"):
-        raise invalid(f"The job is {job['status']}: only a queued or running job can be paused.",
+    _find_job(request, principal, job_id)
+    if not await asyncio.to_thread(_state(request).jobs.pause, job_id):
+        status = _find_job(request, principal, job_id)["status"]
+        raise invalid(f"The job is {status}: only a queued or running job can be paused.",
                       param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
-    await asyncio.to_thread(_state(request).jobs.pause, job_id)
     return _job(_find_job(request, principal, job_id))
 
 

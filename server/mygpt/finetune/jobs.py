@@ -119,12 +119,18 @@ class JobManager:
                 continue  # a server runs it
             newest = checkpoints(self.store.checkpoint_dir(job["id"]))
             step = _step_of(newest[-1]) if newest else 0
+            if job["pause_requested"]:  # its pause did not finish where it ran: paused here
+                if self._paused(job["id"], step, if_lease_before=now):
+                    self._remove_work(job)
+                continue
             stalls = 0 if step > job["resume_step"] else job["stalls"] + 1
             if stalls >= self.MAX_STALLS:
                 error = {"code": "server_restarted", "param": None, "message": (
                     f"The server running this job stopped {stalls} times in a row before it saved a new "
                     "checkpoint; create the job again.")}  # fmt: skip
-                if self._finish(job["id"], "failed", error=error, if_lease_before=now):
+                if self._finish(
+                    job["id"], "failed", error=error, if_status=("running",), if_lease_before=now
+                ):
                     log.warning(
                         "fine-tuning job %s failed: interrupted %d times without progress", job["id"], stalls
                     )
@@ -167,15 +173,16 @@ class JobManager:
     def submitted(self) -> None:
         self._wake.set()
 
-    def pause(self, job_id: str) -> None:
+    def pause(self, job_id: str) -> bool:
         """A queued job is paused now; a running one once its trainer has checkpointed (at the end of
-        its step: the server running it, any replica, sees the request at its next renewal)."""
-        if self.store.update_job(job_id, if_status=("queued",), status="paused"):
+        its step: the server running it, any replica, sees the request at its next renewal). False if
+        the job is neither queued nor running."""
+        now = self.store.request_pause(job_id)
+        if now == "paused":
             self.store.add_event(
                 job_id, "Fine-tuning job paused.", data={"type": "status", "status": "paused"}
             )
-        else:
-            self.store.update_job(job_id, if_status=("running",), pause_requested=1)
+        return now is not None
 
     def resume(self, job_id: str) -> bool:
         """A paused job is queued again, to go on from its checkpoint; False if it is not paused."""
@@ -272,11 +279,10 @@ class JobManager:
                 log.info("fine-tuning job %s: its trainer was stopped (%s)", job_id, halted)
             elif proc.returncode == 0 and last.get("event") == "done":  # (a stopping server too)
                 self._succeed(job, work, last)
-            elif last.get("event") == "paused" and self.store.pause_requested(job_id):
-                if self.store.update_job(job_id, if_status=("running",), if_owner=self.owner, status="paused",
-                                         owner=None, lease_until=None, pause_requested=0):  # fmt: skip
-                    message = f"Fine-tuning job paused at step {last['step']}."
-                    self.store.add_event(job_id, message, data={"type": "status", "status": "paused"})
+            elif last.get("event") != "error" and self.store.pause_requested(job_id):
+                # (paused at its step's end, or killed before it could: from its newest checkpoint then)
+                newest = checkpoints(self.store.checkpoint_dir(job_id))
+                self._paused(job_id, _step_of(newest[-1]) if newest else 0, if_owner=self.owner)
             elif self._stopping or last.get("event") == "paused":
                 # the trainer checkpointed and exited (or was killed): the job stays `running`, its lease
                 # ends now, and the next server that looks (this one after a restart, or a replica at
@@ -511,13 +517,26 @@ class JobManager:
         data = {k: v for k, v in event.items() if k != "event"}
         self.store.add_event(job_id, message, data={"type": "metrics" if kind == "step" else kind, **data})
 
+    def _paused(self, job_id: str, step: int, **conditions) -> bool:
+        """A running job whose pause was asked for is paused (its trainer has exited), to resume from
+        its checkpoint at `step` (0: none)."""
+        if not self.store.update_job(
+            job_id, if_status=("running",), **conditions, status="paused", owner=None, lease_until=None,
+            pause_requested=0, resume_step=step, stalls=0,
+        ):  # fmt: skip
+            return False
+        message = f"Fine-tuning job paused at step {step}." if step else "Fine-tuning job paused."
+        self.store.add_event(job_id, message, data={"type": "status", "status": "paused"})
+        return True
+
     def _finish(
-        self, job_id: str, status: str, error: dict | None = None, if_lease_before: float | None = None
-    ) -> bool:
+        self, job_id: str, status: str, error: dict | None = None, if_status: tuple[str, ...] = OPEN_JOBS,
+        if_lease_before: float | None = None,
+    ) -> bool:  # fmt: skip
         """Ends a job that has not ended (the first end wins: a cancel, a failure, a success); adds
         its status event. Returns whether it ended it."""
         if not self.store.update_job(
-            job_id, if_status=OPEN_JOBS, if_lease_before=if_lease_before,
+            job_id, if_status=if_status, if_lease_before=if_lease_before,
             status=status, finished_at=int(time.time()), error=error, lease_until=None,
         ):  # fmt: skip
             return False

@@ -151,9 +151,11 @@ class Store:
         job["estimated_finish"] = None
         if job["status"] != "running":
             return job
-        rows = self._q("SELECT created_at, data FROM events WHERE job_id=? AND data LIKE '%\"metrics\"%'"
+        rows = self._q("SELECT seq, created_at, data FROM events WHERE job_id=? AND data LIKE '%\"metrics\"%'"
                        " ORDER BY seq DESC LIMIT 1", job["id"])  # fmt: skip
-        if rows:
+        started = self._q("SELECT seq FROM events WHERE job_id=? AND data LIKE '%\"type\": \"status\"%'"
+                          " ORDER BY seq DESC LIMIT 1", job["id"])  # fmt: skip
+        if rows and (not started or rows[0]["seq"] > started[0]["seq"]):  # a step of the run under way
             step = json.loads(rows[0]["data"])
             per_step = step["trained_tokens"] / max(step["step"], 1)
             left_s = (step["total_steps"] - step["step"]) * per_step / max(step["tokens_per_s"], 1e-9)
@@ -258,6 +260,18 @@ class Store:
         another server process sharing the store took it first, or it was cancelled meanwhile."""
         return self.update_job(job_id, if_status=("queued",), status="running", owner=owner,
                                lease_until=time.time() + lease_s)  # fmt: skip
+
+    def request_pause(self, job_id: str) -> str | None:
+        """In one statement: a queued job is paused; a running one gets its pause_requested flag.
+        Returns the job's status after it ("paused" or "running"), None if it was neither."""
+        with self._lock:
+            row = self._db.execute(
+                "UPDATE jobs SET status=CASE status WHEN 'queued' THEN 'paused' ELSE status END,"
+                " pause_requested=CASE status WHEN 'running' THEN 1 ELSE pause_requested END"
+                " WHERE id=? AND status IN ('queued','running') RETURNING status",
+                (job_id,),
+            ).fetchone()
+        return row["status"] if row is not None else None
 
     def pause_requested(self, job_id: str) -> bool:
         return bool(self._q("SELECT 1 FROM jobs WHERE id=? AND pause_requested=1", job_id))

@@ -130,6 +130,7 @@ def main(spec_path: str) -> None:
     def checkpoint(epoch: int, batch: int, epoch_random, epoch_end: bool, train_loss: float | None) -> None:
         if ckpt_dir is None:
             return
+        started = time.monotonic()
         state = {
             "epoch": epoch, "batch": batch, "step": step, "trained": trained, "spent": time.monotonic() - t0,
             "base_valid": base_valid, "valid_loss": valid_loss, "epoch_random": epoch_random,
@@ -140,7 +141,8 @@ def main(spec_path: str) -> None:
         }  # fmt: skip
         path = save_checkpoint(ckpt_dir, step, epoch_end, model, spec["base_name"], state)
         emit("checkpoint", step=step, epoch=epoch - 1 if epoch_end else epoch, epoch_end=epoch_end,
-             path=str(path), train_loss=train_loss, valid_loss=valid_loss if epoch_end else None)  # fmt: skip
+             path=str(path), train_loss=train_loss, valid_loss=valid_loss if epoch_end else None,
+             seconds=time.monotonic() - started, bytes=sum(f.stat().st_size for f in path.iterdir()))  # fmt: skip
 
     for epoch in range(first, epochs + 1):
         epoch_random = random.getstate()
