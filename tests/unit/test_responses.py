@@ -11,7 +11,8 @@ import openai
 import pytest
 from test_app import sdk_for, served_state  # noqa: F401 - served_state: the fixture
 
-from mygpt.api.responses import ResponseStore
+from mygpt.api.responses import ResponseStore, SharedResponses
+from mygpt.finetune.store import Store
 
 pytestmark = pytest.mark.anyio
 TOOLS = [{
@@ -202,10 +203,15 @@ async def test_what_this_server_cannot_do_is_a_400_naming_it(sdk, body, param):
     assert err.value.body["param"] == param, err.value.body
 
 
-def test_stored_responses_are_per_tenant_and_bounded():
+@pytest.mark.parametrize("kind", ["memory", "shared"])
+def test_stored_responses_are_per_tenant_and_bounded(kind, tmp_path):
     """Each tenant's newest within a count and a byte budget: one tenant's flood forgets its own
-    oldest, never another's; another tenant's id (or an admin's unknown one) is not found."""
-    store = ResponseStore(limit=2, budget=10_000)
+    oldest, never another's; another tenant's id (or an admin's unknown one) is not found. In memory,
+    and in the server's SQLite store."""
+    if kind == "memory":
+        store = ResponseStore(limit=2, budget=10_000)
+    else:
+        store = SharedResponses(Store(tmp_path), limit=2, budget=10_000)
     store.put("globex", {"id": "resp_g"}, [])
     for i in range(3):
         store.put("acme", {"id": f"resp_{i}"}, [])
@@ -244,3 +250,30 @@ async def test_retrieving_a_stored_response_as_a_stream_is_refused(sdk):
     with pytest.raises(openai.BadRequestError) as err:
         await sdk.responses.retrieve(r.id, stream=True)
     assert err.value.body["param"] == "stream"
+
+
+async def test_a_conversation_goes_on_after_a_restart_with_the_servers_store(served_state, tmp_path):  # noqa: F811
+    """With the server's store (fine-tuning on, the default), stored responses are in SQLite: a new
+    process (or another replica sharing the store) continues the conversation, lists its input
+    items and deletes it."""
+    served_state.finetune_store = Store(tmp_path)
+    sdk = sdk_for(served_state)
+    first = await sdk.responses.create(
+        model="tiny", input="Name a colour.", max_output_tokens=4, temperature=0
+    )
+    served_state.responses = None  # as a restarted server has nothing in memory
+    again = await sdk.responses.retrieve(first.id)
+    assert again.output_text == first.output_text
+    second = await sdk.responses.create(
+        model="tiny",
+        input="And another one?",
+        previous_response_id=first.id,
+        max_output_tokens=4,
+        temperature=0,
+    )
+    served_state.responses = None
+    items = await sdk.responses.input_items.list(second.id)
+    assert [i.content[0].text for i in items.data] == ["And another one?"]
+    assert (await sdk.responses.delete(second.id)) is None
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.retrieve(second.id)

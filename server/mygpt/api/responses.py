@@ -13,12 +13,14 @@ store, previous_response_id, metadata, user, max_tool_calls (it bounds built-in 
 are none). Refused with a 400 naming them (B2): what this server cannot do (built-in tools, images
 and files, reasoning, background mode, conversations, prompt templates, include, top_logprobs,
 truncation "auto", text.verbosity other than "medium", context management, moderation). Stored
-responses live in this process's memory, each tenant's newest STORED_RESPONSES within STORED_BYTES,
-each visible to its own tenant only.
+responses, each tenant's newest STORED_RESPONSES within STORED_BYTES, each visible to its own tenant
+only, live in the server's store (SQLite beside the adapter store, shared by the replicas that share
+it, kept across restarts) where there is one (fine-tuning on, the default), else in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import re
@@ -35,6 +37,7 @@ from mygpt.api.auth import caller
 from mygpt.api.chat import ChatService, Closing
 from mygpt.api.errors import APIError, invalid, invalid_value
 from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest, Metadata, page
+from mygpt.finetune.store import Store
 from mygpt.tenancy.auth import Principal
 
 router = APIRouter()
@@ -115,6 +118,32 @@ class ResponseStore:
             return item is not None
 
 
+class SharedResponses:
+    """ResponseStore's interface on the server's SQLite store: replicas sharing it continue each
+    other's conversations, and a restart forgets none. Its calls wait for the disk: call them from a
+    thread."""
+
+    def __init__(self, store: Store, limit: int = STORED_RESPONSES, budget: int = STORED_BYTES):
+        self.store, self.limit, self.budget = store, limit, budget
+
+    def put(self, tenant: str, response: dict, messages: list[dict], inputs: list[dict] = ()) -> None:
+        self.store.put_response(tenant, response, messages, list(inputs), self.limit, self.budget)
+
+    def get(self, tenant: str, response_id: str) -> tuple[dict, list[dict]] | None:
+        found = self.store.get_response(tenant, response_id)
+        return None if found is None else (found[0], found[1])
+
+    def inputs(self, tenant: str, response_id: str) -> list[dict] | None:
+        found = self.store.get_response(tenant, response_id)
+        return None if found is None else found[2]
+
+    def delete(self, tenant: str, response_id: str) -> bool:
+        return self.store.delete_response(tenant, response_id)
+
+
+Stored = ResponseStore | SharedResponses
+
+
 # ----------------------------------------------------------------------------- routes
 
 
@@ -124,7 +153,7 @@ async def create_response(
 ) -> dict | Response:
     chat = routes._chat(request)
     store = _store(request)
-    history = _history(store, principal, body)
+    history = await asyncio.to_thread(_history, store, principal, body)
     chat_req = _as_chat(body, history)
     turn = Turn(body, chat_req.messages, len(history), _tenant(principal))
     try:
@@ -138,7 +167,7 @@ async def create_response(
     if isinstance(done, Response):  # the client left
         return done
     answer = turn.response(_output(done), done.usage.model_dump(), done.choices[0].finish_reason)
-    turn.keep(store, answer)
+    await asyncio.to_thread(turn.keep, store, answer)
     return routes._with_rate_headers(response, chat, principal, answer)
 
 
@@ -150,7 +179,7 @@ async def get_response(
         raise invalid(
             "Streaming a stored response again is not supported; retrieve it whole.", param="stream"
         )
-    found = _store(request).get(_tenant(principal), response_id)
+    found = await asyncio.to_thread(_store(request).get, _tenant(principal), response_id)
     if found is None:
         raise _not_found(response_id)
     return found[0]
@@ -162,7 +191,7 @@ async def list_input_items(
     limit: int = Query(20, ge=1, le=100), principal: Principal = Depends(caller),
 ) -> dict:  # fmt: skip
     """The request's own input items (those of previous_response_id are that response's)."""
-    items = _store(request).inputs(_tenant(principal), response_id)
+    items = await asyncio.to_thread(_store(request).inputs, _tenant(principal), response_id)
     if items is None:
         raise _not_found(response_id)
     return page(items[::-1] if order == "desc" else items, after, limit)
@@ -172,15 +201,16 @@ async def list_input_items(
 async def delete_response(
     response_id: str, request: Request, principal: Principal = Depends(caller)
 ) -> DeletedResponse:
-    if not _store(request).delete(_tenant(principal), response_id):
+    if not await asyncio.to_thread(_store(request).delete, _tenant(principal), response_id):
         raise _not_found(response_id)
     return DeletedResponse(id=response_id)
 
 
-def _store(request: Request) -> ResponseStore:
+def _store(request: Request) -> Stored:
     state = request.app.state.mygpt
     if getattr(state, "responses", None) is None:
-        state.responses = ResponseStore()
+        shared = getattr(state, "finetune_store", None)
+        state.responses = SharedResponses(shared) if shared is not None else ResponseStore()
     return state.responses
 
 
@@ -196,7 +226,7 @@ def _not_found(response_id: str) -> APIError:
 # ----------------------------------------------------------------------------- request -> chat request
 
 
-def _history(store: ResponseStore, principal: Principal, body: ResponsesRequest) -> list[dict]:
+def _history(store: Stored, principal: Principal, body: ResponsesRequest) -> list[dict]:
     """The refusals (B2), then the conversation of previous_response_id (its input and output)."""
     extra = body.model_extra or {}
     for name, off in REFUSED.items():
@@ -402,7 +432,7 @@ class Turn:
             "user": b.user, "metadata": b.metadata or {}, "background": False,
         }  # fmt: skip
 
-    def keep(self, store: ResponseStore, response: dict) -> None:
+    def keep(self, store: Stored, response: dict) -> None:
         """Stores a finished response (store: true, OpenAI's default) with its conversation."""
         if self.body.store is False or response["status"] == "failed":
             return
@@ -478,7 +508,7 @@ async def _events(
     gen,
     ticket,
     turn: Turn,
-    store: ResponseStore,
+    store: Stored,
     wait_s: float,
 ) -> Closing:
     """The Responses stream's events, from the chat stream's chunks (opened as it opens: C2)."""
@@ -486,7 +516,7 @@ async def _events(
     return Closing(_translate(payloads, turn, store), payloads.aclose)
 
 
-async def _translate(payloads: Closing, turn: Turn, store: ResponseStore):
+async def _translate(payloads: Closing, turn: Turn, store: Stored):
     seq = 0
 
     def event(kind: str, **data: Any) -> dict:
@@ -567,7 +597,7 @@ async def _translate(payloads: Closing, turn: Turn, store: ResponseStore):
     elif not output:  # an empty answer is still one message
         output.append(_message_item("", _status(finish)))
     final = turn.response(output, usage, finish)
-    turn.keep(store, final)
+    await asyncio.to_thread(turn.keep, store, final)
     yield event(
         "response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final
     )

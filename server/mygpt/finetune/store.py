@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     trained_tokens INTEGER, error TEXT, result_files TEXT, owner TEXT, lease_until REAL,
     resume_step INTEGER NOT NULL DEFAULT 0, stalls INTEGER NOT NULL DEFAULT 0, metadata TEXT,
     pause_requested INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, size INTEGER NOT NULL, response TEXT NOT NULL,
+    messages TEXT NOT NULL, inputs TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS responses_by_tenant ON responses (tenant);
 CREATE TABLE IF NOT EXISTS checkpoints (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL, step INTEGER NOT NULL, epoch INTEGER NOT NULL,
     created_at INTEGER NOT NULL, metrics TEXT NOT NULL, model TEXT, UNIQUE (job_id, step));
@@ -215,6 +219,36 @@ class Store:
                    f"({','.join('?' * len(statuses))}) GROUP BY tenant, status")  # fmt: skip
             out.append({(r["tenant"], r["status"]): r["n"] for r in self._q(sql, *statuses)})
         return out[0], out[1]
+
+    # ------------------------------------------------------------------ responses (the Responses API)
+    def put_response(
+        self, tenant: str, response: dict, messages: list[dict], inputs: list[dict], limit: int, budget: int
+    ) -> None:
+        """Stores a response; the tenant's oldest go past its newest `limit` or `budget` bytes."""
+        parts = [json.dumps(response), json.dumps(messages), json.dumps(list(inputs))]
+        with self._lock:  # newer rows have higher rowids (a replaced id too): the order they were stored in
+            self._db.execute(
+                "INSERT OR REPLACE INTO responses (id, tenant, size, response, messages, inputs) VALUES (?,?,?,?,?,?)",
+                (response["id"], tenant, sum(map(len, parts)), *parts),
+            )
+            self._db.execute(
+                "DELETE FROM responses WHERE rowid IN (SELECT rowid FROM (SELECT rowid, ROW_NUMBER() OVER w n,"
+                " SUM(size) OVER w total FROM responses WHERE tenant=? WINDOW w AS (ORDER BY rowid DESC))"
+                " WHERE n > ? OR total > ?)",
+                (tenant, limit, budget),
+            )  # fmt: skip
+
+    def get_response(self, tenant: str, response_id: str) -> tuple[dict, list[dict], list[dict]] | None:
+        """(the response, its conversation, its request's input items), or None (another tenant's too)."""
+        rows = self._q(
+            "SELECT response, messages, inputs FROM responses WHERE id=? AND tenant=?", response_id, tenant
+        )
+        return tuple(json.loads(rows[0][k]) for k in ("response", "messages", "inputs")) if rows else None
+
+    def delete_response(self, tenant: str, response_id: str) -> bool:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM responses WHERE id=? AND tenant=?", (response_id, tenant))
+            return cursor.rowcount == 1
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dir(self, job_id: str) -> Path:
