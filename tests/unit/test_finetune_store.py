@@ -369,3 +369,30 @@ def test_a_pause_that_could_not_finish_where_it_ran_still_pauses_the_job(manager
     job = store.get_job(None, "ftjob-3")
     assert (job["status"], job["pause_requested"], job["owner"]) == ("paused", 0, None)
     assert not other.pause("ftjob-3")  # (already paused)
+
+
+MOUNTINFO = """22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+40 27 0:50 / /data rw,relatime shared:5 - nfs4 10.0.0.2:/export rw,vers=4.1
+41 40 0:51 / /data/local rw,relatime - ext4 /dev/sdb1 rw
+42 27 0:52 / /mnt/efs rw - fuse.efs-proxy efs rw
+43 27 0:53 / /my\\040disk rw - ceph 10.0.0.3:/ rw
+"""
+
+
+def test_the_store_uses_the_rollback_journal_on_a_network_file_system(tmp_path, monkeypatch):
+    """SQLite's WAL needs every process on one host (shared memory): replicas on several nodes that
+    share the store's volume over NFS, CephFS or EFS get the rollback journal."""
+    from mygpt.finetune import store as store_module
+    from mygpt.finetune.store import fs_type
+
+    kinds = {
+        p: fs_type(p, MOUNTINFO) for p in ("/data/adapters", "/data/local/x", "/", "/mnt/efs/a", "/my disk/a")
+    }
+    assert kinds == {"/data/adapters": "nfs4", "/data/local/x": "ext4", "/": "ext4", "/mnt/efs/a": "fuse.efs-proxy",
+                     "/my disk/a": "ceph"}  # fmt: skip
+    assert Store(tmp_path / "local").journal == "WAL"
+    monkeypatch.setattr(store_module, "fs_type", lambda path: "nfs4")
+    shared = Store(tmp_path / "shared")
+    assert shared.journal == "DELETE"
+    assert shared._q("PRAGMA journal_mode")[0][0] == "delete"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+NETWORK_FS = {"nfs", "nfs4", "ceph", "cifs", "smb3", "smbfs", "glusterfs", "lustre", "9p", "afs", "gpfs"}
 OPEN_JOBS = ("queued", "running", "paused")  # not ended
 OPEN_BATCHES = (
     "validating",
@@ -60,7 +64,12 @@ class Store:
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.root / "mygpt.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # WAL where every process is on one host; SQLite's WAL needs shared memory, which a network file
+        # system (replicas on several nodes sharing the volume) does not give: the rollback journal there
+        fs = fs_type(self.root)
+        self.journal = "DELETE" if fs in NETWORK_FS or fs.startswith("fuse.") else "WAL"
+        self._db.execute(f"PRAGMA journal_mode={self.journal}")
+        log.info("store %s on %s: journal mode %s", self.root, fs or "an unknown file system", self.journal)
         self._db.executescript(SCHEMA)
         for table, column, kind in (
             ("jobs", "result_files", "TEXT"), ("jobs", "owner", "TEXT"), ("jobs", "lease_until", "REAL"),
@@ -404,3 +413,23 @@ def _job(row: sqlite3.Row) -> dict:
     job["result_files"] = json.loads(job["result_files"]) if job["result_files"] else []
     job["metadata"] = json.loads(job["metadata"]) if job["metadata"] else None
     return job
+
+
+def fs_type(path: Path, mountinfo: str | None = None) -> str:
+    """The type of the file system `path` is on (Linux's /proc/self/mountinfo: the longest mount point
+    above it); "" where that cannot be read."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return ""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for line in mountinfo.splitlines():
+        fields = line.split(" - ", 1)
+        if len(fields) != 2:
+            continue
+        point = fields[0].split()[4].replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fields[1].split()[0]
+    return kind
