@@ -67,8 +67,12 @@ class Store:
         # WAL where every process is on one host; SQLite's WAL needs shared memory, which a network file
         # system (replicas on several nodes sharing the volume) does not give: the rollback journal there
         fs = fs_type(self.root)
-        self.journal = "DELETE" if fs in NETWORK_FS or fs.startswith("fuse.") else "WAL"
-        self._db.execute(f"PRAGMA journal_mode={self.journal}")
+        want = "DELETE" if fs in NETWORK_FS or fs.startswith("fuse.") else "WAL"
+        try:
+            self.journal = self._db.execute(f"PRAGMA journal_mode={want}").fetchone()[0].upper()
+        except sqlite3.OperationalError as exc:  # another process holds it in its mode (an upgrade under way)
+            self.journal = self._db.execute("PRAGMA journal_mode").fetchone()[0].upper()
+            log.warning("store %s: journal mode stays %s, not %s: %s", self.root, self.journal, want, exc)
         log.info("store %s on %s: journal mode %s", self.root, fs or "an unknown file system", self.journal)
         self._db.executescript(SCHEMA)
         for table, column, kind in (
