@@ -336,8 +336,8 @@ def test_a_job_paused_through_another_server_checkpoints_stops_and_resumes_when_
     time.sleep(0.3)  # the fake trainer's signal handler is set
     other.pause("ftjob-1")
     assert store.get_job(None, "ftjob-1")["status"] == "running"  # until its trainer has checkpointed
-    wait_until(lambda: store.get_job(None, "ftjob-1")["status"] == "paused")
-    assert store.events("ftjob-1", 1)[0]["message"] == "Fine-tuning job paused at step 3."
+    wait_until(lambda: store.events("ftjob-1", 1)[0]["message"] == "Fine-tuning job paused at step 3.")
+    assert store.get_job(None, "ftjob-1")["status"] == "paused"
     wait_until(lambda: runs._current == "ftjob-2")  # the device goes to the next job
     other.pause("ftjob-2")
     wait_until(lambda: store.get_job(None, "ftjob-2")["status"] == "paused")
@@ -359,8 +359,8 @@ def test_a_pause_that_could_not_finish_where_it_ran_still_pauses_the_job(manager
     runs.start()
     wait_until(lambda: runs._current == "ftjob-1")
     assert other.pause("ftjob-1")
-    wait_until(lambda: store.get_job(None, "ftjob-1")["status"] == "paused")
-    assert store.events("ftjob-1", 1)[0]["message"] == "Fine-tuning job paused."
+    wait_until(lambda: store.events("ftjob-1", 1)[0]["message"] == "Fine-tuning job paused.")
+    assert store.get_job(None, "ftjob-1")["status"] == "paused"
     runs.stop()
     add_jobs(store, "ftjob-3")
     assert store.claim_job("ftjob-3", "killed-server", lease_s=-1)  # its server died: an orphan
