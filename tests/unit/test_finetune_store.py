@@ -396,3 +396,24 @@ def test_the_store_uses_the_rollback_journal_on_a_network_file_system(tmp_path, 
     shared = Store(tmp_path / "shared")
     assert shared.journal == "DELETE"
     assert shared._q("PRAGMA journal_mode")[0][0] == "delete"
+
+
+def test_an_orphans_leftovers_go_but_not_the_work_of_the_server_that_claims_it_next(manager, monkeypatch):
+    store, make = manager
+    finder = make()
+    add_jobs(store, "ftjob-1")
+    assert store.claim_job("ftjob-1", "killed-server", lease_s=-1)
+    tenant_dir = finder.registry.store_of("acme")
+    (tenant_dir / ".ftjob-1-dead").mkdir(parents=True)  # the killed server's run
+    update = store.update_job
+
+    def and_claimed_at_once(job_id, **kw):  # another server claims the job the moment it is queued
+        changed = update(job_id, **kw)
+        if changed and kw.get("status") == "queued":
+            (tenant_dir / ".ftjob-1-next").mkdir()
+        return changed
+
+    monkeypatch.setattr(store, "update_job", and_claimed_at_once)
+    finder._end_orphans()
+    assert store.get_job(None, "ftjob-1")["status"] == "queued"
+    assert not (tenant_dir / ".ftjob-1-dead").exists() and (tenant_dir / ".ftjob-1-next").exists()

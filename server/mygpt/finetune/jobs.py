@@ -119,9 +119,12 @@ class JobManager:
                 continue  # a server runs it
             newest = checkpoints(self.store.checkpoint_dir(job["id"]))
             step = _step_of(newest[-1]) if newest else 0
+            # the stopped run's hidden directories, listed before the job changes hands: a server that
+            # claims it next makes its own, which must stay
+            left = self._work_of(job)
             if job["pause_requested"]:  # its pause did not finish where it ran: paused here
                 if self._paused(job["id"], step, if_lease_before=now):
-                    self._remove_work(job)
+                    _remove(left)
                 continue
             stalls = 0 if step > job["resume_step"] else job["stalls"] + 1
             if stalls >= self.MAX_STALLS:
@@ -145,7 +148,7 @@ class JobManager:
                     else "starts again from the beginning"
                 )
                 log.info("fine-tuning job %s was interrupted; it %s", job["id"], where)
-                self._remove_work(job)  # the stopped trainer's half-written output
+                _remove(left)  # the stopped trainer's half-written output
                 self.store.add_event(job["id"], f"The server running this job stopped; it {where}.")
                 self._wake.set()
 
@@ -306,8 +309,6 @@ class JobManager:
             ended = self.store.get_job(None, job_id)
             if ended is not None and ended["status"] in ("failed", "cancelled"):
                 self._discard(ended)  # again, now that the trainer is gone: it may have written since
-            else:
-                self._remove_work(job)
 
     def _start_trainer(self, job: dict, work: Path) -> subprocess.Popen:
         job_id = job["id"]
@@ -386,11 +387,10 @@ class JobManager:
                 job_id, "failed", error={"code": "invalid_adapter", "param": None, "message": str(exc)}
             )
 
-    def _remove_work(self, job: dict) -> None:
-        """The hidden directories a run of the job leaves in its tenant's store (its trainer's output,
-        a checkpoint's copy on its way to being served)."""
-        for work in self.registry.store_of(job["tenant"]).glob(f".{job['id']}-*"):
-            shutil.rmtree(work, ignore_errors=True)
+    def _work_of(self, job: dict) -> list[Path]:
+        """The hidden directories runs of the job leave in its tenant's store (a trainer's output, a
+        checkpoint's copy on its way to being served)."""
+        return list(self.registry.store_of(job["tenant"]).glob(f".{glob.escape(job['id'])}-*"))
 
     def _discard(self, job: dict) -> None:
         """What a job that ended without a model leaves: its checkpoints, their served models, its
@@ -400,7 +400,7 @@ class JobManager:
         prefix = f"{self.adapter_name(job)}:ckpt-step-"  # one served as its record went (a race with this)
         for path in self.registry.store_of(job["tenant"]).glob(f"{glob.escape(prefix)}*"):
             self.registry.delete(job["tenant"], path.name)
-        self._remove_work(job)
+        _remove(self._work_of(job))  # (an ended job: no server runs it)
 
     def _beat(self, job_id: str, done: threading.Event) -> None:
         """While the job's trainer runs: renews the lease; stops the trainer once the job is no longer
@@ -441,13 +441,15 @@ class JobManager:
         if not ADAPTER_NAME.fullmatch(model) or not source.is_dir():
             return
         store_dir = self.registry.store_of(job["tenant"])
-        tmp = store_dir / f".{job['id']}-ckpt-{step}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = store_dir / f".{job['id']}-ckpt-{step}-{os.getpid()}"
         tmp.mkdir(parents=True)
-        for file in (CONFIG, WEIGHTS):
-            shutil.copy2(source / file, tmp / file)
-        shutil.rmtree(store_dir / model, ignore_errors=True)  # a run resumed past it made it again
-        tmp.rename(store_dir / model)
+        try:
+            for file in (CONFIG, WEIGHTS):
+                shutil.copy2(source / file, tmp / file)
+            shutil.rmtree(store_dir / model, ignore_errors=True)  # a run resumed past it made it again
+            tmp.rename(store_dir / model)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # (gone once renamed)
         self.store.set_checkpoint_model(job["id"], step, model)  # recorded first: its tenant may delete it
         try:
             self.registry.load(job["tenant"], model, source="finetune", replace=True)
@@ -550,6 +552,11 @@ class JobManager:
             job_id, message, "error" if status == "failed" else "info", {"type": "status", "status": status}
         )
         return True
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _step_of(checkpoint: Path) -> int:
