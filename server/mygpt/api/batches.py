@@ -51,7 +51,7 @@ async def create_batch(body: CreateBatch, request: Request, principal: Principal
     if body.completion_window not in WINDOW_S:
         raise invalid("completion_window must be '24h'.", param="completion_window")
     store = state.finetune_store
-    row = store.get_file(tenant, body.input_file_id)
+    row = await asyncio.to_thread(store.get_file, tenant, body.input_file_id)
     if row is None:
         raise _no_file(body.input_file_id, "input_file_id")
     if row["purpose"] != "batch":
@@ -67,7 +67,7 @@ async def create_batch(body: CreateBatch, request: Request, principal: Principal
         raise invalid(f"The input file's requests go to {other}, not to the batch's endpoint {body.endpoint}.",
                       param="endpoint")  # fmt: skip
     now = int(time.time())
-    batch = store.add_batch({
+    batch = await asyncio.to_thread(store.add_batch, {
         "id": f"batch_{uuid.uuid4().hex}", "tenant": tenant, "endpoint": body.endpoint,
         "input_file_id": body.input_file_id, "completion_window": body.completion_window, "created_at": now,
         "expires_at": now + WINDOW_S[body.completion_window], "total": total, "metadata": body.metadata,
@@ -78,29 +78,34 @@ async def create_batch(body: CreateBatch, request: Request, principal: Principal
 
 
 @router.get("/v1/batches")
-async def list_batches(
+def list_batches(
     request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
     principal: Principal = Depends(caller),
 ) -> dict:  # fmt: skip
-    batches = await asyncio.to_thread(_state(request).finetune_store.list_batches, _tenant(principal))
+    batches = _state(request).finetune_store.list_batches(_tenant(principal))
     return page([_batch(b) for b in batches], after, limit)
 
 
 @router.get("/v1/batches/{batch_id}")
-async def get_batch(batch_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+def get_batch(batch_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     return _batch(_find(request, principal, batch_id))
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     """Stops starting its requests; those running finish, then it ends "cancelled" with what it did."""
+    batch = await asyncio.to_thread(_cancel, request, principal, batch_id)
+    runner(_state(request))  # (woken in this loop)
+    return batch
+
+
+def _cancel(request: Request, principal: Principal, batch_id: str) -> dict:
     batch = _find(request, principal, batch_id)
     if batch["status"] not in ("validating", "in_progress"):
         raise invalid(f"The batch is {batch['status']}.", param="batch_id", code="batch_not_cancellable")
     store = _state(request).finetune_store
     for status in ("validating", "in_progress"):  # not one that ended meanwhile
         store.update_batch(batch_id, if_status=status, status="cancelling", cancelling_at=int(time.time()))
-    runner(_state(request))
     return _batch(store.get_batch(None, batch_id))
 
 

@@ -105,25 +105,33 @@ async def upload_file(
     if len(raw) > limit:
         raise APIError(413, f"The file is larger than this server's limit of {limit} bytes.", param="file",
                        code="file_too_large")  # fmt: skip
-    try:
-        examples = validate_jsonl(raw) if purpose == "fine-tune" else validate_batch(raw)[0]  # (requests)
+    try:  # (a file of many megabytes: parsed off the event loop)
+        if purpose == "fine-tune":
+            examples = await asyncio.to_thread(validate_jsonl, raw)
+        else:
+            examples = (await asyncio.to_thread(validate_batch, raw))[0]  # (requests)
     except DataError as exc:
         kind = "training" if purpose == "fine-tune" else "batch"
         raise invalid(f"Invalid {kind} file: {exc}", param="file", code="invalid_file") from exc
-    row = state.finetune_store.add_file(
-        f"file-{uuid.uuid4().hex[:24]}", tenant, file.filename or "upload.jsonl", purpose, raw, examples
-    )
+    row = await asyncio.to_thread(
+        state.finetune_store.add_file,
+        f"file-{uuid.uuid4().hex[:24]}", tenant, file.filename or "upload.jsonl", purpose, raw, examples,
+    )  # fmt: skip
     return _file(row)
 
 
+# Routes below without an await are plain functions: FastAPI runs them in its thread pool, so their
+# SQLite calls (which may wait for a lock, on a network file system for seconds) never block the loop.
+
+
 @router.get("/v1/files")
-async def list_files(request: Request, principal: Principal = Depends(caller)) -> dict:
+def list_files(request: Request, principal: Principal = Depends(caller)) -> dict:
     rows = _state(request).finetune_store.list_files(_tenant(principal))
     return {"object": "list", "data": [_file(r) for r in rows], "has_more": False}
 
 
 @router.get("/v1/files/{file_id}")
-async def get_file(file_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+def get_file(file_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     row = _state(request).finetune_store.get_file(_tenant(principal), file_id)
     if row is None:
         raise _no_file(file_id)
@@ -131,20 +139,20 @@ async def get_file(file_id: str, request: Request, principal: Principal = Depend
 
 
 @router.get("/v1/files/{file_id}/content")
-async def file_content(file_id: str, request: Request, principal: Principal = Depends(caller)) -> Response:
+def file_content(file_id: str, request: Request, principal: Principal = Depends(caller)) -> Response:
     """The file as it was uploaded (at most --max-file-bytes)."""
     state = _state(request)
     if state.finetune_store.get_file(_tenant(principal), file_id) is None:
         raise _no_file(file_id)
     try:
-        raw = await asyncio.to_thread(state.finetune_store.file_path(file_id).read_bytes)
+        raw = state.finetune_store.file_path(file_id).read_bytes()
     except FileNotFoundError:  # deleted meanwhile
         raise _no_file(file_id) from None
     return Response(raw, media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}")
-async def delete_file(file_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+def delete_file(file_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     store = _state(request).finetune_store
     running = [b["id"] for b in store.batches_with_status(*OPEN) if b["input_file_id"] == file_id]
     if running and store.get_file(_tenant(principal), file_id) is not None:
@@ -171,7 +179,7 @@ def _file(row: dict) -> dict:
 
 
 @router.post("/v1/fine_tuning/jobs")
-async def create_job(body: CreateJob, request: Request, principal: Principal = Depends(caller)) -> dict:
+def create_job(body: CreateJob, request: Request, principal: Principal = Depends(caller)) -> dict:
     state = _state(request)
     tenant = _tenant(principal)
     base = state.jobs.base_name
@@ -236,20 +244,20 @@ async def create_job(body: CreateJob, request: Request, principal: Principal = D
 
 
 @router.get("/v1/fine_tuning/jobs")
-async def list_jobs(
+def list_jobs(
     request: Request, after: str | None = None, limit: int = 20, principal: Principal = Depends(caller)
 ) -> dict:
-    jobs = await asyncio.to_thread(_state(request).finetune_store.list_jobs, _tenant(principal))
+    jobs = _state(request).finetune_store.list_jobs(_tenant(principal))
     return page([_job(j) for j in jobs], after, max(1, min(limit, 100)))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
-async def get_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+def get_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     return _job(_find_job(request, principal, job_id))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
-async def job_events(
+def job_events(
     job_id: str,
     request: Request,
     after: str | None = None,
@@ -273,20 +281,20 @@ async def job_events(
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-async def cancel_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+def cancel_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     job = _find_job(request, principal, job_id)
     if job["status"] in ("succeeded", "failed", "cancelled"):
         raise invalid(f"The job is already {job['status']}.", param="fine_tuning_job_id", code="job_finished")
-    await asyncio.to_thread(_state(request).jobs.cancel, job_id)  # (the store, and a trainer stopped)
+    _state(request).jobs.cancel(job_id)  # (the store, and a trainer stopped)
     return _job(_find_job(request, principal, job_id))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/pause")
-async def pause_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+def pause_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     """A queued job is paused at once; a running one once its trainer has checkpointed (its status
     says `running` until then). It frees the device for serving; resume goes on from the checkpoint."""
     _find_job(request, principal, job_id)
-    if not await asyncio.to_thread(_state(request).jobs.pause, job_id):
+    if not _state(request).jobs.pause(job_id):
         status = _find_job(request, principal, job_id)["status"]
         raise invalid(f"The job is {status}: only a queued or running job can be paused.",
                       param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
@@ -294,9 +302,9 @@ async def pause_job(job_id: str, request: Request, principal: Principal = Depend
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/resume")
-async def resume_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
+def resume_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     _find_job(request, principal, job_id)
-    if not await asyncio.to_thread(_state(request).jobs.resume, job_id):
+    if not _state(request).jobs.resume(job_id):
         status = _find_job(request, principal, job_id)["status"]
         raise invalid(f"The job is {status}: only a paused job can be resumed.", param="fine_tuning_job_id",
                       code="invalid_state")  # fmt: skip
@@ -304,14 +312,14 @@ async def resume_job(job_id: str, request: Request, principal: Principal = Depen
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-async def job_checkpoints(
+def job_checkpoints(
     job_id: str, request: Request, after: str | None = None, limit: int = Query(10, ge=1, le=100),
     principal: Principal = Depends(caller),
 ) -> dict:  # fmt: skip
     """The checkpoints of the job's last epochs, newest first; each is served as its own model (its
     fine_tuned_model_checkpoint) once made."""
     job = _find_job(request, principal, job_id)
-    rows = await asyncio.to_thread(_state(request).finetune_store.list_checkpoints, job_id)
+    rows = _state(request).finetune_store.list_checkpoints(job_id)
     data = [
         {"object": "fine_tuning.job.checkpoint", "id": c["id"], "created_at": c["created_at"],
          "fine_tuned_model_checkpoint": c["model"], "fine_tuning_job_id": job["id"], "step_number": c["step"],
