@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,6 +60,7 @@ class ServerState:
     finetune_store: Store | None = None
     jobs: JobManager | None = None
     batches: BatchRunner | None = None  # started in the event loop (api/batches.py runner())
+    responses: Any = None  # the Responses API's stored responses, chosen once ready (api/responses.py)
     _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def not_ready_reason(self) -> str | None:

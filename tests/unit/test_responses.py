@@ -6,6 +6,7 @@ this server cannot do is a 400 naming it."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import openai
 import pytest
@@ -277,3 +278,33 @@ async def test_a_conversation_goes_on_after_a_restart_with_the_servers_store(ser
     assert (await sdk.responses.delete(second.id)) is None
     with pytest.raises(openai.NotFoundError):
         await sdk.responses.retrieve(second.id)
+
+
+async def test_a_store_that_fails_does_not_take_the_answer_with_it(served_state, tmp_path, monkeypatch):  # noqa: F811
+    """The store's write fails (a lock held too long, a full disk): the answer still arrives, streamed
+    (response.completed) or not, marked store: false."""
+    served_state.finetune_store = Store(tmp_path)
+    sdk = sdk_for(served_state)
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(served_state.finetune_store, "put_response", broken)
+    answer = await sdk.responses.create(model="tiny", input="Hi", max_output_tokens=3, temperature=0)
+    assert answer.status in ("completed", "incomplete") and answer.store is False
+    stream = await sdk.responses.create(
+        model="tiny", input="Hi", max_output_tokens=3, temperature=0, stream=True
+    )
+    events = [e async for e in stream]
+    final = events[-1].response  # response.completed, or response.incomplete at max_output_tokens
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert final.store is False and final.output_text == answer.output_text
+
+
+async def test_before_ready_the_stored_responses_wait_for_the_store(served_state):  # noqa: F811
+    """A request while the server starts (its store not open yet) is a 503, and does not leave the
+    server on the in-memory store for good."""
+    served_state.ready = False
+    with pytest.raises(openai.InternalServerError) as err:
+        await sdk_for(served_state).responses.retrieve("resp_x")
+    assert err.value.status_code == 503 and served_state.responses is None

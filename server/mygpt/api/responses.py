@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import re
 import threading
 import time
@@ -41,6 +42,7 @@ from mygpt.finetune.store import Store
 from mygpt.tenancy.auth import Principal
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 STORED_RESPONSES = 1024  # per tenant, oldest forgotten first
 STORED_BYTES = 64 * 2**20  # per tenant (their JSON's size), oldest forgotten first
 # fields refused by name when set to anything but their "off" value (what this server cannot do)
@@ -167,7 +169,7 @@ async def create_response(
     if isinstance(done, Response):  # the client left
         return done
     answer = turn.response(_output(done), done.usage.model_dump(), done.choices[0].finish_reason)
-    await asyncio.to_thread(turn.keep, store, answer)
+    await _keep(turn, store, answer)
     return routes._with_rate_headers(response, chat, principal, answer)
 
 
@@ -208,10 +210,25 @@ async def delete_response(
 
 def _store(request: Request) -> Stored:
     state = request.app.state.mygpt
-    if getattr(state, "responses", None) is None:
-        shared = getattr(state, "finetune_store", None)
+    if state.responses is None:
+        shared = state.finetune_store
+        if shared is None and not state.ready:  # the store may still be on its way: decide once ready
+            raise APIError(
+                503, "The server is not ready yet.", code="not_ready", headers={"Retry-After": "5"}
+            )
         state.responses = SharedResponses(shared) if shared is not None else ResponseStore()
     return state.responses
+
+
+async def _keep(turn: Turn, store: Stored, response: dict) -> None:
+    """Stores the finished response (before its last event, so that a next turn finds it). A store that
+    fails (a lock held too long, a full disk) does not take the answer with it: it is sent, marked
+    `store: false`, so the client knows not to chain on it."""
+    try:
+        await asyncio.to_thread(turn.keep, store, response)
+    except Exception:
+        log.exception("response %s could not be stored", response["id"])
+        response["store"] = False
 
 
 def _tenant(principal: Principal) -> str:
@@ -597,7 +614,7 @@ async def _translate(payloads: Closing, turn: Turn, store: Stored):
     elif not output:  # an empty answer is still one message
         output.append(_message_item("", _status(finish)))
     final = turn.response(output, usage, finish)
-    await asyncio.to_thread(turn.keep, store, final)
+    await _keep(turn, store, final)
     yield event(
         "response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final
     )

@@ -441,8 +441,8 @@ class JobManager:
         if not ADAPTER_NAME.fullmatch(model) or not source.is_dir():
             return
         store_dir = self.registry.store_of(job["tenant"])
-        tmp = store_dir / f".{job['id']}-ckpt-{step}-{os.getpid()}"
-        tmp.mkdir(parents=True)
+        store_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{job['id']}-ckpt-{step}-", dir=store_dir))
         try:
             for file in (CONFIG, WEIGHTS):
                 shutil.copy2(source / file, tmp / file)

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-NETWORK_FS = {"nfs", "nfs4", "ceph", "cifs", "smb3", "smbfs", "glusterfs", "lustre", "9p", "afs", "gpfs"}
+NETWORK_FS = {
+    "nfs",
+    "nfs4",
+    "ceph",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "glusterfs",
+    "lustre",
+    "9p",
+    "afs",
+    "gpfs",
+    "ocfs2",
+    "gfs2",
+    "beegfs",
+    "virtiofs",
+}  # and FUSE mounts (EFS, s3fs, ...)
 OPEN_JOBS = ("queued", "running", "paused")  # not ended
 OPEN_BATCHES = (
     "validating",
@@ -67,12 +86,21 @@ class Store:
         # WAL where every process is on one host; SQLite's WAL needs shared memory, which a network file
         # system (replicas on several nodes sharing the volume) does not give: the rollback journal there
         fs = fs_type(self.root)
-        want = "DELETE" if fs in NETWORK_FS or fs.startswith("fuse.") else "WAL"
-        try:
-            self.journal = self._db.execute(f"PRAGMA journal_mode={want}").fetchone()[0].upper()
-        except sqlite3.OperationalError as exc:  # another process holds it in its mode (an upgrade under way)
-            self.journal = self._db.execute("PRAGMA journal_mode").fetchone()[0].upper()
-            log.warning("store %s: journal mode stays %s, not %s: %s", self.root, self.journal, want, exc)
+        want = "DELETE" if fs in NETWORK_FS or fs.startswith("fuse") else "WAL"
+        for wait in (0.1, 0.3, 1.0, 3.0, None):  # another process may hold it open in its mode a while
+            try:
+                self.journal = self._db.execute(f"PRAGMA journal_mode={want}").fetchone()[0].upper()
+                break
+            except sqlite3.OperationalError as exc:  # ("database is locked": no busy wait for this one)
+                if wait is None:
+                    self.journal = self._db.execute("PRAGMA journal_mode").fetchone()[0].upper()
+                    log.error(
+                        "store %s: its journal mode stays %s, not %s (%s): other servers hold it open. On a "
+                        "network file system WAL is unsafe across nodes: restart with one replica once to "
+                        "switch it", self.root, self.journal, want, exc,
+                    )  # fmt: skip
+                    break
+                time.sleep(wait)
         log.info("store %s on %s: journal mode %s", self.root, fs or "an unknown file system", self.journal)
         self._db.executescript(SCHEMA)
         for table, column, kind in (
@@ -88,6 +116,17 @@ class Store:
             if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction (one journal sync) for several statements; the caller holds _lock."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _q(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
@@ -239,7 +278,7 @@ class Store:
     ) -> None:
         """Stores a response; the tenant's oldest go past its newest `limit` or `budget` bytes."""
         parts = [json.dumps(response), json.dumps(messages), json.dumps(list(inputs))]
-        with self._lock:  # newer rows have higher rowids (a replaced id too): the order they were stored in
+        with self._lock, self._transaction():  # newer rows have higher rowids (a replaced id too)
             self._db.execute(
                 "INSERT OR REPLACE INTO responses (id, tenant, size, response, messages, inputs) VALUES (?,?,?,?,?,?)",
                 (response["id"], tenant, sum(map(len, parts)), *parts),
@@ -433,7 +472,7 @@ def fs_type(path: Path, mountinfo: str | None = None) -> str:
         fields = line.split(" - ", 1)
         if len(fields) != 2:
             continue
-        point = fields[0].split()[4].replace("\\040", " ")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[0].split()[4])  # \040: " "
         if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
             best, kind = point, fields[1].split()[0]
     return kind
