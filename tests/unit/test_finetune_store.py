@@ -417,3 +417,19 @@ def test_an_orphans_leftovers_go_but_not_the_work_of_the_server_that_claims_it_n
     finder._end_orphans()
     assert store.get_job(None, "ftjob-1")["status"] == "queued"
     assert not (tenant_dir / ".ftjob-1-dead").exists() and (tenant_dir / ".ftjob-1-next").exists()
+
+
+def test_a_job_an_earlier_version_runs_is_left_while_its_trainer_reports(manager):
+    """A rolling upgrade: a job claimed by an earlier version has no lease. While its events keep
+    coming, its trainer runs on the old server: it is not queued again (it would train twice); once
+    quiet for LEGACY_QUIET_S, it is an orphan like any other."""
+    store, make = manager
+    finder = make()
+    add_jobs(store, "ftjob-old")
+    store.update_job("ftjob-old", status="running")  # as the earlier version claimed it: no owner, no lease
+    store.add_event("ftjob-old", "Step 7/90: training loss=1.0")
+    finder._end_orphans()
+    assert store.get_job(None, "ftjob-old")["status"] == "running"
+    store._q("UPDATE events SET created_at=created_at-? WHERE job_id='ftjob-old'", finder.LEGACY_QUIET_S + 1)
+    finder._end_orphans()
+    assert store.get_job(None, "ftjob-old")["status"] == "queued"

@@ -80,6 +80,7 @@ class JobManager:
     CHECKPOINT_S = 600.0  # the trainer's checkpoints within an epoch, at most this far apart
     CHECKPOINTS_SERVED = 2  # the newest epochs' checkpoints served beside a job's model
     MAX_STALLS = 3  # interruptions in a row without a new checkpoint before a job ends failed
+    LEGACY_QUIET_S = 600.0  # a job an earlier version runs (no lease) is orphaned once quiet this long
     STOP_S = 20.0  # how long a stopping server waits for its trainer's checkpoint before killing it
     IDLE_S = 5.0  # how often an idle worker looks for queued jobs and orphans (a submit wakes it at once)
     TRAINER = (sys.executable, "-m", "mygpt.finetune.trainer")  # + the spec's path
@@ -117,6 +118,8 @@ class JobManager:
         for job in self.store.jobs_with_status("running"):
             if job["lease_until"] is not None and job["lease_until"] >= now:
                 continue  # a server runs it
+            if job["owner"] is None and now - self.store.last_event_at(job["id"]) < self.LEGACY_QUIET_S:
+                continue  # claimed by an earlier version (no lease) whose trainer still reports: a rolling upgrade
             newest = checkpoints(self.store.checkpoint_dir(job["id"]))
             step = _step_of(newest[-1]) if newest else 0
             # the stopped run's hidden directories, listed before the job changes hands: a server that

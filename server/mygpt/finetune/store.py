@@ -368,6 +368,11 @@ class Store:
         return self.update_job(job_id, if_status=("running",), if_owner=owner,
                                lease_until=time.time() + lease_s)  # fmt: skip
 
+    def last_event_at(self, job_id: str) -> float:
+        """When the job's newest event was added (0 without one)."""
+        rows = self._q("SELECT created_at FROM events WHERE job_id=? ORDER BY seq DESC LIMIT 1", job_id)
+        return float(rows[0]["created_at"]) if rows else 0.0
+
     def add_event(self, job_id: str, message: str, level: str = "info", data: dict | None = None) -> None:
         self._q(
             "INSERT INTO events (job_id, created_at, level, message, data) VALUES (?,?,?,?,?)",
