@@ -240,7 +240,7 @@ def create_job(body: CreateJob, request: Request, principal: Principal = Depends
         job["id"], f"Created fine-tuning job: {job['id']}", data={"type": "message"}
     )
     state.jobs.submitted()
-    return _job(job)
+    return _job(request, job)
 
 
 @router.get("/v1/fine_tuning/jobs")
@@ -248,12 +248,12 @@ def list_jobs(
     request: Request, after: str | None = None, limit: int = 20, principal: Principal = Depends(caller)
 ) -> dict:
     jobs = _state(request).finetune_store.list_jobs(_tenant(principal))
-    return page([_job(j) for j in jobs], after, max(1, min(limit, 100)))
+    return page([_job(request, j) for j in jobs], after, max(1, min(limit, 100)))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 def get_job(job_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
-    return _job(_find_job(request, principal, job_id))
+    return _job(request, _find_job(request, principal, job_id))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
@@ -286,7 +286,7 @@ def cancel_job(job_id: str, request: Request, principal: Principal = Depends(cal
     if job["status"] in ("succeeded", "failed", "cancelled"):
         raise invalid(f"The job is already {job['status']}.", param="fine_tuning_job_id", code="job_finished")
     _state(request).jobs.cancel(job_id)  # (the store, and a trainer stopped)
-    return _job(_find_job(request, principal, job_id))
+    return _job(request, _find_job(request, principal, job_id))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/pause")
@@ -298,7 +298,7 @@ def pause_job(job_id: str, request: Request, principal: Principal = Depends(call
         status = _find_job(request, principal, job_id)["status"]
         raise invalid(f"The job is {status}: only a queued or running job can be paused.",
                       param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
-    return _job(_find_job(request, principal, job_id))
+    return _job(request, _find_job(request, principal, job_id))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/resume")
@@ -308,7 +308,7 @@ def resume_job(job_id: str, request: Request, principal: Principal = Depends(cal
         status = _find_job(request, principal, job_id)["status"]
         raise invalid(f"The job is {status}: only a paused job can be resumed.", param="fine_tuning_job_id",
                       code="invalid_state")  # fmt: skip
-    return _job(_find_job(request, principal, job_id))
+    return _job(request, _find_job(request, principal, job_id))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
@@ -338,8 +338,9 @@ def _find_job(request: Request, principal: Principal, job_id: str) -> dict:
     return job
 
 
-def _job(job: dict) -> dict:
+def _job(request: Request, job: dict) -> dict:
     hp = job["hyperparameters"]
+    estimate = _state(request).finetune_store.estimated_finish(job)
     return {
         "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"],
         "finished_at": job["finished_at"], "model": job["model"], "fine_tuned_model": job["fine_tuned_model"],
@@ -347,7 +348,7 @@ def _job(job: dict) -> dict:
         "validation_file": job["validation_file"], "result_files": job["result_files"],
         "trained_tokens": job["trained_tokens"],
         "error": job["error"], "seed": job["seed"], "user_provided_suffix": job["suffix"],
-        "estimated_finish": job["estimated_finish"], "integrations": [], "metadata": job["metadata"] or {},
+        "estimated_finish": estimate, "integrations": [], "metadata": job["metadata"] or {},
         "hyperparameters": {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
         "method": {"type": "supervised", "supervised": {"hyperparameters": {**hp}}},
     }  # fmt: skip

@@ -120,8 +120,7 @@ class JobManager:
                 continue  # a server runs it
             if job["owner"] is None and now - self.store.last_event_at(job["id"]) < self.LEGACY_QUIET_S:
                 continue  # claimed by an earlier version (no lease) whose trainer still reports: a rolling upgrade
-            newest = checkpoints(self.store.checkpoint_dir(job["id"]))
-            step = _step_of(newest[-1]) if newest else 0
+            step = self._newest_step(job["id"])
             # the stopped run's hidden directories, listed before the job changes hands: a server that
             # claims it next makes its own, which must stay
             left = self._work_of(job)
@@ -192,10 +191,9 @@ class JobManager:
 
     def resume(self, job_id: str) -> bool:
         """A paused job is queued again, to go on from its checkpoint; False if it is not paused."""
-        newest = checkpoints(self.store.checkpoint_dir(job_id))
         if not self.store.update_job(
             job_id, if_status=("paused",), status="queued", pause_requested=0, owner=None, lease_until=None,
-            stalls=0, resume_step=_step_of(newest[-1]) if newest else 0,
+            stalls=0, resume_step=self._newest_step(job_id),
         ):  # fmt: skip
             return False
         self.store.add_event(job_id, "Fine-tuning job queued to resume.", data={"type": "message"})
@@ -287,8 +285,7 @@ class JobManager:
                 self._succeed(job, work, last)
             elif last.get("event") != "error" and self.store.pause_requested(job_id):
                 # (paused at its step's end, or killed before it could: from its newest checkpoint then)
-                newest = checkpoints(self.store.checkpoint_dir(job_id))
-                self._paused(job_id, _step_of(newest[-1]) if newest else 0, if_owner=self.owner)
+                self._paused(job_id, self._newest_step(job_id), if_owner=self.owner)
             elif self._stopping or last.get("event") == "paused":
                 # the trainer checkpointed and exited (or was killed): the job stays `running`, its lease
                 # ends now, and the next server that looks (this one after a restart, or a replica at
@@ -522,6 +519,11 @@ class JobManager:
         data = {k: v for k, v in event.items() if k != "event"}
         self.store.add_event(job_id, message, data={"type": "metrics" if kind == "step" else kind, **data})
 
+    def _newest_step(self, job_id: str) -> int:
+        """The step of the job's newest checkpoint, where it resumes (0: none, from the start)."""
+        newest = checkpoints(self.store.checkpoint_dir(job_id))
+        return _step_of(newest[-1]) if newest else 0
+
     def _paused(self, job_id: str, step: int, **conditions) -> bool:
         """A running job whose pause was asked for is paused (its trainer has exited), to resume from
         its checkpoint at `step` (0: none)."""
@@ -562,5 +564,5 @@ def _remove(paths: list[Path]) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _step_of(checkpoint: Path) -> int:
+def _step_of(checkpoint: Path) -> int:  # step-<step>
     return int(checkpoint.name.removeprefix("step-"))

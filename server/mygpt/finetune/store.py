@@ -199,14 +199,13 @@ class Store:
         rows = self._q("SELECT * FROM jobs WHERE id=?", job_id)
         if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
             return None
-        return self._estimated(_job(rows[0]))
+        return _job(rows[0])
 
-    def _estimated(self, job: dict) -> dict:
-        """The job with its estimated_finish (a running job's: its last step's time plus its remaining
-        steps at the tokens per step and per second trained so far; None otherwise)."""
-        job["estimated_finish"] = None
+    def estimated_finish(self, job: dict) -> int | None:
+        """A running job's: its last step's time plus its remaining steps at the tokens per step and
+        per second trained so far (None otherwise, and before the run under way has made a step)."""
         if job["status"] != "running":
-            return job
+            return None
         rows = self._q("SELECT seq, created_at, data FROM events WHERE job_id=? AND data LIKE '%\"metrics\"%'"
                        " ORDER BY seq DESC LIMIT 1", job["id"])  # fmt: skip
         started = self._q("SELECT seq FROM events WHERE job_id=? AND data LIKE '%\"type\": \"status\"%'"
@@ -215,8 +214,8 @@ class Store:
             step = json.loads(rows[0]["data"])
             per_step = step["trained_tokens"] / max(step["step"], 1)
             left_s = (step["total_steps"] - step["step"]) * per_step / max(step["tokens_per_s"], 1e-9)
-            job["estimated_finish"] = int(rows[0]["created_at"] + left_s)
-        return job
+            return int(rows[0]["created_at"] + left_s)
+        return None
 
     def list_jobs(self, tenant: str | None) -> list[dict]:
         sql = (
@@ -224,7 +223,7 @@ class Store:
             + ("" if tenant is None else " WHERE tenant=?")
             + " ORDER BY created_at DESC, id DESC"
         )
-        return [self._estimated(_job(r)) for r in self._q(sql, *([] if tenant is None else [tenant]))]
+        return [_job(r) for r in self._q(sql, *([] if tenant is None else [tenant]))]
 
     def jobs_with_status(self, *statuses: str) -> list[dict]:
         marks = ",".join("?" * len(statuses))
