@@ -17,7 +17,7 @@ from mygpt.api.request_ids import RequestIds
 from mygpt.api.responses import router as responses_router
 from mygpt.api.routes import router
 from mygpt.config import Settings
-from mygpt.cost import CLOSED_API_PRICES, CostModel, load_price_table
+from mygpt.cost import CLOSED_API_PRICES, CLOSED_EMBEDDING_PRICES, CostModel, load_price_table
 from mygpt.metrics import Metrics
 from mygpt.state import ServerState
 from mygpt.tenancy.config import Tenancy, load_tenancy_from
@@ -33,8 +33,13 @@ def build_app(
     settings alone (a single tenant)."""
     if state is None:
         tenancy = tenancy or load_tenancy_from(settings)
-        prices = load_price_table(settings.price_table) if settings.price_table else CLOSED_API_PRICES
-        metrics = Metrics(CostModel(settings.cost_per_hour_usd, dict(prices)), settings.metrics_max_adapters)
+        prices, embedding = (
+            load_price_table(settings.price_table)
+            if settings.price_table
+            else (CLOSED_API_PRICES, CLOSED_EMBEDDING_PRICES)
+        )
+        cost = CostModel(settings.cost_per_hour_usd, dict(prices), dict(embedding))
+        metrics = Metrics(cost, settings.metrics_max_adapters)
         state = ServerState(settings, Tenants(tenancy, metrics), metrics=metrics)
 
     @contextlib.asynccontextmanager

@@ -42,6 +42,10 @@ def _serve_parser(sub: Any) -> None:
         help="experimental: with CUDA graphs, steps with at most this many prompt tokens run graphed (default 0: eagerly)",
     )  # fmt: skip
     p.add_argument("--max-waiting", type=int, help="queued requests before 429")
+    p.add_argument(
+        "--embedding-pooling", choices=["mean", "last"],
+        help="/v1/embeddings: mean of the final hidden states (default) or the last token's",
+    )  # fmt: skip
     p.add_argument("--num-threads", type=int, help="torch CPU threads")
     p.add_argument("--engine", choices=["batched", "naive"], help="naive: the generate() baseline")
     p.add_argument("--adapter-dir", help="the adapter store: <dir>/<name>/ in peft format")

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         512, ge=16, description="prompt tokens prefilled per engine step (chunked prefill)"
     )
     max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot before 429")
+    embedding_pooling: Literal["mean", "last"] = Field(
+        "mean",
+        description="/v1/embeddings: pool the final hidden states by their 'mean' (for chat models) or take "
+        "the 'last' token's (for embedding models trained so, e.g. e5-mistral, gte-Qwen2); L2-normalized",
+    )
     num_threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
     cuda_graphs: bool = Field(
         True,

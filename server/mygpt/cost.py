@@ -35,12 +35,19 @@ CLOSED_API_PRICES: dict[str, tuple[float, ...]] = {
     "anthropic/claude-sonnet": (3.00, 15.00, 0.30),
     "anthropic/claude-2.1": (8.00, 24.00),
 }
+# USD per 1M input tokens of closed embedding models (OpenAI's list prices, written down 2026-11-27
+# under the same caveat): what /v1/embeddings' tokens are priced at, not the chat models above.
+CLOSED_EMBEDDING_PRICES: dict[str, float] = {
+    "openai/text-embedding-3-small": 0.02,
+    "openai/text-embedding-3-large": 0.13,
+}
 
 
 @dataclass
 class CostModel:
     per_hour_usd: float = DEFAULT_COST_PER_HOUR_USD
     prices: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(CLOSED_API_PRICES))
+    embedding_prices: dict[str, float] = field(default_factory=lambda: dict(CLOSED_EMBEDDING_PRICES))
 
     def serving_usd(self, engine_seconds: float) -> float:
         return engine_seconds * self.per_hour_usd / 3600.0
@@ -58,18 +65,28 @@ class CostModel:
             ) / 1e6
         return out
 
+    def closed_embedding_usd(self, tokens: int) -> dict[str, float]:
+        """What each closed embedding model would charge for embedding `tokens` input tokens."""
+        return {model: tokens * price / 1e6 for model, price in self.embedding_prices.items()}
 
-def load_price_table(path: Path) -> dict[str, tuple[float, ...]]:
-    """A YAML map `provider/model: {input: USD per 1M, output: USD per 1M, cached_input: optional}`
-    replacing the shipped table."""
+
+def load_price_table(path: Path) -> tuple[dict[str, tuple[float, ...]], dict[str, float]]:
+    """A YAML map `provider/model: {input: USD per 1M, output: USD per 1M, cached_input: optional}`,
+    or `{embedding: USD per 1M}` for an embedding model, replacing the shipped tables (chat and
+    embedding models: a table without embedding models keeps the shipped ones)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a map of provider/model -> {{input, output}}")
-    table = {}
+    table, embedding = {}, {}
     for name, price in raw.items():
+        if isinstance(price, dict) and set(price) == {"embedding"}:
+            embedding[str(name)] = float(price["embedding"])
+            continue
         if not isinstance(price, dict) or not {"input", "output"} <= set(price):
-            raise ValueError(f"{path}: {name}: give 'input' and 'output' (USD per 1M tokens)")
+            raise ValueError(
+                f"{path}: {name}: give 'input' and 'output', or 'embedding' alone (USD per 1M tokens)"
+            )
         table[str(name)] = (float(price["input"]), float(price["output"])) + (
             (float(price["cached_input"]),) if price.get("cached_input") is not None else ()
         )
-    return table
+    return table, embedding or dict(CLOSED_EMBEDDING_PRICES)

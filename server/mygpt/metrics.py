@@ -175,8 +175,19 @@ class Metrics:
         )
         self.closed_usd = Counter(
             "mygpt_closed_api_equivalent_usd",
-            "What the same prompt and completion tokens would cost on a closed API.",
+            "What the same prompt and completion tokens would cost on a closed API (embeddings' tokens: "
+            "on its embedding models).",
             ["tenant", "provider_model"],
+            registry=r,
+        )
+        self.embedding_inputs = Counter(
+            "mygpt_embedding_inputs", "Inputs of finished /v1/embeddings requests.", ta, registry=r
+        )
+        self.embedding_e2e = Histogram(
+            "mygpt_embedding_request_latency_seconds",
+            "Time from an embeddings request's arrival to its last vector.",
+            ta,
+            buckets=E2E_BUCKETS,
             registry=r,
         )
         self.running = Gauge(
@@ -248,16 +259,37 @@ class Metrics:
         self, tenant: str, adapter: str | None, outcome: str, prompt_tokens: int, completion_tokens: int,
         engine_s: float = 0.0, queue_s: float | None = None, ttft_s: float | None = None,
         e2e_s: float | None = None, token_gaps: list[float] = (), cached_tokens: int = 0,
+        embedding_inputs: int | None = None,
     ) -> tuple[float, dict[str, float]]:  # fmt: skip
-        """A request ended (any outcome but rejected). Returns (cost, closed-API equivalents) in USD."""
+        """A request ended (any outcome but rejected). Returns (cost, closed-API equivalents) in USD.
+        An embeddings request (embedding_inputs: how many) has its own latency histogram and is priced
+        on the closed embedding models; the generation histograms leave it out."""
         labels = (tenant, self.adapter_label(adapter))
         self.requests.labels(*labels, outcome).inc()
         self.prompt_tokens.labels(*labels).inc(prompt_tokens)
+        if queue_s is not None:
+            self.queue.labels(*labels).observe(queue_s)
+        cost = self.cost.serving_usd(engine_s)
+        self.cost_usd.labels(*labels).inc(cost)
+        if embedding_inputs is not None:
+            self.embedding_inputs.labels(*labels).inc(embedding_inputs)
+            if e2e_s is not None:
+                self.embedding_e2e.labels(*labels).observe(e2e_s)
+            closed = self.cost.closed_embedding_usd(prompt_tokens)
+        else:
+            self._record_generation(labels, prompt_tokens, completion_tokens, ttft_s, e2e_s, token_gaps)
+            closed = self.cost.closed_api_usd(prompt_tokens, completion_tokens, cached_tokens)
+        for provider_model, usd in closed.items():
+            self.closed_usd.labels(tenant, provider_model).inc(usd)
+        return cost, closed
+
+    def _record_generation(
+        self, labels: tuple[str, str], prompt_tokens: int, completion_tokens: int, ttft_s: float | None,
+        e2e_s: float | None, token_gaps: list[float],
+    ) -> None:  # fmt: skip
         self.gen_tokens.labels(*labels).inc(completion_tokens)
         self.prompt_len.labels(*labels).observe(prompt_tokens)
         self.gen_len.labels(*labels).observe(completion_tokens)
-        if queue_s is not None:
-            self.queue.labels(*labels).observe(queue_s)
         if ttft_s is not None:
             self.ttft.labels(*labels).observe(ttft_s)
         if e2e_s is not None:
@@ -265,12 +297,6 @@ class Metrics:
         itl = self.itl.labels(*labels)
         for gap in token_gaps:
             itl.observe(gap)
-        cost = self.cost.serving_usd(engine_s)
-        self.cost_usd.labels(*labels).inc(cost)
-        closed = self.cost.closed_api_usd(prompt_tokens, completion_tokens, cached_tokens)
-        for provider_model, usd in closed.items():
-            self.closed_usd.labels(tenant, provider_model).inc(usd)
-        return cost, closed
 
     def record_rejected(self, tenant: str, adapter: str | None) -> None:
         self.requests.labels(tenant, self.adapter_label(adapter), "rejected").inc()

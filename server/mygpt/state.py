@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mygpt.api.chat import ChatLimits, ChatService
+from mygpt.api.embeddings import EmbeddingService
 from mygpt.api.errors import APIError
 from mygpt.batches import BatchRunner
 from mygpt.config import Settings
@@ -53,6 +54,7 @@ class ServerState:
     engine: Engine | NaiveEngine | None = None
     registry: AdapterRegistry | None = None
     chat: ChatService | None = None
+    embeddings: EmbeddingService | None = None
     ready: bool = False  # model loaded and warm-up generation succeeded
     draining: bool = False  # shutting down: no new requests
     failure: str | None = None  # start-up failed: why
@@ -167,6 +169,10 @@ class ServerState:
                     self.tenants,
                     registry,
                     grammars,
+                )
+                # an embeddings request keeps at most a batch's rows of inputs in the engine at once
+                self.embeddings = EmbeddingService(
+                    self.chat, s.embedding_pooling, loaded.model.config.hidden_size, window=s.max_num_seqs
                 )
                 self._load_configured_adapters()
             if s.finetune:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mygpt.cost import CLOSED_API_PRICES, CostModel, load_price_table
+from mygpt.cost import CLOSED_API_PRICES, CLOSED_EMBEDDING_PRICES, CostModel, load_price_table
 from mygpt.metrics import BASE_LABEL, OTHER_LABEL, Metrics
 
 
@@ -86,10 +86,31 @@ def test_price_tables(tmp_path):
     path.write_text(
         "acme/model: {input: 1.5, output: 3}\nacme/cache: {input: 2, output: 4, cached_input: 0.5}\n"
     )
-    assert load_price_table(path) == {"acme/model": (1.5, 3.0), "acme/cache": (2.0, 4.0, 0.5)}
+    chat = {"acme/model": (1.5, 3.0), "acme/cache": (2.0, 4.0, 0.5)}
+    assert load_price_table(path) == (chat, CLOSED_EMBEDDING_PRICES)  # no embedding model: the shipped
+    path.write_text(path.read_text() + "acme/embed: {embedding: 0.01}\n")
+    assert load_price_table(path) == (chat, {"acme/embed": 0.01})
     path.write_text("acme/model: {input: 1.5}\n")
     with pytest.raises(ValueError, match="output"):
         load_price_table(path)
+
+
+def test_an_embeddings_request_is_priced_on_the_embedding_models_and_kept_out_of_generation_metrics():
+    m = Metrics(
+        CostModel(per_hour_usd=3600.0, prices={"x/chat": (1.0, 2.0)}, embedding_prices={"x/emb": 0.5})
+    )
+    cost, closed = m.record_request(
+        "t", None, "stop", 2_000_000, 0, engine_s=0.25, e2e_s=0.3, embedding_inputs=7
+    )
+    assert cost == pytest.approx(0.25) and closed == {"x/emb": pytest.approx(1.0)}
+    text = m.exposition().decode()
+    assert 'mygpt_embedding_inputs_total{adapter="(base)",tenant="t"} 7.0' in text
+    assert 'mygpt_embedding_request_latency_seconds_count{adapter="(base)",tenant="t"} 1.0' in text
+    assert 'mygpt_closed_api_equivalent_usd_total{provider_model="x/emb",tenant="t"} 1.0' in text
+    assert 'mygpt_prompt_tokens_total{adapter="(base)",tenant="t"} 2e+06' in text
+    assert "x/chat" not in text  # not priced as chat tokens
+    assert 'mygpt_e2e_request_latency_seconds_count{adapter="(base)",tenant="t"}' not in text
+    assert 'mygpt_request_prompt_tokens_count{adapter="(base)",tenant="t"}' not in text
 
 
 def test_prompt_tokens_from_the_prefix_cache_are_priced_as_cached_input_where_a_provider_has_one():

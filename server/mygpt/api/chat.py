@@ -130,11 +130,7 @@ class ChatService:
     ) -> tuple[GenerationRequest, Ticket]:
         """Takes the tenant's limits (429), renders the prompt off the event loop and builds the
         engine request (a bad prompt or parameter: 400, not counted as usage)."""
-        try:
-            ticket = self.tenants.admit(principal, model, None if adapter is None else model)
-        except RateLimited as exc:
-            headers = {"Retry-After": exc.retry_after, **self.tenants.rate_headers(principal)}
-            raise APIError(429, str(exc), code="rate_limit_exceeded", headers=headers) from exc
+        ticket = self.ticket(principal, model, adapter)
         try:
             prompt_ids = await asyncio.to_thread(render)
             sampling = params(len(prompt_ids))
@@ -151,6 +147,14 @@ class ChatService:
             group=principal.tenant,
         )
         return gen, ticket
+
+    def ticket(self, principal: Principal, model: str, adapter: AdapterRef | None) -> Ticket:
+        """One request admitted to its tenant's limits, or their 429 (with the x-ratelimit-* headers)."""
+        try:
+            return self.tenants.admit(principal, model, None if adapter is None else model)
+        except RateLimited as exc:
+            headers = {"Retry-After": exc.retry_after, **self.tenants.rate_headers(principal)}
+            raise APIError(429, str(exc), code="rate_limit_exceeded", headers=headers) from exc
 
     def model_ids(self, principal: Principal) -> list[str]:
         """The base model, then the adapters the caller may use (an admin sees "<tenant>/<name>")."""

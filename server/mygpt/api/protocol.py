@@ -143,6 +143,17 @@ class CompletionRequest(VLLMSampling):
     _bias_range = field_validator("logit_bias")(ChatCompletionRequest._bias_range.__func__)
 
 
+class EmbeddingRequest(_Lenient):
+    """POST /v1/embeddings: one input or a list of them, each text or token ids."""
+
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    model: str
+    dimensions: int | None = Field(None, ge=1)
+    # the openai SDK asks for base64 unless told otherwise (and decodes it itself)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
 # ----------------------------------------------------------------------------- responses
 
 
@@ -271,6 +282,24 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32 (encoding_format "base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -14,12 +14,15 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from mygpt.api import completions
 from mygpt.api.auth import caller
 from mygpt.api.chat import ChatService, Closing
+from mygpt.api.embeddings import EmbeddingService
 from mygpt.api.errors import APIError, model_not_found
 from mygpt.api.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     ModelCard,
     ModelDeleted,
     ModelList,
@@ -161,6 +164,17 @@ async def text_completions(
         chat,
         principal,
         await _until_disconnected(request, completions.complete(chat, body, prompts)),
+    )
+
+
+@router.post("/v1/embeddings", response_model=None, responses={200: {"model": EmbeddingList}})
+async def embeddings(
+    body: EmbeddingRequest, request: Request, response: Response, principal: Principal = Depends(caller)
+) -> EmbeddingList | Response:
+    chat = _chat(request)
+    service: EmbeddingService = _state(request).embeddings
+    return _with_rate_headers(
+        response, chat, principal, await _until_disconnected(request, service.embed(principal, body))
     )
 
 

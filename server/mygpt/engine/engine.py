@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.guided import Guide
@@ -78,6 +79,7 @@ class Group:
     rows: list[Row]
     num_prefilled: int = 0  # prompt tokens written to rows[0]'s slot
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # so far, if asked
+    pooled: torch.Tensor | None = None  # an embedding's hidden states so far (summed, or the last)
 
 
 @dataclass
@@ -267,6 +269,8 @@ class Engine(EngineThread):
             raise EngineNotRunning("the engine is not running")
         if len(request.prompt_ids) + request.params.max_tokens > self.max_len:
             raise ValueError("prompt plus max_tokens exceeds the engine's context")
+        if request.embed is not None and (request.params.n != 1 or request.params.max_tokens != 0):
+            raise ValueError("an embedding request has n=1 and max_tokens=0")
         if request.params.n > self.runner.num_slots:
             raise ValueError(f"n={request.params.n} exceeds the batch size {self.runner.num_slots}")
         with self._lock:
@@ -481,7 +485,12 @@ class Engine(EngineThread):
 
     def _uses_cache(self, request: GenerationRequest) -> bool:
         params = request.params
-        return self.prefixes.enabled and params.prompt_logprobs is None and params.seed is None
+        return (
+            self.prefixes.enabled
+            and params.prompt_logprobs is None
+            and params.seed is None
+            and request.embed is None  # a mean needs every position's hidden state
+        )
 
     @staticmethod
     def _cache_key(request: GenerationRequest) -> Key:
@@ -560,16 +569,20 @@ class Engine(EngineThread):
             if len(ids) > budget and chunks:
                 break
             all_logits = group.request.params.prompt_logprobs is not None
-            chunks.append(
-                (group, PrefillChunk(group.rows[0].slot, ids, start, group.rows[0].lora_slot, all_logits))
-            )
+            pool = {"mean": "sum", "last": "last", None: None}[group.request.embed]
+            row = group.rows[0]
+            chunks.append((group, PrefillChunk(row.slot, ids, start, row.lora_slot, all_logits, pool)))
             budget -= len(ids)
         return chunks
 
     def _prefilled(self, group: Group, chunk: PrefillChunk, logits: torch.Tensor) -> None:
         """A chunk's logits [1 or c, V] arrived: the prompt logprobs it gives, if asked; once the
-        whole prompt is in, the first token of every choice."""
+        whole prompt is in, the first token of every choice (an embedding's chunk: its pooled hidden
+        states, and once the whole prompt is in, its vector)."""
         n, prompt = len(chunk.token_ids), group.request.prompt_ids
+        if chunk.pool is not None:
+            keep = group.pooled is not None and chunk.pool == "sum"
+            group.pooled = group.pooled + logits if keep else logits
         if chunk.all_logits:  # position p's logits score prompt token p + 1
             k = group.request.params.prompt_logprobs or 0
             group.prompt_logprobs += score_tokens(logits, prompt[chunk.start + 1 : chunk.start + n + 1], k)
@@ -579,6 +592,9 @@ class Engine(EngineThread):
         if group.num_prefilled < prompt_len:
             return
         self._prefilling.remove(group)
+        if group.request.embed is not None:
+            self._embedded(group)
+            return
         for row in group.rows:
             if row is not group.rows[0]:
                 self.runner.copy_slot(group.rows[0].slot, row.slot, prompt_len)
@@ -587,6 +603,21 @@ class Engine(EngineThread):
                 row.prompt_logprobs = group.prompt_logprobs
         self._emit_sampled(group.rows, logits[-1].expand(len(group.rows), -1))
         self._running.extend(r for r in group.rows if not r.finished)
+
+    def _embedded(self, group: Group) -> None:
+        """An embedding request's whole prompt is in: its vector, in its one (final) event."""
+        row, prompt_len = group.rows[0], len(group.request.prompt_ids)
+        pooled = group.pooled[0] / (prompt_len if group.request.embed == "mean" else 1)
+        vector = F.normalize(pooled, dim=0).tolist()
+        row.num_cached = prompt_len
+        row.timings.first_token = row.timings.finished = time.monotonic()
+        self._finish_row(row)
+        row.finish_reason = FinishReason.STOP
+        event = TokenEvent(
+            request_id=group.request.request_id, index=0, token_ids=[], text="", finish_reason=FinishReason.STOP,
+            prompt_tokens=prompt_len, timings=row.timings, embedding=vector,
+        )  # fmt: skip
+        self._send(group.request.request_id, event)
 
     def _emit_sampled(self, rows: list[Row], logits: torch.Tensor, launch_ahead: bool = False) -> None:
         allowed = {i: r.guide.allowed(self.eos_token_ids) for i, r in enumerate(rows) if r.guide is not None}

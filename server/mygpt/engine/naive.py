@@ -109,6 +109,9 @@ class NaiveEngine(EngineThread):
             on_event(_final(request, index, FinishReason.ABORT))
             return
         self._select_adapter(request.adapter)
+        if request.embed is not None:
+            self._embed(request, on_event)
+            return
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(p.stop)
         guide = None if p.grammar is None else p.grammar.start()
@@ -211,6 +214,19 @@ class NaiveEngine(EngineThread):
             )
         if state["done"] is None:
             on_event(_final(request, index, FinishReason.ABORT if rid in aborted else FinishReason.LENGTH))
+
+    def _embed(self, request: GenerationRequest, on_event) -> None:
+        """An embedding: the decoder's last_hidden_state (after its final norm), pooled, normalized."""
+        from peft import PeftModel
+
+        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        ids = torch.tensor([request.prompt_ids], device=model.device)
+        with torch.inference_mode():
+            hidden = model.model(input_ids=ids).last_hidden_state[0].float()
+        pooled = hidden.mean(0) if request.embed == "mean" else hidden[-1]
+        event = _final(request, 0, FinishReason.STOP)
+        event.embedding = torch.nn.functional.normalize(pooled, dim=0).tolist()
+        on_event(event)
 
     def _select_adapter(self, ref: AdapterRef | None) -> None:
         if not self.adapters:

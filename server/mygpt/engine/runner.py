@@ -17,6 +17,7 @@ import logging
 import math
 import mmap
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch._dynamo
@@ -248,7 +249,8 @@ class ModelRunner:
         The projections and MLPs run once over all the step's tokens (the weights are read once);
         attention runs batched for the decode rows and per chunk for the prefills. Returns the decode
         rows' logits [Bd, V] and, for each chunk, its last position's logits [1, V], or every
-        position's [c, V] for a chunk with all_logits (prompt logprobs). invariant: every row's result
+        position's [c, V] for a chunk with all_logits (prompt logprobs), or an embedding chunk's pooled
+        hidden states [1, hidden] (PrefillChunk.pool). invariant: every row's result
         independent of the others (the LoRA products' batch-invariant layout; the rest already is, on
         the CPU); the static decoder's steps ignore it.
         """
@@ -286,13 +288,18 @@ class ModelRunner:
                 hidden = self._forward(ids, pos, plan)[0]  # writes the same keys and values again
         finally:  # the wrapped layers are the model's own: leave no adapter mask behind
             self._set_lora([])
-        rows, sizes = list(range(len(decode))), []
-        for c, o in zip(chunks, plan.chunk_offsets, strict=True):
+        rows, sizes, pooled = list(range(len(decode))), [], {}
+        for i, (c, o) in enumerate(zip(chunks, plan.chunk_offsets, strict=True)):
             end = len(decode) + o + len(c.token_ids)
+            if c.pool is not None:  # an embedding: hidden states, no logits
+                h = hidden[end - len(c.token_ids) : end] if c.pool == "sum" else hidden[end - 1 : end]
+                pooled[i] = h.float().sum(0, keepdim=True)
+                continue
             rows += range(end - len(c.token_ids), end) if c.all_logits else [end - 1]
             sizes.append(len(c.token_ids) if c.all_logits else 1)
-        logits = self._logits(hidden[torch.tensor(rows, device=self.device)])
-        return logits[: len(decode)], list(logits[len(decode) :].split(sizes))
+        logits = self._logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        split = iter(logits[len(decode) :].split(sizes))
+        return logits[: len(decode)], [pooled[i] if i in pooled else next(split) for i in range(len(chunks))]
 
     def prefill(self, slot: int, token_ids: list[int], start: int, lora_slot: int = -1) -> torch.Tensor:
         """Feeds token_ids at positions start.. of `slot`; returns the last position's logits [V]."""
@@ -332,6 +339,8 @@ class ModelRunner:
         enough of them, and a span (every row's: the step's attention gathers each row's slot over the
         longest) up to GRAPH_PROMPT_SPAN."""
         prompt = sum(len(c.token_ids) for c in chunks)
+        if any(c.pool is not None for c in chunks):  # the graphs give logits only
+            return False
         if not 0 < prompt <= self.graph_prompt_tokens or len(decode) + prompt > self.decoder.max_rows:
             return False
         ends = [c.start + len(c.token_ids) for c in chunks] + [r.position + 1 for r in decode]
@@ -518,6 +527,9 @@ class PrefillChunk:
     start: int
     lora_slot: int = -1
     all_logits: bool = False  # every position's logits, not only the last (prompt logprobs)
+    # an embedding's chunk: its final hidden states (after the last norm) instead of logits, "sum"med
+    # over its positions or the "last" one's, float32 [1, hidden]
+    pool: Literal["sum", "last"] | None = None
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class FinishReason(str, enum.Enum):
@@ -69,6 +69,12 @@ class GenerationRequest:
     # fairness group (the server passes the tenant): admitted round-robin; cached prompt prefixes are
     # shared within a group only
     group: str | None = None
+    # an embedding, not a generation: the prompt's final hidden states (after the model's last norm)
+    # pooled, "mean" over its positions or its "last" one, L2-normalized; nothing is sampled (params:
+    # max_tokens 0). Computed from the whole prompt, never from the prefix cache: the same input gives
+    # the same vector alone or in a busy batch up to float rounding (a matrix product's rows round with
+    # its row count: ~1e-6 in float32)
+    embed: Literal["mean", "last"] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class TokenEvent:
     # of the prompt tokens, those read from the prefix cache, not computed (on choice 0's events: the
     # choices share one prompt)
     cached_tokens: int = 0
+    embedding: list[float] | None = None  # an embedding request's vector (its one, final event)
 
 
 class EngineOverloaded(Exception):

@@ -49,6 +49,7 @@ class Ticket:
         self.arrival = time.monotonic()  # when the request arrived (the API may set it earlier)
         self._limiter = limiter
         self._charged = 0  # prompt tokens charged to the limiter
+        self.embedding_inputs: int | None = None  # an embeddings request's inputs (its own metrics)
         self._done = False
         self._lock = threading.Lock()
 
@@ -94,6 +95,7 @@ class Ticket:
                 cost, closed = tenants.metrics.record_request(
                     tenant, self.adapter, outcome, prompt_tokens, completion_tokens, times.engine_s,
                     times.queue_s, times.ttft_s, times.e2e_s, times.token_gaps, cached_tokens,
+                    self.embedding_inputs,
                 )  # fmt: skip
             tenants.usage.record(tenant, self.model, outcome, prompt_tokens, completion_tokens, cost, closed)
         tenants._finished()

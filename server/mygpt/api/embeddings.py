@@ -1,0 +1,204 @@
+"""Embeddings (POST /v1/embeddings): each input's vector, from the base model or one of the tenant's
+adapters, batched by the engine with everything else it runs.
+
+A generative model's embeddings, as vLLM's and llama.cpp's servers give them: the final hidden states
+(after the model's last norm) pooled over the input, by default their mean (Settings.embedding_pooling)
+then L2-normalized, so a dot product is the cosine similarity. A chat model was not trained for this:
+its vectors serve clustering, deduplication and a first retrieval pass, and a model trained for
+embeddings (last-token pooled ones, such as e5-mistral or gte-Qwen2, with embedding_pooling "last")
+retrieves better.
+
+One request is one admission to its tenant's limits, all its input tokens charged at once. OpenAI's
+bounds: at most 2,048 inputs, each within the model's context, none empty. The inputs run as engine
+requests, at most `window` of them waiting or running at a time: a long list neither fills the
+engine's waiting queue nor keeps other requests out of it. Once one input was accepted, an input
+that meets a full waiting queue waits for room instead of failing the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from mygpt.api.chat import ChatService, failure
+from mygpt.api.errors import APIError, invalid
+from mygpt.api.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from mygpt.engine.types import (
+    EngineNotRunning,
+    EngineOverloaded,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    Timings,
+    TokenEvent,
+)
+from mygpt.tenancy.auth import Principal
+from mygpt.tenancy.tenants import RequestTimes, Ticket
+
+MAX_INPUTS = 2048  # OpenAI's
+FULL_QUEUE_WAIT_S = 0.05  # an accepted request's input that met a full waiting queue tries again after
+
+
+class EmbeddingService:
+    def __init__(self, chat: ChatService, pooling: Literal["mean", "last"], dimensions: int, window: int):
+        self.chat = chat
+        self.pooling = pooling
+        self.dimensions = dimensions  # the model's hidden size
+        self.window = window
+
+    async def embed(self, principal: Principal, req: EmbeddingRequest) -> EmbeddingList:
+        arrival = time.monotonic()
+        chat = self.chat
+        adapter = await chat.resolve_model(principal, req.model)
+        inputs = _inputs(req)
+        if req.dimensions is not None and req.dimensions != self.dimensions:
+            raise invalid(
+                f"This model's embeddings have {self.dimensions} dimensions and it was not trained to be "
+                "shortened (Matryoshka): leave dimensions out or give that number.",
+                param="dimensions",
+            )
+        ticket = chat.ticket(principal, req.model, adapter)
+        try:
+            prompts = await asyncio.to_thread(self._tokenize, inputs)
+        except BaseException:
+            ticket.finish(None)  # bad input: not usage
+            raise
+        tokens = sum(len(p) for p in prompts)
+        ticket.charge(tokens)
+        ticket.arrival, ticket.embedding_inputs = arrival, len(prompts)
+        base = f"embd-{uuid.uuid4().hex}"
+        gens = [
+            GenerationRequest(
+                f"{base}-{i}", p, SamplingParams(max_tokens=0), adapter, principal.tenant, embed=self.pooling
+            )
+            for i, p in enumerate(prompts)
+        ]
+        finals = await self._run(gens, ticket)
+        data = [
+            Embedding(index=i, embedding=_encoded(ev.embedding, req.encoding_format))
+            for i, ev in enumerate(finals)
+        ]
+        return EmbeddingList(
+            data=data, model=req.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+        )
+
+    def _tokenize(self, inputs: list[str | list[int]]) -> list[list[int]]:
+        chat, context = self.chat, self.chat.limits.context_len
+        texts = [x for x in inputs if isinstance(x, str)]
+        try:  # one call for the texts: the fast tokenizer batches them
+            encoded = iter(chat.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else [])
+        except Exception as exc:  # e.g. a lone surrogate, which is no UTF-8
+            raise invalid(f"An input could not be tokenized: {exc}", param="input") from exc
+        prompts = []
+        for i, x in enumerate(inputs):
+            if isinstance(x, str):
+                ids = list(next(encoded))
+            else:
+                bad = next((t for t in x if not 0 <= t < chat.vocab_size), None)
+                if bad is not None:
+                    raise invalid(f"input[{i}]: token id {bad} is out of the vocabulary.", param="input")
+                ids = x
+            if not ids:
+                raise invalid(f"input[{i}] is empty.", param="input")
+            if len(ids) > context:
+                raise invalid(
+                    f"input[{i}] has {len(ids)} tokens; this model's maximum context length is {context} "
+                    "tokens. Shorten or split it.",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+            prompts.append(ids)
+        return prompts
+
+    async def _run(self, gens: list[GenerationRequest], ticket: Ticket) -> list[TokenEvent]:
+        """Every input's final event, in order; the ticket finished with the request's usage however
+        it ends. The first failure (or the client leaving) aborts the inputs still running."""
+        finals: list[TokenEvent | None] = [None] * len(gens)
+        room = asyncio.Semaphore(self.window)
+        accepted = False
+
+        async def one(i: int, gen: GenerationRequest) -> None:
+            nonlocal accepted
+            async with room:
+                while True:
+                    try:
+                        events = self.chat.engine.submit(gen)
+                        break
+                    except EngineOverloaded:
+                        if not accepted:  # nothing of the request ran: the client retries it (429)
+                            raise
+                        await asyncio.sleep(FULL_QUEUE_WAIT_S)
+                accepted = True
+                finals[i] = await _final(events)
+
+        tasks = [asyncio.ensure_future(one(i, g)) for i, g in enumerate(gens)]
+        outcome = "error"
+        try:
+            await asyncio.gather(*tasks)
+            outcome = "stop"
+        except EngineOverloaded as exc:
+            outcome = "rejected"
+            raise APIError(
+                429, "The server is at capacity; retry shortly.", code="rate_limit_exceeded",
+                headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
+            ) from exc  # fmt: skip
+        except EngineNotRunning as exc:
+            outcome = "rejected"
+            raise APIError(
+                503, "The server is not ready.", code="not_ready", headers={"Retry-After": "5"}
+            ) from exc
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            ended = [ev for ev in finals if ev is not None]
+            ticket.finish(
+                outcome, sum(len(g.prompt_ids) for g in gens), 0,
+                None if outcome == "rejected" else _times(ticket.arrival, [ev.timings for ev in ended]),
+            )  # fmt: skip
+        return finals  # type: ignore[return-value]  # every one set once gather returned
+
+
+async def _final(events: AsyncIterator[TokenEvent]) -> TokenEvent:
+    """An input's one event: its vector, or an APIError for a failure or an abort."""
+    async with contextlib.aclosing(events):
+        async for ev in events:
+            if ev.finish_reason is not FinishReason.STOP or ev.embedding is None:
+                raise failure(ev)
+            return ev
+    raise RuntimeError("the engine ended an embedding without its event")
+
+
+def _inputs(req: EmbeddingRequest) -> list[str | list[int]]:
+    """The inputs: one text, one list of token ids, or a list of either (OpenAI's four forms)."""
+    x = req.input
+    inputs = list(x) if isinstance(x, list) and x and isinstance(x[0], (str, list)) else [x]
+    if not inputs or inputs == [[]]:
+        raise invalid("input is empty.", param="input")
+    if len(inputs) > MAX_INPUTS:
+        raise invalid(f"input holds {len(inputs)} inputs; at most {MAX_INPUTS}.", param="input")
+    return inputs
+
+
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def _times(arrival: float, timings: list[Timings]) -> RequestTimes:
+    admitted = [t.admitted for t in timings if t.admitted is not None]
+    return RequestTimes(
+        engine_s=sum(t.engine_s for t in timings),
+        queue_s=min(admitted) - min(t.submitted for t in timings) if admitted else None,
+        e2e_s=time.monotonic() - arrival,
+    )

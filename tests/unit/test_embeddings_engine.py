@@ -1,0 +1,175 @@
+"""Embeddings in the engine: the prompt's final hidden states pooled, equal to the HF model's own, the
+same alone and in a busy batch, with adapters, and across chunked prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from mygpt.engine.engine import Engine
+from mygpt.engine.runner import ModelRunner
+from mygpt.engine.types import AdapterRef, FinishReason, GenerationRequest, SamplingParams
+from mygpt.lora.cache import AdapterCache
+from mygpt.lora.registry import AdapterRegistry
+from mygpt.lora.synthetic import make_adapter
+from test_engine import PROMPTS, Collector
+
+LONG = list(range(200, 270))  # 70 tokens: five chunks at a budget of 16
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed-adapters")
+    make_adapter(tiny_model_dir, root / "t" / "a", 8, ["q_proj", "v_proj", "up_proj", "down_proj"], seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(model, tokenizer, adapter_dir):
+    runner = ModelRunner(
+        model,
+        num_slots=8,
+        max_len=256,
+        dtype=torch.float32,
+        max_loras=2,
+        max_lora_rank=16,
+        exact_attention=True,
+    )  # as served on the CPU
+    shapes = {p: (m.in_features, m.out_features) for p, m in runner.lora_layers.items()}
+    registry = AdapterRegistry(adapter_dir, ["t"], shapes, 16)
+    engine = Engine(
+        runner, tokenizer, [], max_num_batched_tokens=16, adapters=AdapterCache(runner.lora_layers, 2)
+    )
+    engine.ref = AdapterRef("t/a@1", registry.weights(registry.get("t", "a"))[1])
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def embed(engine, collector, rid, prompt, pooling="mean", adapter=None, group=None):
+    request = GenerationRequest(
+        rid, prompt, SamplingParams(max_tokens=0), adapter=adapter, group=group, embed=pooling
+    )
+    collector._done[rid] = 1
+    engine.submit(request, collector._on_event)
+    return rid
+
+
+def vector(collector, rid) -> torch.Tensor:
+    (event,) = collector.events[rid]
+    assert event.finish_reason == FinishReason.STOP and event.token_ids == [] and event.completion_tokens == 0
+    return torch.tensor(event.embedding)
+
+
+def reference(hf_model, prompt, pooling="mean") -> torch.Tensor:
+    """transformers' own: the decoder's last_hidden_state (after the final norm), pooled, normalized."""
+    with torch.inference_mode():
+        hidden = hf_model.model(torch.tensor([prompt])).last_hidden_state[0]
+    return F.normalize(hidden.mean(0) if pooling == "mean" else hidden[-1], dim=0)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_embeddings_equal_the_hf_models_last_hidden_state_pooled(engine, model, pooling):
+    c = Collector()
+    for i, p in enumerate([PROMPTS[0], PROMPTS[2], LONG]):  # LONG: prefilled in five chunks
+        embed(engine, c, f"e{i}", p, pooling)
+    c.wait()
+    for i, p in enumerate([PROMPTS[0], PROMPTS[2], LONG]):
+        got, want = vector(c, f"e{i}"), reference(model, p, pooling)
+        assert got.shape == (model.config.hidden_size,)
+        assert torch.allclose(got, want, atol=1e-5), (i, (got - want).abs().max())
+        assert abs(got.norm().item() - 1) < 1e-5
+    assert not torch.allclose(vector(c, "e0"), vector(c, "e1"), atol=1e-2)  # inputs really differ
+
+
+def test_an_embedding_is_the_same_alone_and_in_a_busy_batch(engine):
+    alone = Collector()
+    for i, p in enumerate([PROMPTS[1], LONG]):
+        embed(engine, alone, f"alone{i}", p)
+        alone.wait()
+    busy = Collector()
+    for i, p in enumerate(PROMPTS[:4]):  # generation rows decoding and prefilling beside it
+        busy.submit(engine, f"gen{i}", p, temperature=0.0, max_tokens=12)
+    busy.submit(engine, "gen-a", PROMPTS[4], temperature=0.0, max_tokens=12, adapter=engine.ref)
+    for i, p in enumerate([PROMPTS[1], LONG]):
+        embed(engine, busy, f"busy{i}", p)
+    embed(engine, busy, "other", PROMPTS[5], adapter=engine.ref)
+    busy.wait()
+    for i in range(2):
+        # up to rounding: a matrix product's rows round with its row count (MKL: ~5e-6 in float32)
+        assert torch.allclose(vector(alone, f"alone{i}"), vector(busy, f"busy{i}"), atol=2e-5), i
+    assert all(busy.finish(f"gen{i}") == FinishReason.LENGTH for i in range(4))
+
+
+def test_an_adapters_embedding_equals_pefts(engine, tiny_model_dir, adapter_dir):
+    from peft import PeftModel
+
+    c = Collector()
+    embed(engine, c, "base", PROMPTS[2])
+    embed(engine, c, "lora", PROMPTS[2], adapter=engine.ref)
+    c.wait()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(base, adapter_dir / "t" / "a").eval()
+    want = reference(peft_model.get_base_model(), PROMPTS[2])
+    assert torch.allclose(vector(c, "lora"), want, atol=1e-5)
+    assert not torch.allclose(vector(c, "base"), want, atol=1e-3)  # the adapter changed it
+    assert engine.adapters.pinned("t/a@1") == 0  # its pin went back with the request
+
+
+def test_an_embedding_is_computed_whole_never_from_the_prefix_cache(engine):
+    prompt = list(range(300, 380))  # 80 tokens, ends past a cache block
+    c = Collector()
+    c.submit(engine, "chat", prompt, temperature=0.0, max_tokens=2, group="g")
+    c.wait()
+    cached_before = engine.stats.cached_tokens
+    embed(engine, c, "emb", prompt, group="g")
+    c.wait()
+    assert engine.stats.cached_tokens == cached_before  # computed whole: a mean needs every position
+    c.submit(engine, "again", prompt + [5, 6], temperature=0.0, max_tokens=2, group="g")
+    c.wait()
+    assert c.events["again"][0].cached_tokens > 0
+
+
+def test_an_embedding_request_is_refused_with_generation_parameters(engine):
+    bad = GenerationRequest("x", [1, 2], SamplingParams(max_tokens=4), embed="mean")
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        engine.submit(bad, lambda ev: None)
+
+
+def test_a_waiting_embedding_can_be_aborted(tiny_model_dir, model, tokenizer):
+    runner = ModelRunner(model, num_slots=1, max_len=256, dtype=torch.float32)
+    engine = Engine(runner, tokenizer, [], max_num_batched_tokens=16)
+    engine.start()
+    try:
+        c = Collector()
+        c.submit(engine, "long", PROMPTS[0], temperature=0.0, max_tokens=40)  # holds the only slot
+        embed(engine, c, "waits", PROMPTS[1])
+        engine.abort("waits")
+        c.wait()
+        assert c.finish("waits") == FinishReason.ABORT and c.events["waits"][-1].embedding is None
+        assert c.finish("long") == FinishReason.LENGTH
+    finally:
+        engine.stop()
+
+
+def test_the_naive_engine_embeds_as_the_batched_one(engine, model, tokenizer):
+    from mygpt.engine.naive import NaiveEngine
+
+    naive = NaiveEngine(model, tokenizer, [], max_len=256)
+    naive.start()
+    try:
+        for pooling in ("mean", "last"):
+            a, b = Collector(), Collector()
+            embed(naive, a, "n", LONG, pooling)
+            embed(engine, b, "b", LONG, pooling)
+            a.wait(), b.wait()
+            assert torch.allclose(vector(a, "n"), vector(b, "b"), atol=1e-5), pooling
+    finally:
+        naive.stop()
