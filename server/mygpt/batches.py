@@ -28,14 +28,14 @@ from pydantic import ValidationError
 
 from mygpt.api import completions
 from mygpt.api.errors import APIError, invalid_value
-from mygpt.api.protocol import ChatCompletionRequest, CompletionRequest
+from mygpt.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from mygpt.finetune.data import DataError, json_lines
 from mygpt.finetune.store import OPEN_BATCHES, Store
 from mygpt.tenancy.auth import Principal
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_REQUESTS = 50_000  # per batch, as OpenAI's
 WINDOW_S = {"24h": 24 * 3600}
 OPEN = OPEN_BATCHES
@@ -336,6 +336,10 @@ class BatchRunner:
                     req = ChatCompletionRequest.model_validate(body)
                     gen, ticket = await chat.prepare(principal, req)
                     answer = await chat.complete(req, gen, ticket)
+                elif url == "/v1/embeddings":
+                    answer = await self.state.embeddings.embed(
+                        principal, EmbeddingRequest.model_validate(body)
+                    )
                 else:
                     req = CompletionRequest.model_validate(body)
                     prompts = await completions.prepare(chat, principal, req)
@@ -454,7 +458,7 @@ def _tally(out_path: Path, err_path: Path) -> tuple[dict[str, int], set[str]]:
 
 
 def _add_usage(counts: dict[str, int], body: dict) -> None:
-    """Adds an answer's usage (chat and text completions' shape) to the batch's totals."""
+    """Adds an answer's usage (chat and text completions' and embeddings' shapes) to the batch's totals."""
     usage = body.get("usage") or {}
     counts["input_tokens"] += usage.get("prompt_tokens") or 0
     counts["cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mygpt.api.chat import ChatLimits, ChatService
+from mygpt.api.embeddings import EmbeddingService
 from mygpt.app import build_app
 from mygpt.config import Settings
 from mygpt.engine.async_engine import AsyncEngine
@@ -52,6 +53,7 @@ def served_state(tiny_model_dir, tokenizer):
     state = ServerState(Settings(), Tenants(load_tenancy(None)))
     state.engine = engine
     state.chat = ChatService(AsyncEngine(engine), tokenizer, "tiny", ChatLimits(512, 4, 4), state.tenants)
+    state.embeddings = EmbeddingService(state.chat, "mean", model.config.hidden_size, window=4)
     state.ready = True
     yield state
     engine.stop()

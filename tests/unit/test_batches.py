@@ -104,11 +104,50 @@ async def test_a_batch_answers_as_its_requests_sent_one_by_one(state):
     assert batch.id in [b.id for b in (await sdk.batches.list()).data]
 
 
+async def test_an_embeddings_batch_answers_as_its_requests_sent_one_by_one(state):
+    sdk = sdk_for(state)
+    texts = [["The cat sat on the mat.", "Revenue rose."], "How do I reset my password?", ""]
+    requests = [
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "tiny", "input": t},
+        }
+        for i, t in enumerate(texts)
+    ]
+    upload = await sdk.files.create(file=("e.jsonl", lines(*requests)), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    batch = await finished(sdk, batch.id)
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (
+        2,
+        1,
+    )
+    out, err = await results(sdk, batch.output_file_id), await results(sdk, batch.error_file_id)
+    for i in range(2):
+        alone = await sdk.embeddings.create(model="tiny", input=texts[i], encoding_format="float")
+        body = out[f"e{i}"]["response"]["body"]
+        assert body["object"] == "list" and len(body["data"]) == len(alone.data)
+        for got, want in zip(body["data"], alone.data, strict=True):
+            assert got["embedding"] == pytest.approx(want.embedding, abs=2e-5)  # floats: the API's default
+        assert body["usage"]["prompt_tokens"] == alone.usage.prompt_tokens
+    assert batch.usage.input_tokens == sum(
+        out[f"e{i}"]["response"]["body"]["usage"]["prompt_tokens"] for i in range(2)
+    )
+    assert batch.usage.output_tokens == 0
+    assert (
+        err["e2"]["response"]["status_code"] == 400
+        and err["e2"]["response"]["body"]["error"]["param"] == "input"
+    )
+
+
 @pytest.mark.parametrize(
     ("line", "needle"),
     [
         ({"custom_id": "a", "method": "GET", "url": "/v1/chat/completions", "body": {}}, "line 1: method"),
-        ({"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}, "line 1: url"),
+        ({"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {}}, "line 1: url"),
         ({"method": "POST", "url": "/v1/chat/completions", "body": {}}, "line 1: custom_id"),
         (
             {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"stream": True}},

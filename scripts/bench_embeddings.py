@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""/v1/embeddings' engine path against the two ways people embed with transformers, on the default
+model (NF4, CPU, the server's runner settings), all in one process with the methods alternating per
+round (the machine's speed drifts between processes); medians over the rounds.
+
+    .venv/bin/python scripts/bench_embeddings.py [--rounds 3] [--inputs 256] [--out docs/bench/embeddings-cpu.json]
+
+Methods (every one gives each input's mean-pooled, L2-normalized last_hidden_state):
+- hf-one: one forward per input (what `--engine naive` does, and a loop over model(...) in a script);
+- hf-padded: batches of --batch inputs sorted by length, right-padded, masked mean (what
+  sentence-transformers' encode() does: it sorts by length to waste less on padding);
+- engine: every input an engine request, as the server submits them, batched by the engine's chunked
+  prefill (--max-num-batched-tokens per step, --max-num-seqs rows).
+Also:
+- the engine's vectors against hf-one's (cosine; they differ by float rounding only);
+- chat next to embeddings: --streams greedy chat streams of --tokens tokens, alone and while the engine
+  embeds the inputs; the streams' inter-token latency (p50, p99) and the embedding wall time;
+- retrieval on a small hand-written set (RETRIEVAL): top-1 accuracy of mean and last pooling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mygpt.config import Settings
+from mygpt.engine.engine import Engine
+from mygpt.engine.loader import load_model
+from mygpt.engine.runner import ModelRunner
+from mygpt.engine.types import GenerationRequest, SamplingParams
+
+SENTENCES = [
+    "The quarterly report shows that revenue grew in every region except the north.",
+    "Our support team answers tickets within four hours on working days.",
+    "The new cache layer cut the median page load time by a third.",
+    "Employees may work from home up to three days a week with their manager's approval.",
+    "The river flooded the lower town twice in the last ten years.",
+    "A good sourdough needs a lively starter, time, and a very hot oven.",
+    "The contract renews automatically unless either party gives notice ninety days ahead.",
+    "Solar panels on the warehouse roof now cover most of its daytime power.",
+    "The library extends loans online if nobody else has reserved the book.",
+    "Vaccination appointments can be booked at the front desk or by phone.",
+]
+# (query, the document it should retrieve first among all documents)
+RETRIEVAL = [
+    ("A kitten is lying on a rug.", "The cat sat on the mat."),
+    ("Sales grew by 5% this quarter.", "Quarterly revenue rose five percent."),
+    ("I forgot my login credentials.", "How do I reset my password?"),
+    ("Will it rain tomorrow?", "The weather tomorrow will be sunny and warm."),
+    ("Which language should I learn to code?", "Python is a programming language."),
+    ("How long does shipping take?", "Orders are delivered within three business days."),
+    ("Can I bring my dog to the office?", "Pets are not allowed in the building."),
+    ("What is the boiling point of water?", "Water boils at one hundred degrees Celsius at sea level."),
+    ("Who wrote Hamlet?", "Shakespeare's tragedies include Hamlet and Macbeth."),
+    ("My laptop battery drains fast.", "The notebook's battery runs out after an hour."),
+    ("Where can I park my car?", "The garage under the building has visitor parking."),
+    ("Is the museum open on Mondays?", "The museum is closed every Monday."),
+]
+
+
+def corpus(tok, n: int, seed: int = 0) -> list[list[int]]:
+    """n inputs of 1 to 8 sentences (about 15 to 150 tokens), as documents chunked for retrieval are."""
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 8))) for _ in range(n)]
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def pooled(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """hidden [B, T, H], mask [B, T] (right padding) -> [B, H] normalized."""
+    if pooling == "mean":
+        m = mask[..., None].to(hidden.dtype)
+        v = (hidden * m).sum(1) / m.sum(1)
+    else:
+        v = hidden[torch.arange(hidden.shape[0]), mask.sum(1) - 1]
+    return F.normalize(v.float(), dim=-1)
+
+
+@torch.inference_mode()
+def hf_one(model, inputs: list[list[int]], pooling: str = "mean") -> list[torch.Tensor]:
+    out = []
+    for ids in inputs:
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state
+        out.append(pooled(hidden, torch.ones(1, len(ids), dtype=torch.long), pooling)[0])
+    return out
+
+
+@torch.inference_mode()
+def hf_padded(model, inputs: list[list[int]], batch: int, pad: int) -> list[torch.Tensor]:
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    for k in range(0, len(order), batch):
+        group = order[k : k + batch]
+        width = max(len(inputs[i]) for i in group)
+        ids = torch.tensor([inputs[i] + [pad] * (width - len(inputs[i])) for i in group])
+        mask = torch.tensor([[1] * len(inputs[i]) + [0] * (width - len(inputs[i])) for i in group])
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for i, v in zip(group, pooled(hidden, mask, "mean"), strict=True):
+            out[i] = v
+    return out  # type: ignore[return-value]
+
+
+class Waiter:
+    def __init__(self, n: int):
+        self.events: dict[str, list] = {}
+        self.left = n
+        self.cv = threading.Condition()
+
+    def __call__(self, ev) -> None:
+        with self.cv:
+            self.events.setdefault(ev.request_id, []).append(ev)
+            if ev.finish_reason is not None:
+                self.left -= 1
+                self.cv.notify_all()
+
+    def wait(self) -> None:
+        with self.cv:
+            assert self.cv.wait_for(lambda: self.left == 0, 1200)
+
+
+def engine_embed(
+    engine: Engine, inputs: list[list[int]], tag: str, pooling: str = "mean"
+) -> list[torch.Tensor]:
+    w = Waiter(len(inputs))
+    for i, ids in enumerate(inputs):
+        engine.submit(GenerationRequest(f"{tag}-{i}", ids, SamplingParams(max_tokens=0), embed=pooling), w)
+    w.wait()
+    return [torch.tensor(w.events[f"{tag}-{i}"][-1].embedding) for i in range(len(inputs))]
+
+
+def chat_gaps(
+    engine: Engine, prompts: list[list[int]], tokens: int, tag: str, beside=None
+) -> tuple[list, float]:
+    """The streams' token gaps; with `beside` (inputs), embedded at the same time: also its wall time."""
+    w = Waiter(len(prompts))
+    for i, p in enumerate(prompts):
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        engine.submit(GenerationRequest(f"{tag}-chat{i}", p, params), w)
+    wall = 0.0
+    if beside is not None:
+        time.sleep(0.3)  # the streams are decoding
+        t0 = time.monotonic()
+        engine_embed(engine, beside, f"{tag}-beside")
+        wall = time.monotonic() - t0
+    w.wait()
+    gaps = [g for i in range(len(prompts)) for g in w.events[f"{tag}-chat{i}"][-1].timings.token_gaps]
+    return gaps, wall
+
+
+def in_thread(f, *args):
+    """Runs f in a thread that exits (see bench_prefix.py: a live thread that ran parallel torch work
+    slows the engine's thread pool)."""
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=f(*args)))
+    t.start()
+    t.join()
+    return box["r"]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--inputs", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32, help="hf-padded's batch size")
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    lm = in_thread(load_model, Settings())
+    s = Settings()
+    runner = ModelRunner(
+        lm.model, s.max_num_seqs, 2048, lm.dtype, 0, 16, lm_head_dtype=torch.bfloat16, exact_attention=True
+    )
+    engine = Engine(
+        runner,
+        lm.tokenizer,
+        lm.eos_token_ids,
+        max_num_batched_tokens=s.max_num_batched_tokens,
+        max_waiting=10_000,
+    )
+    engine.start()
+    tok, model = lm.tokenizer, lm.model
+    inputs = corpus(tok, args.inputs)
+    tokens = sum(len(x) for x in inputs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    print(
+        f"{args.inputs} inputs, {tokens} tokens (median {statistics.median(map(len, inputs)):.0f} an input)",
+        flush=True,
+    )
+
+    runs = {
+        "hf-one": lambda: in_thread(hf_one, model, inputs),
+        "hf-padded": lambda: in_thread(hf_padded, model, inputs, args.batch, pad),
+        "engine": lambda: engine_embed(engine, inputs, f"e{time.monotonic_ns()}"),
+    }
+    times: dict[str, list[float]] = {m: [] for m in runs}
+    vectors: dict[str, list[torch.Tensor]] = {}
+    for r in range(args.rounds):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for m in order:
+            t0 = time.monotonic()
+            vectors[m] = runs[m]()
+            times[m].append(time.monotonic() - t0)
+        print(f"round {r}: " + ", ".join(f"{m} {times[m][-1]:.2f} s" for m in runs), flush=True)
+    cos = {
+        m: min(float(a @ b) for a, b in zip(vectors[m], vectors["hf-one"], strict=True))
+        for m in ("engine", "hf-padded")
+    }
+
+    chat_prompts = [
+        tok.apply_chat_template([{"role": "user", "content": f"Tell me a story about the number {i}."}],
+                                add_generation_prompt=True, tokenize=True, return_dict=False)
+        for i in range(args.streams)
+    ]  # fmt: skip
+    alone_gaps, beside_gaps, beside_wall = [], [], []
+    for r in range(args.rounds):
+        for mode in ("alone", "beside") if r % 2 == 0 else ("beside", "alone"):
+            gaps, wall = chat_gaps(
+                engine, chat_prompts, args.tokens, f"c{r}{mode}", inputs if mode == "beside" else None
+            )
+            (alone_gaps if mode == "alone" else beside_gaps).append(gaps)
+            if mode == "beside":
+                beside_wall.append(wall)
+        print(f"chat round {r}: ITL p50 alone {pct(alone_gaps[-1], .5) * 1e3:.1f} ms, beside embeddings "
+              f"{pct(beside_gaps[-1], .5) * 1e3:.1f} ms (p99 {pct(alone_gaps[-1], .99) * 1e3:.1f} / "
+              f"{pct(beside_gaps[-1], .99) * 1e3:.1f} ms)", flush=True)  # fmt: skip
+
+    texts = [q for q, _ in RETRIEVAL], [d for _, d in RETRIEVAL]
+    ids = [[tok(t)["input_ids"] for t in group] for group in texts]
+    top1 = {}
+    for pooling in ("mean", "last"):
+        q = torch.stack(engine_embed(engine, ids[0], f"q{pooling}", pooling))
+        d = torch.stack(engine_embed(engine, ids[1], f"d{pooling}", pooling))
+        top1[pooling] = float(((q @ d.T).argmax(1) == torch.arange(len(RETRIEVAL))).float().mean())
+    engine.stop()
+
+    med = {m: statistics.median(times[m]) for m in runs}
+    summary = {
+        "inputs": args.inputs,
+        "tokens": tokens,
+        "seconds": med,
+        "inputs_per_s": {m: args.inputs / med[m] for m in runs},
+        "engine_speedup": {m: med[m] / med["engine"] for m in ("hf-one", "hf-padded")},
+        "min_cosine_to_hf_one": cos,
+        "chat_itl_ms": {
+            "alone_p50": statistics.median(pct(g, 0.5) for g in alone_gaps) * 1e3,
+            "alone_p99": statistics.median(pct(g, 0.99) for g in alone_gaps) * 1e3,
+            "beside_p50": statistics.median(pct(g, 0.5) for g in beside_gaps) * 1e3,
+            "beside_p99": statistics.median(pct(g, 0.99) for g in beside_gaps) * 1e3,
+        },
+        "embedding_wall_beside_chat_s": statistics.median(beside_wall),
+        "retrieval_top1": top1,
+    }
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        record = {
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or '?'}",
+            "command": "scripts/bench_embeddings.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+            "summary": summary,
+            "rounds": times,
+        }  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
