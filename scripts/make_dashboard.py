@@ -192,13 +192,30 @@ ROWS = {
             "Savings against each closed API (dashboard range)",
             [
                 q(
-                    f"sum by (provider_model) (increase(mygpt_closed_api_equivalent_usd_total{{{T}}}[$__range])) - scalar(sum(increase(mygpt_cost_usd_total{{{T}}}[$__range])))",
+                    f'sum by (provider_model) (increase(mygpt_closed_api_equivalent_usd_total{{{T},kind="generation"}}[$__range])) - scalar(sum(increase(mygpt_cost_usd_total{{{T}}}[$__range])) - (sum(increase(mygpt_embedding_cost_usd_total{{{T}}}[$__range])) or vector(0)))',
+                    "{{provider_model}}",
+                ),
+                q(
+                    f'sum by (provider_model) (increase(mygpt_closed_api_equivalent_usd_total{{{T},kind="embeddings"}}[$__range])) - scalar(sum(increase(mygpt_embedding_cost_usd_total{{{T}}}[$__range])))',
                     "{{provider_model}}",
                 ),
             ],
             "currencyUSD",
             "bargauge",
-            "Closed-API price of the same prompt and completion tokens minus our busy-time cost.",
+            "Closed-API price of the same tokens minus our busy-time cost: chat models against the chat and "
+            "text completions' cost, embedding models against the embeddings' cost.",
+        ),
+    ],
+    "Embeddings": [
+        panel(
+            "Embedding inputs per second by tenant",
+            [q(f"sum by (tenant) (rate(mygpt_embedding_inputs_total{{{T}}}[{RI}]))", "{{tenant}}")],
+        ),
+        panel(
+            "Embeddings request latency",
+            quantiles("mygpt_embedding_request_latency_seconds"),
+            "s",
+            desc="From an embeddings request's arrival to its last vector.",
         ),
     ],
     "Fine-tuning and batches": [

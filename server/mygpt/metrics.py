@@ -175,9 +175,15 @@ class Metrics:
         )
         self.closed_usd = Counter(
             "mygpt_closed_api_equivalent_usd",
-            "What the same prompt and completion tokens would cost on a closed API (embeddings' tokens: "
-            "on its embedding models).",
-            ["tenant", "provider_model"],
+            "What the same prompt and completion tokens would cost on a closed API; kind: generation "
+            "(chat and text completions, on chat models) or embeddings (on embedding models).",
+            ["tenant", "provider_model", "kind"],
+            registry=r,
+        )
+        self.embedding_cost_usd = Counter(
+            "mygpt_embedding_cost_usd",
+            "The part of mygpt_cost_usd that /v1/embeddings requests took.",
+            ta,
             registry=r,
         )
         self.embedding_inputs = Counter(
@@ -271,8 +277,10 @@ class Metrics:
             self.queue.labels(*labels).observe(queue_s)
         cost = self.cost.serving_usd(engine_s)
         self.cost_usd.labels(*labels).inc(cost)
+        kind = "generation" if embedding_inputs is None else "embeddings"
         if embedding_inputs is not None:
             self.embedding_inputs.labels(*labels).inc(embedding_inputs)
+            self.embedding_cost_usd.labels(*labels).inc(cost)
             if e2e_s is not None:
                 self.embedding_e2e.labels(*labels).observe(e2e_s)
             closed = self.cost.closed_embedding_usd(prompt_tokens)
@@ -280,7 +288,7 @@ class Metrics:
             self._record_generation(labels, prompt_tokens, completion_tokens, ttft_s, e2e_s, token_gaps)
             closed = self.cost.closed_api_usd(prompt_tokens, completion_tokens, cached_tokens)
         for provider_model, usd in closed.items():
-            self.closed_usd.labels(tenant, provider_model).inc(usd)
+            self.closed_usd.labels(tenant, provider_model, kind).inc(usd)
         return cost, closed
 
     def _record_generation(

@@ -82,8 +82,8 @@ def stack(tiny_model_dir, tmp_path_factory):
 
 
 async def load(server) -> dict[str, dict[str, int]]:
-    """~8 s of traffic from two tenants (one with its adapter, streamed and not); returns the usage
-    each tenant received."""
+    """~8 s of traffic from two tenants (one with its adapter, streamed and not, and embeddings);
+    returns the usage each tenant received."""
     got = {t: {"prompt": 0, "completion": 0} for t in KEYS}
     clients = {
         t: openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=k, max_retries=0)
@@ -93,6 +93,9 @@ async def load(server) -> dict[str, dict[str, int]]:
     async def one(tenant: str, i: int) -> None:
         c = clients[tenant]
         model = "style" if tenant == "red" and i % 2 else "tiny"
+        if i % 3 == 1:  # with every chat request there, a few embeddings
+            embedded = await c.embeddings.create(model=model, input=[f"text {i}", "a longer text to embed"])
+            got[tenant]["prompt"] += embedded.usage.prompt_tokens
         if i % 3 == 0:
             chunks = [
                 x

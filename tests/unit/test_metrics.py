@@ -52,6 +52,7 @@ def test_request_records_tokens_latencies_cost_and_closed_api_equivalents():
     assert s["mygpt_closed_api_equivalent_usd_total"][0].labels == {
         "tenant": "t",
         "provider_model": "x/cheap",
+        "kind": "generation",
     }
     assert s["mygpt_cost_per_hour_usd"][0].value == 36.0
     m.record_rejected("t", "ad")
@@ -106,7 +107,11 @@ def test_an_embeddings_request_is_priced_on_the_embedding_models_and_kept_out_of
     text = m.exposition().decode()
     assert 'mygpt_embedding_inputs_total{adapter="(base)",tenant="t"} 7.0' in text
     assert 'mygpt_embedding_request_latency_seconds_count{adapter="(base)",tenant="t"} 1.0' in text
-    assert 'mygpt_closed_api_equivalent_usd_total{provider_model="x/emb",tenant="t"} 1.0' in text
+    assert (
+        'mygpt_closed_api_equivalent_usd_total{kind="embeddings",provider_model="x/emb",tenant="t"} 1.0'
+        in text
+    )
+    assert 'mygpt_embedding_cost_usd_total{adapter="(base)",tenant="t"} 0.25' in text
     assert 'mygpt_prompt_tokens_total{adapter="(base)",tenant="t"} 2e+06' in text
     assert "x/chat" not in text  # not priced as chat tokens
     assert 'mygpt_e2e_request_latency_seconds_count{adapter="(base)",tenant="t"}' not in text
