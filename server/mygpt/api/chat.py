@@ -99,10 +99,7 @@ class ChatService:
         adapter = await self.resolve_model(principal, req.model)
         self._refuse_unsupported(req)
         calls, _ = self._plan(req)  # tools: the grammar of a call (or of a call or text: "auto")
-        messages = self._messages(req.messages)
-        if calls is not None and not self.renders_tools:
-            messages = tools.with_tools(messages, calls)
-        template_tools = [tools.template_tool(t) for t in calls.tools] if calls is not None else None
+        render = self.renderer(req)
         grammar = await self._grammar(req) if calls is None else await self._tools_grammar(calls)
 
         def params(prompt_len: int) -> SamplingParams:
@@ -113,10 +110,17 @@ class ChatService:
                 grammar,
             )  # fmt: skip
 
-        return await self.admit(
-            principal, req.model, adapter, lambda: self._render(messages, template_tools), params, "chatcmpl",
-            arrival,
-        )  # fmt: skip
+        return await self.admit(principal, req.model, adapter, render, params, "chatcmpl", arrival)
+
+    def renderer(self, req: ChatCompletionRequest, generation_prompt: bool = True) -> Callable[[], list[int]]:
+        """The request's prompt ids as the chat template gives them, its tools included (a 400 for
+        messages out of order now; the template itself runs when called, off the event loop)."""
+        calls, _ = self._plan(req)
+        messages = self._messages(req.messages)
+        if calls is not None and not self.renders_tools:
+            messages = tools.with_tools(messages, calls)
+        template_tools = [tools.template_tool(t) for t in calls.tools] if calls is not None else None
+        return functools.partial(self._render, messages, template_tools, generation_prompt)
 
     async def admit(
         self,
@@ -322,11 +326,16 @@ class ChatService:
                 )
         return message
 
-    def _render(self, messages: list[dict[str, Any]], template_tools: list[dict] | None = None) -> list[int]:
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        template_tools: list[dict] | None = None,
+        generation_prompt: bool = True,
+    ) -> list[int]:
         try:
             extra = {"tools": template_tools} if template_tools and self.renders_tools else {}
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
+                messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False, **extra
             )
         except Exception as exc:  # the template itself refuses (e.g. roles out of order)
             raise invalid(f"The messages could not be formatted: {exc}", param="messages") from exc

@@ -154,6 +154,23 @@ class EmbeddingRequest(_Lenient):
     user: str | None = None
 
 
+class TokenizeRequest(_Lenient):
+    """POST /tokenize (vLLM's): a raw `prompt`, or chat `messages` as /v1/chat/completions renders them."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # a prompt's (the chat template adds its own)
+    add_generation_prompt: bool = True  # messages': the assistant turn's opening, as a request's prompt has
+    tools: list[Tool] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Lenient):
+    model: str
+    tokens: list[StrictInt]
+
+
 # ----------------------------------------------------------------------------- responses
 
 
@@ -300,6 +317,17 @@ class EmbeddingList(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from mygpt.api import completions
+from mygpt.api import completions, tokenize
 from mygpt.api.auth import caller
 from mygpt.api.chat import ChatService, Closing
 from mygpt.api.embeddings import EmbeddingService
@@ -21,11 +21,15 @@ from mygpt.api.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingList,
     EmbeddingRequest,
     ModelCard,
     ModelDeleted,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
@@ -176,6 +180,21 @@ async def embeddings(
     return _with_rate_headers(
         response, chat, principal, await _until_disconnected(request, service.embed(principal, body))
     )
+
+
+@router.post("/tokenize")
+async def tokenize_prompt(
+    body: TokenizeRequest, request: Request, principal: Principal = Depends(caller)
+) -> TokenizeResponse:
+    """vLLM's: a prompt's or chat messages' token ids as the server counts them."""
+    return await tokenize.tokenize(_chat(request), principal, body)
+
+
+@router.post("/detokenize")
+async def detokenize_tokens(
+    body: DetokenizeRequest, request: Request, principal: Principal = Depends(caller)
+) -> DetokenizeResponse:
+    return await tokenize.detokenize(_chat(request), principal, body)
 
 
 def _with_rate_headers(response: Response, chat: ChatService, principal: Principal, answer):
