@@ -123,7 +123,9 @@ def test_an_adapters_embedding_equals_pefts(engine, tiny_model_dir, adapter_dir)
     assert engine.adapters.pinned("t/a@1") == 0  # its pin went back with the request
 
 
-def test_an_embedding_is_computed_whole_never_from_the_prefix_cache(engine):
+def test_an_embedding_neither_reads_nor_evicts_the_prefix_cache(engine):
+    """Computed whole (a mean needs every position); and its slot is freed holding nothing, so a
+    stream of embedding inputs, more than the batch has slots, leaves the chats' cached prefixes."""
     prompt = list(range(300, 380))  # 80 tokens, ends past a cache block
     c = Collector()
     c.submit(engine, "chat", prompt, temperature=0.0, max_tokens=2, group="g")
@@ -131,10 +133,13 @@ def test_an_embedding_is_computed_whole_never_from_the_prefix_cache(engine):
     cached_before = engine.stats.cached_tokens
     embed(engine, c, "emb", prompt, group="g")
     c.wait()
-    assert engine.stats.cached_tokens == cached_before  # computed whole: a mean needs every position
+    assert engine.stats.cached_tokens == cached_before
+    for i in range(12):  # one after the other: each takes a free slot
+        embed(engine, c, f"other{i}", list(range(400 + i, 470 + i)), group="g")
+        c.wait()
     c.submit(engine, "again", prompt + [5, 6], temperature=0.0, max_tokens=2, group="g")
     c.wait()
-    assert c.events["again"][0].cached_tokens > 0
+    assert c.events["again"][0].cached_tokens == 80
 
 
 def test_an_embedding_request_is_refused_with_generation_parameters(engine):

@@ -9,7 +9,7 @@ embeddings (last-token pooled ones, such as e5-mistral or gte-Qwen2, with embedd
 retrieves better.
 
 One request is one admission to its tenant's limits, all its input tokens charged at once. OpenAI's
-bounds: at most 2,048 inputs, each within the model's context, none empty. The inputs run as engine
+bounds: at most 2,048 inputs and 300,000 tokens, each input within the model's context, none empty. The inputs run as engine
 requests, at most `window` of them waiting or running at a time: a long list neither fills the
 engine's waiting queue nor keeps other requests out of it. Once one input was accepted, an input
 that meets a full waiting queue waits for room instead of failing the request.
@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import struct
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,13 +36,13 @@ from mygpt.engine.types import (
     FinishReason,
     GenerationRequest,
     SamplingParams,
-    Timings,
     TokenEvent,
 )
 from mygpt.tenancy.auth import Principal
 from mygpt.tenancy.tenants import RequestTimes, Ticket
 
-MAX_INPUTS = 2048  # OpenAI's
+MAX_INPUTS = 2048  # OpenAI's bounds of one request
+MAX_TOKENS = 300_000
 FULL_QUEUE_WAIT_S = 0.05  # an accepted request's input that met a full waiting queue tries again after
 
 
@@ -70,6 +71,13 @@ class EmbeddingService:
             ticket.finish(None)  # bad input: not usage
             raise
         tokens = sum(len(p) for p in prompts)
+        if tokens > MAX_TOKENS:
+            ticket.finish(None)
+            raise invalid(
+                f"The inputs hold {tokens} tokens; at most {MAX_TOKENS} in one request. Send fewer inputs "
+                "per request.",
+                param="input",
+            )
         ticket.charge(tokens)
         ticket.arrival, ticket.embedding_inputs = arrival, len(prompts)
         base = f"embd-{uuid.uuid4().hex}"
@@ -98,11 +106,16 @@ class EmbeddingService:
         prompts = []
         for i, x in enumerate(inputs):
             if isinstance(x, str):
-                ids = list(next(encoded))
+                ids = list(next(encoded)) if x else []  # (a tokenizer that adds BOS makes "" one token)
             else:
                 bad = next((t for t in x if not 0 <= t < chat.vocab_size), None)
-                if bad is not None:
-                    raise invalid(f"input[{i}]: token id {bad} is out of the vocabulary.", param="input")
+                if bad is not None:  # most often tiktoken's ids (LangChain's OpenAIEmbeddings' default)
+                    raise invalid(
+                        f"input[{i}]: token id {bad} is out of this model's vocabulary ({chat.vocab_size} "
+                        "tokens). Token-id inputs must come from this model's tokenizer (/tokenize); send "
+                        "text instead (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False)).",
+                        param="input",
+                    )
                 ids = x
             if not ids:
                 raise invalid(f"input[{i}] is empty.", param="input")
@@ -117,24 +130,26 @@ class EmbeddingService:
         return prompts
 
     async def _run(self, gens: list[GenerationRequest], ticket: Ticket) -> list[TokenEvent]:
-        """Every input's final event, in order; the ticket finished with the request's usage however
-        it ends. The first failure (or the client leaving) aborts the inputs still running."""
+        """Every input's final event, in order. The first failure (or the client leaving) aborts the
+        inputs still running; the ticket is finished once the engine has ended every input it was
+        given (as a chat request's, from the engine's final events): their tokens are the usage, their
+        share of engine time the cost, and the tokens of inputs never submitted go back to the
+        tenant's per-minute budget."""
         finals: list[TokenEvent | None] = [None] * len(gens)
         room = asyncio.Semaphore(self.window)
-        accepted = False
+        usage = _Usage(ticket)
 
         async def one(i: int, gen: GenerationRequest) -> None:
-            nonlocal accepted
             async with room:
                 while True:
                     try:
-                        events = self.chat.engine.submit(gen)
+                        events = self.chat.engine.submit(gen, on_done=usage.ended)
                         break
                     except EngineOverloaded:
-                        if not accepted:  # nothing of the request ran: the client retries it (429)
+                        if not usage.submitted:  # nothing of the request ran: the client retries it (429)
                             raise
                         await asyncio.sleep(FULL_QUEUE_WAIT_S)
-                accepted = True
+                usage.submit(len(gen.prompt_ids))
                 finals[i] = await _final(events)
 
         tasks = [asyncio.ensure_future(one(i, g)) for i, g in enumerate(gens)]
@@ -143,13 +158,13 @@ class EmbeddingService:
             await asyncio.gather(*tasks)
             outcome = "stop"
         except EngineOverloaded as exc:
-            outcome = "rejected"
+            outcome = "error" if usage.submitted else "rejected"
             raise APIError(
                 429, "The server is at capacity; retry shortly.", code="rate_limit_exceeded",
                 headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
             ) from exc  # fmt: skip
-        except EngineNotRunning as exc:
-            outcome = "rejected"
+        except EngineNotRunning as exc:  # (stopping, or the engine died after some inputs ran)
+            outcome = "error" if usage.submitted else "rejected"
             raise APIError(
                 503, "The server is not ready.", code="not_ready", headers={"Retry-After": "5"}
             ) from exc
@@ -160,12 +175,48 @@ class EmbeddingService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            ended = [ev for ev in finals if ev is not None]
-            ticket.finish(
-                outcome, sum(len(g.prompt_ids) for g in gens), 0,
-                None if outcome == "rejected" else _times(ticket.arrival, [ev.timings for ev in ended]),
-            )  # fmt: skip
+            usage.close(outcome, sum(len(g.prompt_ids) for g in gens))
         return finals  # type: ignore[return-value]  # every one set once gather returned
+
+
+class _Usage:
+    """An embeddings request's inputs in the engine: the ticket is finished when the request stopped
+    submitting (close) and the engine has sent the final event of every input it took (ended, from
+    the engine thread)."""
+
+    def __init__(self, ticket: Ticket):
+        self.ticket = ticket
+        self.submitted = 0  # inputs
+        self.tokens = 0  # their prompt tokens
+        self._ended: list[TokenEvent] = []
+        self._outcome: str | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, tokens: int) -> None:
+        with self._lock:
+            self.submitted += 1
+            self.tokens += tokens
+
+    def ended(self, finals: list[TokenEvent]) -> None:
+        with self._lock:
+            self._ended += finals
+        self._maybe_finish()
+
+    def close(self, outcome: str, charged: int) -> None:
+        with self._lock:
+            self._outcome = outcome
+        self.ticket.refund(charged - self.tokens)  # inputs never submitted
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        with self._lock:
+            if self._outcome is None or len(self._ended) < self.submitted:
+                return
+            outcome, ended = self._outcome, list(self._ended)
+        if outcome == "rejected":
+            self.ticket.finish("rejected")
+        else:  # (finish runs once: the second caller to get here is a no-op)
+            self.ticket.finish(outcome, self.tokens, 0, _times(self.ticket.arrival, ended))
 
 
 async def _final(events: AsyncIterator[TokenEvent]) -> TokenEvent:
@@ -190,12 +241,13 @@ def _inputs(req: EmbeddingRequest) -> list[str | list[int]]:
 
 
 def _encoded(vector: list[float], encoding: str) -> list[float] | str:
-    if encoding == "float":
+    if encoding != "base64":
         return vector
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
-def _times(arrival: float, timings: list[Timings]) -> RequestTimes:
+def _times(arrival: float, finals: list[TokenEvent]) -> RequestTimes:
+    timings = [ev.timings for ev in finals if ev.timings is not None]  # (the naive engine's have none)
     admitted = [t.admitted for t in timings if t.admitted is not None]
     return RequestTimes(
         engine_s=sum(t.engine_s for t in timings),

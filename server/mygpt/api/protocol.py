@@ -149,8 +149,9 @@ class EmbeddingRequest(_Lenient):
     input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     model: str
     dimensions: int | None = Field(None, ge=1)
-    # the openai SDK asks for base64 unless told otherwise (and decodes it itself)
-    encoding_format: Literal["float", "base64"] = "float"
+    # the openai SDK asks for base64 unless told otherwise (and decodes it itself); null: float (LiteLLM
+    # sends null when its caller gave none)
+    encoding_format: Literal["float", "base64"] | None = "float"
     user: str | None = None
 
 

@@ -173,13 +173,17 @@ async def text_completions(
 
 @router.post("/v1/embeddings", response_model=None, responses={200: {"model": EmbeddingList}})
 async def embeddings(
-    body: EmbeddingRequest, request: Request, response: Response, principal: Principal = Depends(caller)
-) -> EmbeddingList | Response:
+    body: EmbeddingRequest, request: Request, principal: Principal = Depends(caller)
+) -> Response:
     chat = _chat(request)
     service: EmbeddingService = _state(request).embeddings
-    return _with_rate_headers(
-        response, chat, principal, await _until_disconnected(request, service.embed(principal, body))
-    )
+    answer = await _until_disconnected(request, service.embed(principal, body))
+    if isinstance(answer, Response):  # the client left
+        return answer
+    # up to 2,048 vectors: serialized off the event loop (FastAPI's encoder takes seconds for 512 of
+    # 4,096 floats, which every stream would wait for)
+    content = await asyncio.to_thread(answer.model_dump_json)
+    return Response(content, media_type="application/json", headers=chat.tenants.rate_headers(principal))
 
 
 @router.post("/tokenize")

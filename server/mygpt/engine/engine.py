@@ -609,7 +609,9 @@ class Engine(EngineThread):
         row, prompt_len = group.rows[0], len(group.request.prompt_ids)
         pooled = group.pooled[0] / (prompt_len if group.request.embed == "mean" else 1)
         vector = F.normalize(pooled, dim=0).tolist()
-        row.num_cached = prompt_len
+        # its slot is left holding nothing for the prefix cache: embedding inputs (thousands, seen once)
+        # would otherwise push out the chats' prefixes, freed before them
+        row.num_cached = 0
         row.timings.first_token = row.timings.finished = time.monotonic()
         self._finish_row(row)
         row.finish_reason = FinishReason.STOP

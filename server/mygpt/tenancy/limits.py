@@ -112,10 +112,10 @@ class TenantLimiter:
                     waits.append(bucket.wait_for(min(bucket.capacity, least + reserve * bucket.capacity)))
             return max(waits)
 
-    def refund(self, tokens: int) -> None:
-        """Gives back one admitted request and `tokens` charged for it (it never ran)."""
+    def refund(self, tokens: int, request: bool = True) -> None:
+        """Gives back `tokens` charged for a request, and (request) the request itself: it never ran."""
         with self._lock:
-            for bucket, amount in ((self._requests, 1), (self._tokens, tokens)):
+            for bucket, amount in ((self._requests, int(request)), (self._tokens, tokens)):
                 if bucket is not None and amount:
                     bucket._refill()
                     bucket.level = min(bucket.capacity, bucket.level + amount)

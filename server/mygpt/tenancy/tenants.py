@@ -58,6 +58,13 @@ class Ticket:
             self._limiter.charge(prompt_tokens)
             self._charged += prompt_tokens
 
+    def refund(self, prompt_tokens: int) -> None:
+        """Gives back charged prompt tokens that were never computed (at most those charged)."""
+        amount = min(prompt_tokens, self._charged)
+        if self._limiter is not None and amount > 0:
+            self._limiter.refund(amount, request=False)
+            self._charged -= amount
+
     def withdraw(self) -> None:
         """The request never ran (another prompt of its batch was refused): what it took from the
         per-minute budgets goes back, and nothing is recorded."""
