@@ -46,6 +46,10 @@ def _serve_parser(sub: Any) -> None:
         "--embedding-pooling", choices=["mean", "last"],
         help="/v1/embeddings: mean of the final hidden states (default) or the last token's",
     )  # fmt: skip
+    p.add_argument(
+        "--embedding-step-tokens", type=int,
+        help="embedding tokens a step takes at most while streams decode (default: max-num-batched-tokens / 4)",
+    )  # fmt: skip
     p.add_argument("--num-threads", type=int, help="torch CPU threads")
     p.add_argument("--engine", choices=["batched", "naive"], help="naive: the generate() baseline")
     p.add_argument("--adapter-dir", help="the adapter store: <dir>/<name>/ in peft format")

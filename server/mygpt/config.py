@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         description="/v1/embeddings: pool the final hidden states by their 'mean' (for chat models) or take "
         "the 'last' token's (for embedding models trained so, e.g. e5-mistral, gte-Qwen2); L2-normalized",
     )
+    embedding_step_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="embedding inputs' tokens an engine step takes at most while streams decode (their "
+        "chunk size too): lower keeps streams' inter-token latency, higher embeds faster beside them; "
+        "default: a quarter of max_num_batched_tokens",
+    )
     num_threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
     cuda_graphs: bool = Field(
         True,

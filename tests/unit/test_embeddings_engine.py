@@ -3,6 +3,8 @@ same alone and in a busy batch, with adapters, and across chunked prefill."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +180,41 @@ def test_the_naive_engine_embeds_as_the_batched_one(engine, model, tokenizer):
             assert torch.allclose(vector(a, "n"), vector(b, "b"), atol=1e-5), pooling
     finally:
         naive.stop()
+
+
+def test_while_streams_decode_a_step_takes_few_embedding_tokens_and_chat_prompts_go_first(model, tokenizer):
+    """Embeddings are bulk work: while rows decode, a step takes at most embed_chunk of their tokens
+    (the streams' next token waits for the whole step), and a chat prompt behind them is not held back."""
+    runner = ModelRunner(model, num_slots=8, max_len=256, dtype=torch.float32, exact_attention=True)
+    engine = Engine(runner, tokenizer, [], max_num_batched_tokens=64)  # embed_chunk: 16
+    steps = []
+    real = runner.step
+
+    def spy(decode, chunks, invariant=False):
+        steps.append((len(decode), [(c.pool, len(c.token_ids)) for c in chunks]))
+        return real(decode, chunks, invariant)
+
+    runner.step = spy
+    engine.start()
+    try:
+        assert engine.embed_chunk == 16
+        alone = Collector()
+        embed(engine, alone, "alone", LONG)
+        alone.wait()
+        assert max(n for _, chunks in steps for _, n in chunks) == 16  # cut at 16 even alone
+        c = Collector()
+        c.submit(engine, "stream", PROMPTS[0], temperature=0.0, max_tokens=60, ignore_eos=True)
+        while not c.events.get("stream"):
+            time.sleep(0.005)
+        steps.clear()
+        for i in range(4):
+            embed(engine, c, f"e{i}", LONG)
+        c.submit(engine, "chat", PROMPTS[2], temperature=0.0, max_tokens=2)  # 60 tokens, behind them
+        c.wait()
+        decoding = [chunks for d, chunks in steps if d]
+        assert decoding and all(sum(n for pool, n in chunks if pool) <= 16 for chunks in decoding)
+        chat_step = next(i for i, (_, chunks) in enumerate(steps) if any(p is None for p, _ in chunks))
+        assert chat_step <= 1  # planned at once, not after the embeddings' 20 chunks
+        assert torch.allclose(vector(c, "e3"), vector(alone, "alone"), atol=2e-5)
+    finally:
+        engine.stop()

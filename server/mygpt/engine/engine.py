@@ -216,6 +216,7 @@ class Engine(EngineThread):
         metrics: Any = None,
         overlap: bool = False,
         prefix_caching: bool = True,
+        embed_chunk: int | None = None,
     ):
         self.runner = runner
         # overlap: with the runner's static decoder, a decode-only step launches the next one from the
@@ -228,6 +229,8 @@ class Engine(EngineThread):
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_len = runner.max_len
         self.max_num_batched_tokens = max_num_batched_tokens
+        # embeddings' prompt chunk, and their tokens a step at most while rows decode (_plan_prefill)
+        self.embed_chunk = embed_chunk or max(16, max_num_batched_tokens // 4)
         self.max_waiting = max_waiting
         self.adapters = adapters
         self.stats = EngineStats()
@@ -391,7 +394,7 @@ class Engine(EngineThread):
         # rows grouped by adapter slot: the LoRA layers then need no gather or scatter
         decode = sorted((r for r in self._running if r.next_token is not None), key=lambda r: r.lora_slot)
         budget = max(self.max_num_batched_tokens - len(decode), 16)
-        chunks = self._plan_prefill(budget)
+        chunks = self._plan_prefill(budget, decoding=bool(decode))
         tokens = len(decode) + sum(len(c.token_ids) for _, c in chunks)
         ahead, self._ahead = self._ahead, None
         if decode or chunks:
@@ -553,19 +556,28 @@ class Engine(EngineThread):
             guide=None if request.params.grammar is None else request.params.grammar.start(),
         )
 
-    def _plan_prefill(self, budget: int) -> list[tuple[Group, PrefillChunk]]:
+    def _plan_prefill(self, budget: int, decoding: bool = False) -> list[tuple[Group, PrefillChunk]]:
         """The next prompt chunks, oldest request first, at most `budget` tokens in all.
 
         A prompt is cut only at multiples of max_num_batched_tokens from its first position (also after
         a cached prefix), never to fit what other requests left of the budget: its chunks, and so its
         numerics, do not depend on the batch or the prefix cache (B5: same seed, same output alone or in
         a busy batch). A chunk that does not fit waits a step.
+
+        Embeddings are bulk work beside interactive streams: their prompts are cut at multiples of
+        embed_chunk, and while rows are decoding a step takes at most embed_chunk of their tokens (the
+        streams' next token waits for the whole step); generation prompts go first, embeddings take
+        what they leave of the budget.
         """
         chunks = []
-        size = self.max_num_batched_tokens
-        for group in self._prefilling:
+        embed_budget = self.embed_chunk if decoding else budget
+        for group in sorted(self._prefilling, key=lambda g: g.request.embed is not None):  # (stable)
+            embed = group.request.embed is not None
+            size = self.embed_chunk if embed else self.max_num_batched_tokens
             prompt, start = group.request.prompt_ids, group.num_prefilled
             ids = prompt[start : (start // size + 1) * size]
+            if embed and len(ids) > embed_budget:
+                continue
             if len(ids) > budget and chunks:
                 break
             all_logits = group.request.params.prompt_logprobs is not None
@@ -573,6 +585,7 @@ class Engine(EngineThread):
             row = group.rows[0]
             chunks.append((group, PrefillChunk(row.slot, ids, start, row.lora_slot, all_logits, pool)))
             budget -= len(ids)
+            embed_budget -= len(ids) if embed else 0
         return chunks
 
     def _prefilled(self, group: Group, chunk: PrefillChunk, logits: torch.Tensor) -> None:
