@@ -196,3 +196,19 @@ def test_prompt_chunks_as_graphed_rows_equal_the_eager_step(nf4):
                 torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-3)
     st = graphs.decoder.stats
     assert st.prompt_steps == 6 and st.replays >= 6 and st.failures == 0 and st.eager == 0
+
+
+def test_embedding_chunks_run_eagerly_beside_graphed_decode_and_match_hf():
+    """An embedding's chunks never enter the graphs (which give logits only): with graph_prompt_tokens
+    on, a step of decode rows and an embedding chunk still pools the model's own last_hidden_state."""
+    from mygpt.engine.runner import DecodeRow, PrefillChunk
+
+    r = ModelRunner(model(nf4=True), num_slots=8, max_len=300, dtype=torch.float32, cuda_graphs=True,
+                    graph_prompt_tokens=64)  # fmt: skip
+    r.step([], [PrefillChunk(0, list(range(10, 30)), 0)])
+    prompt = list(range(40, 90))
+    _, (pooled,) = r.step([DecodeRow(0, 7, 20)], [PrefillChunk(1, prompt, 0, pool="sum")])
+    with torch.inference_mode():
+        want = r.model.model(torch.tensor([prompt], device="cuda")).last_hidden_state[0].float().sum(0)
+    assert pooled.shape == (1, r.model.config.hidden_size)
+    assert torch.allclose(pooled[0], want, rtol=1e-3, atol=1e-3)

@@ -218,3 +218,29 @@ def test_while_streams_decode_a_step_takes_few_embedding_tokens_and_chat_prompts
         assert torch.allclose(vector(c, "e3"), vector(alone, "alone"), atol=2e-5)
     finally:
         engine.stop()
+
+
+def test_with_the_static_decoder_an_embedding_chunk_runs_eagerly_and_matches_hf():
+    """The static decoder (CUDA graphs' CPU form) gives logits only: a step with decode rows and an
+    embedding chunk must not take it, even where its prompt rows would fit (graph_prompt_tokens)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mygpt.engine.runner import DecodeRow, PrefillChunk
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    hf = LlamaForCausalLM(config).eval()
+    r = ModelRunner(
+        hf, num_slots=8, max_len=300, dtype=torch.float32, static_decode=True, graph_prompt_tokens=64
+    )
+    assert r.decoder is not None
+    r.step([], [PrefillChunk(0, list(range(10, 30)), 0)])  # a prompt step through the decoder
+    assert r.decoder.stats.prompt_steps == 1
+    prompt = list(range(40, 90))
+    logits, (pooled,) = r.step([DecodeRow(0, 7, 20)], [PrefillChunk(1, prompt, 0, pool="sum")])
+    with torch.inference_mode():
+        want = hf.model(torch.tensor([prompt])).last_hidden_state[0].float().sum(0)
+    assert logits.shape == (1, 256) and pooled.shape == (1, 128)
+    assert torch.allclose(pooled[0], want, atol=1e-4)
+    assert r.decoder.stats.prompt_steps == 1  # the embedding's step was not one
