@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from mygpt.api.chat import ChatLimits, ChatService
+from mygpt.api.embeddings import EmbeddingService
 from mygpt.app import build_app
 from mygpt.config import Settings
 from mygpt.cost import CostModel
@@ -61,6 +62,7 @@ def client(tiny_model_dir, tokenizer, tmp_path_factory):
     state.chat = ChatService(
         AsyncEngine(engine), tokenizer, "tiny", ChatLimits(96, 4, 4), state.tenants, state.registry
     )
+    state.embeddings = EmbeddingService(state.chat, "mean", model.config.hidden_size, window=4)
     state.ready = True
     with TestClient(build_app(state.settings, state), raise_server_exceptions=False) as c:
         yield c
@@ -214,6 +216,47 @@ completion_body = (
 @given(body=completion_body, api_key=key)
 def test_text_completions_never_5xx(client, body, api_key):
     check(generate(client, "/v1/completions", body, api_key))
+
+
+embedding_body = (
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny", "support", "globex/x", ""]) | junk, "input": prompt},
+        optional={
+            "encoding_format": st.sampled_from(["float", "base64", None]) | junk,
+            "dimensions": st.integers(-1, 200) | junk,
+            "user": junk,
+        },
+    )
+    | junk
+)
+
+
+@FUZZ
+@given(body=embedding_body, api_key=key)
+def test_embeddings_never_5xx(client, body, api_key):
+    check(client.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {api_key}"}))
+
+
+tokenize_body = (
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny", "support", "globex/x"]) | junk},
+        optional={
+            "prompt": st.text(max_size=20) | junk,
+            "messages": st.lists(message, max_size=3) | junk,
+            "tools": junk,
+            "add_generation_prompt": st.booleans() | junk,
+            "return_token_strs": st.booleans() | junk,
+            "tokens": st.lists(st.integers(-5, 70000), max_size=5) | junk,
+        },
+    )
+    | junk
+)
+
+
+@FUZZ
+@given(route=st.sampled_from(["/tokenize", "/detokenize"]), body=tokenize_body, api_key=key)
+def test_tokenize_never_5xx(client, route, body, api_key):
+    check(client.post(route, json=body, headers={"Authorization": f"Bearer {api_key}"}))
 
 
 name = (
