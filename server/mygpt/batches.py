@@ -30,7 +30,7 @@ from mygpt.api import completions
 from mygpt.api.errors import APIError, invalid_value
 from mygpt.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from mygpt.finetune.data import DataError, json_lines
-from mygpt.finetune.store import OPEN_BATCHES, Store
+from mygpt.finetune.store import OPEN_BATCHES, Store, off_loop
 from mygpt.tenancy.auth import Principal
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class BatchRunner:
             return
         self._active = {b: (t, task) for b, (t, task) in self._active.items() if not task.done()}
         now = time.time()
-        for batch in await asyncio.to_thread(store.batches_with_status, *OPEN):
+        for batch in await off_loop(store.batches_with_status, *OPEN):
             if batch["id"] in self._active or now < self._not_before.get(batch["id"], 0.0):
                 continue
             if (
@@ -169,7 +169,7 @@ class BatchRunner:
                 limiter = chat.tenants.limiters.get(batch["tenant"])
                 if limiter is not None and limiter.wait_s(reserve=0.5) > 0:
                     continue  # its tenant's budgets are low: other tenants' batches first
-            if not await asyncio.to_thread(store.claim_batch, batch["id"], self.owner, self.LEASE_S):
+            if not await off_loop(store.claim_batch, batch["id"], self.owner, self.LEASE_S):
                 continue  # another runner's (a replica's)
             run = _Run(batch)
             task = asyncio.get_running_loop().create_task(self._guarded(store, chat, run))
@@ -204,7 +204,7 @@ class BatchRunner:
         finally:
             renew.cancel()
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(store.release_batch, run.id, self.owner)
+                await off_loop(store.release_batch, run.id, self.owner)
 
     async def _renew(self, store: Store, run: _Run) -> None:
         """Renews the claim; lost when another runner holds it, or the store has refused the renewal
@@ -213,7 +213,7 @@ class BatchRunner:
         while True:
             await asyncio.sleep(self.LEASE_S / 4)
             try:
-                held = await asyncio.to_thread(store.claim_batch, run.id, self.owner, self.LEASE_S)
+                held = await off_loop(store.claim_batch, run.id, self.owner, self.LEASE_S)
                 failing_since = None
             except Exception:
                 failing_since = failing_since or time.time()
@@ -226,14 +226,14 @@ class BatchRunner:
     async def _process(self, store: Store, chat: Any, run: _Run) -> None:
         batch = run.batch
         if batch["status"] == "validating":  # (a cancel that came meanwhile stays)
-            await asyncio.to_thread(
+            await off_loop(
                 store.update_batch,
                 run.id, if_status="validating", status="in_progress", in_progress_at=int(time.time()),
             )  # fmt: skip
         out_path, err_path = _partials(store, run.id)
         if await self._in_progress(store, run):
-            counts, done = await asyncio.to_thread(_tally, out_path, err_path)  # (a torn last line cut first)
-            requests = await asyncio.to_thread(_requests, store, batch)
+            counts, done = await off_loop(_tally, out_path, err_path)  # (a torn last line cut first)
+            requests = await off_loop(_requests, store, batch)
             todo = collections.deque(r for r in requests if r["custom_id"] not in done)
             principal = Principal(batch["tenant"])
             async with asyncio.TaskGroup() as workers:
@@ -254,7 +254,7 @@ class BatchRunner:
     async def _finalized(self, store: Store, run: _Run, end: str | None, errors: dict | None = None) -> None:
         """_finalize in a thread, waited for even when the runner stops meanwhile (its claim is released
         only after)."""
-        job = asyncio.ensure_future(asyncio.to_thread(self._finalize, store, run, end, errors))
+        job = asyncio.ensure_future(off_loop(self._finalize, store, run, end, errors))
         try:
             await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -294,7 +294,7 @@ class BatchRunner:
                 _add_usage(counts, body)
             async with run.recording:
                 path = out_path if status == 200 else err_path
-                if not await asyncio.to_thread(self._record, store, run, path, line, dict(counts)):
+                if not await off_loop(self._record, store, run, path, line, dict(counts)):
                     run.lost = True  # another runner holds it: this one stops
 
     def _record(self, store: Store, run: _Run, path: Path, line: dict, counts: dict) -> bool:
@@ -323,7 +323,7 @@ class BatchRunner:
         """In progress in the store (not cancelled, by any replica) and not expired."""
         if time.time() >= run.batch["expires_at"]:
             return False
-        return (await asyncio.to_thread(store.get_batch, None, run.id))["status"] == "in_progress"
+        return (await off_loop(store.get_batch, None, run.id))["status"] == "in_progress"
 
     async def _call(self, chat, principal: Principal, request: dict, store: Store, run: _Run):
         """(status, body, request id) of one request; None if the batch stopped while it waited for

@@ -433,3 +433,24 @@ def test_a_job_an_earlier_version_runs_is_left_while_its_trainer_reports(manager
     store._q("UPDATE events SET created_at=created_at-? WHERE job_id='ftjob-old'", finder.LEGACY_QUIET_S + 1)
     finder._end_orphans()
     assert store.get_job(None, "ftjob-old")["status"] == "queued"
+
+
+@pytest.mark.anyio
+async def test_store_calls_that_wait_never_hold_the_threads_prompts_are_rendered_in():
+    """Store calls from the event loop (off_loop) run in the store's own threads: with every one of
+    them waiting (a lock held on a network file system), asyncio.to_thread, where chat prompts are
+    rendered, still answers at once."""
+    import asyncio
+    import threading
+
+    from mygpt.finetune.store import STORE_THREADS, off_loop
+
+    release = threading.Event()
+    waiting = [asyncio.ensure_future(off_loop(release.wait, 30)) for _ in range(STORE_THREADS + 8)]
+    try:
+        t0 = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(sum, [1, 2]) for _ in range(20))), 5)
+        assert time.monotonic() - t0 < 2
+    finally:
+        release.set()
+        assert await asyncio.gather(*waiting) == [True] * (STORE_THREADS + 8)

@@ -17,6 +17,7 @@ from mygpt.api.finetune import _no_file, _state, _tenant
 from mygpt.api.protocol import Metadata, page
 from mygpt.batches import ENDPOINTS, WINDOW_S, BatchRunner, validate_batch
 from mygpt.finetune.data import DataError
+from mygpt.finetune.store import off_loop
 from mygpt.tenancy.auth import Principal
 
 router = APIRouter()
@@ -51,14 +52,14 @@ async def create_batch(body: CreateBatch, request: Request, principal: Principal
     if body.completion_window not in WINDOW_S:
         raise invalid("completion_window must be '24h'.", param="completion_window")
     store = state.finetune_store
-    row = await asyncio.to_thread(store.get_file, tenant, body.input_file_id)
+    row = await off_loop(store.get_file, tenant, body.input_file_id)
     if row is None:
         raise _no_file(body.input_file_id, "input_file_id")
     if row["purpose"] != "batch":
         raise invalid(f"File '{body.input_file_id}' has purpose '{row['purpose']}': a batch's input file is "
                       "uploaded with purpose 'batch'.", param="input_file_id", code="invalid_file")  # fmt: skip
     try:
-        raw = await asyncio.to_thread(store.file_path(body.input_file_id).read_bytes)
+        raw = await off_loop(store.file_path(body.input_file_id).read_bytes)
         total, urls, models = await asyncio.to_thread(validate_batch, raw)
     except (OSError, DataError) as exc:
         raise invalid(f"Invalid input file: {exc}", param="input_file_id", code="invalid_file") from None
@@ -67,7 +68,7 @@ async def create_batch(body: CreateBatch, request: Request, principal: Principal
         raise invalid(f"The input file's requests go to {other}, not to the batch's endpoint {body.endpoint}.",
                       param="endpoint")  # fmt: skip
     now = int(time.time())
-    batch = await asyncio.to_thread(store.add_batch, {
+    batch = await off_loop(store.add_batch, {
         "id": f"batch_{uuid.uuid4().hex}", "tenant": tenant, "endpoint": body.endpoint,
         "input_file_id": body.input_file_id, "completion_window": body.completion_window, "created_at": now,
         "expires_at": now + WINDOW_S[body.completion_window], "total": total, "metadata": body.metadata,
@@ -94,7 +95,7 @@ def get_batch(batch_id: str, request: Request, principal: Principal = Depends(ca
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     """Stops starting its requests; those running finish, then it ends "cancelled" with what it did."""
-    batch = await asyncio.to_thread(_cancel, request, principal, batch_id)
+    batch = await off_loop(_cancel, request, principal, batch_id)
     runner(_state(request))  # (woken in this loop)
     return batch
 

@@ -17,6 +17,7 @@ from mygpt.api.protocol import Metadata, page
 from mygpt.batches import OPEN, validate_batch
 from mygpt.finetune.data import DataError, validate_jsonl
 from mygpt.finetune.jobs import SUFFIX
+from mygpt.finetune.store import off_loop
 from mygpt.lora.registry import ADAPTER_NAME
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
@@ -113,7 +114,7 @@ async def upload_file(
     except DataError as exc:
         kind = "training" if purpose == "fine-tune" else "batch"
         raise invalid(f"Invalid {kind} file: {exc}", param="file", code="invalid_file") from exc
-    row = await asyncio.to_thread(
+    row = await off_loop(
         state.finetune_store.add_file,
         f"file-{uuid.uuid4().hex[:24]}", tenant, file.filename or "upload.jsonl", purpose, raw, examples,
     )  # fmt: skip

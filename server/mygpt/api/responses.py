@@ -20,7 +20,6 @@ it, kept across restarts) where there is one (fine-tuning on, the default), else
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
@@ -38,7 +37,7 @@ from mygpt.api.auth import caller
 from mygpt.api.chat import ChatService, Closing
 from mygpt.api.errors import APIError, invalid, invalid_value
 from mygpt.api.protocol import ChatCompletion, ChatCompletionRequest, Metadata, page
-from mygpt.finetune.store import Store
+from mygpt.finetune.store import Store, off_loop
 from mygpt.tenancy.auth import Principal
 
 router = APIRouter()
@@ -155,7 +154,7 @@ async def create_response(
 ) -> dict | Response:
     chat = routes._chat(request)
     store = _store(request)
-    history = await asyncio.to_thread(_history, store, principal, body)
+    history = await off_loop(_history, store, principal, body)
     chat_req = _as_chat(body, history)
     turn = Turn(body, chat_req.messages, len(history), _tenant(principal))
     try:
@@ -181,7 +180,7 @@ async def get_response(
         raise invalid(
             "Streaming a stored response again is not supported; retrieve it whole.", param="stream"
         )
-    found = await asyncio.to_thread(_store(request).get, _tenant(principal), response_id)
+    found = await off_loop(_store(request).get, _tenant(principal), response_id)
     if found is None:
         raise _not_found(response_id)
     return found[0]
@@ -193,7 +192,7 @@ async def list_input_items(
     limit: int = Query(20, ge=1, le=100), principal: Principal = Depends(caller),
 ) -> dict:  # fmt: skip
     """The request's own input items (those of previous_response_id are that response's)."""
-    items = await asyncio.to_thread(_store(request).inputs, _tenant(principal), response_id)
+    items = await off_loop(_store(request).inputs, _tenant(principal), response_id)
     if items is None:
         raise _not_found(response_id)
     return page(items[::-1] if order == "desc" else items, after, limit)
@@ -203,7 +202,7 @@ async def list_input_items(
 async def delete_response(
     response_id: str, request: Request, principal: Principal = Depends(caller)
 ) -> DeletedResponse:
-    if not await asyncio.to_thread(_store(request).delete, _tenant(principal), response_id):
+    if not await off_loop(_store(request).delete, _tenant(principal), response_id):
         raise _not_found(response_id)
     return DeletedResponse(id=response_id)
 
@@ -225,7 +224,7 @@ async def _keep(turn: Turn, store: Stored, response: dict) -> None:
     fails (a lock held too long, a full disk) does not take the answer with it: it is sent, marked
     `store: false`, so the client knows not to chain on it."""
     try:
-        await asyncio.to_thread(turn.keep, store, response)
+        await off_loop(turn.keep, store, response)
     except Exception:
         log.exception("response %s could not be stored", response["id"])
         response["store"] = False

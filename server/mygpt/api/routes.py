@@ -31,6 +31,7 @@ from mygpt.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from mygpt.finetune.store import off_loop
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
 
@@ -70,7 +71,7 @@ async def ready(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus text format; open like the probes (scrapers carry no tenant key)."""
     m = _state(request).metrics  # (read off the event loop: some values come from the store)
-    return Response(await asyncio.to_thread(m.exposition) if m else b"", media_type=CONTENT_TYPE_LATEST)
+    return Response(await off_loop(m.exposition) if m else b"", media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", include_in_schema=False)
@@ -114,7 +115,7 @@ async def delete_model(model: str, request: Request, principal: Principal = Depe
     if state.jobs is None and state.settings.finetune:
         raise APIError(503, "The server is not ready: fine-tuning is starting.", code="not_ready",
                        headers={"Retry-After": "5"})  # fmt: skip
-    if state.jobs is None or not await asyncio.to_thread(state.jobs.made, entry.tenant, entry.name):
+    if state.jobs is None or not await off_loop(state.jobs.made, entry.tenant, entry.name):
         raise APIError(
             403, f"'{model}' is not a model of this tenant's fine-tuning jobs: adapters that the server's "
             "operator loaded are unloaded with an admin key (DELETE /v1/admin/adapters/{tenant}/{name}).",
@@ -123,7 +124,7 @@ async def delete_model(model: str, request: Request, principal: Principal = Depe
     # the adapter leaves routing at once (requests using it finish on it) and its files the store
     if await asyncio.to_thread(state.registry.delete, entry.tenant, entry.name) is None:
         raise model_not_found(model)  # deleted meanwhile (by another request)
-    await asyncio.to_thread(state.jobs.forget_model, entry.tenant, entry.name)
+    await off_loop(state.jobs.forget_model, entry.tenant, entry.name)
     return ModelDeleted(id=model)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import functools
 import json
 import logging
 import os
@@ -10,9 +13,10 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 NETWORK_FS = {
@@ -32,6 +36,21 @@ NETWORK_FS = {
     "beegfs",
     "virtiofs",
 }  # and FUSE mounts (EFS, s3fs, ...)
+# The store's calls from the event loop run in threads of their own: one waiting on SQLite's lock
+# (seconds with the rollback journal on a network file system) holds one of these, never a thread of
+# the loop's default executor, where every chat request's prompt is rendered (that pool has
+# min(32, cores + 4) threads: 6 on a 2-core pod).
+STORE_THREADS = 8
+_executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mygpt-store")
+T = TypeVar("T")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """asyncio.to_thread for store calls (and work around them), in the store's threads."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)  # (log lines' request ids)
+    return await asyncio.get_running_loop().run_in_executor(_executor, call)
+
+
 OPEN_JOBS = ("queued", "running", "paused")  # not ended
 OPEN_BATCHES = (
     "validating",
