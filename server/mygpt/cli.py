@@ -73,6 +73,10 @@ def _serve_parser(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--max-file-bytes", type=int, help="largest training file accepted")
     p.add_argument("--finetune-cpu-threads", type=int, help="CPU threads of a training process (niced)")
+    p.add_argument(
+        "--no-train", dest="train", action="store_const", const=False,
+        help="run no fine-tuning jobs here (the APIs stay; a replica that trains, sharing the store, runs them)",
+    )  # fmt: skip
     for flag, text in (  # on/off flags whose default is the Settings field's
         ("--cuda-graphs", "replay decode steps as CUDA graphs on a GPU (default on)"),
         ("--prefix-caching", "reuse the KV of a cached prompt prefix (same adapter and tenant; default on)"),

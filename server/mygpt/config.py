@@ -135,6 +135,11 @@ class Settings(BaseSettings):
 
     # --- fine-tuning ---
     finetune: bool = Field(True, description="serve the files, fine-tuning (QLoRA jobs) and batch APIs")
+    train: bool = Field(
+        True,
+        description="run fine-tuning jobs on this replica (a trainer process beside serving); off: the APIs "
+        "stay, and jobs created here wait in the shared store for a replica that trains",
+    )
     finetune_dir: Path | None = Field(
         None, description="uploaded files and the jobs database; default: <adapter_dir>/_finetune"
     )

@@ -210,7 +210,10 @@ class ServerState:
         self.jobs = JobManager(
             self.finetune_store, registry, base_name, model_settings, s.finetune_cpu_threads
         )
-        self.jobs.start()
+        if s.train:
+            self.jobs.start()
+        else:  # the APIs answer from the store; a replica that trains runs the jobs
+            log.info("fine-tuning jobs are not trained on this replica (--no-train)")
         if self.metrics is not None:
             self.metrics.watch_background(self._background)
 

@@ -454,3 +454,27 @@ async def test_store_calls_that_wait_never_hold_the_threads_prompts_are_rendered
     finally:
         release.set()
         assert await asyncio.gather(*waiting) == [True] * (STORE_THREADS + 8)
+
+
+def test_a_replica_that_does_not_train_leaves_its_jobs_to_one_that_does(manager, tmp_path):
+    """--no-train: the APIs stay (the store, a JobManager that answers them), no worker runs; a job
+    created there waits queued until a replica that trains, sharing the store, claims it."""
+    from mygpt.config import Settings
+    from mygpt.state import ServerState
+    from mygpt.tenancy.config import load_tenancy
+    from mygpt.tenancy.tenants import Tenants
+
+    store, make = manager
+    settings = Settings(train=False, finetune_dir=store.root, adapter_dir=tmp_path / "adapters")
+    state = ServerState(settings, Tenants(load_tenancy(None)))
+    state._start_finetuning("tiny", make().registry)
+    assert state.finetune_store is not None and not state.jobs._thread.is_alive()
+    add_jobs(state.finetune_store, "ftjob-q")
+    state.jobs.submitted()
+    time.sleep(0.3)
+    assert store.get_job(None, "ftjob-q")["status"] == "queued"
+    trainer = make()
+    trainer.start()
+    wait_until(lambda: store.get_job(None, "ftjob-q")["status"] == "running")
+    assert store.get_job(None, "ftjob-q")["owner"] == trainer.owner
+    state.jobs.stop()  # (a drain on the replica that does not train: nothing to stop)
