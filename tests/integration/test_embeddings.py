@@ -84,7 +84,7 @@ def sample(server, name: str, labels: dict[str, str]) -> float:
 
 def test_the_metrics_count_inputs_and_price_them_as_embeddings(client, default_server):
     inputs = {"tenant": "default", "adapter": "(base)"}
-    small = {"tenant": "default", "provider_model": "openai/text-embedding-3-small"}
+    small = {"tenant": "default", "provider_model": "openai/text-embedding-3-small", "kind": "embeddings"}
     before = sample(default_server, "mygpt_embedding_inputs_total", inputs)
     priced = sample(default_server, "mygpt_closed_api_equivalent_usd_total", small)
     r = client.embeddings.create(model=MODEL, input=DOCS)
