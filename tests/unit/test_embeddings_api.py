@@ -295,3 +295,28 @@ async def test_the_naive_engine_serves_embeddings_and_ends_their_accounting(mode
         assert state.tenants.in_flight == 0
     finally:
         engine.stop()
+
+
+@pytest.mark.anyio
+async def test_a_request_refused_at_its_first_input_is_a_429_that_runs_nothing(make_state, monkeypatch):
+    """The queue is full for the first input only (the engine freed room just after): the request is
+    a 429 all the same, and none of its inputs runs or is charged (a client retries it whole)."""
+    from mygpt.engine.types import EngineOverloaded
+
+    state = make_state()
+    real, calls = state.chat.engine.submit, {"n": 0}
+
+    def full_once(gen, on_done=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise EngineOverloaded(retry_after_s=1.0)
+        return real(gen, on_done)
+
+    monkeypatch.setattr(state.chat.engine, "submit", full_once)
+    async with client_for(state) as c:
+        r = await c.post("/v1/embeddings", json={"model": "tiny", "input": TEXTS})
+    assert r.status_code == 429
+    await until_idle(state)
+    assert calls["n"] == 1 and state.engine.stats.prompt_tokens == 0
+    (row,) = state.tenants.usage.report()
+    assert row["requests"]["rejected"] == 1 and row["prompt_tokens"] == 0

@@ -244,3 +244,25 @@ def test_with_the_static_decoder_an_embedding_chunk_runs_eagerly_and_matches_hf(
     assert logits.shape == (1, 256) and pooled.shape == (1, 128)
     assert torch.allclose(pooled[0], want, atol=1e-4)
     assert r.decoder.stats.prompt_steps == 1  # the embedding's step was not one
+
+
+def test_an_embedding_chunk_never_passes_the_step_budget(model, tokenizer):
+    """embedding_step_tokens above max_num_batched_tokens: refused in the settings, and the engine
+    clamps it (a larger chunk would never be planned: the input would wait for good)."""
+    from pydantic import ValidationError
+
+    from mygpt.config import Settings
+
+    with pytest.raises(ValidationError, match="embedding_step_tokens"):
+        Settings(max_num_batched_tokens=64, embedding_step_tokens=128)
+    runner = ModelRunner(model, num_slots=2, max_len=256, dtype=torch.float32)
+    engine = Engine(runner, tokenizer, [], max_num_batched_tokens=16, embed_chunk=32)
+    assert engine.embed_chunk == 16
+    engine.start()
+    try:
+        c = Collector()
+        embed(engine, c, "e", list(range(100, 120)))  # 20 tokens: two chunks of 16 and 4
+        c.wait(timeout=30)
+        assert vector(c, "e").shape == (model.config.hidden_size,)
+    finally:
+        engine.stop()

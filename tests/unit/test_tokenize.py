@@ -29,10 +29,23 @@ async def test_a_prompt_tokenizes_as_the_tokenizer_does_and_back(served_state, t
     assert back == {"prompt": "Hello world"}
 
 
-@pytest.mark.parametrize("tools", [None, TOOLS])
+@pytest.mark.parametrize(
+    "tools",
+    [
+        {},
+        {"tools": TOOLS},
+        {"tools": TOOLS, "tool_choice": "none"},
+        {"tools": TOOLS, "tool_choice": "required"},
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "weather"}}},
+        {"functions": [TOOLS[0]["function"]]},
+        {"functions": [TOOLS[0]["function"]], "function_call": {"name": "weather"}},
+    ],
+)
 async def test_messages_count_what_a_chat_completion_is_charged(served_state, tools):  # noqa: F811
+    """Rendered as the chat request renders them: its tools as tool_choice (or the deprecated
+    functions) decide."""
     async with client_for(served_state) as c:
-        body = {"model": "tiny", "messages": CHAT} | ({"tools": tools} if tools else {})
+        body = {"model": "tiny", "messages": CHAT} | tools
         counted = (await c.post("/tokenize", json=body)).json()
         without = (await c.post("/tokenize", json={**body, "add_generation_prompt": False})).json()
     async with sdk_for(served_state) as sdk:

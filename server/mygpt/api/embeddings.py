@@ -53,7 +53,11 @@ class EmbeddingService:
         self.dimensions = dimensions  # the model's hidden size
         self.window = window
 
-    async def embed(self, principal: Principal, req: EmbeddingRequest) -> EmbeddingList:
+    async def embed(
+        self, principal: Principal, req: EmbeddingRequest, window: int | None = None
+    ) -> EmbeddingList:
+        """window: the request's inputs in the engine at once (default: the service's; a batch's line
+        takes 1, as a batch's chat request holds one row: the batch runner's share of the engine)."""
         arrival = time.monotonic()
         chat = self.chat
         adapter = await chat.resolve_model(principal, req.model)
@@ -87,7 +91,7 @@ class EmbeddingService:
             )
             for i, p in enumerate(prompts)
         ]
-        finals = await self._run(gens, ticket)
+        finals = await self._run(gens, ticket, window or self.window)
         data = [
             Embedding(index=i, embedding=_encoded(ev.embedding, req.encoding_format))
             for i, ev in enumerate(finals)
@@ -129,24 +133,27 @@ class EmbeddingService:
             prompts.append(ids)
         return prompts
 
-    async def _run(self, gens: list[GenerationRequest], ticket: Ticket) -> list[TokenEvent]:
+    async def _run(self, gens: list[GenerationRequest], ticket: Ticket, window: int) -> list[TokenEvent]:
         """Every input's final event, in order. The first failure (or the client leaving) aborts the
         inputs still running; the ticket is finished once the engine has ended every input it was
         given (as a chat request's, from the engine's final events): their tokens are the usage, their
         share of engine time the cost, and the tokens of inputs never submitted go back to the
         tenant's per-minute budget."""
         finals: list[TokenEvent | None] = [None] * len(gens)
-        room = asyncio.Semaphore(self.window)
+        room = asyncio.Semaphore(window)
         usage = _Usage(ticket)
 
         async def one(i: int, gen: GenerationRequest) -> None:
             async with room:
                 while True:
+                    if usage.refused:  # an earlier input met a full queue first: the request is a 429
+                        return
                     try:
                         events = self.chat.engine.submit(gen, on_done=usage.ended)
                         break
                     except EngineOverloaded:
                         if not usage.submitted:  # nothing of the request ran: the client retries it (429)
+                            usage.refused = True
                             raise
                         await asyncio.sleep(FULL_QUEUE_WAIT_S)
                 usage.submit(len(gen.prompt_ids))
@@ -157,8 +164,8 @@ class EmbeddingService:
         try:
             await asyncio.gather(*tasks)
             outcome = "stop"
-        except EngineOverloaded as exc:
-            outcome = "error" if usage.submitted else "rejected"
+        except EngineOverloaded as exc:  # (only while nothing was submitted: see one())
+            outcome = "rejected"
             raise APIError(
                 429, "The server is at capacity; retry shortly.", code="rate_limit_exceeded",
                 headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
@@ -172,10 +179,10 @@ class EmbeddingService:
             outcome = "cancelled"
             raise
         finally:
-            for t in tasks:
+            for t in tasks:  # none submits once cancelled (no await between a submit and its count)
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            usage.close(outcome, sum(len(g.prompt_ids) for g in gens))
+            usage.close(outcome, sum(len(g.prompt_ids) for g in gens))  # before any await: a second
+            await asyncio.gather(*tasks, return_exceptions=True)  # cancel must not skip it
         return finals  # type: ignore[return-value]  # every one set once gather returned
 
 
@@ -188,6 +195,7 @@ class _Usage:
         self.ticket = ticket
         self.submitted = 0  # inputs
         self.tokens = 0  # their prompt tokens
+        self.refused = False  # the first input met a full waiting queue: nothing more is submitted
         self._ended: list[TokenEvent] = []
         self._outcome: str | None = None
         self._lock = threading.Lock()

@@ -163,7 +163,11 @@ class TokenizeRequest(_Lenient):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # a prompt's (the chat template adds its own)
     add_generation_prompt: bool = True  # messages': the assistant turn's opening, as a request's prompt has
+    # what decides how a chat request renders its tools (as /v1/chat/completions takes them)
     tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[ToolFunction] | None = None
+    function_call: str | dict[str, Any] | None = None
     return_token_strs: bool = False
 
 

@@ -26,7 +26,11 @@ async def tokenize(chat: ChatService, principal: Principal, req: TokenizeRequest
     if req.messages is not None:
         if not req.messages:
             raise invalid("messages is empty.", param="messages")
-        chat_req = ChatCompletionRequest(model=req.model, messages=req.messages, tools=req.tools)
+        chat_req = ChatCompletionRequest.model_validate(
+            req.model_dump(
+                include={"model", "messages", "tools", "tool_choice", "functions", "function_call"}
+            )
+        )
         render = chat.renderer(chat_req, generation_prompt=req.add_generation_prompt)
     else:
 

@@ -230,7 +230,8 @@ class Engine(EngineThread):
         self.max_len = runner.max_len
         self.max_num_batched_tokens = max_num_batched_tokens
         # embeddings' prompt chunk, and their tokens a step at most while rows decode (_plan_prefill)
-        self.embed_chunk = embed_chunk or max(16, max_num_batched_tokens // 4)
+        # (at most a step's budget: a chunk larger than that would never be planned)
+        self.embed_chunk = min(embed_chunk or max(16, max_num_batched_tokens // 4), max_num_batched_tokens)
         self.max_waiting = max_waiting
         self.adapters = adapters
         self.stats = EngineStats()
