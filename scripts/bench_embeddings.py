@@ -89,10 +89,10 @@ def pooled(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tens
 
 @torch.inference_mode()
 def hf_one(model, inputs: list[list[int]], pooling: str = "mean") -> list[torch.Tensor]:
-    out = []
+    out, device = [], next(model.parameters()).device
     for ids in inputs:
-        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state
-        out.append(pooled(hidden, torch.ones(1, len(ids), dtype=torch.long), pooling)[0])
+        hidden = model.model(input_ids=torch.tensor([ids], device=device)).last_hidden_state
+        out.append(pooled(hidden, torch.ones(1, len(ids), dtype=torch.long, device=device), pooling)[0])
     return out
 
 
@@ -100,11 +100,14 @@ def hf_one(model, inputs: list[list[int]], pooling: str = "mean") -> list[torch.
 def hf_padded(model, inputs: list[list[int]], batch: int, pad: int) -> list[torch.Tensor]:
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     out: list[torch.Tensor | None] = [None] * len(inputs)
+    device = next(model.parameters()).device
     for k in range(0, len(order), batch):
         group = order[k : k + batch]
         width = max(len(inputs[i]) for i in group)
-        ids = torch.tensor([inputs[i] + [pad] * (width - len(inputs[i])) for i in group])
-        mask = torch.tensor([[1] * len(inputs[i]) + [0] * (width - len(inputs[i])) for i in group])
+        ids = torch.tensor([inputs[i] + [pad] * (width - len(inputs[i])) for i in group], device=device)
+        mask = torch.tensor(
+            [[1] * len(inputs[i]) + [0] * (width - len(inputs[i])) for i in group], device=device
+        )
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         for i, v in zip(group, pooled(hidden, mask, "mean"), strict=True):
             out[i] = v

@@ -225,6 +225,68 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
     return out
 
 
+def embed_bench(runner, rows: list, report: dict, inputs: int = 256, streams: int = 8) -> None:
+    """/v1/embeddings' engine path on this shape (scripts/bench_embeddings.py's, random token ids):
+    throughput against transformers' sorted, padded batches of 32 (sentence-transformers' way), and
+    `streams` greedy streams' inter-token latency alone, beside a bulk embedding job with the default
+    cap (embed_chunk: a quarter of the step budget while streams decode) and uncapped. Whether the
+    default cap suits a GPU is what this is for."""
+    import random
+
+    import bench_embeddings as be
+
+    from mygpt.engine.engine import Engine
+
+    model = runner.model  # the base, its LoRA layers wrapped (no adapter: the base's products)
+    rng = random.Random(0)
+    vocab, longest = runner.shape.vocab_size, min(128, runner.max_len - 1)
+    ids = [[rng.randrange(10, vocab) for _ in range(rng.randint(16, longest))] for _ in range(inputs)]
+    tokens = sum(map(len, ids))
+    engine = Engine(runner, _Tok(), [], max_num_batched_tokens=512, max_waiting=100_000)
+    engine.start()
+    try:
+        be.engine_embed(engine, ids[:32], "warm")
+        be.hf_padded(model, ids[:32], 32, 0)
+        out: dict = {"inputs": inputs, "tokens": tokens}
+        for label, run in (
+            ("engine", lambda: be.engine_embed(engine, ids, f"e{time.monotonic_ns()}")),
+            ("hf-padded", lambda: be.hf_padded(model, ids, 32, 0)),
+        ):
+            sync()
+            t0 = time.perf_counter()
+            vectors = run()
+            sync()
+            out[f"{label}_s"] = time.perf_counter() - t0
+            out[f"_{label}"] = vectors
+        cosine = min(
+            float(a @ b.cpu()) for a, b in zip(out.pop("_engine"), out.pop("_hf-padded"), strict=True)
+        )
+        out["min_cosine"] = cosine
+        rows.append((
+            f"embeddings, {inputs} inputs ({tokens} tokens): engine / transformers padded, inputs/s",
+            f"{inputs / out['engine_s']:.0f} / {inputs / out['hf-padded_s']:.0f} "
+            f"({out['hf-padded_s'] / out['engine_s']:.2f}x; min cosine {cosine:.5f})",
+        ))  # fmt: skip
+        chat = [[rng.randrange(10, vocab) for _ in range(32)] for _ in range(streams)]
+        new = min(64, runner.max_len - 33)  # (the runner's context: prompt, new tokens and a spare)
+        capped = engine.embed_chunk
+        for mode in ("alone", "capped", "uncapped"):
+            engine.embed_chunk = engine.max_num_batched_tokens if mode == "uncapped" else capped
+            gaps, wall = be.chat_gaps(engine, chat, new, f"c{mode}", None if mode == "alone" else ids)
+            out[f"itl_{mode}_ms"] = [be.pct(gaps, 0.5) * 1e3, be.pct(gaps, 0.99) * 1e3]
+            if mode != "alone":
+                out[f"embed_wall_{mode}_s"] = wall
+        engine.embed_chunk = capped
+        rows.append((
+            f"{streams} streams' ITL p50/p99 ms: alone; beside embeddings capped ({capped}); uncapped",
+            "; ".join("{:.1f}/{:.1f}".format(*out[f"itl_{m}_ms"]) for m in ("alone", "capped", "uncapped"))
+            + f" (embedding wall {out['embed_wall_capped_s']:.1f} s / {out['embed_wall_uncapped_s']:.1f} s)",
+        ))  # fmt: skip
+        report["embeddings"] = out
+    finally:
+        engine.stop()
+
+
 def profile_engine(runner, cache, weights, prompts, out_dir: Path, mode: str) -> None:
     """Where the host's time goes in the engine: one stream + adapter, 16 tokens, under the torch
     profiler (host and device); the ops by host time, to profile-engine-<mode>.txt."""
@@ -688,6 +750,11 @@ def main() -> None:
         for mode in modes:
             if over_budget(f"engine {mode}" if mode != "nf4 bench" else "nf4 kernel vs bitsandbytes"):
                 continue
+            if mode == "embed":
+                with section("embeddings"):
+                    use_graphs(runner, True)
+                    embed_bench(runner, rows, report)
+                continue
             if mode == "nf4 bench":
                 kernel_wins = False
                 with section("nf4 kernel vs bitsandbytes"):
@@ -754,6 +821,7 @@ def main() -> None:
     first_modes.append(f"{static}-compile-overlap")
     first_modes.append(f"{static}-lora")  # the LoRA kernels (kernels/lora.py), with the graphs
     first_modes.append(f"{static}-compile-lora")  # the same, called by the compiled layers
+    first_modes.append("embed")  # /v1/embeddings' path, and streams beside a bulk embedding job
     picked = args.modes.split(",") if args.modes else None
     run_modes([m for m in first_modes if picked is None or m in picked], runner, cache, weights)
     if ref_logits:

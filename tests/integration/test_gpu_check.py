@@ -29,7 +29,16 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     assert report["device"] == "cpu" and report["shape"] == "tiny"
-    assert set(report["section_s"]) >= {"naive baseline", "engine eager", "engine static", "parity", "e2e"}
+    assert set(report["section_s"]) >= {
+        "naive baseline",
+        "engine eager",
+        "engine static",
+        "parity",
+        "e2e",
+        "embeddings",
+    }
+    emb = report["embeddings"]  # (figures: the GPU's; here the code path)
+    assert emb["min_cosine"] > 0.999 and emb["engine_s"] > 0 and len(emb["itl_uncapped_ms"]) == 2
     assert report["naive_1_stream_tok_s"] > 0 and report["naive_32x8_tok_s"] > 0
     for variant in ("rows", "overlap", "compile", "compile-rows"):  # the same greedy tokens, every stream
         assert report[f"{variant}_same_tokens"] == {
