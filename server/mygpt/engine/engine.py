@@ -514,10 +514,10 @@ class Engine(EngineThread):
             for r in self._running
             if not r.finished and self._cache_key(r.request) == key
         ]
-        running += [
+        running += [  # (not an embedding's: it is cut in other chunks, and its slot is left empty)
             (g.rows[0].slot, g.request.prompt_ids[: g.num_prefilled])
             for g in self._prefilling
-            if g.num_prefilled and self._cache_key(g.request) == key
+            if g.num_prefilled and g.request.embed is None and self._cache_key(g.request) == key
         ]
         return self.prefixes.match(key, request.prompt_ids, self._free_slots, running)
 
