@@ -77,6 +77,63 @@ def validate_batch(raw: bytes) -> tuple[int, set[str], set[str]]:
     return len(ids), urls, models
 
 
+def rows_of(request: dict) -> int:
+    """The engine rows a batch line's request holds at once: its choices (n), for each of its prompts
+    (a /v1/completions line may hold several); an embeddings line, one (its inputs run one at a time).
+    A malformed body counts one: it fails validation before it runs."""
+    body = request.get("body") or {}
+    n = body.get("n")
+    n = n if isinstance(n, int) and n > 0 else 1
+    if request.get("url") == "/v1/embeddings":
+        return 1
+    prompt = body.get("prompt") if request.get("url") == "/v1/completions" else None
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
+    return n * prompts
+
+
+class Rows:
+    """The batch runner's share of the engine's rows: a request takes as many as it holds at once
+    (rows_of, at most all of them), granted in arrival order (a large request is not passed for good
+    by small ones). Giving rows back never waits (it runs in finally blocks, cancellations included)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.free = total
+        self._waiting: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def take(self, rows: int):
+        rows = min(max(rows, 1), self.total)
+        if self._waiting or self.free < rows:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiting.append((rows, granted))
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():  # granted as it was cancelled
+                    self._give(rows)
+                else:
+                    self._waiting.remove((rows, granted))
+                    self._grant()  # it may have been first in line
+                raise
+        else:
+            self.free -= rows
+        try:
+            yield
+        finally:
+            self._give(rows)
+
+    def _give(self, rows: int) -> None:
+        self.free += rows
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self._waiting[0][0] <= self.free:
+            rows, granted = self._waiting.popleft()
+            self.free -= rows
+            granted.set_result(None)
+
+
 class BatchFailed(Exception):
     """A batch that cannot go on (its input file gone, its tenant removed): it ends failed, with the
     results it has."""
@@ -120,7 +177,7 @@ class BatchRunner:
         self.owner = f"runner-{uuid.uuid4().hex}"
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: Rows | None = None
         self._active: dict[str, tuple[str, asyncio.Task]] = {}  # batch id -> (tenant, its task)
         self._errors: collections.Counter[str] = collections.Counter()  # batch id -> unexpected errors
         self._not_before: dict[str, float] = {}  # batch id -> when to try it again
@@ -129,7 +186,7 @@ class BatchRunner:
         """Starts the runner in the running event loop (once), and wakes it for new work."""
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
-            self._slots = asyncio.Semaphore(self.concurrency)
+            self._slots = Rows(self.concurrency)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="mygpt-batches")
         self._wake.set()
 
@@ -275,7 +332,7 @@ class BatchRunner:
                 continue
             waited = 0.0
             request = todo.popleft()
-            async with self._slots:
+            async with self._slots.take(rows_of(request)):
                 result = (
                     await self._call(chat, principal, request, store, run)
                     if await self._going(store, run)

@@ -574,3 +574,46 @@ async def test_stopping_waits_for_a_finalize_under_way(tmp_path, monkeypatch):
     await runner_.stop()
     batch = store.get_batch(None, "batch_s")
     assert batch["status"] == "completed" and batch["owner"] is None
+
+
+def test_a_batch_line_holds_its_engine_rows():
+    """A /v1/completions line with k prompts runs k engine requests at once (times n): it takes k of
+    the runner's rows, so a batch keeps to its share; an embeddings line takes one."""
+    from mygpt.batches import rows_of
+
+    def line(url, **body):
+        return {"url": url, "body": body}
+
+    assert rows_of(line("/v1/chat/completions", n=3)) == 3
+    assert rows_of(line("/v1/completions", prompt=["a", "b", "c"], n=2)) == 6
+    assert rows_of(line("/v1/completions", prompt=[1, 2, 3])) == 1  # one prompt of token ids
+    assert rows_of(line("/v1/completions", prompt=[[1], [2]])) == 2
+    assert rows_of(line("/v1/embeddings", input=["a"] * 100)) == 1
+    assert rows_of(line("/v1/chat/completions", n="x")) == rows_of({"url": "x"}) == 1
+
+
+async def test_rows_are_granted_in_order_and_never_overdrawn():
+    from mygpt.batches import Rows
+
+    rows = Rows(4)
+    held, order = [0], []
+
+    async def request(name: str, n: int, hold: float) -> None:
+        async with rows.take(n):
+            held[0] += min(n, 4)
+            assert held[0] <= 4, held
+            order.append(name)
+            await asyncio.sleep(hold)
+            held[0] -= min(n, 4)
+
+    first = asyncio.ensure_future(request("small-1", 3, 0.05))
+    await asyncio.sleep(0)
+    tasks = [
+        asyncio.ensure_future(request(name, n, 0.01)) for name, n in (("big", 4), ("small-2", 1), ("huge", 9))
+    ]
+    cancelled = asyncio.ensure_future(request("cancelled", 2, 0.01))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # waiting in line: it leaves the line, and the rest goes on
+    await asyncio.gather(first, *tasks)
+    assert order == ["small-1", "big", "small-2", "huge"]  # small-2 did not pass big, though 1 row was free
+    assert rows.free == 4 and not rows._waiting
