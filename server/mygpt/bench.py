@@ -133,6 +133,80 @@ async def run_bench(
     )  # fmt: skip
 
 
+@dataclass
+class EmbedResult:
+    """An embeddings load: requests of `inputs` texts each, `concurrency` at a time."""
+
+    label: str
+    concurrency: int
+    requests: int
+    inputs: int  # per request
+    wall_s: float
+    prompt_tokens: int
+    inputs_per_s: float
+    tokens_per_s: float
+    latency_p50: float
+    latency_p95: float
+    latency_p99: float
+    errors: int = 0
+
+
+async def run_embed_bench(
+    base_url: str, model: str, concurrency: int, requests: int, inputs: int, words: int, label: str = "mygpt",
+    api_key: str = "unused",
+) -> EmbedResult:  # fmt: skip
+    """`requests` embeddings requests of `inputs` texts of about `words` words, `concurrency` at a time."""
+    import openai
+
+    latencies: list[float] = []
+    tokens, errors = 0, 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+
+    def texts(i: int) -> list[str]:
+        rng = random.Random(i)
+        return [" ".join(rng.choice(TOPICS).split()[-1] for _ in range(words)) for _ in range(inputs)]
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600) as client:
+
+        async def worker() -> None:
+            nonlocal tokens, errors
+            while not queue.empty():
+                i = queue.get_nowait()
+                t0 = time.perf_counter()
+                try:
+                    r = await client.embeddings.create(model=model, input=texts(i))
+                except Exception as exc:  # counted and reported, never hidden
+                    errors += 1
+                    print(f"request {i} failed: {exc}")
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                tokens += r.usage.prompt_tokens
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    done = len(latencies)
+    return EmbedResult(
+        label=label, concurrency=concurrency, requests=requests, inputs=inputs, wall_s=wall, prompt_tokens=tokens,
+        inputs_per_s=done * inputs / wall if wall else 0.0, tokens_per_s=tokens / wall if wall else 0.0,
+        latency_p50=percentile(latencies, 0.5), latency_p95=percentile(latencies, 0.95),
+        latency_p99=percentile(latencies, 0.99), errors=errors,
+    )  # fmt: skip
+
+
+def format_embed_table(results: list[EmbedResult]) -> str:
+    head = f"{'label':<28} {'conc':>4} {'inputs':>6} {'inputs/s':>9} {'tok/s':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'err':>3}"
+    rows = [head, "-" * len(head)]
+    for r in results:
+        rows.append(
+            f"{r.label:<28} {r.concurrency:>4} {r.inputs:>6} {r.inputs_per_s:>9.1f} {r.tokens_per_s:>8.0f} "
+            f"{r.latency_p50 * 1e3:>6.0f}ms {r.latency_p95 * 1e3:>6.0f}ms {r.latency_p99 * 1e3:>6.0f}ms {r.errors:>3}"
+        )
+    return "\n".join(rows)
+
+
 def format_table(results: list[BenchResult]) -> str:
     head = f"{'label':<28} {'conc':>4} {'models':>6} {'tok/s':>8} {'TTFT p50':>9} {'p95':>7} {'ITL p50':>8} {'p95':>7} {'p99':>7} {'err':>3}"
     rows = [head, "-" * len(head)]
@@ -145,7 +219,7 @@ def format_table(results: list[BenchResult]) -> str:
     return "\n".join(rows)
 
 
-def save(results: list[BenchResult], path: Path, meta: dict) -> None:
+def save(results: list[BenchResult] | list[EmbedResult], path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
 
@@ -157,6 +231,8 @@ def median_of(runs: list[BenchResult]) -> BenchResult:
 
 def main(args) -> None:
     models = args.models.split(",")
+    if args.embeddings:
+        return _main_embeddings(args, models[0])
     results = []
     for conc in [int(c) for c in args.concurrency.split(",")]:
         runs = [
@@ -172,6 +248,26 @@ def main(args) -> None:
         print(format_table(results[-1:]))
     print()
     print(format_table(results))
+    if args.out:
+        save(results, Path(args.out), {"base_url": args.base_url, "date": time.strftime("%Y-%m-%d %H:%M")})
+
+
+def _main_embeddings(args, model: str) -> None:
+    results = []
+    for conc in [int(c) for c in args.concurrency.split(",")]:
+        runs = [
+            asyncio.run(
+                run_embed_bench(
+                    args.base_url, model, conc, args.requests or max(conc * 2, 4), args.embeddings,
+                    args.prompt_words, args.label,
+                )
+            )
+            for _ in range(args.repeat)
+        ]  # fmt: skip
+        results.append(sorted(runs, key=lambda r: r.inputs_per_s)[len(runs) // 2])
+        print(format_embed_table(results[-1:]))
+    print()
+    print(format_embed_table(results))
     if args.out:
         save(results, Path(args.out), {"base_url": args.base_url, "date": time.strftime("%Y-%m-%d %H:%M")})
 

@@ -114,6 +114,10 @@ def _bench_parser(sub: Any) -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per level; the median is reported")
     p.add_argument("--label", default="mygpt")
     p.add_argument("--extra-body", help="JSON merged into each request (e.g. a logit_bias)")
+    p.add_argument(
+        "--embeddings", type=int, metavar="N",
+        help="load /v1/embeddings instead: requests of N texts of --prompt-words words (the first model)",
+    )  # fmt: skip
     p.add_argument("--out", help="write the results as JSON here")
 
 

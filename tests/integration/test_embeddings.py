@@ -91,3 +91,22 @@ def test_the_metrics_count_inputs_and_price_them_as_embeddings(client, default_s
     assert sample(default_server, "mygpt_embedding_inputs_total", inputs) == before + len(DOCS)
     now = sample(default_server, "mygpt_closed_api_equivalent_usd_total", small)
     assert now - priced == pytest.approx(r.usage.prompt_tokens * 0.02 / 1e6)
+
+
+def test_mygpt_bench_loads_embeddings(tiny_server, tmp_path):
+    """`mygpt bench --embeddings N`: requests of N texts, each level's inputs/s and latency, as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "embed.json"
+    cmd = [sys.executable, "-m", "mygpt", "bench", "--base-url", tiny_server.base_url + "/v1", "--models", "tiny",
+           "--embeddings", "8", "--concurrency", "1,4", "--requests", "8", "--prompt-words", "12", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "inputs/s" in done.stdout
+    results = json.loads(out.read_text())["results"]
+    assert [r["concurrency"] for r in results] == [1, 4]
+    for r in results:
+        assert r["errors"] == 0 and r["inputs"] == 8 and r["inputs_per_s"] > 0
+        assert r["prompt_tokens"] >= 8 * 8 * 12 and r["latency_p50"] > 0
