@@ -17,7 +17,8 @@ Also:
   embeds the inputs, as it does (at most embed_chunk embedding tokens a step while streams decode) and
   uncapped (embeddings budgeted as generation prompts, as before the cap); the streams' inter-token
   latency (p50, p99) and the embedding wall time;
-- retrieval on a small hand-written set (RETRIEVAL): top-1 accuracy of mean and last pooling.
+- retrieval on a small hand-written set (RETRIEVAL, 36 pairs): how many queries find their document
+  first with each pooling ("prompt", the server's default, "mean", "last").
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mygpt.api.embeddings import PROMPT
 from mygpt.config import Settings
 from mygpt.engine.engine import Engine
 from mygpt.engine.loader import load_model
@@ -67,6 +69,40 @@ RETRIEVAL = [
     ("My laptop battery drains fast.", "The notebook's battery runs out after an hour."),
     ("Where can I park my car?", "The garage under the building has visitor parking."),
     ("Is the museum open on Mondays?", "The museum is closed every Monday."),
+    # written after the first 12 had chosen "prompt" pooling: a check it was not fitted to them
+    ("How much does the premium plan cost?", "The premium subscription is priced at twenty dollars a month."),
+    (
+        "My flight was cancelled, what now?",
+        "Passengers on cancelled flights can rebook for free or get a refund.",
+    ),
+    ("What time does the pharmacy close?", "The pharmacy is open until eight in the evening."),
+    ("How do I cook rice?", "Rinse the rice, add twice as much water and simmer for fifteen minutes."),
+    ("Is it safe to swim here?", "Strong currents make the beach dangerous for swimmers."),
+    ("Who won the football match yesterday?", "The home team beat the visitors three to one last night."),
+    ("How can I improve my sleep?", "Going to bed at the same time every night helps you rest better."),
+    ("Can I return a damaged item?", "Broken products may be sent back within thirty days."),
+    ("Where is the nearest hospital?", "The city clinic with an emergency room is two streets away."),
+    ("What is the capital of Japan?", "Tokyo is the largest city and the seat of Japan's government."),
+    ("How do plants make food?", "Photosynthesis turns sunlight, water and carbon dioxide into sugar."),
+    ("When does the train to Berlin leave?", "The next departure to Berlin is at 9:15 from platform 4."),
+    ("My phone screen is cracked.", "We repair broken smartphone displays in one hour."),
+    ("How do I learn to play guitar?", "Beginner guitar lessons start with simple chords and strumming."),
+    (
+        "What should I pack for a hiking trip?",
+        "Bring sturdy boots, water, a rain jacket and snacks on the trail.",
+    ),
+    ("Is coffee bad for your health?", "Moderate caffeine intake is not harmful for most adults."),
+    (
+        "How do I open a bank account?",
+        "To start banking with us, bring an ID and proof of address to a branch.",
+    ),
+    ("Why is the sky blue?", "Air scatters blue sunlight more than red light."),
+    ("The printer is not working.", "If the printer jams, remove the paper tray and restart the device."),
+    ("How many vacation days do I get?", "Full-time staff receive twenty-five days of annual leave."),
+    ("What's a good gift for a child?", "Building blocks and picture books are popular presents for kids."),
+    ("How do I change a flat tire?", "Loosen the nuts, jack up the car, and swap in the spare wheel."),
+    ("Are dogs allowed in the park?", "Leashed pets are welcome on all park paths."),
+    ("How do vaccines work?", "Vaccines train the immune system to recognize a virus."),
 ]
 
 
@@ -251,12 +287,22 @@ def main() -> None:
     engine.embed_chunk = capped
 
     texts = [q for q, _ in RETRIEVAL], [d for _, d in RETRIEVAL]
-    ids = [[tok(t)["input_ids"] for t in group] for group in texts]
+    before, after = tok(PROMPT[0])["input_ids"], tok(PROMPT[1], add_special_tokens=False)["input_ids"]
     top1 = {}
-    for pooling in ("mean", "last"):
-        q = torch.stack(engine_embed(engine, ids[0], f"q{pooling}", pooling))
-        d = torch.stack(engine_embed(engine, ids[1], f"d{pooling}", pooling))
-        top1[pooling] = float(((q @ d.T).argmax(1) == torch.arange(len(RETRIEVAL))).float().mean())
+    for pooling in ("prompt", "mean", "last"):  # "prompt": as the server wraps each input (its last token)
+        if pooling == "prompt":
+            ids = [[before + tok(t, add_special_tokens=False)["input_ids"] + after for t in g] for g in texts]
+        else:
+            ids = [[tok(t)["input_ids"] for t in group] for group in texts]
+        pool = "last" if pooling == "prompt" else pooling
+        q = torch.stack(engine_embed(engine, ids[0], f"q{pooling}", pool))
+        d = torch.stack(engine_embed(engine, ids[1], f"d{pooling}", pool))
+        hits = (q @ d.T).argmax(1) == torch.arange(len(RETRIEVAL))
+        top1[pooling] = {
+            "all": int(hits.sum()),
+            "first_12": int(hits[:12].sum()),
+            "later_24": int(hits[12:].sum()),
+        }
     engine.stop()
 
     med = {m: statistics.median(times[m]) for m in runs}

@@ -43,8 +43,9 @@ def _serve_parser(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--max-waiting", type=int, help="queued requests before 429")
     p.add_argument(
-        "--embedding-pooling", choices=["mean", "last"],
-        help="/v1/embeddings: mean of the final hidden states (default) or the last token's",
+        "--embedding-pooling", choices=["prompt", "mean", "last"],
+        help="/v1/embeddings: 'prompt' (an instruction around each input, its last token: for chat models; "
+        "default), the final hidden states' 'mean', or the 'last' token's (embedding models trained so)",
     )  # fmt: skip
     p.add_argument(
         "--embedding-step-tokens", type=int,

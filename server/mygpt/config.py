@@ -52,10 +52,13 @@ class Settings(BaseSettings):
         512, ge=16, description="prompt tokens prefilled per engine step (chunked prefill)"
     )
     max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot before 429")
-    embedding_pooling: Literal["mean", "last"] = Field(
-        "mean",
-        description="/v1/embeddings: pool the final hidden states by their 'mean' (for chat models) or take "
-        "the 'last' token's (for embedding models trained so, e.g. e5-mistral, gte-Qwen2); L2-normalized",
+    embedding_pooling: Literal["prompt", "mean", "last"] = Field(
+        "prompt",
+        description="/v1/embeddings: 'prompt' wraps each input in an instruction (PromptEOL: This sentence : "
+        '"<input>" means in one word:") and takes the last token\'s final hidden state (for chat models: the '
+        "default model found 31 of 36 paraphrases first, against 17 with 'mean'); 'mean' pools the final "
+        "hidden states; 'last' takes the last token's (for models trained to embed so, e.g. e5-mistral, "
+        "gte-Qwen2); L2-normalized",
     )
     embedding_step_tokens: int | None = Field(
         None,

@@ -36,8 +36,8 @@ def vectors(response) -> np.ndarray:
 
 
 def test_each_query_retrieves_its_paraphrase_first(client):
-    """The default chat model's mean-pooled vectors are good enough for a first retrieval pass: each
-    query's nearest document is its paraphrase (the margins are 0.01 to 0.2 in cosine)."""
+    """The default chat model's vectors (the default "prompt" pooling) retrieve: each query's nearest
+    document is its paraphrase."""
     r = client.embeddings.create(model=MODEL, input=DOCS + QUERIES)
     assert [d.index for d in r.data] == list(range(10)) and r.model == MODEL
     e = vectors(r)

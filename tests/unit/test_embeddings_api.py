@@ -117,7 +117,7 @@ async def test_token_ids_embed_as_their_text(make_state, tokenizer):
         ({"input": []}, 400, "input", "input is empty"),
         ({"input": ["a", ""]}, 400, "input", "input[1] is empty"),
         ({"input": [5, 10**7]}, 400, "input", "check_embedding_ctx_length=False"),
-        ({"input": [1] * 129}, 400, "input", "maximum context length is 128"),
+        ({"input": [1] * 129}, 400, "input", "context of 128 tokens"),
         ({"input": ["x"] * 2049}, 400, "input", "at most 2048"),
         ({"input": "a", "dimensions": 8}, 400, "dimensions", "dimensions"),
         ({"input": "a", "encoding_format": "int8"}, 400, "encoding_format", ""),
@@ -320,3 +320,32 @@ async def test_a_request_refused_at_its_first_input_is_a_429_that_runs_nothing(m
     assert calls["n"] == 1 and state.engine.stats.prompt_tokens == 0
     (row,) = state.tenants.usage.report()
     assert row["requests"]["rejected"] == 1 and row["prompt_tokens"] == 0
+
+
+@pytest.mark.anyio
+async def test_prompt_pooling_embeds_each_input_inside_the_instruction(make_state, model, tokenizer):
+    """ "prompt" (the server's default): the engine embeds the instruction around the input, last
+    token; a text and its token ids embed the same; usage and context count the input's own tokens."""
+    from mygpt.api.embeddings import PROMPT
+
+    state = make_state()
+    state.embeddings = EmbeddingService(state.chat, "prompt", model.config.hidden_size, 4)
+    before, after = state.embeddings.wrap
+    text = "The cat sat on the mat."
+    own = tokenizer(text, add_special_tokens=False)["input_ids"]
+    async with sdk_for(state) as sdk:
+        r = await sdk.embeddings.create(model="tiny", input=text, encoding_format="float")
+        by_ids = await sdk.embeddings.create(model="tiny", input=own, encoding_format="float")
+    assert r.usage.prompt_tokens == by_ids.usage.prompt_tokens == len(own)
+    assert r.data[0].embedding == pytest.approx(by_ids.data[0].embedding, abs=2e-5)
+    with torch.inference_mode():  # transformers' own: the wrapped ids' last state
+        ids = torch.tensor([before + own + after])
+        want = torch.nn.functional.normalize(model.model(ids).last_hidden_state[0, -1], dim=0)
+    assert torch.allclose(torch.tensor(r.data[0].embedding), want, atol=1e-5)
+    assert tokenizer.decode(before + own + after) == PROMPT[0] + text + PROMPT[1]
+    room = 128 - len(before) - len(after)
+    async with client_for(state) as c:
+        fits = await c.post("/v1/embeddings", json={"model": "tiny", "input": [5] * room})
+        over = await c.post("/v1/embeddings", json={"model": "tiny", "input": [5] * (room + 1)})
+    assert fits.status_code == 200 and over.status_code == 400
+    assert f"at most {room} fit" in over.json()["error"]["message"]

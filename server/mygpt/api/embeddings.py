@@ -1,15 +1,18 @@
 """Embeddings (POST /v1/embeddings): each input's vector, from the base model or one of the tenant's
 adapters, batched by the engine with everything else it runs.
 
-A generative model's embeddings, as vLLM's and llama.cpp's servers give them: the final hidden states
-(after the model's last norm) pooled over the input, by default their mean (Settings.embedding_pooling)
-then L2-normalized, so a dot product is the cosine similarity. A chat model was not trained for this:
-its vectors serve clustering, deduplication and a first retrieval pass, and a model trained for
-embeddings (last-token pooled ones, such as e5-mistral or gte-Qwen2, with embedding_pooling "last")
-retrieves better.
+A generative model's embeddings: the final hidden states (after the model's last norm), L2-normalized,
+so a dot product is the cosine similarity (Settings.embedding_pooling):
+- "prompt" (the default): each input inside an instruction that asks for its meaning in one word
+  (PromptEOL), and the last token's state. A chat model was not trained to embed; asked so, its last
+  state summarizes the input (the default model found 31 of 36 paraphrases first, against 17 with
+  "mean": docs/benchmarks.md);
+- "mean": the states' mean over the input, as vLLM and llama.cpp give for a generative model;
+- "last": the last token's, for models trained to embed that way (e5-mistral, gte-Qwen2).
 
-One request is one admission to its tenant's limits, all its input tokens charged at once. OpenAI's
-bounds: at most 2,048 inputs and 300,000 tokens, each input within the model's context, none empty. The inputs run as engine
+One request is one admission to its tenant's limits, all its input tokens charged at once (the
+inputs' own: an instruction around them costs engine time, not usage). OpenAI's bounds: at most 2,048
+inputs and 300,000 tokens, each input within the model's context, none empty. The inputs run as engine
 requests, at most `window` of them waiting or running at a time: a long list neither fills the
 engine's waiting queue nor keeps other requests out of it. Once one input was accepted, an input
 that meets a full waiting queue waits for room instead of failing the request.
@@ -43,15 +46,30 @@ from mygpt.tenancy.tenants import RequestTimes, Ticket
 
 MAX_INPUTS = 2048  # OpenAI's bounds of one request
 MAX_TOKENS = 300_000
+# embedding_pooling "prompt": PromptEOL (Jiang et al., 2023, "Scaling Sentence Embeddings with Large
+# Language Models"): the input between these, and the last token's hidden state, which the instruction
+# makes a summary of the whole input. The input is tokenized alone, so a text and its token ids embed
+# the same.
+PROMPT = ('This sentence : "', '" means in one word:"')
 FULL_QUEUE_WAIT_S = 0.05  # an accepted request's input that met a full waiting queue tries again after
 
 
 class EmbeddingService:
-    def __init__(self, chat: ChatService, pooling: Literal["mean", "last"], dimensions: int, window: int):
+    def __init__(
+        self, chat: ChatService, pooling: Literal["prompt", "mean", "last"], dimensions: int, window: int
+    ):
         self.chat = chat
-        self.pooling = pooling
+        self.pooling: Literal["mean", "last"] = "last" if pooling == "prompt" else pooling  # the engine's
         self.dimensions = dimensions  # the model's hidden size
         self.window = window
+        # "prompt": the instruction's token ids before and after each input
+        self.wrap: tuple[list[int], list[int]] | None = None
+        if pooling == "prompt":
+            tok = chat.tokenizer
+            before = tok(PROMPT[0], add_special_tokens=True)[
+                "input_ids"
+            ]  # (with a BOS, if the model has one)
+            self.wrap = list(before), list(tok(PROMPT[1], add_special_tokens=False)["input_ids"])
 
     async def embed(
         self, principal: Principal, req: EmbeddingRequest, window: int | None = None
@@ -70,11 +88,11 @@ class EmbeddingService:
             )
         ticket = chat.ticket(principal, req.model, adapter)
         try:
-            prompts = await asyncio.to_thread(self._tokenize, inputs)
+            prompts, own = await asyncio.to_thread(self._tokenize, inputs)
         except BaseException:
             ticket.finish(None)  # bad input: not usage
             raise
-        tokens = sum(len(p) for p in prompts)
+        tokens = sum(own)  # the inputs' own (an instruction around them is the server's: in its cost only)
         if tokens > MAX_TOKENS:
             ticket.finish(None)
             raise invalid(
@@ -91,7 +109,7 @@ class EmbeddingService:
             )
             for i, p in enumerate(prompts)
         ]
-        finals = await self._run(gens, ticket, window or self.window)
+        finals = await self._run(gens, own, ticket, window or self.window)
         data = [
             Embedding(index=i, embedding=_encoded(ev.embedding, req.encoding_format))
             for i, ev in enumerate(finals)
@@ -100,14 +118,17 @@ class EmbeddingService:
             data=data, model=req.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
         )
 
-    def _tokenize(self, inputs: list[str | list[int]]) -> list[list[int]]:
+    def _tokenize(self, inputs: list[str | list[int]]) -> tuple[list[list[int]], list[int]]:
+        """The engine's prompt of each input (inside the instruction, with "prompt" pooling), and the
+        input's own token count (its usage)."""
         chat, context = self.chat, self.chat.limits.context_len
         texts = [x for x in inputs if isinstance(x, str)]
+        special = self.wrap is None  # (inside the instruction, its own BOS comes first)
         try:  # one call for the texts: the fast tokenizer batches them
-            encoded = iter(chat.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else [])
+            encoded = iter(chat.tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else [])
         except Exception as exc:  # e.g. a lone surrogate, which is no UTF-8
             raise invalid(f"An input could not be tokenized: {exc}", param="input") from exc
-        prompts = []
+        prompts, own = [], []
         for i, x in enumerate(inputs):
             if isinstance(x, str):
                 ids = list(next(encoded)) if x else []  # (a tokenizer that adds BOS makes "" one token)
@@ -123,17 +144,22 @@ class EmbeddingService:
                 ids = x
             if not ids:
                 raise invalid(f"input[{i}] is empty.", param="input")
-            if len(ids) > context:
+            prompt = ids if self.wrap is None else [*self.wrap[0], *ids, *self.wrap[1]]
+            if len(prompt) > context:
+                room = context - (len(prompt) - len(ids))
                 raise invalid(
-                    f"input[{i}] has {len(ids)} tokens; this model's maximum context length is {context} "
-                    "tokens. Shorten or split it.",
+                    f"input[{i}] has {len(ids)} tokens; at most {room} fit in this model's context of "
+                    f"{context} tokens. Shorten or split it.",
                     param="input",
                     code="context_length_exceeded",
                 )
-            prompts.append(ids)
-        return prompts
+            prompts.append(prompt)
+            own.append(len(ids))
+        return prompts, own
 
-    async def _run(self, gens: list[GenerationRequest], ticket: Ticket, window: int) -> list[TokenEvent]:
+    async def _run(
+        self, gens: list[GenerationRequest], own: list[int], ticket: Ticket, window: int
+    ) -> list[TokenEvent]:
         """Every input's final event, in order. The first failure (or the client leaving) aborts the
         inputs still running; the ticket is finished once the engine has ended every input it was
         given (as a chat request's, from the engine's final events): their tokens are the usage, their
@@ -156,7 +182,7 @@ class EmbeddingService:
                             usage.refused = True
                             raise
                         await asyncio.sleep(FULL_QUEUE_WAIT_S)
-                usage.submit(len(gen.prompt_ids))
+                usage.submit(own[i])
                 finals[i] = await _final(events)
 
         tasks = [asyncio.ensure_future(one(i, g)) for i, g in enumerate(gens)]
@@ -181,7 +207,7 @@ class EmbeddingService:
         finally:
             for t in tasks:  # none submits once cancelled (no await between a submit and its count)
                 t.cancel()
-            usage.close(outcome, sum(len(g.prompt_ids) for g in gens))  # before any await: a second
+            usage.close(outcome, sum(own))  # before any await: a second
             await asyncio.gather(*tasks, return_exceptions=True)  # cancel must not skip it
         return finals  # type: ignore[return-value]  # every one set once gather returned
 
