@@ -82,8 +82,10 @@ def rows_of(request: dict) -> int:
     (a /v1/completions line may hold several); an embeddings line, one (its inputs run one at a time).
     A malformed body counts one: it fails validation before it runs."""
     body = request.get("body") or {}
-    n = body.get("n")
-    n = n if isinstance(n, int) and n > 0 else 1
+    try:  # as the request's model reads it ("2" and 2.0 are 2)
+        n = max(int(body.get("n") or 1), 1)
+    except (TypeError, ValueError, OverflowError):
+        n = 1
     if request.get("url") == "/v1/embeddings":
         return 1
     prompt = body.get("prompt") if request.get("url") == "/v1/completions" else None
@@ -113,7 +115,8 @@ class Rows:
                 if granted.done() and not granted.cancelled():  # granted as it was cancelled
                     self._give(rows)
                 else:
-                    self._waiting.remove((rows, granted))
+                    with contextlib.suppress(ValueError):  # (_grant may have dropped it already)
+                        self._waiting.remove((rows, granted))
                     self._grant()  # it may have been first in line
                 raise
         else:
@@ -128,8 +131,10 @@ class Rows:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiting and self._waiting[0][0] <= self.free:
+        while self._waiting and (self._waiting[0][1].done() or self._waiting[0][0] <= self.free):
             rows, granted = self._waiting.popleft()
+            if granted.done():  # cancelled, its task not yet run: it takes nothing
+                continue
             self.free -= rows
             granted.set_result(None)
 
@@ -394,7 +399,7 @@ class BatchRunner:
                     gen, ticket = await chat.prepare(principal, req)
                     answer = await chat.complete(req, gen, ticket)
                 elif url == "/v1/embeddings":
-                    # one input in the engine at a time, as a chat line holds one row: the runner's share
+                    # one input in the engine at a time: the one row rows_of counts for it
                     req = EmbeddingRequest.model_validate(body)
                     answer = await self.state.embeddings.embed(principal, req, window=1)
                 else:

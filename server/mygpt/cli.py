@@ -102,6 +102,13 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _bench_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="load-test an OpenAI-compatible server (mygpt or a baseline)")
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
@@ -112,11 +119,11 @@ def _bench_parser(sub: Any) -> None:
     p.add_argument("--requests", type=int, help="requests per concurrency level (default: 2x concurrency)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-words", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=1, help="runs per level; the median is reported")
+    p.add_argument("--repeat", type=_positive, default=1, help="runs per level; the median is reported")
     p.add_argument("--label", default="mygpt")
     p.add_argument("--extra-body", help="JSON merged into each request (e.g. a logit_bias)")
     p.add_argument(
-        "--embeddings", type=int, metavar="N",
+        "--embeddings", type=_positive, metavar="N",
         help="load /v1/embeddings instead: requests of N texts of --prompt-words words (the first model)",
     )  # fmt: skip
     p.add_argument("--out", help="write the results as JSON here")

@@ -590,6 +590,7 @@ def test_a_batch_line_holds_its_engine_rows():
     assert rows_of(line("/v1/completions", prompt=[[1], [2]])) == 2
     assert rows_of(line("/v1/embeddings", input=["a"] * 100)) == 1
     assert rows_of(line("/v1/chat/completions", n="x")) == rows_of({"url": "x"}) == 1
+    assert rows_of(line("/v1/chat/completions", n="2")) == rows_of(line("/v1/chat/completions", n=2.0)) == 2
 
 
 async def test_rows_are_granted_in_order_and_never_overdrawn():
@@ -617,3 +618,40 @@ async def test_rows_are_granted_in_order_and_never_overdrawn():
     await asyncio.gather(first, *tasks)
     assert order == ["small-1", "big", "small-2", "huge"]  # small-2 did not pass big, though 1 row was free
     assert rows.free == 4 and not rows._waiting
+
+
+async def test_a_waiter_cancelled_as_rows_come_back_takes_none():
+    """A waiter cancelled on the same loop tick as rows are given back (a failing batch's workers
+    cancelled together, or another batch's line ending): it takes no rows and none are lost."""
+    from mygpt.batches import Rows
+
+    rows = Rows(2)
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with rows.take(2):
+            await release.wait()
+
+    async def waiter() -> None:
+        async with rows.take(1):
+            pass
+
+    h = asyncio.ensure_future(holder())
+    await asyncio.sleep(0)
+    w = asyncio.ensure_future(waiter())
+    await asyncio.sleep(0)
+    w.cancel()
+    release.set()  # the holder gives its rows back before the waiter's task sees its cancellation
+    results = await asyncio.gather(h, w, return_exceptions=True)
+    assert results[0] is None and isinstance(results[1], asyncio.CancelledError)
+    assert rows.free == 2 and not rows._waiting
+    for step in (1, -1):  # both cancelled, in either order
+        h = asyncio.ensure_future(holder())
+        release.clear()
+        await asyncio.sleep(0)
+        w = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0)
+        for t in (h, w)[::step]:
+            t.cancel()
+        await asyncio.gather(h, w, return_exceptions=True)
+        assert rows.free == 2 and not rows._waiting

@@ -349,3 +349,31 @@ async def test_prompt_pooling_embeds_each_input_inside_the_instruction(make_stat
         over = await c.post("/v1/embeddings", json={"model": "tiny", "input": [5] * (room + 1)})
     assert fits.status_code == 200 and over.status_code == 400
     assert f"at most {room} fit" in over.json()["error"]["message"]
+
+
+def test_prompt_pooling_with_a_tokenizer_that_adds_bos_and_eos(tokenizer):
+    """A Llama-style tokenizer adds a BOS (and some an EOS) to a text: the instruction opens with the
+    BOS once and ends on its own last token; a token-id input that carries them (from /tokenize)
+    embeds as its text does, and counts as many tokens."""
+    from types import SimpleNamespace
+
+    BOS, EOS = 1, 2
+
+    def tok(text, add_special_tokens=True):
+        def one(t):
+            ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+            return [BOS, *ids, EOS] if add_special_tokens else ids
+
+        return {"input_ids": [one(t) for t in text] if isinstance(text, list) else one(text)}
+
+    chat = SimpleNamespace(tokenizer=tok, limits=SimpleNamespace(context_len=128), vocab_size=len(tokenizer))
+    service = EmbeddingService(chat, "prompt", 8, 4)
+    before, after = service.wrap
+    assert before[0] == BOS and BOS not in before[1:] and after[-1] != EOS
+    text = "The cat sat on the mat."
+    from_text, from_ids = service._tokenize([text, tok(text)["input_ids"]])[0]
+    assert from_text == from_ids and from_text.count(BOS) == 1 and EOS not in from_text
+    (_, own) = service._tokenize([text, tok(text)["input_ids"]])
+    assert own[0] == own[1] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    with pytest.raises(Exception, match="empty"):
+        service._tokenize([[BOS, EOS]])

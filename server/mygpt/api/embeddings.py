@@ -62,20 +62,28 @@ class EmbeddingService:
         self.pooling: Literal["mean", "last"] = "last" if pooling == "prompt" else pooling  # the engine's
         self.dimensions = dimensions  # the model's hidden size
         self.window = window
-        # "prompt": the instruction's token ids before and after each input
+        # "prompt": the instruction's token ids before and after each input. The tokens the tokenizer
+        # adds to a text (a BOS before it, an EOS after it) come from a probe: the instruction opens with
+        # the leading ones (the model's prompts begin so) and ends with its own last token, not an EOS
+        # (that state is the vector); a token-id input that carries them (/tokenize adds them) loses them
         self.wrap: tuple[list[int], list[int]] | None = None
+        self._specials: tuple[list[int], list[int]] = ([], [])
         if pooling == "prompt":
             tok = chat.tokenizer
-            before = tok(PROMPT[0], add_special_tokens=True)[
-                "input_ids"
-            ]  # (with a BOS, if the model has one)
-            self.wrap = list(before), list(tok(PROMPT[1], add_special_tokens=False)["input_ids"])
+            with_specials = list(tok("a", add_special_tokens=True)["input_ids"])
+            plain = list(tok("a", add_special_tokens=False)["input_ids"])
+            at = next((k for k in range(len(with_specials)) if with_specials[k : k + len(plain)] == plain), 0)
+            self._specials = with_specials[:at], with_specials[at + len(plain) :]
+            self.wrap = (
+                self._specials[0] + list(tok(PROMPT[0], add_special_tokens=False)["input_ids"]),
+                list(tok(PROMPT[1], add_special_tokens=False)["input_ids"]),
+            )
 
     async def embed(
         self, principal: Principal, req: EmbeddingRequest, window: int | None = None
     ) -> EmbeddingList:
         """window: the request's inputs in the engine at once (default: the service's; a batch's line
-        takes 1, as a batch's chat request holds one row: the batch runner's share of the engine)."""
+        takes 1: the one row the batch runner counts for it, batches.rows_of)."""
         arrival = time.monotonic()
         chat = self.chat
         adapter = await chat.resolve_model(principal, req.model)
@@ -141,7 +149,7 @@ class EmbeddingService:
                         "text instead (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False)).",
                         param="input",
                     )
-                ids = x
+                ids = x if self.wrap is None else self._without_specials(x)
             if not ids:
                 raise invalid(f"input[{i}] is empty.", param="input")
             prompt = ids if self.wrap is None else [*self.wrap[0], *ids, *self.wrap[1]]
@@ -156,6 +164,16 @@ class EmbeddingService:
             prompts.append(prompt)
             own.append(len(ids))
         return prompts, own
+
+    def _without_specials(self, ids: list[int]) -> list[int]:
+        """A token-id input as the instruction takes it: without the tokens the tokenizer adds around a
+        text (a BOS from /tokenize), which the instruction places itself."""
+        lead, trail = self._specials
+        if lead and ids[: len(lead)] == lead:
+            ids = ids[len(lead) :]
+        if trail and ids[-len(trail) :] == trail:
+            ids = ids[: -len(trail)]
+        return ids
 
     async def _run(
         self, gens: list[GenerationRequest], own: list[int], ticket: Ticket, window: int
