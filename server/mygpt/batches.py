@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from mygpt.api import completions
 from mygpt.api.errors import APIError, invalid_value
-from mygpt.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from mygpt.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, one_or_many
 from mygpt.finetune.data import DataError, json_lines
 from mygpt.finetune.store import OPEN_BATCHES, Store, off_loop
 from mygpt.tenancy.auth import Principal
@@ -88,8 +88,7 @@ def rows_of(request: dict) -> int:
         n = 1
     if request.get("url") == "/v1/embeddings":
         return 1
-    prompt = body.get("prompt") if request.get("url") == "/v1/completions" else None
-    prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
+    prompts = len(one_or_many(body.get("prompt"))) if request.get("url") == "/v1/completions" else 1
     return n * prompts
 
 

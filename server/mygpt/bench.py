@@ -230,44 +230,35 @@ def median_of(runs: list[BenchResult]) -> BenchResult:
 
 
 def main(args) -> None:
+    """Each concurrency level --repeat times, the median run reported: chat streams, or with
+    --embeddings N, embeddings requests of N texts."""
     models = args.models.split(",")
     if args.embeddings:
-        return _main_embeddings(args, models[0])
+        run, rate, table = (
+            lambda conc: run_embed_bench(
+                args.base_url, models[0], conc, args.requests or max(conc * 2, 4), args.embeddings,
+                args.prompt_words, args.label,
+            ),
+            lambda r: r.inputs_per_s,
+            format_embed_table,
+        )  # fmt: skip
+    else:
+        extra_body = json.loads(args.extra_body) if args.extra_body else None
+        run, rate, table = (
+            lambda conc: run_bench(
+                args.base_url, models, conc, args.requests or max(conc * 2, 4), args.max_tokens,
+                args.prompt_words, args.label, extra_body=extra_body,
+            ),
+            lambda r: r.tokens_per_s,
+            format_table,
+        )  # fmt: skip
     results = []
     for conc in [int(c) for c in args.concurrency.split(",")]:
-        runs = [
-            asyncio.run(
-                run_bench(
-                    args.base_url, models, conc, args.requests or max(conc * 2, 4), args.max_tokens,
-                    args.prompt_words, args.label, extra_body=json.loads(args.extra_body) if args.extra_body else None,
-                )
-            )
-            for _ in range(args.repeat)
-        ]  # fmt: skip
-        results.append(median_of(runs))
-        print(format_table(results[-1:]))
+        runs = sorted((asyncio.run(run(conc)) for _ in range(args.repeat)), key=rate)
+        results.append(runs[len(runs) // 2])  # (machines are noisy: the median run)
+        print(table(results[-1:]))
     print()
-    print(format_table(results))
-    if args.out:
-        save(results, Path(args.out), {"base_url": args.base_url, "date": time.strftime("%Y-%m-%d %H:%M")})
-
-
-def _main_embeddings(args, model: str) -> None:
-    results = []
-    for conc in [int(c) for c in args.concurrency.split(",")]:
-        runs = [
-            asyncio.run(
-                run_embed_bench(
-                    args.base_url, model, conc, args.requests or max(conc * 2, 4), args.embeddings,
-                    args.prompt_words, args.label,
-                )
-            )
-            for _ in range(args.repeat)
-        ]  # fmt: skip
-        results.append(sorted(runs, key=lambda r: r.inputs_per_s)[len(runs) // 2])
-        print(format_embed_table(results[-1:]))
-    print()
-    print(format_embed_table(results))
+    print(table(results))
     if args.out:
         save(results, Path(args.out), {"base_url": args.base_url, "date": time.strftime("%Y-%m-%d %H:%M")})
 

@@ -41,7 +41,6 @@ from mygpt.engine.types import (
     FinishReason,
     GenerationRequest,
     SamplingParams,
-    Timings,
     TokenEvent,
     TokenLogprob,
 )
@@ -395,7 +394,7 @@ class ChatService:
         def done(finals: list[TokenEvent]) -> None:
             ticket.finish(
                 _outcome(finals), len(gen.prompt_ids), sum(e.completion_tokens for e in finals),
-                _times(ticket.arrival, [e.timings for e in finals if e.timings is not None]),
+                request_times(ticket.arrival, finals),
                 sum(e.cached_tokens for e in finals),  # choice 0's event carries them
             )  # fmt: skip
 
@@ -737,8 +736,10 @@ def _usage(gen: GenerationRequest, completion_tokens: int, cached_tokens: int = 
     )  # fmt: skip
 
 
-def _times(arrival: float, timings: list[Timings]) -> RequestTimes:
-    """A request's metrics from its choices' engine timings; TTFT and end-to-end from its arrival."""
+def request_times(arrival: float, finals: list[TokenEvent]) -> RequestTimes:
+    """A request's metrics from its final events' engine timings (its choices', or an embeddings
+    request's inputs'; the naive engine's carry none); TTFT and end-to-end from its arrival."""
+    timings = [e.timings for e in finals if e.timings is not None]
     firsts = [t.first_token for t in timings if t.first_token is not None]
     admitted = [t.admitted for t in timings if t.admitted is not None]
     finished = [t.finished for t in timings if t.finished is not None]

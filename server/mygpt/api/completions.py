@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 from mygpt.api.chat import ChatService, Closing, collect, opened, stream_payloads
 from mygpt.api.errors import invalid
-from mygpt.api.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
+from mygpt.api.protocol import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Usage,
+    one_or_many,
+)
 from mygpt.engine.types import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
 from mygpt.tenancy.auth import Principal
 from mygpt.tenancy.tenants import Ticket
@@ -56,7 +63,7 @@ async def prepare(chat: ChatService, principal: Principal, req: CompletionReques
     adapter = await chat.resolve_model(principal, req.model)
     chat.refuse_unsupported_common(req)
     _refuse_unsupported(req)
-    prompts = _prompts(req)
+    prompts = one_or_many(req.prompt)
     if len(prompts) > chat.limits.max_prompts:
         raise invalid(
             f"prompt holds {len(prompts)} prompts; at most {chat.limits.max_prompts}.", param="prompt"
@@ -104,12 +111,6 @@ async def prepare(chat: ChatService, principal: Principal, req: CompletionReques
             ticket.withdraw()
         raise
     return Prompts(prompts, [g for g, _ in admitted], [t for _, t in admitted])
-
-
-def _prompts(req: CompletionRequest) -> list[str | list[int]]:
-    """The prompts: one text, one list of token ids, or a list of either."""
-    p = req.prompt
-    return list(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
 
 
 def _refuse_unsupported(req: CompletionRequest) -> None:

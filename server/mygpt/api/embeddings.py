@@ -30,9 +30,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from mygpt.api.chat import ChatService, failure
+from mygpt.api.chat import ChatService, failure, request_times
 from mygpt.api.errors import APIError, invalid
-from mygpt.api.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from mygpt.api.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage, one_or_many
 from mygpt.engine.types import (
     EngineNotRunning,
     EngineOverloaded,
@@ -42,7 +42,7 @@ from mygpt.engine.types import (
     TokenEvent,
 )
 from mygpt.tenancy.auth import Principal
-from mygpt.tenancy.tenants import RequestTimes, Ticket
+from mygpt.tenancy.tenants import Ticket
 
 MAX_INPUTS = 2048  # OpenAI's bounds of one request
 MAX_TOKENS = 300_000
@@ -268,7 +268,7 @@ class _Usage:
         if outcome == "rejected":
             self.ticket.finish("rejected")
         else:  # (finish runs once: the second caller to get here is a no-op)
-            self.ticket.finish(outcome, self.tokens, 0, _times(self.ticket.arrival, ended))
+            self.ticket.finish(outcome, self.tokens, 0, request_times(self.ticket.arrival, ended))
 
 
 async def _final(events: AsyncIterator[TokenEvent]) -> TokenEvent:
@@ -283,8 +283,7 @@ async def _final(events: AsyncIterator[TokenEvent]) -> TokenEvent:
 
 def _inputs(req: EmbeddingRequest) -> list[str | list[int]]:
     """The inputs: one text, one list of token ids, or a list of either (OpenAI's four forms)."""
-    x = req.input
-    inputs = list(x) if isinstance(x, list) and x and isinstance(x[0], (str, list)) else [x]
+    inputs = one_or_many(req.input)
     if not inputs or inputs == [[]]:
         raise invalid("input is empty.", param="input")
     if len(inputs) > MAX_INPUTS:
@@ -296,13 +295,3 @@ def _encoded(vector: list[float], encoding: str) -> list[float] | str:
     if encoding != "base64":
         return vector
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-
-
-def _times(arrival: float, finals: list[TokenEvent]) -> RequestTimes:
-    timings = [ev.timings for ev in finals if ev.timings is not None]  # (the naive engine's have none)
-    admitted = [t.admitted for t in timings if t.admitted is not None]
-    return RequestTimes(
-        engine_s=sum(t.engine_s for t in timings),
-        queue_s=min(admitted) - min(t.submitted for t in timings) if admitted else None,
-        e2e_s=time.monotonic() - arrival,
-    )

@@ -143,6 +143,12 @@ class CompletionRequest(VLLMSampling):
     _bias_range = field_validator("logit_bias")(ChatCompletionRequest._bias_range.__func__)
 
 
+def one_or_many(x: Any) -> list:
+    """OpenAI's prompt and input unions as a list: one text or one list of token ids is one item; a
+    list of texts or of token-id lists is many."""
+    return list(x) if isinstance(x, list) and x and isinstance(x[0], (str, list)) else [x]
+
+
 class EmbeddingRequest(_Lenient):
     """POST /v1/embeddings: one input or a list of them, each text or token ids."""
 

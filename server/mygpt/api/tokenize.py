@@ -20,7 +20,7 @@ from mygpt.tenancy.auth import Principal
 
 
 async def tokenize(chat: ChatService, principal: Principal, req: TokenizeRequest) -> TokenizeResponse:
-    await _check_model(chat, principal, req.model)
+    _check_model(chat, principal, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise invalid("Give either prompt or messages.", param="prompt" if req.prompt is None else "messages")
     if req.messages is not None:
@@ -50,7 +50,7 @@ async def tokenize(chat: ChatService, principal: Principal, req: TokenizeRequest
 
 
 async def detokenize(chat: ChatService, principal: Principal, req: DetokenizeRequest) -> DetokenizeResponse:
-    await _check_model(chat, principal, req.model)
+    _check_model(chat, principal, req.model)
     bad = next((t for t in req.tokens if not 0 <= t < chat.vocab_size), None)
     if bad is not None:
         raise invalid(f"token id {bad} is out of the vocabulary.", param="tokens")
@@ -58,7 +58,8 @@ async def detokenize(chat: ChatService, principal: Principal, req: DetokenizeReq
     return DetokenizeResponse(prompt=text)
 
 
-async def _check_model(chat: ChatService, principal: Principal, model: str) -> None:
-    """404 for a model the caller may not use (as a request for it would be)."""
-    if model != chat.model_name and model not in await asyncio.to_thread(chat.model_ids, principal):
+def _check_model(chat: ChatService, principal: Principal, model: str) -> None:
+    """404 for a model the caller may not use (the tokenizer is the base model's: an adapter's files
+    are not read)."""
+    if model != chat.model_name and chat.adapter_of(principal, model) is None:
         raise model_not_found(model)
