@@ -157,3 +157,38 @@ def test_parts_side_by_side_take_one_expand(monkeypatch, into, rows):
     lora.add_lora(x, at_all, views, apart, slots)
     torch.testing.assert_close(torch.cat(apart, dim=-1), want, rtol=1e-5, atol=1e-5)
     assert launches == ["_shrink_kernel"] + ["_expand_kernel"] * 3
+
+
+def test_one_row_outputs_end_to_end_in_memory_but_apart_take_one_expand_each(monkeypatch):
+    """One decode row's outputs, separate tensors that lie end to end in memory (the CUDA caching
+    allocator places them so: the H100 run of session 15 failed here, a view across them reaching out
+    of the first one's storage): not joined, one expand a part, the grouped products' terms."""
+    from mygpt import kernels
+    from mygpt.kernels import lora
+    from mygpt.lora.layers import LoRABatch, lora_delta, set_rows
+
+    outs, rank = [192, 64, 64], 8
+    at_all, bts = stacked(3, 256, rank, outs, seed=7)
+    views = list(torch.cat(bts, dim=2).split(outs, dim=2))
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(8))
+    y = torch.randn(1, sum(outs), generator=torch.Generator().manual_seed(9))
+    batch = LoRABatch()
+    set_rows(batch, [1], rank, torch.float32, torch.device("cpu"))
+    want = y + torch.cat(lora_delta(batch, x, at_all, bts), dim=-1)
+    memory = bytearray(y.numel() * y.element_size())
+    offsets = [0, outs[0], outs[0] + outs[1]]
+    apart = [  # each its own storage, at consecutive addresses of one buffer
+        torch.frombuffer(memory, dtype=torch.float32, count=w, offset=o * 4).view(1, w)
+        for o, w in zip(offsets, outs, strict=True)
+    ]
+    for part, block in zip(apart, y.split(outs, dim=-1), strict=True):
+        part.copy_(block)
+    assert len({p.untyped_storage().data_ptr() for p in apart}) == 3
+    assert [p.data_ptr() - apart[0].data_ptr() for p in apart] == [o * 4 for o in offsets]
+    assert lora._side_by_side(apart) is None
+    launches = []
+    jitted = kernels.jitted
+    monkeypatch.setattr(lora, "jitted", lambda fn: launches.append(fn.__name__) or jitted(fn))
+    lora.add_lora(x, at_all, views, apart, torch.tensor([1], dtype=torch.int32))
+    torch.testing.assert_close(torch.cat(apart, dim=-1), want, rtol=1e-5, atol=1e-5)
+    assert launches == ["_shrink_kernel"] + ["_expand_kernel"] * 3

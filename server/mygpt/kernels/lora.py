@@ -170,8 +170,11 @@ def add_lora(
 
 def _side_by_side(ts: list[torch.Tensor]) -> torch.Tensor | None:
     """ts (each [..., w_i], unit column stride) as one tensor [..., sum w_i] where they are consecutive
-    column blocks of one (FusedLinear's stacks and outputs); None otherwise."""
+    column blocks of one (FusedLinear's stacks and outputs); None otherwise. Adjacent addresses are not
+    enough: the CUDA caching allocator puts separate one-row tensors end to end, and a view across
+    them would reach out of the first one's storage."""
     first, width = ts[0], sum(t.shape[-1] for t in ts)
+    storage = first.untyped_storage().data_ptr()
 
     def strides(t: torch.Tensor) -> list[int]:  # the leading dimensions'; a size-1 one's means nothing
         return [st for st, size in zip(t.stride()[:-1], t.shape[:-1], strict=True) if size != 1]
@@ -180,6 +183,8 @@ def _side_by_side(ts: list[torch.Tensor]) -> torch.Tensor | None:
     for t in ts:
         same = (t.dtype, t.device, t.shape[:-1]) == (first.dtype, first.device, first.shape[:-1])
         if not same or strides(t) != strides(first) or t.stride(-1) != 1 or t.data_ptr() != at:
+            return None
+        if t.untyped_storage().data_ptr() != storage:
             return None
         at += t.shape[-1] * t.element_size()
     if first.dim() >= 2 and first.shape[-2] > 1 and width > first.stride(-2):
