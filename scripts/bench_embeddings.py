@@ -14,9 +14,8 @@ Methods (every one gives each input's mean-pooled, L2-normalized last_hidden_sta
 Also:
 - the engine's vectors against hf-one's (cosine; they differ by float rounding only);
 - chat next to embeddings: --streams greedy chat streams of --tokens tokens, alone and while the engine
-  embeds the inputs, as it does (at most embed_chunk embedding tokens a step while streams decode) and
-  uncapped (embeddings budgeted as generation prompts, as before the cap); the streams' inter-token
-  latency (p50, p99) and the embedding wall time;
+  embeds the inputs in each BESIDE mode (a token cap per step, and a share of the time, while streams
+  decode); the streams' inter-token latency (p50, p99, mean) and the embedding wall time;
 - retrieval on a small hand-written set (RETRIEVAL, 36 pairs): how many queries find their document
   first with each pooling ("prompt", the server's default, "mean", "last").
 """
@@ -207,6 +206,24 @@ def in_thread(f, *args):
     return box["r"]
 
 
+# chat beside a bulk embedding job, the ways the engine can run it: mode -> (embedding tokens a step
+# while streams decode: "cap" (embed_chunk, the default) or "budget" (the whole step's), embed_share)
+BESIDE = {
+    "every step, capped": ("cap", 1.0),  # session 14's default: a capped chunk in every step
+    "every step, uncapped": ("budget", 1.0),  # budgeted as generation prompts, as before the cap
+    "share 0.5, capped": ("cap", 0.5),  # the default: at most half the time in such steps
+    "share 0.5, uncapped": ("budget", 0.5),
+}
+
+
+def beside(engine: Engine, mode: str, cap: int) -> bool:
+    """Sets the engine up for a BESIDE mode ("alone": the default's); whether embeddings run beside."""
+    tokens, share = BESIDE.get(mode, ("cap", Settings.model_fields["embedding_time_share"].default))
+    engine.embed_chunk = cap if tokens == "cap" else engine.max_num_batched_tokens
+    engine.embed_share = share
+    return mode in BESIDE
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -267,16 +284,17 @@ def main() -> None:
                                 add_generation_prompt=True, tokenize=True, return_dict=False)
         for i in range(args.streams)
     ]  # fmt: skip
-    # beside: as the engine runs them (embed_chunk: a quarter of the step budget while streams decode);
-    # uncapped: embeddings chunked and budgeted as generation prompts (what it did before the cap)
-    capped, modes = engine.embed_chunk, ("alone", "beside", "uncapped")
+    capped, modes = engine.embed_chunk, ("alone", *BESIDE)
     gaps: dict[str, list[list[float]]] = {m: [] for m in modes}
     walls: dict[str, list[float]] = {m: [] for m in modes[1:]}
     for r in range(args.rounds):
         for mode in modes if r % 2 == 0 else modes[::-1]:
-            engine.embed_chunk = engine.max_num_batched_tokens if mode == "uncapped" else capped
             g, wall = chat_gaps(
-                engine, chat_prompts, args.tokens, f"c{r}{mode}", None if mode == "alone" else inputs
+                engine,
+                chat_prompts,
+                args.tokens,
+                f"c{r}{mode}",
+                inputs if beside(engine, mode, capped) else None,
             )
             gaps[mode].append(g)
             if mode != "alone":
@@ -284,7 +302,7 @@ def main() -> None:
         print(f"chat round {r}: ITL p50 / p99 " + ", ".join(
             f"{m} {pct(gaps[m][-1], .5) * 1e3:.1f} / {pct(gaps[m][-1], .99) * 1e3:.1f} ms" for m in modes
         ) + ", embedding wall " + ", ".join(f"{m} {walls[m][-1]:.1f} s" for m in modes[1:]), flush=True)  # fmt: skip
-    engine.embed_chunk = capped
+    beside(engine, "alone", capped)
 
     texts = [q for q, _ in RETRIEVAL], [d for _, d in RETRIEVAL]
     before, after = tok(PROMPT[0])["input_ids"], tok(PROMPT[1], add_special_tokens=False)["input_ids"]
@@ -315,9 +333,11 @@ def main() -> None:
         "min_cosine_to_hf_one": cos,
         "embed_chunk": capped,
         "chat_itl_ms": {
-            f"{m}_p{q}": statistics.median(pct(g, q / 100) for g in gaps[m]) * 1e3
+            m: {
+                **{f"p{q}": statistics.median(pct(g, q / 100) for g in gaps[m]) * 1e3 for q in (50, 99)},
+                "mean": statistics.median(statistics.fmean(g) for g in gaps[m]) * 1e3,
+            }
             for m in modes
-            for q in (50, 99)
         },
         "embedding_wall_beside_chat_s": {m: statistics.median(walls[m]) for m in modes[1:]},
         "retrieval_top1": top1,

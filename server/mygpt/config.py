@@ -67,6 +67,14 @@ class Settings(BaseSettings):
         "chunk size too): lower keeps streams' inter-token latency, higher embeds faster beside them; "
         "default: a quarter of max_num_batched_tokens",
     )
+    embedding_time_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="while streams decode, the share of the engine's time that steps carrying embedding "
+        "inputs may take: 0.5 at most doubles the streams' mean inter-token time beside a bulk embedding "
+        "job; 1 lets every step carry some",
+    )
     num_threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
     cuda_graphs: bool = Field(
         True,

@@ -127,7 +127,7 @@ class ServerState:
                         runner, loaded.tokenizer, loaded.eos_token_ids,
                         max_num_batched_tokens=s.max_num_batched_tokens, max_waiting=s.max_waiting, adapters=cache,
                         metrics=self.metrics, overlap=s.overlap_steps, prefix_caching=s.prefix_caching,
-                        embed_chunk=s.embedding_step_tokens,
+                        embed_chunk=s.embedding_step_tokens, embed_share=s.embedding_time_share,
                     )  # fmt: skip
                     registry.on_retire = engine.retire_adapter
                     if cache is not None:  # adapters packed for the slots when read, not when first used

@@ -220,6 +220,51 @@ def test_while_streams_decode_a_step_takes_few_embedding_tokens_and_chat_prompts
         engine.stop()
 
 
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_while_streams_decode_embedding_steps_take_at_most_their_share_of_the_time(model, tokenizer, share):
+    """On a GPU a step that carries an embedding chunk runs eagerly, several decode steps' time whatever
+    its tokens (here: 40 ms, against 5 for a decode step). While rows decode, such steps take at most embed_share of the
+    engine's time (one step's time over, at most), and decode-only steps come between them; at 1,
+    every step carries some while any wait."""
+    runner = ModelRunner(model, num_slots=8, max_len=256, dtype=torch.float32, exact_attention=True)
+    engine = Engine(runner, tokenizer, [], max_num_batched_tokens=64, embed_share=share)  # embed_chunk: 16
+    real, charged = runner.step, []
+
+    def eager_embeddings(decode, chunks, invariant=False):
+        time.sleep(0.04 if any(c.pool is not None for c in chunks) else 0.005)
+        return real(decode, chunks, invariant)
+
+    def charge(seconds, decoding, embedded, _real=engine._charge):
+        if decoding:
+            charged.append((seconds, embedded))
+        _real(seconds, decoding, embedded)
+
+    runner.step, engine._charge = eager_embeddings, charge
+    engine.start()
+    try:
+        c = Collector()
+        c.submit(engine, "stream", PROMPTS[0], temperature=0.0, max_tokens=200, ignore_eos=True)
+        while not c.events.get("stream"):
+            time.sleep(0.005)
+        charged.clear()
+        for i in range(2):
+            embed(engine, c, f"e{i}", LONG)  # 10 chunks of 16 or fewer tokens
+        c.wait()
+    finally:
+        engine.stop()
+    flags = [e for _, e in charged]
+    first, last = flags.index(True), len(flags) - 1 - flags[::-1].index(True)
+    during = charged[first : last + 1]  # from the first step with an embedding chunk to the last
+    assert sum(flags) == 10
+    spent, total = sum(s for s, e in during if e), sum(s for s, _ in during)
+    if share == 1.0:
+        assert all(e for _, e in during)  # every step carried one: the streams waited on each
+    else:
+        assert spent <= share * total + max(s for s, _ in during)
+        assert sum(not e for _, e in during) >= 4 * 9  # decode-only steps between them (~7 each)
+    assert len(c.events["stream"][-1].timings.token_gaps) == 199  # the stream ran throughout
+
+
 def test_with_the_static_decoder_an_embedding_chunk_runs_eagerly_and_matches_hf():
     """The static decoder (CUDA graphs' CPU form) gives logits only: a step with decode rows and an
     embedding chunk must not take it, even where its prompt rows would fit (graph_prompt_tokens)."""
