@@ -10,7 +10,9 @@ Methods (every one gives each input's mean-pooled, L2-normalized last_hidden_sta
 - hf-padded: batches of --batch inputs sorted by length, right-padded, masked mean (what
   sentence-transformers' encode() does: it sorts by length to waste less on padding);
 - engine: every input an engine request, as the server submits them, batched by the engine's chunked
-  prefill (--max-num-batched-tokens per step, --max-num-seqs rows).
+  prefill (--max-num-batched-tokens per step, --max-num-seqs rows);
+- engine-packed: the same with each step's chunks attending in one padded call a layer (runner._Packed,
+  the default on a GPU; on the CPU they attend one by one).
 Also:
 - the engine's vectors against hf-one's (cosine; they differ by float rounding only);
 - chat next to embeddings: --streams greedy chat streams of --tokens tokens, alone and while the engine
@@ -224,6 +226,16 @@ def beside(engine: Engine, mode: str, cap: int) -> bool:
     return mode in BESIDE
 
 
+def packed(engine: Engine, run):
+    """run() with each step's prompt chunks attending in one padded call a layer (runner._Packed: the
+    default on a GPU, off on the CPU)."""
+    saved, engine.runner.pack_chunks = engine.runner.pack_chunks, True
+    try:
+        return run()
+    finally:
+        engine.runner.pack_chunks = saved
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -264,6 +276,9 @@ def main() -> None:
         "hf-one": lambda: in_thread(hf_one, model, inputs),
         "hf-padded": lambda: in_thread(hf_padded, model, inputs, args.batch, pad),
         "engine": lambda: engine_embed(engine, inputs, f"e{time.monotonic_ns()}"),
+        "engine-packed": lambda: packed(
+            engine, lambda: engine_embed(engine, inputs, f"p{time.monotonic_ns()}")
+        ),
     }
     times: dict[str, list[float]] = {m: [] for m in runs}
     vectors: dict[str, list[torch.Tensor]] = {}
@@ -276,7 +291,7 @@ def main() -> None:
         print(f"round {r}: " + ", ".join(f"{m} {times[m][-1]:.2f} s" for m in runs), flush=True)
     cos = {
         m: min(float(a @ b) for a, b in zip(vectors[m], vectors["hf-one"], strict=True))
-        for m in ("engine", "hf-padded")
+        for m in ("engine", "engine-packed", "hf-padded")
     }
 
     chat_prompts = [
@@ -329,7 +344,7 @@ def main() -> None:
         "tokens": tokens,
         "seconds": med,
         "inputs_per_s": {m: args.inputs / med[m] for m in runs},
-        "engine_speedup": {m: med[m] / med["engine"] for m in ("hf-one", "hf-padded")},
+        "engine_speedup": {m: med[m] / med["engine"] for m in ("hf-one", "hf-padded", "engine-packed")},
         "min_cosine_to_hf_one": cos,
         "embed_chunk": capped,
         "chat_itl_ms": {

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import faulthandler
 import importlib.metadata
 import json
 import statistics
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -252,18 +254,30 @@ def embed_bench(runner, rows: list, report: dict, out_dir: Path, inputs: int = 2
     out: dict = {"inputs": inputs, "tokens": tokens}
     report["embeddings"] = out
 
-    def throughput(budget: int) -> list[torch.Tensor]:
+    def throughput(budget: int, pack: bool = True) -> list[torch.Tensor]:
+        """The engine's time for the inputs at this step budget (pack False: each step's chunks attend
+        one by one, as before runner._Packed)."""
         engine = Engine(runner, _Tok(), [], max_num_batched_tokens=budget, max_waiting=100_000)
+        key, packs = f"engine_{budget}" + ("" if pack else "_one_by_one"), runner.pack_chunks
+        runner.pack_chunks = packs and pack
         engine.start()
         try:
             be.engine_embed(engine, ids[:32], "warm")
             sync()
+            before = dataclasses.replace(engine.stats)
             t0 = time.perf_counter()
             vectors = be.engine_embed(engine, ids, f"e{budget}")
-            out[f"engine_{budget}_s"] = time.perf_counter() - t0
+            out[f"{key}_s"] = time.perf_counter() - t0
+            st = engine.stats  # where the engine's time went: its forward calls, the rest of its steps
+            out[f"{key}_steps"] = {
+                "steps": st.steps - before.steps,
+                "forward_s": st.forward_s - before.forward_s,
+                "step_s": st.step_s - before.step_s,
+            }
             return vectors
         finally:
             engine.stop()
+            runner.pack_chunks = packs
 
     got = throughput(512)
     be.hf_padded(model, ids[:32], 32, 0)
@@ -273,13 +287,17 @@ def embed_bench(runner, rows: list, report: dict, out_dir: Path, inputs: int = 2
     sync()
     out["hf-padded_s"] = time.perf_counter() - t0
     out["min_cosine"] = min(float(a @ b.cpu()) for a, b in zip(got, want, strict=True))
+    throughput(512, pack=False)
     throughput(2048)
-    rate = {k: inputs / out[f"{k}_s"] for k in ("engine_512", "engine_2048", "hf-padded")}
+    rate = {
+        k: inputs / out[f"{k}_s"] for k in ("engine_512", "engine_512_one_by_one", "engine_2048", "hf-padded")
+    }
     rows.append((
-        f"embeddings, {inputs} inputs ({tokens} tokens), inputs/s: engine at 512 / 2048 tokens a step; "
-        "transformers padded",
-        f"{rate['engine_512']:.0f} / {rate['engine_2048']:.0f}; {rate['hf-padded']:.0f} "
-        f"(min cosine {out['min_cosine']:.5f})",
+        f"embeddings, {inputs} inputs ({tokens} tokens), inputs/s: engine at 512 (chunks one by one) / 2048 "
+        "tokens a step; transformers padded",
+        f"{rate['engine_512']:.0f} ({rate['engine_512_one_by_one']:.0f}) / {rate['engine_2048']:.0f}; "
+        f"{rate['hf-padded']:.0f} (min cosine {out['min_cosine']:.5f}; packed attention "
+        f"{'on' if runner.pack_chunks else 'off: failed its check'})",
     ))  # fmt: skip
 
     # one eager step of embedding chunks (no engine running: slots 0.. are free), 512 and 2048 tokens
@@ -290,16 +308,28 @@ def embed_bench(runner, rows: list, report: dict, out_dir: Path, inputs: int = 2
                 break
             chunks.append(PrefillChunk(i, p, 0, pool="sum"))
             n += len(p)
+
+        def timed(times: list, chunks: list = chunks) -> None:
+            for _ in range(5):
+                sync()
+                t0 = time.perf_counter()
+                runner.step([], chunks)
+                sync()
+                times.append(time.perf_counter() - t0)
+
         runner.step([], chunks)
-        times = []
-        for _ in range(5):
-            sync()
-            t0 = time.perf_counter()
-            runner.step([], chunks)
-            sync()
-            times.append(time.perf_counter() - t0)
-        wall = statistics.median(times) * 1e3
-        line = f"{wall:.1f} ms wall"
+        here, there, alone = [], [], []
+        timed(here)
+        worker = threading.Thread(target=timed, args=(there,))  # as the engine's thread runs it
+        worker.start()
+        worker.join()
+        packs, runner.pack_chunks = runner.pack_chunks, False
+        runner.step([], chunks)
+        timed(alone)
+        runner.pack_chunks = packs
+        wall, in_thread = statistics.median(here) * 1e3, statistics.median(there) * 1e3
+        one_by_one = statistics.median(alone) * 1e3
+        line = f"{wall:.1f} ms wall ({in_thread:.1f} in another thread; chunks one by one {one_by_one:.1f})"
         if torch.cuda.is_available():
             from torch.profiler import ProfilerActivity, profile
 
@@ -317,6 +347,7 @@ def embed_bench(runner, rows: list, report: dict, out_dir: Path, inputs: int = 2
             out[f"eager_step_{budget}"] = {"wall_ms": wall, "device_ms": device_ms, "device_ops": kernels}
         else:
             out[f"eager_step_{budget}"] = {"wall_ms": wall}
+        out[f"eager_step_{budget}"].update(thread_wall_ms=in_thread, one_by_one_wall_ms=one_by_one)
         rows.append((f"one eager step: {n} tokens in {len(chunks)} embedding chunks", line))
 
     engine = Engine(runner, _Tok(), [], max_num_batched_tokens=512, max_waiting=100_000)

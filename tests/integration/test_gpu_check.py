@@ -38,13 +38,26 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
         "embeddings",
     }
     emb = report["embeddings"]  # (figures: the GPU's; here the code path)
-    assert emb["min_cosine"] > 0.999 and emb["engine_s"] > 0 and len(emb["itl_uncapped_ms"]) == 2
+    assert emb["min_cosine"] > 0.999 and emb["engine_512_s"] > 0 and emb["engine_512_one_by_one_s"] > 0
+    assert emb["engine_512_steps"]["steps"] > 0 and emb["engine_512_steps"]["forward_s"] > 0
+    for budget in (512, 2048):  # one eager step: here, in another thread, chunks one by one
+        assert set(emb[f"eager_step_{budget}"]) == {"wall_ms", "thread_wall_ms", "one_by_one_wall_ms"}
+    for mode in (
+        "alone",
+        "every step, capped",
+        "every step, uncapped",
+        "share 0.5, capped",
+        "share 0.5, uncapped",
+    ):
+        assert len(emb[f"itl_{mode}_ms"]) == 3  # p50, p99, mean
+        assert mode == "alone" or emb[f"embed_wall_{mode}_s"] > 0
     assert report["naive_1_stream_tok_s"] > 0 and report["naive_32x8_tok_s"] > 0
     for variant in ("rows", "overlap", "compile", "compile-rows"):  # the same greedy tokens, every stream
         assert report[f"{variant}_same_tokens"] == {
             "1 stream + adapter": "1/1",
             "32 streams / 32 adapters": "32/32",
         }
+        assert report[f"{variant}_common_prefix"] == {"1 stream + adapter": 16, "32 streams / 32 adapters": 16}
     assert report["compile_warmup_s"] > 0
     assert set(report["mixed_step_ms static-rows"]) == {"eager", "graphed rows"}
     assert set(report["mixed_step_ms static-compile-rows"]) == {"compiled pieces", "eager", "graphed rows"}

@@ -102,3 +102,78 @@ def test_rms_norm_shortcut_is_bit_exact(dtype):
     for scale in (1e-3, 1.0, 50.0):
         x = (torch.randn(7, 96) * scale).to(dtype)
         assert torch.equal(_norm(norm, x), norm(x))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_a_steps_chunks_attend_in_one_padded_call_as_they_do_one_by_one(model_type, monkeypatch):
+    """A step's prompt chunks attend in one padded call a layer (_Packed): chunks of other lengths,
+    after a cached prefix or from 0, beside decode rows, with every position's logits or pooled, give
+    what the chunks one by one give (an invariant step's), and the same cache. A chunk past PACK_SPAN,
+    or past what PACK_KEYS leaves, attends alone beside the packed ones."""
+    from mygpt.engine import runner as runner_mod
+    from mygpt.engine.runner import DecodeRow, PrefillChunk, _AttentionPlan
+
+    model = tiny(model_type)
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(1, 97, (n,), generator=gen).tolist()
+
+    prefix, a, b, c, d, decoding = ids(9), ids(12), ids(3), ids(7), ids(1), ids(5)
+    chunks = [  # they end at 21, 3, 7 and 1
+        PrefillChunk(1, a, len(prefix)),
+        PrefillChunk(2, b, 0, all_logits=True),
+        PrefillChunk(3, c, 0, pool="sum"),
+        PrefillChunk(4, d, 0),
+    ]
+    row = DecodeRow(0, 5, len(decoding))
+
+    def run(invariant: bool, members: set[int] | None):
+        r = ModelRunner(model, num_slots=6, max_len=64, dtype=torch.float32)
+        r.pack_chunks = True  # (off by default on the CPU)
+        r.prefill(1, prefix, 0)  # a cached prefix: chunk a continues it
+        r.prefill(0, decoding, 0)
+        plan = _AttentionPlan.build([row], chunks, r.device, pack=not invariant)
+        assert (None if plan.packed is None else set(plan.packed.members)) == members
+        dec, outs = r.step([row], chunks, invariant=invariant)
+        return [dec, *outs, *r.k_cache, *r.v_cache]
+
+    want = run(True, None)
+    for span, keys, members in [
+        (1024, 16384, {0, 1, 2, 3}),
+        (20, 16384, {1, 2, 3}),  # a ends past the span
+        (1024, 22, {1, 2, 3}),  # 3 x 7 keys fit, 4 x 21 do not
+        (1024, 14, {1, 3}),  # 2 x 3 fit, 3 x 7 do not
+        (1024, 5, None),  # only d's would fit: one chunk is not packed
+    ]:
+        monkeypatch.setattr(runner_mod, "PACK_SPAN", span)
+        monkeypatch.setattr(runner_mod, "PACK_KEYS", keys)
+        for x, y in zip(run(False, members), want, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fault", ["raises", "disagrees"])
+def test_packed_attention_that_fails_its_start_up_check_stays_off(fault, monkeypatch, caplog):
+    """The runner checks the packed attention at start-up (on a GPU; on the CPU it is off) at its dtype
+    and heads: where it fails or disagrees with the chunks one by one, steps attend one by one (a
+    warning), and still match HF. Unbroken, the check passes here."""
+    from mygpt.engine import runner as runner_mod
+    from mygpt.engine.runner import PrefillChunk
+
+    def broken(self, attn, kc, vc, q, gqa):
+        if fault == "raises":
+            raise RuntimeError("no kernel for this mask")
+        return torch.zeros(self.rows.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype)
+
+    model = tiny("llama")
+    runner = ModelRunner(model, num_slots=3, max_len=32, dtype=torch.float32)
+    assert runner._packing_agrees() and not caplog.text
+    monkeypatch.setattr(runner_mod._Packed, "attend", broken)
+    runner.pack_chunks = runner._packing_agrees()  # as at start-up on a GPU
+    assert not runner.pack_chunks
+    assert "attend one by one" in caplog.text
+    a, b = [3, 4, 5, 6], [7, 8]
+    _, (la, lb) = runner.step([], [PrefillChunk(0, a, 0), PrefillChunk(1, b, 0)])
+    with torch.no_grad():
+        torch.testing.assert_close(la[0], model(torch.tensor([a])).logits[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lb[0], model(torch.tensor([b])).logits[0, -1], atol=1e-4, rtol=1e-4)

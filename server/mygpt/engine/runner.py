@@ -17,6 +17,7 @@ import logging
 import math
 import mmap
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -40,6 +41,13 @@ GRAPH_PROMPT_SPAN = 1024
 # grouped products read each adapter once a step; a short step is bound by its launches, a long prompt
 # chunk by those reads
 LORA_KERNEL_TOKENS = 128
+# a step's prompt chunks attend in one padded call a layer (_Packed): those that end within PACK_SPAN,
+# shortest span first while the keys gathered for them (chunks x longest end) stay within PACK_KEYS
+# (x 4 KB of keys and values a layer on the 8B shape: 64 MB at most, transient); the others one by one.
+# On the H100 a chunk's attention took ~200 us of host time a layer (session 15's profile: an eager
+# step of 8 chunks, 110 ms of wall time for 30 ms on the device)
+PACK_SPAN = 1024
+PACK_KEYS = 16384
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,11 @@ class ModelRunner:
         # numerics do not depend on the other rows' lengths (padding changes the attention kernel's
         # blocking); costs one attention call per row and layer (B5/E1 on CPU)
         self.exact_attention = exact_attention
+        # a step's prompt chunks attend in one padded call a layer (_Packed) on a GPU, where a step is
+        # bound by its launches; checked here at this dtype and head layout against the chunks one by
+        # one (off, with a warning, where not). On the CPU the calls cost little against the padding:
+        # the default model's embeddings took 10.8 s packed, 10.4 one by one (session 15), so it is off
+        self.pack_chunks = self.device.type == "cuda" and self._packing_agrees()
         self.lora_batch, self.lora_layers = (None, {})
         if max_loras:
             self.lora_batch, self.lora_layers = wrap_model(
@@ -171,6 +184,37 @@ class ModelRunner:
             self.decoder = StaticDecoder(self, capture=capture)
         # compile_layers: the static decode steps run each decoder layer through torch.compile
         self.compile_layers(compile_layers)
+
+    def _packing_agrees(self) -> bool:
+        """Whether _Packed's attention runs here and gives the chunks' one-by-one outputs: two chunks
+        of random queries over random caches, one after a prefix, at this model's heads and dtype."""
+        s, gen = self.shape, torch.Generator().manual_seed(0)
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen).to(self.dtype).to(self.device)
+
+        chunks = [PrefillChunk(0, [1] * 5, 3), PrefillChunk(2, [1] * 2, 0)]
+        q = rand(7, s.num_heads, s.head_dim)
+        kv = (rand(3, s.num_kv_heads, 9, s.head_dim), rand(3, s.num_kv_heads, 9, s.head_dim), 0)
+        attn = SimpleNamespace(scaling=s.head_dim**-0.5)
+        try:
+            with torch.inference_mode():
+                want = self._attend(attn, kv, q, _AttentionPlan.build([], chunks, self.device)).float()
+                got = self._attend(
+                    attn, kv, q, _AttentionPlan.build([], chunks, self.device, pack=True)
+                ).float()
+            error = float((got - want).norm() / want.norm())
+        except Exception:
+            log.warning(
+                "a step's prompt chunks attend one by one: the packed attention failed", exc_info=True
+            )
+            return False
+        if not error <= (1e-5 if self.dtype == torch.float32 else 2e-2):
+            log.warning(
+                "a step's prompt chunks attend one by one: the packed attention is off by %.1e", error
+            )
+            return False
+        return True
 
     def _lora_groups(self) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
         """One layer's projection groups with adapter slots: (A^T stack, the parts' B^T stacks); every
@@ -268,7 +312,8 @@ class ModelRunner:
         layer_fn = self._layer_pieces if pieces else None
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, N]
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, N]
-        plan = _AttentionPlan.build(decode, chunks, self.device)
+        # (an invariant step's chunks attend one by one: the padding would tie one's numerics to another's)
+        plan = _AttentionPlan.build(decode, chunks, self.device, pack=self.pack_chunks and not invariant)
         if self.exact_attention:  # each decode row's keys and values, every layer: [L, 1, Hkv, len, hd]
             plan.row_kv = [
                 (self._k_all[:, r.slot : r.slot + 1, :, : r.position + 1],
@@ -494,7 +539,17 @@ class ModelRunner:
                 scale=attn.scaling, enable_gqa=gqa,
             )  # fmt: skip
             outs.append(out.reshape(bd, -1))
-        for c, o, mask in zip(plan.chunks, plan.chunk_offsets, plan.chunk_masks, strict=True):
+        packed, at = None, 0
+        if plan.packed is not None:  # its chunks' outputs, in the step's order
+            packed = plan.packed.attend(attn, kc, vc, q, gqa)
+            if plan.packed.every:
+                outs.append(packed)
+        one_by_one = zip(plan.chunks, plan.chunk_offsets, plan.chunk_masks, strict=True)
+        for c, o, mask in one_by_one if plan.packed is None or not plan.packed.every else ():
+            if mask is None:  # packed: its rows are the next of `packed`
+                outs.append(packed[at : at + len(c.token_ids)])
+                at += len(c.token_ids)
+                continue
             lo, hi, end = (
                 plan.num_decode + o,
                 plan.num_decode + o + len(c.token_ids),
@@ -542,13 +597,18 @@ class _AttentionPlan:
     decode_mask: torch.Tensor | None  # bool [Bd, 1, 1, end]
     chunks: list[PrefillChunk]
     chunk_offsets: list[int]  # each chunk's first token among the chunk tokens
-    chunk_masks: list[torch.Tensor]  # bool [1, 1, c, end]: causal with the chunk's offset
+    chunk_masks: list[
+        torch.Tensor | None
+    ]  # bool [1, 1, c, end]: causal with the chunk's offset (None: packed)
     slot_t: torch.Tensor  # [N] cache slot of every token
     pos_t: torch.Tensor  # [N] position of every token
     row_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # exact attention's views
+    packed: _Packed | None = None  # the chunks that attend in one call
 
     @staticmethod
-    def build(decode: list[DecodeRow], chunks: list[PrefillChunk], device) -> _AttentionPlan:
+    def build(
+        decode: list[DecodeRow], chunks: list[PrefillChunk], device, pack: bool = False
+    ) -> _AttentionPlan:
         slots = [r.slot for r in decode] + [c.slot for c in chunks for _ in c.token_ids]
         positions = [r.position for r in decode] + [
             p for c in chunks for p in range(c.start, c.start + len(c.token_ids))
@@ -568,6 +628,11 @@ class _AttentionPlan:
         for c in chunks:
             offsets.append(o)
             o += len(c.token_ids)
+        packed = _Packed.build(len(decode), chunks, offsets, device) if pack else None
+        for i, c in enumerate(chunks):
+            if packed is not None and i in packed.members:
+                masks.append(None)
+                continue
             cpos = torch.arange(c.start, c.start + len(c.token_ids), device=device)
             masks.append(
                 (torch.arange(c.start + len(c.token_ids), device=device)[None, :] <= cpos[:, None])[
@@ -576,9 +641,69 @@ class _AttentionPlan:
             )
         return _AttentionPlan(
             num_decode=len(decode), decode=decode, decode_rows=decode_rows, decode_mask=decode_mask,
-            chunks=chunks, chunk_offsets=offsets, chunk_masks=masks,
-            slot_t=torch.tensor(slots, device=device), pos_t=torch.tensor(positions, device=device),
+            chunks=chunks, chunk_offsets=offsets, chunk_masks=masks, slot_t=torch.tensor(slots, device=device),
+            pos_t=torch.tensor(positions, device=device), packed=packed,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A step's prompt chunks attending in one call a layer: each chunk one batch row, its queries and
+    its slot's keys padded to the longest (the queries gathered from the step's, the keys from the
+    cache), masked causally at each chunk's offset; the outputs gathered back in the step's order. One
+    attention call and a few gathers a layer, where the chunks one by one take ~6 ops each."""
+
+    members: frozenset[int]  # the chunks' indices in the step
+    every: bool  # every chunk of the step
+    queries: torch.Tensor  # [B * Lq] the step row of each padded query (a pad repeats its chunk's last)
+    slots: torch.Tensor  # [B] each chunk's cache slot
+    mask: torch.Tensor  # bool [B, 1, Lq, Lk]
+    rows: torch.Tensor  # [their tokens] each one's padded query, in the step's order
+    shape: tuple[int, int, int]  # B, Lq, Lk
+
+    @staticmethod
+    def build(num_decode: int, chunks: list[PrefillChunk], offsets: list[int], device) -> _Packed | None:
+        """The chunks that end within PACK_SPAN, shortest span first while chunks x longest end stays
+        within PACK_KEYS; None where fewer than 2 are left (they attend one by one)."""
+        ends = [c.start + len(c.token_ids) for c in chunks]
+        members: list[int] = []
+        for i in sorted(range(len(chunks)), key=ends.__getitem__):
+            if ends[i] > PACK_SPAN or (len(members) + 1) * ends[i] > PACK_KEYS:
+                break
+            members.append(i)
+        if len(members) < 2:
+            return None
+        members.sort()  # the step's order
+        lq, lk = max(len(chunks[i].token_ids) for i in members), max(ends[i] for i in members)
+        queries, rows, last_pos = [], [], []
+        for b, i in enumerate(members):
+            c, at, n = chunks[i], num_decode + offsets[i], len(chunks[i].token_ids)
+            queries += [at + min(j, n - 1) for j in range(lq)]
+            rows += range(b * lq, b * lq + n)
+            last_pos += [c.start + min(j, n - 1) for j in range(lq)]  # a pad row attends as the last
+        pos = torch.tensor(last_pos, device=device).view(len(members), lq, 1)
+        mask = (torch.arange(lk, device=device) <= pos)[:, None]  # [B, 1, Lq, Lk]
+        return _Packed(
+            members=frozenset(members),
+            every=len(members) == len(chunks),
+            queries=torch.tensor(queries, device=device),
+            slots=torch.tensor([chunks[i].slot for i in members], device=device),
+            mask=mask,
+            rows=torch.tensor(rows, device=device),
+            shape=(len(members), lq, lk),
+        )
+
+    def attend(self, attn, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """The chunks' attention outputs [their tokens, H * hd] from the step's queries q [N, H, hd]."""
+        b, lq, lk = self.shape
+        heads, hd = q.shape[1], q.shape[2]
+        qp = q.index_select(0, self.queries).view(b, lq, heads, hd).transpose(1, 2)  # [B, H, Lq, hd]
+        keys = kc[:, :, :lk].index_select(0, self.slots)  # [B, Hkv, Lk, hd]: only the span is copied
+        values = vc[:, :, :lk].index_select(0, self.slots)
+        out = F.scaled_dot_product_attention(
+            qp, keys.to(q.dtype), values.to(q.dtype), attn_mask=self.mask, scale=attn.scaling, enable_gqa=gqa
+        )  # [B, H, Lq, hd]
+        return out.transpose(1, 2).reshape(b * lq, heads * hd).index_select(0, self.rows)
 
 
 @dataclass(frozen=True)
