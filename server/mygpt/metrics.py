@@ -336,6 +336,7 @@ class Background:
     jobs: dict[tuple[str, str], int]
     batches: dict[tuple[str, str], int]
     trained_tokens: dict[str, int]
+    trainers: int = 0  # servers that train jobs for this base model, seen in the store lately
 
 
 class _Collected:
@@ -393,3 +394,9 @@ class _Collected:
             for tenant, n in sorted(work.trained_tokens.items()):
                 c.add_metric([tenant], n)
             yield c
+            yield GaugeMetricFamily(
+                "mygpt_finetune_trainers",
+                "Servers that train fine-tuning jobs for this base model, seen in the store in the last 30 s "
+                "(every replica sharing it reports the same; 0 with queued jobs: they wait).",
+                value=work.trainers,
+            )

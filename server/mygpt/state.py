@@ -224,6 +224,7 @@ class ServerState:
             jobs={(t, s): jobs.get((t, s), 0) for t in tenants for s in OPEN_JOBS},
             batches={(t, s): batches.get((t, s), 0) for t in tenants for s in OPEN_BATCHES},
             trained_tokens={t: self.jobs.trained_tokens[t] for t in tenants},
+            trainers=self.jobs.trainers_live(),
         )
 
     def _load_configured_adapters(self, strict: bool = True) -> list[str]:

@@ -88,3 +88,39 @@ async def test_pause_and_resume_through_the_sdk(state):
     await sdk.fine_tuning.jobs.cancel(job.id)
     with pytest.raises(openai.BadRequestError):
         await sdk.fine_tuning.jobs.pause(job.id)
+
+
+async def test_a_job_created_where_no_server_trains_says_so_and_the_gauge_shows_it(state):
+    """Every server sharing the store runs --no-train: a new job waits queued, and its events say why
+    (a warning), and mygpt_finetune_trainers reads 0. Once a server that trains is seen, a new job
+    has no such event; the gauge counts it; it leaves the count when it stops."""
+    from prometheus_client import generate_latest
+
+    sdk = sdk_for(state)
+    line = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}
+    train = await sdk.files.create(file=("t.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")),
+                                   purpose="fine-tune")  # fmt: skip
+
+    def gauge() -> float:
+        text = generate_latest(metrics.registry).decode()
+        return float(
+            next(x for x in text.splitlines() if x.startswith("mygpt_finetune_trainers ")).split()[1]
+        )
+
+    from mygpt.metrics import CostModel, Metrics
+
+    metrics = Metrics(CostModel())
+    metrics.watch_background(state._background)
+    alone = await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=train.id)
+    events = (await sdk.fine_tuning.jobs.list_events(alone.id)).data
+    warned = [e for e in events if e.level == "warn"]
+    assert len(warned) == 1 and "--no-train" in warned[0].message and "stays queued" in warned[0].message
+    assert state.jobs.trainers_live() == 0 and gauge() == 0
+    other = JobManager(state.finetune_store, state.jobs.registry, LONG_BASE, {}, 1)
+    other._seen()  # as its worker does each round (another replica, sharing the store)
+    JobManager(state.finetune_store, state.jobs.registry, "another-base", {}, 1)._seen()  # not this base's
+    trained = await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=train.id)
+    assert not [e for e in (await sdk.fine_tuning.jobs.list_events(trained.id)).data if e.level == "warn"]
+    assert state.jobs.trainers_live() == 1 and gauge() == 1
+    other.stop()  # its worker never started: stop only leaves the count
+    assert state.jobs.trainers_live() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import uuid
 from typing import Any
@@ -62,6 +63,12 @@ class CreateJob(BaseModel):
     integrations: list[Any] | None = None  # Weights & Biases: not here (refused)
 
 
+log = logging.getLogger(__name__)
+
+NO_TRAINER = (
+    "No server trains fine-tuning jobs for this base model now: each one sharing this store serves with "
+    "--no-train (settings.train: false), or none has started. This job stays queued until one does."
+)
 DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "lora_rank": 8}
 BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 64), "learning_rate_multiplier": (1e-3, 50.0)}
 
@@ -240,6 +247,9 @@ def create_job(body: CreateJob, request: Request, principal: Principal = Depends
     state.finetune_store.add_event(
         job["id"], f"Created fine-tuning job: {job['id']}", data={"type": "message"}
     )
+    if state.jobs.trainers_live() == 0:  # every server sharing the store runs --no-train: say so, not hang
+        log.warning("fine-tuning job %s is queued, but no server trains jobs for %s", job["id"], base)
+        state.finetune_store.add_event(job["id"], NO_TRAINER, level="warn", data={"type": "message"})
     state.jobs.submitted()
     return _job(request, job)
 

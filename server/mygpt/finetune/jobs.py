@@ -83,6 +83,9 @@ class JobManager:
     LEGACY_QUIET_S = 600.0  # a job an earlier version runs (no lease) is orphaned once quiet this long
     STOP_S = 20.0  # how long a stopping server waits for its trainer's checkpoint before killing it
     IDLE_S = 5.0  # how often an idle worker looks for queued jobs and orphans (a submit wakes it at once)
+    # a server trains jobs while the store has seen its worker within this (each round and beat says so);
+    # a job created where none does waits queued, and says why (trainers_live)
+    TRAINER_SEEN_S = 30.0
     TRAINER = (sys.executable, "-m", "mygpt.finetune.trainer")  # + the spec's path
 
     def __init__(
@@ -107,6 +110,7 @@ class JobManager:
         self._thread = threading.Thread(target=self._loop, name="mygpt-finetune", daemon=True)
 
     def start(self) -> None:
+        self._seen()
         self._end_orphans()
         self._thread.start()
         self._wake.set()
@@ -174,6 +178,18 @@ class JobManager:
             current = self._current
         if current is not None:  # the worker did not get there: the job's lease ends now all the same
             self.store.update_job(current, if_status=("running",), if_owner=self.owner, lease_until=0)
+        with contextlib.suppress(Exception):
+            self.store.trainer_gone(self.owner)
+
+    def _seen(self) -> None:
+        try:
+            self.store.trainer_seen(self.owner, self.base_name)
+        except Exception:  # the next round or beat says it again
+            log.warning("the store could not record this fine-tuning worker", exc_info=True)
+
+    def trainers_live(self) -> int:
+        """Servers sharing the store (this one too, where it trains) that train jobs for this base."""
+        return self.store.trainers(self.base_name, time.time() - self.TRAINER_SEEN_S)
 
     def submitted(self) -> None:
         self._wake.set()
@@ -236,6 +252,7 @@ class JobManager:
         while not self._stopping:
             job = None
             try:
+                self._seen()
                 self._end_orphans()
                 # this server's base only: replicas of another base (or a restart on another --model)
                 # leave theirs queued
@@ -408,6 +425,7 @@ class JobManager:
         ended: this process stalled for LEASE_S)."""
         renewed = time.monotonic()
         while not done.wait(self.BEAT_S):
+            self._seen()
             try:
                 held = self.store.renew_job(job_id, self.owner, self.LEASE_S)
             except Exception:  # a store error: the lease lasts LEASE_S; try again, short of its end

@@ -90,6 +90,7 @@ CREATE TABLE IF NOT EXISTS batches (
     failed INTEGER NOT NULL DEFAULT 0, metadata TEXT, errors TEXT, owner TEXT, lease_until REAL,
     ending TEXT, model TEXT, input_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS trainers (owner TEXT PRIMARY KEY, model TEXT NOT NULL, seen REAL NOT NULL);
 """
 
 
@@ -396,6 +397,21 @@ class Store:
             "INSERT INTO events (job_id, created_at, level, message, data) VALUES (?,?,?,?,?)",
             job_id, int(time.time()), level, message, json.dumps(data) if data is not None else None,
         )  # fmt: skip
+
+    def trainer_seen(self, owner: str, model: str) -> None:
+        """`owner` (a server's JobManager) trains jobs for base `model`, as of now."""
+        self._q(
+            "INSERT INTO trainers (owner, model, seen) VALUES (?,?,?) "
+            "ON CONFLICT(owner) DO UPDATE SET model=excluded.model, seen=excluded.seen",
+            owner, model, time.time(),
+        )  # fmt: skip
+
+    def trainer_gone(self, owner: str) -> None:
+        self._q("DELETE FROM trainers WHERE owner=?", owner)
+
+    def trainers(self, model: str, since: float) -> int:
+        """How many servers that train jobs for base `model` were seen since then (time.time())."""
+        return self._q("SELECT COUNT(*) AS n FROM trainers WHERE model=? AND seen>=?", model, since)[0]["n"]
 
     # ------------------------------------------------------------------ batches
     def batch_dir(self) -> Path:
