@@ -134,11 +134,14 @@ def timed_generate(model, ids, max_new: int, **kw) -> tuple[float, torch.Tensor]
     return time.perf_counter() - t0, out[:, ids.shape[1] :]
 
 
-def engine_run(engine, prompts, adapters, max_new: int, weights: dict) -> tuple[float, dict]:
+def engine_run(
+    engine, prompts, adapters, max_new: int, weights: dict, times: dict | None = None
+) -> tuple[float, dict]:
     """Starts the engine, submits every prompt at once (its first step sees them all, so two runs of the
     same requests take the same steps and their greedy tokens can be compared; "over N steps" in the rows
     shows it: one prefill step and new - 1 decode steps); returns (seconds, request id -> tokens) and stops
-    the engine."""
+    the engine. times: gets "first" (seconds to the last stream's first token: the prompts' steps) and
+    "end"."""
     import sys
     import threading
 
@@ -147,8 +150,12 @@ def engine_run(engine, prompts, adapters, max_new: int, weights: dict) -> tuple[
     done, lock, tokens = threading.Event(), threading.Lock(), {}
     left = [len(prompts)]
 
+    firsts: dict[str, float] = {}
+
     def on_event(ev):
         with lock:
+            if ev.token_ids and ev.request_id not in firsts:
+                firsts[ev.request_id] = time.perf_counter()
             tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
             if ev.finish_reason is not None:
                 left[0] -= 1
@@ -170,7 +177,10 @@ def engine_run(engine, prompts, adapters, max_new: int, weights: dict) -> tuple[
         assert done.wait(180), "engine run timed out"
     finally:
         engine.stop()
-    return time.perf_counter() - t0, tokens
+    end = time.perf_counter()
+    if times is not None:
+        times.update(first=max(firsts.values(), default=t0) - t0, end=end - t0)
+    return end - t0, tokens
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -211,9 +221,11 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
         ("32 streams / 1 adapter", prompts, ["ad0"] * 32),
         ("32 streams / 32 adapters", prompts, [f"ad{i}" for i in range(32)]),
     ]:
-        eng = engine()
-        dt, got = engine_run(eng, ps, ads, new, weights)
+        eng, times = engine(), {}
+        dt, got = engine_run(eng, ps, ads, new, weights, times)
         out[label] = len(ps) * new / dt
+        # the decode steps alone: from the last stream's first token (the prompts' steps done) to the end
+        out[f"{label}: decode tok/s"] = len(ps) * (new - 1) / max(times["end"] - times["first"], 1e-9)
         report.setdefault("_tokens", {})[f"{mode}: {label}"] = got  # compared across modes, not written
         st = eng.stats
         steps = max(st.steps, 1)
@@ -221,7 +233,10 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
         out[f"{label}: ms per step (forward call, sampling, rest)"] = [fwd, smp, step - fwd - smp]
         if overlap:
             out[f"{label}: steps launched ahead / used"] = [st.ahead_launched, st.ahead_used]
-        rows.append((f"mygpt engine ({mode}), {label}", f"{out[label]:.1f} tok/s"))
+        rows.append((
+            f"mygpt engine ({mode}), {label}",
+            f"{out[label]:.1f} tok/s (decode steps alone: {out[f'{label}: decode tok/s']:.1f})",
+        ))  # fmt: skip
         rows.append((
             f"  ms per step: forward call / sampling (waits for the device) / rest, over {steps} steps",
             f"{fwd:.2f} / {smp:.2f} / {step - fwd - smp:.2f}",
