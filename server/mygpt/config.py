@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         512, ge=16, description="prompt tokens prefilled per engine step (chunked prefill)"
     )
     max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot before 429")
+    reasoning_parser: Literal["auto", "think", "none"] = Field(
+        "auto",
+        description="split a reasoning model's thinking (<think>...</think>, Qwen3, the DeepSeek-R1 distills) from "
+        "its answer in chat completions: the answer in content, the thinking in reasoning and reasoning_content; "
+        "'auto': where the chat template writes </think>; 'think': always; 'none': never",
+    )
     embedding_pooling: Literal["prompt", "mean", "last"] = Field(
         "prompt",
         description="/v1/embeddings: 'prompt' wraps each input in an instruction (PromptEOL: This sentence : "

@@ -170,6 +170,7 @@ class ServerState:
                     self.tenants,
                     registry,
                     grammars,
+                    s.reasoning_parser,
                 )
                 # an embeddings request keeps at most a batch's rows of inputs in the engine at once
                 self.embeddings = EmbeddingService(

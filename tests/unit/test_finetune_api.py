@@ -124,3 +124,22 @@ async def test_a_job_created_where_no_server_trains_says_so_and_the_gauge_shows_
     assert state.jobs.trainers_live() == 1 and gauge() == 1
     other.stop()  # its worker never started: stop only leaves the count
     assert state.jobs.trainers_live() == 0
+
+
+async def test_a_store_error_in_the_trainer_check_does_not_fail_a_stored_job(state, monkeypatch):
+    """The check for a server that trains runs after the job is stored: a store error there (a lock
+    on a network file system) logs a warning, and the job is created, once (a 500 would make the
+    client retry into a second job)."""
+    import sqlite3
+
+    sdk = sdk_for(state)
+    line = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}
+    train = await sdk.files.create(file=("t.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")),
+                                   purpose="fine-tune")  # fmt: skip
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(state.finetune_store, "trainers", locked)
+    job = await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=train.id)
+    assert [j["id"] for j in state.finetune_store.jobs_with_status("queued")] == [job.id]

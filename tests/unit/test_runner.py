@@ -109,7 +109,8 @@ def test_a_steps_chunks_attend_in_one_padded_call_as_they_do_one_by_one(model_ty
     """A step's prompt chunks attend in one padded call a layer (_Packed): chunks of other lengths,
     after a cached prefix or from 0, beside decode rows, with every position's logits or pooled, give
     what the chunks one by one give (an invariant step's), and the same cache. A chunk past PACK_SPAN,
-    or past what PACK_KEYS leaves, attends alone beside the packed ones."""
+    past what PACK_KEYS leaves, or padding past PACK_SCORES and PACK_WASTE, attends alone beside the
+    packed ones."""
     from mygpt.engine import runner as runner_mod
     from mygpt.engine.runner import DecodeRow, PrefillChunk, _AttentionPlan
 
@@ -139,15 +140,19 @@ def test_a_steps_chunks_attend_in_one_padded_call_as_they_do_one_by_one(model_ty
         return [dec, *outs, *r.k_cache, *r.v_cache]
 
     want = run(True, None)
-    for span, keys, members in [
-        (1024, 16384, {0, 1, 2, 3}),
-        (20, 16384, {1, 2, 3}),  # a ends past the span
-        (1024, 22, {1, 2, 3}),  # 3 x 7 keys fit, 4 x 21 do not
-        (1024, 14, {1, 3}),  # 2 x 3 fit, 3 x 7 do not
-        (1024, 5, None),  # only d's would fit: one chunk is not packed
+    for span, keys, scores, members in [
+        (1024, 16384, 1 << 20, {0, 1, 2, 3}),
+        (20, 16384, 1 << 20, {1, 2, 3}),  # a ends past the span
+        (1024, 22, 1 << 20, {1, 2, 3}),  # 3 x 7 keys fit, 4 x 21 do not
+        (1024, 14, 1 << 20, {1, 3}),  # 2 x 3 fit, 3 x 7 do not
+        (1024, 5, 1 << 20, None),  # only d's would fit: one chunk is not packed
+        # by ends d, b, c, a: d and b pad 2 x 3 x 3 = 18 scores for 1 + 9; c would make 3 x 7 x 7 for
+        # 10 + 49 (over 2x), and a 3 x 12 x 21 for 10 + 252
+        (1024, 16384, 0, {1, 3}),
     ]:
         monkeypatch.setattr(runner_mod, "PACK_SPAN", span)
         monkeypatch.setattr(runner_mod, "PACK_KEYS", keys)
+        monkeypatch.setattr(runner_mod, "PACK_SCORES", scores)
         for x, y in zip(run(False, members), want, strict=True):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 

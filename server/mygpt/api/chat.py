@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mygpt.api import tools
+from mygpt.api import reasoning, tools
 from mygpt.api.errors import APIError, invalid, model_not_found
 from mygpt.api.protocol import (
     AssistantMessage,
@@ -73,6 +73,7 @@ class ChatService:
         tenants: Tenants,
         adapters: AdapterRegistry | None = None,
         grammars: Grammars | None = None,
+        reasoning_parser: str = "auto",
     ):
         self.engine = engine
         self.tenants = tenants
@@ -82,6 +83,10 @@ class ChatService:
         self.limits = limits
         self.special_ids = frozenset(tokenizer.all_special_ids)  # left out of generated text
         self.renders_tools = tools.template_renders_tools(tokenizer)  # else: told in a system message
+        # a reasoning model's <think>...</think> goes apart from its answer (api/reasoning.py)
+        self.reasoning = reasoning_parser == "think" or (
+            reasoning_parser == "auto" and reasoning.template_thinks(tokenizer)
+        )
         # structured outputs, compiled for the model's logits width (default: the tokenizer's size)
         self.grammars = grammars or Grammars(tokenizer, len(tokenizer))
         # token ids a request may name (logit_bias keys, prompt ids): both the tokenizer's and the
@@ -119,7 +124,24 @@ class ChatService:
         if calls is not None and not self.renders_tools:
             messages = tools.with_tools(messages, calls)
         template_tools = [tools.template_tool(t) for t in calls.tools] if calls is not None else None
-        return functools.partial(self._render, messages, template_tools, generation_prompt)
+        kwargs = self._template_kwargs(req)
+        return functools.partial(self._render, messages, template_tools, generation_prompt, kwargs)
+
+    @staticmethod
+    def _template_kwargs(req: Any) -> dict[str, Any]:
+        """The chat template's extra arguments: vLLM's chat_template_kwargs (Qwen3's enable_thinking),
+        and reasoning_effort "none" or "minimal" as enable_thinking false where those do not set it.
+        The arguments that say how the template runs are mygpt's to set: a 400 naming the key."""
+        kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
+        for key in kwargs:
+            if key in RESERVED_TEMPLATE_KWARGS:
+                raise invalid(
+                    f"chat_template_kwargs cannot set '{key}': the server sets it.",
+                    param=f"chat_template_kwargs.{key}",
+                )
+        if getattr(req, "reasoning_effort", None) in ("none", "minimal"):
+            kwargs.setdefault("enable_thinking", False)
+        return kwargs
 
     async def admit(
         self,
@@ -317,6 +339,9 @@ class ChatService:
             message["name"] = m.name
         if m.role == "tool":
             message["tool_call_id"] = m.tool_call_id
+        thought = m.reasoning_content or m.reasoning
+        if thought and m.role == "assistant":  # as Qwen3's template reads an earlier turn's thinking
+            message["reasoning_content"] = thought
         if m.tool_calls and m.role == "assistant":
             message["tool_calls"] = tools.assistant_calls(i, m.tool_calls)
             if not self.renders_tools:  # the calls as the model was told to write them
@@ -330,12 +355,14 @@ class ChatService:
         messages: list[dict[str, Any]],
         template_tools: list[dict] | None = None,
         generation_prompt: bool = True,
+        kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         try:
             extra = {"tools": template_tools} if template_tools and self.renders_tools else {}
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False, **extra
-            )
+                messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False,
+                **extra, **(kwargs or {}),
+            )  # fmt: skip
         except Exception as exc:  # the template itself refuses (e.g. roles out of order)
             raise invalid(f"The messages could not be formatted: {exc}", param="messages") from exc
         return list(ids)
@@ -422,6 +449,7 @@ class ChatService:
         """Runs a request to the end and returns the whole completion."""
         done = await collect(gen, self.submit(gen, ticket))
         calls, legacy = self._plan(req)
+        inside = self._thinks(req, gen)
         choices = []
         for i in range(gen.params.n):
             made, finish = (
@@ -434,6 +462,9 @@ class ChatService:
                 )
             elif made:
                 message = AssistantMessage(content=None, tool_calls=made)
+            elif inside is not None:  # a reasoning model's text answer: its thinking apart
+                thought, answer = reasoning.split(done.texts[i], inside)
+                message = AssistantMessage(content=answer, reasoning=thought, reasoning_content=thought)
             else:
                 message = AssistantMessage(content=done.texts[i])
             lps = ChoiceLogprobs(content=self._logprobs(done.logprobs[i])) if gen.params.logprobs else None
@@ -456,12 +487,21 @@ class ChatService:
             return c.model_dump_json(exclude_none=False)
 
         calls, legacy = self._plan(req)
+        inside = self._thinks(req, gen)
+        thinking = [reasoning.Splitter(inside) for _ in range(gen.params.n)] if inside is not None else None
         held = [""] * gen.params.n  # a call's text, sent as tool_calls (or function_call) once whole
         # per choice: a call (True), text (False), or not known yet (None: "auto", only whitespace so far)
         kind = [None if calls is not None and calls.auto else calls is not None] * gen.params.n
 
         def piece(ev: TokenEvent, logprobs: list[TokenLogprob], finish: str | None) -> str | None:
             delta = Delta(content=ev.text) if ev.text or finish is None else Delta()
+            if thinking is not None:  # a reasoning model's text: its thinking apart, tags held back
+                thought, answer = thinking[ev.index].feed(ev.text, final=finish is not None)
+                if not (thought or answer or finish or gen.params.logprobs):
+                    return None
+                delta = Delta(
+                    content=answer or None, reasoning=thought or None, reasoning_content=thought or None
+                )
             if kind[ev.index] is not False:  # a call, or not known yet: held back
                 held[ev.index] += ev.text
                 if kind[ev.index] is None:
@@ -490,6 +530,16 @@ class ChatService:
         usage_chunk = (lambda u: chunk([], u)) if include_usage else None
         return stream_payloads(gen, events, head, piece, usage_chunk, waited)
 
+    def _thinks(self, req: ChatCompletionRequest, gen: GenerationRequest) -> bool | None:
+        """For a reasoning model's text answer (no tools, no structured output): whether its prompt
+        leaves it inside its thinking (api/reasoning.py); None where nothing is split."""
+        calls, _ = self._plan(req)
+        structured = req.response_format is not None and req.response_format.type != "text"
+        if not self.reasoning or calls is not None or structured:
+            return None
+        tail = self.tokenizer.decode(gen.prompt_ids[-8:], skip_special_tokens=False)
+        return reasoning.opens_in_reasoning(tail)
+
     def _logprobs(self, lps: list[TokenLogprob] | None) -> list[TokenLogprobOut]:
         out = []
         for lp in lps or []:
@@ -516,6 +566,14 @@ class ChatService:
 
     def _bytes(self, token_id: int) -> list[int]:
         return list(self.token_bytes(token_id))
+
+
+# apply_chat_template's arguments that say how it runs: not a request's to set (chat_template_kwargs)
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})  # fmt: skip
 
 
 @dataclass

@@ -247,9 +247,12 @@ def create_job(body: CreateJob, request: Request, principal: Principal = Depends
     state.finetune_store.add_event(
         job["id"], f"Created fine-tuning job: {job['id']}", data={"type": "message"}
     )
-    if state.jobs.trainers_live() == 0:  # every server sharing the store runs --no-train: say so, not hang
-        log.warning("fine-tuning job %s is queued, but no server trains jobs for %s", job["id"], base)
-        state.finetune_store.add_event(job["id"], NO_TRAINER, level="warn", data={"type": "message"})
+    try:  # every server sharing the store runs --no-train: the job says so, not waits without a word
+        if state.jobs.trainers_live() == 0:
+            log.warning("fine-tuning job %s is queued, but no server trains jobs for %s", job["id"], base)
+            state.finetune_store.add_event(job["id"], NO_TRAINER, level="warn", data={"type": "message"})
+    except Exception:  # the job is stored: a failed check must not answer 500 (a retry would make two)
+        log.warning("fine-tuning job %s: could not check for a server that trains", job["id"], exc_info=True)
     state.jobs.submitted()
     return _job(request, job)
 

@@ -33,6 +33,9 @@ class ChatMessage(_Lenient):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None  # deprecated function calling: an assistant's call
+    # an assistant's earlier thinking (api/reasoning.py), as clients send it back: to the chat template
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ToolFunction(_Lenient):
@@ -105,6 +108,10 @@ class ChatCompletionRequest(VLLMSampling):
     # declared to be refused by name (B2), not silently ignored: audio output
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
+    # reasoning models: vLLM's extra arguments to the chat template (Qwen3's {"enable_thinking": false}),
+    # and OpenAI's effort, of which "none" and "minimal" turn the template's thinking off (api/reasoning.py)
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -227,11 +234,14 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None  # left out when None, as OpenAI does
     function_call: ToolCallFunction | None = None  # the deprecated function calling's answer; left out too
+    # a reasoning model's thinking (api/reasoning.py) under both names clients read; left out when None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _no_null_calls(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        for key in ("tool_calls", "function_call"):
+        for key in ("tool_calls", "function_call", "reasoning", "reasoning_content"):
             if out.get(key) is None:
                 out.pop(key, None)
         return out
@@ -262,6 +272,8 @@ class Delta(BaseModel):
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # {"index", "id", "type", "function": {name, arguments}}
     function_call: dict[str, Any] | None = None  # the deprecated function calling: {name, arguments}
+    reasoning: str | None = None  # a reasoning model's thinking (api/reasoning.py), under both names
+    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

@@ -46,8 +46,14 @@ LORA_KERNEL_TOKENS = 128
 # (x 4 KB of keys and values a layer on the 8B shape: 64 MB at most, transient); the others one by one.
 # On the H100 a chunk's attention took ~200 us of host time a layer (session 15's profile: an eager
 # step of 8 chunks, 110 ms of wall time for 30 ms on the device)
+# The padded call's scores, chunks x longest chunk x longest end a head, stay within PACK_SCORES (4 MB a
+# head in float32, 128 MB for 32 heads, where a backend writes them out; 32 embedding inputs of 128
+# tokens take half) or
+# within PACK_WASTE x the scores of the chunks one by one: a long chunk beside short ones attends alone
 PACK_SPAN = 1024
 PACK_KEYS = 16384
+PACK_SCORES = 1 << 20
+PACK_WASTE = 2.0
 
 
 @dataclass(frozen=True)
@@ -664,13 +670,20 @@ class _Packed:
     @staticmethod
     def build(num_decode: int, chunks: list[PrefillChunk], offsets: list[int], device) -> _Packed | None:
         """The chunks that end within PACK_SPAN, shortest span first while chunks x longest end stays
-        within PACK_KEYS; None where fewer than 2 are left (they attend one by one)."""
+        within PACK_KEYS and the padded scores within PACK_SCORES or PACK_WASTE x those one by one;
+        None where fewer than 2 are left (they attend one by one)."""
         ends = [c.start + len(c.token_ids) for c in chunks]
         members: list[int] = []
+        longest = work = 0  # the members' longest chunk, and their attention one by one (queries x keys)
         for i in sorted(range(len(chunks)), key=ends.__getitem__):
             if ends[i] > PACK_SPAN or (len(members) + 1) * ends[i] > PACK_KEYS:
-                break
+                break  # (the ends only grow from here)
+            n = len(chunks[i].token_ids)
+            padded = (len(members) + 1) * max(longest, n) * ends[i]
+            if padded > PACK_SCORES and padded > PACK_WASTE * (work + n * ends[i]):
+                continue  # its padding (or the others' beside it) would cost more than the calls it saves
             members.append(i)
+            longest, work = max(longest, n), work + n * ends[i]
         if len(members) < 2:
             return None
         members.sort()  # the step's order

@@ -1,0 +1,147 @@
+"""A reasoning model's <think>...</think> apart from its answer (api/reasoning.py): whole, and streamed
+in pieces cut anywhere (a tag in pieces is held back until the text after it decides)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mygpt.api.reasoning import Splitter, opens_in_reasoning, split
+
+CASES = [  # (text, the prompt left <think> open, reasoning, answer)
+    ("<think>\nLet me see.\n</think>\n\nThe answer is 4.", False, "Let me see.", "The answer is 4."),
+    ("Let me see.\n</think>\n\nFour.", True, "Let me see.", "Four."),  # R1: the prompt opened it
+    ("\nLet me see.\n</think>\n\nFour.", True, "Let me see.", "Four."),
+    ("Plain answer <thi not a tag", False, None, "Plain answer <thi not a tag"),
+    ("  <think>x</think>y", False, "x", "y"),
+    ("<think>cut by the token limit", False, "cut by the token limit", ""),
+    ("<think>a\n\nb\n</think>\n", False, "a\n\nb", ""),
+    ("<think></think>Hi", False, "", "Hi"),
+    ("<th", False, None, "<th"),
+    ("4 < 5 </think", True, "4 < 5 </think", ""),
+    ("An answer that mentions </think> late", False, None, "An answer that mentions </think> late"),
+]
+
+
+@pytest.mark.parametrize(("text", "opened", "reasoning", "answer"), CASES)
+def test_thinking_and_answer_split_whole_and_in_any_pieces(text, opened, reasoning, answer):
+    assert split(text, opened) == (reasoning, answer)
+    rng = random.Random(text)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        splitter, got = Splitter(opened), ["", ""]
+        for k, piece in enumerate(pieces):
+            r, a = splitter.feed(piece, final=k == len(pieces) - 1)
+            got = [got[0] + r, got[1] + a]
+        assert got == [reasoning or "", answer], pieces
+
+
+def test_the_prompt_says_whether_the_model_starts_inside_its_thinking():
+    assert opens_in_reasoning("<|im_start|>assistant\n<think>\n")  # DeepSeek-R1 distills
+    assert not opens_in_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3, no thinking
+    assert not opens_in_reasoning("<|im_start|>assistant\n")
+
+
+# ------------------------------------------------------------------ through the API (the tiny model)
+from test_app import HI, client_for, script_model, sdk_for, served_state  # noqa: E402, F401 - a fixture
+
+THOUGHT, ANSWER = "I add 2 and 2.", "The answer is 4."
+WRITTEN = f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}"
+
+
+@pytest.mark.anyio
+async def test_a_reasoning_models_thinking_comes_apart_streamed_or_not(served_state, tokenizer, monkeypatch):  # noqa: F811
+    """The model writes <think>...</think> then its answer: `content` holds the answer alone, and the
+    thinking is in `reasoning` and `reasoning_content` (both names clients read), in the message and,
+    streamed, in deltas that never carry a tag; the same usage both ways. Without the parser, the text
+    is as the model wrote it."""
+    written = tokenizer.encode(WRITTEN, add_special_tokens=False)
+    sdk = sdk_for(served_state)
+    body = {"model": "tiny", "messages": HI, "max_tokens": 80}
+    served_state.chat.reasoning = False
+    script_model(monkeypatch, served_state.engine.runner, written)
+    plain = await sdk.chat.completions.create(**body)
+    assert plain.choices[0].message.content == WRITTEN
+    assert getattr(plain.choices[0].message, "reasoning", None) is None
+    served_state.chat.reasoning = True  # as --reasoning-parser think, or auto with a template that thinks
+    script_model(monkeypatch, served_state.engine.runner, written)
+    whole = await sdk.chat.completions.create(**body)
+    message = whole.choices[0].message
+    assert (message.content, message.reasoning, message.reasoning_content) == (ANSWER, THOUGHT, THOUGHT)
+    assert whole.usage.completion_tokens == plain.usage.completion_tokens == len(written) + 1  # and EOS
+    script_model(monkeypatch, served_state.engine.runner, written)
+    stream = await sdk.chat.completions.create(**body, stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == ANSWER
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == THOUGHT
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == THOUGHT
+    assert not any("think>" in ((d.content or "") + (getattr(d, "reasoning", None) or "")) for d in deltas)
+    assert len([d for d in deltas if getattr(d, "reasoning", None)]) > 1  # the thinking streams too
+
+
+@pytest.mark.anyio
+async def test_chat_template_kwargs_and_reasoning_effort_reach_the_template(
+    served_state,  # noqa: F811
+    tokenizer,
+    monkeypatch,
+):
+    """chat_template_kwargs (vLLM's: Qwen3's enable_thinking) and reasoning_effort "none" reach the chat
+    template; one that closes the thinking in the prompt has nothing split from the answer; the
+    template's running arguments are refused by name; an assistant's earlier reasoning_content (or
+    reasoning) reaches the template."""
+    from mygpt.api.protocol import ChatCompletionRequest
+
+    template = (
+        "{% for m in messages %}<{{ m.role }}>{% if m.reasoning_content %}[{{ m.reasoning_content }}]{% endif %}"
+        "{{ m.content }}{% endfor %}<assistant>"
+        "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    )
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    chat = served_state.chat
+
+    def rendered(**extra) -> str:
+        req = ChatCompletionRequest.model_validate({"model": "tiny", "messages": HI, **extra})
+        return tokenizer.decode(chat.renderer(req)())
+
+    assert rendered().endswith("<assistant>")
+    off = "<assistant><think>\n\n</think>\n\n"
+    assert rendered(chat_template_kwargs={"enable_thinking": False}).endswith(off)
+    assert rendered(reasoning_effort="none").endswith(off)
+    assert rendered(reasoning_effort="high").endswith("<assistant>")
+    assert rendered(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True}).endswith(
+        "<assistant>"
+    )
+    earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "4", "reasoning": "2+2"}]
+    assert "<assistant>[2+2]4" in rendered(messages=[*earlier, {"role": "user", "content": "Sure?"}])
+
+    chat.reasoning = True
+    script_model(monkeypatch, served_state.engine.runner, tokenizer.encode(ANSWER, add_special_tokens=False))
+    sdk = sdk_for(served_state)
+    done = await sdk.chat.completions.create(
+        model="tiny",
+        messages=HI,
+        max_tokens=40,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert (done.choices[0].message.content, getattr(done.choices[0].message, "reasoning", None)) == (
+        ANSWER,
+        None,
+    )
+    async with client_for(served_state) as c:
+        r = await c.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": HI, "chat_template_kwargs": {"tokenize": False}},
+        )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs.tokenize"
+
+
+def test_auto_finds_a_reasoning_model_by_its_template(tokenizer, monkeypatch):
+    from mygpt.api.reasoning import template_thinks
+
+    assert not template_thinks(tokenizer)  # the test model's template
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ messages }}{% if think %}<think>{% endif %}</think>")
+    assert template_thinks(tokenizer)
