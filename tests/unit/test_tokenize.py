@@ -78,3 +78,30 @@ async def test_bad_requests_are_errors_naming_the_parameter(served_state, path, 
         r = await c.post(path, json={"model": "tiny", **body})
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+async def test_messages_render_with_the_templates_arguments(served_state, tokenizer, monkeypatch):  # noqa: F811
+    """chat_template_kwargs and reasoning_effort reach the template as a chat request's do: the count is
+    what that request is charged."""
+    template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    )
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    async with client_for(served_state) as c:
+        base = (await c.post("/tokenize", json={"model": "tiny", "messages": CHAT})).json()
+        off = {"model": "tiny", "messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}}
+        counted = (await c.post("/tokenize", json=off)).json()
+        effort = (
+            await c.post("/tokenize", json={"model": "tiny", "messages": CHAT, "reasoning_effort": "none"})
+        ).json()
+        refused = await c.post("/tokenize", json={**off, "chat_template_kwargs": {"tokenize": False}})
+    async with sdk_for(served_state) as sdk:
+        r = await sdk.chat.completions.create(
+            model="tiny",
+            messages=CHAT,
+            max_tokens=1,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+        )
+    assert counted["count"] == effort["count"] == r.usage.prompt_tokens > base["count"]
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template_kwargs.tokenize"

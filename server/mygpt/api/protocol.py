@@ -181,6 +181,10 @@ class TokenizeRequest(_Lenient):
     tool_choice: str | dict[str, Any] | None = None
     functions: list[ToolFunction] | None = None
     function_call: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = (
+        None  # and the template's arguments (Qwen3's enable_thinking)
+    )
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     return_token_strs: bool = False
 
 

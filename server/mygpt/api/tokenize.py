@@ -28,7 +28,16 @@ async def tokenize(chat: ChatService, principal: Principal, req: TokenizeRequest
             raise invalid("messages is empty.", param="messages")
         chat_req = ChatCompletionRequest.model_validate(
             req.model_dump(
-                include={"model", "messages", "tools", "tool_choice", "functions", "function_call"}
+                include={
+                    "model",
+                    "messages",
+                    "tools",
+                    "tool_choice",
+                    "functions",
+                    "function_call",
+                    "chat_template_kwargs",
+                    "reasoning_effort",
+                }  # fmt: skip
             )
         )
         render = chat.renderer(chat_req, generation_prompt=req.add_generation_prompt)
