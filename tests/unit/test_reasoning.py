@@ -3,6 +3,7 @@ in pieces cut anywhere (a tag in pieces is held back until the text after it dec
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -45,7 +46,7 @@ def test_the_prompt_says_whether_the_model_starts_inside_its_thinking():
 
 
 # ------------------------------------------------------------------ through the API (the tiny model)
-from test_app import HI, client_for, script_model, sdk_for, served_state  # noqa: E402, F401 - a fixture
+from test_app import GET_TIME, HI, client_for, script_model, sdk_for, served_state  # noqa: E402, F401 - a fixture
 
 THOUGHT, ANSWER = "I add 2 and 2.", "The answer is 4."
 WRITTEN = f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}"
@@ -145,3 +146,93 @@ def test_auto_finds_a_reasoning_model_by_its_template(tokenizer, monkeypatch):
     assert not template_thinks(tokenizer)  # the test model's template
     monkeypatch.setattr(tokenizer, "chat_template", "{{ messages }}{% if think %}<think>{% endif %}</think>")
     assert template_thinks(tokenizer)
+
+
+# ------------------------------------------------------------------ a grammar after the thinking
+@pytest.fixture(scope="module")
+def thinking_model(default_checkpoint, tmp_path_factory):
+    """The test tokenizer with <think> and </think> as one token each (as Qwen3's), and a tiny model
+    over it."""
+    from transformers import AutoTokenizer
+
+    from conftest import build_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(default_checkpoint)
+    tok.add_tokens(["<think>", "</think>"])
+    return tok, build_tiny_model(tmp_path_factory.mktemp("thinking") / "model", tok)
+
+
+@pytest.fixture
+def thinking_state(thinking_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mygpt.api.chat import ChatLimits, ChatService
+    from mygpt.config import Settings
+    from mygpt.engine.async_engine import AsyncEngine
+    from mygpt.engine.engine import Engine
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.state import ServerState
+    from mygpt.tenancy.config import load_tenancy
+    from mygpt.tenancy.tenants import Tenants
+
+    tok, path = thinking_model
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = Engine(ModelRunner(model, 4, 512, torch.float32), tok, [tok.eos_token_id])
+    engine.start()
+    state = ServerState(Settings(), Tenants(load_tenancy(None)))
+    state.engine, state.ready = engine, True
+    limits = ChatLimits(512, 4, 4)
+    state.chat = ChatService(
+        AsyncEngine(engine), tok, "tiny", limits, state.tenants, reasoning_parser="think"
+    )
+    yield state
+    engine.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("what", ["required", "auto", "json_schema"])
+async def test_a_grammar_holds_from_the_end_of_the_thinking(
+    thinking_model, thinking_state, monkeypatch, stream, what
+):
+    """Tools or a json_schema with a reasoning model whose tags are one token each: the model thinks
+    first, freely, and the grammar holds from after </think> and the blank after it (the scripted
+    tokens pass only if the masks let them). The call or the JSON comes apart from the thinking."""
+    tok, _ = thinking_model
+    open_id, close_id = thinking_state.chat.think_ids
+    assert tok.decode([open_id]) == "<think>" and tok.decode([close_id]) == "</think>"
+    call = '{"name": "get_time", "arguments": {"city": "Oslo"}}'
+    answer = call if what != "json_schema" else '{"city": "Oslo"}'
+    written = [open_id, *tok.encode("I need the time.", add_special_tokens=False), close_id]
+    written += tok.encode("\n\n" + answer, add_special_tokens=False)
+    script_model(monkeypatch, thinking_state.engine.runner, written)
+    body: dict = {"model": "tiny", "messages": HI, "max_tokens": 120, "stream": stream}
+    if what == "json_schema":
+        schema = GET_TIME["function"]["parameters"]
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    else:
+        body |= {"tools": [GET_TIME], "tool_choice": what}
+    async with client_for(thinking_state) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(x.removeprefix("data: ")) for x in r.text.split("\n") if x.startswith("data: {")]
+        deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
+        thought = "".join(d.get("reasoning") or "" for d in deltas)
+        content = "".join(d.get("content") or "" for d in deltas)
+        calls = [c for d in deltas for c in d.get("tool_calls") or []]
+    else:
+        message = r.json()["choices"][0]["message"]
+        thought, content, calls = (
+            message["reasoning"],
+            message["content"] or "",
+            message.get("tool_calls") or [],
+        )
+    assert thought == "I need the time."
+    if what == "json_schema":
+        assert json.loads(content) == {"city": "Oslo"} and not calls
+    else:
+        assert not content and len(calls) == 1
+        assert calls[0]["function"]["name"] == "get_time"
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}

@@ -32,7 +32,7 @@ from mygpt.api.protocol import (
     Usage,
 )
 from mygpt.engine.async_engine import AsyncEngine
-from mygpt.engine.guided import Grammar, GrammarError, Grammars
+from mygpt.engine.guided import Grammar, GrammarError, Grammars, ThinkFirst
 from mygpt.engine.types import (
     SHUTTING_DOWN,
     AdapterRef,
@@ -87,6 +87,9 @@ class ChatService:
         self.reasoning = reasoning_parser == "think" or (
             reasoning_parser == "auto" and reasoning.template_thinks(tokenizer)
         )
+        # the tags' ids where each is one token: a grammar (tools, response_format) then holds from the
+        # end of the thinking (guided.ThinkFirst), not from the first token
+        self.think_ids = reasoning.tag_ids(tokenizer) if self.reasoning else None
         # structured outputs, compiled for the model's logits width (default: the tokenizer's size)
         self.grammars = grammars or Grammars(tokenizer, len(tokenizer))
         # token ids a request may name (logit_bias keys, prompt ids): both the tokenizer's and the
@@ -105,6 +108,9 @@ class ChatService:
         calls, _ = self._plan(req)  # tools: the grammar of a call (or of a call or text: "auto")
         render = self.renderer(req)
         grammar = await self._grammar(req) if calls is None else await self._tools_grammar(calls)
+        if grammar is not None and self.think_ids is not None:  # a reasoning model thinks first, freely
+            blank = await asyncio.to_thread(self.grammars.blank_mask)
+            grammar = ThinkFirst(grammar, *self.think_ids, blank)
 
         def params(prompt_len: int) -> SamplingParams:
             requested = req.max_completion_tokens or req.max_tokens  # A5: max_completion_tokens wins
@@ -452,9 +458,10 @@ class ChatService:
         inside = self._thinks(req, gen)
         choices = []
         for i in range(gen.params.n):
-            made, finish = (
-                tools.answer(calls, done.texts[i], done.reasons[i]) if calls else (None, done.reasons[i])
-            )
+            text, thought = done.texts[i], None
+            if inside is not None:  # a reasoning model: its thinking apart from its answer
+                thought, text = reasoning.split(text, inside)
+            made, finish = tools.answer(calls, text, done.reasons[i]) if calls else (None, done.reasons[i])
             if made and legacy:  # one call at most (the plan allows no more)
                 message, finish = (
                     AssistantMessage(content=None, function_call=made[0].function),
@@ -462,11 +469,10 @@ class ChatService:
                 )
             elif made:
                 message = AssistantMessage(content=None, tool_calls=made)
-            elif inside is not None:  # a reasoning model's text answer: its thinking apart
-                thought, answer = reasoning.split(done.texts[i], inside)
-                message = AssistantMessage(content=answer, reasoning=thought, reasoning_content=thought)
             else:
-                message = AssistantMessage(content=done.texts[i])
+                message = AssistantMessage(content=text)
+            if thought is not None:
+                message = message.model_copy(update={"reasoning": thought, "reasoning_content": thought})
             lps = ChoiceLogprobs(content=self._logprobs(done.logprobs[i])) if gen.params.logprobs else None
             choices.append(Choice(index=i, message=message, logprobs=lps, finish_reason=finish))
         return ChatCompletion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
@@ -494,22 +500,20 @@ class ChatService:
         kind = [None if calls is not None and calls.auto else calls is not None] * gen.params.n
 
         def piece(ev: TokenEvent, logprobs: list[TokenLogprob], finish: str | None) -> str | None:
-            delta = Delta(content=ev.text) if ev.text or finish is None else Delta()
-            if thinking is not None:  # a reasoning model's text: its thinking apart, tags held back
-                thought, answer = thinking[ev.index].feed(ev.text, final=finish is not None)
-                if not (thought or answer or finish or gen.params.logprobs):
-                    return None
-                delta = Delta(
-                    content=answer or None, reasoning=thought or None, reasoning_content=thought or None
-                )
+            text, thought = ev.text, ""
+            if thinking is not None:  # a reasoning model: its thinking apart, a tag in pieces held back
+                thought, text = thinking[ev.index].feed(ev.text, final=finish is not None)
+            delta = Delta(content=text) if text or (finish is None and thinking is None) else Delta()
             if kind[ev.index] is not False:  # a call, or not known yet: held back
-                held[ev.index] += ev.text
+                held[ev.index] += text
                 if kind[ev.index] is None:
                     kind[ev.index] = tools.is_call(held[ev.index])
                 if kind[ev.index] is False:  # "auto" answers in text: what was held, then as it comes
                     delta = Delta(content=held[ev.index])
                 elif finish is None:
-                    return None
+                    if not thought:
+                        return None
+                    delta = Delta()  # the thinking goes out; the call comes whole
                 else:
                     made, finish = tools.answer(calls, held[ev.index], finish)
                     if made is None:
@@ -518,6 +522,12 @@ class ChatService:
                         delta, finish = Delta(function_call=made[0].function.model_dump()), "function_call"
                     else:
                         delta = Delta(tool_calls=[{"index": k, **c.model_dump()} for k, c in enumerate(made)])
+            if thought:
+                delta = delta.model_copy(update={"reasoning": thought, "reasoning_content": thought})
+            elif thinking is not None and not (
+                delta.content or delta.tool_calls or delta.function_call or finish or gen.params.logprobs
+            ):
+                return None  # nothing to say yet (a tag's beginning, held back)
             lps = ChoiceLogprobs(content=self._logprobs(logprobs)) if gen.params.logprobs else None
             return chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=lps, finish_reason=finish)])
 
@@ -535,8 +545,10 @@ class ChatService:
         leaves it inside its thinking (api/reasoning.py); None where nothing is split."""
         calls, _ = self._plan(req)
         structured = req.response_format is not None and req.response_format.type != "text"
-        if not self.reasoning or calls is not None or structured:
-            return None
+        if not self.reasoning or ((calls is not None or structured) and self.think_ids is None):
+            return (
+                None  # (a grammar from the first token, where the tags are not one token each: no thinking)
+            )
         tail = self.tokenizer.decode(gen.prompt_ids[-8:], skip_special_tokens=False)
         return reasoning.opens_in_reasoning(tail)
 

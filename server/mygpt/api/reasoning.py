@@ -6,6 +6,9 @@ Models such as Qwen3 and the DeepSeek-R1 distills write their chain of thought b
 guidance for gpt-oss) and `reasoning_content` (DeepSeek's, which many clients still read), in a
 message and in stream deltas alike.
 
+With a grammar (tools, response_format), the model thinks first all the same: where each tag is one
+token, the grammar holds from the end of the thinking (engine/guided.py ThinkFirst).
+
 The thinking may start in the prompt: a template that ends its generation prompt with "<think>\\n"
 (the R1 distills) has the model write only the end tag. One that closes it there (Qwen3 with
 `enable_thinking: false`) has none to split. opens_in_reasoning() reads that from the prompt's end.
@@ -24,6 +27,18 @@ def template_thinks(tokenizer: Any) -> bool:
     if isinstance(template, dict):  # named templates: any of them
         template = " ".join(str(t) for t in template.values())
     return isinstance(template, str) and CLOSE in template
+
+
+def tag_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """(<think>'s id, </think>'s id) where each tag is one token of the tokenizer (Qwen3, the R1
+    distills), else None."""
+    ids = []
+    for tag in (OPEN, CLOSE):
+        encoded = tokenizer.encode(tag, add_special_tokens=False)
+        if len(encoded) != 1 or tokenizer.decode(encoded) != tag:
+            return None
+        ids.append(encoded[0])
+    return ids[0], ids[1]
 
 
 def opens_in_reasoning(prompt_tail: str) -> bool:

@@ -564,7 +564,9 @@ class Engine(EngineThread):
             ),
             detok=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
             stops=StopStringMatcher(request.params.stop),
-            guide=None if request.params.grammar is None else request.params.grammar.start(),
+            guide=None
+            if request.params.grammar is None
+            else request.params.grammar.start(request.prompt_ids),
         )
 
     def _charge(self, seconds: float, decoding: bool, embedded: bool) -> None:
@@ -662,7 +664,11 @@ class Engine(EngineThread):
         self._send(group.request.request_id, event)
 
     def _emit_sampled(self, rows: list[Row], logits: torch.Tensor, launch_ahead: bool = False) -> None:
-        allowed = {i: r.guide.allowed(self.eos_token_ids) for i, r in enumerate(rows) if r.guide is not None}
+        allowed = {  # (None: every token, as a reasoning model's thinking before its grammar)
+            i: mask
+            for i, r in enumerate(rows)
+            if r.guide is not None and (mask := r.guide.allowed(self.eos_token_ids)) is not None
+        }
         hook, launched = None, {}
         if launch_ahead and self.runner.decoder is not None:
             # every row that has room for one more position: those this token ends (EOS, a stop string,

@@ -114,7 +114,7 @@ class NaiveEngine(EngineThread):
             return
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(p.stop)
-        guide = None if p.grammar is None else p.grammar.start()
+        guide = None if p.grammar is None else p.grammar.start(request.prompt_ids)
         ends = sorted(p.end_ids(self.eos_token_ids))  # EOS unless ignore_eos, and stop_token_ids
         state: dict = {"n": 0, "done": None, "logprobs": None}
         ids = torch.tensor([request.prompt_ids], device=self.model.device)
@@ -302,7 +302,8 @@ class _Guided(LogitsProcessor):
         self.guide, self.eos = guide, eos
 
     def __call__(self, input_ids, scores):
-        return mask_logits(scores, {0: self.guide.allowed(self.eos)})
+        mask = self.guide.allowed(self.eos)
+        return scores if mask is None else mask_logits(scores, {0: mask})
 
 
 def _final(
