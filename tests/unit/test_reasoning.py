@@ -72,10 +72,15 @@ async def test_a_reasoning_models_thinking_comes_apart_streamed_or_not(served_st
     message = whole.choices[0].message
     assert (message.content, message.reasoning, message.reasoning_content) == (ANSWER, THOUGHT, THOUGHT)
     assert whole.usage.completion_tokens == plain.usage.completion_tokens == len(written) + 1  # and EOS
+    # the thinking's tokens: up to the one that completes </think>
+    thinking = next(k for k in range(len(written) + 1) if "</think>" in tokenizer.decode(written[:k]))
+    assert whole.usage.completion_tokens_details.reasoning_tokens == thinking
+    assert plain.usage.completion_tokens_details is None
     script_model(monkeypatch, served_state.engine.runner, written)
     stream = await sdk.chat.completions.create(**body, stream=True, stream_options={"include_usage": True})
     chunks = [c async for c in stream]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == thinking
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == ANSWER
     assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == THOUGHT
@@ -208,6 +213,7 @@ async def test_a_grammar_holds_from_the_end_of_the_thinking(
     written += tok.encode("\n\n" + answer, add_special_tokens=False)
     script_model(monkeypatch, thinking_state.engine.runner, written)
     body: dict = {"model": "tiny", "messages": HI, "max_tokens": 120, "stream": stream}
+    body |= {"stream_options": {"include_usage": True}} if stream else {}
     if what == "json_schema":
         schema = GET_TIME["function"]["parameters"]
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
@@ -216,12 +222,14 @@ async def test_a_grammar_holds_from_the_end_of_the_thinking(
     async with client_for(thinking_state) as c:
         r = await c.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
+    thinking = 2 + len(tok.encode("I need the time.", add_special_tokens=False))  # and the tags
     if stream:
         chunks = [json.loads(x.removeprefix("data: ")) for x in r.text.split("\n") if x.startswith("data: {")]
         deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
         thought = "".join(d.get("reasoning") or "" for d in deltas)
         content = "".join(d.get("content") or "" for d in deltas)
         calls = [c for d in deltas for c in d.get("tool_calls") or []]
+        usage = chunks[-1]["usage"]
     else:
         message = r.json()["choices"][0]["message"]
         thought, content, calls = (
@@ -229,6 +237,8 @@ async def test_a_grammar_holds_from_the_end_of_the_thinking(
             message["content"] or "",
             message.get("tool_calls") or [],
         )
+        usage = r.json()["usage"]
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": thinking}
     assert thought == "I need the time."
     if what == "json_schema":
         assert json.loads(content) == {"city": "Oslo"} and not calls

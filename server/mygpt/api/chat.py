@@ -23,6 +23,7 @@ from mygpt.api.protocol import (
     Choice,
     ChoiceLogprobs,
     ChunkChoice,
+    CompletionTokensDetails,
     Delta,
     ErrorInfo,
     PromptTokensDetails,
@@ -453,9 +454,16 @@ class ChatService:
         self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket
     ) -> ChatCompletion:
         """Runs a request to the end and returns the whole completion."""
-        done = await collect(gen, self.submit(gen, ticket))
         calls, legacy = self._plan(req)
         inside = self._thinks(req, gen)
+        thoughts = reasoning.Thoughts(gen.params.n, inside) if inside is not None else None
+        observe = None
+        if thoughts is not None:  # each choice's reasoning tokens, counted as its events come
+
+            def observe(ev: TokenEvent) -> None:
+                thoughts.see(ev.index, ev.text, ev.completion_tokens, ev.finish_reason is not None)
+
+        done = await collect(gen, self.submit(gen, ticket), observe)
         choices = []
         for i in range(gen.params.n):
             text, thought = done.texts[i], None
@@ -475,7 +483,13 @@ class ChatService:
                 message = message.model_copy(update={"reasoning": thought, "reasoning_content": thought})
             lps = ChoiceLogprobs(content=self._logprobs(done.logprobs[i])) if gen.params.logprobs else None
             choices.append(Choice(index=i, message=message, logprobs=lps, finish_reason=finish))
-        return ChatCompletion(id=gen.request_id, model=req.model, choices=choices, usage=done.usage)
+        usage = done.usage if thoughts is None else self._with_thoughts(done.usage, thoughts)
+        return ChatCompletion(id=gen.request_id, model=req.model, choices=choices, usage=usage)
+
+    @staticmethod
+    def _with_thoughts(usage: Usage, thoughts: reasoning.Thoughts) -> Usage:
+        details = CompletionTokensDetails(reasoning_tokens=sum(thoughts.tokens))
+        return usage.model_copy(update={"completion_tokens_details": details})
 
     async def stream(
         self, req: ChatCompletionRequest, gen: GenerationRequest, ticket: Ticket, wait_s: float
@@ -494,7 +508,7 @@ class ChatService:
 
         calls, legacy = self._plan(req)
         inside = self._thinks(req, gen)
-        thinking = [reasoning.Splitter(inside) for _ in range(gen.params.n)] if inside is not None else None
+        thinking = reasoning.Thoughts(gen.params.n, inside) if inside is not None else None
         held = [""] * gen.params.n  # a call's text, sent as tool_calls (or function_call) once whole
         # per choice: a call (True), text (False), or not known yet (None: "auto", only whitespace so far)
         kind = [None if calls is not None and calls.auto else calls is not None] * gen.params.n
@@ -502,7 +516,9 @@ class ChatService:
         def piece(ev: TokenEvent, logprobs: list[TokenLogprob], finish: str | None) -> str | None:
             text, thought = ev.text, ""
             if thinking is not None:  # a reasoning model: its thinking apart, a tag in pieces held back
-                thought, text = thinking[ev.index].feed(ev.text, final=finish is not None)
+                thought, text = thinking.see(
+                    ev.index, ev.text, ev.completion_tokens, final=finish is not None
+                )
             delta = Delta(content=text) if text or (finish is None and thinking is None) else Delta()
             if kind[ev.index] is not False:  # a call, or not known yet: held back
                 held[ev.index] += text
@@ -537,8 +553,11 @@ class ChatService:
             for i in range(gen.params.n)
         ]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        usage_chunk = (lambda u: chunk([], u)) if include_usage else None
-        return stream_payloads(gen, events, head, piece, usage_chunk, waited)
+
+        def usage_chunk(u: Usage) -> str:
+            return chunk([], u if thinking is None else self._with_thoughts(u, thinking))
+
+        return stream_payloads(gen, events, head, piece, usage_chunk if include_usage else None, waited)
 
     def _thinks(self, req: ChatCompletionRequest, gen: GenerationRequest) -> bool | None:
         """For a reasoning model's text answer (no tools, no structured output): whether its prompt
@@ -599,8 +618,13 @@ class Collected:
     prompt_logprobs: list[list[TokenLogprob]]  # each choice's, if the request asked for them
 
 
-async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> Collected:
-    """The non-streamed answer of chat and text completions; an error or abort raises APIError."""
+async def collect(
+    gen: GenerationRequest,
+    events: AsyncIterator[TokenEvent],
+    observe: Callable[[TokenEvent], None] | None = None,
+) -> Collected:
+    """The non-streamed answer of chat and text completions; an error or abort raises APIError.
+    observe: sees each event as it comes (a reasoning model's token count)."""
     n = gen.params.n
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
@@ -613,6 +637,8 @@ async def collect(gen: GenerationRequest, events: AsyncIterator[TokenEvent]) -> 
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
                 raise failure(ev)
             texts[ev.index].append(ev.text)
+            if observe is not None:
+                observe(ev)
             logprobs[ev.index] += ev.logprobs or []
             prompt_logprobs[ev.index] += ev.prompt_logprobs or []
             completion[ev.index] = ev.completion_tokens

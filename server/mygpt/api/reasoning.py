@@ -60,6 +60,7 @@ class Splitter:
 
     def __init__(self, open_: bool):
         self.state: Literal["start", "reasoning", "answer"] = "reasoning" if open_ else "start"
+        self.thought = open_  # it has been inside its thinking
         self.buf = ""
         # newlines right after <think> and </think> are the template's, not the thinking's or answer's
         self.lead, self.trim = True, False
@@ -71,7 +72,7 @@ class Splitter:
         if self.state == "start":
             lead = self.buf.lstrip()
             if lead.startswith(OPEN):
-                self.state, self.buf = "reasoning", lead[len(OPEN) :]
+                self.state, self.buf, self.thought = "reasoning", lead[len(OPEN) :], True
             elif OPEN.startswith(lead) and not final:
                 return "", ""  # only whitespace, or a beginning of <think>, so far
             else:
@@ -96,6 +97,25 @@ class Splitter:
             self.trim = False
         answer, self.buf = self.buf, ""
         return reasoning, answer
+
+
+class Thoughts:
+    """A request's choices, split as their events come (Splitter each), and each one's reasoning
+    tokens: its completion tokens as of the event that ended its thinking (the one carrying </think>),
+    or as of its last event while it thinks."""
+
+    def __init__(self, choices: int, open_: bool):
+        self.splitters = [Splitter(open_) for _ in range(choices)]
+        self.tokens = [0] * choices
+
+    def see(self, index: int, text: str, completion_tokens: int, final: bool) -> tuple[str, str]:
+        """The event's (reasoning, answer) pieces; counts its tokens if it was (part) thinking."""
+        splitter = self.splitters[index]
+        was = splitter.state
+        pieces = splitter.feed(text, final)
+        if splitter.thought and was != "answer":
+            self.tokens[index] = completion_tokens
+        return pieces
 
 
 def split(text: str, open_: bool) -> tuple[str | None, str]:
