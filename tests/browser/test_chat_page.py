@@ -276,6 +276,63 @@ def test_html_from_the_model_is_shown_never_executed(browser, keyed):
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
 
 
+DELTAS_STUB = """
+const realFetch = window.fetch;
+window.fetch = async (url, init) => {
+  if (!String(url).endsWith("/v1/chat/completions")) return realFetch(url, init);
+  (window.__bodies ??= []).push(JSON.parse(init.body));
+  const deltas = %s;
+  const enc = new TextEncoder();
+  const body = new ReadableStream({ async start(c) {
+    for (const d of deltas) {
+      c.enqueue(enc.encode("data: " + JSON.stringify({choices: [{index: 0, delta: d}]}) + "\\n\\n"));
+      await new Promise((r) => setTimeout(r, 150));  // the page paints each piece
+    }
+    c.enqueue(enc.encode("data: [DONE]\\n\\n"));
+    c.close();
+  } });
+  return new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}});
+};
+"""
+THINKING = [  # a reasoning model's stream: its thinking (both names, as the server sends), then the answer
+    {"role": "assistant", "content": ""},
+    {"reasoning": "The user asks <b>2+2</b>.", "reasoning_content": "The user asks <b>2+2</b>."},
+    {"reasoning": " It is 4.", "reasoning_content": " It is 4."},
+    {"content": "The answer is **4**."},
+]
+
+
+def test_a_reasoning_models_thinking_shows_apart_folded_once_it_answers(browser, keyed):
+    """delta.reasoning goes into a "Thinking" box above the answer, as text (its HTML shown, not
+    rendered), open while the model thinks and folded once the answer comes; the answer renders as
+    Markdown; the conversation keeps the answer alone."""
+    script = browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument", {"source": DELTAS_STUB % json.dumps(THINKING)}
+    )
+    try:
+        open_page(browser, keyed, key=KEY)
+        ask(browser, "What is 2+2?")
+        wait(
+            browser,
+            lambda: browser.find_elements(By.CSS_SELECTOR, ".thinking[open] .thought"),
+            what="thinking",
+        )
+        answer = wait_answered(browser, 1)[0]
+        box = answer.find_element(By.CSS_SELECTOR, ".thinking")
+        assert box.get_attribute("open") is None  # folded once the answer came
+        thought = box.find_element(By.CSS_SELECTOR, ".thought")
+        assert thought.get_attribute("textContent") == "The user asks <b>2+2</b>. It is 4."
+        assert thought.find_elements(By.TAG_NAME, "b") == []
+        content = answer.find_element(By.CSS_SELECTOR, ".content")
+        assert content.text == "The answer is 4." and content.find_element(By.TAG_NAME, "strong").text == "4"
+        ask(browser, "Sure?")
+        wait_answered(browser, 2)
+        sent = browser.execute_script("return window.__bodies")[-1]["messages"]
+        assert sent[1] == {"role": "assistant", "content": "The answer is **4**."}
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
+
+
 # ----------------------------------------------------------------------------- the default model
 
 

@@ -142,11 +142,20 @@ function addAnswer(col, model) {
   const head = document.createElement("div");
   head.className = "model";
   head.textContent = model;
+  // a reasoning model's thinking (delta.reasoning): plain text, open while it thinks, folded after
+  const thinking = document.createElement("details");
+  thinking.className = "thinking";
+  thinking.hidden = true;
+  const summary = document.createElement("summary");
+  summary.textContent = "Thinking";
+  const thought = document.createElement("div");
+  thought.className = "thought";
+  thinking.append(summary, thought);
   const content = document.createElement("div");
   content.className = "content";
   const stats = document.createElement("div");
   stats.className = "stats";
-  box.append(head, content, stats);
+  box.append(head, thinking, content, stats);
   col.log.append(box);
   scrollDown();
   let text = "";
@@ -157,7 +166,14 @@ function addAnswer(col, model) {
     scrollDown();
   };
   return {
+    think(t) {
+      thinking.hidden = false;
+      if (!text) thinking.open = true;
+      thought.textContent = t; // text, never HTML
+      scrollDown();
+    },
     update(t) {
+      if (!text) thinking.open = false;
       text = t;
       if (!pending) {
         pending = true;
@@ -231,6 +247,7 @@ async function answer(col, prompt, signal) {
   const t0 = performance.now();
   let first = null;
   let text = "";
+  let reasoning = "";
   let chunks = 0;
   let usage = null;
   let finish = null;
@@ -248,6 +265,13 @@ async function answer(col, prompt, signal) {
       if (chunk.error) throw new Error(`The server failed mid-answer: ${chunk.error.message}`);
       if (chunk.usage) usage = chunk.usage;
       for (const choice of chunk.choices || []) {
+        const thought = choice.delta?.reasoning ?? choice.delta?.reasoning_content; // (the same text)
+        if (thought) {
+          first ??= performance.now();
+          reasoning += thought;
+          chunks += 1;
+          view.think(reasoning);
+        }
         if (choice.delta?.content) {
           first ??= performance.now();
           text += choice.delta.content;
