@@ -246,3 +246,27 @@ async def test_a_grammar_holds_from_the_end_of_the_thinking(
         assert not content and len(calls) == 1
         assert calls[0]["function"]["name"] == "get_time"
         assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_responses_api_gives_the_answer_and_counts_the_thinking(
+    served_state,  # noqa: F811
+    tokenizer,
+    monkeypatch,
+    stream,
+):
+    """/v1/responses with a reasoning model: output_text is the answer alone; the thinking's tokens
+    are usage.output_tokens_details.reasoning_tokens, streamed or not."""
+    written = tokenizer.encode(WRITTEN, add_special_tokens=False)
+    thinking = next(k for k in range(len(written) + 1) if "</think>" in tokenizer.decode(written[:k]))
+    served_state.chat.reasoning = True
+    script_model(monkeypatch, served_state.engine.runner, written)
+    sdk = sdk_for(served_state)
+    if stream:
+        async with sdk.responses.stream(model="tiny", input="Hi", max_output_tokens=80) as events:
+            response = await events.get_final_response()
+    else:
+        response = await sdk.responses.create(model="tiny", input="Hi", max_output_tokens=80)
+    assert response.output_text == ANSWER
+    assert response.usage.output_tokens_details.reasoning_tokens == thinking

@@ -442,7 +442,9 @@ class Turn:
                 "input_tokens": usage["prompt_tokens"],
                 "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0), "cache_write_tokens": 0},
                 "output_tokens": usage["completion_tokens"],
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {
+                    "reasoning_tokens": (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
+                },
                 "total_tokens": usage["total_tokens"],
             },
             "user": b.user, "metadata": b.metadata or {}, "background": False,
