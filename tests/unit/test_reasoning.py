@@ -256,8 +256,10 @@ async def test_the_responses_api_gives_the_answer_and_counts_the_thinking(
     monkeypatch,
     stream,
 ):
-    """/v1/responses with a reasoning model: output_text is the answer alone; the thinking's tokens
-    are usage.output_tokens_details.reasoning_tokens, streamed or not."""
+    """/v1/responses with a reasoning model: a `reasoning` item (its text as reasoning_text) before the
+    answer's message, streamed as response.reasoning_text.delta events; output_text is the answer
+    alone; the thinking's tokens are usage.output_tokens_details.reasoning_tokens. The response is
+    stored, and a next turn continues it (previous_response_id), or replays its items as input."""
     written = tokenizer.encode(WRITTEN, add_special_tokens=False)
     thinking = next(k for k in range(len(written) + 1) if "</think>" in tokenizer.decode(written[:k]))
     served_state.chat.reasoning = True
@@ -265,8 +267,49 @@ async def test_the_responses_api_gives_the_answer_and_counts_the_thinking(
     sdk = sdk_for(served_state)
     if stream:
         async with sdk.responses.stream(model="tiny", input="Hi", max_output_tokens=80) as events:
+            kinds = [e.type async for e in events]
             response = await events.get_final_response()
+        assert kinds.index("response.reasoning_text.delta") < kinds.index("response.output_text.delta")
     else:
         response = await sdk.responses.create(model="tiny", input="Hi", max_output_tokens=80)
     assert response.output_text == ANSWER
     assert response.usage.output_tokens_details.reasoning_tokens == thinking
+    item, message = response.output
+    assert item.type == "reasoning" and [c.text for c in item.content] == [THOUGHT]
+    assert message.type == "message" and (await sdk.responses.retrieve(response.id)).output_text == ANSWER
+    script_model(monkeypatch, served_state.engine.runner, written)
+    later = await sdk.responses.create(model="tiny", input="Sure?", previous_response_id=response.id,
+                                       max_output_tokens=80)  # fmt: skip
+    assert later.output_text == ANSWER
+    script_model(monkeypatch, served_state.engine.runner, written)
+    replayed = [{"role": "user", "content": "Hi"}, *(i.model_dump() for i in response.output)]
+    again = await sdk.responses.create(
+        model="tiny", input=[*replayed, {"role": "user", "content": "Sure?"}], max_output_tokens=80
+    )
+    assert again.output_text == ANSWER
+
+
+def test_a_replayed_reasoning_item_goes_to_the_next_assistant_turn():
+    """Responses input items as a client replays them: a reasoning item's text goes with the assistant
+    turn after it (a message or a function call) to the chat template."""
+    from mygpt.api.responses import _input_messages
+
+    thought = {
+        "type": "reasoning",
+        "id": "rs_1",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": "t"}],
+    }
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    got = _input_messages(
+        [
+            {"role": "user", "content": "Hi"},
+            thought,
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a"}]},
+            {**thought, "content": [{"type": "reasoning_text", "text": "u"}]},
+            call,
+            {"type": "function_call_output", "call_id": "c1", "output": "1"},
+        ],
+        [],
+    )
+    assert [m.get("reasoning_content") for m in got] == [None, "t", "u", None]

@@ -166,7 +166,8 @@ async def test_text_format_json_schema_is_followed(sdk):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+        ({"reasoning": {"generate_summary": "auto"}}, "reasoning.generate_summary"),
         ({"background": True}, "background"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"truncation": "auto"}, "truncation"),
@@ -179,7 +180,7 @@ async def test_text_format_json_schema_is_followed(sdk):
             },
             "input[0].content[0]",
         ),
-        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+        ({"input": [{"type": "file_search_call", "id": "fs_1"}]}, "input[0].type"),
         ({"max_output_tokens": 10**6}, "max_output_tokens"),
         ({"tool_choice": {"type": "function", "name": "nope"}, "tools": TOOLS}, "tool_choice"),
         ({"temperature": 3}, "temperature"),

@@ -7,11 +7,14 @@ Response or the Responses stream's events (response.created ... response.complet
 SDK's `responses.create` and `responses.stream` read.
 
 Honoured: model, input (text, messages with input_text/output_text parts, function_call and
-function_call_output items), instructions, max_output_tokens, temperature, top_p, tools (function
-tools), tool_choice, parallel_tool_calls, text.format (text, json_object, json_schema), stream,
-store, previous_response_id, metadata, user, max_tool_calls (it bounds built-in tools' calls: there
-are none). Refused with a 400 naming them (B2): what this server cannot do (built-in tools, images
-and files, reasoning, background mode, conversations, prompt templates, include, top_logprobs,
+function_call_output items, reasoning items replayed: their text goes to the next assistant turn),
+instructions, max_output_tokens, temperature, top_p, tools (function tools), tool_choice,
+parallel_tool_calls, text.format (text, json_object, json_schema), stream, store,
+previous_response_id, metadata, user, max_tool_calls (it bounds built-in tools' calls: there are
+none), reasoning.effort (as chat's reasoning_effort). A reasoning model's thinking comes as a
+`reasoning` output item before the answer (reasoning_text content; streamed as
+response.reasoning_text.delta events). Refused with a 400 naming them (B2): what this server cannot do
+(built-in tools, images and files, background mode, conversations, prompt templates, include, top_logprobs,
 truncation "auto", text.verbosity other than "medium", context management, moderation). Stored
 responses, each tenant's newest STORED_RESPONSES within STORED_BYTES, each visible to its own tenant
 only, live in the server's store (SQLite beside the adapter store, shared by the replicas that share
@@ -47,7 +50,7 @@ STORED_BYTES = 64 * 2**20  # per tenant (their JSON's size), oldest forgotten fi
 # fields refused by name when set to anything but their "off" value (what this server cannot do)
 REFUSED = {
     "background": (None, False), "conversation": (None,), "prompt": (None,), "include": (None, []),
-    "reasoning": (None,), "top_logprobs": (None, 0), "truncation": (None, "disabled"),
+    "top_logprobs": (None, 0), "truncation": (None, "disabled"),
     "context_management": (None, []), "moderation": (None,),
 }  # fmt: skip
 
@@ -72,6 +75,8 @@ class ResponsesRequest(BaseModel):
     metadata: Metadata | None = None
     user: str | None = None
     max_tool_calls: int | None = Field(None, ge=1)
+    # {"effort": ...}: "none" and "minimal" turn a reasoning model's thinking off (chat's reasoning_effort)
+    reasoning: dict[str, Any] | None = None
 
 
 class DeletedResponse(BaseModel):
@@ -278,6 +283,12 @@ def _as_chat(body: ResponsesRequest, history: list[dict]) -> ChatCompletionReque
     }  # fmt: skip
     if body.stream:
         chat["stream_options"] = {"include_usage": True}  # response.completed carries the usage
+    if body.reasoning:  # its summary: none is written here (the thinking itself comes as reasoning_text)
+        unknown = set(body.reasoning) - {"effort", "summary"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise invalid(f"reasoning.{key} is not supported by this server.", param=f"reasoning.{key}")
+        chat["reasoning_effort"] = body.reasoning.get("effort")
     if body.tools is not None:
         chat["tools"] = [_tool(i, t) for i, t in enumerate(body.tools)]
     if body.tool_choice is not None:
@@ -296,8 +307,13 @@ def _input_messages(items: str | list[dict[str, Any]], history: list[dict]) -> l
         return [{"role": "user", "content": items}]
     out: list[dict] = []
     called = {c["id"] for m in history for c in m.get("tool_calls") or []}  # call ids an output may answer
+    thought: str | None = None  # a replayed reasoning item's text, for the assistant turn after it
     for i, item in enumerate(items):
         kind = item.get("type", "message")
+        if kind == "reasoning":  # as a client replays a response's output: the next assistant turn's
+            parts = [p.get("text", "") for p in item.get("content") or [] if isinstance(p, dict)]
+            thought = "".join(parts) or None
+            continue
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
@@ -305,6 +321,8 @@ def _input_messages(items: str | list[dict[str, Any]], history: list[dict]) -> l
                     f"input[{i}].role must be user, system, developer or assistant.", param=f"input[{i}].role"
                 )
             out.append({"role": role, "content": _text(item.get("content"), f"input[{i}].content")})
+            if role == "assistant" and thought is not None:  # to the template, which decides (Qwen3 drops it)
+                out[-1]["reasoning_content"], thought = thought, None
         elif kind == "function_call":
             for field in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(field), str) or not item[field]:
@@ -324,6 +342,8 @@ def _input_messages(items: str | list[dict[str, Any]], history: list[dict]) -> l
                 out[-1]["tool_calls"].append(call)  # one assistant turn's parallel calls
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            if thought is not None:
+                out[-1]["reasoning_content"], thought = thought, None
         elif kind == "function_call_output":
             if item.get("call_id") not in called:
                 raise invalid(
@@ -379,7 +399,10 @@ def _format(fmt: dict) -> dict:
     return {"type": "json_schema", "json_schema": {k: fmt[k] for k in fields if fmt.get(k) is not None}}
 
 
-_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+_PARAMS = {
+    "messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
+}  # fmt: skip
 
 
 def _param(param: str | None, body: ResponsesRequest | None = None) -> str | None:
@@ -456,6 +479,8 @@ class Turn:
             return
         answer: list[dict] = []
         for item in response["output"]:
+            if item["type"] == "reasoning":  # not kept: the next turn's template would drop it (Qwen3's)
+                continue
             if item["type"] == "message":
                 answer.append({"role": "assistant", "content": item["content"][0]["text"]})
             else:
@@ -511,13 +536,23 @@ def _call_item(call_id: str, name: str, arguments: str) -> dict:
             "arguments": arguments, "status": "completed"}  # fmt: skip
 
 
+def _reasoning_item(text: str, status: str = "completed") -> dict:
+    """A reasoning model's thinking (api/reasoning.py), as OpenAI gives an open model's: its text as
+    reasoning_text content; no summary is written."""
+    return {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": status}  # fmt: skip
+
+
 def _output(done: ChatCompletion) -> list[dict]:
     choice = done.choices[0]
     message = choice.message
+    thinking = [_reasoning_item(message.reasoning)] if message.reasoning is not None else []
     if message.tool_calls:
-        return [_call_item(c.id, c.function.name, c.function.arguments) for c in message.tool_calls]
+        return thinking + [
+            _call_item(c.id, c.function.name, c.function.arguments) for c in message.tool_calls
+        ]
     status = _status(choice.finish_reason)
-    return [_message_item(message.content or "", status)]
+    return thinking + [_message_item(message.content or "", status)]
 
 
 async def _events(
@@ -547,6 +582,20 @@ async def _translate(payloads: Closing, turn: Turn, store: Stored):
     output: list[dict] = []
     message: dict | None = None  # the message item being streamed
     text: list[str] = []
+    thinking: dict | None = None  # the reasoning item being streamed (a reasoning model's)
+    thought: list[str] = []
+
+    def thought_done():  # the reasoning item ends where the answer (or a call) starts
+        nonlocal thinking
+        whole, at = "".join(thought), len(output)
+        yield event("response.reasoning_text.done", item_id=thinking["id"], output_index=at, content_index=0,
+                    text=whole)  # fmt: skip
+        item = _reasoning_item(whole)
+        item["id"] = thinking["id"]
+        yield event("response.output_item.done", output_index=at, item=item)
+        output.append(item)
+        thinking = None
+
     finish, usage = None, None
     async for p in payloads:
         if p is None:  # a keep-alive comment
@@ -560,6 +609,9 @@ async def _translate(payloads: Closing, turn: Turn, store: Stored):
             param = _param(error.get("param"), turn.body)
             message_text = re.sub(r"\bresponse_format\b", param or "text.format", error["message"])
             yield event("error", code=error.get("code"), message=message_text, param=param)
+            if thinking is not None:
+                for e in thought_done():
+                    yield e
             if message is not None:  # the answer so far, cut
                 part = _text_part("".join(text))
                 cut = {**message, "status": "incomplete", "content": [part]}
@@ -575,6 +627,16 @@ async def _translate(payloads: Closing, turn: Turn, store: Stored):
             usage = chunk["usage"]
         for choice in chunk.get("choices", []):
             delta = choice.get("delta") or {}
+            if delta.get("reasoning"):
+                if thinking is None:
+                    thinking = {**_reasoning_item("", "in_progress"), "content": []}
+                    yield event("response.output_item.added", output_index=len(output), item=thinking)
+                thought.append(delta["reasoning"])
+                yield event("response.reasoning_text.delta", item_id=thinking["id"], output_index=len(output),
+                            content_index=0, delta=delta["reasoning"])  # fmt: skip
+            if thinking is not None and (delta.get("content") or delta.get("tool_calls")):
+                for e in thought_done():
+                    yield e
             if delta.get("content"):
                 if message is None:
                     message = _message_item("", "in_progress")
@@ -599,6 +661,9 @@ async def _translate(payloads: Closing, turn: Turn, store: Stored):
                 output.append(item)
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
+    if thinking is not None:  # (cut while thinking: no answer came)
+        for e in thought_done():
+            yield e
     if message is not None:
         status = _status(finish)
         whole = "".join(text)
