@@ -292,6 +292,7 @@ async def test_the_responses_api_gives_the_answer_and_counts_the_thinking(
 def test_a_replayed_reasoning_item_goes_to_the_next_assistant_turn():
     """Responses input items as a client replays them: a reasoning item's text goes with the assistant
     turn after it (a message or a function call) to the chat template."""
+    from mygpt.api.errors import APIError
     from mygpt.api.responses import _input_messages
 
     thought = {
@@ -313,3 +314,75 @@ def test_a_replayed_reasoning_item_goes_to_the_next_assistant_turn():
         [],
     )
     assert [m.get("reasoning_content") for m in got] == [None, "t", "u", None]
+    # one before a user's turn went with no assistant turn: it does not pass to a later one
+    got = _input_messages(
+        [thought, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}], []
+    )
+    assert [m.get("reasoning_content") for m in got] == [None, None]
+    with pytest.raises(APIError) as err:  # a text that is no string: a 400 naming it, not a 500
+        _input_messages([{**thought, "content": [{"type": "reasoning_text", "text": None}]}], [])
+    assert err.value.info.param == "input[0].content"
+
+
+def test_the_guide_lets_no_end_into_the_thinking_and_only_line_breaks_after_it(thinking_model):
+    """ThinkFirst's guide: <think> or the grammar's first token at the start; inside the thinking every
+    token but the ends (a guided answer must come); after </think> line breaks (what the answer's
+    splitter trims), not a space the grammar would not take; then the grammar. A row whose prompt ends
+    in <think> starts inside; a <think> earlier in the prompt (a user's message) does not count."""
+    from mygpt.engine.guided import Grammars, ThinkFirst
+
+    tok, _ = thinking_model
+    grammars = Grammars(tok, len(tok))
+    open_id, close_id = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    eos, space, newline = (
+        tok.eos_token_id,
+        tok.encode(" ", add_special_tokens=False),
+        tok.encode("\n\n", add_special_tokens=False),
+    )
+    assert len(space) == len(newline) == 1
+    spec = ThinkFirst(grammars.json({"type": "object"}), open_id, close_id, grammars.blank_mask())
+
+    def has(mask: bytes, t: int) -> bool:
+        return bool(mask[t // 8] >> (t % 8) & 1)
+
+    guide = spec.start([5, 6, 7])
+    first = guide.allowed([eos])
+    assert has(first, open_id) and has(first, tok.encode("{", add_special_tokens=False)[0])
+    assert guide.advance(open_id) and guide.state == "thinking"
+    inside = guide.allowed([eos])
+    assert not has(inside, eos) and has(inside, space[0]) and not guide.accepting
+    assert guide.advance(space[0]) and guide.advance(close_id) and guide.state == "gap"
+    gap = guide.allowed([eos])
+    assert has(gap, newline[0]) and not has(gap, space[0])
+    assert guide.advance(newline[0]) and guide.state == "gap"
+    assert guide.advance(tok.encode("{", add_special_tokens=False)[0]) and guide.state == "grammar"
+    assert spec.start([9, open_id, newline[0]]).state == "thinking"  # R1: the prompt opened it
+    assert spec.start([open_id, *range(10, 20)]).state == "start"  # a user's <think>, long before
+
+
+@pytest.mark.anyio
+async def test_a_response_cut_while_thinking_has_its_thinking_and_an_empty_message(
+    served_state,  # noqa: F811
+    tokenizer,
+    monkeypatch,
+):
+    """Cut by max_output_tokens inside the thinking: streamed or not, the output is the reasoning item
+    and an empty, incomplete message (a later turn continues from an assistant turn)."""
+    served_state.chat.reasoning = True
+    sdk = sdk_for(served_state)
+    written = tokenizer.encode("<think>\nA long thought that goes on and on", add_special_tokens=False)
+    outputs = []
+    for stream in (False, True):
+        script_model(monkeypatch, served_state.engine.runner, written)
+        if stream:
+            async with sdk.responses.stream(model="tiny", input="Hi", max_output_tokens=6) as events:
+                last = [e async for e in events][
+                    -1
+                ]  # (response.incomplete: get_final_response wants completed)
+            assert last.type == "response.incomplete"
+            response = last.response
+        else:
+            response = await sdk.responses.create(model="tiny", input="Hi", max_output_tokens=6)
+        outputs.append([(i.type, getattr(i, "status", None)) for i in response.output])
+        assert response.status == "incomplete" and response.output_text == ""
+    assert outputs[0] == outputs[1] == [("reasoning", "completed"), ("message", "incomplete")]

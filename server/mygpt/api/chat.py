@@ -568,7 +568,8 @@ class ChatService:
             return (
                 None  # (a grammar from the first token, where the tags are not one token each: no thinking)
             )
-        tail = self.tokenizer.decode(gen.prompt_ids[-8:], skip_special_tokens=False)
+        # the generation prompt's last tokens only: a <think> in a user's message says nothing
+        tail = self.tokenizer.decode(gen.prompt_ids[-4:], skip_special_tokens=False)
         return reasoning.opens_in_reasoning(tail)
 
     def _logprobs(self, lps: list[TokenLogprob] | None) -> list[TokenLogprobOut]:
@@ -603,7 +604,7 @@ class ChatService:
 RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens",
 })  # fmt: skip
 
 

@@ -91,7 +91,7 @@ class Splitter:
             reasoning, self.buf = self.buf[:at].rstrip("\n"), self.buf[at + len(CLOSE) :]
             self.state, self.trim = "answer", True
         if self.trim:
-            self.buf = self.buf.lstrip("\n")
+            self.buf = self.buf.lstrip("\r\n")
             if not self.buf and not final:
                 return reasoning, ""
             self.trim = False

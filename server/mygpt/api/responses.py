@@ -312,8 +312,13 @@ def _input_messages(items: str | list[dict[str, Any]], history: list[dict]) -> l
         kind = item.get("type", "message")
         if kind == "reasoning":  # as a client replays a response's output: the next assistant turn's
             parts = [p.get("text", "") for p in item.get("content") or [] if isinstance(p, dict)]
+            if not all(isinstance(p, str) for p in parts):
+                raise invalid(f"input[{i}].content: a reasoning_text's text must be a string.",
+                              param=f"input[{i}].content")  # fmt: skip
             thought = "".join(parts) or None
             continue
+        if kind == "function_call_output" or (kind == "message" and item.get("role") != "assistant"):
+            thought = None  # it went with no assistant turn
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
@@ -457,7 +462,7 @@ class Turn:
             "error": error, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "model": b.model,
             "output": output, "parallel_tool_calls": b.parallel_tool_calls is not False,
-            "previous_response_id": b.previous_response_id, "reasoning": None, "store": b.store is not False,
+            "previous_response_id": b.previous_response_id, "reasoning": b.reasoning, "store": b.store is not False,
             "temperature": 1.0 if b.temperature is None else b.temperature,
             "text": b.text or {"format": {"type": "text"}}, "tool_choice": b.tool_choice or "auto",
             "tools": b.tools or [], "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled",
@@ -546,7 +551,7 @@ def _reasoning_item(text: str, status: str = "completed") -> dict:
 def _output(done: ChatCompletion) -> list[dict]:
     choice = done.choices[0]
     message = choice.message
-    thinking = [_reasoning_item(message.reasoning)] if message.reasoning is not None else []
+    thinking = [_reasoning_item(message.reasoning)] if message.reasoning else []  # (as a stream gives it)
     if message.tool_calls:
         return thinking + [
             _call_item(c.id, c.function.name, c.function.arguments) for c in message.tool_calls
@@ -677,7 +682,7 @@ async def _translate(payloads: Closing, turn: Turn, store: Stored):
         done = {**message, "status": status, "content": [part]}
         yield event("response.output_item.done", output_index=at, item=done)
         output.append(done)
-    elif not output:  # an empty answer is still one message
+    elif all(item["type"] == "reasoning" for item in output):  # an empty answer is still one message
         output.append(_message_item("", _status(finish)))
     final = turn.response(output, usage, finish)
     await _keep(turn, store, final)

@@ -47,19 +47,21 @@ class Grammar:
 
 
 class ThinkFirst:
-    """A grammar that holds from the end of a reasoning model's thinking (api/reasoning.py): free
-    between its <think> and </think> tokens, then blank tokens (whitespace) free too, then the
-    grammar's. A row whose prompt leaves <think> open starts inside its thinking; any other row's first
-    token is the grammar's or <think>. For tokenizers where each tag is one token (Qwen3, the R1
-    distills): the grammar then sees only the answer."""
+    """A grammar that holds from the end of a reasoning model's thinking (api/reasoning.py): any token
+    but an end between its <think> and </think> tokens (a guided answer must come), then line breaks
+    free, then the grammar's. A row whose prompt ends inside <think> (the R1 distills' templates)
+    starts inside its thinking; any other row's first token is the grammar's or <think>. For
+    tokenizers where each tag is one token (Qwen3, the R1 distills): the grammar sees only the answer."""
 
     def __init__(self, grammar: Grammar, open_id: int, close_id: int, blank: bytes):
         self.grammar, self.open_id, self.close_id = grammar, open_id, close_id
-        self.blank = blank  # bitmask of the blank tokens (llguidance's layout)
+        self.blank = blank  # bitmask of the line-break tokens (llguidance's layout)
         self.source = grammar.source
+        self.width = len(grammar.start().allowed())  # a mask's bytes (llguidance's, for the thinking's)
 
     def start(self, prompt_ids: Sequence[int] = ()) -> ThinkingGuide:
-        tail = list(prompt_ids[-32:])  # (a template writes the tags at the prompt's end)
+        # the generation prompt's last tokens only: a <think> in a user's message says nothing
+        tail = list(prompt_ids[-4:])
         last = {
             t: max((i for i, x in enumerate(tail) if x == t), default=-1)
             for t in (self.open_id, self.close_id)
@@ -76,10 +78,16 @@ class ThinkingGuide:
         self.state = "thinking" if inside else "start"
 
     def allowed(self, eos: Collection[int] = ()) -> bytes | None:
-        """The grammar's mask, and <think> at the start or the blank tokens after </think>; None while
-        thinking (every token)."""
+        """The grammar's mask, and <think> at the start or line breaks after </think>; while thinking,
+        every token but the ends (a guided row ends with its grammar's answer, not in its thinking)."""
         if self.state == "thinking":
-            return None
+            if not eos:
+                return None
+            bits = bytearray(b"\xff" * self.spec.width)
+            for t in eos:
+                if t // 8 < len(bits):
+                    bits[t // 8] &= ~(1 << (t % 8)) & 0xFF
+            return bytes(bits)
         mask = self.guide.allowed(eos)
         if self.state == "grammar":
             return mask
@@ -95,7 +103,7 @@ class ThinkingGuide:
 
     @property
     def accepting(self) -> bool:
-        return self.state == "thinking" or self.guide.accepting  # (an end while thinking ends the row)
+        return self.state != "thinking" and self.guide.accepting
 
     def advance(self, token: int) -> bool:
         if self.state == "start":
@@ -109,7 +117,7 @@ class ThinkingGuide:
             return True
         elif self.state == "gap":
             if token // 8 < len(self.spec.blank) and self.spec.blank[token // 8] >> (token % 8) & 1:
-                return True  # whitespace between </think> and the answer: the grammar never sees it
+                return True  # line breaks between </think> and the answer: the grammar never sees them
             self.state = "grammar"
         return self.guide.advance(token)
 
@@ -230,15 +238,15 @@ class Grammars:
         return self._compile(source)
 
     def blank_mask(self) -> bytes:
-        """The bitmask (llguidance's layout) of the tokens that are whitespace alone (ThinkFirst's gap);
-        computed once, ~0.1 s for 50k tokens."""
+        """The bitmask (llguidance's layout) of the tokens that are line breaks alone (ThinkFirst's gap,
+        as the answer's splitter trims them); computed once, ~0.1 s for 50k tokens."""
         with self._lock:
             if self._blank is not None:
                 return self._blank
         bits = bytearray((self.vocab_size + 31) // 32 * 4)
         for t in range(self.vocab_size):
             b = self.token_bytes(t)
-            if b and not b.strip():
+            if b and not b.strip(b"\r\n"):
                 bits[t // 8] |= 1 << (t % 8)
         with self._lock:
             self._blank = bytes(bits)
