@@ -182,6 +182,15 @@ def test_the_naive_engine_embeds_as_the_batched_one(engine, model, tokenizer):
         naive.stop()
 
 
+def streaming(engine, max_tokens: int) -> Collector:
+    """A greedy stream ("stream") submitted, once it decodes (its first token came)."""
+    c = Collector()
+    c.submit(engine, "stream", PROMPTS[0], temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    while not c.events.get("stream"):
+        time.sleep(0.005)
+    return c
+
+
 def test_while_streams_decode_a_step_takes_few_embedding_tokens_and_chat_prompts_go_first(model, tokenizer):
     """Embeddings are bulk work: while rows decode, a step takes at most embed_chunk of their tokens
     (the streams' next token waits for the whole step), and a chat prompt behind them is not held back."""
@@ -202,10 +211,7 @@ def test_while_streams_decode_a_step_takes_few_embedding_tokens_and_chat_prompts
         embed(engine, alone, "alone", LONG)
         alone.wait()
         assert max(n for _, chunks in steps for _, n in chunks) == 16  # cut at 16 even alone
-        c = Collector()
-        c.submit(engine, "stream", PROMPTS[0], temperature=0.0, max_tokens=60, ignore_eos=True)
-        while not c.events.get("stream"):
-            time.sleep(0.005)
+        c = streaming(engine, max_tokens=60)
         steps.clear()
         for i in range(4):
             embed(engine, c, f"e{i}", LONG)
@@ -242,10 +248,7 @@ def test_while_streams_decode_embedding_steps_take_at_most_their_share_of_the_ti
     runner.step, engine._charge = eager_embeddings, charge
     engine.start()
     try:
-        c = Collector()
-        c.submit(engine, "stream", PROMPTS[0], temperature=0.0, max_tokens=200, ignore_eos=True)
-        while not c.events.get("stream"):
-            time.sleep(0.005)
+        c = streaming(engine, max_tokens=200)
         charged.clear()
         for i in range(2):
             embed(engine, c, f"e{i}", LONG)  # 10 chunks of 16 or fewer tokens

@@ -340,7 +340,9 @@ def test_the_guide_lets_no_end_into_the_thinking_and_only_line_breaks_after_it(t
         tok.encode("\n\n", add_special_tokens=False),
     )
     assert len(space) == len(newline) == 1
-    spec = ThinkFirst(grammars.json({"type": "object"}), open_id, close_id, grammars.blank_mask())
+    grammar = grammars.json({"type": "object"})
+    spec = ThinkFirst(grammar, open_id, close_id, grammars.blank_mask())
+    assert len(spec.blank) == len(grammar.start().allowed())  # the thinking's mask is llguidance's width
 
     def has(mask: bytes, t: int) -> bool:
         return bool(mask[t // 8] >> (t % 8) & 1)

@@ -455,7 +455,7 @@ class ChatService:
     ) -> ChatCompletion:
         """Runs a request to the end and returns the whole completion."""
         calls, legacy = self._plan(req)
-        inside = self._thinks(req, gen)
+        inside = self._thinks(req, gen, calls)
         thoughts = reasoning.Thoughts(gen.params.n, inside) if inside is not None else None
         observe = None
         if thoughts is not None:  # each choice's reasoning tokens, counted as its events come
@@ -507,7 +507,7 @@ class ChatService:
             return c.model_dump_json(exclude_none=False)
 
         calls, legacy = self._plan(req)
-        inside = self._thinks(req, gen)
+        inside = self._thinks(req, gen, calls)
         thinking = reasoning.Thoughts(gen.params.n, inside) if inside is not None else None
         held = [""] * gen.params.n  # a call's text, sent as tool_calls (or function_call) once whole
         # per choice: a call (True), text (False), or not known yet (None: "auto", only whitespace so far)
@@ -559,15 +559,15 @@ class ChatService:
 
         return stream_payloads(gen, events, head, piece, usage_chunk if include_usage else None, waited)
 
-    def _thinks(self, req: ChatCompletionRequest, gen: GenerationRequest) -> bool | None:
-        """For a reasoning model's text answer (no tools, no structured output): whether its prompt
-        leaves it inside its thinking (api/reasoning.py); None where nothing is split."""
-        calls, _ = self._plan(req)
+    def _thinks(
+        self, req: ChatCompletionRequest, gen: GenerationRequest, calls: tools.ToolPlan | None
+    ) -> bool | None:
+        """For a reasoning model's answer: whether its prompt leaves it inside its thinking
+        (api/reasoning.py); None where nothing is split. calls: the request's tool plan (_plan)."""
         structured = req.response_format is not None and req.response_format.type != "text"
+        # (where the tags are not one token each, a grammar holds from the first token: no thinking)
         if not self.reasoning or ((calls is not None or structured) and self.think_ids is None):
-            return (
-                None  # (a grammar from the first token, where the tags are not one token each: no thinking)
-            )
+            return None
         # the generation prompt's last tokens only: a <think> in a user's message says nothing
         tail = self.tokenizer.decode(gen.prompt_ids[-4:], skip_special_tokens=False)
         return reasoning.opens_in_reasoning(tail)

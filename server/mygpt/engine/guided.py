@@ -55,9 +55,8 @@ class ThinkFirst:
 
     def __init__(self, grammar: Grammar, open_id: int, close_id: int, blank: bytes):
         self.grammar, self.open_id, self.close_id = grammar, open_id, close_id
-        self.blank = blank  # bitmask of the line-break tokens (llguidance's layout)
+        self.blank = blank  # bitmask of the line-break tokens (llguidance's layout and width)
         self.source = grammar.source
-        self.width = len(grammar.start().allowed())  # a mask's bytes (llguidance's, for the thinking's)
 
     def start(self, prompt_ids: Sequence[int] = ()) -> ThinkingGuide:
         # the generation prompt's last tokens only: a <think> in a user's message says nothing
@@ -83,7 +82,7 @@ class ThinkingGuide:
         if self.state == "thinking":
             if not eos:
                 return None
-            bits = bytearray(b"\xff" * self.spec.width)
+            bits = bytearray(b"\xff" * len(self.spec.blank))
             for t in eos:
                 if t // 8 < len(bits):
                     bits[t // 8] &= ~(1 << (t % 8)) & 0xFF
@@ -243,7 +242,8 @@ class Grammars:
         with self._lock:
             if self._blank is not None:
                 return self._blank
-        bits = bytearray((self.vocab_size + 31) // 32 * 4)
+        # as wide as llguidance's masks (32-bit words over its tokenizer's n_vocab: _llg_tokenizer)
+        bits = bytearray((max(self.vocab_size, len(self._hf_tokenizer)) + 31) // 32 * 4)
         for t in range(self.vocab_size):
             b = self.token_bytes(t)
             if b and not b.strip(b"\r\n"):

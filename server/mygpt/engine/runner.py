@@ -42,14 +42,13 @@ GRAPH_PROMPT_SPAN = 1024
 # chunk by those reads
 LORA_KERNEL_TOKENS = 128
 # a step's prompt chunks attend in one padded call a layer (_Packed): those that end within PACK_SPAN,
-# shortest span first while the keys gathered for them (chunks x longest end) stay within PACK_KEYS
-# (x 4 KB of keys and values a layer on the 8B shape: 64 MB at most, transient); the others one by one.
-# On the H100 a chunk's attention took ~200 us of host time a layer (session 15's profile: an eager
-# step of 8 chunks, 110 ms of wall time for 30 ms on the device)
-# The padded call's scores, chunks x longest chunk x longest end a head, stay within PACK_SCORES (4 MB a
-# head in float32, 128 MB for 32 heads, where a backend writes them out; 32 embedding inputs of 128
-# tokens take half) or
-# within PACK_WASTE x the scores of the chunks one by one: a long chunk beside short ones attends alone
+# shortest span first, while the keys gathered for them (chunks x longest end) stay within PACK_KEYS
+# (x 4 KB of keys and values a layer on the 8B shape: 64 MB at most, transient) and the padded scores
+# (chunks x longest chunk x longest end a head) within PACK_SCORES (4 MB a head in float32, where a
+# backend writes them out; 32 embedding inputs of 128 tokens take half) or PACK_WASTE x the scores one
+# by one; the others attend one by one (a long chunk beside short ones). On the H100 a chunk's
+# attention took ~200 us of host time a layer (session 15: an eager step of 8 chunks, 110 ms of wall
+# time for 30 ms on the device)
 PACK_SPAN = 1024
 PACK_KEYS = 16384
 PACK_SCORES = 1 << 20
@@ -157,7 +156,7 @@ class ModelRunner:
         # a step's prompt chunks attend in one padded call a layer (_Packed) on a GPU, where a step is
         # bound by its launches; checked here at this dtype and head layout against the chunks one by
         # one (off, with a warning, where not). On the CPU the calls cost little against the padding:
-        # the default model's embeddings took 10.8 s packed, 10.4 one by one (session 15), so it is off
+        # the default model's embeddings took 11.0 s packed, 10.0 one by one (session 15), so it is off
         self.pack_chunks = self.device.type == "cuda" and self._packing_agrees()
         self.lora_batch, self.lora_layers = (None, {})
         if max_loras:
@@ -545,13 +544,14 @@ class ModelRunner:
                 scale=attn.scaling, enable_gqa=gqa,
             )  # fmt: skip
             outs.append(out.reshape(bd, -1))
-        packed, at = None, 0
-        if plan.packed is not None:  # its chunks' outputs, in the step's order
-            packed = plan.packed.attend(attn, kc, vc, q, gqa)
-            if plan.packed.every:
-                outs.append(packed)
-        one_by_one = zip(plan.chunks, plan.chunk_offsets, plan.chunk_masks, strict=True)
-        for c, o, mask in one_by_one if plan.packed is None or not plan.packed.every else ():
+        # the packed chunks' outputs, in the step's order (every chunk's: nothing left one by one)
+        packed = plan.packed.attend(attn, kc, vc, q, gqa) if plan.packed is not None else None
+        chunks = zip(plan.chunks, plan.chunk_offsets, plan.chunk_masks, strict=True)
+        if plan.packed is not None and plan.packed.every:
+            outs.append(packed)
+            chunks = iter(())
+        at = 0
+        for c, o, mask in chunks:
             if mask is None:  # packed: its rows are the next of `packed`
                 outs.append(packed[at : at + len(c.token_ids)])
                 at += len(c.token_ids)
