@@ -864,10 +864,10 @@ def main() -> None:
                     embed_bench(runner, rows, report, out_dir)
                 continue
             if mode == "nf4 bench":
-                kernel_wins = False
+                other_paths = False
                 with section("nf4 kernel vs bitsandbytes"):
-                    kernel_wins = nf4_bench(runner, rows, report)
-                if runner.nf4_kernel(False) and (kernel_wins or not args.quick):
+                    other_paths = nf4_bench(runner, rows, report)
+                if runner.nf4_kernel(False) and (other_paths or not args.quick):
                     # both kernels called by the compiled layers first (the likeliest to reach issue 8's
                     # targets), then both with plain graphs, then the NF4 kernel alone
                     modes += [f"{static}-compile-lora-nf4", f"{static}-lora-nf4", f"{static}-nf4"]
@@ -1059,8 +1059,12 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
     NF4 kernel in each NF4_TILES entry (gemv at 1 row, dot at 8 and 32) against bitsandbytes (per layer,
     as without the kernel), each call captured in a CUDA graph and replayed (device time, as in the
     engine's graphed steps: timed from the host, bitsandbytes' ~150 us of Python per call swamped run 2's
-    and run 4's figures), median. Keeps the fastest entry of each kind (summed over its products); True
-    where the kernel's sum over all rows is under bitsandbytes'."""
+    and run 4's figures), median, and bitsandbytes' op once over each product's concatenation ("fused").
+    Keeps the fastest entry of each kind (summed over its products), then has the runner measure its
+    paths again with those tiles (runner.choose_nf4_paths, as the server does at start-up) and reports
+    them. True where that plan takes anything but the layers one by one somewhere (so the engine with
+    --nf4-kernel runs other products than without it)."""
+    from mygpt.engine.runner import _plan_text
     from mygpt.kernels import nf4
 
     proj = runner._proj[0]
@@ -1086,7 +1090,7 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
         return statistics.median(times)
 
     default = {kind: dict(t) for kind, t in nf4.TILES.items()}
-    results: dict = {"bnb": {}, "gemv": {}, "dot": {}, "best": {}}
+    results: dict = {"bnb": {}, "fused": {}, "gemv": {}, "dot": {}, "best": {}}
     g = torch.Generator(device=runner.device).manual_seed(7)
     inputs = {  # (name, rows) -> an input of the product's width
         (name, m): torch.randn(m, p.packed.shape[1] * 2, generator=g, device=runner.device).to(runner.dtype)
@@ -1095,6 +1099,8 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
     }
     for (name, m), x in inputs.items():
         results["bnb"][f"{name} m{m}"] = timed(lambda p=products[name], x=x: p._bnb(x))
+        if products[name]._fused_ok(x):  # bitsandbytes' op once over the concatenation
+            results["fused"][f"{name} m{m}"] = timed(lambda p=products[name], x=x: p._fused(x))
     keys = ("block_n", "block_k", "num_warps", "num_stages", "programs", "lut")
     # what one layer's products must read: the packed weights and the kernel's float32 scales
     layer_bytes = sum(p.packed.numel() + p.scale.numel() * 4 for p in products.values())
@@ -1136,10 +1142,21 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
             won[m] = (ours, theirs)
             tb_s = [layer_bytes / (us * 1e-6) / 1e12 for us in (ours, theirs)]  # bytes a second, in TB/s
             results.setdefault("tb_per_s", {})[f"m{m}"] = tb_s
+            fused = sum(v for k, v in results["fused"].items() if k.endswith(f" m{m}"))
             rows.append((f"one layer's 4-bit products, {m} rows: kernel {kind} {best} vs bitsandbytes",
                          f"{ours:.0f} vs {theirs:.0f} us ({theirs / ours:.2f}x); "
-                         f"{tb_s[0]:.2f} vs {tb_s[1]:.2f} TB/s"))  # fmt: skip
-    return sum(o for o, _ in won.values()) < sum(t for _, t in won.values())
+                         f"{tb_s[0]:.2f} vs {tb_s[1]:.2f} TB/s; bitsandbytes once a product {fused:.0f} us"))  # fmt: skip
+    # the engine's choice at each row count (runner.choose_nf4_paths), measured again with the tiles kept
+    runner.nf4_kernel(True)
+    on_cpu = None if runner.device.type == "cuda" else (lambda fn, rows: timed(fn) / 1e6)  # (tests)
+    plans = runner.choose_nf4_paths(timer=on_cpu)
+    names = {(p.packed.shape[0], p.packed.shape[1] * 2): name for name, p in products.items()}
+    results["paths"] = {names.get(key, str(key)): plan for key, plan in plans.items()}
+    for key, plan in plans.items():
+        rows.append(
+            (f"  the engine's path for {names.get(key, key)} (measured at start-up)", _plan_text(plan))
+        )
+    return any(way != "layers" for plan in plans.values() for _, way in plan)
 
 
 def profile_steps(runner, cache, weights, args, device: str, out_dir: Path, rows: list) -> None:

@@ -88,11 +88,12 @@ def _serve_parser(sub: Any) -> None:
         ("--compile", "experimental: torch.compile the decoder layers of the graphed decode steps"),
         (
             "--nf4-kernel",
-            "experimental: decode-sized NF4 products by mygpt's Triton kernel (not yet faster on an H100)",
+            "experimental: each NF4 product takes the fastest of mygpt's Triton kernel and bitsandbytes' "
+            "paths at each batch size, timed on the GPU at start-up",
         ),
         (
             "--lora-kernel",
-            "experimental: the LoRA terms of uncompiled steps by mygpt's Triton kernels (a GPU)",
+            "experimental: the LoRA terms of graphed steps by mygpt's Triton kernels (a GPU; helps with --compile)",
         ),
     ):
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)

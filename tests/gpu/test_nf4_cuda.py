@@ -61,3 +61,60 @@ def test_product_in_a_cuda_graph_replays_as_run_eagerly():
     assert torch.equal(out, eager)  # same kernels, same inputs: the same bits
     parts = torch.cat([q(x) for q in layers], dim=-1)  # the layers on their own, weights now views
     assert float((parts.float() - eager.float()).norm() / parts.float().norm()) < 1e-2
+
+
+def nf4_model():
+    """A tiny random Llama on the GPU whose projections are bitsandbytes NF4 layers the kernel takes
+    (input widths multiples of 256); the same seed gives the same model."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    m = LlamaForCausalLM(config).eval().cuda()
+    for layer in m.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(
+                        lin.in_features, lin.out_features, bias=False, compute_dtype=torch.float32,
+                        quant_type="nf4", compress_statistics=True, device="meta",
+                    )  # fmt: skip
+                    q.weight = bnb.nn.Params4bit(
+                        lin.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+                    ).cuda()
+                    setattr(parent, name, q)
+    return m
+
+
+def test_runner_times_each_products_path_on_the_device():
+    """With nf4_kernel on a GPU the runner times its products' paths when it starts (the decode sizes
+    inside CUDA graphs, PROMPT_ROWS eagerly): every product gets the first layer's plan of its shape,
+    and the graphed steps that follow it give the logits of bitsandbytes' layers."""
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import nf4
+
+    kw = {"num_slots": 8, "max_len": 128, "dtype": torch.float32, "cuda_graphs": True}
+    chosen, plain = ModelRunner(nf4_model(), nf4_kernel=True, **kw), ModelRunner(nf4_model(), **kw)
+    products = chosen._nf4_products()
+    assert len(products) == 8 and not plain._nf4_products()
+    sizes = [1, 2, 4, 8, nf4.MAX_ROWS, nf4.PROMPT_ROWS]  # batch_buckets(8), MAX_ROWS, a prompt step
+    for p in products:
+        assert [m for m, _ in p.paths] == sizes and {w for _, w in p.paths} <= set(nf4.PATHS)
+    for p in products[:4]:  # the first layer's, measured
+        assert set(p.timings) == set(sizes) and all(
+            0 < t < 1 for ts in p.timings.values() for t in ts.values()
+        )
+    prompts = {0: list(range(3, 43)), 1: [7, 8, 9], 2: [5] * 20}
+    for r in (chosen, plain):
+        for slot, p in prompts.items():
+            r.prefill(slot, p, 0)
+    slots, positions = list(prompts), [len(p) for p in prompts.values()]
+    for step in range(3):
+        got, want = (r.decode(slots, [11 + step] * 3, positions) for r in (chosen, plain))
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        positions = [p + 1 for p in positions]
+    assert chosen.decoder.stats.replays + chosen.decoder.stats.captures > 0

@@ -135,6 +135,155 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch):
     assert list(nf4.NF4Product._checked.values()) == [False]
 
 
+def nf4_layers(sizes: tuple[int, ...] = (64, 32, 32), k: int = 256) -> list:
+    """q/k/v-like bitsandbytes NF4 layers (float32 compute, the GPU layout) over one input width."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layers = []
+    for n in sizes:
+        q = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(torch.randn(n, k) * 0.05, requires_grad=False, quant_type="nf4")
+        q.weight = q.weight._quantize("cpu")
+        q.support_avx512bf16_for_cpu = False  # keep the GPU layout (see keep_gpu_layout)
+        layers.append(q)
+    return layers
+
+
+def spy_paths(monkeypatch) -> list[str]:
+    """Which path each NF4 product call ran, in order (the checks' calls too)."""
+    from mygpt.kernels import nf4
+
+    ran: list[str] = []
+    kernel, fused, bnb = nf4.nf4_matmul, nf4.NF4Product._fused, nf4.NF4Product._bnb
+    monkeypatch.setattr(nf4, "nf4_matmul", lambda x, *a: ran.append("kernel") or kernel(x, *a))
+    monkeypatch.setattr(nf4.NF4Product, "_fused", lambda self, x: ran.append("fused") or fused(self, x))
+    monkeypatch.setattr(nf4.NF4Product, "_bnb", lambda self, x: ran.append("layers") or bnb(self, x))
+    return ran
+
+
+def scripted_timer(ran: list[str], fastest: dict[int, str]):
+    """A timer for NF4Product.choose: runs the call once and says 1 s for the path `fastest` names at
+    that many rows, 2 s for the others."""
+
+    def timer(fn, rows: int) -> float:
+        ran.clear()
+        fn()
+        assert len(ran) == 1, ran  # one path a call
+        return 1.0 if ran[0] == fastest[rows] else 2.0
+
+    return timer
+
+
+def test_each_row_count_takes_the_path_measured_fastest(monkeypatch):
+    """NF4Product.choose times the kernel, bitsandbytes' op once over the concatenation ("fused") and
+    the layers one by one at each decode size, and the fused op against the layers at PROMPT_ROWS; a
+    product of m rows then takes the path of the next measured size up, the kernel never past
+    MAX_ROWS. Every path gives the dequantized product."""
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    layers = nf4_layers()
+    dense = torch.cat([bnb_f.dequantize_4bit(q.weight.data, q.weight.quant_state).float() for q in layers])
+    product = nf4.NF4Product(layers)
+    assert [product.path(m) for m in (1, 32, 33)] == ["kernel", "kernel", "layers"]  # before choose()
+    ran = spy_paths(monkeypatch)
+    fastest = {1: "layers", 2: "layers", 4: "kernel", 8: "kernel", 16: "fused", 32: "fused", 512: "layers"}
+    plan = product.choose(torch.float32, [1, 2, 4, 8, 16, 32, 64], scripted_timer(ran, fastest))
+    assert plan == sorted(fastest.items()) and product.paths == plan  # 64 > MAX_ROWS: not a decode size
+    assert set(product.timings) == set(fastest) and set(product.timings[512]) == {"fused", "layers"}
+    assert all(set(product.timings[m]) == set(nf4.PATHS) for m in (1, 2, 4, 8, 16, 32))
+    for m, way in ((1, "layers"), (3, "kernel"), (8, "kernel"), (9, "fused"), (32, "fused"), (33, "layers"),
+                   (600, "layers")):  # fmt: skip
+        x = torch.randn(m, 256)
+        ran.clear()
+        got = product(x)
+        assert product.path(m) == way and ran == [way], (m, ran)
+        torch.testing.assert_close(got, x @ dense.T, rtol=1e-4, atol=1e-4)
+    # the fused op past MAX_ROWS; the kernel's measured sizes never reach past it
+    product.paths = [(8, "kernel"), (512, "fused")]
+    assert [product.path(m) for m in (8, 9, 32, 33, 4096)] == ["kernel", "fused", "fused", "fused", "fused"]
+    product.paths = [(32, "fused"), (512, "kernel")]  # (not a plan choose() makes)
+    assert [product.path(m) for m in (32, 33)] == ["fused", "layers"]
+
+
+def test_a_path_that_disagrees_is_never_chosen(monkeypatch):
+    """A fused op that gives other products than the layers is not kept, however fast; nor is the
+    kernel where it is turned off."""
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    product = nf4.NF4Product(nf4_layers())
+    ran = spy_paths(monkeypatch)
+    wrong = nf4.NF4Product._fused
+    monkeypatch.setattr(nf4.NF4Product, "_fused", lambda self, x: wrong(self, x) * 1.5)
+    plan = product.choose(torch.float32, [1, 4], scripted_timer(ran, {1: "fused", 4: "fused", 512: "fused"}))
+    assert all(way != "fused" for _, way in plan)
+    product.enabled = False
+    plan = product.choose(torch.float32, [1], scripted_timer(ran, {1: "kernel", 512: "layers"}))
+    assert plan == [(1, "layers"), (512, "layers")] and set(product.timings[1]) == {"layers"}
+
+
+def test_plan_in_words():
+    from mygpt.engine.runner import _plan_text
+
+    plan = [(1, "layers"), (2, "layers"), (4, "kernel"), (8, "kernel"), (16, "fused"), (32, "fused"),
+            (512, "layers")]  # fmt: skip
+    assert _plan_text(plan) == "layers at 1-2 rows, kernel at 3-8 rows, fused at 9-32 rows, layers past 32"
+    assert _plan_text([(1, "kernel"), (512, "fused")]) == "kernel at 1 row, fused past 1"
+    assert _plan_text([(1, "fused"), (8, "fused"), (512, "fused")]) == "fused at every size"
+
+
+def test_runner_times_one_plan_per_product_shape(monkeypatch):
+    """runner.choose_nf4_paths measures the first layer's four products and gives every layer's
+    product of the same shape that plan; the model's logits stay the dequantized model's on each
+    path, with an adapter too. On a CPU the runner measures nothing by itself."""
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    quant, dense = nf4_llama()
+    keep_gpu_layout(quant)
+    kw = {"num_slots": 4, "max_len": 64, "dtype": torch.float32, "max_loras": 2}
+    runner, plain = ModelRunner(quant, nf4_kernel=True, **kw), ModelRunner(dense, **kw)
+    products = runner._nf4_products()
+    assert len(products) == 8 and all(p.paths is None for p in products)
+    ran = spy_paths(monkeypatch)
+    timed = []
+
+    def timer(fn, rows):
+        timed.append(rows)
+        return scripted_timer(ran, {1: "kernel", 2: "layers", 4: "fused", 512: "fused"})(fn, rows)
+
+    plans = runner.choose_nf4_paths([1, 2, 4], timer)
+    # q/k/v (256 + 2 x 128 outputs), o, gate/up, down: each timed once, at 4 sizes, by its paths
+    assert set(plans) == {(512, 256), (256, 256), (1024, 256), (256, 512)}
+    assert len(timed) == 4 * (3 * 3 + 2)
+    want = [(1, "kernel"), (2, "layers"), (4, "fused"), (512, "fused")]
+    assert all(plan == want for plan in plans.values()) and all(p.paths == want for p in products)
+    g = torch.Generator().manual_seed(1)
+    for layer_q, layer_d in zip(runner.lora_layers.values(), plain.lora_layers.values(), strict=True):
+        a, b = (
+            torch.randn(4, layer_q.in_features, generator=g),
+            torch.randn(layer_q.out_features, 4, generator=g),
+        )
+        layer_q.set_slot(1, a * 0.1, b * 0.1)
+        layer_d.set_slot(1, a * 0.1, b * 0.1)
+    prompt = torch.randint(0, 128, (40,), generator=g).tolist()
+    ran.clear()
+    got, want_logits = (r.prefill(0, prompt, 0, lora_slot=1) for r in (runner, plain))  # 40 rows: fused
+    assert set(ran) == {"fused"} and float((got - want_logits).norm() / want_logits.norm()) < 1e-4
+    for args in (
+        ([0], [5], [40], [1]),
+        ([0, 1], [5, 9], [41, 3], [1, -1]),
+        ([0, 1, 2], [1, 2, 3], [42, 4, 0], [1, 1, -1]),
+    ):
+        ran.clear()
+        got, want_logits = runner.decode(*args), plain.decode(*args)
+        torch.testing.assert_close(got, want_logits, rtol=1e-4, atol=1e-4)
+        assert set(ran) == {{1: "kernel", 2: "layers", 3: "fused"}[len(args[0])]}, ran
+
+
 def test_available_on_a_cpu_only_in_the_interpreter(monkeypatch):
     from mygpt.kernels import nf4
 
@@ -277,6 +426,19 @@ def test_compiled_layers_call_the_kernel_as_one_op(monkeypatch):
     assert not any(p.compiled_ok for p in products)
     got, want = compiled.decode([1], [3], [7], [-1]), plain.decode([1], [3], [7], [-1])
     assert float((got - want).norm() / want.norm()) < 1e-2 and not rows and compiled.compiled
+    # a plan (choose_nf4_paths) of bitsandbytes' op once a product: compiled code follows it (one op a
+    # product, 4 a layer, where the layers one by one take 7)
+    for args in (([1], [3], [8], [-1]), ([0, 1], [6, 3], [22, 9], [1, -1])):
+        for paths, ops in ((None, 7), ([(nf4.MAX_ROWS, "fused"), (nf4.PROMPT_ROWS, "fused")], 4)):
+            for p in products:
+                p.paths = paths
+            compiled.decode(*args)  # a new plan or batch size: compiles again (guarded on the plan)
+            with torch.profiler.profile() as prof:
+                got = compiled.decode(*args)
+            calls = sum(e.name == "bitsandbytes::gemm_4bit" for e in prof.events())
+            assert calls == ops * 2, (paths, calls)  # 2 layers
+            want = plain.decode(*args)
+            assert float((got - want).norm() / want.norm()) < 1e-2 and compiled.compiled
 
 
 def test_warm_compile_covers_the_nf4_kernels_rows(monkeypatch):
@@ -339,7 +501,22 @@ def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
             nf4.TILES[kind][k] for k in ("block_n", "block_k", "num_warps", "num_stages", "programs", "lut")
         )
         assert str(kept) == best
-    assert [r[0].split(":")[0] for r in rows] == [f"one layer's 4-bit products, {m} rows" for m in (1, 8, 32)]
+    assert set(got["fused"]) == set(got["bnb"])  # bitsandbytes once a product, where it agrees (here all)
+    assert [r[0].split(":")[0] for r in rows[:3]] == [
+        f"one layer's 4-bit products, {m} rows" for m in (1, 8, 32)
+    ]
+    # the runner's plan measured again with the tiles kept: one per product, in words
+    assert set(got["paths"]) == {"qkv", "o", "gate_up", "down"}
+    assert [m for m, _ in got["paths"]["qkv"]] == [
+        1,
+        2,
+        nf4.MAX_ROWS,
+        nf4.PROMPT_ROWS,
+    ]  # 2 slots' batch sizes
+    assert all(p.paths is not None for p in runner._nf4_products())
+    assert [r[0] for r in rows[3:]] == [
+        f"  the engine's path for {p} (measured at start-up)" for p in ("qkv", "o", "gate_up", "down")
+    ]
     for m in (1, 8, 32):  # the bandwidth: the layer's bytes over the summed microseconds, in TB/s
         kind = "gemv" if m == 1 else "dot"
         us = sum(v for k, v in got[kind][got["best"][kind]].items() if k.endswith(f" m{m}"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Literal
@@ -24,9 +25,11 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from mygpt.engine.graphs import StaticDecoder
+from mygpt.engine.graphs import StaticDecoder, batch_buckets
 from mygpt.kernels import available as kernels_available
+from mygpt.kernels import device_seconds
 from mygpt.kernels import lora as lora_kernels
+from mygpt.kernels.nf4 import MAX_ROWS as NF4_MAX_ROWS
 from mygpt.kernels.nf4 import NF4Product
 from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
 
@@ -187,6 +190,14 @@ class ModelRunner:
         capture = cuda_graphs and self.device.type == "cuda"
         if (capture or static_decode) and not exact_attention:
             self.decoder = StaticDecoder(self, capture=capture)
+        # nf4_kernel on a GPU: each NF4 product's path at each decode batch size (and past), timed now
+        if nf4_kernel and self.device.type == "cuda" and self._nf4_products():
+            try:
+                self.choose_nf4_paths()
+            except Exception:  # the kernel up to MAX_ROWS rows, as before the paths were measured
+                log.warning(
+                    "timing the NF4 products' paths failed: the kernel takes small steps", exc_info=True
+                )
         # compile_layers: the static decode steps run each decoder layer through torch.compile
         self.compile_layers(compile_layers)
 
@@ -247,6 +258,36 @@ class ModelRunner:
             for f in (p.qkv, p.o, p.gate_up, p.down)
             if f is not None and isinstance(f._fused_base, NF4Product)
         ]
+
+    def choose_nf4_paths(
+        self,
+        sizes: list[int] | None = None,
+        timer: Callable[[Callable[[], object], int], float] | None = None,
+    ) -> dict[tuple[int, int], list[tuple[int, str]]]:
+        """Each NF4 product shape's path at each row count, measured on the first layer's products and
+        taken by every layer's of the same shape (NF4Product.choose: the Triton kernel, bitsandbytes
+        once over the concatenation, or layer by layer); sizes: the row counts to time (default: the
+        decode batch sizes up to the kernel's MAX_ROWS, and MAX_ROWS). timer:
+        seconds a call at that many rows; None: on this runner's GPU, inside a CUDA graph up to
+        MAX_ROWS rows with cuda_graphs (as the graphed steps run), eagerly otherwise. Returns
+        {(N, K): plan}, also logged. Until it runs, products take the kernel up to MAX_ROWS rows."""
+        if timer is None:
+            graphs = self.decoder is not None and self.decoder.capture
+
+            def timer(fn: Callable[[], object], rows: int) -> float:
+                return device_seconds(fn, graph=graphs and rows <= NF4_MAX_ROWS)
+
+        if sizes is None:
+            sizes = [b for b in batch_buckets(self.num_slots) if b < NF4_MAX_ROWS] + [NF4_MAX_ROWS]
+        plans: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        for product in self._nf4_products():
+            key = (product.packed.shape[0], product.packed.shape[1] * 2)
+            if key not in plans:
+                with torch.inference_mode():
+                    plans[key] = product.choose(self.dtype, sizes, timer)
+                log.info("NF4 products %d x %d: %s", *key, _plan_text(plans[key]))
+            product.paths = plans[key]
+        return plans
 
     def _verify_nf4(self) -> None:
         """Each NF4 product shape's kernel checked in all its configurations before compiled code calls it
@@ -738,6 +779,22 @@ class _Projections:
         return _Projections(
             qkv, o, FusedLinear([mlp.gate_proj, mlp.up_proj], k), FusedLinear([mlp.down_proj], k)
         )
+
+
+def _plan_text(plan: list[tuple[int, str]]) -> str:
+    """An NF4 product's plan in words: "kernel at 1-8 rows, fused at 16-32, layers past 32"."""
+    parts, low = [], 1
+    for i, (most, way) in enumerate(plan):
+        if i + 1 < len(plan) and plan[i + 1][1] == way:
+            continue  # one phrase for a run of sizes that take the same path
+        if i + 1 == len(plan):
+            parts.append(f"{way} past {low - 1}" if low > 1 else f"{way} at every size")
+        else:
+            parts.append(
+                f"{way} at {low}-{most} rows" if low < most else f"{way} at {most} row{'s' * (most > 1)}"
+            )
+        low = most + 1
+    return ", ".join(parts)
 
 
 def _dynamic(t: torch.Tensor | None, *dims: int) -> None:

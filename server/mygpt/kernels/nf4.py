@@ -49,6 +49,15 @@ before.
 Projections that read the same input (q/k/v, gate/up) run as one product over their concatenated
 weights (lora/layers.py concat_base): the layers' packed weights become views of the concatenation.
 
+Which path a product of m rows takes is measured on the device when the runner starts (NF4Product.choose,
+runner.choose_nf4_paths): this kernel, bitsandbytes' own 4-bit op once over the concatenation (its
+float32 scales above: "fused"), or bitsandbytes layer by layer ("layers", as without the kernel), each
+timed at the decode batch sizes up to MAX_ROWS inside a CUDA graph (as graphed decode steps run them) and
+at PROMPT_ROWS eagerly (as prompt steps run; the kernel does not take that many rows). Session 15's
+H100 sweep shows why one path does not fit all: at 8 rows the kernel took 38 us for q/k/v where
+bitsandbytes took 76, at 32 rows 271 us for gate/up where bitsandbytes took 137, and at one row
+bitsandbytes won every product.
+
 Tested on the CPU through Triton's interpreter (TRITON_INTERPRET=1) against the dequantized product;
 on a GPU each product shape is checked once against bitsandbytes before it is used (a mismatch or a
 compile error turns the kernel off, with a warning). scripts/gpu_check.py sweeps TILES on the device
@@ -56,6 +65,8 @@ compile error turns the kernel off, with a warning). scripts/gpu_check.py sweeps
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -67,6 +78,10 @@ MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' 
 # the dot, padded to 16 rows: 7.6)
 GEMV_ROWS = 1
 LUTS = {"shared": 0, "select": 1}
+# the rows at which NF4Product.choose times the paths past MAX_ROWS, eagerly: a prompt chunk's step (the
+# server's default step budget)
+PROMPT_ROWS = 512
+PATHS = ("kernel", "fused", "layers")
 SUM_BLOCK = 1024  # outputs per program of the split-K sum
 # not measured on a GPU yet in this form (run 4's kernel lost to bitsandbytes in the engine): no register
 # spills and the fewest K-loop instructions per weight in scripts/kernel_sass.py; gpu_check's sweep keeps its
@@ -296,8 +311,9 @@ def supported(layers: list) -> bool:
 
 class NF4Product:
     """One product for bitsandbytes NF4 layers that read the same input: x [..., K] -> [..., sum N].
-    The layers' packed weights become views of one concatenation (no second copy); up to MAX_ROWS rows
-    the Triton kernel reads it, more rows call each layer (bitsandbytes) and concatenate."""
+    The layers' packed weights become views of one concatenation (no second copy), which the Triton
+    kernel (up to MAX_ROWS rows) and bitsandbytes' fused op read; the layers (bitsandbytes) read their
+    views. Which of the three runs at each row count: path(), as choose() measured it."""
 
     _checked: dict[tuple, bool] = {}  # (device, N, K, dtype, config) -> it agreed with bitsandbytes
 
@@ -318,10 +334,63 @@ class NF4Product:
         self.enabled = True
         # verify(): the input dtype and kernel settings the kernel was checked with for compiled layers
         self.verified_for: tuple | None = None
+        # choose(): the path of a product of m rows, as (most rows, path) pairs in ascending order, the last
+        # for every larger m; None: the kernel up to MAX_ROWS rows, the layers past it
+        self.paths: list[tuple[int, str]] | None = None
+        self.timings: dict[int, dict[str, float]] = {}  # choose()'s: rows -> path -> seconds a call
 
     def _bnb(self, x2: torch.Tensor) -> torch.Tensor:
         outs = [layer(x2) for layer in self.layers]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _fused(self, x2: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' own 4-bit op once over the concatenated weights, with their double quantization
+        undone once (self.scale), where the layers take one op each: the same products, one launch."""
+        n, k = self.packed.shape[0], self.packed.shape[1] * 2
+        return torch.ops.bitsandbytes.gemm_4bit.default(
+            x2, self.packed.view(-1, 1), [n, k], self.scale.view(-1), k // self.scale.shape[1], "nf4"
+        )
+
+    def _fused_ok(self, x2: torch.Tensor) -> bool:
+        """Once per input shape (bitsandbytes picks its kernel by rows and shape): the fused op against
+        the layers' own products. choose() asks at each size it measures; the fused op runs only at the
+        sizes (and those between) where that check kept it."""
+        n, k = self.packed.shape[0], self.packed.shape[1] * 2
+        key = ("nf4 fused", str(x2.device), n, k, k // self.scale.shape[1], x2.dtype, x2.shape[0])
+        return check_once(NF4Product._checked, key, lambda: self._fused(x2), lambda: self._bnb(x2))
+
+    def path(self, m: int) -> str:
+        """The path a product of m rows takes (PATHS): the plan choose() measured, or without one the
+        kernel up to MAX_ROWS rows and the layers past it. The kernel never past MAX_ROWS."""
+        if self.paths is None:
+            return "kernel" if m <= MAX_ROWS else "layers"
+        way = next((w for most, w in self.paths if m <= most), self.paths[-1][1])
+        return "layers" if way == "kernel" and m > MAX_ROWS else way
+
+    def choose(
+        self, dtype: torch.dtype, sizes: list[int], timer: Callable[[Callable[[], object], int], float]
+    ) -> list[tuple[int, str]]:
+        """Measures the paths and keeps the fastest at each row count (self.paths): at every size in
+        `sizes` up to MAX_ROWS the three (the kernel only while enabled), at PROMPT_ROWS the fused op
+        against the layers; a path that disagrees with the layers' products (check_once) is never kept.
+        timer(fn, rows) -> the seconds one call of fn takes as steps of that many rows run it (the
+        runner's: on the device, inside a CUDA graph for decode sizes). Inputs: random rows of `dtype`
+        (the layers' compute dtype where they set one). Returns the plan."""
+        k = self.packed.shape[1] * 2
+        dtype = self.compute_dtype or dtype
+        g = torch.Generator(device=self.packed.device).manual_seed(0)
+        plan = []
+        for m in sorted({*(s for s in sizes if 0 < s <= MAX_ROWS), PROMPT_ROWS}):
+            x = torch.randn(m, k, generator=g, device=self.packed.device).to(dtype)
+            ways: dict[str, Callable[[], object]] = {"layers": lambda x=x: self._bnb(x)}
+            if self._fused_ok(x):
+                ways["fused"] = lambda x=x: self._fused(x)
+            if self.enabled and m <= MAX_ROWS and self._kernel_ok(x):
+                ways["kernel"] = lambda x=x: nf4_matmul(x, self.words, self.scale, self.code)
+            self.timings[m] = {way: timer(fn, m) for way, fn in ways.items()}
+            plan.append((m, min(self.timings[m], key=self.timings[m].__getitem__)))
+        self.paths = plan
+        return plan
 
     def _kernel_ok(self, x2: torch.Tensor) -> bool:
         """Once per product shape: the kernel against bitsandbytes on this input (not during a CUDA
@@ -364,13 +433,18 @@ class NF4Product:
         x2 = x.reshape(-1, x.shape[-1])
         if self.compute_dtype is not None and x2.dtype != self.compute_dtype:
             x2 = x2.to(self.compute_dtype)
+        way = self.path(x2.shape[0]) if self.enabled else "layers"
         if torch.compiler.is_compiling():  # runner.compile_layers: verified, or bitsandbytes' traced ops
             # (compared while torch.compile traces: guards, nothing at run time)
             verified = self.verified_for == (x2.dtype, _settings())
-            kernel = self.enabled and verified and x2.shape[0] <= MAX_ROWS
-            y = nf4_matmul_op(x2, self.words, self.scale, self.code) if kernel else self._bnb(x2)
-        elif self.enabled and x2.shape[0] <= MAX_ROWS and self._kernel_ok(x2):
+            if way == "kernel" and verified:
+                y = nf4_matmul_op(x2, self.words, self.scale, self.code)
+            else:
+                y = self._fused(x2) if way == "fused" else self._bnb(x2)
+        elif way == "kernel" and self._kernel_ok(x2):
             y = nf4_matmul(x2, self.words, self.scale, self.code)
+        elif way == "fused":  # choose() kept it where it agreed with the layers
+            y = self._fused(x2)
         else:
             y = self._bnb(x2)
         if y.dtype != x.dtype:
