@@ -201,12 +201,19 @@ class _Tok:  # the engine detokenizes; random ids need no real text here
         return " ".join(map(str, ids))
 
 
+def mode_flags(mode: str) -> set[str]:
+    """An engine mode's options, in any order after its base: "graphs-compile-lora-overlap" -> {compile,
+    lora, overlap}; rows (short prompts as graph rows), overlap, compile, lora (the LoRA kernels), nf4
+    (the NF4 products' measured paths)."""
+    return set(mode.split("-")[1:])
+
+
 def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report: dict, mode: str) -> dict:
     """Throughput of the engine on one runner; `mode` labels the rows (eager / graphs / graphs-overlap:
     each decode step launched before the last one's tokens are read)."""
     from mygpt.engine.engine import Engine
 
-    overlap = mode.endswith("-overlap")
+    overlap = "overlap" in mode_flags(mode)
 
     def engine() -> Engine:  # one per run (engine_run stops it): the same state, no prefix cached
         return Engine(runner, _Tok(), [], max_num_batched_tokens=2048, adapters=cache, overlap=overlap)
@@ -873,13 +880,14 @@ def main() -> None:
                     modes += [f"{static}-compile-lora-nf4", f"{static}-lora-nf4", f"{static}-nf4"]
                 continue
             with section(f"engine {mode}"):
-                runner.nf4_kernel(mode.endswith("-nf4"))
-                runner.graph_prompt_tokens = PROMPT_ROWS if "-rows" in mode else 0  # before the decoder
-                runner.lora_kernel = "-lora" in mode and kernels_available(runner.device)
+                flags = mode_flags(mode)
+                runner.nf4_kernel("nf4" in flags)
+                runner.graph_prompt_tokens = PROMPT_ROWS if "rows" in flags else 0  # before the decoder
+                runner.lora_kernel = "lora" in flags and kernels_available(runner.device)
                 if runner.lora_kernel and not lora_kernels.verified(runner._lora_groups()):
                     runner.lora_kernel = False  # disagreed or failed: the grouped products (a warning)
                 use_graphs(runner, mode != "eager")
-                if runner.compile_layers("-compile" in mode):  # compiled before the first request
+                if runner.compile_layers("compile" in flags):  # compiled before the first request
                     first = "compile_warmup_s" not in report  # a later compiled mode reuses the compiles
                     t0 = time.perf_counter()
                     steps = runner.decoder.warm_compile()
@@ -905,7 +913,7 @@ def main() -> None:
                         f"  {mode}: graphs captured / replayed / run eagerly / failed; steps with prompt rows",
                         f"{st.captures} / {st.replays} / {st.eager} / {st.failures}; {st.prompt_steps}",
                     ))  # fmt: skip
-                if "-compile" in mode and not runner.compiled:
+                if "compile" in flags and not runner.compiled:
                     rows.append(("torch.compile", "FAILED: the steps ran uncompiled (see the log)"))
         runner.nf4_kernel(False)
         runner.compile_layers(False)
@@ -931,7 +939,10 @@ def main() -> None:
     first_modes.append(f"{static}-compile-lora")  # the same, called by the compiled layers
     first_modes.append("embed")  # /v1/embeddings' path, and streams beside a bulk embedding job
     picked = args.modes.split(",") if args.modes else None
-    run_modes([m for m in first_modes if picked is None or m in picked], runner, cache, weights)
+    # --modes may also name other combinations of the options (mode_flags), in any order: run after these
+    known = {*first_modes, "eager", "nf4 bench"}
+    extra = [m for m in picked or [] if m not in known and m.split("-")[0] == static]
+    run_modes([m for m in first_modes if picked is None or m in picked] + extra, runner, cache, weights)
     if ref_logits:
         with section("prompt logits vs peft"):
             errs = []
@@ -961,8 +972,10 @@ def main() -> None:
     run_modes([m for m in later if picked is None or m in picked], runner, cache, weights)
 
     tokens = report.pop("_tokens", {})
-    variants = ["rows", "overlap", "compile", "compile-rows", "compile-overlap", "lora", "compile-lora"]
-    for variant in variants + ["nf4", "lora-nf4", "compile-lora-nf4"]:
+    variants = dict.fromkeys(  # every variant of the graphs that ran, in the order run
+        key.split(": ")[0].removeprefix(f"{static}-") for key in tokens if key.startswith(f"{static}-")
+    )
+    for variant in variants:
         for label in ("1 stream + adapter", "32 streams / 32 adapters"):
             ref = tokens.get(f"{static}: {label}")
             got = tokens.get(f"{static}-{variant}: {label}")

@@ -89,3 +89,25 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert engine["steps"] > 0 and engine["step_ms"] > 0
     assert engine["tokens"] >= sum(r["output_tokens"] for r in levels.values())
     assert "mygpt engine (static), 32 streams / 32 adapters" in done.stdout  # the table, printed last
+
+
+def test_gpu_check_runs_any_combination_of_the_options(tmp_path):
+    """--modes takes the engine options in any combination and order (mode_flags), beyond the modes
+    the full run lists: each runs as its own engine mode, its greedy tokens against the default's."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "server"), "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    mode = "static-lora-overlap-compile"  # no such mode in the full run's list
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--out", str(tmp_path),
+           "--new-tokens", "8", "--quick", "--skip-e2e", "--modes", f"static,{mode}"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert {k for k in report if k.startswith("engine_")} == {"engine_static", f"engine_{mode}"}
+    assert report["compile_warmup_s"] > 0  # compiled, and overlapped: steps launched ahead and used
+    launched, used = report[f"engine_{mode}"]["32 streams / 32 adapters: steps launched ahead / used"]
+    assert launched > 0 and used > 0
+    assert report["lora-overlap-compile_same_tokens"] == {
+        "1 stream + adapter": "1/1",
+        "32 streams / 32 adapters": "32/32",
+    }
+    assert report["errors"] == {}, report["errors"]
