@@ -101,13 +101,11 @@ def test_runner_times_each_products_path_on_the_device():
     chosen, plain = ModelRunner(nf4_model(), nf4_kernel=True, **kw), ModelRunner(nf4_model(), **kw)
     products = chosen._nf4_products()
     assert len(products) == 8 and not plain._nf4_products()
-    sizes = [1, 2, 4, 8, nf4.MAX_ROWS, nf4.PROMPT_ROWS]  # batch_buckets(8), MAX_ROWS, a prompt step
-    for p in products:
-        assert [m for m, _ in p.paths] == sizes and {w for _, w in p.paths} <= set(nf4.PATHS)
-    for p in products[:4]:  # the first layer's, measured
-        assert set(p.timings) == set(sizes) and all(
-            0 < t < 1 for ts in p.timings.values() for t in ts.values()
-        )
+    sizes = [1, 2, 4, 8, nf4.MAX_ROWS, nf4.PROMPT_ROWS]  # the decoder's batch sizes, MAX_ROWS, a prompt step
+    for first, second in zip(products[:4], products[4:], strict=True):  # each shape: the first layer's timed
+        assert set(first.timings) == set(sizes) and not second.timings and first.paths == second.paths
+        assert all(0 < t < 1 for ts in first.timings.values() for t in ts.values())
+        assert first.paths == nf4.plan_of(first.paths) and first.paths[-1][0] == nf4.PROMPT_ROWS
     prompts = {0: list(range(3, 43)), 1: [7, 8, 9], 2: [5] * 20}
     for r in (chosen, plain):
         for slot, p in prompts.items():
@@ -118,3 +116,32 @@ def test_runner_times_each_products_path_on_the_device():
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
         positions = [p + 1 for p in positions]
     assert chosen.decoder.stats.replays + chosen.decoder.stats.captures > 0
+
+
+def test_fused_path_equals_the_layers_eagerly_and_in_a_cuda_graph():
+    """bitsandbytes' op once over the joined weights (the "fused" path, float32 scales) gives the
+    layers' products at decode sizes and a prompt step's rows, and replays in a CUDA graph as it ran
+    eagerly."""
+    from mygpt.kernels import nf4
+
+    layers = [layer(n, 4096, torch.bfloat16, seed=n) for n in (4096, 1024, 1024)]
+    product = nf4.NF4Product(layers)
+    product.paths = [(nf4.PROMPT_ROWS, "fused")]
+    for m in (1, 8, 32, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        want = torch.cat([q(x) for q in layers], dim=-1).float()
+        got = product(x).float()
+        assert product.path(m) == "fused" and float((got - want).norm() / want.norm()) < 1e-2, m
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = product(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        product(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = product(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)

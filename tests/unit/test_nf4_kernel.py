@@ -169,17 +169,17 @@ def scripted_timer(ran: list[str], fastest: dict[int, str]):
     def timer(fn, rows: int) -> float:
         ran.clear()
         fn()
-        assert len(ran) == 1, ran  # one path a call
+        assert len(set(ran)) == 1, ran  # one path a call (on the product and its peers)
         return 1.0 if ran[0] == fastest[rows] else 2.0
 
     return timer
 
 
 def test_each_row_count_takes_the_path_measured_fastest(monkeypatch):
-    """NF4Product.choose times the kernel, bitsandbytes' op once over the concatenation ("fused") and
-    the layers one by one at each decode size, and the fused op against the layers at PROMPT_ROWS; a
-    product of m rows then takes the path of the next measured size up, the kernel never past
-    MAX_ROWS. Every path gives the dequantized product."""
+    """NF4Product.choose times bitsandbytes' op once over the concatenation ("fused") and the layers
+    one by one at each size given and at PROMPT_ROWS, and the kernel up to MAX_ROWS; the plan keeps
+    the sizes where the path changes, and a product of m rows takes the path of the next one up (the
+    last for every larger m). Every path gives the dequantized product."""
     from mygpt.kernels import nf4
 
     monkeypatch.setattr(nf4.NF4Product, "_checked", {})
@@ -188,10 +188,12 @@ def test_each_row_count_takes_the_path_measured_fastest(monkeypatch):
     product = nf4.NF4Product(layers)
     assert [product.path(m) for m in (1, 32, 33)] == ["kernel", "kernel", "layers"]  # before choose()
     ran = spy_paths(monkeypatch)
-    fastest = {1: "layers", 2: "layers", 4: "kernel", 8: "kernel", 16: "fused", 32: "fused", 512: "layers"}
+    fastest = {1: "layers", 2: "layers", 4: "kernel", 8: "kernel", 16: "fused", 32: "fused", 64: "layers",
+               512: "layers"}  # fmt: skip
     plan = product.choose(torch.float32, [1, 2, 4, 8, 16, 32, 64], scripted_timer(ran, fastest))
-    assert plan == sorted(fastest.items()) and product.paths == plan  # 64 > MAX_ROWS: not a decode size
-    assert set(product.timings) == set(fastest) and set(product.timings[512]) == {"fused", "layers"}
+    assert plan == [(2, "layers"), (8, "kernel"), (32, "fused"), (512, "layers")] and product.paths == plan
+    assert set(product.timings) == set(fastest)
+    assert all(set(product.timings[m]) == {"fused", "layers"} for m in (64, 512))  # past MAX_ROWS
     assert all(set(product.timings[m]) == set(nf4.PATHS) for m in (1, 2, 4, 8, 16, 32))
     for m, way in ((1, "layers"), (3, "kernel"), (8, "kernel"), (9, "fused"), (32, "fused"), (33, "layers"),
                    (600, "layers")):  # fmt: skip
@@ -200,11 +202,21 @@ def test_each_row_count_takes_the_path_measured_fastest(monkeypatch):
         got = product(x)
         assert product.path(m) == way and ran == [way], (m, ran)
         torch.testing.assert_close(got, x @ dense.T, rtol=1e-4, atol=1e-4)
-    # the fused op past MAX_ROWS; the kernel's measured sizes never reach past it
-    product.paths = [(8, "kernel"), (512, "fused")]
+    # the last entry's path for every larger m
+    product.paths = nf4.plan_of([(8, "kernel"), (512, "fused")])
     assert [product.path(m) for m in (8, 9, 32, 33, 4096)] == ["kernel", "fused", "fused", "fused", "fused"]
-    product.paths = [(32, "fused"), (512, "kernel")]  # (not a plan choose() makes)
-    assert [product.path(m) for m in (32, 33)] == ["fused", "layers"]
+
+
+def test_a_plan_keeps_the_changes_of_path_and_the_kernel_within_its_rows():
+    from mygpt.kernels import nf4
+
+    assert nf4.plan_of([(1, "fused"), (8, "fused"), (512, "fused")]) == [(512, "fused")]  # one path: no band
+    assert nf4.plan_of([(1, "kernel"), (4, "layers"), (8, "layers"), (512, "fused")]) == [
+        (1, "kernel"), (8, "layers"), (512, "fused")
+    ]  # fmt: skip
+    assert nf4.plan_of([(4, "kernel"), (32, "kernel")]) == [(32, "kernel"), (33, "layers")]
+    with pytest.raises(ValueError, match="at most"):
+        nf4.plan_of([(4, "fused"), (nf4.MAX_ROWS + 1, "kernel")])
 
 
 def test_a_path_that_disagrees_is_never_chosen(monkeypatch):
@@ -221,7 +233,7 @@ def test_a_path_that_disagrees_is_never_chosen(monkeypatch):
     assert all(way != "fused" for _, way in plan)
     product.enabled = False
     plan = product.choose(torch.float32, [1], scripted_timer(ran, {1: "kernel", 512: "layers"}))
-    assert plan == [(1, "layers"), (512, "layers")] and set(product.timings[1]) == {"layers"}
+    assert plan == [(512, "layers")] and set(product.timings[1]) == {"layers"}
 
 
 def test_plan_in_words():
@@ -235,9 +247,10 @@ def test_plan_in_words():
 
 
 def test_runner_times_one_plan_per_product_shape(monkeypatch):
-    """runner.choose_nf4_paths measures the first layer's four products and gives every layer's
-    product of the same shape that plan; the model's logits stay the dequantized model's on each
-    path, with an adapter too. On a CPU the runner measures nothing by itself."""
+    """runner.choose_nf4_paths measures the first layer's four products, each timed call running the
+    other layer's product of the shape too, and gives every layer's product of the same shape that
+    plan; the model's logits stay the dequantized model's on each path, with an adapter too. On a CPU
+    the runner measures nothing by itself."""
     from mygpt.engine.runner import ModelRunner
     from mygpt.kernels import nf4
 
@@ -253,14 +266,17 @@ def test_runner_times_one_plan_per_product_shape(monkeypatch):
 
     def timer(fn, rows):
         timed.append(rows)
-        return scripted_timer(ran, {1: "kernel", 2: "layers", 4: "fused", 512: "fused"})(fn, rows)
+        seconds = scripted_timer(ran, {1: "kernel", 2: "layers", 4: "fused", 512: "fused"})(fn, rows)
+        assert len(ran) == 2  # this layer's product and the other layer's
+        return seconds
 
     plans = runner.choose_nf4_paths([1, 2, 4], timer)
     # q/k/v (256 + 2 x 128 outputs), o, gate/up, down: each timed once, at 4 sizes, by its paths
     assert set(plans) == {(512, 256), (256, 256), (1024, 256), (256, 512)}
     assert len(timed) == 4 * (3 * 3 + 2)
-    want = [(1, "kernel"), (2, "layers"), (4, "fused"), (512, "fused")]
+    want = [(1, "kernel"), (2, "layers"), (512, "fused")]
     assert all(plan == want for plan in plans.values()) and all(p.paths == want for p in products)
+    assert runner.nf4_changes() == [1, 2]
     g = torch.Generator().manual_seed(1)
     for layer_q, layer_d in zip(runner.lora_layers.values(), plain.lora_layers.values(), strict=True):
         a, b = (
@@ -441,10 +457,16 @@ def test_compiled_layers_call_the_kernel_as_one_op(monkeypatch):
             assert float((got - want).norm() / want.norm()) < 1e-2 and compiled.compiled
 
 
-def test_warm_compile_covers_the_nf4_kernels_rows(monkeypatch):
+@pytest.mark.parametrize(
+    "paths",
+    [None, [(512, "fused")], [(1, "kernel"), (8, "fused"), (512, "layers")]],
+    ids=["no plan", "one path", "three"],
+)
+def test_warm_compile_covers_the_nf4_kernels_rows(paths, monkeypatch):
     """With the NF4 kernel in compiled layers, the start-up warm-up compiles the kinds of step on both
-    sides of MAX_ROWS: afterwards decode steps and prompts of any length compile nothing (without the
-    LoRA kernels, whose warm-up past their 128 tokens would cover it here)."""
+    sides of MAX_ROWS, and with a measured plan (runner.choose_nf4_paths) on both sides of each change
+    of path: afterwards decode steps and prompts of any length compile nothing (without the LoRA
+    kernels, whose warm-up past their 128 tokens would cover it here)."""
     from torch._dynamo.utils import counters
 
     from mygpt.engine.runner import ModelRunner
@@ -456,13 +478,19 @@ def test_warm_compile_covers_the_nf4_kernels_rows(monkeypatch):
     keep_gpu_layout(quant)
     runner = ModelRunner(quant, num_slots=4, max_len=64, dtype=torch.float32, max_loras=2, nf4_kernel=True,
                          static_decode=True, compile_layers=True)  # fmt: skip
+    for p in runner._nf4_products():
+        p.paths = paths
     assert runner.decoder.warm_compile() > 0
     graphs = counters["stats"]["unique_graphs"]
     for slot, n, lora in ((0, 40, 1), (1, 20, -1), (2, 50, -1), (3, 9, 0)):
         runner.prefill(slot, [5] * n, 0, lora)
-    runner.decode([0], [6], [40], [1])
-    runner.decode([0, 1, 2], [6, 7, 8], [41, 20, 50], [1, -1, 0])
+    runner.prefill(0, [5, 6, 7], 40, 1)
+    runner.decode([0], [6], [43], [1])
+    runner.decode([0, 1, 2], [6, 7, 8], [44, 20, 50], [1, -1, 0])
+    runner.decode([0, 1], [6, 7], [45, 21], [1, -1])
     assert counters["stats"]["unique_graphs"] == graphs and runner.compiled
+    # the plan's bands: a plan of one path has none, so it compiles the kinds of step without a plan
+    assert runner.nf4_changes() == ([] if paths is None or len(paths) == 1 else [1, 8])
 
 
 def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
@@ -507,13 +535,10 @@ def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
     ]
     # the runner's plan measured again with the tiles kept: one per product, in words
     assert set(got["paths"]) == {"qkv", "o", "gate_up", "down"}
-    assert [m for m, _ in got["paths"]["qkv"]] == [
-        1,
-        2,
-        nf4.MAX_ROWS,
-        nf4.PROMPT_ROWS,
-    ]  # 2 slots' batch sizes
-    assert all(p.paths is not None for p in runner._nf4_products())
+    products = runner._nf4_products()
+    assert set(products[0].timings) == {1, 2, nf4.MAX_ROWS, nf4.PROMPT_ROWS}  # 2 slots' batch sizes
+    names = ["qkv", "o", "gate_up", "down"] * 2  # the two layers' products
+    assert all(p.paths and p.paths == got["paths"][name] for p, name in zip(products, names, strict=True))
     assert [r[0] for r in rows[3:]] == [
         f"  the engine's path for {p} (measured at start-up)" for p in ("qkv", "o", "gate_up", "down")
     ]

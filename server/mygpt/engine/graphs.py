@@ -264,7 +264,8 @@ class StaticDecoder:
         inside one (each compile of a layer takes seconds). The varying sizes are dynamic from the first
         compile (runner._forward) and adapter groups are at least 2 x 2 (plan_lora), so the kinds are:
         batch 1 or more, with or without adapters (grouped, or the LoRA kernels' one shape), and with
-        the NF4 kernel, up to its MAX_ROWS rows or more. Each is run at two sizes of everything that
+        the NF4 kernel, up to its MAX_ROWS rows or more, or with measured NF4 plans, on each side of
+        every change of path. Each is run at two sizes of everything that
         varies, so a size compiled as a constant would show here, and at the most rows a step takes.
         Then the compiled pieces of steps with prompt chunks (runner._layer_pieces): chunks of two
         lengths (and one past each kernel's rows), alone and beside a decode row, with and without an
@@ -288,6 +289,9 @@ class StaticDecoder:
         lengths = {7, 19}
         if any(p.enabled and p.compiled_ok for p in r._nf4_products()):
             lengths.add(MAX_ROWS + 8)  # bitsandbytes' products, past the kernel's rows
+        # the NF4 products' measured plans (runner.choose_nf4_paths): both sides of each change of path
+        changes = {n for c in r.nf4_changes() for n in (c, c + 1)}
+        lengths |= changes
         if r.lora_kernel:
             lengths.add(LORA_KERNEL_TOKENS + 8)  # the grouped products, past the kernels' tokens
         on_gpu = r.device.type == "cuda"
@@ -299,7 +303,8 @@ class StaticDecoder:
             self._buf("slots", on_device=False).fill_(self.spare_slot)
             self._buf("lora", on_device=False).fill_(-1)
             self._dev.copy_(self._host)
-            for batch in sorted({self.max_rows, b, min(2, b), 1}, reverse=True):
+            batches = {self.max_rows, b, min(2, b), 1} | {n for n in changes if n <= self.max_rows}
+            for batch in sorted(batches, reverse=True):
                 for span in spans:
                     for s, m in lora:
                         self._forward(DecodeShape(batch, span, s, m))

@@ -27,9 +27,8 @@ import torch.nn.functional as F
 
 from mygpt.engine.graphs import StaticDecoder, batch_buckets
 from mygpt.kernels import available as kernels_available
-from mygpt.kernels import device_seconds
+from mygpt.kernels import device_seconds, nf4
 from mygpt.kernels import lora as lora_kernels
-from mygpt.kernels.nf4 import MAX_ROWS as NF4_MAX_ROWS
 from mygpt.kernels.nf4 import NF4Product
 from mygpt.lora.layers import FusedLinear, set_rows, wrap_model
 
@@ -52,6 +51,9 @@ LORA_KERNEL_TOKENS = 128
 # by one; the others attend one by one (a long chunk beside short ones). On the H100 a chunk's
 # attention took ~200 us of host time a layer (session 15: an eager step of 8 chunks, 110 ms of wall
 # time for 30 ms on the device)
+# the products of one shape that each timed call of runner.choose_nf4_paths runs (one a layer): 8 of the 8B
+# shape's q/k/v read 100 MB, past an H100's 50 MB of L2 cache
+NF4_PEERS = 8
 PACK_SPAN = 1024
 PACK_KEYS = 16384
 PACK_SCORES = 1 << 20
@@ -264,30 +266,46 @@ class ModelRunner:
         sizes: list[int] | None = None,
         timer: Callable[[Callable[[], object], int], float] | None = None,
     ) -> dict[tuple[int, int], list[tuple[int, str]]]:
-        """Each NF4 product shape's path at each row count, measured on the first layer's products and
-        taken by every layer's of the same shape (NF4Product.choose: the Triton kernel, bitsandbytes
-        once over the concatenation, or layer by layer); sizes: the row counts to time (default: the
-        decode batch sizes up to the kernel's MAX_ROWS, and MAX_ROWS). timer:
-        seconds a call at that many rows; None: on this runner's GPU, inside a CUDA graph up to
-        MAX_ROWS rows with cuda_graphs (as the graphed steps run), eagerly otherwise. Returns
-        {(N, K): plan}, also logged. Until it runs, products take the kernel up to MAX_ROWS rows."""
+        """Each NF4 product shape's path at each row count (NF4Product.choose: the Triton kernel,
+        bitsandbytes once over the joined weights, or layer by layer), measured on the first layer's
+        product of that shape, with NF4_PEERS - 1 other layers' run in each timed call (a step reads
+        each layer's weights once, never one layer's again from the GPU's cache), and taken by every
+        layer's. sizes: the row counts to time; default: the static decoder's batch sizes (the graphed
+        steps' rows) or without it the decode batch sizes, and MAX_ROWS. timer: seconds a call at that
+        many rows; None: on this runner's GPU, inside a CUDA graph for the row counts the static
+        decoder captures, eagerly otherwise. Returns {(N, K): plan}, also logged. Until it runs,
+        products take the kernel up to MAX_ROWS rows."""
+        decoder = self.decoder
+        graphed = decoder.max_rows if decoder is not None and decoder.capture else 0
         if timer is None:
-            graphs = self.decoder is not None and self.decoder.capture
 
             def timer(fn: Callable[[], object], rows: int) -> float:
-                return device_seconds(fn, graph=graphs and rows <= NF4_MAX_ROWS)
+                return device_seconds(fn, self.device, graph=rows <= graphed)
 
         if sizes is None:
-            sizes = [b for b in batch_buckets(self.num_slots) if b < NF4_MAX_ROWS] + [NF4_MAX_ROWS]
-        plans: dict[tuple[int, int], list[tuple[int, str]]] = {}
+            sizes = decoder.batch_sizes if decoder is not None else batch_buckets(self.num_slots)
+            sizes = sorted({*sizes, nf4.MAX_ROWS})
+        groups: dict[tuple[int, int], list[NF4Product]] = {}
         for product in self._nf4_products():
-            key = (product.packed.shape[0], product.packed.shape[1] * 2)
-            if key not in plans:
-                with torch.inference_mode():
-                    plans[key] = product.choose(self.dtype, sizes, timer)
-                log.info("NF4 products %d x %d: %s", *key, _plan_text(plans[key]))
-            product.paths = plans[key]
+            groups.setdefault((product.packed.shape[0], product.packed.shape[1] * 2), []).append(product)
+        plans: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        for key, products in groups.items():
+            with torch.inference_mode():
+                plans[key] = products[0].choose(self.dtype, sizes, timer, peers=products[1:NF4_PEERS])
+            log.info("NF4 products %d x %d: %s", *key, _plan_text(plans[key]))
+            for product in products:
+                product.paths = plans[key]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the timing graphs' pools
         return plans
+
+    def nf4_changes(self) -> list[int]:
+        """The row counts at which some NF4 product's plan changes path (the last of each run of sizes
+        that share one), ascending: compiled code takes another branch past each (graphs.py
+        warm_compile compiles both sides before the first request)."""
+        return sorted(
+            {most for p in self._nf4_products() if p.enabled and p.paths for most, _ in p.paths[:-1]}
+        )
 
     def _verify_nf4(self) -> None:
         """Each NF4 product shape's kernel checked in all its configurations before compiled code calls it

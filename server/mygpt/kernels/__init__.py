@@ -63,38 +63,42 @@ def check_once(results: dict, key: tuple, run: Callable, reference: Callable) ->
     return good
 
 
-def device_seconds(fn: Callable[[], object], graph: bool, calls: int = 10, repeats: int = 5) -> float:
-    """The seconds one call of fn takes on the current CUDA device, median of `repeats` runs of `calls`
-    calls between two events. graph: the calls captured once as a CUDA graph and replayed (the device's
-    time alone, as a graphed decode step runs them); otherwise launched from the host each time (eager
+def device_seconds(
+    fn: Callable[[], object], device: torch.device, graph: bool, calls: int = 4, repeats: int = 5
+) -> float:
+    """The seconds one call of fn takes on CUDA `device`, median of `repeats` runs of `calls` calls
+    between two events. graph: the calls captured once as a CUDA graph and replayed (the device's
+    time alone, as a graphed step runs them); otherwise launched from the host each time (eager
     steps: the device also waits for the host's launches). fn runs once first (Triton compiles, caches
     fill), and for the capture once more on a side stream, as torch's own capture warm-up does."""
-    fn()
-    torch.cuda.synchronize()
-    run: Callable[[], object]
-    if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured):
-            for _ in range(calls):
+    with torch.cuda.device(device):
+        fn()
+        torch.cuda.synchronize()
+        run: Callable[[], object]
+        if graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
                 fn()
-        run = captured.replay
-    else:
+            torch.cuda.current_stream().wait_stream(side)
+            captured = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA work (the server's) does not break this capture
+            with torch.cuda.graph(captured, capture_error_mode="thread_local"):
+                for _ in range(calls):
+                    fn()
+            run = captured.replay
+        else:
 
-        def run() -> None:
-            for _ in range(calls):
-                fn()
+            def run() -> None:
+                for _ in range(calls):
+                    fn()
 
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(times)
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / calls)
+        return statistics.median(times)

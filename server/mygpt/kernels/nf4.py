@@ -66,11 +66,14 @@ compile error turns the kernel off, with a warning). scripts/gpu_check.py sweeps
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from mygpt.kernels import available, check_once, jitted, triton  # noqa: F401 - available: re-exported
+
+log = logging.getLogger(__name__)
 
 MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' dequantize + GEMM
 # rows up to which the "gemv" settings (no tensor cores) run; more: "dot". From 2 rows the dot costs fewer
@@ -263,6 +266,23 @@ def _(x, words, scale, code):
     return x.new_empty(x.shape[0], words.shape[0])
 
 
+def plan_of(best: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """A product's plan from the fastest path at each measured row count [(rows, path)], ascending:
+    the sizes where the path changes ((most rows, path) for each run of sizes that share a path; the
+    last entry for every larger count), and never the kernel past MAX_ROWS."""
+    out: list[tuple[int, str]] = []
+    for most, way in best:
+        if way == "kernel" and most > MAX_ROWS:
+            raise ValueError(f"the NF4 kernel takes at most {MAX_ROWS} rows, not {most}")
+        if out and out[-1][1] == way:
+            out[-1] = (most, way)
+        else:
+            out.append((most, way))
+    if out and out[-1][1] == "kernel":  # past the kernel's last size: the layers
+        out.append((out[-1][0] + 1, "layers"))
+    return out
+
+
 def _settings() -> tuple:
     """The module's kernel settings as they stand (gpu_check's sweep and tests change them)."""
     tiles = tuple((kind, tuple(sorted(tile.items()))) for kind, tile in sorted(TILES.items()))
@@ -347,50 +367,71 @@ class NF4Product:
         """bitsandbytes' own 4-bit op once over the concatenated weights, with their double quantization
         undone once (self.scale), where the layers take one op each: the same products, one launch."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
+        if x2.shape[0] == 0:  # (bitsandbytes' layers return early there; its op would launch on nothing)
+            return x2.new_empty(0, n)
         return torch.ops.bitsandbytes.gemm_4bit.default(
             x2, self.packed.view(-1, 1), [n, k], self.scale.view(-1), k // self.scale.shape[1], "nf4"
         )
 
     def _fused_ok(self, x2: torch.Tensor) -> bool:
         """Once per input shape (bitsandbytes picks its kernel by rows and shape): the fused op against
-        the layers' own products. choose() asks at each size it measures; the fused op runs only at the
-        sizes (and those between) where that check kept it."""
+        the layers' own products. choose() asks at each size it measures and keeps the op only where it
+        agreed; the row counts between and past the measured sizes take the plan's path unchecked.
+        bitsandbytes picks its implementation by rows and by the joined N, which may differ from the
+        one each layer gets: equal within rounding."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
         key = ("nf4 fused", str(x2.device), n, k, k // self.scale.shape[1], x2.dtype, x2.shape[0])
         return check_once(NF4Product._checked, key, lambda: self._fused(x2), lambda: self._bnb(x2))
 
     def path(self, m: int) -> str:
         """The path a product of m rows takes (PATHS): the plan choose() measured, or without one the
-        kernel up to MAX_ROWS rows and the layers past it. The kernel never past MAX_ROWS."""
+        kernel up to MAX_ROWS rows and the layers past it. Compiled code compares m with each change
+        of path only (a guard each: a kind of step compiles once a band, graphs.py warm_compile)."""
         if self.paths is None:
             return "kernel" if m <= MAX_ROWS else "layers"
-        way = next((w for most, w in self.paths if m <= most), self.paths[-1][1])
-        return "layers" if way == "kernel" and m > MAX_ROWS else way
+        for most, way in self.paths[:-1]:
+            if m <= most:
+                return way
+        return self.paths[-1][1]
 
     def choose(
-        self, dtype: torch.dtype, sizes: list[int], timer: Callable[[Callable[[], object], int], float]
+        self,
+        dtype: torch.dtype,
+        sizes: list[int],
+        timer: Callable[[Callable[[], object], int], float],
+        peers: list[NF4Product] | None = None,
     ) -> list[tuple[int, str]]:
-        """Measures the paths and keeps the fastest at each row count (self.paths): at every size in
-        `sizes` up to MAX_ROWS the three (the kernel only while enabled), at PROMPT_ROWS the fused op
-        against the layers; a path that disagrees with the layers' products (check_once) is never kept.
-        timer(fn, rows) -> the seconds one call of fn takes as steps of that many rows run it (the
-        runner's: on the device, inside a CUDA graph for decode sizes). Inputs: random rows of `dtype`
-        (the layers' compute dtype where they set one). Returns the plan."""
+        """Measures the paths and keeps the fastest at each row count (self.paths, merged: plan_of): at
+        every size in `sizes` and at PROMPT_ROWS, bitsandbytes layer by layer and once over the joined
+        weights, and up to MAX_ROWS rows the kernel (while enabled); a path that disagrees with the
+        layers' products (check_once) or fails is never kept. timer(fn, rows) -> the seconds fn takes
+        as steps of that many rows run it (the runner's: on the device, inside a CUDA graph for graphed
+        sizes). Each timed call runs the path on this product and its peers (products of the same
+        shape: other layers'), as a step reads every layer's weights once: not one product's weights
+        from the GPU's cache. Inputs: random rows of `dtype` (the layers' compute dtype where they set
+        one). Returns the plan."""
         k = self.packed.shape[1] * 2
         dtype = self.compute_dtype or dtype
+        group = [self, *(peers or [])]
         g = torch.Generator(device=self.packed.device).manual_seed(0)
-        plan = []
-        for m in sorted({*(s for s in sizes if 0 < s <= MAX_ROWS), PROMPT_ROWS}):
+        best = []
+        for m in sorted({*(s for s in sizes if s > 0), PROMPT_ROWS}):
             x = torch.randn(m, k, generator=g, device=self.packed.device).to(dtype)
-            ways: dict[str, Callable[[], object]] = {"layers": lambda x=x: self._bnb(x)}
+            ways: dict[str, Callable[[NF4Product], object]] = {"layers": lambda p, x=x: p._bnb(x)}
             if self._fused_ok(x):
-                ways["fused"] = lambda x=x: self._fused(x)
+                ways["fused"] = lambda p, x=x: p._fused(x)
             if self.enabled and m <= MAX_ROWS and self._kernel_ok(x):
-                ways["kernel"] = lambda x=x: nf4_matmul(x, self.words, self.scale, self.code)
-            self.timings[m] = {way: timer(fn, m) for way, fn in ways.items()}
-            plan.append((m, min(self.timings[m], key=self.timings[m].__getitem__)))
-        self.paths = plan
-        return plan
+                ways["kernel"] = lambda p, x=x: nf4_matmul(x, p.words, p.scale, p.code)
+            times = {}
+            for way, run in ways.items():
+                try:
+                    times[way] = timer(lambda run=run, x=x: [run(p) for p in group], m) / len(group)
+                except Exception:
+                    log.warning("timing the NF4 product's %s path at %d rows failed", way, m, exc_info=True)
+            self.timings[m] = times
+            best.append((m, min(times, key=times.__getitem__) if times else "layers"))
+        self.paths = plan_of(best)
+        return self.paths
 
     def _kernel_ok(self, x2: torch.Tensor) -> bool:
         """Once per product shape: the kernel against bitsandbytes on this input (not during a CUDA
