@@ -12,10 +12,12 @@ from mygpt.engine.runner import ModelRunner
 pytestmark = pytest.mark.gpu
 
 
-def model(nf4: bool = False):
+def model(nf4: bool = False, hidden: int = 128):
+    """A tiny random Llama on the GPU (the same seed: the same model), its projections bitsandbytes NF4
+    layers (float32 compute) with nf4; hidden 256: input widths the NF4 kernel takes."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
     )  # fmt: skip
     m = LlamaForCausalLM(config).eval().cuda()

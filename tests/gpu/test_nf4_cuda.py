@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cuda_graphs import model
 
 pytestmark = pytest.mark.gpu
+
+
+def replayed(fn):
+    """fn's output captured in a CUDA graph (kernels.capture) and replayed once."""
+    from mygpt.kernels import capture
+
+    graph, out = capture(fn)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
 
 
 def layer(n: int, k: int, dtype: torch.dtype, seed: int):
@@ -48,46 +59,9 @@ def test_product_in_a_cuda_graph_replays_as_run_eagerly():
     x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
     eager = product(x)  # checks the kernel against bitsandbytes once, then runs it
     assert all(nf4.NF4Product._checked.values())
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        product(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = product(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)  # same kernels, same inputs: the same bits
+    assert torch.equal(replayed(lambda: product(x)), eager)  # same kernels, same inputs: the same bits
     parts = torch.cat([q(x) for q in layers], dim=-1)  # the layers on their own, weights now views
     assert float((parts.float() - eager.float()).norm() / parts.float().norm()) < 1e-2
-
-
-def nf4_model():
-    """A tiny random Llama on the GPU whose projections are bitsandbytes NF4 layers the kernel takes
-    (input widths multiples of 256); the same seed gives the same model."""
-    import bitsandbytes as bnb
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    )  # fmt: skip
-    m = LlamaForCausalLM(config).eval().cuda()
-    for layer in m.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, lin in list(parent.named_children()):
-                if isinstance(lin, torch.nn.Linear):
-                    q = bnb.nn.Linear4bit(
-                        lin.in_features, lin.out_features, bias=False, compute_dtype=torch.float32,
-                        quant_type="nf4", compress_statistics=True, device="meta",
-                    )  # fmt: skip
-                    q.weight = bnb.nn.Params4bit(
-                        lin.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
-                    ).cuda()
-                    setattr(parent, name, q)
-    return m
 
 
 def test_runner_times_each_products_path_on_the_device():
@@ -98,7 +72,8 @@ def test_runner_times_each_products_path_on_the_device():
     from mygpt.kernels import nf4
 
     kw = {"num_slots": 8, "max_len": 128, "dtype": torch.float32, "cuda_graphs": True}
-    chosen, plain = ModelRunner(nf4_model(), nf4_kernel=True, **kw), ModelRunner(nf4_model(), **kw)
+    chosen = ModelRunner(model(nf4=True, hidden=256), nf4_kernel=True, **kw)
+    plain = ModelRunner(model(nf4=True, hidden=256), **kw)
     products = chosen._nf4_products()
     assert len(products) == 8 and not plain._nf4_products()
     sizes = [1, 2, 4, 8, nf4.MAX_ROWS, nf4.PROMPT_ROWS]  # the decoder's batch sizes, MAX_ROWS, a prompt step
@@ -133,15 +108,4 @@ def test_fused_path_equals_the_layers_eagerly_and_in_a_cuda_graph():
         got = product(x).float()
         assert product.path(m) == "fused" and float((got - want).norm() / want.norm()) < 1e-2, m
     x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
-    eager = product(x)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        product(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = product(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    assert torch.equal(replayed(lambda: product(x)), product(x))

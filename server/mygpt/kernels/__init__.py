@@ -63,6 +63,24 @@ def check_once(results: dict, key: tuple, run: Callable, reference: Callable) ->
     return good
 
 
+def capture(fn: Callable[[], object], calls: int = 1) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn's work on the current CUDA device captured as a graph of `calls` calls, after one run on a
+    side stream (as torch's own capture warm-up does): (the graph, the last call's output, which each
+    replay rewrites). Capture errors are thread-local: another thread's CUDA work (the server's) does
+    not break it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    out = None
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for _ in range(calls):
+            out = fn()
+    return graph, out
+
+
 def device_seconds(
     fn: Callable[[], object], device: torch.device, graph: bool, calls: int = 4, repeats: int = 5
 ) -> float:
@@ -76,17 +94,7 @@ def device_seconds(
         torch.cuda.synchronize()
         run: Callable[[], object]
         if graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            captured = torch.cuda.CUDAGraph()
-            # thread_local: another thread's CUDA work (the server's) does not break this capture
-            with torch.cuda.graph(captured, capture_error_mode="thread_local"):
-                for _ in range(calls):
-                    fn()
-            run = captured.replay
+            run = capture(fn, calls)[0].replay
         else:
 
             def run() -> None:
