@@ -201,11 +201,35 @@ class _Tok:  # the engine detokenizes; random ids need no real text here
         return " ".join(map(str, ids))
 
 
+# an engine mode's options (mode_flags): short prompts as graph rows, the overlapped launch, torch.compile
+# of the layers, the LoRA kernels, the NF4 products' measured paths
+MODE_OPTIONS = ("rows", "overlap", "compile", "lora", "nf4")
+
+
+def check_modes(modes: str | None, static: str) -> None:
+    """--modes, before anything runs: each name an engine mode of this device ("graphs-..." on a GPU,
+    "static-..." on a CPU) with known options, "eager", "embed" or "nf4 bench"; else exits saying which
+    (a typo was a mode quietly skipped or run under its name without the option)."""
+    for mode in (modes or "").split(",") if modes else []:
+        if mode in ("eager", "embed", "nf4 bench"):
+            continue
+        if mode.split("-")[0] != static:
+            raise SystemExit(f"--modes: {mode!r}: the engine modes on this device start with {static!r}")
+        try:
+            mode_flags(mode)
+        except ValueError as exc:
+            raise SystemExit(f"--modes: {exc}") from None
+
+
 def mode_flags(mode: str) -> set[str]:
     """An engine mode's options, in any order after its base: "graphs-compile-lora-overlap" -> {compile,
-    lora, overlap}; rows (short prompts as graph rows), overlap, compile, lora (the LoRA kernels), nf4
-    (the NF4 products' measured paths)."""
-    return set(mode.split("-")[1:])
+    lora, overlap} (MODE_OPTIONS; another word is an error)."""
+    flags = set(mode.split("-")[1:])
+    if unknown := flags - set(MODE_OPTIONS):
+        raise ValueError(
+            f"engine mode {mode!r}: no option {', '.join(sorted(unknown))} ({', '.join(MODE_OPTIONS)})"
+        )
+    return flags
 
 
 def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report: dict, mode: str) -> dict:
@@ -721,6 +745,7 @@ def main() -> None:
     if args.deadline:
         faulthandler.dump_traceback_later(args.deadline, exit=False)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    check_modes(args.modes, static_mode(device))
     if device == "cuda":
         # One CPU thread for torch's own host-side ops, as GPU servers run them (vLLM's workers set
         # OMP_NUM_THREADS=1). Here it is more: this thread builds the model with an OpenMP pool, and a
@@ -877,7 +902,8 @@ def main() -> None:
                 if runner.nf4_kernel(False) and (other_paths or not args.quick):
                     # both kernels called by the compiled layers first (the likeliest to reach issue 8's
                     # targets), then both with plain graphs, then the NF4 kernel alone
-                    modes += [f"{static}-compile-lora-nf4", f"{static}-lora-nf4", f"{static}-nf4"]
+                    more = [f"{static}-compile-lora-nf4", f"{static}-lora-nf4", f"{static}-nf4"]
+                    modes += [m for m in more if m not in modes]  # (not twice where --modes named one)
                 continue
             with section(f"engine {mode}"):
                 flags = mode_flags(mode)
@@ -887,6 +913,11 @@ def main() -> None:
                 if runner.lora_kernel and not lora_kernels.verified(runner._lora_groups()):
                     runner.lora_kernel = False  # disagreed or failed: the grouped products (a warning)
                 use_graphs(runner, mode != "eager")
+                if "nf4" in flags:  # the products' paths timed with this mode's decoder, as a server's are
+                    plans = runner.choose_nf4_paths()
+                    report.setdefault("nf4_paths", {})[mode] = {
+                        f"{n} x {k}": p for (n, k), p in plans.items()
+                    }
                 if runner.compile_layers("compile" in flags):  # compiled before the first request
                     first = "compile_warmup_s" not in report  # a later compiled mode reuses the compiles
                     t0 = time.perf_counter()
@@ -896,7 +927,7 @@ def main() -> None:
                     rows.append(
                         (f"torch.compile at start-up ({mode}: {steps} warm-up steps)", f"{took:.1f} s")
                     )
-                if mode in (f"{static}-rows", f"{static}-compile-rows"):  # a new request's step among rows
+                if "rows" in flags and flags <= {"rows", "compile"}:  # a new request's step among rows
                     mixed = mixed_step_ms(runner, prompts[0])
                     report[f"mixed_step_ms {mode}"] = mixed
                     rows.append((
@@ -941,7 +972,7 @@ def main() -> None:
     picked = args.modes.split(",") if args.modes else None
     # --modes may also name other combinations of the options (mode_flags), in any order: run after these
     known = {*first_modes, "eager", "nf4 bench"}
-    extra = [m for m in picked or [] if m not in known and m.split("-")[0] == static]
+    extra = [m for m in picked or [] if m not in known]  # (checked at the start: check_modes)
     run_modes([m for m in first_modes if picked is None or m in picked] + extra, runner, cache, weights)
     if ref_logits:
         with section("prompt logits vs peft"):
@@ -1161,6 +1192,8 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
                          f"{tb_s[0]:.2f} vs {tb_s[1]:.2f} TB/s; bitsandbytes once a product {fused:.0f} us"))  # fmt: skip
     # the engine's choice at each row count (runner.choose_nf4_paths), measured again with the tiles kept
     runner.nf4_kernel(True)
+    runner.graph_prompt_tokens = 0
+    use_graphs(runner, True)  # timed as the server's default decoder runs them (an "eager" mode may precede)
     on_cpu = None if runner.device.type == "cuda" else (lambda fn, rows: timed(fn) / 1e6)  # (tests)
     plans = runner.choose_nf4_paths(timer=on_cpu)
     names = {(p.packed.shape[0], p.packed.shape[1] * 2): name for name, p in products.items()}

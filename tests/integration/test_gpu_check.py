@@ -111,3 +111,17 @@ def test_gpu_check_runs_any_combination_of_the_options(tmp_path):
         "32 streams / 32 adapters": "32/32",
     }
     assert report["errors"] == {}, report["errors"]
+
+
+def test_a_mistyped_mode_stops_the_check_before_it_builds_anything(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "server")}
+    env.pop("TRITON_INTERPRET", None)
+    for modes, says in (
+        ("static,static-compil", "no option compil"),
+        ("graphs-compile", "start with 'static'"),  # a GPU's mode name on the CPU
+    ):
+        cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--out", str(tmp_path),
+               "--modes", modes]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and says in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "gpu-check.json").exists()

@@ -205,6 +205,10 @@ def test_each_row_count_takes_the_path_measured_fastest(monkeypatch):
     # the last entry's path for every larger m
     product.paths = nf4.plan_of([(8, "kernel"), (512, "fused")])
     assert [product.path(m) for m in (8, 9, 32, 33, 4096)] == ["kernel", "fused", "fused", "fused", "fused"]
+    product.paths = [(8, "kernel")]  # (by hand, not plan_of's: the kernel still never past MAX_ROWS)
+    assert [product.path(m) for m in (8, nf4.MAX_ROWS, nf4.MAX_ROWS + 1)] == ["kernel", "kernel", "layers"]
+    product.choose(torch.float32, [4], scripted_timer(ran, {4: "layers", 512: "layers"}))
+    assert set(product.timings) == {4, 512}  # this plan's sizes only
 
 
 def test_a_plan_keeps_the_changes_of_path_and_the_kernel_within_its_rows():

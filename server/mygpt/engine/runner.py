@@ -274,13 +274,15 @@ class ModelRunner:
         steps' rows) or without it the decode batch sizes, and MAX_ROWS. timer: seconds a call at that
         many rows; None: on this runner's GPU, inside a CUDA graph for the row counts the static
         decoder captures, eagerly otherwise. Returns {(N, K): plan}, also logged. Until it runs,
-        products take the kernel up to MAX_ROWS rows."""
+        products take the kernel up to MAX_ROWS rows. Graphs the static decoder captured already keep
+        the paths they were captured with: make a new StaticDecoder after a second call (compiled code
+        follows the new plan: it is guarded on it)."""
         decoder = self.decoder
         graphed = decoder.max_rows if decoder is not None and decoder.capture else 0
         if timer is None:
 
-            def timer(fn: Callable[[], object], rows: int) -> float:
-                return device_seconds(fn, self.device, graph=rows <= graphed)
+            def timer(fn: Callable[[], object], rows: int) -> float:  # PROMPT_ROWS: as an eager step
+                return device_seconds(fn, self.device, graph=rows <= graphed and rows < nf4.PROMPT_ROWS)
 
         if sizes is None:
             sizes = decoder.batch_sizes if decoder is not None else batch_buckets(self.num_slots)

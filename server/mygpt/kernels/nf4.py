@@ -389,10 +389,13 @@ class NF4Product:
         of path only (a guard each: a kind of step compiles once a band, graphs.py warm_compile)."""
         if self.paths is None:
             return "kernel" if m <= MAX_ROWS else "layers"
-        for most, way in self.paths[:-1]:
+        way = self.paths[-1][1]
+        for most, w in self.paths[:-1]:
             if m <= most:
-                return way
-        return self.paths[-1][1]
+                way = w
+                break
+        # (choose's plans never take the kernel past MAX_ROWS, where m <= most decided it already)
+        return "layers" if way == "kernel" and m > MAX_ROWS else way
 
     def choose(
         self,
@@ -414,7 +417,7 @@ class NF4Product:
         dtype = self.compute_dtype or dtype
         group = [self, *(peers or [])]
         g = torch.Generator(device=self.packed.device).manual_seed(0)
-        best = []
+        best, self.timings = [], {}
         for m in sorted({*(s for s in sizes if s > 0), PROMPT_ROWS}):
             x = torch.randn(m, k, generator=g, device=self.packed.device).to(dtype)
             ways: dict[str, Callable[[NF4Product], object]] = {"layers": lambda p, x=x: p._bnb(x)}
