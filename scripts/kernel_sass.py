@@ -189,15 +189,16 @@ def main() -> None:
     check = "--check" in sys.argv[1:]
     os.environ.pop("TRITON_INTERPRET", None)  # compiled: Triton reads it when it is imported
     print(f"{'kind':5} {'tile (n, k, warps, stages, programs, lut)':42} {'m':>3} {'regs':>4} {'spill':>5} "
-          f"{'per weight':>10}  the K loop's most frequent instructions")  # fmt: skip
+          f"{'per weight':>10} {'barriers':>8}  the K loop's most frequent instructions")  # fmt: skip
     bad = []
     for kind, tile, block_m in all_tiles():
         s = compile_tile(kind, tile, block_m)
         top = ", ".join(f"{op} {n}" for op, n in sorted(s.loop.items(), key=lambda x: -x[1])[:9])
         print(
-            f"{kind:5} {str(tile):42} {block_m:>3} {s.registers:>4} {s.stack:>5} {s.per_weight:>10.1f}  {top}"
+            f"{kind:5} {str(tile):42} {block_m:>3} {s.registers:>4} {s.stack:>5} {s.per_weight:>10.1f} "
+            f"{s.loop.get('BAR', 0):>8}  {top}"
         )
-        if s.stack or not s.loop or (tile[-1] == "shared" and s.per_weight > MAX_PER_WEIGHT):
+        if s.stack or not s.loop or (tile[-1].startswith("shared") and s.per_weight > MAX_PER_WEIGHT):
             bad.append((kind, tile, block_m))
     from mygpt.kernels import nf4
 
@@ -212,7 +213,7 @@ def main() -> None:
     others = [("nf4 split-K sum, 8 splits", regs, stack, {})]
     for name, regs, stack, loop in others + lora_kernels():
         top = ", ".join(f"{op} {n}" for op, n in sorted(loop.items(), key=lambda x: -x[1])[:9])
-        print(f"{name:48} {'':>3} {regs:>4} {stack:>5} {'':>10}  {top}")
+        print(f"{name:48} {'':>3} {regs:>4} {stack:>5} {'':>10} {'':>8}  {top}")
         if stack:
             bad.append((name, regs, stack))
     if check and bad:

@@ -31,7 +31,7 @@ class _Weight:  # what nf4_scales reads from a Params4bit
         self.quant_state = qs
 
 
-@pytest.mark.parametrize("lut", ["shared", "select"])
+@pytest.mark.parametrize("lut", ["shared", "select", "global", "shared8"])
 @pytest.mark.parametrize(("m", "gemv_rows"), [(1, 1), (3, 4), (5, 1), (16, 1), (32, 1)])
 @pytest.mark.parametrize(("n", "k", "programs"), [(96, 256, 1), (64, 1024, 512)])
 def test_kernel_equals_the_dequantized_product(m, gemv_rows, n, k, programs, lut, monkeypatch):

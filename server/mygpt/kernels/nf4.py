@@ -25,6 +25,16 @@ nibble into its table value (TILES[...]["lut"]):
   access pattern conflicts.
 - "select": a branch-free tree of 15 selects between the 16 values held in registers. It touches no
   memory, at ~18 instructions a weight; it is kept as the control.
+- "shared8" (session 16): as "shared", but the 8 planes' nibbles joined into one tensor (tl.join, in
+  registers), gathered once a K step and split again: 2 barriers a K step of the gemv tile where
+  "shared" has 16 (6.5 instructions a weight against 6.8, the same 64 registers); the dot tile 18
+  barriers where 32, but 125-173 registers where 74-103.
+- "global" (session 16): each weight's value loaded from the table in memory (an L1 hit), which
+  Triton pipelines through shared memory with cp.async. The SASS of "shared" shows Triton storing the
+  table to shared memory again for every plane, between two barriers: 16 barriers a K step of the
+  gemv tile, 32 of the dot tile's. "global" has 2-3 (17 for the dot, its operands' own), at 8.9
+  instructions a weight for the gemv tile and 9.3-10.1 for the dot. Which is faster is the device's
+  answer (gpu_check's sweep), not yet asked.
 `scripts/kernel_sass.py` compiles each tile for sm_90 without a GPU and counts the instructions of its K
 loop per weight: the shared table takes 6.8-9.3. Run 4's "gather", a table broadcast to [BLOCK_N, 16] in
 registers, compiled to a compare-and-select tree of ~37.
@@ -80,7 +90,7 @@ MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' 
 # instructions a weight (scripts/kernel_sass.py, one 32 x 256 gemv tile: 6.8 at 1 row, 8.5 at 2, 10.4 at 4;
 # the dot, padded to 16 rows: 7.6)
 GEMV_ROWS = 1
-LUTS = {"shared": 0, "select": 1}
+LUTS = {"shared": 0, "select": 1, "global": 2, "shared8": 3}
 # the rows at which NF4Product.choose times the paths past MAX_ROWS, eagerly: a prompt chunk's step (the
 # server's default step budget)
 PROMPT_ROWS = 512
@@ -111,9 +121,9 @@ if triton is not None:
         n_ok = rn < N
         m_ok = rm < M
         words = tl.arange(0, BLOCK_K // 8)  # a K step's words: word i holds elements 8i .. 8i + 7
-        if LUT == 0:  # gathered along its one axis: Triton stages it in shared memory, one load a weight
+        if LUT == 0 or LUT == 3:  # gathered along its one axis: Triton stages it in shared memory
             table = tl.load(code_ptr + tl.arange(0, 16))
-        else:  # the 16 values as scalars (registers)
+        elif LUT == 1:  # the 16 values as scalars (registers)
             c0 = tl.load(code_ptr + 0)
             c1 = tl.load(code_ptr + 1)
             c2 = tl.load(code_ptr + 2)
@@ -144,14 +154,54 @@ if triton is not None:
             scale = tl.load(
                 s_ptr + rn[:, None] * stride_sn + (col * 8 // QBLOCK)[None, :], mask=n_ok[:, None], other=0.0
             )
+            if LUT == 3:  # the 8 planes' nibbles joined (in registers), one gather for all, split again
+                n0 = (packed >> 4) & 15
+                n1 = packed & 15
+                n2 = (packed >> 12) & 15
+                n3 = (packed >> 8) & 15
+                n4 = (packed >> 20) & 15
+                n5 = (packed >> 16) & 15
+                n6 = (packed >> 28) & 15
+                n7 = (packed >> 24) & 15
+                # join adds a last axis; split takes it off again, the last joined first
+                q = tl.join(
+                    tl.join(tl.join(n0, n1), tl.join(n2, n3)), tl.join(tl.join(n4, n5), tl.join(n6, n7))
+                )
+                flat = tl.gather(table, tl.reshape(q, (BLOCK_N * BLOCK_K,)), axis=0)
+                q03, q47 = tl.split(tl.reshape(flat, (BLOCK_N, BLOCK_K // 8, 2, 2, 2)))
+                p01, p23 = tl.split(q03)
+                p45, p67 = tl.split(q47)
+                v0, v1 = tl.split(p01)
+                v2, v3 = tl.split(p23)
+                v4, v5 = tl.split(p45)
+                v6, v7 = tl.split(p67)
             # one plane per nibble position t: [BLOCK_N, BLOCK_K / 8] weights k = 8i + t, all in the
             # packed words' own layout (no reshape to [BLOCK_N, BLOCK_K], which cost Triton layout
             # conversions through shared memory: scripts/kernel_sass.py), each with its strided x columns
             for t in tl.static_range(8):
                 nib = (packed >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
-                if LUT == 0:
+                if LUT == 3:
+                    if t == 0:
+                        value = v0
+                    elif t == 1:
+                        value = v1
+                    elif t == 2:
+                        value = v2
+                    elif t == 3:
+                        value = v3
+                    elif t == 4:
+                        value = v4
+                    elif t == 5:
+                        value = v5
+                    elif t == 6:
+                        value = v6
+                    else:
+                        value = v7
+                elif LUT == 0:
                     flat = tl.gather(table, tl.reshape(nib, (BLOCK_N * BLOCK_K // 8,)), axis=0)
                     value = tl.reshape(flat, (BLOCK_N, BLOCK_K // 8))
+                elif LUT == 2:  # each weight's value loaded from the 64-byte table (an L1 hit)
+                    value = tl.load(code_ptr + nib)
                 else:  # bit 0 picks within pairs, bit 1 within fours, bit 2 within eights, bit 3 the half
                     b = (nib & 1) != 0
                     p0 = tl.where(b, c1, c0)
