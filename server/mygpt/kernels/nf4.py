@@ -18,23 +18,24 @@ up to MAX_ROWS rows:
 
 The K loop works on eight planes per step: plane t holds the weights k = 8i + t of every loaded word
 ([BLOCK_N, BLOCK_K / 8], the words' own layout), with its own strided x columns. Reshaping the nibbles to
-[BLOCK_N, BLOCK_K] instead cost Triton layout conversions through shared memory. Two ways of turning a
-nibble into its table value (TILES[...]["lut"]):
+[BLOCK_N, BLOCK_K] instead cost Triton layout conversions through shared memory. Four ways of turning
+a nibble into its table value (TILES[...]["lut"]):
 - "shared": the 16 values read with tl.gather along their one axis. Triton stages them in shared memory,
   one shared load a weight, as bitsandbytes' own GEMV does; 16 four-byte entries sit in 16 banks, so no
-  access pattern conflicts.
+  access pattern conflicts. But Triton stores the table to shared memory again for every gather,
+  between two barriers: 16 barriers a K step of the gemv tile, 32 of the dot tile's (with its
+  operands' own).
 - "select": a branch-free tree of 15 selects between the 16 values held in registers. It touches no
-  memory, at ~18 instructions a weight; it is kept as the control.
+  memory, at ~18 instructions a weight; it is kept as the control. On the H100 it took 1.23x the
+  shared table's time for 2.6x its instructions: the kernel is not bound by its instruction count.
 - "shared8" (session 16): as "shared", but the 8 planes' nibbles joined into one tensor (tl.join, in
   registers), gathered once a K step and split again: 2 barriers a K step of the gemv tile where
   "shared" has 16 (6.5 instructions a weight against 6.8, the same 64 registers); the dot tile 18
   barriers where 32, but 125-173 registers where 74-103.
 - "global" (session 16): each weight's value loaded from the table in memory (an L1 hit), which
-  Triton pipelines through shared memory with cp.async. The SASS of "shared" shows Triton storing the
-  table to shared memory again for every plane, between two barriers: 16 barriers a K step of the
-  gemv tile, 32 of the dot tile's. "global" has 2-3 (17 for the dot, its operands' own), at 8.9
-  instructions a weight for the gemv tile and 9.3-10.1 for the dot. Which is faster is the device's
-  answer (gpu_check's sweep), not yet asked.
+  Triton pipelines through shared memory with cp.async: 2 barriers (17 for the dot), at 8.9
+  instructions a weight for the gemv tile and 9.3-10.1 for the dot.
+Which is fastest is the device's answer (gpu_check's sweep): for shared8 and global, not yet asked.
 `scripts/kernel_sass.py` compiles each tile for sm_90 without a GPU and counts the instructions of its K
 loop per weight: the shared table takes 6.8-9.3. Run 4's "gather", a table broadcast to [BLOCK_N, 16] in
 registers, compiled to a compare-and-select tree of ~37.
@@ -53,8 +54,8 @@ loads that feed a tl.dot unless asked). A product whose N blocks do not fill the
 "programs" programs) splits K: the partial sums go to a float32 buffer that one more small kernel adds
 up in order and writes in the input's dtype (never atomically, so the result is the same on every run;
 torch's sum and cast were two kernels, each a node of a CUDA graph, whose launch time grows with its
-nodes). Without a split the kernel writes the output in the input's dtype. Products with more rows (prefill) and shapes it does not cover call bitsandbytes as
-before.
+nodes). Without a split the kernel writes the output in the input's dtype. Products with more rows
+(prefill) and shapes it does not cover call bitsandbytes as before.
 
 Projections that read the same input (q/k/v, gate/up) run as one product over their concatenated
 weights (lora/layers.py concat_base): the layers' packed weights become views of the concatenation.
@@ -62,8 +63,8 @@ weights (lora/layers.py concat_base): the layers' packed weights become views of
 Which path a product of m rows takes is measured on the device when the runner starts (NF4Product.choose,
 runner.choose_nf4_paths): this kernel, bitsandbytes' own 4-bit op once over the concatenation (its
 float32 scales above: "fused"), or bitsandbytes layer by layer ("layers", as without the kernel), each
-timed at the decode batch sizes up to MAX_ROWS inside a CUDA graph (as graphed decode steps run them) and
-at PROMPT_ROWS eagerly (as prompt steps run; the kernel does not take that many rows). Session 15's
+timed at the static decoder's batch sizes inside a CUDA graph (as graphed steps run them; the kernel
+up to MAX_ROWS rows) and at PROMPT_ROWS eagerly (as prompt steps run). Session 15's
 H100 sweep shows why one path does not fit all: at 8 rows the kernel took 38 us for q/k/v where
 bitsandbytes took 76, at 32 rows 271 us for gate/up where bitsandbytes took 137, and at one row
 bitsandbytes won every product.
