@@ -29,9 +29,11 @@ a nibble into its table value (TILES[...]["lut"]):
   memory, at ~18 instructions a weight; it is kept as the control. On the H100 it took 1.23x the
   shared table's time for 2.6x its instructions: the kernel is not bound by its instruction count.
 - "shared8" (session 16): as "shared", but the 8 planes' nibbles joined into one tensor (tl.join, in
-  registers), gathered once a K step and split again: 2 barriers a K step of the gemv tile where
-  "shared" has 16 (6.5 instructions a weight against 6.8, the same 64 registers); the dot tile 18
-  barriers where 32, but 125-173 registers where 74-103.
+  registers), gathered once a K step and split again, and the step's x loaded in one contiguous piece
+  and split the same way (the other readings load each plane's x columns one by one, 8 apart: 8 loads
+  a K step that are not pipelined). The gemv tile's K loop: 3 barriers where "shared" has 16, no
+  unpipelined load, 6.6 instructions a weight against 6.8, the same 64 registers; the dot tile's: 18
+  barriers where 32, but 150-197 registers where 74-103.
 - "global" (session 16): each weight's value loaded from the table in memory (an L1 hit), which
   Triton pipelines through shared memory with cp.async: 2 barriers (17 for the dot), at 8.9
   instructions a weight for the gemv tile and 9.3-10.1 for the dot.
@@ -176,6 +178,21 @@ if triton is not None:
                 v2, v3 = tl.split(p23)
                 v4, v5 = tl.split(p45)
                 v6, v7 = tl.split(p67)
+                # and the step's x in one contiguous load (pipelined), split into the planes' columns the
+                # same way: reshaped t = 4a + 2b + c, the axes turned to (c, b, a) as the joins made them
+                xs = tl.load(
+                    x_ptr + rm[:, None] * stride_xm + (k_begin + step + tl.arange(0, BLOCK_K))[None, :],
+                    mask=m_ok[:, None],
+                    other=0.0,
+                )
+                xs = tl.permute(tl.reshape(xs, (BLOCK_M, BLOCK_K // 8, 2, 2, 2)), (0, 1, 4, 3, 2))
+                xq03, xq47 = tl.split(xs)
+                xp01, xp23 = tl.split(xq03)
+                xp45, xp67 = tl.split(xq47)
+                x0, x1 = tl.split(xp01)
+                x2, x3 = tl.split(xp23)
+                x4, x5 = tl.split(xp45)
+                x6, x7 = tl.split(xp67)
             # one plane per nibble position t: [BLOCK_N, BLOCK_K / 8] weights k = 8i + t, all in the
             # packed words' own layout (no reshape to [BLOCK_N, BLOCK_K], which cost Triton layout
             # conversions through shared memory: scripts/kernel_sass.py), each with its strided x columns
@@ -223,9 +240,29 @@ if triton is not None:
                     r1 = tl.where(b, q3, q2)
                     value = tl.where((nib & 8) != 0, r1, r0)
                 w = value * scale
-                x = tl.load(
-                    x_ptr + rm[:, None] * stride_xm + (col * 8 + t)[None, :], mask=m_ok[:, None], other=0.0
-                )
+                if LUT == 3:
+                    if t == 0:
+                        x = x0
+                    elif t == 1:
+                        x = x1
+                    elif t == 2:
+                        x = x2
+                    elif t == 3:
+                        x = x3
+                    elif t == 4:
+                        x = x4
+                    elif t == 5:
+                        x = x5
+                    elif t == 6:
+                        x = x6
+                    else:
+                        x = x7
+                else:  # plane t's x columns, 8 apart: loaded one by one (no cp.async for 2-byte pieces)
+                    x = tl.load(
+                        x_ptr + rm[:, None] * stride_xm + (col * 8 + t)[None, :],
+                        mask=m_ok[:, None],
+                        other=0.0,
+                    )
                 if DOT:  # the tensor cores' operand in x's dtype: as bitsandbytes dequantizes, rounded once
                     acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
                 else:  # float32 weights, not rounded (a conversion costs more than the rest of a weight's work)
