@@ -43,6 +43,9 @@ GRAPH_PROMPT_SPAN = 1024
 # grouped products read each adapter once a step; a short step is bound by its launches, a long prompt
 # chunk by those reads
 LORA_KERNEL_TOKENS = 128
+# the products of one shape that each timed call of runner.choose_nf4_paths runs (one a layer): 8 of the 8B
+# shape's q/k/v read 100 MB, past an H100's 50 MB of L2 cache
+NF4_PEERS = 8
 # a step's prompt chunks attend in one padded call a layer (_Packed): those that end within PACK_SPAN,
 # shortest span first, while the keys gathered for them (chunks x longest end) stay within PACK_KEYS
 # (x 4 KB of keys and values a layer on the 8B shape: 64 MB at most, transient) and the padded scores
@@ -51,9 +54,6 @@ LORA_KERNEL_TOKENS = 128
 # by one; the others attend one by one (a long chunk beside short ones). On the H100 a chunk's
 # attention took ~200 us of host time a layer (session 15: an eager step of 8 chunks, 110 ms of wall
 # time for 30 ms on the device)
-# the products of one shape that each timed call of runner.choose_nf4_paths runs (one a layer): 8 of the 8B
-# shape's q/k/v read 100 MB, past an H100's 50 MB of L2 cache
-NF4_PEERS = 8
 PACK_SPAN = 1024
 PACK_KEYS = 16384
 PACK_SCORES = 1 << 20
@@ -802,7 +802,7 @@ class _Projections:
 
 
 def _plan_text(plan: list[tuple[int, str]]) -> str:
-    """An NF4 product's plan in words: "kernel at 1-8 rows, fused at 16-32, layers past 32"."""
+    """An NF4 product's plan in words: "kernel at 1-8 rows, fused at 9-32 rows, layers past 32"."""
     parts, low = [], 1
     for i, (most, way) in enumerate(plan):
         if i + 1 < len(plan) and plan[i + 1][1] == way:

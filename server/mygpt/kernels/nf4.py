@@ -516,7 +516,7 @@ class NF4Product:
             times = {}
             for way, run in ways.items():
                 try:
-                    times[way] = timer(lambda run=run, x=x: [run(p) for p in group], m) / len(group)
+                    times[way] = timer(lambda run=run: [run(p) for p in group], m) / len(group)
                 except Exception:
                     log.warning("timing the NF4 product's %s path at %d rows failed", way, m, exc_info=True)
             self.timings[m] = times
