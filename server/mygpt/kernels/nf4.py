@@ -178,6 +178,7 @@ if triton is not None:
                 v2, v3 = tl.split(p23)
                 v4, v5 = tl.split(p45)
                 v6, v7 = tl.split(p67)
+                values = (v0, v1, v2, v3, v4, v5, v6, v7)  # plane t's: values[t] (t a compile-time int)
                 # and the step's x in one contiguous load (pipelined), split into the planes' columns the
                 # same way: reshaped t = 4a + 2b + c, the axes turned to (c, b, a) as the joins made them
                 xs = tl.load(
@@ -193,28 +194,14 @@ if triton is not None:
                 x2, x3 = tl.split(xp23)
                 x4, x5 = tl.split(xp45)
                 x6, x7 = tl.split(xp67)
+                x_planes = (x0, x1, x2, x3, x4, x5, x6, x7)
             # one plane per nibble position t: [BLOCK_N, BLOCK_K / 8] weights k = 8i + t, all in the
             # packed words' own layout (no reshape to [BLOCK_N, BLOCK_K], which cost Triton layout
             # conversions through shared memory: scripts/kernel_sass.py), each with its strided x columns
             for t in tl.static_range(8):
                 nib = (packed >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
                 if LUT == 3:
-                    if t == 0:
-                        value = v0
-                    elif t == 1:
-                        value = v1
-                    elif t == 2:
-                        value = v2
-                    elif t == 3:
-                        value = v3
-                    elif t == 4:
-                        value = v4
-                    elif t == 5:
-                        value = v5
-                    elif t == 6:
-                        value = v6
-                    else:
-                        value = v7
+                    value = values[t]
                 elif LUT == 0:
                     flat = tl.gather(table, tl.reshape(nib, (BLOCK_N * BLOCK_K // 8,)), axis=0)
                     value = tl.reshape(flat, (BLOCK_N, BLOCK_K // 8))
@@ -241,22 +228,7 @@ if triton is not None:
                     value = tl.where((nib & 8) != 0, r1, r0)
                 w = value * scale
                 if LUT == 3:
-                    if t == 0:
-                        x = x0
-                    elif t == 1:
-                        x = x1
-                    elif t == 2:
-                        x = x2
-                    elif t == 3:
-                        x = x3
-                    elif t == 4:
-                        x = x4
-                    elif t == 5:
-                        x = x5
-                    elif t == 6:
-                        x = x6
-                    else:
-                        x = x7
+                    x = x_planes[t]
                 else:  # plane t's x columns, 8 apart: loaded one by one (no cp.async for 2-byte pieces)
                     x = tl.load(
                         x_ptr + rm[:, None] * stride_xm + (col * 8 + t)[None, :],
