@@ -1061,23 +1061,25 @@ def main() -> None:
 
 
 NF4_TILES = {  # kernels/nf4.py TILES entries nf4_bench tries, (block_n, block_k, warps, stages, programs,
-    # lut); the fastest of each kind is kept. gemv: one row, no tensor cores; dot: 8 and 32 rows. Chosen
-    # without a GPU (session 10) from scripts/kernel_sass.py: no register spills, the fewest instructions of
-    # the K loop per weight (6.8-6.9 for gemv, 6.8-9.3 for dot; "select" ~2.5x that, kept as the control);
-    # with and without split-K and the pipelined loads. Session 16 (kernels/nf4.py): "shared8", one gather of
-    # the table for the 8 planes, 2 barriers a K step where "shared" has 16 (the dot's: 18 where 32); "global",
-    # the table read from memory for each weight, no barrier a plane but more instructions (8.9, 10.1)
+    # lut); the fastest of each kind is kept. gemv: one row; dot: 8 and 32 rows. Chosen without a GPU from
+    # scripts/kernel_sass.py: no register spills, few instructions of the K loop per weight. Kept from
+    # session 15's H100 sweep: each kind's fastest "shared" tiles (the others lost by 5-50%; "select",
+    # the control, by 23-70%). Session 16: "shared8", one gather of the table for the 8 planes, 2 barriers a
+    # K step where "shared" has 16 (the dot's: 18 where 32); "global", the table read from memory for each
+    # weight, no barrier a plane but more instructions (8.9, 10.1). Session 17: "bytes", one lookup a byte
+    # into a table of value pairs and one tl.dot a K step (wgmma), the scale applied to the step's sums:
+    # 3.9-4.2 instructions a weight where "shared" takes 6.8-8.1, 5 barriers a step
     "gemv": [
-        (32, 256, 4, 3, 264, "shared"), (16, 256, 2, 3, 264, "shared"), (64, 128, 4, 3, 264, "shared"),
-        (16, 512, 4, 3, 264, "shared"), (64, 256, 8, 4, 264, "shared"), (32, 256, 4, 3, 1, "shared"),
-        (32, 256, 4, 1, 264, "shared"), (32, 256, 4, 3, 264, "select"), (32, 256, 4, 3, 264, "global"),
-        (32, 256, 4, 3, 264, "shared8"), (64, 128, 4, 3, 264, "shared8"), (16, 512, 4, 3, 264, "shared8"),
+        (32, 256, 4, 3, 264, "shared"), (64, 128, 4, 3, 264, "shared"), (16, 512, 4, 3, 264, "shared"),
+        (32, 256, 4, 3, 264, "global"), (32, 256, 4, 3, 264, "shared8"), (64, 128, 4, 3, 264, "shared8"),
+        (16, 512, 4, 3, 264, "shared8"), (128, 64, 4, 3, 264, "bytes"), (64, 64, 4, 3, 264, "bytes"),
+        (256, 64, 8, 3, 264, "bytes"), (128, 64, 4, 4, 264, "bytes"),
     ],
     "dot": [
-        (128, 128, 8, 3, 512, "shared"), (128, 128, 4, 3, 512, "shared"), (128, 256, 8, 3, 512, "shared"),
-        (64, 128, 4, 3, 512, "shared"), (64, 256, 4, 3, 512, "shared"), (128, 128, 8, 4, 512, "shared"),
-        (128, 128, 8, 3, 132, "shared"), (64, 128, 4, 3, 512, "select"), (128, 128, 8, 3, 512, "global"),
-        (128, 128, 8, 3, 512, "shared8"), (64, 128, 4, 3, 512, "shared8"),
+        (128, 128, 8, 3, 512, "shared"), (128, 128, 4, 3, 512, "shared"), (128, 128, 8, 3, 132, "shared"),
+        (128, 128, 8, 3, 512, "global"), (128, 128, 8, 3, 512, "shared8"), (64, 128, 4, 3, 512, "shared8"),
+        (128, 64, 4, 3, 512, "bytes"), (64, 64, 4, 3, 512, "bytes"), (256, 64, 8, 3, 512, "bytes"),
+        (128, 64, 4, 4, 512, "bytes"), (128, 64, 4, 3, 264, "bytes"),
     ],
 }  # fmt: skip
 NF4_ROWS = {"gemv": (1,), "dot": (8, 32)}

@@ -30,7 +30,7 @@ def layer(n: int, k: int, dtype: torch.dtype, seed: int):
     return q.cuda()
 
 
-@pytest.mark.parametrize("lut", ["shared", "select", "global", "shared8"])
+@pytest.mark.parametrize("lut", ["shared", "select", "global", "shared8", "bytes"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("n", "k"), [(1024, 4096), (4096, 14336), (6144, 4096)])
 def test_kernel_equals_bitsandbytes(dtype, n, k, lut, monkeypatch):

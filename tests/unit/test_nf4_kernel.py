@@ -31,7 +31,7 @@ class _Weight:  # what nf4_scales reads from a Params4bit
         self.quant_state = qs
 
 
-@pytest.mark.parametrize("lut", ["shared", "select", "global", "shared8"])
+@pytest.mark.parametrize("lut", ["shared", "select", "global", "shared8", "bytes"])
 @pytest.mark.parametrize(("m", "gemv_rows"), [(1, 1), (3, 4), (5, 1), (16, 1), (32, 1)])
 @pytest.mark.parametrize(("n", "k", "programs"), [(96, 256, 1), (64, 1024, 512)])
 def test_kernel_equals_the_dequantized_product(m, gemv_rows, n, k, programs, lut, monkeypatch):
@@ -43,7 +43,7 @@ def test_kernel_equals_the_dequantized_product(m, gemv_rows, n, k, programs, lut
     monkeypatch.setattr(nf4, "GEMV_ROWS", gemv_rows)
     for kind in ("gemv", "dot"):
         monkeypatch.setitem(nf4.TILES, kind, {**nf4.TILES[kind], "lut": lut, "programs": programs})
-    kind, _, _, _, split = nf4._config(m, n, k)
+    kind, _, _, _, split = nf4._config(m, n, k, 64)
     assert kind == ("gemv" if m <= gemv_rows else "dot") and (split == 1) == (programs == 1)
 
     _, packed, qs = quantized(n, k, seed=m + n)
@@ -72,6 +72,41 @@ def test_half_precision_input(m):
     got = nf4_matmul(x, packed.view(n, k // 2), nf4_scales(_Weight(qs)), qs.code.float())
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), x.float() @ w.T, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("m", [1, 16, 32])
+def test_bytes_reading_in_half_precision(m, monkeypatch):
+    """The "bytes" reading with a 16-bit input: its table packs each byte's two values in float16 into
+    one int32 (the float32 test above takes the int64 pairs of float32 values), and the scale multiplies
+    each step's sums. Triton's interpreter multiplies bfloat16 tl.dot operands wrongly (the other dot
+    readings fail there too), so bfloat16 is tested on the GPU (tests/gpu/test_nf4_cuda.py)."""
+    from mygpt.kernels import nf4
+
+    for kind in ("gemv", "dot"):
+        monkeypatch.setitem(nf4.TILES, kind, {**nf4.TILES[kind], "lut": "bytes", "block_k": 64})
+    n, k = 96, 512
+    _, packed, qs = quantized(n, k, seed=m)
+    w = bnb_f.dequantize_4bit(packed, qs).float()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)).half()
+    got = nf4.nf4_matmul(x, packed.view(n, k // 2), nf4.nf4_scales(_Weight(qs)), qs.code.float())
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), x.float() @ w.T, rtol=2e-3, atol=3e-3)
+
+
+def test_bytes_reading_steps_within_a_scale_block(monkeypatch):
+    """The bytes reading's K step never spans two scale blocks (one scale a row and step): a tile's
+    block_k past the block size is cut to it."""
+    from mygpt.kernels import nf4
+
+    monkeypatch.setitem(nf4.TILES, "dot", {**nf4.TILES["dot"], "lut": "bytes", "block_k": 256})
+    assert nf4._config(32, 4096, 4096, 64)[3] == 64
+    assert nf4._config(32, 4096, 4096, 128)[3] == 128
+    n, k = 64, 512
+    g = torch.Generator().manual_seed(0)
+    packed, qs = bnb_f.quantize_4bit(torch.randn(n, k, generator=g), blocksize=128, quant_type="nf4")
+    x = torch.randn(20, k, generator=g)
+    got = nf4.nf4_matmul(x, packed.view(n, k // 2), nf4.nf4_scales(_Weight(qs)), qs.code.float())
+    torch.testing.assert_close(got, x @ bnb_f.dequantize_4bit(packed, qs).float().T, rtol=1e-4, atol=1e-4)
 
 
 def test_scales_undo_the_double_quantization_as_bitsandbytes_does():
@@ -514,8 +549,8 @@ def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
     for kind in nf4.TILES:
         monkeypatch.setitem(nf4.TILES, kind, dict(nf4.TILES[kind]))
     tiles = {
-        "gemv": [(16, 256, 4, 3, 264, "shared"), (32, 256, 2, 3, 1, "select")],
-        "dot": [(64, 256, 4, 3, 512, "select"), (32, 128, 4, 3, 1, "shared")],
+        "gemv": [(16, 256, 4, 3, 264, "shared"), (32, 256, 2, 3, 1, "select"), (64, 64, 4, 3, 264, "bytes")],
+        "dot": [(64, 256, 4, 3, 512, "select"), (32, 128, 4, 3, 1, "shared"), (64, 64, 4, 3, 512, "bytes")],
     }
     monkeypatch.setattr(gpu_check, "NF4_TILES", tiles)
     runner = ModelRunner(nf4_llama()[0], num_slots=2, max_len=64, dtype=torch.float32, nf4_kernel=True)

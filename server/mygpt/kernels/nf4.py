@@ -19,7 +19,7 @@ up to MAX_ROWS rows:
 The K loop works on eight planes per step: plane t holds the weights k = 8i + t of every loaded word
 ([BLOCK_N, BLOCK_K / 8], the words' own layout), with its own strided x columns. Reshaping the nibbles to
 [BLOCK_N, BLOCK_K] instead cost Triton layout conversions through shared memory. Four ways of turning
-a nibble into its table value (TILES[...]["lut"]):
+a nibble into its table value (TILES[...]["lut"]), and a fifth kernel ("bytes") below them:
 - "shared": the 16 values read with tl.gather along their one axis. Triton stages them in shared memory,
   one shared load a weight, as bitsandbytes' own GEMV does; 16 four-byte entries sit in 16 banks, so no
   access pattern conflicts. But Triton stores the table to shared memory again for every gather,
@@ -37,7 +37,19 @@ a nibble into its table value (TILES[...]["lut"]):
 - "global" (session 16): each weight's value loaded from the table in memory (an L1 hit), which
   Triton pipelines through shared memory with cp.async: 2 barriers (17 for the dot), at 8.9
   instructions a weight for the gemv tile and 9.3-10.1 for the dot.
-Which is fastest is the device's answer (gpu_check's sweep): for shared8 and global, not yet asked.
+- "bytes" (session 17; its own kernel, _nf4_bytes_kernel, for the gemv's one row too): the tile's
+  transpose, w [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, rows], one tl.dot a K step over the whole tile (wgmma on
+  an H100; the rows, at least 16, are its narrow side). Each byte is looked up once, in a 256-entry
+  table whose entry holds both nibbles' values in x's dtype packed in one integer (two bfloat16 in an
+  int32): the lookup yields the tensor cores' operand register itself, with no float multiply or
+  conversion a weight. The weights are the table's values rounded to x's dtype, unscaled; each step stays
+  within one scale block and multiplies its sums by the rows' scales (bitsandbytes rounds code x scale
+  instead: the same relative error, 2^-9 in bfloat16). Its K loop: 3.8-4.2 instructions a weight for
+  the 128- and 256-wide tiles, where the others take 6.5-8.1, and 5 barriers a step of BLOCK_N x 64
+  weights. Triton's interpreter multiplies bfloat16 tl.dot operands wrongly, so the CPU tests take
+  float16 and float32 (its float32 table packs two float32 in an int64).
+Which is fastest is the device's answer (gpu_check's sweep): for shared8, global and bytes, not yet
+asked.
 `scripts/kernel_sass.py` compiles each tile for sm_90 without a GPU and counts the instructions of its K
 loop per weight: the shared table takes 6.8-9.3. Run 4's "gather", a table broadcast to [BLOCK_N, 16] in
 registers, compiled to a compare-and-select tree of ~37.
@@ -51,6 +63,7 @@ Two kernels' settings (TILES):
   products differently again).
 - "dot", for more rows: one tl.dot per plane, each weight rounded once to the input's dtype, as
   bitsandbytes' dequantization does.
+Either entry whose "lut" is "bytes" runs the bytes kernel instead (its "block_k" cut to the scale block).
 Loads are pipelined (tl.range's num_stages: cp.async into shared memory, which Triton does only for
 loads that feed a tl.dot unless asked). A product whose N blocks do not fill the card (fewer than
 "programs" programs) splits K: the partial sums go to a float32 buffer that one more small kernel adds
@@ -93,7 +106,7 @@ MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' 
 # instructions a weight (scripts/kernel_sass.py, one 32 x 256 gemv tile: 6.8 at 1 row, 8.5 at 2, 10.4 at 4;
 # the dot, padded to 16 rows: 7.6)
 GEMV_ROWS = 1
-LUTS = {"shared": 0, "select": 1, "global": 2, "shared8": 3}
+LUTS = {"shared": 0, "select": 1, "global": 2, "shared8": 3, "bytes": 4}
 # the rows at which NF4Product.choose times the paths past MAX_ROWS, eagerly: a prompt chunk's step (the
 # server's default step budget)
 PROMPT_ROWS = 512
@@ -244,6 +257,61 @@ if triton is not None:
         out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+    def _nf4_bytes_kernel(
+        x_ptr, b_ptr, s_ptr, code_ptr, out_ptr,
+        M, N, k_split,
+        stride_xm, stride_bn, stride_sn, stride_om, stride_os,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
+        PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """The "bytes" reading (module docstring): the output's transpose, out^T [BLOCK_N, BLOCK_M] =
+        code [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M] x scale [BLOCK_N], one tl.dot a K step (BLOCK_K
+        divides QBLOCK: one scale a row and step, applied to the step's sums). The weights arrive as
+        bitsandbytes' bytes [BLOCK_N, BLOCK_K / 2]; each byte is looked up once in a 256-entry table of
+        its two nibbles' values in x's dtype, packed in an integer twice as wide (element 2j, the high
+        nibble's, in the low half): the halves, joined, are the tile's elements in order."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        n_ok = rn < N
+        m_ok = rm < M
+        dtype = x_ptr.dtype.element_ty
+        bits = tl.int16 if dtype.primitive_bitwidth == 16 else tl.int32
+        pair = tl.int32 if dtype.primitive_bitwidth == 16 else tl.int64
+        width: tl.constexpr = dtype.primitive_bitwidth
+        entry = tl.arange(0, 256)
+        even = (
+            tl.load(code_ptr + (entry >> 4)).to(dtype).to(bits, bitcast=True)
+        )  # element 2j: the high nibble
+        odd = tl.load(code_ptr + (entry & 15)).to(dtype).to(bits, bitcast=True)
+        mask = (1 << width) - 1
+        table = (even.to(pair) & mask) | (odd.to(pair) << width)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        k_begin = pid_k * k_split
+        for step in tl.range(0, k_split, BLOCK_K, num_stages=STAGES):
+            k0 = k_begin + step
+            byte = tl.load(
+                b_ptr + rn[:, None] * stride_bn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :],
+                mask=n_ok[:, None],
+                other=0,
+            ).to(tl.int32)
+            both = tl.reshape(
+                tl.gather(table, tl.reshape(byte, (BLOCK_N * BLOCK_K // 2,)), axis=0), byte.shape
+            )
+            even = (both & mask).to(bits).to(dtype, bitcast=True)
+            odd = (both >> width).to(bits).to(dtype, bitcast=True)
+            w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # element 2j, then 2j + 1
+            xt = tl.load(
+                x_ptr + rm[None, :] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[:, None],
+                mask=m_ok[None, :],
+                other=0.0,
+            )
+            scale = tl.load(s_ptr + rn * stride_sn + k0 // QBLOCK, mask=n_ok, other=0.0)
+            acc += tl.dot(w, xt, input_precision=PRECISION) * scale[:, None]
+        out = out_ptr + pid_k * stride_os + rm[None, :] * stride_om + rn[:, None]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
     def _sum_splits_kernel(partial_ptr, out_ptr, size, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
         """out = the sum of the split-K partial sums [SPLIT, size], in order, in out's dtype: one kernel
         where torch takes two (the sum, then the cast), one node fewer in a CUDA graph."""
@@ -255,8 +323,9 @@ if triton is not None:
         tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _config(m: int, n: int, k: int) -> tuple[str, int, int, int, int]:
-    """(which TILES entry, BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product: split K
+def _config(m: int, n: int, k: int, qblock: int) -> tuple[str, int, int, int, int]:
+    """(which TILES entry, BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product with a scale
+    every qblock weights of K: split K
     until the programs reach the entry's "programs" (an H100 has 132 SMs), each K range a whole number
     of BLOCK_K columns."""
     kind = "gemv" if m <= GEMV_ROWS else "dot"
@@ -264,9 +333,14 @@ def _config(m: int, n: int, k: int) -> tuple[str, int, int, int, int]:
     for key in ("block_n", "block_k"):  # the halving below and tl.arange take powers of two only
         if tile[key] < 1 or tile[key] & (tile[key] - 1):
             raise ValueError(f"TILES[{kind!r}][{key!r}] must be a power of two, got {tile[key]}")
-    block_m = triton.next_power_of_2(m) if kind == "gemv" else (16 if m <= 16 else 32)
-    # a dot's K (a plane's BLOCK_K / 8 columns) is at least 16
-    block_n, block_k = tile["block_n"], max(tile["block_k"], 128 if kind == "dot" else 8)
+    if tile["lut"] == "bytes":  # one tl.dot a K step, rows as its N: at least 16 of each
+        # and a K step within one scale block (QBLOCK, a multiple of 64 in bitsandbytes)
+        block_m, block_n = max(16, triton.next_power_of_2(m)), tile["block_n"]
+        block_k = min(max(tile["block_k"], 16), qblock)
+    else:
+        block_m = triton.next_power_of_2(m) if kind == "gemv" else (16 if m <= 16 else 32)
+        # a dot's K (a plane's BLOCK_K / 8 columns) is at least 16
+        block_n, block_k = tile["block_n"], max(tile["block_k"], 128 if kind == "dot" else 8)
     while k % block_k:  # k is a multiple of 256 (supported)
         block_k //= 2
     n_blocks = triton.cdiv(n, block_n)
@@ -289,7 +363,7 @@ def nf4_matmul(
     if m == 0:
         return torch.empty(0, n, dtype=x.dtype, device=x.device)
     qblock = k // scale.shape[1]
-    kind, block_m, block_n, block_k, split = _config(m, n, k)
+    kind, block_m, block_n, block_k, split = _config(m, n, k, qblock)
     tile = TILES[kind]
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -298,12 +372,21 @@ def nf4_matmul(
     else:
         out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_n), split)
-    jitted(_nf4_kernel)[grid](
-        x, words, scale, code, out, m, n, k // split, x.stride(0), words.stride(0), scale.stride(0), n, m * n,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, QBLOCK=qblock,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LUT=LUTS[tile["lut"]],
-        DOT=kind == "dot", STAGES=tile["num_stages"], num_warps=tile["num_warps"], num_stages=tile["num_stages"],
-    )  # fmt: skip
+    if tile["lut"] == "bytes":
+        jitted(_nf4_bytes_kernel)[grid](
+            x, words.view(torch.uint8), scale, code, out, m, n, k // split,
+            x.stride(0), words.stride(0) * 4, scale.stride(0), n, m * n,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, QBLOCK=qblock,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", STAGES=tile["num_stages"],
+            num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        )  # fmt: skip
+    else:
+        jitted(_nf4_kernel)[grid](
+            x, words, scale, code, out, m, n, k // split, x.stride(0), words.stride(0), scale.stride(0), n, m * n,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, QBLOCK=qblock,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LUT=LUTS[tile["lut"]],
+            DOT=kind == "dot", STAGES=tile["num_stages"], num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        )  # fmt: skip
     if split == 1:
         return out
     summed = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -500,8 +583,8 @@ class NF4Product:
         """Once per product shape: the kernel against bitsandbytes on this input (not during a CUDA
         graph capture: the first call of a shape is always eager, graphs.py warms up before capturing)."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
-        config = _config(x2.shape[0], n, k)
         qblock = k // self.scale.shape[1]
+        config = _config(x2.shape[0], n, k, qblock)
         key = (str(x2.device), n, k, qblock, x2.dtype, config, tuple(TILES[config[0]].values()))
         return check_once(
             NF4Product._checked,
@@ -520,7 +603,8 @@ class NF4Product:
         only for the dtype and settings verified here (verified_for), bitsandbytes otherwise."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
         dtype = self.compute_dtype or dtype
-        most = {_config(m, n, k): m for m in range(1, MAX_ROWS + 1)}  # each configuration's last m
+        qblock = k // self.scale.shape[1]
+        most = {_config(m, n, k, qblock): m for m in range(1, MAX_ROWS + 1)}  # each configuration's last m
         g = torch.Generator(device=self.packed.device).manual_seed(0)
         ok = True
         for m in sorted(most.values()):
