@@ -1204,6 +1204,11 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
     plans = runner.choose_nf4_paths(timer=on_cpu)
     names = {(p.packed.shape[0], p.packed.shape[1] * 2): name for name, p in products.items()}
     results["paths"] = {names.get(key, str(key)): plan for key, plan in plans.items()}
+    # what the plans rest on: each path's microseconds a call, by rows (the first layer's products timed)
+    results["path_us"] = {
+        name: {m: {way: sec * 1e6 for way, sec in ways.items()} for m, ways in p.timings.items()}
+        for name, p in products.items()
+    }
     for key, plan in plans.items():
         rows.append(
             (f"  the engine's path for {names.get(key, key)} (measured at start-up)", _plan_text(plan))

@@ -258,6 +258,54 @@ def test_a_plan_keeps_the_changes_of_path_and_the_kernel_within_its_rows():
         nf4.plan_of([(4, "fused"), (nf4.MAX_ROWS + 1, "kernel")])
 
 
+@pytest.mark.parametrize(("m", "programs"), [(65, 1), (150, 512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bytes_kernel_takes_any_rows_in_blocks(m, programs, dtype, monkeypatch):
+    """The bytes kernel's rows go in blocks of BYTES_BLOCK_M (a grid axis), so it takes a prompt
+    step's rows too: past MAX_ROWS, with and without split-K (the programs count the row blocks)."""
+    from mygpt.kernels import nf4
+
+    monkeypatch.setitem(
+        nf4.TILES, "dot", {**nf4.TILES["dot"], "lut": "bytes", "block_k": 64, "programs": programs}
+    )
+    n, k = 96, 512
+    kind, block_m, _, _, split = nf4._config(m, n, k, 64)
+    assert (kind, block_m) == ("dot", nf4.BYTES_BLOCK_M) and (split == 1) == (programs == 1)
+    _, packed, qs = quantized(n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(4)).to(dtype)
+    got = nf4.nf4_matmul(x, packed.view(n, k // 2), nf4.nf4_scales(_Weight(qs)), qs.code.float())
+    want = x.float() @ bnb_f.dequantize_4bit(packed, qs).float().T
+    tol = 1e-4 if dtype == torch.float32 else 3e-3
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_with_the_bytes_kernel_plans_may_take_it_for_any_rows(monkeypatch):
+    """Where the dot tile reads "bytes", the kernel has no row limit (kernel_rows): choose() times it at
+    PROMPT_ROWS too, a plan may end with it (every larger m), and without a plan it takes every m."""
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    monkeypatch.setitem(nf4.TILES, "dot", {**nf4.TILES["dot"], "lut": "bytes", "block_k": 64})
+    assert nf4.kernel_rows() > nf4.PROMPT_ROWS
+    assert nf4.plan_of([(4, "layers"), (32, "kernel"), (512, "kernel")]) == [(4, "layers"), (512, "kernel")]
+    product = nf4.NF4Product(nf4_layers())
+    assert product.path(4096) == "kernel"
+    ran = spy_paths(monkeypatch)
+    plan = product.choose(
+        torch.float32, [1, 32], scripted_timer(ran, {1: "layers", 32: "kernel", 512: "kernel"})
+    )
+    assert plan == [(1, "layers"), (512, "kernel")] and set(product.timings[512]) == set(nf4.PATHS)
+    assert [product.path(m) for m in (1, 2, 600, 5000)] == ["layers", "kernel", "kernel", "kernel"]
+    checked = []  # verify(), before compiled layers call the kernel: each configuration's most rows
+    monkeypatch.setattr(nf4.NF4Product, "_kernel_ok", lambda self, x: checked.append(len(x)) or True)
+    assert product.verify(torch.float32) and product.compiled_ok
+    assert checked == [1, 16, 32, nf4.PROMPT_ROWS]  # gemv; dot's row blocks of 16, 32, 64 (a prompt's)
+    monkeypatch.setitem(nf4.TILES, "dot", {**nf4.TILES["dot"], "lut": "shared"})  # tiles changed after
+    assert [product.path(m) for m in (32, 33)] == ["kernel", "layers"]  # the plane kernels' rows only
+    assert not product.compiled_ok  # verified for other settings
+
+
 def test_a_path_that_disagrees_is_never_chosen(monkeypatch):
     """A fused op that gives other products than the layers is not kept, however fast; nor is the
     kernel where it is turned off."""
@@ -574,6 +622,8 @@ def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
     ]
     # the runner's plan measured again with the tiles kept: one per product, in words
     assert set(got["paths"]) == {"qkv", "o", "gate_up", "down"}
+    assert set(got["path_us"]["qkv"]) == {1, 2, nf4.MAX_ROWS, nf4.PROMPT_ROWS}  # the timings behind them
+    assert set(got["path_us"]["qkv"][1]) == set(nf4.PATHS)
     products = runner._nf4_products()
     assert set(products[0].timings) == {1, 2, nf4.MAX_ROWS, nf4.PROMPT_ROWS}  # 2 slots' batch sizes
     names = ["qkv", "o", "gate_up", "down"] * 2  # the two layers' products

@@ -264,7 +264,7 @@ class StaticDecoder:
         inside one (each compile of a layer takes seconds). The varying sizes are dynamic from the first
         compile (runner._forward) and adapter groups are at least 2 x 2 (plan_lora), so the kinds are:
         batch 1 or more, with or without adapters (grouped, or the LoRA kernels' one shape), and with
-        the NF4 kernel, up to its MAX_ROWS rows or more, or with measured NF4 plans, on each side of
+        the NF4 kernel, up to its rows (kernel_rows) or more, or with measured NF4 plans, on each side of
         every change of path. Each is run at two sizes of everything that
         varies, so a size compiled as a constant would show here, and at the most rows a step takes.
         Then the compiled pieces of steps with prompt chunks (runner._layer_pieces): chunks of two
@@ -273,7 +273,7 @@ class StaticDecoder:
         are all empty (the kernels' rows: -1). Returns the number of steps run (0 without
         compile_layers)."""
         from mygpt.engine.runner import LORA_KERNEL_TOKENS, DecodeRow, PrefillChunk
-        from mygpt.kernels.nf4 import MAX_ROWS
+        from mygpt.kernels.nf4 import MAX_ROWS, kernel_rows
 
         r = self.runner
         if not r.compiled:
@@ -287,8 +287,10 @@ class StaticDecoder:
             cap, most = self._max_lora_slots, 2 * _pow2(b)
             lora += [(s, m) for s in sorted({min(2, cap), min(4, cap)}) for m in sorted({2, min(4, most)})]
         lengths = {7, 19}
-        if any(p.enabled and p.compiled_ok for p in r._nf4_products()):
-            lengths.add(MAX_ROWS + 8)  # bitsandbytes' products, past the kernel's rows
+        if any(p.enabled and p.compiled_ok for p in r._nf4_products()) and kernel_rows() == MAX_ROWS:
+            lengths.add(
+                MAX_ROWS + 8
+            )  # bitsandbytes' products, past the kernel's rows (the bytes kernel: any)
         # the NF4 products' measured plans (runner.choose_nf4_paths): both sides of each change of path
         changes = {n for c in r.nf4_changes() for n in (c, c + 1)}
         lengths |= changes

@@ -196,7 +196,9 @@ class ModelRunner:
         if nf4_kernel and self.device.type == "cuda" and self._nf4_products():
             try:
                 self.choose_nf4_paths()
-            except Exception:  # the kernel up to MAX_ROWS rows, as before the paths were measured
+            except (
+                Exception
+            ):  # the kernel up to its rows (nf4.kernel_rows), as before the paths were measured
                 log.warning(
                     "timing the NF4 products' paths failed: the kernel takes small steps", exc_info=True
                 )
@@ -274,7 +276,7 @@ class ModelRunner:
         steps' rows) or without it the decode batch sizes, and MAX_ROWS. timer: seconds a call at that
         many rows; None: on this runner's GPU, inside a CUDA graph for the row counts the static
         decoder captures, eagerly otherwise. Returns {(N, K): plan}, also logged. Until it runs,
-        products take the kernel up to MAX_ROWS rows. Graphs the static decoder captured already keep
+        products take the kernel up to its rows (nf4.kernel_rows). Graphs the static decoder captured already keep
         the paths they were captured with: make a new StaticDecoder after a second call (compiled code
         follows the new plan: it is guarded on it)."""
         decoder = self.decoder

@@ -5,7 +5,7 @@ milliseconds in bitsandbytes' 4-bit products (docs/benchmarks.md): at 32 rows it
 most weights to a bfloat16 copy (writes and reads 4x the packed bytes) and calls cuBLAS, and its own
 MMA kernel reads gate/up at ~0.4 TB/s; one row runs its GEMV at ~0.9 TB/s of the card's ~3. Decode
 steps are bound by reading the weights, so this kernel reads the packed 4-bit weight once per step for
-up to MAX_ROWS rows:
+up to MAX_ROWS rows (the "bytes" reading below: any number):
 
     out[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = code[nibble(n, k)] * scale[n, k // blocksize]
 
@@ -39,7 +39,9 @@ a nibble into its table value (TILES[...]["lut"]), and a fifth kernel ("bytes") 
   instructions a weight for the gemv tile and 9.3-10.1 for the dot.
 - "bytes" (session 17; its own kernel, _nf4_bytes_kernel, for the gemv's one row too): the tile's
   transpose, w [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, rows], one tl.dot a K step over the whole tile (wgmma on
-  an H100; the rows, at least 16, are its narrow side). Each byte is looked up once, in a 256-entry
+  an H100; the rows, 16 to BYTES_BLOCK_M a program, are its narrow side). Its rows go in blocks, so it
+  takes any number (kernel_rows): a prompt step's too, where bitsandbytes writes a bfloat16 copy of
+  each weight and spends ~150-225 us of Python a call (session 9 and 15's profiles). Each byte is looked up once, in a 256-entry
   table whose entry holds both nibbles' values in x's dtype packed in one integer (two bfloat16 in an
   int32): the lookup yields the tensor cores' operand register itself, with no float multiply or
   conversion a weight. The weights are the table's values rounded to x's dtype, unscaled; each step stays
@@ -79,7 +81,7 @@ Which path a product of m rows takes is measured on the device when the runner s
 runner.choose_nf4_paths): this kernel, bitsandbytes' own 4-bit op once over the concatenation (its
 float32 scales above: "fused"), or bitsandbytes layer by layer ("layers", as without the kernel), each
 timed at the static decoder's batch sizes inside a CUDA graph (as graphed steps run them; the kernel
-up to MAX_ROWS rows) and at PROMPT_ROWS eagerly (as prompt steps run). Session 15's
+up to its rows, kernel_rows) and at PROMPT_ROWS eagerly (as prompt steps run). Session 15's
 H100 sweep shows why one path does not fit all: at 8 rows the kernel took 38 us for q/k/v where
 bitsandbytes took 76, at 32 rows 271 us for gate/up where bitsandbytes took 137, and at one row
 bitsandbytes won every product.
@@ -93,6 +95,7 @@ compile error turns the kernel off, with a warning). scripts/gpu_check.py sweeps
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 
 import torch
@@ -101,7 +104,12 @@ from mygpt.kernels import available, check_once, jitted, triton  # noqa: F401 - 
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 32  # rows (tokens) up to which the kernel runs; more: bitsandbytes' dequantize + GEMM
+MAX_ROWS = (
+    32  # rows (tokens) up to which the plane kernels run (kernel_rows); more: bitsandbytes' dequantize + GEMM
+)
+# the bytes kernel's rows a program (more rows: more programs). At 64, its 128 x 64 tile takes 224 registers
+# and 4.8 instructions a weight (no spill); each row block reads and looks up the weights again
+BYTES_BLOCK_M = 64
 # rows up to which the "gemv" settings (no tensor cores) run; more: "dot". From 2 rows the dot costs fewer
 # instructions a weight (scripts/kernel_sass.py, one 32 x 256 gemv tile: 6.8 at 1 row, 8.5 at 2, 10.4 at 4;
 # the dot, padded to 16 rows: 7.6)
@@ -273,7 +281,7 @@ if triton is not None:
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
+        rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows in blocks: any number of them
         n_ok = rn < N
         m_ok = rm < M
         dtype = x_ptr.dtype.element_ty
@@ -281,12 +289,11 @@ if triton is not None:
         pair = tl.int32 if dtype.primitive_bitwidth == 16 else tl.int64
         width: tl.constexpr = dtype.primitive_bitwidth
         entry = tl.arange(0, 256)
-        even = (
-            tl.load(code_ptr + (entry >> 4)).to(dtype).to(bits, bitcast=True)
-        )  # element 2j: the high nibble
-        odd = tl.load(code_ptr + (entry & 15)).to(dtype).to(bits, bitcast=True)
+        # (names apart from the loop's: Triton takes a name reassigned in the loop for a loop variable)
+        high = tl.load(code_ptr + (entry >> 4)).to(dtype).to(bits, bitcast=True)  # element 2j's nibble
+        low = tl.load(code_ptr + (entry & 15)).to(dtype).to(bits, bitcast=True)
         mask = (1 << width) - 1
-        table = (even.to(pair) & mask) | (odd.to(pair) << width)
+        table = (high.to(pair) & mask) | (low.to(pair) << width)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_begin = pid_k * k_split
         for step in tl.range(0, k_split, BLOCK_K, num_stages=STAGES):
@@ -325,9 +332,8 @@ if triton is not None:
 
 def _config(m: int, n: int, k: int, qblock: int) -> tuple[str, int, int, int, int]:
     """(which TILES entry, BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product with a scale
-    every qblock weights of K: split K
-    until the programs reach the entry's "programs" (an H100 has 132 SMs), each K range a whole number
-    of BLOCK_K columns."""
+    every qblock weights of K: split K until the programs (N blocks x row blocks x splits) reach the
+    entry's "programs" (an H100 has 132 SMs), each K range a whole number of BLOCK_K columns."""
     kind = "gemv" if m <= GEMV_ROWS else "dot"
     tile = TILES[kind]
     for key in ("block_n", "block_k"):  # the halving below and tl.arange take powers of two only
@@ -335,7 +341,7 @@ def _config(m: int, n: int, k: int, qblock: int) -> tuple[str, int, int, int, in
             raise ValueError(f"TILES[{kind!r}][{key!r}] must be a power of two, got {tile[key]}")
     if tile["lut"] == "bytes":  # one tl.dot a K step, rows as its N: at least 16 of each
         # and a K step within one scale block (QBLOCK, a multiple of 64 in bitsandbytes)
-        block_m, block_n = max(16, triton.next_power_of_2(m)), tile["block_n"]
+        block_m, block_n = min(max(16, triton.next_power_of_2(m)), BYTES_BLOCK_M), tile["block_n"]
         block_k = min(max(tile["block_k"], 16), qblock)
     else:
         block_m = triton.next_power_of_2(m) if kind == "gemv" else (16 if m <= 16 else 32)
@@ -343,7 +349,7 @@ def _config(m: int, n: int, k: int, qblock: int) -> tuple[str, int, int, int, in
         block_n, block_k = tile["block_n"], max(tile["block_k"], 128 if kind == "dot" else 8)
     while k % block_k:  # k is a multiple of 256 (supported)
         block_k //= 2
-    n_blocks = triton.cdiv(n, block_n)
+    n_blocks = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)  # (the plane kernels: one row block)
     split = 1
     while n_blocks * split < tile["programs"] and k % (block_k * split * 2) == 0:
         split *= 2
@@ -354,7 +360,7 @@ def _config(m: int, n: int, k: int, qblock: int) -> tuple[str, int, int, int, in
 def nf4_matmul(
     x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, code: torch.Tensor
 ) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS, K a multiple of 256) times the NF4 weight [N, K]^T: [M, N] in x's dtype.
+    """x [M, K] (M <= kernel_rows(), K a multiple of 256) times the NF4 weight [N, K]^T: [M, N] in x's dtype.
     packed: bitsandbytes' bytes as uint8 [N, K/2], or the same memory as int32 [N, K/8]. float32 inputs
     multiply in full float32 (no TF32), as bitsandbytes' float32 path does."""
     m, k = x.shape
@@ -371,7 +377,7 @@ def nf4_matmul(
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, block_n), split)
+    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
     if tile["lut"] == "bytes":
         jitted(_nf4_bytes_kernel)[grid](
             x, words.view(torch.uint8), scale, code, out, m, n, k // split,
@@ -409,19 +415,25 @@ def _(x, words, scale, code):
     return x.new_empty(x.shape[0], words.shape[0])
 
 
+def kernel_rows() -> int:
+    """The most rows a product takes the kernel for: MAX_ROWS for the plane kernels (a dot's rows are one
+    block of 16 or 32), any number where the dot's tile reads "bytes" (rows in blocks: BYTES_BLOCK_M)."""
+    return sys.maxsize if TILES["dot"]["lut"] == "bytes" else MAX_ROWS
+
+
 def plan_of(best: list[tuple[int, str]]) -> list[tuple[int, str]]:
     """A product's plan from the fastest path at each measured row count [(rows, path)], ascending:
     the sizes where the path changes ((most rows, path) for each run of sizes that share a path; the
-    last entry for every larger count), and never the kernel past MAX_ROWS."""
+    last entry for every larger count), and never the kernel past kernel_rows()."""
     out: list[tuple[int, str]] = []
     for most, way in best:
-        if way == "kernel" and most > MAX_ROWS:
-            raise ValueError(f"the NF4 kernel takes at most {MAX_ROWS} rows, not {most}")
+        if way == "kernel" and most > kernel_rows():
+            raise ValueError(f"the NF4 kernel takes at most {kernel_rows()} rows, not {most}")
         if out and out[-1][1] == way:
             out[-1] = (most, way)
         else:
             out.append((most, way))
-    if out and out[-1][1] == "kernel":  # past the kernel's last size: the layers
+    if out and out[-1][1] == "kernel" and kernel_rows() == MAX_ROWS:  # past its last size: the layers
         out.append((out[-1][0] + 1, "layers"))
     return out
 
@@ -531,14 +543,15 @@ class NF4Product:
         kernel up to MAX_ROWS rows and the layers past it. Compiled code compares m with each change
         of path only (a guard each: a kind of step compiles once a band, graphs.py warm_compile)."""
         if self.paths is None:
-            return "kernel" if m <= MAX_ROWS else "layers"
+            return "kernel" if m <= kernel_rows() else "layers"
         way = self.paths[-1][1]
         for most, w in self.paths[:-1]:
             if m <= most:
                 way = w
                 break
-        # (choose's plans never take the kernel past MAX_ROWS, where m <= most decided it already)
-        return "layers" if way == "kernel" and m > MAX_ROWS else way
+        # (choose's plans never take the kernel past kernel_rows(), where m <= most decided it already;
+        # a plan measured with the bytes kernel and kept after the tiles changed may)
+        return "layers" if way == "kernel" and m > kernel_rows() else way
 
     def choose(
         self,
@@ -566,7 +579,7 @@ class NF4Product:
             ways: dict[str, Callable[[NF4Product], object]] = {"layers": lambda p, x=x: p._bnb(x)}
             if self._fused_ok(x):
                 ways["fused"] = lambda p, x=x: p._fused(x)
-            if self.enabled and m <= MAX_ROWS and self._kernel_ok(x):
+            if self.enabled and m <= kernel_rows() and self._kernel_ok(x):
                 ways["kernel"] = lambda p, x=x: nf4_matmul(x, p.words, p.scale, p.code)
             times = {}
             for way, run in ways.items():
@@ -604,7 +617,14 @@ class NF4Product:
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
         dtype = self.compute_dtype or dtype
         qblock = k // self.scale.shape[1]
-        most = {_config(m, n, k, qblock): m for m in range(1, MAX_ROWS + 1)}  # each configuration's last m
+        # each configuration's last m: the plane kernels' up to MAX_ROWS; the bytes kernel's row blocks,
+        # and a prompt step's rows (more row blocks, fewer K splits)
+        rows = (
+            [*range(1, MAX_ROWS + 1)]
+            if kernel_rows() == MAX_ROWS
+            else [*range(1, BYTES_BLOCK_M + 1), PROMPT_ROWS]
+        )
+        most = {_config(m, n, k, qblock): m for m in rows}
         g = torch.Generator(device=self.packed.device).manual_seed(0)
         ok = True
         for m in sorted(most.values()):
