@@ -1063,8 +1063,8 @@ def main() -> None:
 NF4_TILES = {  # kernels/nf4.py TILES entries nf4_bench tries, (block_n, block_k, warps, stages, programs,
     # lut); the fastest of each kind is kept. gemv: one row; dot: 8 and 32 rows. Chosen without a GPU from
     # scripts/kernel_sass.py: no register spills, few instructions of the K loop per weight. Kept from
-    # session 15's H100 sweep: each kind's fastest "shared" tiles (the others lost by 5-50%; "select",
-    # the control, by 23-70%). Session 16: "shared8", one gather of the table for the 8 planes, 2 barriers a
+    # session 15's H100 sweep: each kind's fastest "shared" tiles (eight others were 6-36% behind; "select",
+    # the control, 25-57%). Session 16: "shared8", one gather of the table for the 8 planes, 2 barriers a
     # K step where "shared" has 16 (the dot's: 18 where 32); "global", the table read from memory for each
     # weight, no barrier a plane but more instructions (8.9, 10.1). Session 17: "bytes", one lookup a byte
     # into a table of value pairs and one tl.dot a K step (wgmma), the scale applied to the step's sums:
