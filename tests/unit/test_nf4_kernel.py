@@ -544,6 +544,34 @@ def test_compiled_layers_call_the_kernel_as_one_op(monkeypatch):
             assert float((got - want).norm() / want.norm()) < 1e-2 and compiled.compiled
 
 
+def test_compiled_prompt_pieces_take_the_bytes_kernel_past_max_rows(monkeypatch):
+    """With the bytes tiles, compiled prompt pieces past MAX_ROWS tokens call the kernel too (its rows
+    in blocks), verified at its row blocks and a prompt step's rows first; the dequantized model's
+    logits, no graph break."""
+    from torch._dynamo.utils import counters
+
+    from mygpt.engine.runner import ModelRunner
+    from mygpt.kernels import nf4
+
+    monkeypatch.setattr(nf4.NF4Product, "_checked", {})
+    for kind in ("gemv", "dot"):
+        monkeypatch.setitem(nf4.TILES, kind, {**nf4.TILES[kind], "lut": "bytes", "block_k": 64})
+    quant, dense = nf4_llama()
+    keep_gpu_layout(quant)
+    kw = {"num_slots": 2, "max_len": 64, "dtype": torch.float32}
+    compiled = ModelRunner(quant, nf4_kernel=True, static_decode=True, compile_layers=True, **kw)
+    plain = ModelRunner(dense, **kw)
+    assert all(p.compiled_ok for p in compiled._nf4_products())
+    rows, real = [], nf4.nf4_matmul
+    monkeypatch.setattr(nf4, "nf4_matmul", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    torch._dynamo.reset()
+    breaks = sum(counters["graph_break"].values())
+    prompt = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    got, want = (r.prefill(0, prompt, 0) for r in (compiled, plain))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert set(rows) == {40} and sum(counters["graph_break"].values()) == breaks and compiled.compiled
+
+
 @pytest.mark.parametrize(
     "paths",
     [None, [(512, "fused")], [(1, "kernel"), (8, "fused"), (512, "layers")]],
