@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # broadcast in registers, run 4's "gather", compiled to ~37, reshaping the nibbles to [BLOCK_N, BLOCK_K]
 # to 9.8-12.5)
 MAX_PER_WEIGHT = 10
-# the table of byte pairs (session 17): 3.8-5.6 when written (one shared load, one address and one byte
-# extraction a byte, the scale once a step)
-MAX_PER_WEIGHT_BYTES = 6
+# the table of byte pairs (session 17): 3.8-6.4 when written (one shared load, one address and one byte
+# extraction a byte; the scale once a step and row, which at 64 rows is one FFMA a weight)
+MAX_PER_WEIGHT_BYTES = 7
 
 
 @dataclass
@@ -175,7 +175,7 @@ def lora_kernels() -> list[tuple[str, int, int, dict[str, int]]]:
 
 def all_tiles() -> list[tuple[str, tuple, int]]:
     """(kind, tile, block_m) for the defaults and gpu_check's sweep: gemv at one row, dot at 8 and 32
-    rows (block_m 16 and 32)."""
+    rows (block_m 16 and 32), and the bytes tiles' full row block too (every step past 32 rows)."""
     import gpu_check
 
     from mygpt.kernels import nf4
@@ -185,7 +185,8 @@ def all_tiles() -> list[tuple[str, tuple, int]]:
     for kind in ("gemv", "dot"):
         tiles = [tuple(nf4.TILES[kind][k] for k in keys)] + list(gpu_check.NF4_TILES[kind])
         for tile in dict.fromkeys(tiles):
-            for block_m in (1,) if kind == "gemv" else (16, 32):
+            rows = (16, 32, nf4.BYTES_BLOCK_M) if tile[-1] == "bytes" else (16, 32)  # (a bytes gemv: 16)
+            for block_m in (1,) if kind == "gemv" else rows:
                 out.append((kind, tile, block_m))
     return out
 

@@ -269,8 +269,9 @@ def test_bytes_kernel_takes_any_rows_in_blocks(m, programs, dtype, monkeypatch):
         nf4.TILES, "dot", {**nf4.TILES["dot"], "lut": "bytes", "block_k": 64, "programs": programs}
     )
     n, k = 96, 512
-    kind, block_m, _, _, split = nf4._config(m, n, k, 64)
-    assert (kind, block_m) == ("dot", nf4.BYTES_BLOCK_M) and (split == 1) == (programs == 1)
+    kind, block_m, _, _, split = nf4._config(m, n, k, 64, torch.empty(0, dtype=dtype).element_size())
+    full = nf4.BYTES_BLOCK_M if dtype == torch.float16 else nf4.BYTES_BLOCK_M // 2  # float32: half (spills)
+    assert (kind, block_m) == ("dot", full) and (split == 1) == (programs == 1)
     _, packed, qs = quantized(n, k, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4)).to(dtype)
     got = nf4.nf4_matmul(x, packed.view(n, k // 2), nf4.nf4_scales(_Weight(qs)), qs.code.float())
@@ -300,10 +301,41 @@ def test_with_the_bytes_kernel_plans_may_take_it_for_any_rows(monkeypatch):
     checked = []  # verify(), before compiled layers call the kernel: each configuration's most rows
     monkeypatch.setattr(nf4.NF4Product, "_kernel_ok", lambda self, x: checked.append(len(x)) or True)
     assert product.verify(torch.float32) and product.compiled_ok
-    assert checked == [1, 16, 32, nf4.PROMPT_ROWS]  # gemv; dot's row blocks of 16, 32, 64 (a prompt's)
+    n, k = product.packed.shape[0], product.packed.shape[1] * 2
+    assert checked == nf4.configurations_of(n, k, 64, 4) and checked[:5] == [1, 2, 16, 17, 32]
     monkeypatch.setitem(nf4.TILES, "dot", {**nf4.TILES["dot"], "lut": "shared"})  # tiles changed after
     assert [product.path(m) for m in (32, 33)] == ["kernel", "layers"]  # the plane kernels' rows only
     assert not product.compiled_ok  # verified for other settings
+
+
+@pytest.mark.parametrize("lut", ["shared", "bytes"])
+@pytest.mark.parametrize(
+    ("n", "k", "itemsize"), [(4096, 4096, 2), (28672, 4096, 2), (6144, 4096, 4), (512, 256, 2)]
+)
+def test_verify_covers_every_configuration_a_step_takes(n, k, itemsize, lut, monkeypatch):
+    """configurations_of (verify's rows): every m a product can take runs a configuration checked at an
+    m of the same kind, divisible by 16 or not (Triton compiles the two apart)."""
+    from mygpt.kernels import nf4
+
+    for kind in ("gemv", "dot"):
+        monkeypatch.setitem(nf4.TILES, kind, {**nf4.TILES[kind], "lut": lut, "block_k": 64})
+    rows = nf4.configurations_of(n, k, 64, itemsize)
+    covered = {(nf4._config(r, n, k, 64, itemsize), r % 16 == 0) for r in rows}
+    for m in range(1, min(nf4.kernel_rows(), 9000) + 1):
+        assert (nf4._config(m, n, k, 64, itemsize), m % 16 == 0) in covered, m
+    assert len(covered) == len(rows)  # no two rows for one configuration and kind of m
+    if lut == "shared":
+        assert rows == [1, 2, 16, 17, 32]
+
+
+def test_the_plane_kernels_refuse_more_rows_than_theirs():
+    from mygpt.kernels import nf4
+
+    _, packed, qs = quantized(64, 256, seed=0)
+    with pytest.raises(ValueError, match="at most 32 rows"):
+        nf4.nf4_matmul(
+            torch.randn(33, 256), packed.view(64, 128), nf4.nf4_scales(_Weight(qs)), qs.code.float()
+        )
 
 
 def test_a_path_that_disagrees_is_never_chosen(monkeypatch):

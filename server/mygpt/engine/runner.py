@@ -196,11 +196,10 @@ class ModelRunner:
         if nf4_kernel and self.device.type == "cuda" and self._nf4_products():
             try:
                 self.choose_nf4_paths()
-            except (
-                Exception
-            ):  # the kernel up to its rows (nf4.kernel_rows), as before the paths were measured
+            except Exception:  # no plan: the kernel up to nf4.kernel_rows() rows, bitsandbytes past them
                 log.warning(
-                    "timing the NF4 products' paths failed: the kernel takes small steps", exc_info=True
+                    "timing the NF4 products' paths failed: the kernel runs untimed, up to its rows",
+                    exc_info=True,
                 )
         # compile_layers: the static decode steps run each decoder layer through torch.compile
         self.compile_layers(compile_layers)

@@ -104,19 +104,19 @@ from mygpt.kernels import available, check_once, jitted, triton  # noqa: F401 - 
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = (
-    32  # rows (tokens) up to which the plane kernels run (kernel_rows); more: bitsandbytes' dequantize + GEMM
-)
-# the bytes kernel's rows a program (more rows: more programs). At 64, its 128 x 64 tile takes 224 registers
-# and 4.8 instructions a weight (no spill); each row block reads and looks up the weights again
+# rows (tokens) up to which the plane kernels run (kernel_rows); more: bitsandbytes' dequantize + GEMM
+MAX_ROWS = 32
+# the bytes kernel's rows a program (more rows: more programs), for 16-bit inputs: at 64 its 128 x 64 tile
+# takes 224 registers and 4.8 instructions a weight (no spill); each row block reads and looks up the weights
+# again. float32 inputs take half (at 64 the 128- and 256-wide tiles spill)
 BYTES_BLOCK_M = 64
 # rows up to which the "gemv" settings (no tensor cores) run; more: "dot". From 2 rows the dot costs fewer
 # instructions a weight (scripts/kernel_sass.py, one 32 x 256 gemv tile: 6.8 at 1 row, 8.5 at 2, 10.4 at 4;
 # the dot, padded to 16 rows: 7.6)
 GEMV_ROWS = 1
 LUTS = {"shared": 0, "select": 1, "global": 2, "shared8": 3, "bytes": 4}
-# the rows at which NF4Product.choose times the paths past MAX_ROWS, eagerly: a prompt chunk's step (the
-# server's default step budget)
+# the rows at which NF4Product.choose times the paths past the decode batch sizes, eagerly: a prompt chunk's
+# step (the server's default step budget)
 PROMPT_ROWS = 512
 PATHS = ("kernel", "fused", "layers")
 SUM_BLOCK = 1024  # outputs per program of the split-K sum
@@ -330,18 +330,20 @@ if triton is not None:
         tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _config(m: int, n: int, k: int, qblock: int) -> tuple[str, int, int, int, int]:
-    """(which TILES entry, BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product with a scale
-    every qblock weights of K: split K until the programs (N blocks x row blocks x splits) reach the
-    entry's "programs" (an H100 has 132 SMs), each K range a whole number of BLOCK_K columns."""
+def _config(m: int, n: int, k: int, qblock: int, itemsize: int = 2) -> tuple[str, int, int, int, int]:
+    """(which TILES entry, BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product of inputs of
+    `itemsize` bytes, with a scale every qblock weights of K: split K until the programs (N blocks x row
+    blocks x splits) reach the entry's "programs" (an H100 has 132 SMs), each K range a whole number of
+    BLOCK_K columns."""
     kind = "gemv" if m <= GEMV_ROWS else "dot"
     tile = TILES[kind]
     for key in ("block_n", "block_k"):  # the halving below and tl.arange take powers of two only
         if tile[key] < 1 or tile[key] & (tile[key] - 1):
             raise ValueError(f"TILES[{kind!r}][{key!r}] must be a power of two, got {tile[key]}")
     if tile["lut"] == "bytes":  # one tl.dot a K step, rows as its N: at least 16 of each
-        # and a K step within one scale block (QBLOCK, a multiple of 64 in bitsandbytes)
-        block_m, block_n = min(max(16, triton.next_power_of_2(m)), BYTES_BLOCK_M), tile["block_n"]
+        # and a K step within one scale block (QBLOCK: bitsandbytes' blocksize, a power of two from 32)
+        most = BYTES_BLOCK_M * 2 // max(itemsize, 2)
+        block_m, block_n = min(max(16, triton.next_power_of_2(m)), most), tile["block_n"]
         block_k = min(max(tile["block_k"], 16), qblock)
     else:
         block_m = triton.next_power_of_2(m) if kind == "gemv" else (16 if m <= 16 else 32)
@@ -369,8 +371,10 @@ def nf4_matmul(
     if m == 0:
         return torch.empty(0, n, dtype=x.dtype, device=x.device)
     qblock = k // scale.shape[1]
-    kind, block_m, block_n, block_k, split = _config(m, n, k, qblock)
+    kind, block_m, block_n, block_k, split = _config(m, n, k, qblock, x.element_size())
     tile = TILES[kind]
+    if tile["lut"] != "bytes" and m > MAX_ROWS:  # the plane kernels' rows are one block of 16 or 32
+        raise ValueError(f"the NF4 kernel's {tile['lut']!r} tiles take at most {MAX_ROWS} rows, not {m}")
     if x.stride(1) != 1:
         x = x.contiguous()
     if split == 1:
@@ -419,6 +423,25 @@ def kernel_rows() -> int:
     """The most rows a product takes the kernel for: MAX_ROWS for the plane kernels (a dot's rows are one
     block of 16 or 32), any number where the dot's tile reads "bytes" (rows in blocks: BYTES_BLOCK_M)."""
     return sys.maxsize if TILES["dot"]["lut"] == "bytes" else MAX_ROWS
+
+
+def configurations_of(n: int, k: int, qblock: int, itemsize: int) -> list[int]:
+    """Row counts that together take every configuration (_config) that an [m, k] x [k, n] product of up
+    to kernel_rows() rows runs: for each, its fewest rows that are a multiple of 16 and its fewest that
+    are not (Triton compiles apart for an M divisible by 16). The bytes kernel's K split only shrinks as
+    its row blocks grow: once a full row block runs unsplit, every larger m takes that configuration."""
+    seen: dict[tuple, list[int]] = {}
+    full = BYTES_BLOCK_M * 2 // max(itemsize, 2)
+    m = 1
+    while m <= kernel_rows():
+        config = _config(m, n, k, qblock, itemsize)
+        found = seen.setdefault(config, [])
+        if not any((r % 16 == 0) == (m % 16 == 0) for r in found):
+            found.append(m)
+        if config[1] == full and config[4] == 1 and len(found) == 2:
+            break
+        m += 1
+    return sorted(r for rows in seen.values() for r in rows)
 
 
 def plan_of(best: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -487,7 +510,7 @@ def supported(layers: list) -> bool:
 class NF4Product:
     """One product for bitsandbytes NF4 layers that read the same input: x [..., K] -> [..., sum N].
     The layers' packed weights become views of one concatenation (no second copy), which the Triton
-    kernel (up to MAX_ROWS rows) and bitsandbytes' fused op read; the layers (bitsandbytes) read their
+    kernel (up to kernel_rows() rows) and bitsandbytes' fused op read; the layers (bitsandbytes) read their
     views. Which of the three runs at each row count: path(), as choose() measured it."""
 
     _checked: dict[tuple, bool] = {}  # (device, N, K, dtype, config) -> it agreed with bitsandbytes
@@ -510,7 +533,7 @@ class NF4Product:
         # verify(): the input dtype and kernel settings the kernel was checked with for compiled layers
         self.verified_for: tuple | None = None
         # choose(): the path of a product of m rows, as (most rows, path) pairs in ascending order, the last
-        # for every larger m; None: the kernel up to MAX_ROWS rows, the layers past it
+        # for every larger m; None: the kernel up to kernel_rows() rows, the layers past it
         self.paths: list[tuple[int, str]] | None = None
         self.timings: dict[int, dict[str, float]] = {}  # choose()'s: rows -> path -> seconds a call
 
@@ -540,7 +563,7 @@ class NF4Product:
 
     def path(self, m: int) -> str:
         """The path a product of m rows takes (PATHS): the plan choose() measured, or without one the
-        kernel up to MAX_ROWS rows and the layers past it. Compiled code compares m with each change
+        kernel up to kernel_rows() rows and the layers past it. Compiled code compares m with each change
         of path only (a guard each: a kind of step compiles once a band, graphs.py warm_compile)."""
         if self.paths is None:
             return "kernel" if m <= kernel_rows() else "layers"
@@ -562,7 +585,7 @@ class NF4Product:
     ) -> list[tuple[int, str]]:
         """Measures the paths and keeps the fastest at each row count (self.paths, merged: plan_of): at
         every size in `sizes` and at PROMPT_ROWS, bitsandbytes layer by layer and once over the joined
-        weights, and up to MAX_ROWS rows the kernel (while enabled); a path that disagrees with the
+        weights, and up to kernel_rows() rows the kernel (while enabled); a path that disagrees with the
         layers' products (check_once) or fails is never kept. timer(fn, rows) -> the seconds fn takes
         as steps of that many rows run it (the runner's: on the device, inside a CUDA graph for graphed
         sizes). Each timed call runs the path on this product and its peers (products of the same
@@ -597,7 +620,7 @@ class NF4Product:
         graph capture: the first call of a shape is always eager, graphs.py warms up before capturing)."""
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
         qblock = k // self.scale.shape[1]
-        config = _config(x2.shape[0], n, k, qblock)
+        config = _config(x2.shape[0], n, k, qblock, x2.element_size())
         key = (str(x2.device), n, k, qblock, x2.dtype, config, tuple(TILES[config[0]].values()))
         return check_once(
             NF4Product._checked,
@@ -608,8 +631,9 @@ class NF4Product:
 
     def verify(self, dtype: torch.dtype) -> bool:
         """Checks the kernel for inputs of `dtype` (the model's; the layers' compute dtype where they set
-        one) in each configuration its products of 1 to MAX_ROWS rows take (_config: with GEMV_ROWS 1,
-        the gemv at 1 row and the dot's two row blocks), each at its most rows, on random rows, against
+        one) in each configuration its products take (_config: with GEMV_ROWS 1 and the plane kernels,
+        the gemv at 1 row and the dot's two row blocks up to MAX_ROWS; with the bytes tiles, each row
+        block and K split a step of any rows takes: configurations_of), on random rows, against
         bitsandbytes; returns whether all agree. Called before torch.compile traces the product
         (runner.compile_layers): compiled code calls the kernel as one opaque op, where the per-shape
         check of eager steps (a host read of the result) cannot run. Compiled code calls the kernel
@@ -617,17 +641,9 @@ class NF4Product:
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
         dtype = self.compute_dtype or dtype
         qblock = k // self.scale.shape[1]
-        # each configuration's last m: the plane kernels' up to MAX_ROWS; the bytes kernel's row blocks,
-        # and a prompt step's rows (more row blocks, fewer K splits)
-        rows = (
-            [*range(1, MAX_ROWS + 1)]
-            if kernel_rows() == MAX_ROWS
-            else [*range(1, BYTES_BLOCK_M + 1), PROMPT_ROWS]
-        )
-        most = {_config(m, n, k, qblock): m for m in rows}
         g = torch.Generator(device=self.packed.device).manual_seed(0)
         ok = True
-        for m in sorted(most.values()):
+        for m in configurations_of(n, k, qblock, torch.empty(0, dtype=dtype).element_size()):
             ok &= self._kernel_ok(torch.randn(m, k, generator=g, device=self.packed.device).to(dtype))
         self.verified_for = (dtype, _settings()) if ok else None
         return ok
