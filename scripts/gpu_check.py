@@ -1213,6 +1213,14 @@ def nf4_bench(runner, rows: list, report: dict) -> bool:
         rows.append(
             (f"  the engine's path for {names.get(key, key)} (measured at start-up)", _plan_text(plan))
         )
+    # the prompt step's products (eager: bitsandbytes' Python counts), where the bytes kernel may run too
+    at = {
+        way: sum(us[nf4.PROMPT_ROWS].get(way, 0.0) for us in results["path_us"].values()) for way in nf4.PATHS
+    }
+    rows.append((
+        f"one layer's 4-bit products, {nf4.PROMPT_ROWS} rows, eager (us)",
+        ", ".join(f"{way} {us:.0f}" for way, us in at.items() if us) + f" (kernel: {nf4.TILES['dot']['lut']})",
+    ))  # fmt: skip
     return any(way != "layers" for plan in plans.values() for _, way in plan)
 
 

@@ -690,7 +690,10 @@ def test_gpu_checks_tile_sweep_keeps_the_fastest_of_each_kind(monkeypatch):
     assert all(p.paths and p.paths == got["paths"][name] for p, name in zip(products, names, strict=True))
     assert [r[0] for r in rows[3:]] == [
         f"  the engine's path for {p} (measured at start-up)" for p in ("qkv", "o", "gate_up", "down")
-    ]
+    ] + [f"one layer's 4-bit products, {nf4.PROMPT_ROWS} rows, eager (us)"]
+    # (the kernel at a prompt step's rows where the sweep kept a bytes tile for the dot)
+    bytes_kept = nf4.TILES["dot"]["lut"] == "bytes"
+    assert "fused " in rows[-1][1] and "layers " in rows[-1][1] and ("kernel " in rows[-1][1]) == bytes_kept
     for m in (1, 8, 32):  # the bandwidth: the layer's bytes over the summed microseconds, in TB/s
         kind = "gemv" if m == 1 else "dot"
         us = sum(v for k, v in got[kind][got["best"][kind]].items() if k.endswith(f" m{m}"))
