@@ -288,9 +288,8 @@ class StaticDecoder:
             lora += [(s, m) for s in sorted({min(2, cap), min(4, cap)}) for m in sorted({2, min(4, most)})]
         lengths = {7, 19}
         if any(p.enabled and p.compiled_ok for p in r._nf4_products()) and kernel_rows() == MAX_ROWS:
-            lengths.add(
-                MAX_ROWS + 8
-            )  # bitsandbytes' products, past the kernel's rows (the bytes kernel: any)
+            # bitsandbytes' products, past the plane kernels' rows (the bytes kernel takes any)
+            lengths.add(MAX_ROWS + 8)
         # the NF4 products' measured plans (runner.choose_nf4_paths): both sides of each change of path
         changes = {n for c in r.nf4_changes() for n in (c, c + 1)}
         lengths |= changes

@@ -38,18 +38,18 @@ a nibble into its table value (TILES[...]["lut"]), and a fifth kernel ("bytes") 
   Triton pipelines through shared memory with cp.async: 2 barriers (17 for the dot), at 8.9
   instructions a weight for the gemv tile and 9.3-10.1 for the dot.
 - "bytes" (session 17; its own kernel, _nf4_bytes_kernel, for the gemv's one row too): the tile's
-  transpose, w [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, rows], one tl.dot a K step over the whole tile (wgmma on
-  an H100; the rows, 16 to BYTES_BLOCK_M a program, are its narrow side). Its rows go in blocks, so it
-  takes any number (kernel_rows): a prompt step's too, where bitsandbytes writes a bfloat16 copy of
-  each weight and spends ~150-225 us of Python a call (session 9 and 15's profiles). Each byte is looked up once, in a 256-entry
-  table whose entry holds both nibbles' values in x's dtype packed in one integer (two bfloat16 in an
-  int32): the lookup yields the tensor cores' operand register itself, with no float multiply or
-  conversion a weight. The weights are the table's values rounded to x's dtype, unscaled; each step stays
-  within one scale block and multiplies its sums by the rows' scales (bitsandbytes rounds code x scale
-  instead: the same relative error, 2^-9 in bfloat16). Its K loop: 3.8-4.2 instructions a weight for
-  the 128- and 256-wide tiles, where the others take 6.5-8.1, and 5 barriers a step of BLOCK_N x 64
-  weights. Triton's interpreter multiplies bfloat16 tl.dot operands wrongly, so the CPU tests take
-  float16 and float32 (its float32 table packs two float32 in an int64).
+  transpose, w [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, rows], one tl.dot a K step over the whole tile (wgmma
+  on an H100; the rows, 16 to BYTES_BLOCK_M a program, are its narrow side). Its rows go in blocks, so
+  it takes any number (kernel_rows): a prompt step's too, where bitsandbytes writes a bfloat16 copy of
+  each weight and spends ~150-225 us of Python a call (session 9 and 15's profiles). Each byte is looked
+  up once, in a 256-entry table whose entry holds both nibbles' values in x's dtype packed in one
+  integer (two bfloat16 in an int32): the lookup yields the tensor cores' operand register itself, with
+  no float multiply or conversion a weight. The weights are the table's values rounded to x's dtype,
+  unscaled; each step stays within one scale block and multiplies its sums by the rows' scales
+  (bitsandbytes rounds code x scale instead: the same relative error, 2^-9 in bfloat16). Its K loop:
+  3.8-4.2 instructions a weight for the 128- and 256-wide tiles, where the others take 6.5-8.1, and 5
+  barriers a step of BLOCK_N x 64 weights. Triton's interpreter multiplies bfloat16 tl.dot operands
+  wrongly, so the CPU tests take float16 and float32 (its float32 table packs two float32 in an int64).
 Which is fastest is the device's answer (gpu_check's sweep): for shared8, global and bytes, not yet
 asked.
 `scripts/kernel_sass.py` compiles each tile for sm_90 without a GPU and counts the instructions of its K
@@ -330,6 +330,11 @@ if triton is not None:
         tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def _bytes_rows(itemsize: int) -> int:
+    """The bytes kernel's rows a program for inputs of `itemsize` bytes (BYTES_BLOCK_M; half for float32)."""
+    return BYTES_BLOCK_M * 2 // max(itemsize, 2)
+
+
 def _config(m: int, n: int, k: int, qblock: int, itemsize: int = 2) -> tuple[str, int, int, int, int]:
     """(which TILES entry, BLOCK_M, BLOCK_N, BLOCK_K, split) for an [m, k] x [k, n] product of inputs of
     `itemsize` bytes, with a scale every qblock weights of K: split K until the programs (N blocks x row
@@ -342,8 +347,7 @@ def _config(m: int, n: int, k: int, qblock: int, itemsize: int = 2) -> tuple[str
             raise ValueError(f"TILES[{kind!r}][{key!r}] must be a power of two, got {tile[key]}")
     if tile["lut"] == "bytes":  # one tl.dot a K step, rows as its N: at least 16 of each
         # and a K step within one scale block (QBLOCK: bitsandbytes' blocksize, a power of two from 32)
-        most = BYTES_BLOCK_M * 2 // max(itemsize, 2)
-        block_m, block_n = min(max(16, triton.next_power_of_2(m)), most), tile["block_n"]
+        block_m, block_n = min(max(16, triton.next_power_of_2(m)), _bytes_rows(itemsize)), tile["block_n"]
         block_k = min(max(tile["block_k"], 16), qblock)
     else:
         block_m = triton.next_power_of_2(m) if kind == "gemv" else (16 if m <= 16 else 32)
@@ -431,7 +435,7 @@ def configurations_of(n: int, k: int, qblock: int, itemsize: int) -> list[int]:
     are not (Triton compiles apart for an M divisible by 16). The bytes kernel's K split only shrinks as
     its row blocks grow: once a full row block runs unsplit, every larger m takes that configuration."""
     seen: dict[tuple, list[int]] = {}
-    full = BYTES_BLOCK_M * 2 // max(itemsize, 2)
+    full = _bytes_rows(itemsize)
     m = 1
     while m <= kernel_rows():
         config = _config(m, n, k, qblock, itemsize)
