@@ -257,6 +257,7 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
         out[label] = len(ps) * new / dt
         # the decode steps alone: from the last stream's first token (the prompts' steps done) to the end
         out[f"{label}: decode tok/s"] = len(ps) * (new - 1) / max(times["end"] - times["first"], 1e-9)
+        out[f"{label}: prompt step ms"] = times["first"] * 1e3  # submission to the last first token
         report.setdefault("_tokens", {})[f"{mode}: {label}"] = got  # compared across modes, not written
         st = eng.stats
         steps = max(st.steps, 1)
@@ -266,7 +267,8 @@ def measure_engine(runner, cache, weights, prompts, new: int, rows: list, report
             out[f"{label}: steps launched ahead / used"] = [st.ahead_launched, st.ahead_used]
         rows.append((
             f"mygpt engine ({mode}), {label}",
-            f"{out[label]:.1f} tok/s (decode steps alone: {out[f'{label}: decode tok/s']:.1f})",
+            f"{out[label]:.1f} tok/s (decode steps alone: {out[f'{label}: decode tok/s']:.1f}; "
+            f"prompts' step {out[f'{label}: prompt step ms']:.0f} ms)",
         ))  # fmt: skip
         rows.append((
             f"  ms per step: forward call / sampling (waits for the device) / rest, over {steps} steps",

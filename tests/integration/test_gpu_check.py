@@ -72,6 +72,9 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
         figures = report[f"engine_{mode}"]
         for k in ("1 stream + adapter", "32 streams / 1 adapter", "32 streams / 32 adapters"):
             assert figures[k] > 0 and figures[f"{k}: decode tok/s"] > 0  # (and the decode steps alone)
+            # the prompts' step, within the run's whole time (new tokens at figures[k] tok/s)
+            run_ms = 1e3 * 16 * (32 if "32" in k else 1) / figures[k]  # --new-tokens 16
+            assert 0 < figures[f"{k}: prompt step ms"] < run_ms
     stats = report["graph_stats"]
     assert stats["static"]["eager"] > 0  # the static decoder ran (no capture on a CPU)
     assert stats["static"]["prompt_steps"] == 0 < stats["static-rows"]["prompt_steps"]
