@@ -17,6 +17,7 @@ from mygpt.engine.guided import (
     _bias_on_host,
     _keep_on_device,
     _mask_on_device,
+    closed_schema,
     mask_logits,
 )
 from mygpt.engine.naive import NaiveEngine
@@ -172,6 +173,36 @@ def test_naive_engine_guides_too(tiny_model, tokenizer, grammars):
 def test_bad_schemas_are_refused_with_the_reason(grammars, schema, message):
     with pytest.raises(GrammarError, match=message):
         grammars.json(schema)
+
+
+def test_objects_that_name_their_properties_take_no_other_keys(grammars, tokenizer):
+    """As OpenAI's strict schemas and vLLM's grammars: a key the schema does not declare is not allowed
+    unless the schema allows it (additionalProperties), at any depth; an object that names no
+    properties stays open."""
+
+    def takes(schema, text: str) -> bool:
+        guide = grammars.json(schema).start()
+        return all(guide.advance(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    assert takes(city, '{"city": "Oslo"}') and not takes(city, '{"city": "Oslo", "country": "NO"}')
+    assert takes({**city, "additionalProperties": True}, '{"city": "Oslo", "country": "NO"}')
+    assert takes({"type": "object"}, '{"any": 1}')  # json_object's schema: no properties named
+    nested = {  # in arrays, anyOf and $defs too
+        "type": "object",
+        "properties": {"stops": {"type": "array", "items": {"$ref": "#/$defs/city"}}},
+        "$defs": {"city": {"anyOf": [city, {"type": "null"}]}},
+    }
+    assert takes(nested, '{"stops": [{"city": "Oslo"}, null]}')
+    assert not takes(nested, '{"stops": [{"city": "Oslo", "x": 1}]}')
+    assert not takes(nested, '{"stops": [], "x": 1}')
+    # a property named like a keyword is a name, not a schema
+    named = {"type": "object", "properties": {"properties": {"type": "object"}}}
+    assert closed_schema(named) == {**named, "additionalProperties": False}
+    assert (
+        closed_schema([city]) == [{**city, "additionalProperties": False}]
+        and city.get("additionalProperties") is None
+    )
 
 
 def test_a_tokenizer_llguidance_cannot_read_costs_structured_outputs_only():

@@ -144,6 +144,7 @@ def test_the_auto_grammar_takes_calls_or_text_and_nothing_between(tokenizer):
     ok, guide = follow("Hello, no call is needed {here}.")
     assert ok and not guide.done and guide.accepting  # text goes on until the model ends it
     assert follow('{"name": "other"')[0] is False  # a call of no listed tool
+    assert follow('{"name": "get", "arguments": {"type": "object"}}')[0] is False  # no undeclared key
     assert follow(' {"name": "get"')[0] is False  # text may not start like a call
     ok, tagged = follow('<tool_call>\n{"name": "get", "arguments": {}}\n</tool_call>\n<tool_call>')
     assert ok and not tagged.accepting  # a second block begun must be finished

@@ -35,6 +35,38 @@ class GrammarError(ValueError):
     """The schema or grammar cannot be compiled; the message says why."""
 
 
+# the keywords whose values are schemas (one, a list, or a name -> schema map): closed_schema() walks them
+_SUBSCHEMA = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
+_SUBSCHEMAS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_schema(schema: Any) -> Any:
+    """`schema` with each object schema that names its properties and leaves additionalProperties out
+    closed to other keys (additionalProperties false), as OpenAI's strict schemas are and as vLLM and
+    xgrammar compile them: a tool's arguments or an answer hold the keys the schema declares, where JSON
+    Schema's default would let a model add any. A schema that sets additionalProperties keeps it."""
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_schema(out[key])
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), list):
+            out[key] = closed_schema(out[key])
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_schema(s) for name, s in out[key].items()}
+    if isinstance(out.get("items"), list):  # (draft 4-7 tuples)
+        out["items"] = closed_schema(out["items"])
+    if "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
+        out["additionalProperties"] = False
+    return out
+
+
 class Grammar:
     """A compiled grammar in its start state; each row follows a copy (Grammar.start)."""
 
@@ -182,7 +214,8 @@ class Grammars:
         self._lock = threading.Lock()
 
     def json(self, schema: dict[str, Any] | bool | None) -> Grammar:
-        """A grammar for one JSON value of `schema` (a JSON Schema); None: any JSON object."""
+        """A grammar for one JSON value of `schema` (a JSON Schema; objects that name their properties
+        take no other keys unless it says so: closed_schema()); None: any JSON object."""
         from llguidance import LLMatcher
 
         if schema is None:
@@ -190,7 +223,7 @@ class Grammars:
         if not isinstance(schema, (dict, bool)):
             raise GrammarError("the schema must be a JSON object")
         try:
-            source = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+            source = LLMatcher.grammar_from_json_schema(closed_schema(schema), defaults=JSON_OPTIONS)
         except (ValueError, TypeError) as exc:
             raise GrammarError(str(exc)) from exc
         return self._compile(source)
@@ -208,7 +241,7 @@ class Grammars:
 
         if not isinstance(schema, dict):
             raise GrammarError("the schema must be a JSON object")
-        value = {**schema, "x-guidance": JSON_OPTIONS}
+        value = {**closed_schema(schema), "x-guidance": JSON_OPTIONS}
         rules = ["value"]
         starts = [r"[^{\s]"]  # what a text may start with (after whitespace), then anything
         ends = []  # the texts that stop inside the open tag
