@@ -439,6 +439,29 @@ def test_a_streamed_tool_call_arrives_whole_in_one_delta(client):
     json.loads(calls[0][0].function.arguments)
 
 
+def test_a_tool_call_cut_by_max_tokens_comes_back_as_a_cut_call(client):
+    """As OpenAI returns it: tool_calls with the arguments as far as they came and finish_reason
+    "length", streamed or not; never the call's wrapper as the message's text."""
+    ask = {"model": MODEL, "messages": WEATHER, "tools": TOOLS, "tool_choice": "required", "temperature": 0}
+    [whole] = client.chat.completions.create(**ask, max_tokens=80).choices[0].message.tool_calls
+    cut = client.chat.completions.create(**ask, max_tokens=12).choices[0]
+    assert cut.finish_reason == "length" and cut.message.content is None
+    [call] = cut.message.tool_calls
+    assert call.function.name == whole.function.name and call.id.startswith("call_")
+    assert call.function.arguments and whole.function.arguments.startswith(call.function.arguments)
+    assert len(call.function.arguments) < len(whole.function.arguments)
+    chunks = list(client.chat.completions.create(**ask, max_tokens=12, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "length"
+    [[streamed]] = [d.tool_calls for d in deltas if d.tool_calls]
+    assert streamed.function.arguments == call.function.arguments
+    legacy = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, functions=[t["function"] for t in TOOLS], temperature=0,
+        function_call={"name": whole.function.name}, max_tokens=12,
+    ).choices[0]  # fmt: skip
+    assert legacy.finish_reason == "length" and legacy.message.function_call.name == whole.function.name
+
+
 def answer_kind(choice) -> str:
     """ "call" or "text", after checking the choice is wholly one of them."""
     if choice.message.tool_calls:

@@ -121,8 +121,35 @@ def test_auto_answers_are_calls_or_text_by_how_they_start():
     assert len({c.id for c in calls}) == 2
     assert tools.answer(plan, "It is sunny.", "stop") == (None, "stop")
     assert tools.answer(plan, "It is", "length") == (None, "length")
-    assert tools.answer(plan, '{"name": "ge', "length") == (None, "length")  # a call cut: its text
-    assert tools.answer(plan, tagged[:60], "length") == (None, "length")
+    assert tools.answer(plan, "It is {", "length") == (None, "length")
+
+
+def test_calls_cut_by_max_tokens_come_back_as_far_as_written():
+    """As OpenAI returns them: finish_reason "length", the arguments cut, never the call's wrapper as
+    text."""
+    two = tools.ToolPlan(request(tools=[GET, {**GET, "function": {"name": "go"}}]).tools)
+    for plan in (tools.ToolPlan(two.tools[:1]), tools.ToolPlan(two.tools[:1], auto=True), two):
+        calls, finish = tools.answer(plan, '{"name": "get", "arguments": {"city": "Os', "length")
+        assert finish == "length" and [(c.function.name, c.function.arguments) for c in calls] == [
+            ("get", '{"city": "Os')
+        ]
+        calls, finish = tools.answer(plan, '{"name": "get", "arguments": {}', "length")  # all but the "}"
+        assert finish == "length" and calls[0].function.arguments == "{}"
+    for text in ('{"name": "g', '{"na', "{"):  # the name cut: the one tool it can be
+        [call], _ = tools.answer(tools.ToolPlan(two.tools[:1]), text, "length")
+        assert (call.function.name, call.function.arguments) == ("get", "")
+    assert tools.answer(two, '{"name": "ge', "length")[0][0].function.name == "get"
+    assert tools.answer(two, '{"name": "g', "length") == (None, "length")  # get or go: none made up
+    tagged = '<tool_call>\n{"name": "get", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "go", "arguments": {"a'
+    calls, finish = tools.answer(two, tagged, "length")
+    assert finish == "length" and [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get", "{}"),
+        ("go", '{"a'),
+    ]
+    [call], _ = tools.answer(two, tagged[:50], "length")  # a whole block only
+    assert call.function.name == "get" and call.function.arguments == "{}"
+    whole = '{"name": "go", "arguments": {}}'  # written whole as max_tokens ran out: a call
+    assert tools.answer(two, whole, "length")[1] == "tool_calls"
     starts = ("", " \n", "\nHi", "{", "<tool", "<tool_call>", "<table>", " <tool_call>")
     assert [tools.is_call(t) for t in starts] == [None, None, False, True, None, True, False, False]
     forced = tools.ToolPlan(plan.tools)  # forced: a call is a call whatever it starts with

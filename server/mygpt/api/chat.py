@@ -471,10 +471,8 @@ class ChatService:
                 thought, text = reasoning.split(text, inside)
             made, finish = tools.answer(calls, text, done.reasons[i]) if calls else (None, done.reasons[i])
             if made and legacy:  # one call at most (the plan allows no more)
-                message, finish = (
-                    AssistantMessage(content=None, function_call=made[0].function),
-                    "function_call",
-                )
+                message = AssistantMessage(content=None, function_call=made[0].function)
+                finish = "function_call" if finish == "tool_calls" else finish  # (cut: "length")
             elif made:
                 message = AssistantMessage(content=None, tool_calls=made)
             else:
@@ -535,7 +533,8 @@ class ChatService:
                     if made is None:
                         delta = Delta(content=held[ev.index])
                     elif legacy:
-                        delta, finish = Delta(function_call=made[0].function.model_dump()), "function_call"
+                        delta = Delta(function_call=made[0].function.model_dump())
+                        finish = "function_call" if finish == "tool_calls" else finish
                     else:
                         delta = Delta(tool_calls=[{"index": k, **c.model_dump()} for k, c in enumerate(made)])
             if thought:

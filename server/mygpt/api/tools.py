@@ -250,13 +250,57 @@ def parse_calls(text: str) -> list[ToolCall] | None:
 
 
 def answer(calls_plan: ToolPlan, text: str, finish: str | None) -> tuple[list[ToolCall] | None, str | None]:
-    """A whole answer under a tool plan: (its calls, "tool_calls"), or (None, its finish reason) for a
-    text answer of tool_choice "auto", or calls cut by max_tokens or a stop string (they come back as
-    their text)."""
+    """A whole answer under a tool plan: (its calls, "tool_calls"); calls cut by max_tokens as far as
+    they were written, (calls, "length"), as OpenAI returns them (cut_calls); or (None, its finish
+    reason) for a text answer of tool_choice "auto", or an "auto" call cut by a stop string (it comes
+    back as its text)."""
     if calls_plan.auto and not is_call(text):
         return None, finish
+    if finish == "length":  # whole where max_tokens ran out as the last call closed
+        calls, whole = cut_calls(calls_plan, text)
+        return calls or None, "tool_calls" if calls and whole else finish
     calls = parse_calls(text) if finish == "stop" else None
     return (calls, "tool_calls") if calls else (None, finish)
+
+
+_OPEN = '{"name": "'  # a call's start, as the grammar writes it (JSON_OPTIONS' separators)
+_HEAD = re.compile(r'\{"name": "((?:[^"\\]|\\.)*)(")?(, "arguments": )?')
+
+
+def cut_calls(calls_plan: ToolPlan, text: str) -> tuple[list[ToolCall], bool]:
+    """The calls of an answer cut by max_tokens, and whether they are whole: the whole ones, then the
+    one being written, with its arguments as far as they came (partial JSON) and its name (where the
+    name itself was cut, the one tool it can be; no call if it could be several)."""
+    whole, rest, tagged = [], text, text.startswith(TAGS[0])
+    if tagged:
+        blocks = list(_BLOCK.finditer(text))
+        whole = [parse_call(b[1]) for b in blocks]
+        rest = text[blocks[-1].end() :] if blocks else text
+        rest = rest.lstrip("\n").removeprefix(TAGS[0]).lstrip("\n")
+    if not all(whole):
+        return [], False
+    closing = next((k for k in range(len(TAGS[1]), 0, -1) if tagged and rest.endswith(TAGS[1][:k])), 0)
+    call = parse_call(rest[: len(rest) - closing].rstrip("\n")) if rest.startswith("{") else None
+    if call is not None:  # closed as the tokens ran out (in a block: its close tag cut)
+        return [*whole, call], not tagged
+    head = _HEAD.match(rest)
+    if head is None and not (rest and _OPEN.startswith(rest)):  # (cut before the name: a name "")
+        return whole, not rest
+    written = head[1] if head else ""
+    try:
+        name = json.loads(f'"{written}"')
+    except json.JSONDecodeError:  # cut inside an escape
+        name = written
+    if head is None or head[2] is None:  # the name was cut
+        names = [t.function.name for t in calls_plan.tools if t.function.name.startswith(name)]
+        if len(names) != 1:
+            return whole, False
+        name = names[0]
+    arguments = rest[head.end() :] if head and head[3] else ""
+    cut = ToolCall(
+        id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(name=name, arguments=arguments)
+    )
+    return [*whole, cut], False
 
 
 def parse_call(text: str) -> ToolCall | None:
