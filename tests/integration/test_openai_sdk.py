@@ -462,6 +462,47 @@ def test_a_tool_call_cut_by_max_tokens_comes_back_as_a_cut_call(client):
     assert legacy.finish_reason == "length" and legacy.message.function_call.name == whole.function.name
 
 
+def test_tools_with_a_response_format_answer_with_a_call_or_json_of_it(client, tokenizer):
+    """OpenAI takes both (the Agents SDK sends both for an agent with tools and an output type): "auto"
+    answers with a call or with JSON of the format, streamed or not; a forced call is the answer, and
+    stop strings, which would cut it, are left out; the Responses API takes tools and text.format."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+    # steered into the format's answer: its first tokens ('{"', 'city') favoured
+    answer = dict.fromkeys(tokenizer.encode('{"city', add_special_tokens=False), 100)
+    ask = {"model": MODEL, "messages": WEATHER, "tools": TOOLS, "response_format": fmt, "temperature": 0}
+    for bias in (None, answer):
+        choice = client.chat.completions.create(**ask, max_tokens=150, logit_bias=bias).choices[0]
+        assert bias is None or choice.message.content  # the steered one: the format's answer
+        if choice.message.tool_calls:  # (tagged blocks, one after another, may run to max_tokens)
+            assert choice.finish_reason in ("tool_calls", "length") and choice.message.content is None
+            json.loads(choice.message.tool_calls[0].function.arguments)
+        else:  # the format's JSON, and nothing else
+            assert choice.finish_reason == "stop" and set(json.loads(choice.message.content)) == {"city"}
+        chunks = list(client.chat.completions.create(**ask, max_tokens=150, logit_bias=bias, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == (choice.message.content or "")
+        assert [c.function.arguments for d in deltas for c in d.tool_calls or []] == [
+            c.function.arguments for c in choice.message.tool_calls or []
+        ]
+    forced = client.chat.completions.create(
+        **ask, tool_choice="required", stop=["}", ","], max_tokens=80
+    ).choices[0]  # (with stop strings that every call holds)
+    assert forced.finish_reason == "tool_calls" and json.loads(
+        forced.message.tool_calls[0].function.arguments
+    )
+    r = client.responses.create(
+        model=MODEL, input="What is the weather in Paris?", max_output_tokens=60, temperature=0,
+        tools=[{"type": "function", **{k: v for k, v in t["function"].items()}} for t in TOOLS],
+        text={"format": {"type": "json_schema", "name": "place", "schema": schema, "strict": True}},
+    )  # fmt: skip
+    assert r.output[-1].type in ("function_call", "message")  # (incomplete: calls up to max tokens)
+
+
 def answer_kind(choice) -> str:
     """ "call" or "text", after checking the choice is wholly one of them."""
     if choice.message.tool_calls:

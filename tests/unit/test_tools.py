@@ -55,9 +55,6 @@ def test_nested_parameters_keep_their_references(tokenizer):
         ({"tool_choice": {"type": "function", "function": "get"}}, "tool_choice"),  # was a 500
         ({"tool_choice": {"type": "function", "function": None}}, "tool_choice"),  # was a 500
         ({"tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
-        ({"tool_choice": "auto", "response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),  # "auto" by default
-        ({"tool_choice": "required", "stop": ["}"]}, "stop"),  # would cut the call
     ],
 )
 def test_bad_tool_requests_are_400s(kw, param):
@@ -122,6 +119,40 @@ def test_auto_answers_are_calls_or_text_by_how_they_start():
     assert tools.answer(plan, "It is sunny.", "stop") == (None, "stop")
     assert tools.answer(plan, "It is", "length") == (None, "length")
     assert tools.answer(plan, "It is {", "length") == (None, "length")
+
+
+def test_auto_with_a_response_format_answers_with_calls_or_json_of_it(tokenizer):
+    """As OpenAI (and the Agents SDK's agents with tools and an output type): the model calls a tool or
+    answers in the format. A forced call is the answer (the format holds for a later turn), and stop
+    strings, which would cut it, are left out (chat.py) rather than refused."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": {
+        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}  # fmt: skip
+    plan = tools.plan(request(tools=[GET], response_format=fmt))
+    assert plan.auto and plan.structured
+    for choice in ("required", {"type": "function", "function": {"name": "get"}}):
+        forced = tools.plan(request(tools=[GET], tool_choice=choice, response_format=fmt, stop=["}"]))
+        assert not forced.auto and not forced.structured
+    # an answer starting like the format's JSON is told from a call as soon as they differ
+    starts = ("", "{", '{"name": "', '{"name": "ge', '{"name": "get", "arguments": ', '{"name": "Bo', "<tool")
+    assert [plan.is_call(t) for t in starts] == [None, None, None, None, True, False, None]
+    assert tools.answer(plan, '{"name": "Bob"}', "stop") == (None, "stop")  # the format's answer: text
+    assert tools.answer(plan, '{"name": "get", "arguments": {}}', "stop")[1] == "tool_calls"
+    grammar = Grammars(tokenizer, len(tokenizer)).json_or_text(
+        plan.schema(), tools.TAGS, answer=fmt["json_schema"]["schema"]
+    )
+
+    def follow(text: str):
+        guide = grammar.start()
+        return all(guide.advance(t) for t in tokenizer.encode(text, add_special_tokens=False)), guide
+
+    for whole in (
+        '{"name": "get", "arguments": {}}',
+        '{"name": "Bob"}',
+        '<tool_call>{"name": "get", "arguments": {}}</tool_call>',
+    ):
+        ok, guide = follow(whole)
+        assert ok and guide.accepting, whole
+    assert not follow("Bob")[0] and not follow('{"name": "Bob", "age": 3}')[0]  # no text, no other key
 
 
 def test_calls_cut_by_max_tokens_come_back_as_far_as_written():

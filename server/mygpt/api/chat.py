@@ -108,7 +108,9 @@ class ChatService:
         self._refuse_unsupported(req)
         calls, _ = self._plan(req)  # tools: the grammar of a call (or of a call or text: "auto")
         render = self.renderer(req)
-        grammar = await self._grammar(req) if calls is None else await self._tools_grammar(calls)
+        grammar = await self._grammar(req) if calls is None else await self._tools_grammar(calls, req)
+        if calls is not None and not calls.auto and req.stop:  # stop strings would cut a forced call
+            req = req.model_copy(update={"stop": None})
         if grammar is not None and self.think_ids is not None:  # a reasoning model thinks first, freely
             blank = await asyncio.to_thread(self.grammars.blank_mask)
             grammar = ThinkFirst(grammar, *self.think_ids, blank)
@@ -250,30 +252,45 @@ class ChatService:
     async def _grammar(self, req: ChatCompletionRequest) -> Grammar | None:
         """The grammar of response_format (None for text), compiled off the event loop; 400 naming
         response_format when the type is unknown or the schema cannot be compiled."""
+        fmt = self._format(req)
+        return None if fmt is None else await self._compile(fmt[0], "response_format", fmt[1])
+
+    @staticmethod
+    def _format(req: ChatCompletionRequest) -> tuple[dict[str, Any] | None, str] | None:
+        """response_format's JSON Schema (None: any JSON object) and its name in errors; None for text;
+        400 naming response_format when it is incomplete or of an unknown type."""
         fmt = req.response_format
         if fmt is None or fmt.type == "text":
             return None
         if fmt.type == "json_object":
-            schema, what = None, "response_format"
+            return None, "response_format"
         elif fmt.type == "json_schema":
             if fmt.json_schema is None:
                 raise invalid(
                     "Missing required parameter: 'response_format.json_schema'.",
                     param="response_format.json_schema",
                 )
-            schema, what = fmt.json_schema.schema_ or {}, f"response_format '{fmt.json_schema.name}'"
-        else:
-            raise invalid(
-                f"response_format type '{fmt.type}' is not supported; use 'text', 'json_object' or 'json_schema'.",
-                param="response_format.type",
-            )
-        return await self._compile(schema, "response_format", what)
+            return fmt.json_schema.schema_ or {}, f"response_format '{fmt.json_schema.name}'"
+        raise invalid(
+            f"response_format type '{fmt.type}' is not supported; use 'text', 'json_object' or 'json_schema'.",
+            param="response_format.type",
+        )
 
-    async def _tools_grammar(self, calls: tools.ToolPlan) -> Grammar:
-        """The grammar of a tool plan: one call, or ("auto") calls, bare or in Hermes/Qwen tags, or text."""
+    async def _tools_grammar(self, calls: tools.ToolPlan, req: ChatCompletionRequest) -> Grammar:
+        """The grammar of a tool plan: one call, or ("auto") calls, bare or in Hermes/Qwen tags, or text
+        (with a response_format: JSON of it)."""
+        fmt = self._format(req)  # (its 400s also where a forced call leaves it for a later turn)
         if not calls.auto:
             return await self._compile(calls.schema(), "tools")
-        build = functools.partial(self.grammars.json_or_text, tags=tools.TAGS, many=calls.many)
+        if fmt is not None:  # the answer's schema first: a 400 for it names response_format
+            answer = fmt[0] or {"type": "object"}
+            await self._compile(answer, "response_format", fmt[1])
+        build = functools.partial(
+            self.grammars.json_or_text,
+            tags=tools.TAGS,
+            many=calls.many,
+            answer=None if fmt is None else answer,
+        )
         return await self._compile(calls.schema(), "tools", build=build)
 
     async def _compile(
@@ -521,7 +538,7 @@ class ChatService:
             if kind[ev.index] is not False:  # a call, or not known yet: held back
                 held[ev.index] += text
                 if kind[ev.index] is None:
-                    kind[ev.index] = tools.is_call(held[ev.index])
+                    kind[ev.index] = calls.is_call(held[ev.index])
                 if kind[ev.index] is False:  # "auto" answers in text: what was held, then as it comes
                     delta = Delta(content=held[ev.index])
                 elif finish is None:

@@ -413,11 +413,13 @@ _PARAMS = {
 def _param(param: str | None, body: ResponsesRequest | None = None) -> str | None:
     """A chat request's parameter as this request named it: response_format.json_schema.x is
     text.format.x, tools.[i].function.x (or tools.i.function.x) is tools[i].x; a grammar that failed
-    while generating (response_format) is the tools' where the request has tools."""
+    while generating (response_format) is the tools' where the request has tools and no text.format."""
     if param is None:
         return None
     if param == "response_format" and body is not None and body.tools:
-        return "tools"
+        fmt = (body.text or {}).get("format") or {}
+        if fmt.get("type", "text") == "text":
+            return "tools"
     head, dot, rest = param.partition(".")
     if head == "response_format":
         return "text.format" + (("." + rest.removeprefix("json_schema.")) if rest else "")

@@ -45,6 +45,27 @@ class ToolPlan:
     tools: list[Tool]
     auto: bool = False
     many: bool = True  # more than one call may come (parallel_tool_calls, true by default; tagged blocks)
+    structured: bool = False  # "auto" with a response_format: an answer is JSON of it, not free text
+
+    def is_call(self, text: str) -> bool | None:
+        """Whether an answer that starts with `text` is calls (True) or an answer (False); None while it
+        could still be either. Forced: always a call. "auto": by how it starts (is_call); with a
+        response_format, whose answer is JSON too, a call once it starts as one of the tools' calls
+        does ('{"name": "get", "arguments": ')."""
+        if not self.auto:
+            return True
+        if not self.structured:
+            return is_call(text)
+        heads = [
+            TAGS[0],
+            *(
+                _OPEN + json.dumps(t.function.name, ensure_ascii=False)[1:] + ', "arguments": '
+                for t in self.tools
+            ),
+        ]
+        if text.startswith(tuple(heads)):
+            return True
+        return None if any(h.startswith(text) for h in heads) else False
 
     def schema(self) -> dict[str, Any]:
         """JSON Schema of one call: {"name": one of the tools, "arguments": that tool's parameters}.
@@ -87,21 +108,16 @@ def plan(req: Any, legacy: bool = False) -> ToolPlan | None:
     """The request's tool plan, None for a plain answer (no tools, or "none"); 400s name the problem
     (legacy: in the words of the deprecated functions API the request used)."""
     # the request's own words: its tools and choice, or the deprecated functions and function_call
-    tools_name, choice_name, call_name = (
-        ("functions", "function_call", "function call") if legacy else ("tools", "tool_choice", "tool call")
-    )
+    tools_name, choice_name = ("functions", "function_call") if legacy else ("tools", "tool_choice")
     choice, tools = req.tool_choice, req.tools or []
     if choice is None and not tools or choice == "none":
         return None
     if not tools:
         raise invalid(f"{choice_name} is only allowed when {tools_name} are given.", param=choice_name)
     auto = choice in (None, "auto")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise invalid(
-            f"response_format cannot be combined with {tools_name} "
-            f"(use {choice_name} 'none' for a structured answer).",
-            param="response_format",
-        )
+    # with a response_format, "auto" answers with calls or with JSON of that format; a forced call is
+    # the answer (the format holds for a later turn's answer)
+    structured = auto and req.response_format is not None and req.response_format.type != "text"
     names = [t.function.name for t in tools]
     if len(set(names)) < len(names):
         raise invalid(f"{tools_name} have to have different names.", param=tools_name)
@@ -112,9 +128,7 @@ def plan(req: Any, legacy: bool = False) -> ToolPlan | None:
                 param=f"functions.[{i}].parameters" if legacy else f"tools.[{i}].function.parameters",
             )
     if auto:  # stop strings end a text answer; one inside a call cuts it, which then comes back as text
-        return ToolPlan(tools, auto=True, many=req.parallel_tool_calls is not False)
-    if req.stop:
-        raise invalid(f"stop strings would cut a forced {call_name}; leave stop out.", param="stop")
+        return ToolPlan(tools, auto=True, many=req.parallel_tool_calls is not False, structured=structured)
     if choice == "required":
         return ToolPlan(tools)
     function = choice.get("function") if isinstance(choice, dict) else None
@@ -190,7 +204,8 @@ def with_tools(messages: list[dict[str, Any]], calls: ToolPlan) -> list[dict[str
         "You can call these functions:\n"
         + json.dumps([template_tool(t)["function"] for t in calls.tools], ensure_ascii=False)
         + '\nTo call one, reply with only a JSON object: {"name": <function name>, "arguments": <its arguments>}.'
-        + (" If no function is needed, answer in plain text." if calls.auto else "")
+        + (" If no function is needed, answer in plain text." if calls.auto and not calls.structured else "")
+        + (" If no function is needed, answer with a JSON object." if calls.structured else "")
     )
     if messages and messages[0]["role"] == "system":
         return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
@@ -254,7 +269,7 @@ def answer(calls_plan: ToolPlan, text: str, finish: str | None) -> tuple[list[To
     they were written, (calls, "length"), as OpenAI returns them (cut_calls); or (None, its finish
     reason) for a text answer of tool_choice "auto", or an "auto" call cut by a stop string (it comes
     back as its text)."""
-    if calls_plan.auto and not is_call(text):
+    if not calls_plan.is_call(text):
         return None, finish
     if finish == "length":  # whole where max_tokens ran out as the last call closed
         calls, whole = cut_calls(calls_plan, text)

@@ -229,14 +229,19 @@ class Grammars:
         return self._compile(source)
 
     def json_or_text(
-        self, schema: dict[str, Any], tags: tuple[str, str] | None = None, many: bool = True
+        self,
+        schema: dict[str, Any],
+        tags: tuple[str, str] | None = None,
+        many: bool = True,
+        answer: dict[str, Any] | None = None,
     ) -> Grammar:
         """One JSON value of `schema`; or, with tags (open, close), one or more such values (one if not
         `many`) each between them (a line break allowed inside each tag, blocks one per line); or text that cannot be taken
         for either (tool_choice "auto": a call is the JSON, an answer the text). The text ends where the
         model ends it; it may not start with '{' or the open tag, even after whitespace, so that what
-        starts like a call is held to one. The tags: no quote, backslash or whitespace (nor '/' in the
-        open tag, which goes into a regular expression)."""
+        starts like a call is held to one. With `answer` (a JSON Schema: tool_choice "auto" with a
+        response_format), one JSON value of it in place of the text. The tags: no quote, backslash or
+        whitespace (nor '/' in the open tag, which goes into a regular expression)."""
         from llguidance import LLMatcher
 
         if not isinstance(schema, dict):
@@ -262,7 +267,13 @@ class Grammars:
             starts += [re.escape(opened[:i]) + f"[^{re.escape(opened[i])}]" for i in range(1, len(opened))]
             ends = [re.escape(opened[:i]) for i in range(1, len(opened))]
         text = r"\s*(?:(?:" + "|".join(starts) + r")[\s\S]*" + "".join("|" + e for e in ends) + ")"
-        lark = "\n".join([f"start: {' | '.join(rules)} | TEXT", *lines, f"TEXT: /{text}/", ""])
+        if answer is None:  # text that cannot be taken for a call
+            rules.append("TEXT")
+            lines.append(f"TEXT: /{text}/")
+        else:
+            rules.append("answer")
+            lines.append(f"answer: %json {json.dumps({**closed_schema(answer), 'x-guidance': JSON_OPTIONS})}")
+        lark = "\n".join([f"start: {' | '.join(rules)}", *lines, ""])
         try:
             source = LLMatcher.grammar_from_lark(lark)
         except (ValueError, TypeError) as exc:
