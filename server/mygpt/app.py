@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from mygpt import __version__
 from mygpt.api.admin import router as admin_router
@@ -56,6 +57,25 @@ def build_app(
     app = FastAPI(title="mygpt", version=__version__, lifespan=lifespan)
     app.state.mygpt = state
     app.add_middleware(RequestIds)
+    if origins := [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]:
+        # browsers' preflights and the headers their pages may read; keys go in Authorization, which
+        # a page sets itself: no cookies, so no credentials mode
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[
+                "x-request-id",
+                "retry-after",
+                *(
+                    f"x-ratelimit-{w}-{k}"
+                    for w in ("limit", "remaining", "reset")
+                    for k in ("requests", "tokens")
+                ),
+            ],
+            max_age=600,
+        )
     install_error_handlers(app)
     document_errors(app)
     app.include_router(router)

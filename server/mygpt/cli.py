@@ -69,6 +69,10 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--metrics-max-adapters", type=int, help="adapter label values in metrics before 'other'")
     p.add_argument("--shutdown-timeout-s", type=float, help="SIGTERM: how long in-flight requests may finish")
     p.add_argument(
+        "--cors-allow-origins",
+        help="comma-separated web origins allowed to call the API from a browser, or '*'",
+    )
+    p.add_argument(
         "--no-finetune", dest="finetune", action="store_const", const=False,
         help="no files and fine-tuning APIs on this replica",
     )  # fmt: skip

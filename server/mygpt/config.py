@@ -187,6 +187,11 @@ class Settings(BaseSettings):
     max_prompts: int = Field(32, ge=1, description="most prompts in one /v1/completions request")
     keepalive_s: float = Field(15.0, gt=0, description="SSE ': keep-alive' comment after this much silence")
     shutdown_timeout_s: float = Field(30.0, description="how long SIGTERM waits for in-flight requests")
+    cors_allow_origins: str = Field(
+        "",
+        description="web origins whose pages may call the API from a browser (CORS), comma-separated, e.g. "
+        "'https://chat.example.com', or '*' for any; empty: none (server-side clients need no CORS)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @model_validator(mode="after")

@@ -612,3 +612,28 @@ def test_a_request_ended_by_shutdown_before_any_output_is_a_503_to_retry():
     assert ended(error="engine error: RuntimeError: boom").status == 500
     e = ended(error="schema", error_param="response_format")
     assert (e.status, e.info.param) == (400, "response_format")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("origins", ["", "https://chat.example.com, https://other.example.com", "*"])
+async def test_browser_pages_of_the_allowed_origins_may_call_the_api(origins):
+    """CORS (--cors-allow-origins): a browser's preflight and the headers its page may read, for the
+    allowed origins only; none by default, where a page of another origin cannot read an answer."""
+    settings = Settings(cors_allow_origins=origins)
+    app = build_app(settings, ServerState(settings, Tenants(load_tenancy(None))))
+    page = "https://chat.example.com"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        r = await c.options("/v1/chat/completions", headers=preflight)
+        live = await c.get("/live", headers={"Origin": page})
+        stranger = await c.get("/live", headers={"Origin": "https://evil.example.net"})
+    if not origins:
+        assert r.status_code == 405 and "access-control-allow-origin" not in live.headers
+        return
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] in (page, "*")
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    assert live.headers["access-control-allow-origin"] in (page, "*")
+    assert "x-request-id" in live.headers["access-control-expose-headers"]
+    assert "access-control-allow-credentials" not in live.headers  # keys, not cookies
+    assert ("access-control-allow-origin" in stranger.headers) == (origins == "*")
