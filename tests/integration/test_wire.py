@@ -86,14 +86,27 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
         ({"model": MODEL, "messages": HI, "n": 99}, "n"),
         ({"model": MODEL, "messages": HI, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        (
+        (  # with tools: the answer's format, checked as without them
             {
                 "model": MODEL,
                 "messages": HI,
                 "tools": [{"type": "function", "function": {"name": "f"}}],  # "auto": the default
-                "response_format": {"type": "json_object"},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "objekt"}},
+                },
             },
             "response_format",
+        ),
+        (  # (a forced call's answer is the call; the format is still checked)
+            {
+                "model": MODEL,
+                "messages": HI,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "required",
+                "response_format": {"type": "json_schema"},
+            },
+            "response_format.json_schema",
         ),
         ({"model": MODEL, "messages": HI, "tool_choice": "required"}, "tool_choice"),  # no tools
         (
@@ -171,6 +184,13 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
             },
             "messages.[0].content",
         ),
+        (  # a refusal belongs to an assistant's message
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "No."}]}],
+            },
+            "messages.[0].content",
+        ),
         (
             {"model": MODEL, "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
             "messages.[0].role",
@@ -239,6 +259,23 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
 def test_bad_input_is_a_400_naming_the_param(tiny_server, body, param):
     for stream in (False, True):  # C2: a stream that fails before its first byte is a real 400
         assert_openai_error(post(tiny_server, {**body, "stream": stream}), 400, param=param)
+
+
+def test_an_assistants_refusal_in_the_history_is_taken_as_its_text(tiny_server):
+    """As OpenAI takes a replayed conversation: refusal content parts, or the message's refusal where
+    its content is empty; the prompt holds the refusal's text either way."""
+    said = [
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot help with that."}]},
+        {"role": "assistant", "content": None, "refusal": "I cannot help with that."},
+        {"role": "assistant", "content": "I cannot help with that."},
+    ]
+    counts = []
+    for turn in said:
+        body = {"model": MODEL, "messages": [*HI, turn, *HI], "max_tokens": 1}
+        r = post(tiny_server, body)
+        assert r.status_code == 200, r.text
+        counts.append(r.json()["usage"]["prompt_tokens"])
+    assert counts[0] == counts[1] == counts[2]
 
 
 @pytest.mark.parametrize("value", ["Infinity", "1e309", "NaN"])

@@ -27,6 +27,7 @@ from mygpt.api.protocol import (
     Delta,
     ErrorInfo,
     PromptTokensDetails,
+    RefusalPart,
     TextPart,
     TokenLogprobOut,
     TopLogprob,
@@ -346,17 +347,24 @@ class ChatService:
     def _message(self, i: int, m: Any) -> dict[str, Any]:
         content = m.content
         if isinstance(content, list):
-            other = [p.type for p in content if not isinstance(p, TextPart)]
-            if "text" in other:  # a text part that failed TextPart: its text is missing or no string
+            said = (RefusalPart, TextPart) if m.role == "assistant" else (TextPart,)  # (refusals: replayed)
+            other = [p.type for p in content if not isinstance(p, said)]
+            if (
+                "text" in other or "refusal" in other and m.role == "assistant"
+            ):  # its text missing, or no string
                 raise invalid(
-                    "a content part of type 'text' needs a string 'text'.", param=f"messages.[{i}].content"
-                )
-            if other:
-                raise invalid(
-                    f"content part type '{other[0]}' is not supported; only 'text'.",
+                    f"a content part of type '{other[0]}' needs a string '{other[0]}'.",
                     param=f"messages.[{i}].content",
                 )
-            content = "".join(p.text for p in content)
+            if other:
+                kinds = "'text' and, in assistant messages, 'refusal'"
+                raise invalid(
+                    f"content part type '{other[0]}' is not supported; only {kinds}.",
+                    param=f"messages.[{i}].content",
+                )
+            content = "".join(p.text if isinstance(p, TextPart) else p.refusal for p in content)
+        if m.role == "assistant" and not content and m.refusal:
+            content = m.refusal
         role = "system" if m.role == "developer" else m.role
         message: dict[str, Any] = {"role": role, "content": content or ""}
         if m.name:

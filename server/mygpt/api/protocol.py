@@ -19,11 +19,16 @@ class TextPart(_Lenient):
     text: str
 
 
+class RefusalPart(_Lenient):  # an assistant message's refusal, as clients replay one
+    type: Literal["refusal"]
+    refusal: str
+
+
 class OtherPart(_Lenient):
     type: str  # image_url, input_audio, file...: refused with a clear 400 in the service
 
 
-ContentPart = Annotated[TextPart | OtherPart, Field(union_mode="left_to_right")]
+ContentPart = Annotated[TextPart | RefusalPart | OtherPart, Field(union_mode="left_to_right")]
 
 
 class ChatMessage(_Lenient):
@@ -33,6 +38,7 @@ class ChatMessage(_Lenient):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None  # deprecated function calling: an assistant's call
+    refusal: str | None = None  # an assistant's refusal (its text, where content is empty)
     # an assistant's earlier thinking (api/reasoning.py), as clients send it back: to the chat template
     reasoning: str | None = None
     reasoning_content: str | None = None
