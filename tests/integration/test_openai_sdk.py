@@ -226,6 +226,33 @@ def test_logprobs_are_returned(client):
         assert lp.top_logprobs[0].logprob >= lp.logprob - 1e-6  # greedy picks the best
 
 
+def test_logprobs_end_where_a_stop_string_cuts_the_text(client):
+    """The answer's logprobs are its tokens' (their bytes join into the content), not those of the
+    stop string that ended it, streamed or not; the legacy completions' text offsets stay in the text."""
+    kw = {"model": MODEL, "messages": ASK, "temperature": 0, "max_tokens": 30, "logprobs": True}
+    tokens = [bytes(lp.bytes) for lp in client.chat.completions.create(**kw).choices[0].logprobs.content]
+    full = b"".join(tokens).decode()
+    k = next(  # a stop string of three whole tokens that first occurs where they stand
+        k
+        for k in range(3, len(tokens) - 3)
+        if full.find(b"".join(tokens[k : k + 3]).decode()) == len(b"".join(tokens[:k]).decode())
+    )
+    stop = b"".join(tokens[k : k + 3]).decode()
+    r = client.chat.completions.create(**kw, stop=[stop]).choices[0]
+    assert r.finish_reason == "stop" and r.message.content == b"".join(tokens[:k]).decode()
+    assert [bytes(lp.bytes) for lp in r.logprobs.content] == tokens[:k]
+    chunks = list(client.chat.completions.create(**kw, stop=[stop], stream=True))
+    lps = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert [bytes(lp.bytes) for lp in lps] == tokens[:k]
+    prompt = "The colors of the rainbow are"
+    legacy = {"model": MODEL, "prompt": prompt, "temperature": 0, "max_tokens": 20, "logprobs": 1}
+    text = client.completions.create(**legacy).choices[0].text
+    stop = text[len(text) // 2 :]
+    cut = client.completions.create(**legacy, stop=[stop]).choices[0]
+    assert cut.text == text[: text.find(stop)] != ""
+    assert max(cut.logprobs.text_offset) < len(cut.text)  # each token starts in the text
+
+
 def test_penalties_and_logit_bias_are_honoured(client, tokenizer):
     kw = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=30)
     plain = client.chat.completions.create(**kw).choices[0].message.content

@@ -77,3 +77,36 @@ class StopStringMatcher:
                     best = k
                     break
         return best
+
+
+class HeldLogprobs:
+    """Each sampled token's logprob, held while its text is (a partial character, a possible stop
+    string) and sent with it; a stop string drops the logprobs of the tokens it cut away whole, so that
+    an answer's logprobs are those of the tokens its text holds (a token partly in it counts), as the
+    text's offsets need. Positions are characters of the row's output text."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[Any, int, int]] = []  # (logprob, its text's start, end)
+        self._pushed = 0  # characters the tokens' pieces have brought so far
+        self._sent = 0  # characters sent (released by the stop-string matcher)
+
+    def push(self, logprob: Any, piece: str, sent: str, finish: bool = False, cut: bool = False) -> list:
+        """One token: its logprob (None: none asked), its piece of text, the text sent with it; finish:
+        the row ends here (everything held goes), cut: a stop string ended it. Returns the logprobs to
+        send now, in order."""
+        if logprob is not None:
+            self._held.append((logprob, self._pushed, self._pushed + len(piece)))
+        self._pushed += len(piece)
+        self._sent += len(sent)
+        if cut:
+            ready = len([1 for _, start, _ in self._held if start < self._sent])
+        elif finish:
+            ready = len(self._held)
+        else:  # a piece sent whole (one that brought no text: once text after it is)
+            ready = 0
+            for _, start, end in self._held:
+                if end > self._sent or end == start == self._sent:
+                    break
+                ready += 1
+        out, self._held = [lp for lp, _, _ in self._held[:ready]], self._held[ready:]
+        return out

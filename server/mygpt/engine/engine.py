@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from mygpt.engine.detokenizer import HeldLogprobs, IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.guided import Guide
 from mygpt.engine.prefix import Key, Match, SlotPrefixes
 from mygpt.engine.runner import DecodeRow, ModelRunner, PrefillChunk
@@ -55,6 +55,7 @@ class Row:
     sampler: RowSampler
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
+    held: HeldLogprobs = field(default_factory=HeldLogprobs)  # logprobs sent with their tokens' text
     timings: Timings = None  # type: ignore[assignment]  # set by _new_row
     lora_slot: int = -1  # adapter slot, -1 = the base model
     guide: Guide | None = None  # structured output: where the row is in its grammar
@@ -717,7 +718,7 @@ class Engine(EngineThread):
             t.token_gaps.append(now - t.finished)
         t.finished = now
         finish: FinishReason | None = None
-        error = None
+        error, piece, stopped = None, "", False
         if token in row.sampler.end_ids and (row.guide is None or row.guide.accepting):
             text, finish = row.stops.flush(), FinishReason.STOP
         elif row.guide is not None and not row.guide.advance(token):  # past llguidance's limits, say
@@ -736,11 +737,14 @@ class Engine(EngineThread):
                 or len(row.output_ids) >= row.request.params.max_tokens
                 or row.num_cached + 1 >= self.max_len
             ):
-                tail, stopped = row.stops.push(row.detok.flush())
+                rest = row.detok.flush()
+                piece += rest
+                tail, stopped = row.stops.push(rest)
                 text += tail + ("" if stopped else row.stops.flush())
                 finish = FinishReason.STOP if stopped or complete else FinishReason.LENGTH
             else:
                 row.next_token = token
+        logprobs = row.held.push(logprob, piece, text, finish is not None, stopped)
         if finish is not None:
             self._finish_row(row)
             row.finish_reason = finish
@@ -755,7 +759,7 @@ class Engine(EngineThread):
                 prompt_tokens=len(row.request.prompt_ids),
                 cached_tokens=row.cached_tokens,
                 completion_tokens=len(row.output_ids),
-                logprobs=[logprob] if logprob is not None else None,
+                logprobs=logprobs or None,  # (of this token, or of earlier ones held with their text)
                 prompt_logprobs=row.prompt_logprobs if len(row.output_ids) == 1 else None,
                 error=error,
                 error_param="response_format" if error is not None else None,

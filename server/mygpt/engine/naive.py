@@ -27,7 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from mygpt.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from mygpt.engine.detokenizer import HeldLogprobs, IncrementalDetokenizer, StopStringMatcher
 from mygpt.engine.engine import EngineThread
 from mygpt.engine.guided import Guide, mask_logits
 from mygpt.engine.sampling import score_tokens, token_logprobs
@@ -114,6 +114,7 @@ class NaiveEngine(EngineThread):
             return
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(p.stop)
+        held = HeldLogprobs()  # logprobs sent with their tokens' text
         guide = None if p.grammar is None else p.grammar.start(request.prompt_ids)
         ends = sorted(p.end_ids(self.eos_token_ids))  # EOS unless ignore_eos, and stop_token_ids
         state: dict = {"n": 0, "done": None, "logprobs": None}
@@ -128,7 +129,7 @@ class NaiveEngine(EngineThread):
             if state["done"] is not None:  # generate() checks its stopping criteria before the streamer
                 return  # sees the token: one token more comes after our finish
             state["n"] += 1
-            finish, error = None, None
+            finish, error, piece, stopped = None, None, "", False
             if token in ends and (guide is None or guide.accepting):
                 text, finish = stops.flush(), FinishReason.STOP
             elif guide is not None and not guide.advance(token):
@@ -140,13 +141,16 @@ class NaiveEngine(EngineThread):
                 if stopped:
                     finish = FinishReason.STOP
                 elif (complete := guide is not None and guide.done) or state["n"] >= p.max_tokens:
-                    tail, stopped = stops.push(detok.flush())
+                    rest = detok.flush()
+                    piece += rest
+                    tail, stopped = stops.push(rest)
                     text += tail + ("" if stopped else stops.flush())
                     finish = FinishReason.STOP if stopped or complete else FinishReason.LENGTH
             state["done"] = finish
             prompt = len(request.prompt_ids)
             first = prompt_lps if state["n"] == 1 else None
-            logprobs = token_logprobs(state["logprobs"], [token], p.top_logprobs) if p.logprobs else None
+            logprob = token_logprobs(state["logprobs"], [token], p.top_logprobs)[0] if p.logprobs else None
+            logprobs = held.push(logprob, piece, text, finish is not None, stopped) or None
             on_event(
                 TokenEvent(
                     request.request_id, index, [token], text, finish, prompt, state["n"], logprobs=logprobs,
