@@ -16,7 +16,7 @@ from mygpt.engine.types import AdapterRef, FinishReason
 from mygpt.lora.cache import AdapterCache
 from mygpt.lora.registry import AdapterConflict, AdapterRegistry
 from mygpt.lora.synthetic import make_adapter
-from mygpt.lora.weights import AdapterError
+from mygpt.lora.weights import AdapterChanging, AdapterError
 from test_engine import PROMPTS, Collector
 
 
@@ -245,6 +245,29 @@ def test_a_torn_read_of_a_copy_in_progress_is_read_again(registry, store, tiny_m
     with pytest.raises(AdapterError, match="no target modules"):
         registry.weights(registry.get("t", "three"))
     assert len(calls) == 1
+
+
+def test_files_that_keep_changing_are_a_moment_to_retry_not_a_bad_adapter(
+    registry, store, tiny_model_dir, monkeypatch
+):
+    """Every read meets a copy in progress: AdapterChanging, which the API answers with a 503 and
+    Retry-After (clients retry it) where a bad adapter is a 400."""
+    from mygpt.api.errors import adapter_changing
+    from mygpt.lora import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "READ_WAIT_S", 0.001)
+    real, seeds = registry._read, iter(range(20, 40))
+
+    def copied_meanwhile(*args):
+        weights = real(*args)
+        _copy_over(tiny_model_dir, store, seed=next(seeds))
+        return weights
+
+    monkeypatch.setattr(registry, "_read", copied_meanwhile)
+    with pytest.raises(AdapterChanging, match="kept changing") as err:
+        registry.weights(registry.get("t", "two"))
+    answer = adapter_changing(err.value)
+    assert answer.status == 503 and answer.headers["Retry-After"] and answer.info.code == "adapter_changing"
 
 
 def test_concurrent_loads_of_one_adapter_make_one_read(registry, monkeypatch):

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
 from mygpt.api.auth import admin, caller
-from mygpt.api.errors import APIError, invalid
+from mygpt.api.errors import APIError, adapter_changing, invalid
 from mygpt.api.protocol import LoadAdapterRequest, VLLMLoadLoRARequest, VLLMUnloadLoRARequest
 from mygpt.engine.types import AdapterRef
 from mygpt.lora.registry import AdapterConflict, AdapterEntry, AdapterRegistry, usable_path
-from mygpt.lora.weights import AdapterError
+from mygpt.lora.weights import AdapterChanging, AdapterError
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
 from mygpt.tenancy.config import ConfigError
@@ -98,6 +98,8 @@ async def _load(
         entry, changed = await asyncio.to_thread(state.registry.load, tenant, name, path, replace, pinned)
     except AdapterConflict as exc:
         raise invalid(str(exc), param="name", code="adapter_exists") from exc
+    except AdapterChanging as exc:
+        raise adapter_changing(exc) from exc
     except AdapterError as exc:
         raise invalid(str(exc), param="path", code="invalid_adapter") from exc
     if entry.pinned:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mygpt.api import reasoning, tools
-from mygpt.api.errors import APIError, invalid, model_not_found
+from mygpt.api.errors import APIError, adapter_changing, invalid, model_not_found
 from mygpt.api.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -47,7 +47,7 @@ from mygpt.engine.types import (
     TokenLogprob,
 )
 from mygpt.lora.registry import AdapterEntry, AdapterRegistry
-from mygpt.lora.weights import AdapterError
+from mygpt.lora.weights import AdapterChanging, AdapterError
 from mygpt.tenancy.auth import Principal
 from mygpt.tenancy.limits import RateLimited
 from mygpt.tenancy.tenants import RequestTimes, Tenants, Ticket
@@ -213,6 +213,8 @@ class ChatService:
         except AdapterError as exc:
             if self.adapter_of(principal, model) is None:  # deleted or unloaded while it was read
                 raise model_not_found(model) from exc
+            if isinstance(exc, AdapterChanging):  # being copied or replaced: a retry will find it (C3)
+                raise adapter_changing(exc) from exc
             raise invalid(str(exc), param="model", code="invalid_adapter") from exc
         return AdapterRef(entry.key, weights)
 

@@ -63,6 +63,11 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def adapter_changing(exc: Exception) -> APIError:
+    """An adapter whose files were being replaced as they were read: a 503 that clients retry."""
+    return APIError(503, str(exc), param="model", code="adapter_changing", headers={"Retry-After": "1"})
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(
         404, f"The model '{model}' does not exist or you do not have access to it.", param="model",

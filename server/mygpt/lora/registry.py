@@ -20,7 +20,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError, LoRAWeights, check_adapter, read_adapter
+from mygpt.lora.weights import (
+    CONFIG,
+    WEIGHTS,
+    AdapterChanging,
+    AdapterError,
+    LoRAWeights,
+    check_adapter,
+    read_adapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +204,7 @@ class AdapterRegistry:
                         self._remember(current)
                         return current, weights
                     # never the old version's key with the new files' weights
-                    raise AdapterError(f"adapter '{entry.name}' changed while it was read; retry")
+                    raise AdapterChanging(f"adapter '{entry.name}' changed while it was read; retry")
                 if entry.stamp is not None and entry.stamp != stamp:  # changed on disk: a new version
                     entry = self._new_version(entry, entry.path, entry.source)
                 entry.weights, entry.stamp = weights, stamp
@@ -220,7 +228,7 @@ class AdapterRegistry:
                 return weights, stamp
             time.sleep(wait)  # let the copy finish
             wait *= 2
-        raise AdapterError(f"adapter '{name}': its files kept changing while they were read")
+        raise AdapterChanging(f"adapter '{name}': its files kept changing while they were read")
 
     def _read(self, tenant: str, name: str, path: Path) -> LoRAWeights:
         weights = read_adapter(name, path, self.module_shapes, self.max_rank, root=self.store_of(tenant))

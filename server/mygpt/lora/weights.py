@@ -20,6 +20,11 @@ class AdapterError(ValueError):
     """An adapter that cannot be served; the message names the problem."""
 
 
+class AdapterChanging(AdapterError):
+    """An adapter whose files changed while they were read (a copy or a replacement in progress): a
+    moment's matter, to retry, not a bad adapter."""
+
+
 @dataclass
 class ModuleLoRA:
     a: torch.Tensor  # [r, in]
