@@ -67,6 +67,43 @@ def test_bad_tool_requests_are_400s(kw, param):
     assert err.value.status == 400 and err.value.info.param == param
 
 
+def test_allowed_tools_choose_among_some_of_the_tools():
+    """tool_choice {"type": "allowed_tools", ...}: the mode over the tools it lists; other shapes and
+    types are 400s that say what is supported (it said "names no tool" before)."""
+    go = {"type": "function", "function": {"name": "go"}}
+    allowed = {"mode": "required", "tools": [{"type": "function", "function": {"name": "go"}}]}
+    plan = tools.plan(
+        request(tools=[GET, go], tool_choice={"type": "allowed_tools", "allowed_tools": allowed})
+    )
+    assert not plan.auto and [t.function.name for t in plan.tools] == ["go"]
+    auto = tools.plan(
+        request(
+            tools=[GET, go],
+            tool_choice={"type": "allowed_tools", "allowed_tools": {**allowed, "mode": "auto"}},
+        )
+    )
+    assert auto.auto and [t.function.name for t in auto.tools] == ["go"]
+    for bad, param in (
+        ({**allowed, "mode": "any"}, "tool_choice.allowed_tools"),
+        ({**allowed, "tools": []}, "tool_choice.allowed_tools"),
+        (
+            {**allowed, "tools": [{"type": "function", "function": {"name": "nope"}}]},
+            "tool_choice.allowed_tools.tools.[0]",
+        ),
+    ):
+        with pytest.raises(APIError) as err:
+            tools.plan(request(tools=[GET, go], tool_choice={"type": "allowed_tools", "allowed_tools": bad}))
+        assert err.value.info.param == param
+    from mygpt.api.responses import _tool_choice  # the Responses API's shape of the same
+
+    responses = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "go"}]}
+    assert _tool_choice(responses) == {"type": "allowed_tools", "allowed_tools": allowed}
+    for choice in ("any", {"type": "custom", "custom": {"name": "x"}}):
+        with pytest.raises(APIError, match="is not supported") as err:
+            tools.plan(request(tools=[GET], tool_choice=choice))
+        assert err.value.info.param == "tool_choice"
+
+
 def test_tools_must_be_distinct_objects():
     get = {"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}
     with pytest.raises(APIError, match="different names"):

@@ -394,6 +394,16 @@ def _tool_choice(choice: str | dict) -> str | dict:
         return choice
     if choice.get("type") == "function" and choice.get("name"):
         return {"type": "function", "function": {"name": choice["name"]}}
+    if choice.get("type") == "allowed_tools":  # {"mode", "tools": [{"type": "function", "name"}]}
+        listed = choice.get("tools")
+        tools = [
+            {"type": "function", "function": {"name": t.get("name")}} if isinstance(t, dict) else t
+            for t in (listed if isinstance(listed, list) else [])
+        ]
+        return {
+            "type": "allowed_tools",
+            "allowed_tools": {"mode": choice.get("mode"), "tools": tools or listed},
+        }
     raise invalid(f"tool_choice of type '{choice.get('type')}' is not supported.", param="tool_choice")
 
 

@@ -114,10 +114,6 @@ def plan(req: Any, legacy: bool = False) -> ToolPlan | None:
         return None
     if not tools:
         raise invalid(f"{choice_name} is only allowed when {tools_name} are given.", param=choice_name)
-    auto = choice in (None, "auto")
-    # with a response_format, "auto" answers with calls or with JSON of that format; a forced call is
-    # the answer (the format holds for a later turn's answer)
-    structured = auto and req.response_format is not None and req.response_format.type != "text"
     names = [t.function.name for t in tools]
     if len(set(names)) < len(names):
         raise invalid(f"{tools_name} have to have different names.", param=tools_name)
@@ -127,10 +123,23 @@ def plan(req: Any, legacy: bool = False) -> ToolPlan | None:
                 f"a {'function' if legacy else 'tool'}'s parameters must be a JSON Schema of an object.",
                 param=f"functions.[{i}].parameters" if legacy else f"tools.[{i}].function.parameters",
             )
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        choice, tools = _allowed(choice.get("allowed_tools"), tools)
+    auto = choice in (None, "auto")
+    # with a response_format, "auto" answers with calls or with JSON of that format; a forced call is
+    # the answer (the format holds for a later turn's answer)
+    structured = auto and req.response_format is not None and req.response_format.type != "text"
     if auto:  # stop strings end a text answer; one inside a call cuts it, which then comes back as text
         return ToolPlan(tools, auto=True, many=req.parallel_tool_calls is not False, structured=structured)
     if choice == "required":
         return ToolPlan(tools)
+    if not legacy and (not isinstance(choice, dict) or choice.get("type", "function") != "function"):
+        kind = repr(choice.get("type")) if isinstance(choice, dict) else repr(choice)
+        raise invalid(
+            f"tool_choice {kind} is not supported; use 'auto', 'none', 'required', "
+            '{"type": "function", "function": {"name": ...}} or {"type": "allowed_tools", ...}.',
+            param="tool_choice",
+        )
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     named = [t for t in tools if t.function.name == name]
@@ -141,6 +150,28 @@ def plan(req: Any, legacy: bool = False) -> ToolPlan | None:
             param=choice_name,
         )
     return ToolPlan(named)
+
+
+def _allowed(allowed: Any, tools: list[Tool]) -> tuple[str, list[Tool]]:
+    """tool_choice {"type": "allowed_tools", "allowed_tools": {"mode", "tools"}}: the mode ("auto" or
+    "required") over those of the request's tools it lists; 400s naming the problem."""
+    where = "tool_choice.allowed_tools"
+    spec = allowed if isinstance(allowed, dict) else {}
+    mode, listed = spec.get("mode"), spec.get("tools")
+    if mode not in ("auto", "required") or not isinstance(listed, list) or not listed:
+        raise invalid(
+            f"{where} needs a mode ('auto' or 'required') and a list of the request's tools.", param=where
+        )
+    wanted = []
+    for k, item in enumerate(listed):
+        function = item.get("function") if isinstance(item, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if name not in {t.function.name for t in tools}:
+            raise invalid(
+                f"{where}.tools names no tool of this request: {item!r}.", param=f"{where}.tools.[{k}]"
+            )
+        wanted.append(name)
+    return mode, [t for t in tools if t.function.name in wanted]
 
 
 def legacy_functions(req: Any) -> Any | None:
