@@ -937,7 +937,7 @@ def main() -> None:
                         ", ".join(f"{k} {v:.1f}" for k, v in mixed.items()),
                     ))  # fmt: skip
                 measure_engine(runner, cache, weights, prompts, new, rows, report, mode)
-                if args.profile and mode in (static, f"{static}-compile"):
+                if args.profile and mode in (static, f"{static}-compile", f"{static}-compile-lora"):
                     profile_engine(runner, cache, weights, prompts, out_dir, mode)
                 if runner.decoder is not None:
                     st = runner.decoder.stats
