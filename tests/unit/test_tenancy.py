@@ -76,6 +76,9 @@ def test_without_a_config_one_open_tenant_unless_a_key_is_set():
         ("tenants: {a: {limits: {requests_per_minute: 0}}}", "requests_per_minute"),
         ("tenants: {a: {colour: blue}}", "colour"),
         ("tenants: [", "not valid YAML"),
+        ("", "is empty"),  # (a file caught while it is rewritten: a reload keeps the old config)
+        ("# all commented out\n", "is empty"),
+        ("tenants: {a: {}}", "nobody could use"),  # no key at all: everyone locked out, the admin too
     ],
 )
 def test_bad_configs_say_where_and_why(tmp_path, text, message):
@@ -212,5 +215,5 @@ def test_reload_swaps_keys_and_keeps_unchanged_limiters(tmp_path):
     assert tenants.limiters["a"] is kept and tenants.limiters["b"].limits.max_concurrent == 2
     assert tenants.authenticate("Bearer key-a-0123456789") is None
     assert tenants.authenticate("Bearer key-b-0123456789").tenant == "a"
-    assert tenants.reload(tenancy("tenants: {c: {}}"))["removed"] == ["a", "b"]
+    assert tenants.reload(tenancy(f"tenants: {{c: {{keys: ['sha256:{a}']}}}}"))["removed"] == ["a", "b"]
     assert set(tenants.limiters) == {"c"}

@@ -163,6 +163,8 @@ def load_tenancy(
     if config is None and not tenant_keys:
         open_tenant = default_tenant
     elif config is not None:
+        if not hashes:  # (an empty file, or one caught while it is rewritten: refused, not applied)
+            raise ConfigError(f"{config}: no tenant key and no admin key: nobody could use the server")
         for name in tenants:
             if name not in tenant_keys:
                 log.warning("tenant %s has no API key: nobody can use it", name)
@@ -171,11 +173,13 @@ def load_tenancy(
 
 def _read(path: Path) -> TenancyFile:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the tenancy config ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if raw is None:  # an empty file (or one caught while it is written): never "no tenants"
+        raise ConfigError(f"{path}: the tenancy config is empty")
     try:
         return TenancyFile.model_validate(raw)
     except ValidationError as exc:
