@@ -240,6 +240,7 @@ class Engine(EngineThread):
             raise ValueError(f"embed_share must be in (0, 1], got {embed_share}")
         self.embed_share = embed_share
         self._embed_credit = 0.0  # seconds: below 0, embeddings wait while rows decode
+        self._attribution: tuple | None = None  # the step's time not yet split among its rows
         self.max_waiting = max_waiting
         self.adapters = adapters
         self.stats = EngineStats()
@@ -426,19 +427,15 @@ class Engine(EngineThread):
                     invariant=seeded,
                 )
             self.stats.forward_s += time.monotonic() - t_forward
-            # cost attribution: the step's time split by the tokens each row computed in it
-            # (measured before sampling; a chunk's share goes to the row that prefills)
-            per_token = (time.monotonic() - t0) / tokens
-            for r in decode:
-                r.timings.engine_s += per_token
-            for group, chunk in chunks:
-                group.rows[0].timings.engine_s += per_token * len(chunk.token_ids)
+            # cost attribution: the step's time split by the tokens each row computed (_attribute)
+            self._attribution = (t0, tokens, decode, chunks, False)
             for r in decode:
                 r.num_cached += 1
                 r.next_token = None
             self._emit_sampled(decode, decode_logits, launch_ahead=self.overlap and not chunks)
             for (group, chunk), logits in zip(chunks, chunk_logits, strict=True):
                 self._prefilled(group, chunk, logits)
+            self._attribute(end=True)  # the rest: a finished row's usage went out with its last event
             self._running = [r for r in self._running if not r.finished]
         self.stats.steps += 1
         self.stats.step_s += time.monotonic() - t0
@@ -570,6 +567,28 @@ class Engine(EngineThread):
             else request.params.grammar.start(request.prompt_ids),
         )
 
+    def _attribute(self, end: bool = False) -> None:
+        """Splits the step's time (self._attribution: since when, its tokens, its decode rows and prompt
+        chunks, whether split once already) among its rows by the tokens each computed (a chunk's share
+        to the row that prefills): the usage and cost of the tokens come from it. First at the step's
+        first read from the device (a sampling, or an embedding's vector), which waits for the forward,
+        before any event goes out with a row's usage; then, at the step's end (end), the rest (the
+        events, the other samplings) to the rows that go on."""
+        if self._attribution is None:
+            return
+        since, tokens, decode, chunks, split = self._attribution
+        if split and not end:
+            return
+        now = time.monotonic()
+        per_token = (now - since) / tokens
+        for r in decode:
+            if not (end and r.finished):
+                r.timings.engine_s += per_token
+        for group, chunk in chunks:
+            if not (end and group.rows[0].finished):
+                group.rows[0].timings.engine_s += per_token * len(chunk.token_ids)
+        self._attribution = None if end else (now, tokens, decode, chunks, True)
+
     def _charge(self, seconds: float, decoding: bool, embedded: bool) -> None:
         """Embeddings' share of the engine's time while rows decode (embed_share): each such step earns
         share x its time, a step that carried embedding chunks spends all of its time, and embeddings
@@ -652,6 +671,7 @@ class Engine(EngineThread):
         row, prompt_len = group.rows[0], len(group.request.prompt_ids)
         pooled = group.pooled[0] / (prompt_len if group.request.embed == "mean" else 1)
         vector = F.normalize(pooled, dim=0).tolist()
+        self._attribute()  # (its step's first read from the device, where nothing was sampled before)
         # its slot is left holding nothing for the prefix cache: embedding inputs (thousands, seen once)
         # would otherwise push out the chats' prefixes, freed before them
         row.num_cached = 0
@@ -683,6 +703,7 @@ class Engine(EngineThread):
         t0 = time.monotonic()
         tokens, logprobs = sample(logits, [r.sampler for r in rows], allowed, before_read=hook)
         self.stats.sample_s += time.monotonic() - t0
+        self._attribute()  # the step's time up to here (the first sampling waits for the device)
         if "logits" in launched:
             cont = launched["cont"]
             keys = {
