@@ -196,6 +196,14 @@ def test_new_limits_keep_requests_in_flight_and_what_was_used():
     limiter.update(Limits())  # no limits at all
     limiter.admit()
     limiter.admit()
+    raised = TenantLimiter("b", Limits(requests_per_minute=2), clock)
+    raised.admit()
+    raised.admit()
+    raised.update(Limits(requests_per_minute=100))  # raised after 2 used: 98 left, not a wait
+    for _ in range(98):
+        raised.admit()
+    with pytest.raises(RateLimited, match="100 requests per minute"):
+        raised.admit()
 
 
 def test_reload_swaps_keys_and_keeps_unchanged_limiters(tmp_path):

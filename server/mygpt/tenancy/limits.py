@@ -62,7 +62,8 @@ class TenantLimiter:
 
     def update(self, limits: Limits) -> None:
         """New limits (a config reload): requests in flight stay counted; a bucket whose rate changed
-        keeps its level (what was used, and any debt), within the new capacity."""
+        keeps what was used of it (a limit raised from 2 to 100 after 2 requests leaves 98, not 0), and
+        any debt, but is never put deeper in debt by the change."""
         with self._lock:
             rates = (("_requests", limits.requests_per_minute), ("_tokens", limits.tokens_per_minute))
             for attr, per_minute in rates:
@@ -72,7 +73,8 @@ class TenantLimiter:
                 new = _Bucket(per_minute, self._clock) if per_minute else None
                 if new is not None and old is not None:
                     old._refill()
-                    new.level = min(new.capacity, old.level)
+                    used = old.capacity - old.level
+                    new.level = max(new.capacity - used, min(old.level, 0.0))
                 setattr(self, attr, new)
             self.limits = limits
 
