@@ -93,8 +93,9 @@ class ServerState:
             # then sees them), and the registry takes the tenants of any reload made while loading
             with self._reload_lock:
                 registry = AdapterRegistry(
-                    s.adapter_dir, self.tenants.names, lora_module_shapes(loaded.model), s.max_lora_rank
-                )
+                    s.adapter_dir, self.tenants.names, lora_module_shapes(loaded.model), s.max_lora_rank,
+                    base_name=loaded.name,
+                )  # fmt: skip
                 if s.engine == "naive":  # the benchmark baseline: generate() + peft, one request at a time
                     context = loaded.context_len
                     engine = NaiveEngine(

@@ -45,6 +45,16 @@ def registry(store, tiny_runner):
     return reg
 
 
+def test_an_adapter_named_like_the_base_model_is_refused(registry, store):
+    """Requests naming the base model get the base model: an adapter of that name could never be
+    reached (it was loaded, listed twice, and never served)."""
+    registry.base_name = "tiny"
+    with pytest.raises(AdapterError, match="is the base model's"):
+        registry.load("t", "tiny", str(store / "t" / "one"))
+    shutil.copytree(store / "t" / "one", store / "t" / "tiny")  # copied into the store: its problem
+    assert "is the base model's" in registry.problem(registry.get("t", "tiny"))
+
+
 def test_found_in_the_store_and_scoped_by_tenant(registry, store):
     assert [e.name for e in registry.list("t")] == ["one", "three", "two"]
     assert registry.list("u") == [] and registry.get("u", "one") is None

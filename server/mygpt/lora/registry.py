@@ -93,8 +93,12 @@ class AdapterRegistry:
         module_shapes: dict[str, tuple[int, int]],
         max_rank: int,
         host_cache: int = 64,
+        base_name: str | None = None,
     ):
         self.root = Path(root)
+        # the served base model's id: an adapter of that name could never be reached (requests naming
+        # it get the base model), so a load refuses it and the store's copy lists its problem
+        self.base_name = base_name
         self.tenants = list(tenants)
         self.module_shapes = module_shapes
         self.max_rank = max_rank
@@ -154,6 +158,8 @@ class AdapterRegistry:
         headers (check_adapter: no tensor read), once per change of the files. A store directory with
         an adapter_config.json is found by get() whatever its weights hold: GET /v1/models lists only
         the adapters without a problem, as a request would find them."""
+        if entry.name == self.base_name:
+            return self._base_named(entry.name)
         stamp = _stamp(entry.path)
         if entry.weights is not None and entry.stamp == stamp:
             return None
@@ -167,6 +173,10 @@ class AdapterRegistry:
                 checked = (stamp, str(exc))
             entry.checked = checked
         return checked[1]
+
+    @staticmethod
+    def _base_named(name: str) -> str:
+        return f"adapter name {name!r} is the base model's: requests naming it get the base model; rename it"
 
     def _discover(self, tenant: str, name: str) -> AdapterEntry | None:
         path = self.store_of(tenant) / name
@@ -256,6 +266,8 @@ class AdapterRegistry:
             raise AdapterError(f"unknown tenant '{tenant}'")
         if not ADAPTER_NAME.fullmatch(name):
             raise AdapterError(f"invalid adapter name {name!r}: letters, digits and . _ : - (at most 128)")
+        if name == self.base_name:
+            raise AdapterError(self._base_named(name))
         where = self.resolve_path(tenant, name, path)
         with self._flights[(tenant, name)]:
             current = self.get(tenant, name)
