@@ -229,7 +229,7 @@ class Metrics:
         )
         self.hourly = Gauge("mygpt_cost_per_hour_usd", "The server's configured cost per hour.", registry=r)
         self.hourly.set(cost.per_hour_usd)
-        self._cache_stats: Callable[[], tuple[object, dict]] | None = None
+        self._cache_stats: Callable[[], tuple[object, dict, int]] | None = None
         self._device_memory: Callable[[], dict[str, int]] | None = None
         self._background: Callable[[], Background] | None = None
         r.register(_Collected(self))
@@ -312,8 +312,9 @@ class Metrics:
     def record_adapter_load(self, seconds: float) -> None:
         self.load_s.observe(seconds)
 
-    def watch_adapter_cache(self, snapshot: Callable[[], tuple[object, dict]]) -> None:
-        """`snapshot()` -> (CacheStats, {key: {"pinned": bool, ...}}), read at scrape time."""
+    def watch_adapter_cache(self, snapshot: Callable[[], tuple[object, dict, int]]) -> None:
+        """`snapshot()` -> (CacheStats, {key: {"pinned": bool, ...}}, the registry's read failures), read
+        at scrape time."""
         self._cache_stats = snapshot
 
     def watch_device_memory(self, read: Callable[[], dict[str, int]]) -> None:
@@ -349,13 +350,15 @@ class _Collected:
     def collect(self):
         m = self.metrics
         if m._cache_stats is not None:
-            stats, resident = m._cache_stats()
+            stats, resident, read_failures = m._cache_stats()
             for name, doc in [
-                ("loads", "Adapters copied into a device slot."), ("load_failures", "Adapter loads that failed."),
+                ("loads", "Adapters copied into a device slot."),
+                ("load_failures", "Adapter loads that failed: files refused when read (a request's, an admin's) or a copy into a slot."),
                 ("evictions", "Adapters evicted from a device slot."), ("hits", "Requests whose adapter was resident."),
                 ("misses", "Requests whose adapter had to be loaded."),
             ]:  # fmt: skip
-                yield CounterMetricFamily(f"mygpt_lora_{name}", doc, value=getattr(stats, name))
+                value = getattr(stats, name) + (read_failures if name == "load_failures" else 0)
+                yield CounterMetricFamily(f"mygpt_lora_{name}", doc, value=value)
             yield GaugeMetricFamily(
                 "mygpt_lora_resident_adapters", "Adapter versions in device slots.", value=len(resident)
             )

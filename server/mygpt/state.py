@@ -136,7 +136,9 @@ class ServerState:
                         registry.prepare = lambda w: w.packed(loaded.dtype, pin=on_gpu)
                     if self.metrics is not None and cache is not None:
                         cache.on_load = self.metrics.record_adapter_load
-                        self.metrics.watch_adapter_cache(lambda: (cache.stats, cache.snapshot()))
+                        self.metrics.watch_adapter_cache(
+                            lambda: (cache.stats, cache.snapshot(), registry.read_failures)
+                        )
                 if self.metrics is not None:
                     self.metrics.watch_device_memory(
                         _device_memory(loaded.device, getattr(engine, "runner", None))

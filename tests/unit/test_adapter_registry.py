@@ -255,6 +255,7 @@ def test_a_torn_read_of_a_copy_in_progress_is_read_again(registry, store, tiny_m
     with pytest.raises(AdapterError, match="no target modules"):
         registry.weights(registry.get("t", "three"))
     assert len(calls) == 1
+    assert registry.read_failures == 1  # (metrics: mygpt_lora_load_failures_total; the torn read: none)
 
 
 def test_files_that_keep_changing_are_a_moment_to_retry_not_a_bad_adapter(

@@ -67,8 +67,9 @@ def test_step_and_scrape_time_values():
     m.record_step(running=3, waiting=2, rows=3, tokens=40, seconds=0.05)
     m.watch_adapter_cache(
         lambda: (
-            CacheStats(hits=5, loads=2),
+            CacheStats(hits=5, loads=2, load_failures=1),
             {"a@1": {"pinned": True, "in_use": 1}, "b@1": {"pinned": False, "in_use": 0}},
+            3,  # the registry's: files refused when read
         )
     )
     m.watch_device_memory(lambda: {"kv_cache": 1024})
@@ -76,6 +77,7 @@ def test_step_and_scrape_time_values():
     assert s["mygpt_num_requests_running"][0].value == 3 and s["mygpt_num_requests_waiting"][0].value == 2
     assert s["mygpt_engine_busy_seconds_total"][0].value == pytest.approx(0.05)
     assert s["mygpt_lora_hits_total"][0].value == 5 and s["mygpt_lora_loads_total"][0].value == 2
+    assert s["mygpt_lora_load_failures_total"][0].value == 4
     assert s["mygpt_lora_resident_adapters"][0].value == 2 and s["mygpt_lora_pinned_adapters"][0].value == 1
     assert s["mygpt_device_memory_bytes"][0].labels == {"kind": "kv_cache"}
     assert "process_resident_memory_bytes" in s

@@ -99,6 +99,7 @@ class AdapterRegistry:
         # the served base model's id: an adapter of that name could never be reached (requests naming
         # it get the base model), so a load refuses it and the store's copy lists its problem
         self.base_name = base_name
+        self.read_failures = 0  # adapter files refused when read (metrics: mygpt_lora_load_failures_total)
         self.tenants = list(tenants)
         self.module_shapes = module_shapes
         self.max_rank = max_rank
@@ -232,6 +233,8 @@ class AdapterRegistry:
                 weights = self._read(tenant, name, path)
             except AdapterError:
                 if _stamp(path) == stamp or attempt == READ_TRIES - 1:
+                    with self._lock:
+                        self.read_failures += 1
                     raise  # bad files, not a copy in progress
                 weights = None  # torn: a file read half-written
             if weights is not None and _stamp(path) == stamp:
