@@ -21,7 +21,7 @@ from mygpt.tenancy.tenants import Tenants
 
 def tenants(tmp_path, limits: str) -> Tenants:
     config = tmp_path / "tenancy.yaml"
-    config.write_text(f"tenants:\n  acme:\n    keys: []\n    limits: {{{limits}}}\n")
+    config.write_text(f"tenants:\n  acme:\n    keys: [key-acme-0123456789]\n    limits: {{{limits}}}\n")
     return Tenants(load_tenancy(config))
 
 

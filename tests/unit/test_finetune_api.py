@@ -143,3 +143,57 @@ async def test_a_store_error_in_the_trainer_check_does_not_fail_a_stored_job(sta
     monkeypatch.setattr(state.finetune_store, "trainers", locked)
     job = await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=train.id)
     assert [j["id"] for j in state.finetune_store.jobs_with_status("queued")] == [job.id]
+
+
+async def test_lists_filters_and_files_in_use_as_openai_answers(state):
+    """Files: `purpose`, newest first, `limit` and `after`; a job's file cannot be deleted before the job
+    ends; lists are in creation order within one second too (newest first: the last created);
+    jobs.list(metadata=...) filters; OpenAI's suffixes; true is no epoch count."""
+    sdk = sdk_for(state)
+    line = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}
+    data = json.dumps(line).encode() + b"\n"
+    batch_line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}}  # fmt: skip
+    train = [
+        await sdk.files.create(file=(f"t{i}.jsonl", io.BytesIO(data)), purpose="fine-tune") for i in range(3)
+    ]
+    batch = await sdk.files.create(
+        file=("b.jsonl", io.BytesIO(json.dumps(batch_line).encode())), purpose="batch"
+    )
+    listed = await sdk.files.list()
+    assert [f.id for f in listed.data] == [batch.id, *(f.id for f in reversed(train))]  # newest first
+    assert [f.id for f in (await sdk.files.list(purpose="batch")).data] == [batch.id]
+    assert [f.id for f in (await sdk.files.list(purpose="fine-tune", order="asc")).data] == [
+        f.id for f in train
+    ]
+    one = await sdk.files.list(limit=1)
+    assert [f.id for f in one.data] == [batch.id] and one.has_more
+    assert [f.id for f in (await sdk.files.list(limit=2, after=batch.id)).data] == [train[2].id, train[1].id]
+    with pytest.raises(openai.BadRequestError):
+        await sdk.files.list(order="sideways")
+
+    jobs = [
+        await sdk.fine_tuning.jobs.create(
+            model=LONG_BASE, training_file=train[0].id, validation_file=train[1].id,
+            metadata={"run": str(i)}, suffix="custom_suffix" if i == 0 else None,
+        )
+        for i in range(4)
+    ]  # fmt: skip
+    assert [j.id for j in (await sdk.fine_tuning.jobs.list()).data] == [j.id for j in reversed(jobs)]
+    assert [j.id for j in (await sdk.fine_tuning.jobs.list(metadata={"run": "2"})).data] == [jobs[2].id]
+    assert (
+        state.jobs.adapter_name(state.finetune_store.get_job(None, jobs[0].id)).count(":custom_suffix:") == 1
+    )
+    for file in train[:2]:  # the training and the validation file of queued jobs
+        with pytest.raises(openai.BadRequestError) as err:
+            await sdk.files.delete(file.id)
+        assert err.value.body["code"] == "file_in_use"
+    assert (await sdk.files.delete(train[2].id)).deleted
+    for job in jobs:
+        await sdk.fine_tuning.jobs.cancel(job.id)
+    assert (await sdk.files.delete(train[0].id)).deleted  # the jobs ended
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.fine_tuning.jobs.create(
+            model=LONG_BASE, training_file=train[1].id, hyperparameters={"n_epochs": True}
+        )
+    assert err.value.body["param"] == "hyperparameters.n_epochs"

@@ -10,14 +10,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from mygpt.api.auth import caller
 from mygpt.api.errors import APIError, invalid
 from mygpt.api.protocol import Metadata, page
 from mygpt.batches import OPEN, validate_batch
 from mygpt.finetune.data import DataError, validate_jsonl
-from mygpt.finetune.jobs import SUFFIX
+from mygpt.finetune.jobs import SUFFIX, UNFINISHED
 from mygpt.finetune.store import off_loop
 from mygpt.lora.registry import ADAPTER_NAME
 from mygpt.state import ServerState
@@ -29,10 +29,11 @@ router = APIRouter()
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int | str = "auto"
-    batch_size: int | str = "auto"
-    learning_rate_multiplier: float | str = "auto"
-    lora_rank: int | str = "auto"  # ours: the adapter's LoRA rank
+    # (strict numbers: true is no epoch count, as OpenAI answers)
+    n_epochs: StrictInt | str = "auto"
+    batch_size: StrictInt | str = "auto"
+    learning_rate_multiplier: StrictFloat | StrictInt | str = "auto"
+    lora_rank: StrictInt | str = "auto"  # ours: the adapter's LoRA rank
 
 
 class Supervised(BaseModel):
@@ -133,9 +134,25 @@ async def upload_file(
 
 
 @router.get("/v1/files")
-def list_files(request: Request, principal: Principal = Depends(caller)) -> dict:
+def list_files(
+    request: Request,
+    purpose: str | None = None,
+    limit: int = 10_000,
+    order: str = "desc",
+    after: str | None = None,
+    principal: Principal = Depends(caller),
+) -> dict:
+    """OpenAI's list: newest first by default (order), of one purpose if given, `limit` (1 to 10,000)
+    after the file `after`."""
+    if order not in ("asc", "desc"):
+        raise invalid(f"order must be 'asc' or 'desc', got {order!r}.", param="order")
+    if not 1 <= limit <= 10_000:
+        raise invalid(f"limit must be between 1 and 10000, got {limit}.", param="limit")
     rows = _state(request).finetune_store.list_files(_tenant(principal))
-    return {"object": "list", "data": [_file(r) for r in rows], "has_more": False}
+    files = [
+        _file(r) for r in (rows if order == "asc" else reversed(rows)) if purpose in (None, r["purpose"])
+    ]
+    return page(files, after, limit)
 
 
 @router.get("/v1/files/{file_id}")
@@ -166,6 +183,14 @@ def delete_file(file_id: str, request: Request, principal: Principal = Depends(c
     if running and store.get_file(_tenant(principal), file_id) is not None:
         raise invalid(f"File '{file_id}' is the input of batch {running[0]}, which has not ended; cancel it first.",
                       param="file_id", code="file_in_use")  # fmt: skip
+    training = [
+        j["id"]
+        for j in store.jobs_with_status(*UNFINISHED)
+        if file_id in (j["training_file"], j["validation_file"])
+    ]
+    if training and store.get_file(_tenant(principal), file_id) is not None:
+        raise invalid(f"File '{file_id}' is a file of fine-tuning job {training[0]}, which has not ended; cancel it "
+                      "first.", param="file_id", code="file_in_use")  # fmt: skip
     if not store.delete_file(_tenant(principal), file_id):
         raise _no_file(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
@@ -202,7 +227,8 @@ def create_job(body: CreateJob, request: Request, principal: Principal = Depends
             raise invalid(f"File '{file_id}' has purpose '{row['purpose']}': training and validation "
                           "files are uploaded with purpose 'fine-tune'.", param=param, code="invalid_file")  # fmt: skip
     if body.suffix is not None and not SUFFIX.fullmatch(body.suffix):
-        raise invalid("suffix: up to 40 lowercase letters, digits and '-'.", param="suffix")
+        raise invalid("suffix: up to 64 letters, digits and '.', '_' or '-', starting with a letter or digit.",
+                      param="suffix")  # fmt: skip
     if body.integrations:
         raise invalid(
             "Integrations (Weights & Biases) are not available on this server.", param="integrations"
@@ -261,7 +287,15 @@ def create_job(body: CreateJob, request: Request, principal: Principal = Depends
 def list_jobs(
     request: Request, after: str | None = None, limit: int = 20, principal: Principal = Depends(caller)
 ) -> dict:
+    """Newest first; metadata[k]=v filters by metadata (each pair must match), metadata=null lists the
+    jobs without any."""
     jobs = _state(request).finetune_store.list_jobs(_tenant(principal))
+    wanted = {
+        k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")
+    }
+    if request.query_params.get("metadata") == "null":
+        jobs = [j for j in jobs if not j.get("metadata")]
+    jobs = [j for j in jobs if all((j.get("metadata") or {}).get(k) == v for k, v in wanted.items())]
     return page([_job(request, j) for j in jobs], after, max(1, min(limit, 100)))
 
 

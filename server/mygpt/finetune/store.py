@@ -192,9 +192,9 @@ class Store:
 
     def list_files(self, tenant: str | None) -> list[dict]:
         if tenant is None:
-            return [dict(r) for r in self._q("SELECT * FROM files ORDER BY created_at, id")]
+            return [dict(r) for r in self._q("SELECT * FROM files ORDER BY created_at, rowid")]
         return [
-            dict(r) for r in self._q("SELECT * FROM files WHERE tenant=? ORDER BY created_at, id", tenant)
+            dict(r) for r in self._q("SELECT * FROM files WHERE tenant=? ORDER BY created_at, rowid", tenant)
         ]
 
     def delete_file(self, tenant: str | None, file_id: str) -> bool:
@@ -241,7 +241,7 @@ class Store:
         sql = (
             "SELECT * FROM jobs"
             + ("" if tenant is None else " WHERE tenant=?")
-            + " ORDER BY created_at DESC, id DESC"
+            + " ORDER BY created_at DESC, rowid DESC"
         )
         return [_job(r) for r in self._q(sql, *([] if tenant is None else [tenant]))]
 
@@ -250,7 +250,7 @@ class Store:
         return [
             _job(r)
             for r in self._q(
-                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at, id", *statuses
+                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at, rowid", *statuses
             )
         ]
 
@@ -451,12 +451,12 @@ class Store:
         return _batch(rows[0])
 
     def list_batches(self, tenant: str) -> list[dict]:
-        rows = self._q("SELECT * FROM batches WHERE tenant=? ORDER BY created_at DESC, id DESC", tenant)
+        rows = self._q("SELECT * FROM batches WHERE tenant=? ORDER BY created_at DESC, rowid DESC", tenant)
         return [_batch(r) for r in rows]
 
     def batches_with_status(self, *statuses: str) -> list[dict]:
         marks = ",".join("?" * len(statuses))
-        sql = f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY created_at, id"
+        sql = f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY created_at, rowid"
         return [_batch(r) for r in self._q(sql, *statuses)]
 
     def update_batch(
