@@ -197,3 +197,33 @@ async def test_lists_filters_and_files_in_use_as_openai_answers(state):
             model=LONG_BASE, training_file=train[1].id, hyperparameters={"n_epochs": True}
         )
     assert err.value.body["param"] == "hyperparameters.n_epochs"
+
+
+async def test_files_expire_as_asked(state):
+    """expires_after (as the SDK sends it): the file says when; past it, it is gone for every caller
+    and deleted, but not while an unfinished job reads it."""
+    sdk = sdk_for(state)
+    store = state.finetune_store
+    line = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr!"}]}
+    data = json.dumps(line).encode() + b"\n"
+    upload = {"file": ("t.jsonl", io.BytesIO(data)), "purpose": "fine-tune"}
+    brief = await sdk.files.create(**upload, expires_after={"anchor": "created_at", "seconds": 3600})
+    assert brief.expires_at == brief.created_at + 3600
+    read = await sdk.files.create(
+        file=("r.jsonl", io.BytesIO(data)),
+        purpose="fine-tune",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    job = await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=read.id)
+    for bad in ({"anchor": "created_at", "seconds": 60}, {"anchor": "last_active_at", "seconds": 3600}):
+        with pytest.raises(openai.BadRequestError) as err:
+            await sdk.files.create(file=("t.jsonl", io.BytesIO(data)), purpose="fine-tune", expires_after=bad)
+        assert err.value.body["param"].startswith("expires_after.")
+    store._q("UPDATE files SET expires_at=? WHERE id IN (?, ?)", brief.created_at - 1, brief.id, read.id)
+    assert [f.id for f in (await sdk.files.list()).data] == []  # both past their time
+    with pytest.raises(openai.NotFoundError):
+        await sdk.files.retrieve(brief.id)
+    assert not store.file_path(brief.id).exists() and store.file_path(read.id).exists()  # the job's: kept
+    await sdk.fine_tuning.jobs.cancel(job.id)
+    await sdk.files.list()
+    assert not store.file_path(read.id).exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from typing import Any
 
@@ -103,12 +104,24 @@ async def upload_file(
     request: Request,
     file: UploadFile = File(...),
     purpose: str = Form(...),
+    anchor: str | None = Form(None, alias="expires_after[anchor]"),
+    seconds: str | None = Form(None, alias="expires_after[seconds]"),
     principal: Principal = Depends(caller),
 ) -> dict:
+    """OpenAI's upload; `expires_after` ({anchor: created_at, seconds: 3600 to 2592000}, as the SDK sends
+    it: form fields expires_after[anchor] and expires_after[seconds]) deletes the file then."""
     state = _state(request)
     tenant = _tenant(principal)
     if purpose not in ("fine-tune", "batch"):
         raise invalid(f"purpose '{purpose}' is not supported; 'fine-tune' or 'batch'.", param="purpose")
+    expires_at = None
+    if anchor is not None or seconds is not None:
+        if anchor != "created_at":
+            raise invalid("expires_after.anchor must be 'created_at'.", param="expires_after.anchor")
+        if not (seconds or "").isdigit() or not 3600 <= int(seconds) <= 2_592_000:
+            raise invalid("expires_after.seconds must be between 3600 (an hour) and 2592000 (30 days).",
+                          param="expires_after.seconds")  # fmt: skip
+        expires_at = int(time.time()) + int(seconds)
     limit = state.settings.max_file_bytes
     raw = await file.read(limit + 1)
     if len(raw) > limit:
@@ -124,7 +137,7 @@ async def upload_file(
         raise invalid(f"Invalid {kind} file: {exc}", param="file", code="invalid_file") from exc
     row = await off_loop(
         state.finetune_store.add_file,
-        f"file-{uuid.uuid4().hex[:24]}", tenant, file.filename or "upload.jsonl", purpose, raw, examples,
+        f"file-{uuid.uuid4().hex[:24]}", tenant, file.filename or "upload.jsonl", purpose, raw, examples, expires_at,
     )  # fmt: skip
     return _file(row)
 
@@ -148,11 +161,20 @@ def list_files(
         raise invalid(f"order must be 'asc' or 'desc', got {order!r}.", param="order")
     if not 1 <= limit <= 10_000:
         raise invalid(f"limit must be between 1 and 10000, got {limit}.", param="limit")
-    rows = _state(request).finetune_store.list_files(_tenant(principal))
+    store = _state(request).finetune_store
+    store.purge_expired(keep=_in_use(store))
+    rows = store.list_files(_tenant(principal))
     files = [
         _file(r) for r in (rows if order == "asc" else reversed(rows)) if purpose in (None, r["purpose"])
     ]
     return page(files, after, limit)
+
+
+def _in_use(store: Any) -> set[str]:
+    """The files that a batch or fine-tuning job that has not ended reads."""
+    jobs = store.jobs_with_status(*UNFINISHED)
+    read = {b["input_file_id"] for b in store.batches_with_status(*OPEN)}
+    return read | {f for j in jobs for f in (j["training_file"], j["validation_file"]) if f}
 
 
 @router.get("/v1/files/{file_id}")
@@ -205,6 +227,7 @@ def _file(row: dict) -> dict:
     return {
         "id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
         "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None,
+        "expires_at": row.get("expires_at"),
     }  # fmt: skip
 
 

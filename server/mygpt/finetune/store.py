@@ -132,6 +132,7 @@ class Store:
             ("batches", "input_tokens", "INTEGER NOT NULL DEFAULT 0"),
             ("batches", "cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
             ("batches", "output_tokens", "INTEGER NOT NULL DEFAULT 0"),
+            ("files", "expires_at", "INTEGER"),
         ):  # columns a store written by an older version lacks  # fmt: skip
             if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -165,37 +166,38 @@ class Store:
         return self.files_dir / f"{file_id}.jsonl"
 
     def add_file(
-        self, file_id: str, tenant: str, filename: str, purpose: str, raw: bytes, examples: int
-    ) -> dict:
+        self, file_id: str, tenant: str, filename: str, purpose: str, raw: bytes, examples: int,
+        expires_at: int | None = None,
+    ) -> dict:  # fmt: skip
         path = self.file_path(file_id)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(raw)
         tmp.rename(path)
-        now = int(time.time())
         self._q(
-            "INSERT INTO files VALUES (?,?,?,?,?,?,?)",
-            file_id,
-            tenant,
-            filename,
-            purpose,
-            len(raw),
-            examples,
-            now,
-        )
+            "INSERT INTO files (id, tenant, filename, purpose, bytes, examples, created_at, expires_at)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            file_id, tenant, filename, purpose, len(raw), examples, int(time.time()), expires_at,
+        )  # fmt: skip
         return self.get_file(tenant, file_id)
 
+    # a file past its expires_at (OpenAI's expires_after) is gone for every caller; purge_expired deletes it
+    _LIVE = "(expires_at IS NULL OR expires_at > ?)"
+
     def get_file(self, tenant: str | None, file_id: str) -> dict | None:
-        rows = self._q("SELECT * FROM files WHERE id=?", file_id)
+        rows = self._q(f"SELECT * FROM files WHERE id=? AND {self._LIVE}", file_id, int(time.time()))
         if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
             return None  # another tenant's file does not exist for this caller
         return dict(rows[0])
 
     def list_files(self, tenant: str | None) -> list[dict]:
+        now = int(time.time())
         if tenant is None:
-            return [dict(r) for r in self._q("SELECT * FROM files ORDER BY created_at, rowid")]
-        return [
-            dict(r) for r in self._q("SELECT * FROM files WHERE tenant=? ORDER BY created_at, rowid", tenant)
-        ]
+            return [
+                dict(r)
+                for r in self._q(f"SELECT * FROM files WHERE {self._LIVE} ORDER BY created_at, rowid", now)
+            ]
+        sql = f"SELECT * FROM files WHERE tenant=? AND {self._LIVE} ORDER BY created_at, rowid"
+        return [dict(r) for r in self._q(sql, tenant, now)]
 
     def delete_file(self, tenant: str | None, file_id: str) -> bool:
         if self.get_file(tenant, file_id) is None:
@@ -203,6 +205,18 @@ class Store:
         self._q("DELETE FROM files WHERE id=?", file_id)
         self.file_path(file_id).unlink(missing_ok=True)
         return True
+
+    def purge_expired(self, keep: set[str]) -> int:
+        """Deletes the files past their expires_at but those in `keep` (read by a job or batch that has
+        not ended: deleted once it has); returns how many."""
+        rows = self._q(
+            "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", int(time.time())
+        )
+        gone = [r["id"] for r in rows if r["id"] not in keep]
+        for file_id in gone:
+            self._q("DELETE FROM files WHERE id=?", file_id)
+            self.file_path(file_id).unlink(missing_ok=True)
+        return len(gone)
 
     # ------------------------------------------------------------------ jobs
     def add_job(self, job: dict) -> dict:
