@@ -180,8 +180,12 @@ class AdapterRegistry:
         return f"adapter name {name!r} is the base model's: requests naming it get the base model; rename it"
 
     def _discover(self, tenant: str, name: str) -> AdapterEntry | None:
+        """A store directory with an adapter_config.json; one that links out of the tenant's store is
+        found too, with that problem (its files are never read: read_adapter and check_adapter refuse a
+        path out of the store), so that a request on it is a 400 that says so and the admin list shows
+        why it is not served."""
         path = self.store_of(tenant) / name
-        if not (path / CONFIG).is_file() or not self._inside(tenant, path):
+        if not (path / CONFIG).is_file():
             return None
         entry = AdapterEntry(tenant, name, path.resolve(), self._next_version(tenant, name), source="store")
         self._entries[(tenant, name)] = entry
