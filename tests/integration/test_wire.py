@@ -184,6 +184,7 @@ def test_context_length_exceeded_names_both_numbers(tiny_server):
             },
             "messages.[0].content",
         ),
+        ({"model": MODEL, "messages": [{"role": "user"}]}, "messages.[0].content"),  # (OpenAI: required)
         (  # a refusal belongs to an assistant's message
             {
                 "model": MODEL,

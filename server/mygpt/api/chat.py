@@ -318,6 +318,11 @@ class ChatService:
         function message (deprecated) an assistant's function_call, whose call it then answers."""
         out, called, legacy_call = [], False, None
         for i, m in enumerate(messages):
+            if m.content is None and m.role in ("system", "developer", "user", "tool"):  # (an assistant's
+                # may be empty: its tool_calls, function_call or refusal speak for it)
+                raise invalid(
+                    f"Missing required parameter: 'messages[{i}].content'.", param=f"messages.[{i}].content"
+                )
             if m.role == "tool" and not called:
                 raise invalid(
                     "a message with role 'tool' must answer a preceding assistant message's tool_calls.",
