@@ -437,8 +437,19 @@ def profile_engine(runner, cache, weights, prompts, out_dir: Path, mode: str) ->
 
     engine = Engine(runner, _Tok(), [], max_num_batched_tokens=2048, adapters=cache)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        engine_run(engine, prompts[:1], ["ad0"], 16, weights)
+    # the profiler records the thread that starts it: it runs in the engine's own thread, from its first
+    # step to the one that leaves it idle (a profiler started here saw none of the engine's ops)
+    prof, real_step = profile(activities=activities), engine.step
+
+    def step() -> None:
+        if prof.profiler is None:
+            prof.__enter__()
+        real_step()
+        if not (engine._waiting or engine._prefilling or engine._running):
+            prof.__exit__(None, None, None)
+
+    engine.step = step
+    engine_run(engine, prompts[:1], ["ad0"], 16, weights)
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=70)
     (out_dir / f"profile-engine-{mode}.txt").write_text(table)
 
