@@ -24,6 +24,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
         str(tmp_path),
         "--new-tokens",
         "16",
+        "--profile",
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -85,6 +86,8 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     }
     assert max(report["logits_rel_err"]) < 1e-4  # float32 on the CPU: the same math as peft's
     assert report["errors"] == {}, report["errors"]
+    for mode in ("static", "static-compile", "static-compile-lora"):  # the engine's own thread profiled
+        assert "aten::" in (tmp_path / f"profile-engine-{mode}.txt").read_text(), mode
     levels = {r["concurrency"]: r for r in report["e2e_bench"]}
     assert set(levels) == {1, 32} and all(r["errors"] == 0 and r["tokens_per_s"] > 0 for r in levels.values())
     assert report["e2e_structured"] == "4 of 4 valid"
