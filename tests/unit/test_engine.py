@@ -482,3 +482,25 @@ def test_the_engines_busy_time_is_charged_to_its_requests(make_engine):
     charged = sum(ev.timings.engine_s for evs in c.events.values() for ev in evs if ev.finish_reason)
     busy = engine.stats.step_s
     assert 0.95 * busy < charged <= busy * 1.0001, (charged, busy)  # (0.996 here; 0.88 before)
+
+
+def test_a_request_that_ends_in_its_prompts_step_is_charged_that_step(make_engine, monkeypatch):
+    """As on a GPU, the step's first read from the device waits for its forward (simulated: a sampling
+    of rows takes 50 ms): a request alone that ends at its first token is charged the whole step, where
+    an empty sampling of the step's (absent) decode rows split it before the wait."""
+    import mygpt.engine.engine as engine_module
+
+    real = engine_module.sample
+
+    def waits_for_the_device(logits, rows, *args, **kwargs):
+        if rows:
+            time.sleep(0.05)
+        return real(logits, rows, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample", waits_for_the_device)
+    engine = make_engine()
+    c = Collector()
+    c.submit(engine, "one", PROMPTS[0], temperature=0.0, max_tokens=1)
+    c.wait()
+    [final] = [ev for ev in c.events["one"] if ev.finish_reason]
+    assert final.timings.engine_s > 0.95 * engine.stats.step_s, (final.timings.engine_s, engine.stats.step_s)

@@ -685,6 +685,8 @@ class Engine(EngineThread):
         self._send(group.request.request_id, event)
 
     def _emit_sampled(self, rows: list[Row], logits: torch.Tensor, launch_ahead: bool = False) -> None:
+        if not rows:  # (a step of prompt chunks only: nothing read from the device here)
+            return
         allowed = {  # (None: every token, as a reasoning model's thinking before its grammar)
             i: mask
             for i, r in enumerate(rows)
