@@ -196,6 +196,25 @@ def test_objects_that_name_their_properties_take_no_other_keys(grammars, tokeniz
     assert takes(nested, '{"stops": [{"city": "Oslo"}, null]}')
     assert not takes(nested, '{"stops": [{"city": "Oslo", "x": 1}]}')
     assert not takes(nested, '{"stops": [], "x": 1}')
+    # objects composed of parts stay open: closing one part would refuse the others' keys (review)
+    a, b = ({"properties": {k: {"type": "integer"}}, "required": [k]} for k in "ab")
+    composed = [
+        ({"type": "object", "allOf": [a, b]}, '{"a": 1, "b": 2}'),
+        ({"type": "object", **a, "allOf": [b]}, '{"a": 1, "b": 2}'),
+        (
+            {"type": "object", **a, "anyOf": [b, {"properties": {"c": {}}, "required": ["c"]}]},
+            '{"a": 1, "b": 2}',
+        ),
+        ({"allOf": [{"$ref": "#/$defs/base"}, b], "$defs": {"base": a}}, '{"a": 1, "b": 2}'),
+        (
+            {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]},
+            '{"a": 1, "b": 2}',
+        ),
+    ]
+    for schema, text in composed:
+        assert takes(schema, text), schema
+    inner = {"type": "object", "allOf": [{"properties": {"x": city}}]}  # a part's own nested object: closed
+    assert not takes(inner, '{"x": {"city": "Oslo", "y": 1}}')
     # a property named like a keyword is a name, not a schema
     named = {"type": "object", "properties": {"properties": {"type": "object"}}}
     assert closed_schema(named) == {**named, "additionalProperties": False}

@@ -39,32 +39,65 @@ class GrammarError(ValueError):
 _SUBSCHEMA = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
 _SUBSCHEMAS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_COMPOSED = ("allOf", "anyOf", "oneOf", "$ref")  # beside properties: the object is more than they say
 
 
 def closed_schema(schema: Any) -> Any:
     """`schema` with each object schema that names its properties and leaves additionalProperties out
     closed to other keys (additionalProperties false), as OpenAI's strict schemas are and as vLLM and
     xgrammar compile them: a tool's arguments or an answer hold the keys the schema declares, where JSON
-    Schema's default would let a model add any. A schema that sets additionalProperties keeps it."""
-    if isinstance(schema, list):
-        return [closed_schema(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _SUBSCHEMA:
-        if isinstance(out.get(key), dict):
-            out[key] = closed_schema(out[key])
-    for key in _SUBSCHEMAS:
-        if isinstance(out.get(key), list):
-            out[key] = closed_schema(out[key])
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: closed_schema(s) for name, s in out[key].items()}
-    if isinstance(out.get("items"), list):  # (draft 4-7 tuples)
-        out["items"] = closed_schema(out["items"])
-    if "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
-        out["additionalProperties"] = False
-    return out
+    Schema's default would let a model add any. A schema that sets additionalProperties keeps it. An
+    object whose keys other schemas also declare stays open, since closing it would refuse theirs (the
+    parts are intersected): one with allOf, anyOf, oneOf or $ref beside its properties and the branches
+    under it, an allOf's members and the definitions they refer to, and one that requires a key its
+    properties do not name."""
+    shared = set()  # the definitions ("#/$defs/x") that allOf members refer to
+
+    def refs(node: Any) -> None:
+        if isinstance(node, dict):
+            for member in node.get("allOf") or []:
+                if isinstance(member, dict) and isinstance(member.get("$ref"), str):
+                    shared.add(member["$ref"])
+            for value in node.values():
+                refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                refs(value)
+
+    def walk(node: Any, open_: bool = False, at: str = "#") -> Any:
+        if isinstance(node, list):
+            return [walk(s, open_) for s in node]
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        composed = any(k in out for k in _COMPOSED) and ("properties" in out or "patternProperties" in out)
+        for key in _SUBSCHEMA:
+            if isinstance(out.get(key), dict):
+                out[key] = walk(out[key])
+        for key in _SUBSCHEMAS:
+            if isinstance(out.get(key), list):  # an allOf's members, and the branches of a composed object
+                out[key] = [walk(s, open_=key == "allOf" or composed) for s in out[key]]
+        for key in _SCHEMA_MAPS:
+            if isinstance(out.get(key), dict):
+                where = f"{at}/{key}" if at == "#" and key in ("$defs", "definitions") else None
+                out[key] = {
+                    name: walk(s, open_=where is not None and f"{where}/{name}" in shared)
+                    for name, s in out[key].items()
+                }
+        if isinstance(out.get("items"), list):  # (draft 4-7 tuples)
+            out["items"] = walk(out["items"])
+        names = set(out.get("properties") or {})
+        required = out.get("required") if isinstance(out.get("required"), list) else []
+        if (
+            "additionalProperties" not in out
+            and ("properties" in out or "patternProperties" in out)
+            and not (open_ or composed or any(r not in names for r in required))
+        ):
+            out["additionalProperties"] = False
+        return out
+
+    refs(schema)
+    return walk(schema)
 
 
 class Grammar:
