@@ -215,11 +215,17 @@ async def test_files_expire_as_asked(state):
         expires_after={"anchor": "created_at", "seconds": 3600},
     )
     job = await sdk.fine_tuning.jobs.create(model=LONG_BASE, training_file=read.id)
-    for bad in ({"anchor": "created_at", "seconds": 60}, {"anchor": "last_active_at", "seconds": 3600}):
+    for bad in (
+        {"anchor": "created_at", "seconds": 60},
+        {"anchor": "last_active_at", "seconds": 3600},
+        {"anchor": "created_at", "seconds": "³³³³"},  # digits, not ASCII ones: a 500 before (review)
+    ):
         with pytest.raises(openai.BadRequestError) as err:
             await sdk.files.create(file=("t.jsonl", io.BytesIO(data)), purpose="fine-tune", expires_after=bad)
         assert err.value.body["param"].startswith("expires_after.")
-    store._q("UPDATE files SET expires_at=? WHERE id IN (?, ?)", brief.created_at - 1, brief.id, read.id)
+    store._q(
+        "UPDATE file_expiry SET expires_at=? WHERE id IN (?, ?)", brief.created_at - 1, brief.id, read.id
+    )
     assert [f.id for f in (await sdk.files.list()).data] == []  # both past their time
     with pytest.raises(openai.NotFoundError):
         await sdk.files.retrieve(brief.id)
@@ -227,3 +233,4 @@ async def test_files_expire_as_asked(state):
     await sdk.fine_tuning.jobs.cancel(job.id)
     await sdk.files.list()
     assert not store.file_path(read.id).exists()
+    assert store._q("SELECT * FROM file_expiry") == []

@@ -118,7 +118,7 @@ async def upload_file(
     if anchor is not None or seconds is not None:
         if anchor != "created_at":
             raise invalid("expires_after.anchor must be 'created_at'.", param="expires_after.anchor")
-        if not (seconds or "").isdigit() or not 3600 <= int(seconds) <= 2_592_000:
+        if not ((seconds or "").isascii() and seconds.isdigit()) or not 3600 <= int(seconds) <= 2_592_000:
             raise invalid("expires_after.seconds must be between 3600 (an hour) and 2592000 (30 days).",
                           param="expires_after.seconds")  # fmt: skip
         expires_at = int(time.time()) + int(seconds)

@@ -63,6 +63,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
     bytes INTEGER NOT NULL, examples INTEGER NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS file_expiry (id TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, training_file TEXT NOT NULL,
     validation_file TEXT, suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL,
@@ -132,10 +133,13 @@ class Store:
             ("batches", "input_tokens", "INTEGER NOT NULL DEFAULT 0"),
             ("batches", "cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
             ("batches", "output_tokens", "INTEGER NOT NULL DEFAULT 0"),
-            ("files", "expires_at", "INTEGER"),
         ):  # columns a store written by an older version lacks  # fmt: skip
             if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                try:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as exc:  # a replica starting beside this one added it
+                    if "duplicate column" not in str(exc):
+                        raise
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -174,48 +178,51 @@ class Store:
         tmp.write_bytes(raw)
         tmp.rename(path)
         self._q(
-            "INSERT INTO files (id, tenant, filename, purpose, bytes, examples, created_at, expires_at)"
-            " VALUES (?,?,?,?,?,?,?,?)",
-            file_id, tenant, filename, purpose, len(raw), examples, int(time.time()), expires_at,
+            "INSERT INTO files VALUES (?,?,?,?,?,?,?)",
+            file_id, tenant, filename, purpose, len(raw), examples, int(time.time()),
         )  # fmt: skip
+        if (
+            expires_at is not None
+        ):  # (a table of its own: an older replica of a rolling update inserts 7 columns)
+            self._q("INSERT INTO file_expiry VALUES (?,?)", file_id, expires_at)
         return self.get_file(tenant, file_id)
 
     # a file past its expires_at (OpenAI's expires_after) is gone for every caller; purge_expired deletes it
-    _LIVE = "(expires_at IS NULL OR expires_at > ?)"
+    _LIVE = (
+        "SELECT files.*, expires_at FROM files LEFT JOIN file_expiry USING (id)"
+        " WHERE (expires_at IS NULL OR expires_at > ?)"
+    )
 
     def get_file(self, tenant: str | None, file_id: str) -> dict | None:
-        rows = self._q(f"SELECT * FROM files WHERE id=? AND {self._LIVE}", file_id, int(time.time()))
+        rows = self._q(f"{self._LIVE} AND id=?", int(time.time()), file_id)
         if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
             return None  # another tenant's file does not exist for this caller
         return dict(rows[0])
 
     def list_files(self, tenant: str | None) -> list[dict]:
-        now = int(time.time())
+        now, order = int(time.time()), " ORDER BY created_at, files.rowid"
         if tenant is None:
-            return [
-                dict(r)
-                for r in self._q(f"SELECT * FROM files WHERE {self._LIVE} ORDER BY created_at, rowid", now)
-            ]
-        sql = f"SELECT * FROM files WHERE tenant=? AND {self._LIVE} ORDER BY created_at, rowid"
-        return [dict(r) for r in self._q(sql, tenant, now)]
+            return [dict(r) for r in self._q(self._LIVE + order, now)]
+        return [dict(r) for r in self._q(f"{self._LIVE} AND tenant=?" + order, now, tenant)]
 
     def delete_file(self, tenant: str | None, file_id: str) -> bool:
         if self.get_file(tenant, file_id) is None:
             return False
-        self._q("DELETE FROM files WHERE id=?", file_id)
-        self.file_path(file_id).unlink(missing_ok=True)
+        self._forget_file(file_id)
         return True
+
+    def _forget_file(self, file_id: str) -> None:
+        self._q("DELETE FROM files WHERE id=?", file_id)
+        self._q("DELETE FROM file_expiry WHERE id=?", file_id)
+        self.file_path(file_id).unlink(missing_ok=True)
 
     def purge_expired(self, keep: set[str]) -> int:
         """Deletes the files past their expires_at but those in `keep` (read by a job or batch that has
         not ended: deleted once it has); returns how many."""
-        rows = self._q(
-            "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", int(time.time())
-        )
+        rows = self._q("SELECT id FROM file_expiry WHERE expires_at <= ?", int(time.time()))
         gone = [r["id"] for r in rows if r["id"] not in keep]
         for file_id in gone:
-            self._q("DELETE FROM files WHERE id=?", file_id)
-            self.file_path(file_id).unlink(missing_ok=True)
+            self._forget_file(file_id)
         return len(gone)
 
     # ------------------------------------------------------------------ jobs
