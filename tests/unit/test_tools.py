@@ -169,27 +169,32 @@ def test_auto_with_a_response_format_answers_with_calls_or_json_of_it(tokenizer)
     for choice in ("required", {"type": "function", "function": {"name": "get"}}):
         forced = tools.plan(request(tools=[GET], tool_choice=choice, response_format=fmt, stop=["}"]))
         assert not forced.auto and not forced.structured
-    # an answer starting like the format's JSON is told from a call as soon as they differ
-    starts = ("", "{", '{"name": "', '{"name": "ge', '{"name": "get", "arguments": ', '{"name": "Bo', "<tool")
-    assert [plan.is_call(t) for t in starts] == [None, None, None, None, True, False, None]
+    # calls come in their tags only: a bare one and the format's answer would both start with '{' (and the
+    # grammar could finish a call's start as an answer of a loose format: arguments out of the schema)
+    starts = ("", "<tool", "<tool_call>", "{", '{"name": "get", "arguments": ', "<table>")
+    assert [plan.is_call(t) for t in starts] == [None, None, True, False, False, False]
     assert tools.answer(plan, '{"name": "Bob"}', "stop") == (None, "stop")  # the format's answer: text
-    assert tools.answer(plan, '{"name": "get", "arguments": {}}', "stop")[1] == "tool_calls"
+    tagged = '<tool_call>{"name": "get", "arguments": {}}</tool_call>'
+    assert tools.answer(plan, tagged, "stop")[1] == "tool_calls"
+    assert "<tool_call>" in tools.with_tools(list(HI), plan)[0]["content"]  # how the model is told
+    for answer in (fmt["json_schema"]["schema"], {"type": "object"}):  # json_schema, json_object
+        grammar = Grammars(tokenizer, len(tokenizer)).json_or_text(plan.schema(), tools.TAGS, answer=answer)
+
+        def follow(text: str, grammar=grammar):
+            guide = grammar.start()
+            return all(guide.advance(t) for t in tokenizer.encode(text, add_special_tokens=False)), guide
+
+        for whole in ('{"name": "Bob"}', tagged):
+            ok, guide = follow(whole)
+            assert ok and guide.accepting, whole
+        assert not follow("Bob")[0]  # no text
+        assert not follow('<tool_call>{"name": "get", "arguments": 5}')[0]  # a call holds to its schema
     grammar = Grammars(tokenizer, len(tokenizer)).json_or_text(
         plan.schema(), tools.TAGS, answer=fmt["json_schema"]["schema"]
     )
-
-    def follow(text: str):
-        guide = grammar.start()
-        return all(guide.advance(t) for t in tokenizer.encode(text, add_special_tokens=False)), guide
-
-    for whole in (
-        '{"name": "get", "arguments": {}}',
-        '{"name": "Bob"}',
-        '<tool_call>{"name": "get", "arguments": {}}</tool_call>',
-    ):
-        ok, guide = follow(whole)
-        assert ok and guide.accepting, whole
-    assert not follow("Bob")[0] and not follow('{"name": "Bob", "age": 3}')[0]  # no text, no other key
+    guide = grammar.start()
+    bare = '{"name": "get", "arguments": {}}'  # not the format's answer (its keys), and no bare call
+    assert not all(guide.advance(t) for t in tokenizer.encode(bare, add_special_tokens=False))
 
 
 def test_calls_cut_by_max_tokens_come_back_as_far_as_written():

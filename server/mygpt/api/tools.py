@@ -50,22 +50,13 @@ class ToolPlan:
     def is_call(self, text: str) -> bool | None:
         """Whether an answer that starts with `text` is calls (True) or an answer (False); None while it
         could still be either. Forced: always a call. "auto": by how it starts (is_call); with a
-        response_format, whose answer is JSON too, a call once it starts as one of the tools' calls
-        does ('{"name": "get", "arguments": ')."""
+        response_format, whose answer is JSON, calls come only in their tags (the grammar's), so the
+        open tag decides."""
         if not self.auto:
             return True
         if not self.structured:
             return is_call(text)
-        heads = [
-            TAGS[0],
-            *(
-                _OPEN + json.dumps(t.function.name, ensure_ascii=False)[1:] + ', "arguments": '
-                for t in self.tools
-            ),
-        ]
-        if text.startswith(tuple(heads)):
-            return True
-        return None if any(h.startswith(text) for h in heads) else False
+        return True if text.startswith(TAGS[0]) else None if TAGS[0].startswith(text) else False
 
     def schema(self) -> dict[str, Any]:
         """JSON Schema of one call: {"name": one of the tools, "arguments": that tool's parameters}.
@@ -231,10 +222,12 @@ def with_tools(messages: list[dict[str, Any]], calls: ToolPlan) -> list[dict[str
     """The tools for a chat template that does not render them: told in the system message (the
     client's own first one, extended, so that templates taking one system message at the start still
     take it)."""
+    call = '{"name": <function name>, "arguments": <its arguments>}'
+    how = f"{TAGS[0]}{call}{TAGS[1]}" if calls.structured else f"a JSON object: {call}"
     text = (
         "You can call these functions:\n"
         + json.dumps([template_tool(t)["function"] for t in calls.tools], ensure_ascii=False)
-        + '\nTo call one, reply with only a JSON object: {"name": <function name>, "arguments": <its arguments>}.'
+        + f"\nTo call one, reply with only {how}."
         + (" If no function is needed, answer in plain text." if calls.auto and not calls.structured else "")
         + (" If no function is needed, answer with a JSON object." if calls.structured else "")
     )

@@ -273,8 +273,10 @@ class Grammars:
         for either (tool_choice "auto": a call is the JSON, an answer the text). The text ends where the
         model ends it; it may not start with '{' or the open tag, even after whitespace, so that what
         starts like a call is held to one. With `answer` (a JSON Schema: tool_choice "auto" with a
-        response_format), one JSON value of it in place of the text. The tags: no quote, backslash or
-        whitespace (nor '/' in the open tag, which goes into a regular expression)."""
+        response_format), one JSON value of it in place of the text, and the calls only between the tags
+        (a bare call and an answer both start with '{': the grammar could finish a call's start as an
+        answer). The tags: no quote, backslash or whitespace (nor '/' in the open tag, which goes into a
+        regular expression)."""
         from llguidance import LLMatcher
 
         if not isinstance(schema, dict):
@@ -303,8 +305,10 @@ class Grammars:
         if answer is None:  # text that cannot be taken for a call
             rules.append("TEXT")
             lines.append(f"TEXT: /{text}/")
-        else:
-            rules.append("answer")
+        else:  # calls in their tags only: a bare one could not be told from an answer that looks like one
+            if tags is None:
+                raise ValueError("an answer beside the calls needs the calls' tags")
+            rules = ["tagged", "answer"]
             lines.append(f"answer: %json {json.dumps({**closed_schema(answer), 'x-guidance': JSON_OPTIONS})}")
         lark = "\n".join([f"start: {' | '.join(rules)}", *lines, ""])
         try:
