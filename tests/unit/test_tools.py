@@ -94,7 +94,9 @@ def test_allowed_tools_choose_among_some_of_the_tools():
         with pytest.raises(APIError) as err:
             tools.plan(request(tools=[GET, go], tool_choice={"type": "allowed_tools", "allowed_tools": bad}))
         assert err.value.info.param == param
-    from mygpt.api.responses import _tool_choice  # the Responses API's shape of the same
+    from mygpt.api.responses import _param, _tool_choice  # the Responses API's shape of the same
+
+    assert _param("tool_choice.allowed_tools.tools.[0]") == "tool_choice.tools[0]"  # its own names
 
     responses = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "go"}]}
     assert _tool_choice(responses) == {"type": "allowed_tools", "allowed_tools": allowed}
@@ -267,3 +269,18 @@ def test_parallel_tool_calls_false_allows_one_call(tokenizer):
     block = '<tool_call>\n{"name": "get", "arguments": {}}\n</tool_call>'
     assert all(guide.advance(t) for t in tokenizer.encode(block, add_special_tokens=False))
     assert guide.accepting and guide.done  # nothing may follow: no second block
+
+
+def test_a_malformed_text_part_is_named_whatever_comes_before_it(tokenizer):
+    """The 400 names the part that is wrong: a text part without its text after an image part said the
+    image part needed a string 'image_url' (review)."""
+    from mygpt.api.chat import ChatLimits, ChatService
+
+    chat = ChatService(None, tokenizer, "m", ChatLimits(512, 1, 4), None)
+    parts = [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text"}]
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts}])
+    with pytest.raises(APIError, match="type 'text' needs a string 'text'"):
+        chat._messages(req.messages)
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts[:1]}])
+    with pytest.raises(APIError, match="'image_url' is not supported"):
+        chat._messages(req.messages)

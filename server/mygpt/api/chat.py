@@ -356,11 +356,10 @@ class ChatService:
         if isinstance(content, list):
             said = (RefusalPart, TextPart) if m.role == "assistant" else (TextPart,)  # (refusals: replayed)
             other = [p.type for p in content if not isinstance(p, said)]
-            if (
-                "text" in other or "refusal" in other and m.role == "assistant"
-            ):  # its text missing, or no string
+            known = {"text", "refusal"} if m.role == "assistant" else {"text"}
+            if malformed := next((t for t in other if t in known), None):  # its text missing, or no string
                 raise invalid(
-                    f"a content part of type '{other[0]}' needs a string '{other[0]}'.",
+                    f"a content part of type '{malformed}' needs a string '{malformed}'.",
                     param=f"messages.[{i}].content",
                 )
             if other:

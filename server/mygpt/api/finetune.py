@@ -18,8 +18,8 @@ from mygpt.api.errors import APIError, invalid
 from mygpt.api.protocol import Metadata, page
 from mygpt.batches import OPEN, validate_batch
 from mygpt.finetune.data import DataError, validate_jsonl
-from mygpt.finetune.jobs import SUFFIX, UNFINISHED
-from mygpt.finetune.store import off_loop
+from mygpt.finetune.jobs import SUFFIX
+from mygpt.finetune.store import OPEN_JOBS, off_loop
 from mygpt.lora.registry import ADAPTER_NAME
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
@@ -135,6 +135,7 @@ async def upload_file(
     except DataError as exc:
         kind = "training" if purpose == "fine-tune" else "batch"
         raise invalid(f"Invalid {kind} file: {exc}", param="file", code="invalid_file") from exc
+    await off_loop(state.finetune_store.purge_expired)  # (and at each listing)
     row = await off_loop(
         state.finetune_store.add_file,
         f"file-{uuid.uuid4().hex[:24]}", tenant, file.filename or "upload.jsonl", purpose, raw, examples, expires_at,
@@ -162,19 +163,12 @@ def list_files(
     if not 1 <= limit <= 10_000:
         raise invalid(f"limit must be between 1 and 10000, got {limit}.", param="limit")
     store = _state(request).finetune_store
-    store.purge_expired(keep=_in_use(store))
+    store.purge_expired()
     rows = store.list_files(_tenant(principal))
     files = [
         _file(r) for r in (rows if order == "asc" else reversed(rows)) if purpose in (None, r["purpose"])
     ]
     return page(files, after, limit)
-
-
-def _in_use(store: Any) -> set[str]:
-    """The files that a batch or fine-tuning job that has not ended reads."""
-    jobs = store.jobs_with_status(*UNFINISHED)
-    read = {b["input_file_id"] for b in store.batches_with_status(*OPEN)}
-    return read | {f for j in jobs for f in (j["training_file"], j["validation_file"]) if f}
 
 
 @router.get("/v1/files/{file_id}")
@@ -207,7 +201,7 @@ def delete_file(file_id: str, request: Request, principal: Principal = Depends(c
                       param="file_id", code="file_in_use")  # fmt: skip
     training = [
         j["id"]
-        for j in store.jobs_with_status(*UNFINISHED)
+        for j in store.jobs_with_status(*OPEN_JOBS)
         if file_id in (j["training_file"], j["validation_file"])
     ]
     if training and store.get_file(_tenant(principal), file_id) is not None:

@@ -431,6 +431,8 @@ def _param(param: str | None, body: ResponsesRequest | None = None) -> str | Non
         if fmt.get("type", "text") == "text":
             return "tools"
     head, dot, rest = param.partition(".")
+    if head == "tool_choice" and (m := re.fullmatch(r"allowed_tools(?:\.tools\.\[(\d+)\])?", rest)):
+        return "tool_choice" + (f".tools[{m[1]}]" if m[1] else "")  # (this API's allowed_tools is flat)
     if head == "response_format":
         return "text.format" + (("." + rest.removeprefix("json_schema.")) if rest else "")
     if head == "tools" and (m := re.fullmatch(r"\[?(\d+)\]?(?:\.function)?(\..+)?", rest)):
@@ -441,6 +443,7 @@ def _param(param: str | None, body: ResponsesRequest | None = None) -> str | Non
 def _renamed(exc: APIError, body: ResponsesRequest) -> APIError:
     exc.info.param = _param(exc.info.param, body)
     names = {**_PARAMS, "response_format": "tools" if exc.info.param == "tools" else "text.format"}
+    exc.info.message = exc.info.message.replace("tool_choice.allowed_tools", "tool_choice")
     for chat_name, name in names.items():
         exc.info.message = re.sub(rf"\b{chat_name}\b", name, exc.info.message)
     return exc

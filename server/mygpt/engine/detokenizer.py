@@ -90,7 +90,7 @@ class HeldLogprobs:
         self._pushed = 0  # characters the tokens' pieces have brought so far
         self._sent = 0  # characters sent (released by the stop-string matcher)
 
-    def push(self, logprob: Any, piece: str, sent: str, finish: bool = False, cut: bool = False) -> list:
+    def push(self, logprob: Any, piece: str, sent: str, finish: bool = False, cut: bool = False) -> list[Any]:
         """One token: its logprob (None: none asked), its piece of text, the text sent with it; finish:
         the row ends here (everything held goes), cut: a stop string ended it. Returns the logprobs to
         send now, in order."""

@@ -240,7 +240,8 @@ class Engine(EngineThread):
             raise ValueError(f"embed_share must be in (0, 1], got {embed_share}")
         self.embed_share = embed_share
         self._embed_credit = 0.0  # seconds: below 0, embeddings wait while rows decode
-        self._attribution: tuple | None = None  # the step's time not yet split among its rows
+        # the step's time not yet split among its rows: since when, its tokens, rows, chunks, split once
+        self._attribution: tuple[float, int, list[Row], list[tuple[Group, PrefillChunk]], bool] | None = None
         self.max_waiting = max_waiting
         self.adapters = adapters
         self.stats = EngineStats()

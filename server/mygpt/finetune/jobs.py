@@ -43,7 +43,6 @@ from mygpt.lora.registry import ADAPTER_NAME, AdapterRegistry
 from mygpt.lora.weights import CONFIG, WEIGHTS, AdapterError
 
 log = logging.getLogger(__name__)
-UNFINISHED = ("queued", "running", "paused")  # a job's statuses before it ends (its files still to read)
 SUFFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch (OpenAI's: up to 64 characters)
 
 

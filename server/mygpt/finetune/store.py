@@ -216,11 +216,14 @@ class Store:
         self._q("DELETE FROM file_expiry WHERE id=?", file_id)
         self.file_path(file_id).unlink(missing_ok=True)
 
-    def purge_expired(self, keep: set[str]) -> int:
-        """Deletes the files past their expires_at but those in `keep` (read by a job or batch that has
-        not ended: deleted once it has); returns how many."""
+    def purge_expired(self) -> int:
+        """Deletes the files past their expires_at but those a job or batch that has not ended reads
+        (deleted once it has); returns how many."""
         rows = self._q("SELECT id FROM file_expiry WHERE expires_at <= ?", int(time.time()))
-        gone = [r["id"] for r in rows if r["id"] not in keep]
+        jobs, batches = self.jobs_with_status(*OPEN_JOBS), self.batches_with_status(*OPEN_BATCHES)
+        read = {b["input_file_id"] for b in batches}
+        read |= {f for j in jobs for f in (j["training_file"], j["validation_file"]) if f}
+        gone = [r["id"] for r in rows if r["id"] not in read]
         for file_id in gone:
             self._forget_file(file_id)
         return len(gone)
