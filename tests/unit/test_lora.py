@@ -227,7 +227,11 @@ def test_paths_outside_the_store_are_refused(tiny_model_dir, adapter_root, tmp_p
     for name in ("escape", "borrowed"):
         with pytest.raises(AdapterError, match="outside"):
             registry.load(TENANT, name)
-        assert registry.get(TENANT, name) is None and name not in [e.name for e in registry.list(TENANT)]
+        # found with its problem, never read: a request on it is a 400 saying so, the admin list says why
+        entry = registry.get(TENANT, name)
+        assert "outside" in registry.problem(entry) and name in [e.name for e in registry.list(TENANT)]
+        with pytest.raises(AdapterError, match="outside"):
+            registry.weights(entry)
     with pytest.raises(AdapterError, match="links outside"):
         registry.weights(registry.get(TENANT, "linked"))
     for path in ("../u/theirs", str(root / "u" / "theirs"), "/etc", "../../x"):
