@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 
 from mygpt.config import Settings
 
@@ -137,7 +138,12 @@ def _bench_parser(sub: Any) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Environment (MYGPT_*) first, then any flag given on the command line."""
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:  # one line a bad setting, before anything loads (as argparse's errors)
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "settings"
+        sys.exit(f"mygpt: --{name.replace('_', '-')} (MYGPT_{name.upper()}): {err['msg']}")
 
 
 def _finetune_parsers(sub: Any) -> None:
@@ -210,7 +216,11 @@ def serve(settings: Settings) -> None:
         hup = threading.Event()
         threading.Thread(target=_reloader, args=(state, hup), name="mygpt-sighup", daemon=True).start()
         signal.signal(signal.SIGHUP, lambda *_: hup.set())  # the handler only sets a flag: never blocks
-    _DrainingServer(config, state, settings.shutdown_timeout_s).run()
+    server = _DrainingServer(config, state, settings.shutdown_timeout_s)
+    state.on_failure = server.stop_after_failure
+    server.run()
+    if state.failure:  # the model or the engine never came up: a supervisor restarts or reports it
+        sys.exit(f"mygpt: start-up failed: {state.failure}")
 
 
 def _reloader(state: Any, hup: threading.Event) -> None:
@@ -235,6 +245,13 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: Any, timeout: float):
         super().__init__(config)
         self.state, self.timeout = state, timeout
+
+    def stop_after_failure(self) -> None:
+        """Start-up failed (the model, the engine, a pinned adapter): nothing would ever be served, so
+        the process stops and exits non-zero (main), where it stayed up with /ready 503 until killed and
+        then exited 0, which no supervisor restarts."""
+        self.state.draining = True
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.state.draining:  # a second signal: stop now

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     engine: Literal["batched", "naive"] = Field(
         "batched", description="'naive' = generate() + peft one request at a time: a benchmark baseline only"
     )
-    max_model_len: int | None = Field(None, description="context length served; default: the model's")
+    max_model_len: int | None = Field(
+        None, ge=1, description="context length served, at most the model's; default: the model's"
+    )
     max_num_seqs: int = Field(16, ge=1, description="rows in the running batch (KV cache slots)")
     gpu_memory_utilization: float = Field(
         0.9,
@@ -181,7 +183,7 @@ class Settings(BaseSettings):
 
     # --- API ---
     host: str = Field("127.0.0.1", description="address to bind")
-    port: int = Field(8000, description="port to bind")
+    port: int = Field(8000, ge=1, le=65535, description="port to bind")
     max_n: int = Field(8, ge=1, description="largest 'n' (choices per request) accepted")
     max_stop_sequences: int = Field(4, ge=0, description="most stop strings per request (OpenAI: 4)")
     max_prompts: int = Field(32, ge=1, description="most prompts in one /v1/completions request")

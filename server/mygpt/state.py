@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ class ServerState:
     ready: bool = False  # model loaded and warm-up generation succeeded
     draining: bool = False  # shutting down: no new requests
     failure: str | None = None  # start-up failed: why
+    # called once start-up has failed (the CLI's: stop the server, exit non-zero); None: stay up, /ready 503
+    on_failure: Callable[[], None] | None = None
     metrics: Metrics | None = None
     finetune_store: Store | None = None
     jobs: JobManager | None = None
@@ -195,6 +198,8 @@ class ServerState:
         except Exception as exc:
             log.exception("start-up failed")
             self.failure = f"{type(exc).__name__}: {exc}"
+            if self.on_failure is not None:
+                self.on_failure()
 
     def _start_finetuning(self, base_name: str, registry: AdapterRegistry) -> None:
         s = self.settings

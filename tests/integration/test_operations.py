@@ -4,6 +4,7 @@ flooding tenant that must not slow the others down (F3)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -23,33 +24,37 @@ BASE = "SmolLM2-135M-Instruct"
 ASK = [{"role": "user", "content": "Tell me about the history of Paris."}]
 
 
-def test_not_ready_when_a_pinned_adapter_fails_to_load(tiny_model_dir, tmp_path):
-    """G1: /ready stays 503 (with the reason) while /live answers, when a preloaded adapter is bad."""
+def test_a_failed_start_exits_non_zero_with_the_reason(tiny_model_dir, tmp_path):
+    """A start that fails (here a pinned adapter that is bad; a model that does not exist) stops the
+    process with the reason and a non-zero status, where it stayed up with /ready 503 and exited 0 when
+    stopped: no supervisor restarted it (systemd, Docker) and Kubernetes waited out its start budget."""
     make_adapter(tiny_model_dir, tmp_path / "store" / "acme" / "main", 8, ["q_proj"], seed=3)
     (tmp_path / "store" / "acme" / "main" / "adapter_model.safetensors").write_bytes(b"broken")
     config = {
         "tenants": {"acme": {"keys": ["sk-acme-0123456789abcdef"], "adapters": {"main": {"pinned": True}}}}
     }
     (tmp_path / "mygpt.yaml").write_text(json.dumps(config))
-    server = ServerProcess(
-        "--model", str(tiny_model_dir), "--config", str(tmp_path / "mygpt.yaml"),
-        "--adapter-dir", str(tmp_path / "store"), name="bad-pinned",
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(server.base_url + "/ready", timeout=2)
-                if "start-up failed" in r.text:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        error = assert_openai_error(r, 503, code="not_ready")
-        assert "main" in error["message"] and "corrupt" in error["message"]
-        assert httpx.get(server.base_url + "/live").status_code == 200
-    finally:
-        server.stop()
+    for args, reason in (
+        (["--config", str(tmp_path / "mygpt.yaml"), "--adapter-dir", str(tmp_path / "store")], "corrupt"),
+        (["--max-model-len", "1000000"], "is more than"),  # the model's context: refused, not clamped
+    ):
+        server = ServerProcess("--model", str(tiny_model_dir), *args, name="failed-start")
+        try:
+            assert server.proc.wait(120) != 0
+            last = server.log().strip().splitlines()[-1]
+            assert last.startswith("mygpt: start-up failed:") and reason in last, last
+        finally:
+            server.stop()
+
+
+def test_a_bad_setting_is_one_line_before_anything_loads(tmp_path):
+    for args, env in ((["--max-num-seqs", "-1"], {}), ([], {"MYGPT_PORT": "70000"})):
+        done = subprocess.run(
+            [sys.executable, "-m", "mygpt", "serve", *args], env={**os.environ, **env}, capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode != 0 and done.stderr.strip().startswith("mygpt: --"), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
 def test_config_errors_stop_the_start_with_the_reason(tmp_path):

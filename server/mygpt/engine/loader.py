@@ -152,7 +152,11 @@ def load_model(settings: Settings) -> LoadedModel:
     if not tokenizer.chat_template:
         raise ValueError(f"{source} has no chat template; serve an instruct/chat model")
     max_pos = model.config.max_position_embeddings
-    context_len = min(settings.max_model_len or max_pos, max_pos)
+    if settings.max_model_len and settings.max_model_len > max_pos:  # (vLLM refuses it too)
+        raise ValueError(
+            f"max_model_len {settings.max_model_len} is more than {source}'s context, {max_pos} positions"
+        )
+    context_len = settings.max_model_len or max_pos
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
