@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,7 +254,12 @@ def main(args) -> None:
             format_table,
         )  # fmt: skip
     results = []
-    for conc in [int(c) for c in args.concurrency.split(",")]:
+    levels = (
+        args.concurrency
+        if isinstance(args.concurrency, list)
+        else [int(c) for c in args.concurrency.split(",")]
+    )
+    for conc in levels:
         runs = sorted((asyncio.run(run(conc)) for _ in range(args.repeat)), key=rate)
         results.append(runs[len(runs) // 2])  # (machines are noisy: the median run)
         print(table(results[-1:]))
@@ -261,6 +267,8 @@ def main(args) -> None:
     print(table(results))
     if args.out:
         save(results, Path(args.out), {"base_url": args.base_url, "date": time.strftime("%Y-%m-%d %H:%M")})
+    if any(rate(r) == 0 and r.errors for r in results):  # every request of a level failed: say so, exit 1
+        sys.exit(f"mygpt bench: every request failed at some level (is the server at {args.base_url}?)")
 
 
 def plot(results: list[BenchResult], path: Path, title: str) -> None:

@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -109,10 +108,18 @@ def _serve_parser(sub: Any) -> None:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _positives(text: str) -> list[int]:
+    """A comma-separated list of whole numbers of at least 1 (bench's --concurrency)."""
+    return [_positive(part) for part in text.split(",")]
 
 
 def _bench_parser(sub: Any) -> None:
@@ -121,7 +128,7 @@ def _bench_parser(sub: Any) -> None:
     p.add_argument(
         "--models", default="SmolLM2-135M-Instruct", help="comma-separated; requests rotate over them"
     )
-    p.add_argument("--concurrency", default="1", help="comma-separated list, e.g. 1,4,16")
+    p.add_argument("--concurrency", type=_positives, default=[1], help="comma-separated list, e.g. 1,4,16")
     p.add_argument("--requests", type=int, help="requests per concurrency level (default: 2x concurrency)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-words", type=int, default=32)
@@ -163,9 +170,9 @@ def _finetune_parsers(sub: Any) -> None:
     p.add_argument("file", help="chat examples (the fine-tuning format)")
     p.add_argument("--adapter", required=True, help="an adapter directory, or a name in the tenant's store")
     p.add_argument("--tenant", default="default")
-    p.add_argument("--adapter-dir", default="adapters")
-    p.add_argument("--model", default="default", help="the base model, as for serve")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mygpt"))
+    p.add_argument("--adapter-dir", help="default: the server's (MYGPT_ADAPTER_DIR, else adapters)")
+    p.add_argument("--model", help="the base model, as for serve (default: MYGPT_MODEL, else the default)")
+    p.add_argument("--cache-dir", help="default: the server's (MYGPT_CACHE_DIR, else ~/.cache/mygpt)")
     p.add_argument("--samples", type=int, default=3, help="answers to show side by side")
 
 
@@ -313,14 +320,34 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "finetune":
         from mygpt.finetune import cli as ft
 
-        ft.finetune(
-            args,
-            args.api_key or os.environ.get("MYGPT_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none",
-        )
+        key = args.api_key or os.environ.get("MYGPT_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+        _one_line_errors("finetune", lambda: ft.finetune(args, key), args.base_url)
     elif args.command == "eval":
         from mygpt.finetune import cli as ft
 
-        ft.evaluate(args)
+        served = Settings()  # the server's own settings (MYGPT_*, as in its container) where no flag says
+        args.adapter_dir = args.adapter_dir or str(served.adapter_dir)
+        args.cache_dir = args.cache_dir or str(served.cache_dir)
+        args.model = args.model or served.model
+        _one_line_errors("eval", lambda: ft.evaluate(args))
+
+
+def _one_line_errors(command: str, run: Any, base_url: str | None = None) -> None:
+    """A user's mistake (a file that is not there, a server that refuses or does not answer) as one
+    line and status 1, the server's own message where it gave one; anything else as a traceback."""
+    import openai
+
+    try:
+        run()
+    except openai.APIConnectionError:
+        sys.exit(f"mygpt {command}: cannot reach the server at {base_url}")
+    except openai.APIStatusError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        sys.exit(
+            f"mygpt {command}: the server answered {exc.status_code}: {body.get('message') or exc.message}"
+        )
+    except OSError as exc:
+        sys.exit(f"mygpt {command}: {exc}")
 
 
 if __name__ == "__main__":
