@@ -51,3 +51,23 @@ def test_eval_reads_the_servers_settings(monkeypatch, tmp_path):
     )  # fmt: skip
     cli.main(["eval", "valid.jsonl", "--adapter", "support", "--adapter-dir", "mine"])
     assert seen["adapter_dir"] == "mine"  # a flag wins
+
+
+def test_a_model_path_that_is_no_model_says_so(tmp_path):
+    """(A missing path fell through to the hub: "Repo id must be in the form...")."""
+    from mygpt.config import Settings
+    from mygpt.engine.loader import resolve_source
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"")
+    for model, says in (
+        (str(tmp_path / "nope"), "no such file or directory"),
+        (str(tmp_path / "empty"), "without config.json"),
+        (str(tmp_path / "weights.bin"), "not a model directory"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            resolve_source(Settings(model=model, cache_dir=tmp_path / "cache"))
+    assert (
+        resolve_source(Settings(model="HuggingFaceTB/SmolLM2-135M-Instruct"))
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )

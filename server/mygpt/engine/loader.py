@@ -118,7 +118,15 @@ def resolve_source(settings: Settings) -> str:
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and ggufs:
             return str(convert_gguf(ggufs[0], settings.cache_dir))
+        if not (path / "config.json").exists():
+            raise ValueError(
+                f"--model {model}: a directory without config.json (a Hugging Face model) or a .gguf"
+            )
         return str(path)
+    if path.exists():  # a file, not a .gguf
+        raise ValueError(f"--model {model}: not a model directory or a .gguf file")
+    if model.startswith(("/", "./", "../", "~")):  # a path, not a hub id
+        raise ValueError(f"--model {model}: no such file or directory")
     return model  # a hub id: transformers' own cache applies
 
 
