@@ -254,12 +254,7 @@ def main(args) -> None:
             format_table,
         )  # fmt: skip
     results = []
-    levels = (
-        args.concurrency
-        if isinstance(args.concurrency, list)
-        else [int(c) for c in args.concurrency.split(",")]
-    )
-    for conc in levels:
+    for conc in args.concurrency:  # (the CLI's list of whole numbers of at least 1)
         runs = sorted((asyncio.run(run(conc)) for _ in range(args.repeat)), key=rate)
         results.append(runs[len(runs) // 2])  # (machines are noisy: the median run)
         print(table(results[-1:]))

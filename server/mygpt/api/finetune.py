@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from mygpt.api.auth import caller
 from mygpt.api.errors import APIError, invalid
 from mygpt.api.protocol import Metadata, page
-from mygpt.batches import OPEN, validate_batch
+from mygpt.batches import validate_batch
 from mygpt.finetune.data import DataError, validate_jsonl
 from mygpt.finetune.jobs import SUFFIX
-from mygpt.finetune.store import OPEN_JOBS, off_loop
+from mygpt.finetune.store import off_loop
 from mygpt.lora.registry import ADAPTER_NAME
 from mygpt.state import ServerState
 from mygpt.tenancy.auth import Principal
@@ -195,18 +195,10 @@ def file_content(file_id: str, request: Request, principal: Principal = Depends(
 @router.delete("/v1/files/{file_id}")
 def delete_file(file_id: str, request: Request, principal: Principal = Depends(caller)) -> dict:
     store = _state(request).finetune_store
-    running = [b["id"] for b in store.batches_with_status(*OPEN) if b["input_file_id"] == file_id]
-    if running and store.get_file(_tenant(principal), file_id) is not None:
-        raise invalid(f"File '{file_id}' is the input of batch {running[0]}, which has not ended; cancel it first.",
+    reader = store.files_read().get(file_id)
+    if reader is not None and store.get_file(_tenant(principal), file_id) is not None:
+        raise invalid(f"File '{file_id}' is read by {reader}, which has not ended; cancel it first.",
                       param="file_id", code="file_in_use")  # fmt: skip
-    training = [
-        j["id"]
-        for j in store.jobs_with_status(*OPEN_JOBS)
-        if file_id in (j["training_file"], j["validation_file"])
-    ]
-    if training and store.get_file(_tenant(principal), file_id) is not None:
-        raise invalid(f"File '{file_id}' is a file of fine-tuning job {training[0]}, which has not ended; cancel it "
-                      "first.", param="file_id", code="file_in_use")  # fmt: skip
     if not store.delete_file(_tenant(principal), file_id):
         raise _no_file(file_id)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -153,11 +153,11 @@ def _allowed(allowed: Any, tools: list[Tool]) -> tuple[str, list[Tool]]:
         raise invalid(
             f"{where} needs a mode ('auto' or 'required') and a list of the request's tools.", param=where
         )
-    wanted = []
+    wanted, names = [], {t.function.name for t in tools}
     for k, item in enumerate(listed):
         function = item.get("function") if isinstance(item, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
-        if name not in {t.function.name for t in tools}:
+        if name not in names:
             raise invalid(
                 f"{where}.tools names no tool of this request: {item!r}.", param=f"{where}.tools.[{k}]"
             )
@@ -228,8 +228,11 @@ def with_tools(messages: list[dict[str, Any]], calls: ToolPlan) -> list[dict[str
         "You can call these functions:\n"
         + json.dumps([template_tool(t)["function"] for t in calls.tools], ensure_ascii=False)
         + f"\nTo call one, reply with only {how}."
-        + (" If no function is needed, answer in plain text." if calls.auto and not calls.structured else "")
-        + (" If no function is needed, answer with a JSON object." if calls.structured else "")
+        + (
+            f" If no function is needed, answer {'with a JSON object' if calls.structured else 'in plain text'}."
+            if calls.auto
+            else ""
+        )
     )
     if messages and messages[0]["role"] == "system":
         return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]

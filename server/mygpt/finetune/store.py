@@ -216,13 +216,21 @@ class Store:
         self._q("DELETE FROM file_expiry WHERE id=?", file_id)
         self.file_path(file_id).unlink(missing_ok=True)
 
+    def files_read(self) -> dict[str, str]:
+        """The files that a batch or fine-tuning job that has not ended reads: file id -> which one
+        ("batch <id>", "fine-tuning job <id>")."""
+        read = {b["input_file_id"]: f"batch {b['id']}" for b in self.batches_with_status(*OPEN_BATCHES)}
+        for j in self.jobs_with_status(*OPEN_JOBS):
+            for f in (j["training_file"], j["validation_file"]):
+                if f:
+                    read.setdefault(f, f"fine-tuning job {j['id']}")
+        return read
+
     def purge_expired(self) -> int:
         """Deletes the files past their expires_at but those a job or batch that has not ended reads
         (deleted once it has); returns how many."""
         rows = self._q("SELECT id FROM file_expiry WHERE expires_at <= ?", int(time.time()))
-        jobs, batches = self.jobs_with_status(*OPEN_JOBS), self.batches_with_status(*OPEN_BATCHES)
-        read = {b["input_file_id"] for b in batches}
-        read |= {f for j in jobs for f in (j["training_file"], j["validation_file"]) if f}
+        read = self.files_read()
         gone = [r["id"] for r in rows if r["id"] not in read]
         for file_id in gone:
             self._forget_file(file_id)
